@@ -1,0 +1,1 @@
+//! The HTTP service (axum on tokio). Lands with issue 5; empty until then.

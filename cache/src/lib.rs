@@ -1,0 +1,1 @@
+//! Persistent per-block KV store. Knows nothing about models or HTTP.

@@ -1,0 +1,269 @@
+//! Attention with its log-sum-exp, the kernel Star Attention is built on.
+//!
+//! For every head and query row the kernel returns the softmax-weighted sum of values `O`
+//! and the natural-log log-sum-exp `lse` of the scaled scores. Two results over disjoint
+//! key sets merge exactly into the result over their union (see [`merge_into`]), which is
+//! how context blocks, shards and a query's own tokens are combined.
+//!
+//! Work is split over (head, tile of `Q_TILE` query rows); each task walks the keys in
+//! tiles of `K_TILE` with an online softmax (running max and sum), computing scores and
+//! the value update with `gemm`, so memory use is independent of the key count.
+
+use rayon::prelude::*;
+
+use super::matmul::{Transpose, gemm_f32, gemm_f32_acc};
+use super::ops::exp_shifted_sum;
+
+const Q_TILE: usize = 32;
+const K_TILE: usize = 256;
+
+/// Head geometry shared by queries and keys (grouped-query attention when
+/// `n_heads > n_kv_heads`; query head `h` reads key/value head `h / (n_heads / n_kv_heads)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl HeadShape {
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    pub fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+}
+
+/// Borrowed keys and values: element `(head, token, i)` is at
+/// `head * head_stride + token * row_stride + i`, for tokens `0..len`.
+///
+/// Two layouts occur: token-major rows straight out of the projections
+/// (`row_stride = n_kv * head_dim`, `head_stride = head_dim`) and head-major cache storage
+/// (`row_stride = head_dim`, `head_stride = capacity * head_dim`).
+#[derive(Clone, Copy)]
+pub struct KvView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub len: usize,
+    pub row_stride: usize,
+    pub head_stride: usize,
+}
+
+/// Which keys a query row may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mask {
+    /// Every key (context blocks seen from later tokens).
+    None,
+    /// Query row `i` sees keys `0..=i + offset` (a sequence continuing after `offset` keys).
+    Causal { offset: usize },
+}
+
+/// Attention output for `m` query rows: `out` is `[m][n_heads * head_dim]`, `lse` is
+/// `[n_heads][m]`. A row that sees no key has `lse = -inf` and a zero output.
+pub struct Attended {
+    pub out: Vec<f32>,
+    pub lse: Vec<f32>,
+}
+
+impl Attended {
+    /// The identity of [`merge_into`]: the result over an empty key set.
+    pub fn empty(m: usize, shape: HeadShape) -> Self {
+        Self { out: vec![0.0; m * shape.q_width()], lse: vec![f32::NEG_INFINITY; shape.n_heads * m] }
+    }
+}
+
+/// Computes attention of `q` (`[m][n_heads * head_dim]`) over `kv` with `mask`, scaling
+/// scores by `scale`.
+pub fn attention(q: &[f32], m: usize, kv: KvView<'_>, shape: HeadShape, mask: Mask, scale: f32) -> Attended {
+    let mut res = Attended::empty(m, shape);
+    attention_into(q, m, kv, shape, mask, scale, &mut res);
+    res
+}
+
+/// As [`attention`], writing into `res` (whose previous contents are overwritten).
+pub fn attention_into(
+    q: &[f32],
+    m: usize,
+    kv: KvView<'_>,
+    shape: HeadShape,
+    mask: Mask,
+    scale: f32,
+    res: &mut Attended,
+) {
+    let d = shape.head_dim;
+    assert_eq!(q.len(), m * shape.q_width(), "attention: q shape");
+    assert_eq!(res.out.len(), m * shape.q_width(), "attention: out shape");
+    assert_eq!(res.lse.len(), m * shape.n_heads, "attention: lse shape");
+    assert!(shape.n_heads % shape.n_kv_heads == 0, "attention: heads not a multiple of kv heads");
+    if kv.len > 0 {
+        let last = (shape.n_kv_heads - 1) * kv.head_stride + (kv.len - 1) * kv.row_stride + d;
+        assert!(kv.k.len() >= last && kv.v.len() >= last, "attention: kv view out of bounds");
+    }
+    let n_tiles = m.div_ceil(Q_TILE);
+    let out_ptr = SyncPtr(res.out.as_mut_ptr());
+    let lse_ptr = SyncPtr(res.lse.as_mut_ptr());
+    (0..shape.n_heads * n_tiles).into_par_iter().for_each(|task| {
+        let (h, tile) = (task / n_tiles, task % n_tiles);
+        let q0 = tile * Q_TILE;
+        let rows = Q_TILE.min(m - q0);
+        // SAFETY: each task owns rows q0..q0 + rows of head h in `out` and `lse`.
+        unsafe { attend_tile(q, q0, rows, h, kv, shape, mask, scale, out_ptr, lse_ptr, m) };
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: only used to give rayon tasks disjoint output regions.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One (head, query tile) of the online-softmax loop.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_tile(
+    q: &[f32],
+    q0: usize,
+    rows: usize,
+    h: usize,
+    kv: KvView<'_>,
+    shape: HeadShape,
+    mask: Mask,
+    scale: f32,
+    out: SyncPtr,
+    lse: SyncPtr,
+    m: usize,
+) {
+    let d = shape.head_dim;
+    let qw = shape.q_width();
+    let kv_head = h / shape.group();
+    // Keys visible to the last row of the tile bound the loop.
+    let n_keys = match mask {
+        Mask::None => kv.len,
+        Mask::Causal { offset } => kv.len.min(q0 + rows + offset),
+    };
+    let mut acc = vec![0f32; rows * d];
+    let mut row_max = vec![f32::NEG_INFINITY; rows];
+    let mut row_sum = vec![0f32; rows];
+    let mut scores = vec![0f32; rows * K_TILE];
+    let q_base = q[q0 * qw + h * d..].as_ptr();
+    let (k_head, v_head) = if n_keys > 0 {
+        (&kv.k[kv_head * kv.head_stride..], &kv.v[kv_head * kv.head_stride..])
+    } else {
+        (&[][..], &[][..])
+    };
+    for k0 in (0..n_keys).step_by(K_TILE) {
+        let kc = K_TILE.min(n_keys - k0);
+        // SAFETY: shapes were checked by the caller; scores holds rows x kc.
+        unsafe {
+            gemm_f32(
+                rows,
+                kc,
+                d,
+                scores.as_mut_ptr(),
+                kc,
+                q_base,
+                qw,
+                k_head[k0 * kv.row_stride..].as_ptr(),
+                Transpose::Yes(kv.row_stride),
+            );
+        }
+        for r in 0..rows {
+            let s = &mut scores[r * kc..(r + 1) * kc];
+            let visible = match mask {
+                Mask::None => kc,
+                Mask::Causal { offset } => (q0 + r + offset + 1).saturating_sub(k0).min(kc),
+            };
+            let s = &mut s[..kc];
+            let mut tile_max = f32::NEG_INFINITY;
+            for (j, v) in s.iter_mut().enumerate() {
+                *v = if j < visible { *v * scale } else { f32::NEG_INFINITY };
+                tile_max = tile_max.max(*v);
+            }
+            let new_max = row_max[r].max(tile_max);
+            if new_max == f32::NEG_INFINITY {
+                // Nothing visible yet: keep the zero accumulator, zero this row's weights.
+                s.fill(0.0);
+                continue;
+            }
+            let correction = super::ops::exp_approx(row_max[r] - new_max);
+            let tile_sum = exp_shifted_sum(s, new_max);
+            row_sum[r] = row_sum[r] * correction + tile_sum;
+            row_max[r] = new_max;
+            if correction != 1.0 {
+                for a in &mut acc[r * d..(r + 1) * d] {
+                    *a *= correction;
+                }
+            }
+        }
+        // SAFETY: as above; acc holds rows x d.
+        unsafe {
+            gemm_f32_acc(
+                rows,
+                d,
+                kc,
+                acc.as_mut_ptr(),
+                d,
+                scores.as_ptr(),
+                kc,
+                v_head[k0 * kv.row_stride..].as_ptr(),
+                Transpose::No(kv.row_stride),
+            );
+        }
+    }
+    for r in 0..rows {
+        let i = q0 + r;
+        let (value, inv) = if row_sum[r] > 0.0 {
+            (row_max[r] + row_sum[r].ln(), 1.0 / row_sum[r])
+        } else {
+            (f32::NEG_INFINITY, 0.0)
+        };
+        // SAFETY: this task owns row i of head h.
+        unsafe {
+            *lse.get().add(h * m + i) = value;
+            let dst = out.get().add(i * qw + h * d);
+            for c in 0..d {
+                *dst.add(c) = acc[r * d + c] * inv;
+            }
+        }
+    }
+}
+
+/// Merges a partial result over one key set into `acc` (a partial result over a disjoint
+/// key set), so that `acc` becomes the result over their union:
+/// `lse = M + ln(e^(lse_a - M) + e^(lse_b - M))`, `O = e^(lse_a - lse) O_a + e^(lse_b - lse) O_b`
+/// with `M = max(lse_a, lse_b)`. An empty part (`lse = -inf`) contributes nothing.
+pub fn merge_into(acc: &mut Attended, part: &Attended, m: usize, shape: HeadShape) {
+    let d = shape.head_dim;
+    let qw = shape.q_width();
+    for h in 0..shape.n_heads {
+        for i in 0..m {
+            let (la, lb) = (acc.lse[h * m + i], part.lse[h * m + i]);
+            if lb == f32::NEG_INFINITY {
+                continue;
+            }
+            let hi = la.max(lb);
+            let (ea, eb) = ((la - hi).exp(), (lb - hi).exp());
+            let total = ea + eb;
+            let (wa, wb) = (ea / total, eb / total);
+            acc.lse[h * m + i] = hi + total.ln();
+            let a = &mut acc.out[i * qw + h * d..i * qw + (h + 1) * d];
+            let b = &part.out[i * qw + h * d..i * qw + (h + 1) * d];
+            for (x, y) in a.iter_mut().zip(b) {
+                *x = wa * *x + wb * y;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
