@@ -11,6 +11,7 @@
 pub mod cpu;
 pub mod error;
 pub mod gguf;
+pub mod model;
 pub mod quant;
 
 pub use error::{Error, Result};

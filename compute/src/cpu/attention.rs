@@ -82,11 +82,12 @@ impl Attended {
 /// scores by `scale`.
 pub fn attention(q: &[f32], m: usize, kv: KvView<'_>, shape: HeadShape, mask: Mask, scale: f32) -> Attended {
     let mut res = Attended::empty(m, shape);
-    attention_into(q, m, kv, shape, mask, scale, &mut res);
+    attention_into(q, m, kv, shape, mask, scale, &mut res.out, &mut res.lse);
     res
 }
 
-/// As [`attention`], writing into `res` (whose previous contents are overwritten).
+/// As [`attention`], writing into `out` and `lse` (previous contents are overwritten).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_into(
     q: &[f32],
     m: usize,
@@ -94,20 +95,21 @@ pub fn attention_into(
     shape: HeadShape,
     mask: Mask,
     scale: f32,
-    res: &mut Attended,
+    out: &mut [f32],
+    lse: &mut [f32],
 ) {
     let d = shape.head_dim;
     assert_eq!(q.len(), m * shape.q_width(), "attention: q shape");
-    assert_eq!(res.out.len(), m * shape.q_width(), "attention: out shape");
-    assert_eq!(res.lse.len(), m * shape.n_heads, "attention: lse shape");
+    assert_eq!(out.len(), m * shape.q_width(), "attention: out shape");
+    assert_eq!(lse.len(), m * shape.n_heads, "attention: lse shape");
     assert!(shape.n_heads % shape.n_kv_heads == 0, "attention: heads not a multiple of kv heads");
     if kv.len > 0 {
         let last = (shape.n_kv_heads - 1) * kv.head_stride + (kv.len - 1) * kv.row_stride + d;
         assert!(kv.k.len() >= last && kv.v.len() >= last, "attention: kv view out of bounds");
     }
     let n_tiles = m.div_ceil(Q_TILE);
-    let out_ptr = SyncPtr(res.out.as_mut_ptr());
-    let lse_ptr = SyncPtr(res.lse.as_mut_ptr());
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let lse_ptr = SyncPtr(lse.as_mut_ptr());
     (0..shape.n_heads * n_tiles).into_par_iter().for_each(|task| {
         let (h, tile) = (task / n_tiles, task % n_tiles);
         let q0 = tile * Q_TILE;

@@ -1,0 +1,248 @@
+//! The Llama model: weights and the forward pass, in one readable file.
+//!
+//! Block: `x += Wo · attn(rope(Wq · n1(x)), rope(Wk · n1(x)), Wv · n1(x))`, then
+//! `x += Wdown · (silu(Wgate · n2(x)) * Wup · n2(x))`; a final RMSNorm and the LM head
+//! (tied to the token embedding when `output.weight` is absent, as in SmolLM2).
+//!
+//! Attention is delegated to a [`LayerAttention`] so that the same forward pass serves
+//! plain causal decoding with a KV cache, Star Attention's blockwise phase 1 and its
+//! sharded phase 2: the model computes Q, K and V and never decides which keys they meet.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::LlamaConfig;
+use crate::cpu::attention::HeadShape;
+use crate::cpu::matmul::Matrix;
+use crate::cpu::ops::{Rope, rms_norm, swiglu};
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, SharedBytes};
+use crate::quant::{GgmlType, encode_float};
+
+/// Decides which keys a layer's new tokens attend to.
+pub trait LayerAttention {
+    /// Attention of `m` new tokens at layer `layer`. `q` is `[m][n_heads * head_dim]`,
+    /// `k` and `v` are `[m][n_kv_heads * head_dim]` (K already rotated to the tokens'
+    /// positions); the result goes to `out`, `[m][n_heads * head_dim]`.
+    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]);
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+}
+
+/// A loaded llama-architecture model.
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    output: Matrix,
+    rope: Rope,
+}
+
+impl Llama {
+    /// Loads the weights of `file` (kept in their file encoding, see [`Matrix`]).
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let config = LlamaConfig::from_gguf(file)?;
+        let c = &config;
+        if file.has_tensor("blk.0.attn_q.bias") {
+            return Err(Error::Unsupported("attention biases (not a plain llama model)".into()));
+        }
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            let (info, bytes) = file.tensor_bytes(name)?;
+            if info.dims != [cols, rows] {
+                return Err(Error::Tensor {
+                    name: name.into(),
+                    reason: format!("shape {:?}, expected [{cols}, {rows}]", info.dims),
+                });
+            }
+            Ok(Matrix::new(info.dtype, rows, cols, bytes))
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
+            let (info, bytes) = file.tensor_bytes(name)?;
+            if info.dims != [len] {
+                return Err(Error::Tensor { name: name.into(), reason: format!("shape {:?}, expected [{len}]", info.dims) });
+            }
+            let mut out = vec![0f32; len];
+            Matrix::new(info.dtype, 1, len, bytes).row_into(0, &mut out);
+            Ok(out)
+        };
+        let (q_w, kv_w) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = |t: &str| format!("blk.{i}.{t}.weight");
+            layers.push(Layer {
+                attn_norm: vector(&p("attn_norm"), c.hidden)?,
+                wq: matrix(&p("attn_q"), q_w, c.hidden)?,
+                wk: matrix(&p("attn_k"), kv_w, c.hidden)?,
+                wv: matrix(&p("attn_v"), kv_w, c.hidden)?,
+                wo: matrix(&p("attn_output"), c.hidden, q_w)?,
+                ffn_norm: vector(&p("ffn_norm"), c.hidden)?,
+                w_gate: matrix(&p("ffn_gate"), c.ffn, c.hidden)?,
+                w_up: matrix(&p("ffn_up"), c.ffn, c.hidden)?,
+                w_down: matrix(&p("ffn_down"), c.hidden, c.ffn)?,
+            });
+        }
+        let embed = matrix("token_embd.weight", c.vocab, c.hidden)?;
+        let output = if file.has_tensor("output.weight") {
+            matrix("output.weight", c.vocab, c.hidden)?
+        } else {
+            embed.clone()
+        };
+        let freq_factors =
+            if file.has_tensor("rope_freqs.weight") { Some(vector("rope_freqs.weight", c.rope_dim / 2)?) } else { None };
+        let rope = Rope::new(c.rope_theta, c.rope_dim, freq_factors.as_deref());
+        Ok(Self { output_norm: vector("output_norm.weight", c.hidden)?, config, embed, layers, output, rope })
+    }
+
+    /// A model of any llama shape with random weights stored as `dtype` (a float type),
+    /// for tests and for benchmarks at scale: speed does not depend on weight values.
+    /// Weights are drawn uniformly with a fan-in scale so activations stay in range.
+    pub fn random(config: LlamaConfig, dtype: GgmlType, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let c = &config;
+        let mut matrix = |rows: usize, cols: usize| {
+            let bound = (3.0 / cols as f32).sqrt();
+            let values: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-bound..bound)).collect();
+            let bytes = encode_float(dtype, &values).expect("random models use float weight types");
+            Matrix::new(dtype, rows, cols, SharedBytes::from_vec(bytes))
+        };
+        let (q_w, kv_w) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let layers = (0..c.n_layers)
+            .map(|_| Layer {
+                attn_norm: vec![1.0; c.hidden],
+                wq: matrix(q_w, c.hidden),
+                wk: matrix(kv_w, c.hidden),
+                wv: matrix(kv_w, c.hidden),
+                wo: matrix(c.hidden, q_w),
+                ffn_norm: vec![1.0; c.hidden],
+                w_gate: matrix(c.ffn, c.hidden),
+                w_up: matrix(c.ffn, c.hidden),
+                w_down: matrix(c.hidden, c.ffn),
+            })
+            .collect();
+        let embed = matrix(c.vocab, c.hidden);
+        let output = matrix(c.vocab, c.hidden);
+        let mut norm_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+        let output_norm = (0..c.hidden).map(|_| norm_rng.random_range(0.5..1.5)).collect();
+        let rope = Rope::new(c.rope_theta, c.rope_dim, None);
+        Self { config, embed, layers, output_norm, output, rope }
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn head_shape(&self) -> HeadShape {
+        HeadShape { n_heads: self.config.n_heads, n_kv_heads: self.config.n_kv_heads, head_dim: self.config.head_dim }
+    }
+
+    /// Runs `tokens` (at `positions`) through every block and the final norm; returns the
+    /// normalised hidden states `[m][hidden]`. `attention` decides what the tokens see.
+    pub fn forward(&self, tokens: &[u32], positions: &[usize], attention: &mut dyn LayerAttention) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let m = tokens.len();
+        if positions.len() != m {
+            return Err(Error::InvalidInput(format!("{m} tokens but {} positions", positions.len())));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary ({})", c.vocab)));
+        }
+        let (h, qw, kvw) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let mut x = vec![0f32; m * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embed.row_into(t as usize, row);
+        }
+        let (cos, sin) = self.rope.tables(positions);
+        let mut xn = vec![0f32; m * h];
+        let (mut q, mut k, mut v) = (vec![0f32; m * qw], vec![0f32; m * kvw], vec![0f32; m * kvw]);
+        let mut attn = vec![0f32; m * qw];
+        let mut proj = vec![0f32; m * h];
+        let (mut gate, mut up) = (vec![0f32; m * c.ffn], vec![0f32; m * c.ffn]);
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut xn);
+            layer.wq.matmul_t(&xn, m, &mut q);
+            layer.wk.matmul_t(&xn, m, &mut k);
+            layer.wv.matmul_t(&xn, m, &mut v);
+            self.rope.apply(&mut q, c.n_heads, c.head_dim, &cos, &sin);
+            self.rope.apply(&mut k, c.n_kv_heads, c.head_dim, &cos, &sin);
+            attention.attend(li, &q, &k, &v, m, &mut attn);
+            layer.wo.matmul_t(&attn, m, &mut proj);
+            add_in_place(&mut x, &proj);
+            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
+            layer.w_gate.matmul_t(&xn, m, &mut gate);
+            layer.w_up.matmul_t(&xn, m, &mut up);
+            swiglu(&mut gate, &up);
+            layer.w_down.matmul_t(&gate, m, &mut proj);
+            add_in_place(&mut x, &proj);
+        }
+        rms_norm(&x.clone(), &self.output_norm, c.rms_eps, &mut x);
+        Ok(x)
+    }
+
+    /// LM head: logits `[rows][vocab]` for normalised hidden states `[rows][hidden]`.
+    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let rows = hidden.len() / self.config.hidden;
+        let mut out = vec![0f32; rows * self.config.vocab];
+        self.output.matmul_t(hidden, rows, &mut out);
+        out
+    }
+
+    /// Dequantised weights for the float64 reference in tests.
+    #[cfg(test)]
+    pub(crate) fn dense_weights(&self) -> DenseWeights {
+        let dense = |m: &Matrix| {
+            let mut out = vec![0f32; m.rows() * m.cols()];
+            for (r, row) in out.chunks_exact_mut(m.cols()).enumerate() {
+                m.row_into(r, row);
+            }
+            out
+        };
+        DenseWeights {
+            embed: dense(&self.embed),
+            output: dense(&self.output),
+            output_norm: self.output_norm.clone(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    [
+                        l.attn_norm.clone(),
+                        dense(&l.wq),
+                        dense(&l.wk),
+                        dense(&l.wv),
+                        dense(&l.wo),
+                        l.ffn_norm.clone(),
+                        dense(&l.w_gate),
+                        dense(&l.w_up),
+                        dense(&l.w_down),
+                    ]
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) struct DenseWeights {
+    pub embed: Vec<f32>,
+    pub output: Vec<f32>,
+    pub output_norm: Vec<f32>,
+    /// attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down.
+    pub layers: Vec<[Vec<f32>; 9]>,
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

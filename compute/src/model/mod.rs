@@ -1,0 +1,12 @@
+//! Llama-architecture models.
+
+pub mod config;
+pub mod kv;
+pub mod llama;
+
+pub use config::LlamaConfig;
+pub use kv::{KvCache, LayerKv};
+pub use llama::{LayerAttention, Llama};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,133 @@
+//! The whole forward pass against a straightforward float64 implementation on a small
+//! random-weight model.
+
+use super::*;
+use crate::quant::GgmlType;
+
+fn tiny_config() -> LlamaConfig {
+    LlamaConfig {
+        n_layers: 3,
+        hidden: 64,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+        ffn: 96,
+        vocab: 300,
+        rope_theta: 10_000.0,
+        rope_dim: 16,
+        rms_eps: 1e-5,
+        context_length: 512,
+    }
+}
+
+/// Float64 Llama forward over all `tokens` (positions 0..n), full causal attention,
+/// written independently of the optimised path: logits `[n][vocab]`.
+fn reference_logits(model: &Llama, tokens: &[u32]) -> Vec<f64> {
+    let c = model.config().clone();
+    let w = model.dense_weights();
+    let (n, h, d) = (tokens.len(), c.hidden, c.head_dim);
+    let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let matvec = |wt: &[f32], rows: usize, cols: usize, x: &[f64]| -> Vec<f64> {
+        (0..rows).map(|r| (0..cols).map(|i| wt[r * cols + i] as f64 * x[i]).sum()).collect()
+    };
+    let norm = |x: &[f64], wt: &[f32]| -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let s = 1.0 / (ms + c.rms_eps as f64).sqrt();
+        x.iter().zip(wt).map(|(v, &g)| v * s * g as f64).collect()
+    };
+    let rope = |x: &mut [f64], pos: usize| {
+        for head in x.chunks_exact_mut(d) {
+            for i in 0..c.rope_dim / 2 {
+                let angle = pos as f64 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.rope_dim as f64);
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * angle.cos() - b * angle.sin();
+                head[2 * i + 1] = a * angle.sin() + b * angle.cos();
+            }
+        }
+    };
+    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| f(&w.embed[t as usize * h..(t as usize + 1) * h])).collect();
+    let (qw, kvw) = (c.n_heads * d, c.n_kv_heads * d);
+    for l in &w.layers {
+        let normed: Vec<Vec<f64>> = xs.iter().map(|x| norm(x, &l[0])).collect();
+        let mut qs: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&l[1], qw, h, x)).collect();
+        let mut ks: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&l[2], kvw, h, x)).collect();
+        let vs: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&l[3], kvw, h, x)).collect();
+        for t in 0..n {
+            rope(&mut qs[t], t);
+            rope(&mut ks[t], t);
+        }
+        for t in 0..n {
+            let mut attn = vec![0f64; qw];
+            for hd in 0..c.n_heads {
+                let kh = hd / (c.n_heads / c.n_kv_heads);
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| (0..d).map(|i| qs[t][hd * d + i] * ks[j][kh * d + i]).sum::<f64>() / (d as f64).sqrt())
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
+                for (j, s) in scores.iter().enumerate() {
+                    for i in 0..d {
+                        attn[hd * d + i] += (s - mx).exp() / z * vs[j][kh * d + i];
+                    }
+                }
+            }
+            let o = matvec(&l[4], h, qw, &attn);
+            xs[t].iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let x2 = norm(&xs[t], &l[5]);
+            let g = matvec(&l[6], c.ffn, h, &x2);
+            let u = matvec(&l[7], c.ffn, h, &x2);
+            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let down = matvec(&l[8], h, c.ffn, &act);
+            xs[t].iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+    }
+    xs.iter().flat_map(|x| matvec(&w.output, c.vocab, h, &norm(x, &w.output_norm))).collect()
+}
+
+fn tokens(n: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % 300) as u32).collect()
+}
+
+#[test]
+fn forward_matches_float64_reference() {
+    let model = Llama::random(tiny_config(), GgmlType::F32, 42);
+    let toks = tokens(40);
+    let positions: Vec<usize> = (0..toks.len()).collect();
+    let mut cache = KvCache::new(3, model.head_shape(), 8);
+    let hidden = model.forward(&toks, &positions, &mut cache).unwrap();
+    let got = model.logits(&hidden);
+    let want = reference_logits(&model, &toks);
+    let max_abs = want.iter().fold(0f64, |a, b| a.max(b.abs()));
+    assert!(max_abs > 0.1, "degenerate logits");
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + max_abs), "logit {i}: {a} vs {b}");
+    }
+}
+
+/// Prefill in pieces, then one token at a time: the same logits as one full pass.
+#[test]
+fn incremental_decoding_equals_one_pass() {
+    let model = Llama::random(tiny_config(), GgmlType::F16, 9);
+    let toks = tokens(37);
+    let positions: Vec<usize> = (0..toks.len()).collect();
+    let mut full_cache = KvCache::new(3, model.head_shape(), 64);
+    let full = model.logits(&model.forward(&toks, &positions, &mut full_cache).unwrap());
+    let mut cache = KvCache::new(3, model.head_shape(), 4);
+    let mut pieces = Vec::new();
+    for (a, b) in [(0, 20), (20, 33), (33, 34), (34, 35), (35, 37)] {
+        let hidden = model.forward(&toks[a..b], &positions[a..b], &mut cache).unwrap();
+        pieces.extend(model.logits(&hidden));
+    }
+    assert_eq!(cache.len(), 37);
+    for (i, (a, b)) in pieces.iter().zip(&full).enumerate() {
+        assert!((a - b).abs() < 1e-4, "logit {i}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn out_of_vocabulary_tokens_are_an_error() {
+    let model = Llama::random(tiny_config(), GgmlType::F32, 1);
+    let mut cache = KvCache::new(3, model.head_shape(), 4);
+    let err = model.forward(&[5, 300], &[0, 1], &mut cache).unwrap_err();
+    assert!(err.to_string().contains("300"), "{err}");
+}
