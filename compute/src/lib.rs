@@ -10,8 +10,28 @@
 
 pub mod cpu;
 pub mod error;
+pub mod fetch;
+pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod quant;
+pub mod sampling;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
+
+use std::path::Path;
+
+/// A model file loaded for inference: weights and tokenizer.
+pub struct LoadedModel {
+    pub model: model::Llama,
+    pub tokenizer: tokenizer::Tokenizer,
+}
+
+impl LoadedModel {
+    /// Opens a llama-architecture GGUF file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = gguf::GgufFile::open(path)?;
+        Ok(Self { model: model::Llama::from_gguf(&file)?, tokenizer: tokenizer::Tokenizer::from_gguf(&file)? })
+    }
+}

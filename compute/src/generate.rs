@@ -1,0 +1,212 @@
+//! The generation loop: prefill, then one token at a time until a stop condition.
+//!
+//! The loop is independent of what the tokens attend to (a [`LayerAttention`]): plain
+//! causal attention with a [`crate::model::KvCache`], or Star Attention's phase 2 over
+//! cached blocks.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::model::{LayerAttention, Llama};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops when the text contains one of these; the stop string and what
+    /// follows it are not part of the answer.
+    pub stop: Vec<String>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end-of-generation token (EOS, `<|im_end|>`...).
+    EndOfGeneration,
+    StopString,
+    MaxTokens,
+    /// The token callback asked to stop.
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids, including the end-of-generation token when there was one.
+    pub ids: Vec<u32>,
+    /// The answer text (no end-of-generation marker, cut before any stop string).
+    pub text: String,
+    pub stop_reason: StopReason,
+    /// Time to process the prompt and produce the first token's logits.
+    pub prefill: Duration,
+    /// Time spent on the following tokens.
+    pub decode: Duration,
+}
+
+/// Generates after `prompt` (at positions `start_pos..`), sending each piece of answer
+/// text to `on_text` as soon as it is final; `on_text` returns `false` to cancel.
+pub fn generate(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    start_pos: usize,
+    attention: &mut dyn LayerAttention,
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidInput("the prompt is empty".into()));
+    }
+    let mut sampler = Sampler::new(params.sampling.clone())?;
+    let started = Instant::now();
+    let positions: Vec<usize> = (start_pos..start_pos + prompt.len()).collect();
+    let hidden = model.forward(prompt, &positions, attention)?;
+    let h = model.config().hidden;
+    let mut logits = model.logits(&hidden[hidden.len() - h..]);
+    let prefill = started.elapsed();
+    let decode_started = Instant::now();
+    let mut stream = TextStream::new(&params.stop);
+    let mut ids = Vec::new();
+    let mut pos = start_pos + prompt.len();
+    let stop_reason = loop {
+        if ids.len() >= params.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        let next = sampler.sample(&logits);
+        ids.push(next);
+        if tokenizer.is_end_of_generation(next) {
+            break StopReason::EndOfGeneration;
+        }
+        let (piece, stopped) = stream.push(tokenizer.token_bytes(next));
+        if !piece.is_empty() && !on_text(&piece) {
+            break StopReason::Cancelled;
+        }
+        if stopped {
+            break StopReason::StopString;
+        }
+        if ids.len() >= params.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        let hidden = model.forward(&[next], &[pos], attention)?;
+        logits = model.logits(&hidden);
+        pos += 1;
+    };
+    let tail = stream.finish(stop_reason == StopReason::StopString);
+    if !tail.is_empty() {
+        on_text(&tail);
+    }
+    Ok(Generation { ids, text: stream.text, stop_reason, prefill, decode: decode_started.elapsed() })
+}
+
+/// Turns token bytes into final text: holds back incomplete UTF-8 characters and any
+/// tail that could still grow into a stop string.
+struct TextStream<'a> {
+    stops: &'a [String],
+    bytes: Vec<u8>,
+    /// Text already handed out.
+    text: String,
+    stopped: bool,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self { stops, bytes: Vec::new(), text: String::new(), stopped: false }
+    }
+
+    /// Adds a token's bytes; returns newly final text and whether a stop string appeared.
+    fn push(&mut self, token: &[u8]) -> (String, bool) {
+        self.bytes.extend_from_slice(token);
+        let valid = match std::str::from_utf8(&self.bytes) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let pending = std::str::from_utf8(&self.bytes[..valid]).unwrap_or_default();
+        let candidate = format!("{}{}", self.text, pending);
+        if let Some(cut) = self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| candidate.find(s.as_str())).min() {
+            let piece = candidate[self.text.len().min(cut)..cut].to_string();
+            self.text = candidate[..cut].to_string();
+            self.bytes.clear();
+            self.stopped = true;
+            return (piece, true);
+        }
+        // Hold back the longest tail that is a proper prefix of a stop string.
+        let hold = self
+            .stops
+            .iter()
+            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .filter(|prefix| candidate.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let safe = (candidate.len() - hold).max(self.text.len());
+        let piece = candidate[self.text.len()..safe].to_string();
+        self.text.push_str(&piece);
+        let consumed = safe - (candidate.len() - pending.len());
+        self.bytes.drain(..consumed);
+        (piece, false)
+    }
+
+    /// Releases held-back text at the end (lossily, for a cut-off character).
+    fn finish(&mut self, stopped: bool) -> String {
+        if stopped || self.stopped {
+            return String::new();
+        }
+        let rest = String::from_utf8_lossy(&self.bytes).into_owned();
+        self.bytes.clear();
+        self.text.push_str(&rest);
+        rest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pieces: &[&[u8]], stops: &[&str]) -> (String, Vec<String>, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut stream = TextStream::new(&stops);
+        let mut out = Vec::new();
+        let mut stopped = false;
+        for p in pieces {
+            let (piece, s) = stream.push(p);
+            if !piece.is_empty() {
+                out.push(piece);
+            }
+            if s {
+                stopped = true;
+                break;
+            }
+        }
+        let tail = stream.finish(stopped);
+        if !tail.is_empty() {
+            out.push(tail);
+        }
+        (stream.text, out, stopped)
+    }
+
+    #[test]
+    fn split_utf8_characters_are_held_until_complete() {
+        let e_acute = "é".as_bytes();
+        let (text, pieces, _) = run(&[b"caf", &e_acute[..1], &e_acute[1..], b"!"], &[]);
+        assert_eq!(text, "café!");
+        assert_eq!(pieces.concat(), "café!");
+        assert!(pieces.iter().all(|p| !p.contains('\u{fffd}')));
+    }
+
+    #[test]
+    fn stop_strings_cut_the_answer_even_across_tokens() {
+        let (text, pieces, stopped) = run(&[b"The answer", b" is 4", b"2.\n\nQ", b"uestion: next"], &["\n\nQuestion:"]);
+        assert!(stopped);
+        assert_eq!(text, "The answer is 42.");
+        assert_eq!(pieces.concat(), text, "streamed text equals the final text");
+    }
+
+    #[test]
+    fn a_held_prefix_that_does_not_complete_is_released() {
+        let (text, _, stopped) = run(&[b"a\n", b"b"], &["\n\n"]);
+        assert!(!stopped);
+        assert_eq!(text, "a\nb");
+    }
+}

@@ -1,0 +1,70 @@
+//! Command-line definition and dispatch.
+
+mod model_commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use starkv_compute::LoadedModel;
+use starkv_compute::fetch::{default_data_dir, ensure_default_model};
+
+#[derive(Parser)]
+#[command(name = "starkv", version, about = "Star Attention long-document KV-cache service")]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct GlobalArgs {
+    /// A llama-architecture GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long, global = true, env = "STARKV_MODEL")]
+    model: Option<PathBuf>,
+    /// Where models and the store live (default: $XDG_DATA_HOME/starkv or ~/.local/share/starkv).
+    #[arg(long, global = true, env = "STARKV_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true, env = "STARKV_THREADS")]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the token ids of TEXT.
+    Tokenize(model_commands::TokenizeArgs),
+    /// Generate text after a prompt.
+    Generate(model_commands::GenerateArgs),
+    /// Teacher-forced log-probabilities of every token of TEXT.
+    Score(model_commands::ScoreArgs),
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(n) = cli.global.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
+    }
+    match cli.command {
+        Command::Tokenize(args) => model_commands::tokenize(&cli.global, args),
+        Command::Generate(args) => model_commands::generate(&cli.global, args),
+        Command::Score(args) => model_commands::score(&cli.global, args),
+    }
+}
+
+impl GlobalArgs {
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// Loads `--model`, or the default model (fetching it first when absent).
+    fn load_model(&self) -> Result<LoadedModel> {
+        let path = match &self.model {
+            Some(path) => path.clone(),
+            None => ensure_default_model(&self.data_dir(), &mut |msg| eprintln!("starkv: {msg}"))?,
+        };
+        LoadedModel::open(&path).with_context(|| format!("loading model {}", path.display()))
+    }
+}
