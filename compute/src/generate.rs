@@ -97,7 +97,13 @@ pub fn generate(
     if !tail.is_empty() {
         on_text(&tail);
     }
-    Ok(Generation { ids, text: stream.text, stop_reason, prefill, decode: decode_started.elapsed() })
+    Ok(Generation {
+        ids,
+        text: stream.text,
+        stop_reason,
+        prefill,
+        decode: decode_started.elapsed(),
+    })
 }
 
 /// Turns token bytes into final text: holds back incomplete UTF-8 characters and any
@@ -112,7 +118,12 @@ struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     fn new(stops: &'a [String]) -> Self {
-        Self { stops, bytes: Vec::new(), text: String::new(), stopped: false }
+        Self {
+            stops,
+            bytes: Vec::new(),
+            text: String::new(),
+            stopped: false,
+        }
     }
 
     /// Adds a token's bytes; returns newly final text and whether a stop string appeared.
@@ -124,7 +135,13 @@ impl<'a> TextStream<'a> {
         };
         let pending = std::str::from_utf8(&self.bytes[..valid]).unwrap_or_default();
         let candidate = format!("{}{}", self.text, pending);
-        if let Some(cut) = self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| candidate.find(s.as_str())).min() {
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| candidate.find(s.as_str()))
+            .min()
+        {
             let piece = candidate[self.text.len().min(cut)..cut].to_string();
             self.text = candidate[..cut].to_string();
             self.bytes.clear();
@@ -135,7 +152,11 @@ impl<'a> TextStream<'a> {
         let hold = self
             .stops
             .iter()
-            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
             .filter(|prefix| candidate.ends_with(prefix))
             .map(str::len)
             .max()
@@ -197,7 +218,10 @@ mod tests {
 
     #[test]
     fn stop_strings_cut_the_answer_even_across_tokens() {
-        let (text, pieces, stopped) = run(&[b"The answer", b" is 4", b"2.\n\nQ", b"uestion: next"], &["\n\nQuestion:"]);
+        let (text, pieces, stopped) = run(
+            &[b"The answer", b" is 4", b"2.\n\nQ", b"uestion: next"],
+            &["\n\nQuestion:"],
+        );
         assert!(stopped);
         assert_eq!(text, "The answer is 42.");
         assert_eq!(pieces.concat(), text, "streamed text equals the final text");

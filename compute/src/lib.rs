@@ -32,6 +32,9 @@ impl LoadedModel {
     /// Opens a llama-architecture GGUF file.
     pub fn open(path: &Path) -> Result<Self> {
         let file = gguf::GgufFile::open(path)?;
-        Ok(Self { model: model::Llama::from_gguf(&file)?, tokenizer: tokenizer::Tokenizer::from_gguf(&file)? })
+        Ok(Self {
+            model: model::Llama::from_gguf(&file)?,
+            tokenizer: tokenizer::Tokenizer::from_gguf(&file)?,
+        })
     }
 }

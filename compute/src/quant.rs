@@ -120,7 +120,11 @@ const _: () = assert!(size_of::<BlockQ6K>() == 210);
 /// Panics if the byte length does not match: callers slice rows out of validated tensors,
 /// so a mismatch is a bug in starkv, not bad input.
 pub fn dequantize(dtype: GgmlType, src: &[u8], out: &mut [f32]) {
-    assert_eq!(src.len(), dtype.row_bytes(out.len()), "dequantize: byte length mismatch for {dtype:?}");
+    assert_eq!(
+        src.len(),
+        dtype.row_bytes(out.len()),
+        "dequantize: byte length mismatch for {dtype:?}"
+    );
     match dtype {
         GgmlType::F32 => {
             for (o, b) in out.iter_mut().zip(src.chunks_exact(4)) {
@@ -187,7 +191,10 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -195,7 +202,11 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
 fn dequant_q4k(b: &BlockQ4K, y: &mut [f32]) {
     let d = b.d.to_f32();
     let min = b.dmin.to_f32();
-    for (chunk, (q, out)) in b.qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+    for (chunk, (q, out)) in
+        b.qs.chunks_exact(32)
+            .zip(y.chunks_exact_mut(64))
+            .enumerate()
+    {
         let (sc1, m1) = scale_min_k4(2 * chunk, &b.scales);
         let (sc2, m2) = scale_min_k4(2 * chunk + 1, &b.scales);
         let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
@@ -234,8 +245,14 @@ fn dequant_q6k(b: &BlockQ6K, y: &mut [f32]) {
 pub fn encode_float(dtype: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
     Some(match dtype {
         GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-        GgmlType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+        GgmlType::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
         _ => return None,
     })
 }

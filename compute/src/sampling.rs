@@ -19,15 +19,26 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::InvalidInput(format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(Error::InvalidInput(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::InvalidInput(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::InvalidInput(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -50,16 +61,23 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
-        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if self.params.top_k > 0 && self.params.top_k < candidates.len() {
             candidates.select_nth_unstable_by(self.params.top_k - 1, by_logit_desc);
             candidates.truncate(self.params.top_k);
         }
         candidates.sort_unstable_by(by_logit_desc);
         let max = candidates[0].1;
-        let mut probs: Vec<f64> =
-            candidates.iter().map(|&(_, l)| (((l - max) / self.params.temperature) as f64).exp()).collect();
+        let mut probs: Vec<f64> = candidates
+            .iter()
+            .map(|&(_, l)| (((l - max) / self.params.temperature) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.params.top_p < 1.0 {
@@ -99,7 +117,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// `log p(target)` under `softmax(logits)`, computed stably in f64.
 pub fn log_prob(logits: &[f32], target: u32) -> f64 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
     logits[target as usize] as f64 - lse
 }
 
@@ -119,14 +142,22 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens_and_top_k_restricts() {
-        let params = SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 11 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 11,
+        };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone()).unwrap();
             (0..200).map(|_| s.sample(&logits())).collect::<Vec<_>>()
         };
         let a = draw(&params);
         assert_eq!(a, draw(&params));
-        assert!(a.iter().all(|&t| t == 1 || t == 4), "top-2 holds ids 1 and 4 only");
+        assert!(
+            a.iter().all(|&t| t == 1 || t == 4),
+            "top-2 holds ids 1 and 4 only"
+        );
         assert!(a.contains(&1) && a.contains(&4));
         let other = draw(&SamplingParams { seed: 12, ..params });
         assert_ne!(a, other);
@@ -135,7 +166,12 @@ mod tests {
     #[test]
     fn top_p_keeps_the_nucleus_only() {
         // Probabilities at T=1: ids 1 and 4 hold ~0.33 each, 2 holds ~0.2.
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 3 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 3,
+        };
         let mut s = Sampler::new(params).unwrap();
         let draws: Vec<u32> = (0..300).map(|_| s.sample(&logits())).collect();
         assert!(draws.iter().all(|&t| t == 1 || t == 4), "{draws:?}");
@@ -143,7 +179,12 @@ mod tests {
 
     #[test]
     fn temperature_sampling_follows_the_distribution() {
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 5 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 5,
+        };
         let mut s = Sampler::new(params).unwrap();
         let l = logits();
         let n = 20_000;
@@ -154,16 +195,28 @@ mod tests {
         for (i, &c) in counts.iter().enumerate() {
             let p = log_prob(&l, i as u32).exp();
             let sd = (p * (1.0 - p) / n as f64).sqrt();
-            assert!(((c as f64 / n as f64) - p).abs() < 5.0 * sd + 1e-3, "id {i}: {c} draws, p = {p}");
+            assert!(
+                ((c as f64 / n as f64) - p).abs() < 5.0 * sd + 1e-3,
+                "id {i}: {c} draws, p = {p}"
+            );
         }
     }
 
     #[test]
     fn invalid_parameters_are_rejected() {
         for p in [
-            SamplingParams { temperature: -1.0, ..SamplingParams::greedy() },
-            SamplingParams { top_p: 0.0, ..SamplingParams::greedy() },
-            SamplingParams { top_p: 1.5, ..SamplingParams::greedy() },
+            SamplingParams {
+                temperature: -1.0,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                top_p: 1.5,
+                ..SamplingParams::greedy()
+            },
         ] {
             assert!(Sampler::new(p).is_err());
         }

@@ -43,7 +43,9 @@ impl Tokenizer {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let kind = file.get_str("tokenizer.ggml.model")?;
         if kind != "gpt2" {
-            return Err(Error::Unsupported(format!("tokenizer model `{kind}` (byte-level BPE `gpt2` only)")));
+            return Err(Error::Unsupported(format!(
+                "tokenizer model `{kind}` (byte-level BPE `gpt2` only)"
+            )));
         }
         let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
         let merges = file.get_str_array("tokenizer.ggml.merges")?;
@@ -52,11 +54,22 @@ impl Tokenizer {
             None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
         };
         if types.len() != tokens.len() {
-            return Err(Error::Tokenizer("token_type and tokens differ in length".into()));
+            return Err(Error::Tokenizer(
+                "token_type and tokens differ in length".into(),
+            ));
         }
-        let pre = file.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
-        let bos = file.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
-        let eos = file.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        let pre = file
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let bos = file
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32);
+        let eos = file
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32);
         let template = file.get("tokenizer.chat_template").and_then(|v| v.as_str());
         Self::new(&tokens, &merges, &types, pre, bos, eos, template)
     }
@@ -73,7 +86,11 @@ impl Tokenizer {
     ) -> Result<Self> {
         let tk_err = |e: Box<dyn std::error::Error + Send + Sync>| Error::Tokenizer(e.to_string());
         let build = |with_special: bool| -> Result<HfTokenizer> {
-            let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+            let vocab: Vocab = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.to_string(), i as u32))
+                .collect();
             let merges = merges
                 .iter()
                 .map(|m| {
@@ -82,19 +99,30 @@ impl Tokenizer {
                         .ok_or_else(|| Error::Tokenizer(format!("malformed merge `{m}`")))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(false).build().map_err(tk_err)?;
+            let bpe = BPE::builder()
+                .vocab_and_merges(vocab, merges)
+                .ignore_merges(false)
+                .build()
+                .map_err(tk_err)?;
             let mut tk = HfTokenizer::new(bpe);
             let byte_level = ByteLevel::new(false, true, true);
             match pre {
                 "smollm" => {
-                    tk.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), byte_level.into()])));
+                    tk.with_pre_tokenizer(Some(Sequence::new(vec![
+                        Digits::new(true).into(),
+                        byte_level.into(),
+                    ])));
                 }
                 "default" | "gpt2" | "gpt-2" => {
                     tk.with_pre_tokenizer(Some(byte_level));
                 }
                 "llama-bpe" | "llama3" => {
-                    let split = Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
-                        .map_err(tk_err)?;
+                    let split = Split::new(
+                        SplitPattern::Regex(LLAMA3_PATTERN.into()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .map_err(tk_err)?;
                     tk.with_pre_tokenizer(Some(Sequence::new(vec![
                         split.into(),
                         ByteLevel::new(false, true, false).into(),
@@ -109,7 +137,8 @@ impl Tokenizer {
                     .zip(types)
                     .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
                     .map(|(s, _)| AddedToken::from(s.to_string(), true));
-                tk.add_special_tokens(specials.collect::<Vec<_>>()).map_err(tk_err)?;
+                tk.add_special_tokens(specials.collect::<Vec<_>>())
+                    .map_err(tk_err)?;
             }
             Ok(tk)
         };
@@ -124,8 +153,12 @@ impl Tokenizer {
             .collect();
         let mut end_of_generation: Vec<u32> = eos.into_iter().collect();
         for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
-            let is_eog_name = matches!(*t, "<|im_end|>" | "<|endoftext|>" | "<|eot_id|>" | "<|end_of_text|>" | "</s>");
-            if *ty == TOKEN_TYPE_CONTROL && is_eog_name && !end_of_generation.contains(&(i as u32)) {
+            let is_eog_name = matches!(
+                *t,
+                "<|im_end|>" | "<|endoftext|>" | "<|eot_id|>" | "<|end_of_text|>" | "</s>"
+            );
+            if *ty == TOKEN_TYPE_CONTROL && is_eog_name && !end_of_generation.contains(&(i as u32))
+            {
                 end_of_generation.push(i as u32);
             }
         }
@@ -154,8 +187,14 @@ impl Tokenizer {
     /// Token ids for `text` (no BOS is added). With `parse_special`, control-token
     /// markers such as `<|im_start|>` become their ids; otherwise they are plain text.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let tk = if parse_special { &self.with_special } else { &self.plain };
-        let encoding = tk.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tk = if parse_special {
+            &self.with_special
+        } else {
+            &self.plain
+        };
+        let encoding = tk
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -170,7 +209,10 @@ impl Tokenizer {
 
     /// Decodes ids to text, replacing invalid UTF-8 (e.g. a cut-off character) with U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id).iter().copied()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| self.token_bytes(id).iter().copied())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -198,7 +240,8 @@ impl Tokenizer {
 fn byte_decoder() -> impl Fn(char) -> Option<u8> {
     let mut table = [0u8; 324];
     let mut filled = [false; 324];
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256u32;
     for b in 0u32..256 {
         let c = if printable(b) {

@@ -12,7 +12,11 @@ use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 
 #[derive(Parser)]
-#[command(name = "starkv", version, about = "Star Attention long-document KV-cache service")]
+#[command(
+    name = "starkv",
+    version,
+    about = "Star Attention long-document KV-cache service"
+)]
 pub struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
@@ -45,7 +49,10 @@ enum Command {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(n) = cli.global.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configuring the thread pool")?;
     }
     match cli.command {
         Command::Tokenize(args) => model_commands::tokenize(&cli.global, args),

@@ -86,7 +86,9 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
         (Some(raw), _) => raw.clone(),
         (None, Some(message)) => match loaded.tokenizer.chat_template() {
             Some(template) => template.render(args.system.as_deref(), message),
-            None => bail!("this model has no ChatML chat template; use --raw with the exact prompt"),
+            None => {
+                bail!("this model has no ChatML chat template; use --raw with the exact prompt")
+            }
         },
         (None, None) => bail!("give --raw PROMPT or --chat MESSAGE"),
     };
@@ -96,31 +98,54 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
     }
     let params = GenerateParams {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
         stop: args.stop.clone(),
     };
     let model = &loaded.model;
-    let mut cache = KvCache::new(model.config().n_layers, model.head_shape(), prompt_ids.len() + args.max_tokens);
+    let mut cache = KvCache::new(
+        model.config().n_layers,
+        model.head_shape(),
+        prompt_ids.len() + args.max_tokens,
+    );
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
-    let generation = run_generation(model, &loaded.tokenizer, &prompt_ids, 0, &mut cache, &params, &mut |piece| {
-        if args.json {
-            return true;
-        }
-        let res = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
-        match res {
-            Ok(()) => true,
-            Err(e) => {
-                write_error = Some(e);
-                false
+    let generation = run_generation(
+        model,
+        &loaded.tokenizer,
+        &prompt_ids,
+        0,
+        &mut cache,
+        &params,
+        &mut |piece| {
+            if args.json {
+                return true;
             }
-        }
-    })?;
+            let res = stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush());
+            match res {
+                Ok(()) => true,
+                Err(e) => {
+                    write_error = Some(e);
+                    false
+                }
+            }
+        },
+    )?;
     if let Some(e) = write_error {
         return Err(e.into());
     }
     if args.json {
-        writeln!(stdout, "{}", json!({ "prompt_ids": prompt_ids, "ids": generation.ids, "text": generation.text }))?;
+        writeln!(
+            stdout,
+            "{}",
+            json!({ "prompt_ids": prompt_ids, "ids": generation.ids, "text": generation.text })
+        )?;
     } else {
         writeln!(stdout)?;
         let n = generation.ids.len();
@@ -165,9 +190,16 @@ pub fn score(global: &GlobalArgs, args: ScoreArgs) -> Result<ExitCode> {
     }
     let mean_nll = -target_logprob.iter().sum::<f64>() / target_logprob.len() as f64;
     if args.json {
-        println!("{}", json!({ "ids": ids, "target_logprob": target_logprob, "argmax": argmaxes, "mean_nll": mean_nll }));
+        println!(
+            "{}",
+            json!({ "ids": ids, "target_logprob": target_logprob, "argmax": argmaxes, "mean_nll": mean_nll })
+        );
     } else {
-        println!("{} tokens, mean NLL {mean_nll:.4} nats, perplexity {:.3}", ids.len(), mean_nll.exp());
+        println!(
+            "{} tokens, mean NLL {mean_nll:.4} nats, perplexity {:.3}",
+            ids.len(),
+            mean_nll.exp()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

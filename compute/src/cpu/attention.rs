@@ -74,13 +74,23 @@ pub struct Attended {
 impl Attended {
     /// The identity of [`merge_into`]: the result over an empty key set.
     pub fn empty(m: usize, shape: HeadShape) -> Self {
-        Self { out: vec![0.0; m * shape.q_width()], lse: vec![f32::NEG_INFINITY; shape.n_heads * m] }
+        Self {
+            out: vec![0.0; m * shape.q_width()],
+            lse: vec![f32::NEG_INFINITY; shape.n_heads * m],
+        }
     }
 }
 
 /// Computes attention of `q` (`[m][n_heads * head_dim]`) over `kv` with `mask`, scaling
 /// scores by `scale`.
-pub fn attention(q: &[f32], m: usize, kv: KvView<'_>, shape: HeadShape, mask: Mask, scale: f32) -> Attended {
+pub fn attention(
+    q: &[f32],
+    m: usize,
+    kv: KvView<'_>,
+    shape: HeadShape,
+    mask: Mask,
+    scale: f32,
+) -> Attended {
     let mut res = Attended::empty(m, shape);
     attention_into(q, m, kv, shape, mask, scale, &mut res.out, &mut res.lse);
     res
@@ -102,21 +112,29 @@ pub fn attention_into(
     assert_eq!(q.len(), m * shape.q_width(), "attention: q shape");
     assert_eq!(out.len(), m * shape.q_width(), "attention: out shape");
     assert_eq!(lse.len(), m * shape.n_heads, "attention: lse shape");
-    assert!(shape.n_heads % shape.n_kv_heads == 0, "attention: heads not a multiple of kv heads");
+    assert!(
+        shape.n_heads.is_multiple_of(shape.n_kv_heads),
+        "attention: heads not a multiple of kv heads"
+    );
     if kv.len > 0 {
         let last = (shape.n_kv_heads - 1) * kv.head_stride + (kv.len - 1) * kv.row_stride + d;
-        assert!(kv.k.len() >= last && kv.v.len() >= last, "attention: kv view out of bounds");
+        assert!(
+            kv.k.len() >= last && kv.v.len() >= last,
+            "attention: kv view out of bounds"
+        );
     }
     let n_tiles = m.div_ceil(Q_TILE);
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let lse_ptr = SyncPtr(lse.as_mut_ptr());
-    (0..shape.n_heads * n_tiles).into_par_iter().for_each(|task| {
-        let (h, tile) = (task / n_tiles, task % n_tiles);
-        let q0 = tile * Q_TILE;
-        let rows = Q_TILE.min(m - q0);
-        // SAFETY: each task owns rows q0..q0 + rows of head h in `out` and `lse`.
-        unsafe { attend_tile(q, q0, rows, h, kv, shape, mask, scale, out_ptr, lse_ptr, m) };
-    });
+    (0..shape.n_heads * n_tiles)
+        .into_par_iter()
+        .for_each(|task| {
+            let (h, tile) = (task / n_tiles, task % n_tiles);
+            let q0 = tile * Q_TILE;
+            let rows = Q_TILE.min(m - q0);
+            // SAFETY: each task owns rows q0..q0 + rows of head h in `out` and `lse`.
+            unsafe { attend_tile(q, q0, rows, h, kv, shape, mask, scale, out_ptr, lse_ptr, m) };
+        });
 }
 
 #[derive(Clone, Copy)]
@@ -159,7 +177,10 @@ unsafe fn attend_tile(
     let mut scores = vec![0f32; rows * K_TILE];
     let q_base = q[q0 * qw + h * d..].as_ptr();
     let (k_head, v_head) = if n_keys > 0 {
-        (&kv.k[kv_head * kv.head_stride..], &kv.v[kv_head * kv.head_stride..])
+        (
+            &kv.k[kv_head * kv.head_stride..],
+            &kv.v[kv_head * kv.head_stride..],
+        )
     } else {
         (&[][..], &[][..])
     };
@@ -188,7 +209,11 @@ unsafe fn attend_tile(
             let s = &mut s[..kc];
             let mut tile_max = f32::NEG_INFINITY;
             for (j, v) in s.iter_mut().enumerate() {
-                *v = if j < visible { *v * scale } else { f32::NEG_INFINITY };
+                *v = if j < visible {
+                    *v * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
                 tile_max = tile_max.max(*v);
             }
             let new_max = row_max[r].max(tile_max);

@@ -32,8 +32,17 @@ pub struct Matrix {
 impl Matrix {
     /// `bytes` must hold exactly `rows * cols` elements of `dtype`.
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, bytes: SharedBytes) -> Self {
-        assert_eq!(bytes.as_slice().len(), dtype.row_bytes(cols) * rows, "matrix byte size");
-        Self { dtype, rows, cols, bytes }
+        assert_eq!(
+            bytes.as_slice().len(),
+            dtype.row_bytes(cols) * rows,
+            "matrix byte size"
+        );
+        Self {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -55,7 +64,11 @@ impl Matrix {
     /// Dequantises row `r` into `out` (`cols` values).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
-        dequantize(self.dtype, &self.bytes.as_slice()[r * rb..(r + 1) * rb], out);
+        dequantize(
+            self.dtype,
+            &self.bytes.as_slice()[r * rb..(r + 1) * rb],
+            out,
+        );
     }
 
     /// `y[m x rows] = x[m x cols] * W^T`, overwriting `y`.
@@ -67,20 +80,36 @@ impl Matrix {
         for m0 in (0..m).step_by(M_CHUNK) {
             let mb = M_CHUNK.min(m - m0);
             let x_chunk = &x[m0 * k..(m0 + mb) * k];
-            (0..n.div_ceil(ROW_CHUNK)).into_par_iter().for_each(|chunk| {
-                let r0 = chunk * ROW_CHUNK;
-                let rc = ROW_CHUNK.min(n - r0);
-                with_scratch(rc * k, |w| {
-                    let rb = self.row_bytes();
-                    dequantize(self.dtype, &self.bytes.as_slice()[r0 * rb..(r0 + rc) * rb], w);
-                    // SAFETY: tasks write disjoint column ranges [r0, r0 + rc) of rows
-                    // m0..m0 + mb of `y`, which outlives the parallel loop.
-                    unsafe {
-                        let dst = y_ptr.get().add(m0 * n + r0);
-                        gemm_f32(mb, rc, k, dst, n, x_chunk.as_ptr(), k, w.as_ptr(), Transpose::Yes(k));
-                    }
+            (0..n.div_ceil(ROW_CHUNK))
+                .into_par_iter()
+                .for_each(|chunk| {
+                    let r0 = chunk * ROW_CHUNK;
+                    let rc = ROW_CHUNK.min(n - r0);
+                    with_scratch(rc * k, |w| {
+                        let rb = self.row_bytes();
+                        dequantize(
+                            self.dtype,
+                            &self.bytes.as_slice()[r0 * rb..(r0 + rc) * rb],
+                            w,
+                        );
+                        // SAFETY: tasks write disjoint column ranges [r0, r0 + rc) of rows
+                        // m0..m0 + mb of `y`, which outlives the parallel loop.
+                        unsafe {
+                            let dst = y_ptr.get().add(m0 * n + r0);
+                            gemm_f32(
+                                mb,
+                                rc,
+                                k,
+                                dst,
+                                n,
+                                x_chunk.as_ptr(),
+                                k,
+                                w.as_ptr(),
+                                Transpose::Yes(k),
+                            );
+                        }
+                    });
                 });
-            });
         }
     }
 }
@@ -221,7 +250,9 @@ mod tests {
         let mut y = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                y[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                y[i * n + j] = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
             }
         }
         y
@@ -231,14 +262,26 @@ mod tests {
     #[test]
     fn matmul_t_matches_f64_reference() {
         for &(m, n, k) in &[(1, 5, 32), (3, 64, 64), (7, 130, 96), (600, 70, 64)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729) % 997) as f32 / 498.0 - 1.0).collect();
-            let matrix = Matrix::new(GgmlType::F32, n, k, SharedBytes::from_vec(encode_float(GgmlType::F32, &w).unwrap()));
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 104_729) % 997) as f32 / 498.0 - 1.0)
+                .collect();
+            let matrix = Matrix::new(
+                GgmlType::F32,
+                n,
+                k,
+                SharedBytes::from_vec(encode_float(GgmlType::F32, &w).unwrap()),
+            );
             let mut y = vec![f32::NAN; m * n];
             matrix.matmul_t(&x, m, &mut y);
             let want = naive(&x, &w, m, n, k);
             for (a, b) in y.iter().zip(&want) {
-                assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "({m},{n},{k}): {a} vs {b}");
+                assert!(
+                    (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "({m},{n},{k}): {a} vs {b}"
+                );
             }
         }
     }

@@ -102,7 +102,7 @@ pub fn exp_approx(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = (p * r * r + r) + 1.0;
     // 2^n for n in [-126, 127]: exponent bits; the clamp keeps n in range.
     let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
@@ -150,7 +150,10 @@ impl Rope {
     pub fn apply(&self, x: &mut [f32], n_heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
         let pairs = self.inv_freq.len();
         for (t, token) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
-            let (c, s) = (&cos[t * pairs..(t + 1) * pairs], &sin[t * pairs..(t + 1) * pairs]);
+            let (c, s) = (
+                &cos[t * pairs..(t + 1) * pairs],
+                &sin[t * pairs..(t + 1) * pairs],
+            );
             for head in token.chunks_exact_mut(head_dim) {
                 for i in 0..pairs {
                     let (a, b) = (head[2 * i], head[2 * i + 1]);
@@ -193,7 +196,9 @@ mod tests {
 
     #[test]
     fn rms_norm_matches_f64() {
-        let x: Vec<f32> = (0..48).map(|i| (i as f32 * 1.3).cos() * 2.0 + 0.1).collect();
+        let x: Vec<f32> = (0..48)
+            .map(|i| (i as f32 * 1.3).cos() * 2.0 + 0.1)
+            .collect();
         let w: Vec<f32> = (0..24).map(|i| 0.5 + i as f32 * 0.01).collect();
         let mut out = vec![0f32; 48];
         rms_norm(&x, &w, 1e-5, &mut out);
@@ -202,7 +207,10 @@ mod tests {
             let ms: f64 = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 24.0;
             for i in 0..24 {
                 let want = row[i] as f64 / (ms + 1e-5).sqrt() * w[i] as f64;
-                assert!((out[r * 24 + i] as f64 - want).abs() < 1e-5, "row {r} col {i}");
+                assert!(
+                    (out[r * 24 + i] as f64 - want).abs() < 1e-5,
+                    "row {r} col {i}"
+                );
             }
         }
     }
@@ -213,7 +221,9 @@ mod tests {
     fn rope_matches_f64_reference() {
         let (heads, dim, theta) = (3, 8, 10000.0f32);
         let positions = [0usize, 1, 17, 4095, 8191];
-        let x: Vec<f32> = (0..positions.len() * heads * dim).map(|i| (i as f32 * 0.31).sin()).collect();
+        let x: Vec<f32> = (0..positions.len() * heads * dim)
+            .map(|i| (i as f32 * 0.31).sin())
+            .collect();
         let rope = Rope::new(theta, dim, None);
         let (c, s) = rope.tables(&positions);
         let mut y = x.clone();

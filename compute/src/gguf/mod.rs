@@ -48,7 +48,11 @@ pub struct SharedBytes {
 impl SharedBytes {
     pub fn from_vec(bytes: Vec<u8>) -> Self {
         let len = bytes.len();
-        Self { owner: Arc::new(bytes), start: 0, len }
+        Self {
+            owner: Arc::new(bytes),
+            start: 0,
+            len,
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -88,16 +92,25 @@ impl GgufFile {
     /// Maps and parses `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io { path: path.clone(), source };
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only; we document that model files must not be
         // modified while starkv runs (as llama.cpp does).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let parsed = reader::parse(&mmap).map_err(|reason| Error::Gguf { path: path.clone(), reason })?;
+        let parsed = reader::parse(&mmap).map_err(|reason| Error::Gguf {
+            path: path.clone(),
+            reason,
+        })?;
         let mut tensors = BTreeMap::new();
         let mut tensor_order = Vec::with_capacity(parsed.tensors.len());
         for info in parsed.tensors {
-            let end = parsed.data_offset.checked_add(info.offset).and_then(|s| s.checked_add(info.n_bytes()));
+            let end = parsed
+                .data_offset
+                .checked_add(info.offset)
+                .and_then(|s| s.checked_add(info.n_bytes()));
             if end.is_none_or(|end| end > mmap.len()) {
                 return Err(Error::Gguf {
                     path,
@@ -107,7 +120,10 @@ impl GgufFile {
             tensor_order.push(info.name.clone());
             if tensors.insert(info.name.clone(), info).is_some() {
                 let name = tensor_order.pop().unwrap_or_default();
-                return Err(Error::Gguf { path, reason: format!("duplicate tensor `{name}`") });
+                return Err(Error::Gguf {
+                    path,
+                    reason: format!("duplicate tensor `{name}`"),
+                });
             }
         }
         Ok(Self {
@@ -152,7 +168,10 @@ impl GgufFile {
             reason: "missing from the GGUF file".into(),
         })?;
         let start = self.data_offset + info.offset;
-        Ok(TensorView { info, data: &self.mmap[start..start + info.n_bytes()] })
+        Ok(TensorView {
+            info,
+            data: &self.mmap[start..start + info.n_bytes()],
+        })
     }
 
     /// A tensor's bytes as a shareable handle on the memory map.
@@ -160,42 +179,79 @@ impl GgufFile {
         let view = self.tensor(name)?;
         let start = self.data_offset + view.info.offset;
         let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.mmap.clone();
-        Ok((view.info.clone(), SharedBytes { owner, start, len: view.data.len() }))
+        Ok((
+            view.info.clone(),
+            SharedBytes {
+                owner,
+                start,
+                len: view.data.len(),
+            },
+        ))
     }
 
     /// A required metadata value.
     pub fn require(&self, key: &str) -> Result<&MetaValue> {
-        self.get(key)
-            .ok_or_else(|| Error::Metadata { key: key.to_string(), reason: "missing".into() })
+        self.get(key).ok_or_else(|| Error::Metadata {
+            key: key.to_string(),
+            reason: "missing".into(),
+        })
     }
 
     pub fn get_u64(&self, key: &str) -> Result<u64> {
-        self.require(key)?.as_u64().ok_or_else(|| wrong_type(key, "an unsigned integer"))
+        self.require(key)?
+            .as_u64()
+            .ok_or_else(|| wrong_type(key, "an unsigned integer"))
     }
 
     pub fn get_f32(&self, key: &str) -> Result<f32> {
-        self.require(key)?.as_f64().map(|v| v as f32).ok_or_else(|| wrong_type(key, "a number"))
+        self.require(key)?
+            .as_f64()
+            .map(|v| v as f32)
+            .ok_or_else(|| wrong_type(key, "a number"))
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
-        self.require(key)?.as_str().ok_or_else(|| wrong_type(key, "a string"))
+        self.require(key)?
+            .as_str()
+            .ok_or_else(|| wrong_type(key, "a string"))
     }
 
     /// A string array, such as `tokenizer.ggml.tokens`.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
-        let items = self.require(key)?.as_array().ok_or_else(|| wrong_type(key, "an array"))?;
-        items.iter().map(|v| v.as_str().ok_or_else(|| wrong_type(key, "an array of strings"))).collect()
+        let items = self
+            .require(key)?
+            .as_array()
+            .ok_or_else(|| wrong_type(key, "an array"))?;
+        items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| wrong_type(key, "an array of strings"))
+            })
+            .collect()
     }
 
     /// An integer array, such as `tokenizer.ggml.token_type`.
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>> {
-        let items = self.require(key)?.as_array().ok_or_else(|| wrong_type(key, "an array"))?;
-        items.iter().map(|v| v.as_i64().ok_or_else(|| wrong_type(key, "an array of integers"))).collect()
+        let items = self
+            .require(key)?
+            .as_array()
+            .ok_or_else(|| wrong_type(key, "an array"))?;
+        items
+            .iter()
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(|| wrong_type(key, "an array of integers"))
+            })
+            .collect()
     }
 }
 
 fn wrong_type(key: &str, expected: &str) -> Error {
-    Error::Metadata { key: key.to_string(), reason: format!("expected {expected}") }
+    Error::Metadata {
+        key: key.to_string(),
+        reason: format!("expected {expected}"),
+    }
 }
 
 #[cfg(test)]

@@ -136,10 +136,14 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Res<String> {
         let len = self.u64()?;
         if len > MAX_STRING_LEN {
-            return Err(format!("string of {len} bytes at byte {} exceeds the cap", self.pos));
+            return Err(format!(
+                "string of {len} bytes at byte {} exceeds the cap",
+                self.pos
+            ));
         }
         let bytes = self.take(len as usize)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| format!("string at byte {} is not UTF-8", self.pos))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| format!("string at byte {} is not UTF-8", self.pos))
     }
 
     fn value(&mut self, ty: u32, depth: u32) -> Res<MetaValue> {
@@ -191,18 +195,24 @@ pub(super) fn parse(bytes: &[u8]) -> Res<Parsed> {
     }
     let version = cur.u32()?;
     if !(2..=3).contains(&version) {
-        return Err(format!("GGUF version {version} is not supported (2 and 3 are)"));
+        return Err(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        ));
     }
     let n_tensors = cur.u64()?;
     let n_metadata = cur.u64()?;
     if n_tensors > MAX_TENSORS || n_metadata > MAX_METADATA {
-        return Err(format!("implausible counts: {n_tensors} tensors, {n_metadata} metadata keys"));
+        return Err(format!(
+            "implausible counts: {n_tensors} tensors, {n_metadata} metadata keys"
+        ));
     }
     let mut metadata = BTreeMap::new();
     for _ in 0..n_metadata {
         let key = cur.string()?;
         let ty = cur.u32()?;
-        let value = cur.value(ty, 0).map_err(|e| format!("metadata `{key}`: {e}"))?;
+        let value = cur
+            .value(ty, 0)
+            .map_err(|e| format!("metadata `{key}`: {e}"))?;
         metadata.insert(key, value);
     }
     let mut tensors = Vec::with_capacity(n_tensors as usize);
@@ -215,11 +225,19 @@ pub(super) fn parse(bytes: &[u8]) -> Res<Parsed> {
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             let d = cur.u64()?;
-            dims.push(usize::try_from(d).map_err(|_| format!("tensor `{name}` dimension {d} too large"))?);
+            dims.push(
+                usize::try_from(d)
+                    .map_err(|_| format!("tensor `{name}` dimension {d} too large"))?,
+            );
         }
         let ty = cur.u32()?;
-        let dtype = GgmlType::from_u32(ty).ok_or_else(|| format!("tensor `{name}` has unsupported type id {ty}"))?;
-        if dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).is_none() {
+        let dtype = GgmlType::from_u32(ty)
+            .ok_or_else(|| format!("tensor `{name}` has unsupported type id {ty}"))?;
+        if dims
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .is_none()
+        {
             return Err(format!("tensor `{name}` element count overflows"));
         }
         if dims[0] % dtype.block_size() != 0 {
@@ -229,7 +247,12 @@ pub(super) fn parse(bytes: &[u8]) -> Res<Parsed> {
             ));
         }
         let offset = cur.u64()? as usize;
-        tensors.push(TensorInfo { name, dims, dtype, offset });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            dtype,
+            offset,
+        });
     }
     let alignment = match metadata.get("general.alignment") {
         None => 32,
@@ -241,8 +264,16 @@ pub(super) fn parse(bytes: &[u8]) -> Res<Parsed> {
     let data_offset = cur.pos.div_ceil(alignment) * alignment;
     for t in &tensors {
         if t.offset % alignment != 0 {
-            return Err(format!("tensor `{}` offset {} is not aligned to {alignment}", t.name, t.offset));
+            return Err(format!(
+                "tensor `{}` offset {} is not aligned to {alignment}",
+                t.name, t.offset
+            ));
         }
     }
-    Ok(Parsed { version, metadata, tensors, data_offset })
+    Ok(Parsed {
+        version,
+        metadata,
+        tensors,
+        data_offset,
+    })
 }

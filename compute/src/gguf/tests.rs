@@ -16,11 +16,24 @@ fn sample() -> Vec<u8> {
         .meta("llama.rope.freq_base", MetaValue::F32(10000.0))
         .meta(
             "tokenizer.ggml.tokens",
-            MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("b".into())]),
+            MetaValue::Array(vec![
+                MetaValue::String("a".into()),
+                MetaValue::String("b".into()),
+            ]),
         );
     let values: Vec<f32> = (0..64).map(|i| i as f32 * 0.5).collect();
-    w.tensor("x.weight", &[32, 2], GgmlType::F32, encode_float(GgmlType::F32, &values).unwrap());
-    w.tensor("y.weight", &[64], GgmlType::F16, encode_float(GgmlType::F16, &values).unwrap());
+    w.tensor(
+        "x.weight",
+        &[32, 2],
+        GgmlType::F32,
+        encode_float(GgmlType::F32, &values).unwrap(),
+    );
+    w.tensor(
+        "y.weight",
+        &[64],
+        GgmlType::F16,
+        encode_float(GgmlType::F16, &values).unwrap(),
+    );
     w.to_bytes()
 }
 
@@ -32,7 +45,10 @@ fn reads_metadata_and_tensors_back() {
     assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
     assert_eq!(g.get_u64("llama.block_count").unwrap(), 2);
     assert_eq!(g.get_f32("llama.rope.freq_base").unwrap(), 10000.0);
-    assert_eq!(g.get_str_array("tokenizer.ggml.tokens").unwrap(), vec!["a", "b"]);
+    assert_eq!(
+        g.get_str_array("tokenizer.ggml.tokens").unwrap(),
+        vec!["a", "b"]
+    );
     let names: Vec<_> = g.tensor_infos().map(|t| t.name.clone()).collect();
     assert_eq!(names, vec!["x.weight", "y.weight"]);
     let x = g.tensor("x.weight").unwrap();
@@ -59,7 +75,11 @@ fn rejects_bad_files_with_errors_not_panics() {
         ("bad magic", bad_magic, "magic"),
         ("bad version", bad_version, "version"),
         ("huge string", huge_string, "cap"),
-        ("truncated", good[..good.len() - 40].to_vec(), "past the end"),
+        (
+            "truncated",
+            good[..good.len() - 40].to_vec(),
+            "past the end",
+        ),
         ("header only", good[..20].to_vec(), "truncated"),
         ("empty", Vec::new(), "truncated"),
     ];
@@ -67,7 +87,10 @@ fn rejects_bad_files_with_errors_not_panics() {
         let f = write_tmp(&bytes);
         match GgufFile::open(f.path()) {
             Ok(_) => panic!("{name}: accepted"),
-            Err(e) => assert!(e.to_string().contains(needle), "{name}: error `{e}` lacks `{needle}`"),
+            Err(e) => assert!(
+                e.to_string().contains(needle),
+                "{name}: error `{e}` lacks `{needle}`"
+            ),
         }
     }
 }

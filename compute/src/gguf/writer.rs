@@ -23,9 +23,20 @@ impl GgufWriter {
     }
 
     /// Adds a tensor; `dims[0]` is the contiguous dimension, `data` its encoded bytes.
-    pub fn tensor(&mut self, name: &str, dims: &[usize], dtype: GgmlType, data: Vec<u8>) -> &mut Self {
-        assert_eq!(data.len(), dtype.row_bytes(dims.iter().product()), "tensor `{name}` byte size");
-        self.tensors.push((name.to_string(), dims.to_vec(), dtype, data));
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        dtype: GgmlType,
+        data: Vec<u8>,
+    ) -> &mut Self {
+        assert_eq!(
+            data.len(),
+            dtype.row_bytes(dims.iter().product()),
+            "tensor `{name}` byte size"
+        );
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), dtype, data));
         self
     }
 

@@ -63,7 +63,8 @@ impl LlamaConfig {
                 "architecture `{arch}` (starkv runs llama-architecture models only)"
             )));
         }
-        let get = |key: &str| -> Result<usize> { Ok(file.get_u64(&format!("llama.{key}"))? as usize) };
+        let get =
+            |key: &str| -> Result<usize> { Ok(file.get_u64(&format!("llama.{key}"))? as usize) };
         let hidden = get("embedding_length")?;
         let n_heads = get("attention.head_count")?;
         let n_kv_heads = match file.get("llama.attention.head_count_kv") {
@@ -84,7 +85,9 @@ impl LlamaConfig {
             None => head_dim,
         };
         if rope_dim > head_dim || rope_dim % 2 != 0 {
-            return Err(Error::Unsupported(format!("rope dimension {rope_dim} with head_dim {head_dim}")));
+            return Err(Error::Unsupported(format!(
+                "rope dimension {rope_dim} with head_dim {head_dim}"
+            )));
         }
         if let Some(scaling) = file.get("llama.rope.scaling.type").and_then(|v| v.as_str())
             && scaling != "none"

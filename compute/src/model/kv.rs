@@ -18,7 +18,13 @@ pub struct LayerKv {
 impl LayerKv {
     pub fn new(shape: HeadShape, capacity: usize) -> Self {
         let n = shape.n_kv_heads * capacity * shape.head_dim;
-        Self { k: vec![0.0; n], v: vec![0.0; n], len: 0, capacity, shape }
+        Self {
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+            len: 0,
+            capacity,
+            shape,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -98,7 +104,9 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(n_layers: usize, shape: HeadShape, capacity: usize) -> Self {
         Self {
-            layers: (0..n_layers).map(|_| LayerKv::new(shape, capacity)).collect(),
+            layers: (0..n_layers)
+                .map(|_| LayerKv::new(shape, capacity))
+                .collect(),
             shape,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
         }
@@ -128,6 +136,15 @@ impl LayerAttention for KvCache {
         let offset = kv.len();
         kv.append(k, v);
         let mut lse = vec![0.0; m * self.shape.n_heads];
-        attention_into(q, m, kv.view(), self.shape, Mask::Causal { offset }, self.scale, out, &mut lse);
+        attention_into(
+            q,
+            m,
+            kv.view(),
+            self.shape,
+            Mask::Causal { offset },
+            self.scale,
+            out,
+            &mut lse,
+        );
     }
 }

@@ -55,7 +55,9 @@ impl Llama {
         let config = LlamaConfig::from_gguf(file)?;
         let c = &config;
         if file.has_tensor("blk.0.attn_q.bias") {
-            return Err(Error::Unsupported("attention biases (not a plain llama model)".into()));
+            return Err(Error::Unsupported(
+                "attention biases (not a plain llama model)".into(),
+            ));
         }
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             let (info, bytes) = file.tensor_bytes(name)?;
@@ -70,7 +72,10 @@ impl Llama {
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             let (info, bytes) = file.tensor_bytes(name)?;
             if info.dims != [len] {
-                return Err(Error::Tensor { name: name.into(), reason: format!("shape {:?}, expected [{len}]", info.dims) });
+                return Err(Error::Tensor {
+                    name: name.into(),
+                    reason: format!("shape {:?}, expected [{len}]", info.dims),
+                });
             }
             let mut out = vec![0f32; len];
             Matrix::new(info.dtype, 1, len, bytes).row_into(0, &mut out);
@@ -98,10 +103,20 @@ impl Llama {
         } else {
             embed.clone()
         };
-        let freq_factors =
-            if file.has_tensor("rope_freqs.weight") { Some(vector("rope_freqs.weight", c.rope_dim / 2)?) } else { None };
+        let freq_factors = if file.has_tensor("rope_freqs.weight") {
+            Some(vector("rope_freqs.weight", c.rope_dim / 2)?)
+        } else {
+            None
+        };
         let rope = Rope::new(c.rope_theta, c.rope_dim, freq_factors.as_deref());
-        Ok(Self { output_norm: vector("output_norm.weight", c.hidden)?, config, embed, layers, output, rope })
+        Ok(Self {
+            output_norm: vector("output_norm.weight", c.hidden)?,
+            config,
+            embed,
+            layers,
+            output,
+            rope,
+        })
     }
 
     /// A model of any llama shape with random weights stored as `dtype` (a float type),
@@ -112,7 +127,9 @@ impl Llama {
         let c = &config;
         let mut matrix = |rows: usize, cols: usize| {
             let bound = (3.0 / cols as f32).sqrt();
-            let values: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-bound..bound)).collect();
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
             let bytes = encode_float(dtype, &values).expect("random models use float weight types");
             Matrix::new(dtype, rows, cols, SharedBytes::from_vec(bytes))
         };
@@ -133,9 +150,18 @@ impl Llama {
         let embed = matrix(c.vocab, c.hidden);
         let output = matrix(c.vocab, c.hidden);
         let mut norm_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-        let output_norm = (0..c.hidden).map(|_| norm_rng.random_range(0.5..1.5)).collect();
+        let output_norm = (0..c.hidden)
+            .map(|_| norm_rng.random_range(0.5..1.5))
+            .collect();
         let rope = Rope::new(c.rope_theta, c.rope_dim, None);
-        Self { config, embed, layers, output_norm, output, rope }
+        Self {
+            config,
+            embed,
+            layers,
+            output_norm,
+            output,
+            rope,
+        }
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -143,19 +169,34 @@ impl Llama {
     }
 
     pub fn head_shape(&self) -> HeadShape {
-        HeadShape { n_heads: self.config.n_heads, n_kv_heads: self.config.n_kv_heads, head_dim: self.config.head_dim }
+        HeadShape {
+            n_heads: self.config.n_heads,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+        }
     }
 
     /// Runs `tokens` (at `positions`) through every block and the final norm; returns the
     /// normalised hidden states `[m][hidden]`. `attention` decides what the tokens see.
-    pub fn forward(&self, tokens: &[u32], positions: &[usize], attention: &mut dyn LayerAttention) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        attention: &mut dyn LayerAttention,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let m = tokens.len();
         if positions.len() != m {
-            return Err(Error::InvalidInput(format!("{m} tokens but {} positions", positions.len())));
+            return Err(Error::InvalidInput(format!(
+                "{m} tokens but {} positions",
+                positions.len()
+            )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary ({})", c.vocab)));
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                c.vocab
+            )));
         }
         let (h, qw, kvw) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let mut x = vec![0f32; m * h];
@@ -174,7 +215,8 @@ impl Llama {
             layer.wk.matmul_t(&xn, m, &mut k);
             layer.wv.matmul_t(&xn, m, &mut v);
             self.rope.apply(&mut q, c.n_heads, c.head_dim, &cos, &sin);
-            self.rope.apply(&mut k, c.n_kv_heads, c.head_dim, &cos, &sin);
+            self.rope
+                .apply(&mut k, c.n_kv_heads, c.head_dim, &cos, &sin);
             attention.attend(li, &q, &k, &v, m, &mut attn);
             layer.wo.matmul_t(&attn, m, &mut proj);
             add_in_place(&mut x, &proj);

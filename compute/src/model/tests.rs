@@ -28,7 +28,9 @@ fn reference_logits(model: &Llama, tokens: &[u32]) -> Vec<f64> {
     let (n, h, d) = (tokens.len(), c.hidden, c.head_dim);
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     let matvec = |wt: &[f32], rows: usize, cols: usize, x: &[f64]| -> Vec<f64> {
-        (0..rows).map(|r| (0..cols).map(|i| wt[r * cols + i] as f64 * x[i]).sum()).collect()
+        (0..rows)
+            .map(|r| (0..cols).map(|i| wt[r * cols + i] as f64 * x[i]).sum())
+            .collect()
     };
     let norm = |x: &[f64], wt: &[f32]| -> Vec<f64> {
         let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
@@ -38,14 +40,18 @@ fn reference_logits(model: &Llama, tokens: &[u32]) -> Vec<f64> {
     let rope = |x: &mut [f64], pos: usize| {
         for head in x.chunks_exact_mut(d) {
             for i in 0..c.rope_dim / 2 {
-                let angle = pos as f64 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.rope_dim as f64);
+                let angle =
+                    pos as f64 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.rope_dim as f64);
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
                 head[2 * i] = a * angle.cos() - b * angle.sin();
                 head[2 * i + 1] = a * angle.sin() + b * angle.cos();
             }
         }
     };
-    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| f(&w.embed[t as usize * h..(t as usize + 1) * h])).collect();
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| f(&w.embed[t as usize * h..(t as usize + 1) * h]))
+        .collect();
     let (qw, kvw) = (c.n_heads * d, c.n_kv_heads * d);
     for l in &w.layers {
         let normed: Vec<Vec<f64>> = xs.iter().map(|x| norm(x, &l[0])).collect();
@@ -61,7 +67,12 @@ fn reference_logits(model: &Llama, tokens: &[u32]) -> Vec<f64> {
             for hd in 0..c.n_heads {
                 let kh = hd / (c.n_heads / c.n_kv_heads);
                 let scores: Vec<f64> = (0..=t)
-                    .map(|j| (0..d).map(|i| qs[t][hd * d + i] * ks[j][kh * d + i]).sum::<f64>() / (d as f64).sqrt())
+                    .map(|j| {
+                        (0..d)
+                            .map(|i| qs[t][hd * d + i] * ks[j][kh * d + i])
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
                     .collect();
                 let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
@@ -76,12 +87,18 @@ fn reference_logits(model: &Llama, tokens: &[u32]) -> Vec<f64> {
             let x2 = norm(&xs[t], &l[5]);
             let g = matvec(&l[6], c.ffn, h, &x2);
             let u = matvec(&l[7], c.ffn, h, &x2);
-            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let act: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let down = matvec(&l[8], h, c.ffn, &act);
             xs[t].iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
     }
-    xs.iter().flat_map(|x| matvec(&w.output, c.vocab, h, &norm(x, &w.output_norm))).collect()
+    xs.iter()
+        .flat_map(|x| matvec(&w.output, c.vocab, h, &norm(x, &w.output_norm)))
+        .collect()
 }
 
 fn tokens(n: usize) -> Vec<u32> {
@@ -100,7 +117,10 @@ fn forward_matches_float64_reference() {
     let max_abs = want.iter().fold(0f64, |a, b| a.max(b.abs()));
     assert!(max_abs > 0.1, "degenerate logits");
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + max_abs), "logit {i}: {a} vs {b}");
+        assert!(
+            (*a as f64 - b).abs() < 1e-4 * (1.0 + max_abs),
+            "logit {i}: {a} vs {b}"
+        );
     }
 }
 
@@ -115,7 +135,9 @@ fn incremental_decoding_equals_one_pass() {
     let mut cache = KvCache::new(3, model.head_shape(), 4);
     let mut pieces = Vec::new();
     for (a, b) in [(0, 20), (20, 33), (33, 34), (34, 35), (35, 37)] {
-        let hidden = model.forward(&toks[a..b], &positions[a..b], &mut cache).unwrap();
+        let hidden = model
+            .forward(&toks[a..b], &positions[a..b], &mut cache)
+            .unwrap();
         pieces.extend(model.logits(&hidden));
     }
     assert_eq!(cache.len(), 37);

