@@ -84,3 +84,51 @@ fn bad_arguments_fail_with_a_message_and_exit_code() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.gguf"));
 }
+
+/// `--document/--question`: with one block (b >= L) Star Attention is full attention, so
+/// greedy answers agree token for token; with several blocks the needle is still found.
+#[test]
+fn document_question_star_and_full_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("doc.txt");
+    std::fs::write(
+        &doc,
+        "The village of Lowmere sits on the edge of a wide salt marsh. Its fishermen go out before dawn.\n\
+         The special magic number for Lowmere is 4821937. Remember it.\n\
+         In winter the marsh freezes and children skate between the reeds.\n",
+    )
+    .unwrap();
+    let doc = doc.to_str().unwrap();
+    let question = "What is the special magic number for Lowmere?";
+    let run = |attention: &str, block: &str| {
+        last_json_line(&starkv(&[
+            "generate",
+            "--document",
+            doc,
+            "--question",
+            question,
+            "--attention",
+            attention,
+            "--block-size",
+            block,
+            "--max-tokens",
+            "24",
+            "--json",
+        ]))
+    };
+    let full = run("full", "4096");
+    let star_one_block = run("star", "4096");
+    assert_eq!(full["prompt_ids"], star_one_block["prompt_ids"]);
+    assert_eq!(full["ids"], star_one_block["ids"]);
+    assert!(
+        full["text"].as_str().unwrap().contains("4821937"),
+        "{}",
+        full["text"]
+    );
+    let star_blocks = run("star", "16");
+    assert!(
+        star_blocks["text"].as_str().unwrap().contains("4821937"),
+        "{}",
+        star_blocks["text"]
+    );
+}

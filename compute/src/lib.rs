@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod model;
 pub mod quant;
 pub mod sampling;
+pub mod star;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -4,13 +4,18 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
+use starkv_compute::LoadedModel;
 use starkv_compute::generate::{GenerateParams, generate as run_generation};
 use starkv_compute::model::KvCache;
 use starkv_compute::sampling::{SamplingParams, argmax, log_prob};
+use starkv_compute::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
 
 use super::GlobalArgs;
 
@@ -25,16 +30,39 @@ pub struct TokenizeArgs {
     text: String,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttentionMode {
+    /// Plain causal attention over the whole prompt.
+    Full,
+    /// Star Attention: the context in blocks with an anchor, then the query over all blocks.
+    Star,
+}
+
 #[derive(Args)]
 pub struct GenerateArgs {
     /// The exact prompt text (special markers parsed).
-    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    #[arg(long, conflicts_with_all = ["chat", "document"], required_unless_present_any = ["chat", "document"])]
     raw: Option<String>,
     /// A user message, wrapped in the model's chat template.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "document")]
     chat: Option<String>,
+    /// A document file: the chat head and the document form the context...
+    #[arg(long, requires = "question")]
+    document: Option<std::path::PathBuf>,
+    /// ...and the question, the end of the user turn and the assistant header the query.
+    #[arg(long, requires = "document")]
+    question: Option<String>,
+    /// How the context is attended (default: star with --document, full otherwise).
+    #[arg(long, value_enum)]
+    attention: Option<AttentionMode>,
+    /// Star Attention block size in tokens.
+    #[arg(long, default_value_t = 2048)]
+    block_size: usize,
+    /// Star Attention anchor size in tokens (default: the block size).
+    #[arg(long)]
+    anchor_size: Option<usize>,
     /// System message for --chat (default: the template's own).
-    #[arg(long, requires = "chat")]
+    #[arg(long)]
     system: Option<String>,
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -82,19 +110,15 @@ pub fn tokenize(global: &GlobalArgs, args: TokenizeArgs) -> Result<ExitCode> {
 
 pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
     let loaded = global.load_model()?;
-    let prompt_text = match (&args.raw, &args.chat) {
-        (Some(raw), _) => raw.clone(),
-        (None, Some(message)) => match loaded.tokenizer.chat_template() {
-            Some(template) => template.render(args.system.as_deref(), message),
-            None => {
-                bail!("this model has no ChatML chat template; use --raw with the exact prompt")
-            }
-        },
-        (None, None) => bail!("give --raw PROMPT or --chat MESSAGE"),
-    };
-    let prompt_ids = loaded.tokenizer.encode(&prompt_text, true)?;
-    if prompt_ids.is_empty() {
-        bail!("the prompt is empty");
+    let tokenizer = &loaded.tokenizer;
+    let (context_ids, query_ids) = prompt_tokens(&loaded, &args)?;
+    let attention = args.attention.unwrap_or(if args.document.is_some() {
+        AttentionMode::Star
+    } else {
+        AttentionMode::Full
+    });
+    if attention == AttentionMode::Star && args.document.is_none() {
+        bail!("--attention star needs the --document FILE --question TEXT form");
     }
     let params = GenerateParams {
         max_tokens: args.max_tokens,
@@ -106,40 +130,78 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
         },
         stop: args.stop.clone(),
     };
+    params.sampling.validate()?;
     let model = &loaded.model;
-    let mut cache = KvCache::new(
-        model.config().n_layers,
-        model.head_shape(),
-        prompt_ids.len() + args.max_tokens,
-    );
+    let (n_layers, shape) = (model.config().n_layers, model.head_shape());
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
-    let generation = run_generation(
-        model,
-        &loaded.tokenizer,
-        &prompt_ids,
-        0,
-        &mut cache,
-        &params,
-        &mut |piece| {
-            if args.json {
-                return true;
+    let mut on_text = |piece: &str| {
+        if args.json {
+            return true;
+        }
+        match stdout
+            .write_all(piece.as_bytes())
+            .and_then(|_| stdout.flush())
+        {
+            Ok(()) => true,
+            Err(e) => {
+                write_error = Some(e);
+                false
             }
-            let res = stdout
-                .write_all(piece.as_bytes())
-                .and_then(|_| stdout.flush());
-            match res {
-                Ok(()) => true,
-                Err(e) => {
-                    write_error = Some(e);
-                    false
-                }
-            }
-        },
-    )?;
+        }
+    };
+    let started = Instant::now();
+    let generation = match attention {
+        AttentionMode::Full => {
+            let prompt: Vec<u32> = context_ids.iter().chain(&query_ids).copied().collect();
+            let mut cache = KvCache::new(n_layers, shape, prompt.len() + args.max_tokens);
+            run_generation(
+                model,
+                tokenizer,
+                &prompt,
+                0,
+                &mut cache,
+                &params,
+                &mut on_text,
+            )?
+        }
+        AttentionMode::Star => {
+            let config = StarConfig {
+                block_size: args.block_size,
+                anchor_size: args.anchor_size.unwrap_or(args.block_size),
+            };
+            let phase1 = Phase1::new(model, &context_ids, config)?;
+            let blocks: Vec<Arc<BlockKv>> =
+                phase1.encode_all()?.into_iter().map(Arc::new).collect();
+            eprintln!(
+                "starkv: phase 1 encoded {} context tokens in {} blocks in {:.2}s",
+                context_ids.len(),
+                blocks.len(),
+                started.elapsed().as_secs_f64()
+            );
+            let shard = CpuShard::new(blocks, shape);
+            let mut query = QueryAttention::new(
+                vec![&shard],
+                n_layers,
+                shape,
+                query_ids.len() + args.max_tokens,
+            );
+            run_generation(
+                model,
+                tokenizer,
+                &query_ids,
+                context_ids.len(),
+                &mut query,
+                &params,
+                &mut on_text,
+            )?
+        }
+    };
     if let Some(e) = write_error {
         return Err(e.into());
     }
+    let prompt_ids: Vec<u32> = context_ids.iter().chain(&query_ids).copied().collect();
+    let mut stdout = std::io::stdout().lock();
     if args.json {
         writeln!(
             stdout,
@@ -150,16 +212,52 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
         writeln!(stdout)?;
         let n = generation.ids.len();
         eprintln!(
-            "starkv: {} prompt tokens in {:.2}s ({:.1} tok/s), {n} generated in {:.2}s ({:.1} tok/s), stop: {:?}",
+            "starkv: {} prompt tokens, first token after {:.2}s, {n} generated in {:.2}s ({:.1} tok/s), stop: {:?}",
             prompt_ids.len(),
             generation.prefill.as_secs_f64(),
-            prompt_ids.len() as f64 / generation.prefill.as_secs_f64(),
             generation.decode.as_secs_f64(),
             n.saturating_sub(1) as f64 / generation.decode.as_secs_f64().max(1e-9),
             generation.stop_reason,
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `(context, query)` token ids. With --raw or --chat the whole prompt is the query (the
+/// context is empty); with --document the chat head and the document are the context and
+/// the question, the end of the user turn and the assistant header are the query.
+fn prompt_tokens(loaded: &LoadedModel, args: &GenerateArgs) -> Result<(Vec<u32>, Vec<u32>)> {
+    let tokenizer = &loaded.tokenizer;
+    let template = || {
+        tokenizer.chat_template().ok_or_else(|| {
+            anyhow::anyhow!(
+                "this model has no ChatML chat template; use --raw with the exact prompt"
+            )
+        })
+    };
+    let (context, query) = match (&args.raw, &args.chat, &args.document, &args.question) {
+        (Some(raw), ..) => (Vec::new(), tokenizer.encode(raw, true)?),
+        (None, Some(message), ..) => (
+            Vec::new(),
+            tokenizer.encode(&template()?.render(args.system.as_deref(), message), true)?,
+        ),
+        (None, None, Some(path), Some(question)) => {
+            let document = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let (head, tail) = template()?.user_turn(args.system.as_deref());
+            // Documents and questions are user text: markers inside them stay text.
+            let mut context = tokenizer.encode(&head, true)?;
+            context.extend(tokenizer.encode(&document, false)?);
+            let mut query = tokenizer.encode(&format!("\n\n{question}"), false)?;
+            query.extend(tokenizer.encode(&tail, true)?);
+            (context, query)
+        }
+        _ => bail!("give --raw PROMPT, --chat MESSAGE, or --document FILE --question TEXT"),
+    };
+    if context.len() + query.len() == 0 {
+        bail!("the prompt is empty");
+    }
+    Ok((context, query))
 }
 
 /// Rows of logits computed at once (each row is a vocabulary of f32).

@@ -1,0 +1,179 @@
+//! Phase 1: blockwise-local context encoding with an anchor block.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::block::BlockKv;
+use crate::cpu::attention::{Attended, HeadShape, KvView, Mask, attention, merge_into};
+use crate::error::{Error, Result};
+use crate::model::{LayerAttention, Llama};
+
+/// Block size `b` and anchor size `a` (`1 <= a <= b`; the paper and the default use `a = b`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StarConfig {
+    pub block_size: usize,
+    pub anchor_size: usize,
+}
+
+impl StarConfig {
+    /// `a = b`, the default.
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            block_size,
+            anchor_size: block_size,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.block_size == 0 {
+            return Err(Error::InvalidInput("block size must be at least 1".into()));
+        }
+        if self.anchor_size == 0 || self.anchor_size > self.block_size {
+            return Err(Error::InvalidInput(format!(
+                "anchor size must be in 1..={} (the block size), got {}",
+                self.block_size, self.anchor_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Phase-1 encoder for one context.
+pub struct Phase1<'m> {
+    model: &'m Llama,
+    tokens: &'m [u32],
+    config: StarConfig,
+}
+
+impl<'m> Phase1<'m> {
+    pub fn new(model: &'m Llama, tokens: &'m [u32], config: StarConfig) -> Result<Self> {
+        config.validate()?;
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("the context is empty".into()));
+        }
+        Ok(Self {
+            model,
+            tokens,
+            config,
+        })
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.tokens.len().div_ceil(self.config.block_size)
+    }
+
+    /// Token range (= global positions) of block `i` (0-based; the paper's block `i + 1`).
+    pub fn block_range(&self, i: usize) -> Range<usize> {
+        let b = self.config.block_size;
+        i * b..((i + 1) * b).min(self.tokens.len())
+    }
+
+    /// The anchor: the first `a` tokens of block 0 (fewer if the context is shorter).
+    pub fn anchor_tokens(&self) -> &[u32] {
+        &self.tokens[..self.config.anchor_size.min(self.tokens.len())]
+    }
+
+    /// Positions of the sequence that encodes block `i`: block 0 alone at `0..len`;
+    /// any other block as `[anchor | block]` at `0..a` followed by its global positions,
+    /// so from block 2 (the paper's c_3) on there is a gap after the anchor.
+    pub fn sequence_positions(&self, i: usize) -> Vec<usize> {
+        let own = self.block_range(i);
+        if i == 0 {
+            own.collect()
+        } else {
+            (0..self.anchor_tokens().len()).chain(own).collect()
+        }
+    }
+
+    /// The anchor's KV, computed alone (it only ever sees itself, so it equals the first
+    /// `a` rows of block 0). Use [`BlockKv::prefix`] of block 0 when that is at hand.
+    pub fn encode_anchor(&self) -> Result<BlockKv> {
+        let anchor = self.anchor_tokens();
+        self.encode_tokens(anchor, &(0..anchor.len()).collect::<Vec<_>>(), None)
+    }
+
+    /// Encodes block `i` on its own. `anchor` (from [`Phase1::encode_anchor`] or the prefix
+    /// of block 0) is the read-only prefix every block but block 0 attends to; its rows are
+    /// not part of the result.
+    pub fn encode_block(&self, i: usize, anchor: &BlockKv) -> Result<BlockKv> {
+        if i >= self.n_blocks() {
+            return Err(Error::InvalidInput(format!(
+                "block {i} of {}",
+                self.n_blocks()
+            )));
+        }
+        let range = self.block_range(i);
+        let positions: Vec<usize> = range.clone().collect();
+        if i == 0 {
+            return self.encode_tokens(&self.tokens[range], &positions, None);
+        }
+        if anchor.start != 0 || anchor.len != self.anchor_tokens().len() {
+            return Err(Error::InvalidInput(format!(
+                "anchor KV covers {} tokens at {}, expected {} at 0",
+                anchor.len,
+                anchor.start,
+                self.anchor_tokens().len()
+            )));
+        }
+        self.encode_tokens(&self.tokens[range], &positions, Some(anchor))
+    }
+
+    /// Encodes every block: block 0 first (its prefix is the anchor), then all others in
+    /// parallel.
+    pub fn encode_all(&self) -> Result<Vec<BlockKv>> {
+        let first = self.encode_block(0, &BlockKv::new(0, 0, self.model.head_shape(), 0))?;
+        let anchor = first.prefix(self.anchor_tokens().len());
+        let rest: Vec<BlockKv> = (1..self.n_blocks())
+            .into_par_iter()
+            .map(|i| self.encode_block(i, &anchor))
+            .collect::<Result<_>>()?;
+        Ok(std::iter::once(first).chain(rest).collect())
+    }
+
+    fn encode_tokens(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        anchor: Option<&BlockKv>,
+    ) -> Result<BlockKv> {
+        let shape = self.model.head_shape();
+        let n_layers = self.model.config().n_layers;
+        let mut block = BlockKv::new(positions[0], tokens.len(), shape, n_layers);
+        let mut attention = AnchoredBlock {
+            anchor,
+            block: &mut block,
+            shape,
+        };
+        self.model.forward(tokens, positions, &mut attention)?;
+        Ok(block)
+    }
+}
+
+/// Attention of one block's tokens: causal among themselves and, for every block but the
+/// first, unmasked over the anchor's KV, merged by log-sum-exp. Keeps the block's own KV.
+struct AnchoredBlock<'a> {
+    anchor: Option<&'a BlockKv>,
+    block: &'a mut BlockKv,
+    shape: HeadShape,
+}
+
+impl LayerAttention for AnchoredBlock<'_> {
+    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]) {
+        let scale = 1.0 / (self.shape.head_dim as f32).sqrt();
+        let own = KvView {
+            k,
+            v,
+            len: m,
+            row_stride: self.shape.kv_width(),
+            head_stride: self.shape.head_dim,
+        };
+        let mut res = attention(q, m, own, self.shape, Mask::Causal { offset: 0 }, scale);
+        if let Some(anchor) = self.anchor {
+            let part: Attended = attention(q, m, anchor.view(layer), self.shape, Mask::None, scale);
+            merge_into(&mut res, &part, m, self.shape);
+        }
+        out.copy_from_slice(&res.out);
+        self.block.set_layer_from_rows(layer, k, v);
+    }
+}

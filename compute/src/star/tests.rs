@@ -1,0 +1,397 @@
+//! Star Attention on a small random-weight model: exactness where the algorithm is exact,
+//! independence of blocks, shard handling and positions.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::cpu::attention::{Attended, HeadShape, Mask, attention, attention_into, merge_into};
+use crate::model::{KvCache, LayerAttention, LayerKv, Llama, LlamaConfig};
+use crate::quant::GgmlType;
+
+fn tiny_model() -> Llama {
+    let config = LlamaConfig {
+        n_layers: 3,
+        hidden: 64,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+        ffn: 96,
+        vocab: 300,
+        rope_theta: 10_000.0,
+        rope_dim: 16,
+        rms_eps: 1e-5,
+        context_length: 1024,
+    };
+    Llama::random(config, GgmlType::F32, 77)
+}
+
+fn tokens(n: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 31 + 5) % 300) as u32)
+        .collect()
+}
+
+/// Logits of `query` (and each following token) with full causal attention over
+/// `context ++ query`.
+fn full_attention_logits(model: &Llama, context: &[u32], query: &[u32]) -> Vec<f32> {
+    let all: Vec<u32> = context.iter().chain(query).copied().collect();
+    let mut cache = KvCache::new(model.config().n_layers, model.head_shape(), all.len());
+    let hidden = model
+        .forward(&all, &(0..all.len()).collect::<Vec<_>>(), &mut cache)
+        .unwrap();
+    let h = model.config().hidden;
+    model.logits(&hidden[context.len() * h..])
+}
+
+/// Logits of `query` at positions `context_len..` through `attention`.
+fn query_logits(
+    model: &Llama,
+    context_len: usize,
+    query: &[u32],
+    attention: &mut dyn LayerAttention,
+) -> Vec<f32> {
+    let positions: Vec<usize> = (context_len..context_len + query.len()).collect();
+    model.logits(&model.forward(query, &positions, attention).unwrap())
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The context's KV from a full-attention prefill, cut into blocks at `cuts`.
+fn full_attention_blocks(model: &Llama, context: &[u32], cuts: &[usize]) -> Vec<Arc<BlockKv>> {
+    let c = model.config();
+    let mut cache = KvCache::new(c.n_layers, model.head_shape(), context.len());
+    model
+        .forward(context, &(0..context.len()).collect::<Vec<_>>(), &mut cache)
+        .unwrap();
+    let shape = model.head_shape();
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(context.len());
+    bounds
+        .windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            let mut block = BlockKv::new(a, b - a, shape, c.n_layers);
+            for l in 0..c.n_layers {
+                let layer = cache.layer(l);
+                let d = shape.head_dim;
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                for t in a..b {
+                    for h in 0..shape.n_kv_heads {
+                        k.extend_from_slice(&layer.head_k(h)[t * d..(t + 1) * d]);
+                        v.extend_from_slice(&layer.head_v(h)[t * d..(t + 1) * d]);
+                    }
+                }
+                block.set_layer_from_rows(l, &k, &v);
+            }
+            Arc::new(block)
+        })
+        .collect()
+}
+
+#[test]
+fn star_with_a_single_block_is_full_attention() {
+    let model = tiny_model();
+    let (context, query) = (tokens(150, 1), tokens(9, 2));
+    let want = full_attention_logits(&model, &context, &query);
+    for block_size in [150, 151, 4096] {
+        let phase1 = Phase1::new(&model, &context, StarConfig::new(block_size)).unwrap();
+        let blocks: Vec<Arc<BlockKv>> = phase1
+            .encode_all()
+            .unwrap()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        assert_eq!(blocks.len(), 1);
+        let shard = CpuShard::new(blocks, model.head_shape());
+        let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16);
+        let got = query_logits(&model, context.len(), &query, &mut attn);
+        let diff = max_diff(&got, &want);
+        assert!(diff < 1e-4, "b = {block_size}: max |logit diff| {diff}");
+    }
+}
+
+/// Phase 2 alone is exact: over the KV of a full-attention prefill, cut into any blocks and
+/// grouped into any shards, it reproduces full attention, for the query and for tokens
+/// generated after it.
+#[test]
+fn phase2_over_exact_kv_equals_full_attention_for_any_sharding() {
+    let model = tiny_model();
+    let (context, query) = (tokens(200, 3), tokens(12, 4));
+    let want = full_attention_logits(&model, &context, &query);
+    let blocks = full_attention_blocks(&model, &context, &[1, 50, 64, 130, 199]);
+    let shape = model.head_shape();
+    let groupings: Vec<Vec<Vec<usize>>> = vec![
+        vec![vec![0, 1, 2, 3, 4, 5]],
+        vec![vec![0], vec![1, 2], vec![3, 4, 5]],
+        vec![vec![5, 0], vec![3], vec![2, 4, 1]],
+    ];
+    for grouping in groupings {
+        let shards: Vec<CpuShard> = grouping
+            .iter()
+            .map(|g| CpuShard::new(g.iter().map(|&i| blocks[i].clone()).collect(), shape))
+            .collect();
+        let refs: Vec<&dyn AttentionShard> =
+            shards.iter().map(|s| s as &dyn AttentionShard).collect();
+        let mut attn = QueryAttention::new(refs, 3, shape, 4);
+        assert_eq!(attn.context_len(), context.len());
+        // The query in two pieces (prefill, then token by token) like generation does.
+        let mut got = query_logits(&model, context.len(), &query[..8], &mut attn);
+        for (i, &t) in query[8..].iter().enumerate() {
+            got.extend(query_logits(&model, context.len() + 8 + i, &[t], &mut attn));
+        }
+        assert_eq!(
+            attn.local_len(),
+            query.len(),
+            "query KV is held once, locally"
+        );
+        let diff = max_diff(&got, &want);
+        assert!(diff < 1e-4, "{grouping:?}: max |logit diff| {diff}");
+    }
+}
+
+#[test]
+fn shard_order_does_not_change_the_result() {
+    let model = tiny_model();
+    let (context, query) = (tokens(180, 5), tokens(7, 6));
+    let phase1 = Phase1::new(
+        &model,
+        &context,
+        StarConfig {
+            block_size: 40,
+            anchor_size: 16,
+        },
+    )
+    .unwrap();
+    let blocks: Vec<Arc<BlockKv>> = phase1
+        .encode_all()
+        .unwrap()
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    assert_eq!(blocks.len(), 5);
+    let shape = model.head_shape();
+    let run = |order: &[usize]| {
+        let shards: Vec<CpuShard> = order
+            .iter()
+            .map(|&i| CpuShard::new(vec![blocks[i].clone()], shape))
+            .collect();
+        let refs: Vec<&dyn AttentionShard> =
+            shards.iter().map(|s| s as &dyn AttentionShard).collect();
+        let mut attn = QueryAttention::new(refs, 3, shape, 8);
+        query_logits(&model, context.len(), &query, &mut attn)
+    };
+    let a = run(&[0, 1, 2, 3, 4]);
+    for order in [[4, 3, 2, 1, 0], [2, 0, 4, 1, 3]] {
+        let diff = max_diff(&a, &run(&order));
+        assert!(diff < 1e-5, "{order:?}: {diff}");
+    }
+}
+
+/// The reference implementation once appended the query's KV on every shard. This is that
+/// bug, written as a `LayerAttention`: each of two shards holds the context blocks it owns
+/// plus its own copy of the query KV.
+struct DuplicatingQueryKv {
+    shards: Vec<(Vec<Arc<BlockKv>>, Vec<LayerKv>)>,
+    shape: HeadShape,
+}
+
+impl LayerAttention for DuplicatingQueryKv {
+    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]) {
+        let scale = 1.0 / (self.shape.head_dim as f32).sqrt();
+        let mut acc = Attended::empty(m, self.shape);
+        for (blocks, local) in &mut self.shards {
+            for b in blocks.iter() {
+                merge_into(
+                    &mut acc,
+                    &attention(q, m, b.view(layer), self.shape, Mask::None, scale),
+                    m,
+                    self.shape,
+                );
+            }
+            let offset = local[layer].len();
+            local[layer].append(k, v);
+            let mut part = Attended::empty(m, self.shape);
+            attention_into(
+                q,
+                m,
+                local[layer].view(),
+                self.shape,
+                Mask::Causal { offset },
+                scale,
+                &mut part.out,
+                &mut part.lse,
+            );
+            merge_into(&mut acc, &part, m, self.shape);
+        }
+        out.copy_from_slice(&acc.out);
+    }
+}
+
+/// The exactness check above catches duplicated query KV: with two shards each holding a
+/// copy of the query KV the logits move far beyond the tolerance, while QueryAttention
+/// (which never hands K/V to a shard) stays within it.
+#[test]
+fn duplicated_query_kv_across_shards_is_caught() {
+    let model = tiny_model();
+    let (context, query) = (tokens(120, 7), tokens(10, 8));
+    let want = full_attention_logits(&model, &context, &query);
+    let blocks = full_attention_blocks(&model, &context, &[60]);
+    let shape = model.head_shape();
+    let fresh = || (0..3).map(|_| LayerKv::new(shape, 16)).collect::<Vec<_>>();
+    let mut buggy = DuplicatingQueryKv {
+        shards: vec![
+            (vec![blocks[0].clone()], fresh()),
+            (vec![blocks[1].clone()], fresh()),
+        ],
+        shape,
+    };
+    let buggy_diff = max_diff(
+        &query_logits(&model, context.len(), &query, &mut buggy),
+        &want,
+    );
+    assert!(
+        buggy_diff > 1e-2,
+        "duplicated query KV went unnoticed (diff {buggy_diff})"
+    );
+    let shards = [
+        CpuShard::new(vec![blocks[0].clone()], shape),
+        CpuShard::new(vec![blocks[1].clone()], shape),
+    ];
+    let mut good = QueryAttention::new(vec![&shards[0], &shards[1]], 3, shape, 16);
+    let good_diff = max_diff(
+        &query_logits(&model, context.len(), &query, &mut good),
+        &want,
+    );
+    assert!(good_diff < 1e-4, "{good_diff}");
+}
+
+#[test]
+fn a_block_encoded_alone_equals_the_block_in_a_whole_run() {
+    let model = tiny_model();
+    let context = tokens(230, 9);
+    let phase1 = Phase1::new(
+        &model,
+        &context,
+        StarConfig {
+            block_size: 64,
+            anchor_size: 32,
+        },
+    )
+    .unwrap();
+    let all = phase1.encode_all().unwrap();
+    assert_eq!(all.len(), 4);
+    assert_eq!(
+        all[3].len,
+        230 - 192,
+        "the last block is shorter, not padded"
+    );
+    let anchor = phase1.encode_anchor().unwrap();
+    for i in [3, 0, 2, 1] {
+        let alone = phase1.encode_block(i, &anchor).unwrap();
+        assert_eq!((alone.start, alone.len), (all[i].start, all[i].len));
+        for (l, ((ka, va), (kb, vb))) in alone.layers.iter().zip(&all[i].layers).enumerate() {
+            assert!(
+                max_diff(ka, kb) < 1e-5 && max_diff(va, vb) < 1e-5,
+                "block {i} layer {l}"
+            );
+        }
+    }
+}
+
+/// Positions follow DESIGN.md: block 0 at 0..b; block i as [anchor | block] at 0..a then
+/// its global positions, so block 2 (the paper's c_3) has a gap; the stored rows equal a
+/// plain causal pass over exactly that sequence, anchor rows dropped.
+#[test]
+fn block_positions_follow_the_design_including_the_gap() {
+    let model = tiny_model();
+    let context = tokens(40, 10);
+    let (b, a) = (12, 5);
+    let phase1 = Phase1::new(
+        &model,
+        &context,
+        StarConfig {
+            block_size: b,
+            anchor_size: a,
+        },
+    )
+    .unwrap();
+    assert_eq!(phase1.sequence_positions(0), (0..12).collect::<Vec<_>>());
+    assert_eq!(
+        phase1.sequence_positions(1),
+        [
+            0, 1, 2, 3, 4, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23
+        ]
+    );
+    let third = phase1.sequence_positions(2);
+    assert_eq!(
+        &third[..6],
+        &[0, 1, 2, 3, 4, 24],
+        "a gap after the anchor from block 2 on"
+    );
+    assert_eq!(
+        phase1.sequence_positions(3),
+        [0, 1, 2, 3, 4, 36, 37, 38, 39]
+    );
+    let blocks = phase1.encode_all().unwrap();
+    for (i, block) in blocks.iter().enumerate().skip(1) {
+        let range = phase1.block_range(i);
+        let seq: Vec<u32> = context[..a]
+            .iter()
+            .chain(&context[range.clone()])
+            .copied()
+            .collect();
+        let mut cache = KvCache::new(3, model.head_shape(), seq.len());
+        model
+            .forward(&seq, &phase1.sequence_positions(i), &mut cache)
+            .unwrap();
+        assert_eq!(block.start, range.start);
+        for l in 0..3 {
+            for h in 0..model.head_shape().n_kv_heads {
+                let d = model.head_shape().head_dim;
+                let want_k = &cache.layer(l).head_k(h)[a * d..];
+                let got_k =
+                    &blocks[i].layers[l].0[h * blocks[i].len * d..(h + 1) * blocks[i].len * d];
+                assert!(
+                    max_diff(got_k, want_k) < 1e-5,
+                    "block {i} layer {l} head {h}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_configurations_are_errors() {
+    let model = tiny_model();
+    let context = tokens(10, 0);
+    assert!(
+        Phase1::new(
+            &model,
+            &context,
+            StarConfig {
+                block_size: 0,
+                anchor_size: 0
+            }
+        )
+        .is_err()
+    );
+    assert!(
+        Phase1::new(
+            &model,
+            &context,
+            StarConfig {
+                block_size: 4,
+                anchor_size: 5
+            }
+        )
+        .is_err()
+    );
+    assert!(Phase1::new(&model, &[], StarConfig::new(4)).is_err());
+}
