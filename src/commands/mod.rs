@@ -1,6 +1,7 @@
 //! Command-line definition and dispatch.
 
 mod model_commands;
+mod selftest;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ enum Command {
     Generate(model_commands::GenerateArgs),
     /// Teacher-forced log-probabilities of every token of TEXT.
     Score(model_commands::ScoreArgs),
+    /// Check a compute backend against the CPU reference (e.g. `--device cuda`).
+    Selftest(selftest::SelftestArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -58,16 +61,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Tokenize(args) => model_commands::tokenize(&cli.global, args),
         Command::Generate(args) => model_commands::generate(&cli.global, args),
         Command::Score(args) => model_commands::score(&cli.global, args),
+        Command::Selftest(args) => selftest::run(&cli.global, args),
     }
 }
 
 impl GlobalArgs {
-    fn data_dir(&self) -> PathBuf {
+    pub(crate) fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
     }
 
     /// Loads `--model`, or the default model (fetching it first when absent).
-    fn load_model(&self) -> Result<LoadedModel> {
+    pub(crate) fn load_model(&self) -> Result<LoadedModel> {
         let path = match &self.model {
             Some(path) => path.clone(),
             None => ensure_default_model(&self.data_dir(), &mut |msg| eprintln!("starkv: {msg}"))?,

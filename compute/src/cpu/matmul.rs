@@ -71,6 +71,13 @@ impl Matrix {
         );
     }
 
+    /// The whole matrix as f32, row-major (for uploading to other backends).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        dequantize(self.dtype, self.bytes.as_slice(), &mut out);
+        out
+    }
+
     /// `y[m x rows] = x[m x cols] * W^T`, overwriting `y`.
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
         let (k, n) = (self.cols, self.rows);

@@ -130,6 +130,11 @@ impl Rope {
         Self { inv_freq }
     }
 
+    /// `1 / (theta^(2i/rope_dim) * freq_factor[i])` for each rotated pair `i`.
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
     /// cos/sin tables for `positions`, laid out `[token][pair]`; computed in f64 once per
     /// forward call and shared by every layer and head.
     pub fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {

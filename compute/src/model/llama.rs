@@ -27,6 +27,19 @@ pub trait LayerAttention {
     fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]);
 }
 
+/// One block's weights, borrowed (see [`Llama::layer_weights`]).
+pub struct LayerWeights<'a> {
+    pub attn_norm: &'a [f32],
+    pub wq: &'a Matrix,
+    pub wk: &'a Matrix,
+    pub wv: &'a Matrix,
+    pub wo: &'a Matrix,
+    pub ffn_norm: &'a [f32],
+    pub w_gate: &'a Matrix,
+    pub w_up: &'a Matrix,
+    pub w_down: &'a Matrix,
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
     wq: Matrix,
@@ -166,6 +179,40 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Borrowed weights of block `i`, for other backends to upload.
+    pub fn layer_weights(&self, i: usize) -> LayerWeights<'_> {
+        let l = &self.layers[i];
+        LayerWeights {
+            attn_norm: &l.attn_norm,
+            wq: &l.wq,
+            wk: &l.wk,
+            wv: &l.wv,
+            wo: &l.wo,
+            ffn_norm: &l.ffn_norm,
+            w_gate: &l.w_gate,
+            w_up: &l.w_up,
+            w_down: &l.w_down,
+        }
+    }
+
+    /// Token embedding `[vocab][hidden]`.
+    pub fn embedding(&self) -> &Matrix {
+        &self.embed
+    }
+
+    /// LM head `[vocab][hidden]` (the embedding itself when tied).
+    pub fn output(&self) -> &Matrix {
+        &self.output
+    }
+
+    pub fn output_norm(&self) -> &[f32] {
+        &self.output_norm
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     pub fn head_shape(&self) -> HeadShape {

@@ -6,7 +6,7 @@ pub mod llama;
 
 pub use config::LlamaConfig;
 pub use kv::{KvCache, LayerKv};
-pub use llama::{LayerAttention, Llama};
+pub use llama::{LayerAttention, LayerWeights, Llama};
 
 #[cfg(test)]
 mod tests;
