@@ -5,7 +5,7 @@
 //! key sets merge exactly into the result over their union (see [`merge_into`]), which is
 //! how context blocks, shards and a query's own tokens are combined.
 //!
-//! Work is split over (head, tile of `Q_TILE` query rows); each task walks the keys in
+//! Work is split over (KV head, tile of `Q_TILE` query rows); each task walks the keys in
 //! tiles of `K_TILE` with an online softmax (running max and sum), computing scores and
 //! the value update with `gemm`, so memory use is independent of the key count.
 
@@ -126,14 +126,18 @@ pub fn attention_into(
     let n_tiles = m.div_ceil(Q_TILE);
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let lse_ptr = SyncPtr(lse.as_mut_ptr());
-    (0..shape.n_heads * n_tiles)
+    (0..shape.n_kv_heads * n_tiles)
         .into_par_iter()
         .for_each(|task| {
-            let (h, tile) = (task / n_tiles, task % n_tiles);
+            let (kv_head, tile) = (task / n_tiles, task % n_tiles);
             let q0 = tile * Q_TILE;
             let rows = Q_TILE.min(m - q0);
-            // SAFETY: each task owns rows q0..q0 + rows of head h in `out` and `lse`.
-            unsafe { attend_tile(q, q0, rows, h, kv, shape, mask, scale, out_ptr, lse_ptr, m) };
+            // SAFETY: each task owns rows q0..q0 + rows of the query heads of `kv_head`.
+            unsafe {
+                attend_tile(
+                    q, q0, rows, kv_head, kv, shape, mask, scale, out_ptr, lse_ptr, m,
+                )
+            };
         });
 }
 
@@ -148,13 +152,15 @@ impl SyncPtr {
     }
 }
 
-/// One (head, query tile) of the online-softmax loop.
+/// One (KV head, query tile) of the online-softmax loop. The query heads that share the KV
+/// head (grouped-query attention) are packed into one `[group * rows][head_dim]` matrix,
+/// so each key and value tile is read once for the whole group.
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_tile(
     q: &[f32],
     q0: usize,
     rows: usize,
-    h: usize,
+    kv_head: usize,
     kv: KvView<'_>,
     shape: HeadShape,
     mask: Mask,
@@ -165,17 +171,26 @@ unsafe fn attend_tile(
 ) {
     let d = shape.head_dim;
     let qw = shape.q_width();
-    let kv_head = h / shape.group();
+    let group = shape.group();
+    let packed = group * rows;
+    // Row `g * rows + r` is query token q0 + r of head kv_head * group + g.
+    let mut q_pack = vec![0f32; packed * d];
+    for g in 0..group {
+        let h = kv_head * group + g;
+        for r in 0..rows {
+            let src = (q0 + r) * qw + h * d;
+            q_pack[(g * rows + r) * d..(g * rows + r + 1) * d].copy_from_slice(&q[src..src + d]);
+        }
+    }
     // Keys visible to the last row of the tile bound the loop.
     let n_keys = match mask {
         Mask::None => kv.len,
         Mask::Causal { offset } => kv.len.min(q0 + rows + offset),
     };
-    let mut acc = vec![0f32; rows * d];
-    let mut row_max = vec![f32::NEG_INFINITY; rows];
-    let mut row_sum = vec![0f32; rows];
-    let mut scores = vec![0f32; rows * K_TILE];
-    let q_base = q[q0 * qw + h * d..].as_ptr();
+    let mut acc = vec![0f32; packed * d];
+    let mut row_max = vec![f32::NEG_INFINITY; packed];
+    let mut row_sum = vec![0f32; packed];
+    let mut scores = vec![0f32; packed * K_TILE];
     let (k_head, v_head) = if n_keys > 0 {
         (
             &kv.k[kv_head * kv.head_stride..],
@@ -186,27 +201,27 @@ unsafe fn attend_tile(
     };
     for k0 in (0..n_keys).step_by(K_TILE) {
         let kc = K_TILE.min(n_keys - k0);
-        // SAFETY: shapes were checked by the caller; scores holds rows x kc.
+        // SAFETY: shapes were checked by the caller; scores holds packed x kc.
         unsafe {
             gemm_f32(
-                rows,
+                packed,
                 kc,
                 d,
                 scores.as_mut_ptr(),
                 kc,
-                q_base,
-                qw,
+                q_pack.as_ptr(),
+                d,
                 k_head[k0 * kv.row_stride..].as_ptr(),
                 Transpose::Yes(kv.row_stride),
             );
         }
-        for r in 0..rows {
-            let s = &mut scores[r * kc..(r + 1) * kc];
+        for p in 0..packed {
+            let r = p % rows;
+            let s = &mut scores[p * kc..(p + 1) * kc];
             let visible = match mask {
                 Mask::None => kc,
                 Mask::Causal { offset } => (q0 + r + offset + 1).saturating_sub(k0).min(kc),
             };
-            let s = &mut s[..kc];
             let mut tile_max = f32::NEG_INFINITY;
             for (j, v) in s.iter_mut().enumerate() {
                 *v = if j < visible {
@@ -216,26 +231,26 @@ unsafe fn attend_tile(
                 };
                 tile_max = tile_max.max(*v);
             }
-            let new_max = row_max[r].max(tile_max);
+            let new_max = row_max[p].max(tile_max);
             if new_max == f32::NEG_INFINITY {
                 // Nothing visible yet: keep the zero accumulator, zero this row's weights.
                 s.fill(0.0);
                 continue;
             }
-            let correction = super::ops::exp_approx(row_max[r] - new_max);
+            let correction = super::ops::exp_approx(row_max[p] - new_max);
             let tile_sum = exp_shifted_sum(s, new_max);
-            row_sum[r] = row_sum[r] * correction + tile_sum;
-            row_max[r] = new_max;
+            row_sum[p] = row_sum[p] * correction + tile_sum;
+            row_max[p] = new_max;
             if correction != 1.0 {
-                for a in &mut acc[r * d..(r + 1) * d] {
+                for a in &mut acc[p * d..(p + 1) * d] {
                     *a *= correction;
                 }
             }
         }
-        // SAFETY: as above; acc holds rows x d.
+        // SAFETY: as above; acc holds packed x d.
         unsafe {
             gemm_f32_acc(
-                rows,
+                packed,
                 d,
                 kc,
                 acc.as_mut_ptr(),
@@ -247,10 +262,11 @@ unsafe fn attend_tile(
             );
         }
     }
-    for r in 0..rows {
-        let i = q0 + r;
-        let (value, inv) = if row_sum[r] > 0.0 {
-            (row_max[r] + row_sum[r].ln(), 1.0 / row_sum[r])
+    for p in 0..packed {
+        let (g, r) = (p / rows, p % rows);
+        let (h, i) = (kv_head * group + g, q0 + r);
+        let (value, inv) = if row_sum[p] > 0.0 {
+            (row_max[p] + row_sum[p].ln(), 1.0 / row_sum[p])
         } else {
             (f32::NEG_INFINITY, 0.0)
         };
@@ -259,7 +275,7 @@ unsafe fn attend_tile(
             *lse.get().add(h * m + i) = value;
             let dst = out.get().add(i * qw + h * d);
             for c in 0..d {
-                *dst.add(c) = acc[r * d + c] * inv;
+                *dst.add(c) = acc[p * d + c] * inv;
             }
         }
     }

@@ -20,7 +20,7 @@ use crate::gguf::{GgufFile, SharedBytes};
 use crate::quant::{GgmlType, encode_float};
 
 /// Decides which keys a layer's new tokens attend to.
-pub trait LayerAttention {
+pub trait LayerAttention: Send {
     /// Attention of `m` new tokens at layer `layer`. `q` is `[m][n_heads * head_dim]`,
     /// `k` and `v` are `[m][n_kv_heads * head_dim]` (K already rotated to the tokens'
     /// positions); the result goes to `out`, `[m][n_heads * head_dim]`.
@@ -282,7 +282,7 @@ impl Llama {
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
         let rows = hidden.len() / self.config.hidden;
         let mut out = vec![0f32; rows * self.config.vocab];
-        self.output.matmul_t(hidden, rows, &mut out);
+        on_pool(|| self.output.matmul_t(hidden, rows, &mut out));
         out
     }
 
@@ -328,6 +328,16 @@ pub(crate) struct DenseWeights {
     pub output_norm: Vec<f32>,
     /// attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down.
     pub layers: Vec<[Vec<f32>; 9]>,
+}
+
+/// Runs `f` on a thread of the global rayon pool (directly when already on one).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut result = None;
+    rayon::scope(|_| result = Some(f()));
+    result.expect("the scope ran the closure")
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

@@ -1,0 +1,538 @@
+// starkv CUDA kernels, compiled at run time with NVRTC (no CUDA headers needed).
+//
+// Compile-time parameters (given as -D options by kernels.rs):
+//   DT_BF16     when defined the 16-bit type is bfloat16, otherwise IEEE half
+//   HEAD_DIM    head dimension of the attention kernel (a multiple of 16, <= 256)
+//
+// 16-bit values are carried as `unsigned short` and converted with PTX instructions, so
+// that neither cuda_fp16.h nor cuda_bf16.h is needed.
+
+typedef unsigned short h16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+#ifdef DT_BF16
+#define MMA_TYPE "bf16"
+#else
+#define MMA_TYPE "f16"
+#endif
+
+__device__ __forceinline__ float h2f(h16 h) {
+#ifdef DT_BF16
+    return __uint_as_float(((u32)h) << 16);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ h16 f2h(float f) {
+    h16 h;
+#ifdef DT_BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+
+// Two floats as a pair of 16-bit values: `lo` in the low half.
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+#ifdef DT_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a block of blockDim.x threads (a multiple of 32, at most 1024).
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    float t = lane < nw ? part[lane] : 0.f;
+    return warp_sum(t);
+}
+
+// ---------------------------------------------------------------------------------------
+// Element-wise kernels.
+
+// x[t][:] = table[tokens[t]][:] (16-bit table, f32 rows).
+extern "C" __global__ void embed_rows(float* x, const h16* table, const u32* tokens, int hidden) {
+    int t = blockIdx.x;
+    const h16* row = table + (u64)tokens[t] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[(u64)t * hidden + i] = h2f(row[i]);
+}
+
+// out[r][:] = x[r][:] / rms(x[r]) * w (f32 in, 16-bit or f32 out).
+extern "C" __global__ void rms_norm_h(h16* out, const float* x, const float* w, int n, float eps) {
+    int r = blockIdx.x;
+    const float* row = x + (u64)r * n;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += row[i] * row[i];
+    s = block_sum(s);
+    float scale = rsqrtf(s / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[(u64)r * n + i] = f2h(row[i] * scale * w[i]);
+}
+
+extern "C" __global__ void rms_norm_f(float* out, const float* x, const float* w, int n, float eps) {
+    int r = blockIdx.x;
+    const float* row = x + (u64)r * n;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += row[i] * row[i];
+    s = block_sum(s);
+    float scale = rsqrtf(s / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[(u64)r * n + i] = row[i] * scale * w[i];
+}
+
+// cos/sin tables [m][pairs], angles in double precision as on the CPU.
+extern "C" __global__ void rope_table(float* cos_t, float* sin_t, const int* pos, const double* inv_freq,
+                                      int m, int pairs) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= m * pairs) return;
+    int t = i / pairs, p = i % pairs;
+    double a = (double)pos[t] * inv_freq[p];
+    double s, c;
+    sincos(a, &s, &c);
+    cos_t[i] = (float)c;
+    sin_t[i] = (float)s;
+}
+
+// Splits fused projections qkv f32 [m][(nh + 2 nkv) d] into rotated Q (16-bit, [m][nh d]),
+// rotated K and plain V written to a destination layout: element (kv head h, token t, i)
+// at dst + h * head_stride + (t0 + t) * row_stride + i.
+extern "C" __global__ void rope_split(h16* q, h16* k_dst, h16* v_dst, const float* qkv,
+                                      const float* cos_t, const float* sin_t, int nh, int nkv, int d,
+                                      int pairs, long long head_stride, int row_stride, int t0) {
+    int t = blockIdx.x;
+    int width = (nh + 2 * nkv) * d;
+    const float* src = qkv + (u64)t * width;
+    const float* c = cos_t + (u64)t * pairs;
+    const float* s = sin_t + (u64)t * pairs;
+    int half_d = d / 2;
+    // Q and K: one thread per pair of dims.
+    for (int j = threadIdx.x; j < (nh + nkv) * half_d; j += blockDim.x) {
+        int head = j / half_d, p = j % half_d;
+        int base = head * d + 2 * p;
+        float a = src[base], b = src[base + 1];
+        float r0 = a, r1 = b;
+        if (p < pairs) {
+            r0 = a * c[p] - b * s[p];
+            r1 = a * s[p] + b * c[p];
+        }
+        u32 packed = pack2(r0, r1);
+        if (head < nh) {
+            *(u32*)(q + (u64)t * nh * d + base) = packed;
+        } else {
+            int h = head - nh;
+            *(u32*)(k_dst + h * head_stride + (long long)(t0 + t) * row_stride + 2 * p) = packed;
+        }
+    }
+    for (int j = threadIdx.x; j < nkv * half_d; j += blockDim.x) {
+        int h = j / half_d, p = j % half_d;
+        int base = (nh + nkv) * d + h * d + 2 * p;
+        *(u32*)(v_dst + h * head_stride + (long long)(t0 + t) * row_stride + 2 * p) =
+            pack2(src[base], src[base + 1]);
+    }
+}
+
+// out[t][i] = silu(gu[t][i]) * gu[t][ffn + i], 16-bit out.
+extern "C" __global__ void swiglu_h(h16* out, const float* gu, int m, int ffn) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)m * ffn) return;
+    u64 t = i / ffn, j = i % ffn;
+    float g = gu[t * 2 * ffn + j], u = gu[t * 2 * ffn + ffn + j];
+    out[i] = f2h(g / (1.f + __expf(-g)) * u);
+}
+
+// f32 -> 16-bit and back.
+extern "C" __global__ void to_h16(h16* out, const float* x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f2h(x[i]);
+}
+
+extern "C" __global__ void to_f32(float* out, const h16* x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = h2f(x[i]);
+}
+
+// Deterministic uniform values in [-bound, bound) from a hash of (seed, index).
+__device__ __forceinline__ float hash_uniform(u64 seed, u64 i) {
+    u64 z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f) * 2.f - 1.f;
+}
+
+extern "C" __global__ void fill_uniform_h(h16* out, u64 n, u64 seed, float bound) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = f2h(hash_uniform(seed, i) * bound);
+}
+
+extern "C" __global__ void fill_uniform_f(float* out, u64 n, u64 seed, float lo, float hi) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = lo + (hash_uniform(seed, i) * 0.5f + 0.5f) * (hi - lo);
+}
+
+// Greedy sampling support: per row of logits [rows][n], the index of the largest value
+// (the lowest index on ties) and the row's log-sum-exp.
+extern "C" __global__ void argmax_rows(u32* idx, float* lse, const float* logits, int n) {
+    int r = blockIdx.x;
+    const float* row = logits + (u64)r * n;
+    float best = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = row[i];
+        if (v > best || (v == best && i < bi)) { best = v; bi = i; }
+    }
+    __shared__ float sv[1024];
+    __shared__ int si[1024];
+    sv[threadIdx.x] = best;
+    si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            float ov = sv[threadIdx.x + s];
+            int oi = si[threadIdx.x + s];
+            if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x])) {
+                sv[threadIdx.x] = ov;
+                si[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    float mx = sv[0];
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += __expf(row[i] - mx);
+    s = block_sum(s);
+    if (threadIdx.x == 0) {
+        idx[r] = si[0];
+        lse[r] = mx + logf(s);
+    }
+}
+
+// Token-major 16-bit rows [len][nkv * d] -> head-major [nkv][len][d].
+extern "C" __global__ void rows_to_heads(h16* dst, const h16* src, int len, int nkv, int d) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    u64 n = (u64)len * nkv * d;
+    if (i >= n) return;
+    u64 t = i / ((u64)nkv * d), r = i % ((u64)nkv * d);
+    u64 h = r / d, j = r % d;
+    dst[(h * len + t) * d + j] = src[i];
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention: tiled, online softmax, tensor cores (mma.sync m16n8k16, f32 accumulate).
+//
+// Rows of a CTA are (token, query head within the GQA group) pairs of one KV head,
+// folded as row = token * group + j, so that the K/V tiles loaded for a KV head serve
+// every query head that reads it (decoding fills the group's rows instead of one).
+//
+// Keys come as a table of items; item = a key range of one KV segment with its own
+// layout and mask (none, or causal with an offset: query token t sees key j iff
+// j <= t + offset). A split (grid z) walks a contiguous range of items with one running
+// softmax and writes either the final normalised output (16-bit, when there is one
+// split) or its partial (O, lse) for attn_merge.
+
+struct AttnItem {
+    u64 k;              // element (h, j, i) at k + h * head_stride + j * row_stride + i
+    u64 v;
+    long long head_stride;
+    int row_stride;
+    int key_begin;      // keys key_begin..key_end of the segment
+    int key_end;
+    int causal_offset;  // -1: no mask
+    int pad0, pad1;
+};
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 64
+#endif
+#define BM 64                 // rows per CTA (4 warps x 16)
+#define BN 64                 // keys per tile
+#define SROW (HEAD_DIM + 8)   // padded smem row (16 bytes) against bank conflicts
+#define NDT (HEAD_DIM / 8)    // 8-wide output column tiles
+#define NKT (HEAD_DIM / 16)   // 16-deep k steps over the head dim
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void cp_async16(u32 saddr, const void* g, bool valid) {
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(saddr), "l"(g), "r"(n));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldm_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Loads a BN x HEAD_DIM tile of one KV head (keys j0.. of the item, n valid) into smem.
+__device__ __forceinline__ void load_tile(h16* s, const h16* base, long long row_stride, int j0, int n) {
+    const int chunks = BN * HEAD_DIM / 8;
+    for (int c = threadIdx.x; c < chunks; c += 128) {
+        int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
+        bool valid = r < n;
+        const h16* g = valid ? base + (long long)(j0 + r) * row_stride + col : base;
+        cp_async16(smem_addr(s + r * SROW + col), g, valid);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) attn_fwd(
+    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
+    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
+    float* __restrict__ out_f, float* __restrict__ lse_out) {
+    __shared__ __align__(16) h16 sK[BN * SROW];
+    __shared__ __align__(16) h16 sV[BN * SROW];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int kvh = blockIdx.y, split = blockIdx.z;
+    const int rows = m * group;
+    const int row0 = blockIdx.x * BM;
+    const int qw = nh * HEAD_DIM;
+
+    // Q tile -> smem (in sK) -> A fragments.
+    for (int c = tid; c < BM * HEAD_DIM / 8; c += 128) {
+        int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
+        int R = row0 + r;
+        bool valid = R < rows;
+        const h16* gp = q;
+        if (valid) {
+            int t = R / group, head = kvh * group + R % group;
+            gp = q + (u64)t * qw + head * HEAD_DIM + col;
+        }
+        cp_async16(smem_addr(sK + r * SROW + col), gp, valid);
+    }
+    cp_commit();
+    cp_wait<0>();
+    __syncthreads();
+    u32 qf[NKT][4];
+    {
+        int mi = lane >> 3;
+        int r = warp * 16 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+        for (int kk = 0; kk < NKT; kk++) {
+            int col = kk * 16 + (mi >> 1) * 8;
+            ldm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], smem_addr(sK + r * SROW + col));
+        }
+    }
+    __syncthreads();
+
+    // This thread's two rows and their tokens.
+    const int ra = row0 + warp * 16 + g, rb = ra + 8;
+    const int ta = ra / group, tb = rb / group;
+    // Last token any row of the CTA holds (bounds causal tiles).
+    const int t_last = min(rows - 1, row0 + BM - 1) / group;
+
+    float o[NDT][4];
+#pragma unroll
+    for (int i = 0; i < NDT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
+
+    const int it_begin = split_begin[split], it_end = split_begin[split + 1];
+    for (int it = it_begin; it < it_end; it++) {
+        const AttnItem item = items[it];
+        const h16* kb = (const h16*)item.k + kvh * item.head_stride;
+        const h16* vb = (const h16*)item.v + kvh * item.head_stride;
+        int kend = item.key_end;
+        if (item.causal_offset >= 0) kend = min(kend, t_last + item.causal_offset + 1);
+        for (int j0 = item.key_begin; j0 < kend; j0 += BN) {
+            int n = min(BN, kend - j0);
+            load_tile(sK, kb, item.row_stride, j0, n);
+            cp_commit();
+            load_tile(sV, vb, item.row_stride, j0, n);
+            cp_commit();
+            cp_wait<1>();
+            __syncthreads();
+
+            float s[BN / 8][4];
+#pragma unroll
+            for (int i = 0; i < BN / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+            {
+                int mi = lane >> 3;
+#pragma unroll
+                for (int np = 0; np < BN / 16; np++) {
+                    int key = np * 16 + (mi >> 1) * 8 + (lane & 7);
+#pragma unroll
+                    for (int kk = 0; kk < NKT; kk++) {
+                        int col = kk * 16 + (mi & 1) * 8;
+                        u32 b0, b1, b2, b3;
+                        ldm_x4(b0, b1, b2, b3, smem_addr(sK + key * SROW + col));
+                        mma16816(s[2 * np], qf[kk], b0, b1);
+                        mma16816(s[2 * np + 1], qf[kk], b2, b3);
+                    }
+                }
+            }
+            // Scale, mask, online softmax.
+            float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int jl = nt * 8 + tig * 2 + (e & 1);
+                    int j = j0 + jl;
+                    int t = e < 2 ? ta : tb;
+                    bool ok = jl < n && (item.causal_offset < 0 || j <= t + item.causal_offset);
+                    float x = ok ? s[nt][e] * scale_log2 : NEG_INF;
+                    s[nt][e] = x;
+                    if (e < 2) mx_a = fmaxf(mx_a, x); else mx_b = fmaxf(mx_b, x);
+                }
+            }
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+            float base_a = mn_a == NEG_INF ? 0.f : mn_a;
+            float base_b = mn_b == NEG_INF ? 0.f : mn_b;
+            float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
+            m_a = mn_a;
+            m_b = mn_b;
+            float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; nt++) {
+                s[nt][0] = fast_exp2(s[nt][0] - base_a);
+                s[nt][1] = fast_exp2(s[nt][1] - base_a);
+                s[nt][2] = fast_exp2(s[nt][2] - base_b);
+                s[nt][3] = fast_exp2(s[nt][3] - base_b);
+                sum_a += s[nt][0] + s[nt][1];
+                sum_b += s[nt][2] + s[nt][3];
+            }
+            l_a = l_a * corr_a + sum_a;
+            l_b = l_b * corr_b + sum_b;
+#pragma unroll
+            for (int i = 0; i < NDT; i++) {
+                o[i][0] *= corr_a;
+                o[i][1] *= corr_a;
+                o[i][2] *= corr_b;
+                o[i][3] *= corr_b;
+            }
+            cp_wait<0>();
+            __syncthreads();
+            // O += P V.
+            {
+                int mi = lane >> 3;
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; kk++) {
+                    u32 a[4];
+                    a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+                    a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+                    a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                    a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                    int key = kk * 16 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+                    for (int dp = 0; dp < HEAD_DIM / 16; dp++) {
+                        int col = dp * 16 + (mi >> 1) * 8;
+                        u32 b0, b1, b2, b3;
+                        ldm_x4_t(b0, b1, b2, b3, smem_addr(sV + key * SROW + col));
+                        mma16816(o[2 * dp], a, b0, b1);
+                        mma16816(o[2 * dp + 1], a, b2, b3);
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // Row sums over the quad, then write.
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float LN2 = 0.6931471805599453f;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int R = half ? rb : ra;
+        if (R >= rows) continue;
+        float l = half ? l_b : l_a, mm = half ? m_b : m_a;
+        float inv = l > 0.f ? 1.f / l : 0.f;
+        float lse = l > 0.f ? (mm + __log2f(l)) * LN2 : NEG_INF;
+        int t = R / group, head = kvh * group + R % group;
+        if (out_h) {
+            h16* dst = out_h + (u64)t * qw + head * HEAD_DIM;
+#pragma unroll
+            for (int dt = 0; dt < NDT; dt++) {
+                int col = dt * 8 + tig * 2;
+                *(u32*)(dst + col) = pack2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+            }
+        } else {
+            float* dst = out_f + ((u64)split * m + t) * qw + head * HEAD_DIM;
+#pragma unroll
+            for (int dt = 0; dt < NDT; dt++) {
+                int col = dt * 8 + tig * 2;
+                dst[col] = o[dt][2 * half] * inv;
+                dst[col + 1] = o[dt][2 * half + 1] * inv;
+            }
+        }
+        if (lse_out && tig == 0) lse_out[((u64)split * nh + head) * m + t] = lse;
+    }
+}
+
+// Merges n_splits partials (O f32 [split][m][nh d], lse [split][nh][m]) exactly:
+// M = max lse_s, lse = M + ln sum exp(lse_s - M), O = sum exp(lse_s - lse) O_s.
+// Writes a 16-bit output (out_h) or an f32 output with its lse (out_f, lse_f).
+extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, const float* part_o,
+                                      const float* part_lse, int n_splits, int m, int nh, int d) {
+    int t = blockIdx.x, head = blockIdx.y;
+    float mx = NEG_INF;
+    for (int s = 0; s < n_splits; s++) mx = fmaxf(mx, part_lse[((u64)s * nh + head) * m + t]);
+    float total = 0.f;
+    for (int s = 0; s < n_splits; s++) {
+        float l = part_lse[((u64)s * nh + head) * m + t];
+        total += l == NEG_INF ? 0.f : expf(l - mx);
+    }
+    float lse = total > 0.f ? mx + logf(total) : NEG_INF;
+    int qw = nh * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < n_splits; s++) {
+            float l = part_lse[((u64)s * nh + head) * m + t];
+            if (l == NEG_INF) continue;
+            acc += expf(l - lse) * part_o[((u64)s * m + t) * qw + head * d + i];
+        }
+        if (out_h) out_h[(u64)t * qw + head * d + i] = f2h(acc);
+        else out_f[(u64)t * qw + head * d + i] = acc;
+    }
+    if (lse_f && threadIdx.x == 0) lse_f[(u64)head * m + t] = lse;
+}

@@ -1,0 +1,450 @@
+//! The Llama forward pass on one GPU, mirroring [`crate::model::Llama::forward`].
+//!
+//! Per block: RMSNorm (f32 residual in, 16-bit out) -> one fused QKV product (f32 out) ->
+//! RoPE + split (rotated Q, K and V in 16-bit, K/V written straight to where the
+//! attention implementation keeps them) -> attention -> output projection added to the
+//! residual by cuBLAS (beta = 1) -> RMSNorm -> fused gate/up product -> SwiGLU -> down
+//! projection added to the residual. Weights are uploaded once as f16/bf16.
+
+use std::sync::Arc;
+
+use super::gpu::{AttnPlan, AttnScratch, DevBuf, Gpu, Kernels, KvDest, Segment, TableBuf, upload_plans};
+use super::{CudaError, Result};
+use crate::cpu::attention::HeadShape;
+use crate::cpu::matmul::Matrix;
+use crate::model::{Llama, LlamaConfig};
+
+/// Decides which keys a layer's new tokens attend to, on the GPU (the device
+/// counterpart of [`crate::model::LayerAttention`]).
+pub trait GpuAttention {
+    /// Called once per forward pass before the first layer, for `m` new tokens.
+    fn begin(&mut self, gpu: &Gpu, m: usize) -> Result<()>;
+    /// Where layer `layer` writes the new tokens' rotated K and V.
+    fn kv_dest(&mut self, layer: usize) -> KvDest;
+    /// Attention of the rotated `q` (16-bit `[m][n_heads * head_dim]`) into `out` (same
+    /// layout); the new K/V are already at [`GpuAttention::kv_dest`].
+    fn attend(&mut self, gpu: &Gpu, kernels: &Kernels, layer: usize, q: u64, m: usize, out: u64) -> Result<()>;
+    /// Called after the last layer.
+    fn finish(&mut self, m: usize);
+}
+
+struct GpuLayer {
+    attn_norm: DevBuf,
+    w_qkv: DevBuf,
+    wo: DevBuf,
+    ffn_norm: DevBuf,
+    w_gu: DevBuf,
+    w_down: DevBuf,
+}
+
+/// Activation buffers for up to `cap` tokens.
+#[derive(Default)]
+struct Scratch {
+    cap: usize,
+    bufs: Vec<DevBuf>,
+}
+
+/// A llama-architecture model resident on one GPU.
+pub struct CudaLlama {
+    gpu: Arc<Gpu>,
+    kernels: Arc<Kernels>,
+    config: LlamaConfig,
+    layers: Vec<GpuLayer>,
+    embed: DevBuf,
+    output: DevBuf,
+    output_norm: DevBuf,
+    inv_freq: DevBuf,
+    pairs: usize,
+    scratch: Scratch,
+    /// Rows of the last forward pass (the normalised hidden states in scratch).
+    last_m: usize,
+}
+
+// Scratch buffer indices.
+const X: usize = 0;
+const XN: usize = 1;
+const QKV: usize = 2;
+const Q: usize = 3;
+const ATT: usize = 4;
+const GU: usize = 5;
+const ACT: usize = 6;
+const COS: usize = 7;
+const SIN: usize = 8;
+const POS: usize = 9;
+const TOK: usize = 10;
+const HID: usize = 11;
+
+impl CudaLlama {
+    /// Uploads `model`'s weights (dequantised, then rounded to the GPU's 16-bit type).
+    pub fn upload(gpu: Arc<Gpu>, model: &Llama) -> Result<Self> {
+        let c = model.config().clone();
+        let kernels = gpu.kernels(c.head_dim)?;
+        let dt = gpu.dtype;
+        let half = |ms: &[&Matrix]| -> Result<DevBuf> {
+            let n: usize = ms.iter().map(|m| m.rows() * m.cols()).sum();
+            let buf = gpu.alloc(n * 2)?;
+            let mut off = 0u64;
+            for m in ms {
+                let f = m.to_f32();
+                let mut h = vec![0u16; f.len()];
+                dt.encode(&f, &mut h);
+                gpu.upload(buf.ptr() + off, &h)?;
+                off += (h.len() * 2) as u64;
+            }
+            Ok(buf)
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let w = model.layer_weights(i);
+            layers.push(GpuLayer {
+                attn_norm: gpu.upload_new(w.attn_norm)?,
+                w_qkv: half(&[w.wq, w.wk, w.wv])?,
+                wo: half(&[w.wo])?,
+                ffn_norm: gpu.upload_new(w.ffn_norm)?,
+                w_gu: half(&[w.w_gate, w.w_up])?,
+                w_down: half(&[w.w_down])?,
+            });
+        }
+        let inv_freq = model.rope().inv_freq().to_vec();
+        let out = Self {
+            embed: half(&[model.embedding()])?,
+            output: half(&[model.output()])?,
+            output_norm: gpu.upload_new(model.output_norm())?,
+            pairs: inv_freq.len(),
+            inv_freq: gpu.upload_new(&inv_freq)?,
+            layers,
+            kernels,
+            config: c,
+            gpu,
+            scratch: Scratch::default(),
+            last_m: 0,
+        };
+        out.gpu.synchronize()?;
+        Ok(out)
+    }
+
+    /// A model of any llama shape with random weights generated on the device (uniform
+    /// with a fan-in scale like [`Llama::random`]; not the same values): for benchmarks at
+    /// scale, where speed does not depend on weight values and no host copy is needed.
+    pub fn random(gpu: Arc<Gpu>, config: LlamaConfig, seed: u64) -> Result<Self> {
+        let c = config;
+        let kernels = gpu.kernels(c.head_dim)?;
+        let mut next_seed = seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let mut matrix = |rows: usize, cols: usize| -> Result<DevBuf> {
+            let buf = gpu.alloc(rows * cols * 2)?;
+            next_seed = next_seed.wrapping_add(0x9E37_79B9);
+            gpu.fill_uniform_half(&kernels, buf.ptr(), rows * cols, next_seed, (3.0 / cols as f32).sqrt())?;
+            Ok(buf)
+        };
+        let (qw, kvw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let ones = vec![1f32; c.hidden];
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for _ in 0..c.n_layers {
+            layers.push(GpuLayer {
+                attn_norm: gpu.upload_new(&ones)?,
+                w_qkv: matrix(qw + 2 * kvw, c.hidden)?,
+                wo: matrix(c.hidden, qw)?,
+                ffn_norm: gpu.upload_new(&ones)?,
+                w_gu: matrix(2 * c.ffn, c.hidden)?,
+                w_down: matrix(c.hidden, c.ffn)?,
+            });
+        }
+        let embed = matrix(c.vocab, c.hidden)?;
+        let output = matrix(c.vocab, c.hidden)?;
+        let output_norm = gpu.alloc(c.hidden * 4)?;
+        gpu.fill_uniform_f32(&kernels, output_norm.ptr(), c.hidden, seed ^ 0x5eed, 0.5, 1.5)?;
+        let rope = crate::cpu::ops::Rope::new(c.rope_theta, c.rope_dim, None);
+        let inv_freq = rope.inv_freq().to_vec();
+        let out = Self {
+            embed,
+            output,
+            output_norm,
+            pairs: inv_freq.len(),
+            inv_freq: gpu.upload_new(&inv_freq)?,
+            layers,
+            kernels,
+            config: c,
+            gpu,
+            scratch: Scratch::default(),
+            last_m: 0,
+        };
+        out.gpu.synchronize()?;
+        Ok(out)
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    pub fn kernels(&self) -> &Arc<Kernels> {
+        &self.kernels
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn head_shape(&self) -> HeadShape {
+        HeadShape {
+            n_heads: self.config.n_heads,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Bytes of weights on the device.
+    pub fn weight_bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| l.attn_norm.bytes() + l.w_qkv.bytes() + l.wo.bytes() + l.ffn_norm.bytes() + l.w_gu.bytes() + l.w_down.bytes())
+            .sum();
+        l + self.embed.bytes() + self.output.bytes() + self.output_norm.bytes()
+    }
+
+    fn ensure_scratch(&mut self, m: usize) -> Result<()> {
+        if self.scratch.cap >= m && !self.scratch.bufs.is_empty() {
+            return Ok(());
+        }
+        let c = &self.config;
+        let cap = m.max(16).next_power_of_two().max(m);
+        let (qw, kvw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let sizes = [
+            cap * c.hidden * 4,           // X
+            cap * c.hidden * 2,           // XN
+            cap * (qw + 2 * kvw) * 4,     // QKV
+            cap * qw * 2,                 // Q
+            cap * qw * 2,                 // ATT
+            cap * 2 * c.ffn * 4,          // GU
+            cap * c.ffn * 2,              // ACT
+            cap * self.pairs.max(1) * 4,  // COS
+            cap * self.pairs.max(1) * 4,  // SIN
+            cap * 4,                      // POS
+            cap * 4,                      // TOK
+            cap * c.hidden * 4,           // HID (normalised output, f32)
+        ];
+        self.scratch.bufs.clear();
+        self.gpu.synchronize()?;
+        for s in sizes {
+            self.scratch.bufs.push(self.gpu.alloc(s)?);
+        }
+        self.scratch.cap = cap;
+        Ok(())
+    }
+
+    fn buf(&self, i: usize) -> u64 {
+        self.scratch.bufs[i].ptr()
+    }
+
+    /// Runs `tokens` at `positions` through every block and the final norm. The
+    /// normalised hidden states stay on the device for [`CudaLlama::logits`],
+    /// [`CudaLlama::argmax`] or [`CudaLlama::hidden`]. Asynchronous: returns once queued.
+    pub fn forward(&mut self, tokens: &[u32], positions: &[usize], attention: &mut dyn GpuAttention) -> Result<()> {
+        let m = tokens.len();
+        let c = self.config.clone();
+        if positions.len() != m {
+            return Err(CudaError::Invalid(format!("{m} tokens but {} positions", positions.len())));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(CudaError::Invalid(format!("token id {bad} is outside the vocabulary ({})", c.vocab)));
+        }
+        if m == 0 {
+            self.last_m = 0;
+            return Ok(());
+        }
+        self.ensure_scratch(m)?;
+        let gpu = self.gpu.clone();
+        let k = self.kernels.clone();
+        let (h, nh, nkv, d) = (c.hidden, c.n_heads, c.n_kv_heads, c.head_dim);
+        let (qw, kvw) = (nh * d, nkv * d);
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        gpu.upload(self.buf(POS), &pos)?;
+        gpu.upload(self.buf(TOK), tokens)?;
+        gpu.embed(&k, self.buf(X), self.embed.ptr(), self.buf(TOK), m, h)?;
+        gpu.rope_table(&k, self.buf(COS), self.buf(SIN), self.buf(POS), self.inv_freq.ptr(), m, self.pairs)?;
+        attention.begin(&gpu, m)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            gpu.rms_norm(&k, self.buf(XN), false, self.buf(X), layer.attn_norm.ptr(), m, h, c.rms_eps)?;
+            gpu.gemm(self.buf(QKV), true, self.buf(XN), layer.w_qkv.ptr(), m, qw + 2 * kvw, h, 0.0)?;
+            let dest = attention.kv_dest(li);
+            gpu.rope_split(&k, self.buf(Q), &dest, self.buf(QKV), self.buf(COS), self.buf(SIN), m, nh, nkv, d, self.pairs)?;
+            attention.attend(&gpu, &k, li, self.buf(Q), m, self.buf(ATT))?;
+            gpu.gemm(self.buf(X), true, self.buf(ATT), layer.wo.ptr(), m, h, qw, 1.0)?;
+            gpu.rms_norm(&k, self.buf(XN), false, self.buf(X), layer.ffn_norm.ptr(), m, h, c.rms_eps)?;
+            gpu.gemm(self.buf(GU), true, self.buf(XN), layer.w_gu.ptr(), m, 2 * c.ffn, h, 0.0)?;
+            gpu.swiglu(&k, self.buf(ACT), self.buf(GU), m, c.ffn)?;
+            gpu.gemm(self.buf(X), true, self.buf(ACT), layer.w_down.ptr(), m, h, c.ffn, 1.0)?;
+        }
+        attention.finish(m);
+        gpu.rms_norm(&k, self.buf(HID), true, self.buf(X), self.output_norm.ptr(), m, h, c.rms_eps)?;
+        self.last_m = m;
+        Ok(())
+    }
+
+    /// The normalised hidden states of the last forward pass, `[m][hidden]`.
+    pub fn hidden(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.last_m * self.config.hidden];
+        self.gpu.download(&mut out, self.buf(HID))?;
+        Ok(out)
+    }
+
+    /// Logits `[rows][vocab]` of the last `rows` tokens of the last forward pass (the LM
+    /// head runs in 16-bit with f32 accumulation).
+    pub fn logits(&mut self, rows: usize) -> Result<Vec<f32>> {
+        let (buf, rows) = self.logits_device(rows)?;
+        let mut out = vec![0f32; rows * self.config.vocab];
+        self.gpu.download(&mut out, buf.ptr())?;
+        Ok(out)
+    }
+
+    fn logits_device(&mut self, rows: usize) -> Result<(DevBuf, usize)> {
+        let c = &self.config;
+        let rows = rows.min(self.last_m);
+        let first = self.last_m - rows;
+        let hn = self.gpu.alloc(rows * c.hidden * 2)?;
+        self.gpu.to_half(&self.kernels, hn.ptr(), self.buf(HID) + (first * c.hidden * 4) as u64, rows * c.hidden)?;
+        let out = self.gpu.alloc(rows * c.vocab * 4)?;
+        self.gpu.gemm(out.ptr(), true, hn.ptr(), self.output.ptr(), rows, c.vocab, c.hidden, 0.0)?;
+        self.gpu.synchronize()?;
+        Ok((out, rows))
+    }
+
+    /// Greedy sampling on the device: per row of the last `rows` tokens, the argmax token
+    /// and the log-sum-exp of its logits (only these cross to the host).
+    pub fn argmax(&mut self, rows: usize) -> Result<Vec<(u32, f32)>> {
+        let (logits, rows) = self.logits_device(rows)?;
+        let idx = self.gpu.alloc(rows * 4)?;
+        let lse = self.gpu.alloc(rows * 4)?;
+        self.gpu.argmax(&self.kernels, idx.ptr(), lse.ptr(), logits.ptr(), rows, self.config.vocab)?;
+        let mut i = vec![0u32; rows];
+        let mut l = vec![0f32; rows];
+        self.gpu.download(&mut i, idx.ptr())?;
+        self.gpu.download(&mut l, lse.ptr())?;
+        Ok(i.into_iter().zip(l).collect())
+    }
+}
+
+/// Plain causal attention with a KV cache on the device (the counterpart of
+/// [`crate::model::KvCache`]): K/V head-major `[n_kv][capacity][head_dim]` per layer.
+pub struct GpuKvCache {
+    layers: Vec<(DevBuf, DevBuf)>,
+    len: usize,
+    capacity: usize,
+    shape: HeadShape,
+    table: TableBuf,
+    plans: Vec<(u64, u64, usize)>,
+    scratch: AttnScratch,
+}
+
+impl GpuKvCache {
+    pub fn new(gpu: &Gpu, n_layers: usize, shape: HeadShape, capacity: usize) -> Result<Self> {
+        let bytes = shape.n_kv_heads * capacity * shape.head_dim * 2;
+        let layers = (0..n_layers)
+            .map(|_| Ok((gpu.alloc(bytes)?, gpu.alloc(bytes)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len: 0,
+            capacity,
+            shape,
+            table: TableBuf::default(),
+            plans: Vec::new(),
+            scratch: AttnScratch::default(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets tokens from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The keys of layer `layer` as an attention segment (`causal`: for new tokens that
+    /// follow them).
+    pub fn segment(&self, layer: usize, len: usize, causal_offset: Option<usize>) -> Segment {
+        let (k, v) = &self.layers[layer];
+        Segment {
+            k: k.ptr(),
+            v: v.ptr(),
+            head_stride: (self.capacity * self.shape.head_dim) as i64,
+            row_stride: self.shape.head_dim as i32,
+            len,
+            causal_offset,
+        }
+    }
+
+    /// K and V of `layer` for tokens `0..len` as f32 head-major `[n_kv][len][d]`.
+    pub fn download_layer(&self, gpu: &Gpu, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let d = self.shape.head_dim;
+        let mut out = (vec![0f32; self.shape.n_kv_heads * self.len * d], vec![0f32; self.shape.n_kv_heads * self.len * d]);
+        let mut tmp = vec![0u16; self.len * d];
+        for h in 0..self.shape.n_kv_heads {
+            for (which, dst) in [(0, &mut out.0), (1, &mut out.1)] {
+                let buf = if which == 0 { &self.layers[layer].0 } else { &self.layers[layer].1 };
+                gpu.download(&mut tmp, buf.ptr() + (h * self.capacity * d * 2) as u64)?;
+                gpu.dtype.decode(&tmp, &mut dst[h * self.len * d..(h + 1) * self.len * d]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl GpuAttention for GpuKvCache {
+    fn begin(&mut self, gpu: &Gpu, m: usize) -> Result<()> {
+        if self.len + m > self.capacity {
+            return Err(CudaError::Invalid(format!(
+                "GPU KV cache holds {} tokens: {} + {m} do not fit",
+                self.capacity, self.len
+            )));
+        }
+        let group = self.shape.group();
+        let splits = gpu.choose_splits(m, group, self.shape.n_kv_heads, self.len + m);
+        let plans: Vec<AttnPlan> = (0..self.layers.len())
+            .map(|l| AttnPlan::new(&[self.segment(l, self.len + m, Some(self.len))], splits))
+            .collect();
+        self.plans = upload_plans(gpu, &mut self.table, &plans)?;
+        Ok(())
+    }
+
+    fn kv_dest(&mut self, layer: usize) -> KvDest {
+        let (k, v) = &self.layers[layer];
+        KvDest {
+            k: k.ptr(),
+            v: v.ptr(),
+            head_stride: (self.capacity * self.shape.head_dim) as i64,
+            row_stride: self.shape.head_dim as i32,
+            t0: self.len as i32,
+        }
+    }
+
+    fn attend(&mut self, gpu: &Gpu, kernels: &Kernels, layer: usize, q: u64, m: usize, out: u64) -> Result<()> {
+        let (items, splits, n) = self.plans[layer];
+        gpu.attention(
+            kernels,
+            q,
+            m,
+            self.shape.n_heads,
+            self.shape.n_kv_heads,
+            items,
+            splits,
+            n,
+            super::AttnOut::Half(out),
+            &mut self.scratch,
+        )
+    }
+
+    fn finish(&mut self, m: usize) {
+        self.len += m;
+    }
+}
