@@ -15,5 +15,8 @@ pub struct SelftestArgs {
 }
 
 pub fn run(_global: &GlobalArgs, args: SelftestArgs) -> Result<ExitCode> {
-    bail!("no self-test is available for device `{}` yet (the CUDA backend lands with issue 6)", args.device)
+    bail!(
+        "no self-test is available for device `{}` yet (the CUDA backend lands with issue 6)",
+        args.device
+    )
 }
