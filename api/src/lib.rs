@@ -1,1 +1,134 @@
-//! The HTTP service (axum on tokio). Lands with issue 5; empty until then.
+//! starkv's HTTP service: wires the model runtime (`starkv_compute`) to the block store
+//! (`starkv_cache`) behind a REST API.
+//!
+//! - [`service`]: ingest (phase 1 into the store) and query (phase 2 over stored blocks),
+//!   blocking and HTTP-free.
+//! - [`jobs`]: the background ingest queue with an on-disk spool (an acknowledged ingest
+//!   survives a restart).
+//! - [`http`]: routes, authentication, the JSON error shape, metrics, OpenAPI.
+//!
+//! Only this crate (and the binary) knows HTTP and JSON.
+
+pub mod config;
+pub mod http;
+pub mod jobs;
+pub mod service;
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use starkv_cache::{BlockStore, EvictionPolicy, RocksConfig, StoreConfig};
+use starkv_compute::LoadedModel;
+use tokio::sync::Semaphore;
+
+pub use config::ServerConfig;
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("model: {0}")]
+    Model(#[from] starkv_compute::Error),
+    #[error("store: {0}")]
+    Store(#[from] starkv_cache::Error),
+    #[error("{0}")]
+    Service(#[from] service::ServiceError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+/// Loads the model, opens the store, and serves until SIGINT/SIGTERM. `on_ready` is
+/// called with the bound address once the server accepts connections.
+pub async fn serve(
+    config: ServerConfig,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), StartError> {
+    config.validate()?;
+    let metrics = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ])
+        .map_err(|e| StartError::Metrics(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| StartError::Metrics(e.to_string()))?;
+    let model_path = match &config.model {
+        Some(p) => p.clone(),
+        None => starkv_compute::fetch::ensure_default_model(&config.data_dir, &mut |m| {
+            tracing::info!("{m}")
+        })?,
+    };
+    let (model, store) = {
+        let (model_path, config) = (model_path.clone(), config.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, StartError> {
+            let model = LoadedModel::open(&model_path)?;
+            let store_config = StoreConfig {
+                hot_tier_bytes: config.hot_tier_bytes,
+                eviction: EvictionPolicy {
+                    budget_bytes: config.store_budget_bytes,
+                    ..EvictionPolicy::default()
+                },
+                ..StoreConfig::default()
+            };
+            let store = BlockStore::open_rocks(
+                RocksConfig::new(service::store_dir(&config.data_dir), config.shards),
+                store_config,
+            )?;
+            Ok((model, store))
+        })
+        .await
+        .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))??
+    };
+    let service = Arc::new(service::Service::new(
+        model,
+        &model_path,
+        store,
+        config.hot_tier_bytes as usize,
+    )?);
+    let jobs = jobs::Jobs::start(
+        service.clone(),
+        &config.data_dir.join("ingest-spool"),
+        config.ingest_queue,
+    )?;
+    let state = http::AppState {
+        service,
+        jobs,
+        queries: Arc::new(Semaphore::new(config.query_concurrency)),
+        config: Arc::new(config.clone()),
+        metrics,
+    };
+    http::spawn_upkeep(&state);
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    if config.api_keys.is_empty() {
+        tracing::warn!(
+            "no API keys configured: authentication is off and starkv listens on loopback only ({addr})"
+        );
+    }
+    on_ready(addr);
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!(
+        "shutting down: no new requests; documents are published atomically, so none is half-visible"
+    );
+}

@@ -106,7 +106,9 @@ impl EvictionPolicy {
     }
 
     pub(crate) fn low_bytes(&self) -> Option<u64> {
-        let low = self.low_watermark.clamp(0.0, self.high_watermark.clamp(0.0, 1.0));
+        let low = self
+            .low_watermark
+            .clamp(0.0, self.high_watermark.clamp(0.0, 1.0));
         self.budget_bytes.map(|b| (b as f64 * low) as u64)
     }
 }

@@ -108,14 +108,7 @@ impl HotTier {
         let mut lru = self.lru.lock().expect("hot tier lock");
         lru.tick += 1;
         let tick = lru.tick;
-        if let Some(old) = lru.map.insert(
-            (key, layer),
-            Entry {
-                value,
-                tick,
-                bytes,
-            },
-        ) {
+        if let Some(old) = lru.map.insert((key, layer), Entry { value, tick, bytes }) {
             lru.order.remove(&old.tick);
             lru.bytes -= old.bytes;
         }

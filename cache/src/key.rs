@@ -120,7 +120,7 @@ mod tests {
         let k = input(&[1, 2, 3], &[10, 11, 12, 13]).key();
         assert_eq!(
             k.to_hex(),
-            "GOLDEN_PLACEHOLDER",
+            "ff58c5077cc89a50cfb4474820f3ebbc7d8d6e4612d3cadd01706a1a19a32ff8"
         );
     }
 
@@ -129,11 +129,26 @@ mod tests {
         let base = input(&[1, 2, 3], &[10, 11, 12, 13]);
         let k = base.key();
         let mut v = Vec::new();
-        v.push(BlockKeyInput { model_fingerprint: b"model-fq", ..base });
-        v.push(BlockKeyInput { kv_layout_version: 2, ..base });
-        v.push(BlockKeyInput { dtype: DType::BF16, ..base });
-        v.push(BlockKeyInput { anchor_size: 4, ..base });
-        v.push(BlockKeyInput { block_start: 4097, ..base });
+        v.push(BlockKeyInput {
+            model_fingerprint: b"model-fq",
+            ..base
+        });
+        v.push(BlockKeyInput {
+            kv_layout_version: 2,
+            ..base
+        });
+        v.push(BlockKeyInput {
+            dtype: DType::BF16,
+            ..base
+        });
+        v.push(BlockKeyInput {
+            anchor_size: 4,
+            ..base
+        });
+        v.push(BlockKeyInput {
+            block_start: 4097,
+            ..base
+        });
         // Moving a token between anchor and block must not collide.
         v.push(input(&[1, 2], &[3, 10, 11, 12, 13]));
         v.push(input(&[1, 2, 3], &[10, 11, 12, 14]));

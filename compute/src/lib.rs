@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod prompt;
 pub mod quant;
 pub mod sampling;
 pub mod star;

@@ -2,6 +2,7 @@
 
 mod model_commands;
 mod selftest;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ enum Command {
     Generate(model_commands::GenerateArgs),
     /// Teacher-forced log-probabilities of every token of TEXT.
     Score(model_commands::ScoreArgs),
+    /// Run the HTTP service.
+    Serve(serve::ServeArgs),
     /// Check a compute backend against the CPU reference (e.g. `--device cuda`).
     Selftest(selftest::SelftestArgs),
 }
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(args) => model_commands::generate(&cli.global, args),
         Command::Score(args) => model_commands::score(&cli.global, args),
         Command::Selftest(args) => selftest::run(&cli.global, args),
+        Command::Serve(args) => serve::run(&cli.global, args),
     }
 }
 

@@ -11,11 +11,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use starkv_compute::LoadedModel;
 use starkv_compute::generate::{GenerateParams, generate as run_generation};
 use starkv_compute::model::KvCache;
 use starkv_compute::sampling::{SamplingParams, argmax, log_prob};
 use starkv_compute::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
+use starkv_compute::{LoadedModel, prompt};
 
 use super::GlobalArgs;
 
@@ -244,13 +244,8 @@ fn prompt_tokens(loaded: &LoadedModel, args: &GenerateArgs) -> Result<(Vec<u32>,
         (None, None, Some(path), Some(question)) => {
             let document = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let (head, tail) = template()?.user_turn(args.system.as_deref());
-            // Documents and questions are user text: markers inside them stay text.
-            let mut context = tokenizer.encode(&head, true)?;
-            context.extend(tokenizer.encode(&document, false)?);
-            let mut query = tokenizer.encode(&format!("\n\n{question}"), false)?;
-            query.extend(tokenizer.encode(&tail, true)?);
-            (context, query)
+            let context = prompt::document_context(tokenizer, args.system.as_deref(), &document)?;
+            (context, prompt::question_query(tokenizer, question)?)
         }
         _ => bail!("give --raw PROMPT, --chat MESSAGE, or --document FILE --question TEXT"),
     };

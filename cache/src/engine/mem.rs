@@ -50,9 +50,9 @@ impl Engine for MemEngine {
     fn write(&self, target: Target, batch: Batch, _sync: bool) -> Result<()> {
         for op in &batch.ops {
             let space = match op {
-                Op::Put { space, .. } | Op::Delete { space, .. } | Op::DeleteRange { space, .. } => {
-                    *space
-                }
+                Op::Put { space, .. }
+                | Op::Delete { space, .. }
+                | Op::DeleteRange { space, .. } => *space,
             };
             self.check(target, space)?;
         }
@@ -117,6 +117,10 @@ impl Engine for MemEngine {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
         Ok(())
     }
 

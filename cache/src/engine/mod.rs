@@ -136,11 +136,24 @@ pub trait Engine: Send + Sync + 'static {
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<()>;
 
+    /// Writes memtables out to table/blob files and drops WAL files that are no longer
+    /// needed. Not required for durability (synced WAL already is durable); used by
+    /// operators before backups and by benchmarks to measure steady-state reads.
+    fn flush(&self) -> Result<()>;
+
     /// Approximate bytes on disk (or in memory) over all instances, for reporting.
     fn disk_usage(&self) -> Result<u64>;
 
     /// Engine name for logs and reports.
     fn name(&self) -> &'static str;
+}
+
+/// Key of one layer of a block in [`Space::Layers`]: `block key | u16 BE layer`.
+pub fn layer_key(key: &crate::key::BlockKey, layer: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(34);
+    k.extend_from_slice(&key.0);
+    k.extend_from_slice(&layer.to_be_bytes());
+    k
 }
 
 /// Convenience: copy a value out.

@@ -1,0 +1,142 @@
+//! Server configuration: embedded defaults, then a TOML file, then environment and flags
+//! (applied by the binary).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// What a key may do. Roles are ordered: admin implies write implies read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Write,
+    Admin,
+}
+
+/// A bearer API key, the role it grants and the tenant whose documents it sees.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiKey {
+    pub key: String,
+    pub role: Role,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+}
+
+fn default_tenant() -> String {
+    "default".into()
+}
+
+/// Everything `starkv serve` can be told. Field docs are the config-file reference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Without API keys only loopback addresses are allowed.
+    pub listen: SocketAddr,
+    /// Models and the store live here.
+    pub data_dir: PathBuf,
+    /// A llama GGUF; the default model is fetched when absent.
+    pub model: Option<PathBuf>,
+    /// RocksDB block shards (fixed when the store is created).
+    pub shards: usize,
+    /// Default Star Attention block size for ingest.
+    pub block_size: usize,
+    /// Default anchor size (`None`: the block size).
+    pub anchor_size: Option<usize>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Largest document accepted, in tokens.
+    pub max_document_tokens: usize,
+    /// Cap on `max_tokens` of a query.
+    pub max_tokens_cap: usize,
+    /// Ingest jobs waiting beyond this answer 429.
+    pub ingest_queue: usize,
+    /// Queries running at once; more answer 503.
+    pub query_concurrency: usize,
+    /// Byte budget of the store (`None`: unbounded).
+    pub store_budget_bytes: Option<u64>,
+    /// In-memory hot tier of decoded blocks.
+    pub hot_tier_bytes: u64,
+    /// Bearer keys; empty means no authentication (loopback only).
+    pub api_keys: Vec<ApiKey>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
+            data_dir: starkv_compute::fetch::default_data_dir(),
+            model: None,
+            shards: 4,
+            block_size: 2048,
+            anchor_size: None,
+            max_body_bytes: 16 << 20,
+            max_document_tokens: 1 << 20,
+            max_tokens_cap: 1024,
+            ingest_queue: 64,
+            query_concurrency: 4,
+            store_budget_bytes: None,
+            hot_tier_bytes: 1 << 30,
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    /// Defaults overlaid with `file` (TOML), when given.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = file else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_keys.is_empty() && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "no api_keys are configured, so starkv only binds to loopback; {} is not a loopback address",
+                self.listen
+            )));
+        }
+        if self.block_size == 0
+            || self
+                .anchor_size
+                .is_some_and(|a| a == 0 || a > self.block_size)
+        {
+            return Err(ConfigError::Invalid(
+                "block_size must be >= 1 and anchor_size in 1..=block_size".into(),
+            ));
+        }
+        if self.shards == 0 || self.query_concurrency == 0 || self.ingest_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "shards, query_concurrency and ingest_queue must be >= 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}

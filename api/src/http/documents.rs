@@ -1,0 +1,445 @@
+//! Document lifecycle: ingest, status, listing, deletion, pin/unpin, TTL; admin stats/gc.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::Principal;
+use super::error::ApiError;
+use super::{ApiJson, AppState, blocking};
+use crate::config::Role;
+use crate::jobs::{JobState, SubmitError};
+use crate::service::IngestRequest;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDocument {
+    text: String,
+    id: Option<String>,
+    block_size: Option<usize>,
+    anchor_size: Option<usize>,
+    #[serde(default)]
+    pin: bool,
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    metadata: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct WaitParam {
+    #[serde(default)]
+    wait: bool,
+}
+
+/// Document ids: 1-128 characters of `[A-Za-z0-9._-]`, so they are safe in paths and keys.
+pub fn validate_id(id: &str) -> Result<(), ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "document ids are 1-128 characters of A-Z, a-z, 0-9, '.', '_', '-'",
+        ))
+    }
+}
+
+fn store_id(principal: &Principal, id: &str) -> String {
+    format!("{}/{id}", principal.tenant)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Query(params): Query<WaitParam>,
+    body: Result<ApiJson<CreateDocument>, ApiError>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Write)?;
+    let ApiJson(body) = body?;
+    let id = match body.id {
+        Some(id) => id,
+        None => format!("doc-{:016x}", rand_id()),
+    };
+    validate_id(&id)?;
+    if body.text.trim().is_empty() {
+        return Err(ApiError::bad_request("`text` is empty"));
+    }
+    let _ = body.metadata;
+    let block_size = body.block_size.unwrap_or(state.config.block_size);
+    let anchor_size = body
+        .anchor_size
+        .or(state.config.anchor_size)
+        .unwrap_or(block_size)
+        .min(block_size);
+    if block_size == 0 || block_size > 1 << 16 {
+        return Err(ApiError::bad_request("`block_size` must be in 1..=65536"));
+    }
+    if body.anchor_size.is_some_and(|a| a == 0 || a > block_size) {
+        return Err(ApiError::bad_request(
+            "`anchor_size` must be in 1..=block_size",
+        ));
+    }
+    if let Some(job) = state.jobs.get(&principal.tenant, &id)
+        && !job.state.is_terminal()
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("document {id} is already being ingested"),
+        ));
+    }
+    // Tokenise up front so oversized documents are refused before they are acknowledged.
+    let service = state.service.clone();
+    let text = body.text;
+    let max_tokens = state.config.max_document_tokens;
+    let (text, n_tokens) = blocking(move || {
+        let n = service.document_tokens(&text)?.len();
+        Ok((text, n))
+    })
+    .await?;
+    if n_tokens > max_tokens {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "document_too_large",
+            format!("the document has {n_tokens} tokens; the limit is {max_tokens}"),
+        ));
+    }
+    let req = IngestRequest {
+        id: id.clone(),
+        tenant: principal.tenant.clone(),
+        text,
+        block_size,
+        anchor_size,
+        pinned: body.pin,
+        ttl_ms: body.ttl_seconds.map(|s| s * 1000),
+    };
+    let mut changes = state.jobs.subscribe();
+    match state.jobs.submit(req) {
+        Ok(_) => {}
+        Err(SubmitError::QueueFull) => {
+            return Err(ApiError::busy(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the ingest queue is full",
+                5,
+            ));
+        }
+        Err(SubmitError::Spool(e)) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e,
+            ));
+        }
+    }
+    if params.wait {
+        loop {
+            let job = state.jobs.get(&principal.tenant, &id);
+            if job.as_ref().is_some_and(|j| j.state.is_terminal()) {
+                let (status, body) = document_view(&state, &principal, &id).await?;
+                return Ok((status, Json(body)));
+            }
+            if tokio::time::timeout(Duration::from_secs(600), changes.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+    let (_, body) = document_view(&state, &principal, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+/// The document as the API shows it: the ingest job's state when one ran since start-up
+/// and is not ready, else the stored document.
+async fn document_view(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<(StatusCode, Value), ApiError> {
+    let job = state.jobs.get(&principal.tenant, id);
+    let service = state.service.clone();
+    let sid = store_id(principal, id);
+    let tenant = principal.tenant.clone();
+    let stored = blocking(move || {
+        let store = service.store();
+        Ok(store
+            .versions(&sid)
+            .into_iter()
+            .max_by_key(|v| v.version)
+            .and_then(|v| store.doc_info(&v))
+            .filter(|i| i.tenant == tenant))
+    })
+    .await?;
+    match (job, stored) {
+        (Some(job), _) if !matches!(job.state, JobState::Ready { .. }) => {
+            let status = if matches!(job.state, JobState::Failed { .. }) {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let mut body = serde_json::to_value(&job).expect("jobs serialise");
+            body["id"] = json!(id);
+            Ok((status, body))
+        }
+        (job, Some(info)) => {
+            let mut body = json!({
+                "id": id,
+                "state": "ready",
+                "version": info.doc.version,
+                "blocks": info.blocks,
+                "stored_bytes": info.stored_bytes,
+                "raw_bytes": info.raw_bytes,
+                "created_ms": info.created_ms,
+                "last_used_ms": info.state.last_used_ms,
+                "pinned": info.state.pinned,
+                "ttl_ms": info.state.ttl_ms,
+                "active_queries": info.leases,
+            });
+            if let Some(job) = job
+                && let JobState::Ready {
+                    reused_blocks,
+                    tokens,
+                    seconds,
+                    ..
+                } = job.state
+            {
+                body["reused_blocks"] = json!(reused_blocks);
+                body["tokens"] = json!(tokens);
+                body["ingest_seconds"] = json!(seconds);
+            }
+            Ok((StatusCode::OK, body))
+        }
+        (_, None) => Err(ApiError::not_found(format!("document {id} not found"))),
+    }
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Read)?;
+    validate_id(&id)?;
+    let (status, body) = document_view(&state, &principal, &id).await?;
+    Ok((status, Json(body)))
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Query(p): Query<ListParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Read)?;
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request("`limit` must be in 1..=1000"));
+    }
+    let service = state.service.clone();
+    let tenant = principal.tenant.clone();
+    let mut docs = blocking(move || {
+        Ok(service
+            .store()
+            .list()
+            .into_iter()
+            .filter(|d| d.tenant == tenant)
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    docs.sort_by(|a, b| a.doc.doc.cmp(&b.doc.doc));
+    let total = docs.len();
+    let prefix = format!("{}/", principal.tenant);
+    let items: Vec<Value> = docs
+        .into_iter()
+        .skip(p.offset)
+        .take(limit)
+        .map(|d| {
+            json!({
+                "id": d.doc.doc.strip_prefix(&prefix).unwrap_or(&d.doc.doc),
+                "version": d.doc.version,
+                "blocks": d.blocks,
+                "stored_bytes": d.stored_bytes,
+                "pinned": d.state.pinned,
+                "last_used_ms": d.state.last_used_ms,
+            })
+        })
+        .collect();
+    let next = (p.offset + limit < total).then_some(p.offset + limit);
+    Ok(Json(
+        json!({ "documents": items, "total": total, "offset": p.offset, "next_offset": next }),
+    ))
+}
+
+/// Runs `f` on the latest version of the caller's document `id`.
+async fn with_doc<T: Send + 'static>(
+    state: &AppState,
+    principal: &Principal,
+    id: String,
+    f: impl FnOnce(&starkv_cache::BlockStore, starkv_cache::DocRef) -> Result<T, ApiError>
+    + Send
+    + 'static,
+) -> Result<T, ApiError> {
+    validate_id(&id)?;
+    let service = state.service.clone();
+    let sid = store_id(principal, &id);
+    let tenant = principal.tenant.clone();
+    blocking(move || {
+        let store = service.store();
+        let doc = store
+            .versions(&sid)
+            .into_iter()
+            .max_by_key(|v| v.version)
+            .filter(|v| store.doc_info(v).is_some_and(|i| i.tenant == tenant))
+            .ok_or_else(|| ApiError::not_found(format!("document {id} not found")))?;
+        f(store, doc)
+    })
+    .await
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Write)?;
+    let shown = id.clone();
+    with_doc(&state, &principal, id, |store, doc| {
+        store
+            .delete_doc(&doc.doc)
+            .map_err(crate::service::ServiceError::from)?;
+        Ok(())
+    })
+    .await?;
+    metrics::counter!("starkv_documents_deleted_total").increment(1);
+    Ok(Json(json!({ "id": shown, "deleted": true })))
+}
+
+pub async fn pin(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    set_pin(state, principal, id, true).await
+}
+
+pub async fn unpin(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    set_pin(state, principal, id, false).await
+}
+
+async fn set_pin(
+    state: AppState,
+    principal: Principal,
+    id: String,
+    pinned: bool,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(Role::Write)?;
+    let shown = id.clone();
+    with_doc(&state, &principal, id, move |store, doc| {
+        store
+            .set_pinned(&doc, pinned)
+            .map_err(crate::service::ServiceError::from)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({ "id": shown, "pinned": pinned })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlBody {
+    /// Idle seconds after which the document expires; `null` removes the TTL.
+    ttl_seconds: Option<u64>,
+}
+
+pub async fn ttl(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Result<ApiJson<TtlBody>, ApiError>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Write)?;
+    let ApiJson(body) = body?;
+    let shown = id.clone();
+    let ttl_ms = body.ttl_seconds.map(|s| s.saturating_mul(1000));
+    with_doc(&state, &principal, id, move |store, doc| {
+        store
+            .set_ttl(&doc, ttl_ms)
+            .map_err(crate::service::ServiceError::from)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Json(
+        json!({ "id": shown, "ttl_seconds": body.ttl_seconds }),
+    ))
+}
+
+pub async fn stats(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Admin)?;
+    let service = state.service.clone();
+    let s = blocking(move || Ok(service.store().stats())).await?;
+    Ok(Json(json!({
+        "documents": s.documents,
+        "blocks": s.blocks,
+        "store_bytes": s.store_bytes,
+        "bytes_written": s.bytes_written,
+        "blocks_written": s.blocks_written,
+        "blocks_deduplicated": s.blocks_deduplicated,
+        "bytes_read": s.bytes_read,
+        "checksum_failures": s.checksum_failures,
+        "evictions": s.evictions.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "gc_blocks": s.gc_blocks,
+        "repair_pending": s.repair_pending,
+        "ingest_queue_depth": state.jobs.queue_depth(),
+    })))
+}
+
+pub async fn gc(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Admin)?;
+    let service = state.service.clone();
+    let report = blocking(move || {
+        service
+            .store()
+            .gc()
+            .map_err(|e| crate::service::ServiceError::from(e).into())
+    })
+    .await?;
+    Ok(Json(
+        json!({ "scanned": report.scanned, "deleted": report.deleted, "bytes_freed": report.bytes_freed }),
+    ))
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

@@ -1,0 +1,245 @@
+//! `POST /v1/documents/{id}/query`: an answer over a stored document, whole or streamed.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use starkv_compute::sampling::SamplingParams;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::auth::Principal;
+use super::documents::validate_id;
+use super::error::ApiError;
+use super::{ApiJson, AppState};
+use crate::config::Role;
+use crate::service::{QueryOutcome, QueryRequest};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryBody {
+    question: String,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Vec<String>,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// Validated parameters shared with the OpenAI-compatible endpoint.
+pub struct Ask {
+    pub store_id: String,
+    pub tenant: String,
+    pub request: QueryRequest,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn validate_ask(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    question: String,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    seed: Option<u64>,
+    stop: Vec<String>,
+) -> Result<Ask, ApiError> {
+    principal.require(Role::Read)?;
+    validate_id(id)?;
+    if question.trim().is_empty() {
+        return Err(ApiError::bad_request("the question is empty"));
+    }
+    let cap = state.config.max_tokens_cap;
+    let max_tokens = max_tokens.unwrap_or(256.min(cap));
+    if max_tokens == 0 || max_tokens > cap {
+        return Err(ApiError::bad_request(format!(
+            "`max_tokens` must be in 1..={cap}"
+        )));
+    }
+    let sampling = SamplingParams {
+        temperature: temperature.unwrap_or(0.0),
+        top_k: top_k.unwrap_or(0),
+        top_p: top_p.unwrap_or(1.0),
+        seed: seed.unwrap_or(0),
+    };
+    sampling
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if stop.len() > 8 || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(ApiError::bad_request(
+            "`stop` takes up to 8 non-empty strings of at most 256 bytes",
+        ));
+    }
+    Ok(Ask {
+        store_id: format!("{}/{id}", principal.tenant),
+        tenant: principal.tenant.clone(),
+        request: QueryRequest {
+            question,
+            max_tokens,
+            sampling,
+            stop,
+        },
+    })
+}
+
+/// What a query produced: streamed pieces, then the outcome (or an error).
+pub enum Piece {
+    Text(String),
+    Done(Box<Result<QueryOutcome, ApiError>>),
+}
+
+/// Runs a query on a worker thread, sending pieces as they are final. Takes a query
+/// permit first: over the concurrency limit the answer is 503 with Retry-After.
+pub fn start_query(
+    state: &AppState,
+    ask: Ask,
+) -> Result<tokio::sync::mpsc::Receiver<Piece>, ApiError> {
+    let permit = state.queries.clone().try_acquire_owned().map_err(|_| {
+        ApiError::busy(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many queries are running; retry shortly",
+            1,
+        )
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let service = state.service.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let started = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service.query(&ask.store_id, &ask.tenant, &ask.request, &mut |piece| {
+                tx.blocking_send(Piece::Text(piece.to_string())).is_ok()
+            })
+        }))
+        .unwrap_or_else(|_| {
+            Err(crate::service::ServiceError::Internal(
+                "the query panicked".into(),
+            ))
+        });
+        let result = match outcome {
+            Ok(o) => {
+                metrics::counter!("starkv_query_total", "result" => "ok").increment(1);
+                metrics::histogram!("starkv_query_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("starkv_query_first_token_seconds")
+                    .record(o.first_token.as_secs_f64());
+                metrics::histogram!("starkv_query_load_seconds").record(o.load.as_secs_f64());
+                metrics::counter!("starkv_generated_tokens_total")
+                    .increment(o.generated_tokens as u64);
+                let decode = (o.total - o.first_token).as_secs_f64();
+                if o.generated_tokens > 1 && decode > 0.0 {
+                    metrics::gauge!("starkv_decode_tokens_per_second")
+                        .set((o.generated_tokens - 1) as f64 / decode);
+                }
+                Ok(o)
+            }
+            Err(e) => {
+                metrics::counter!("starkv_query_total", "result" => "error").increment(1);
+                Err(ApiError::from(e))
+            }
+        };
+        let _ = tx.blocking_send(Piece::Done(Box::new(result)));
+    });
+    Ok(rx)
+}
+
+/// Collects a whole answer.
+pub async fn finish(mut rx: tokio::sync::mpsc::Receiver<Piece>) -> Result<QueryOutcome, ApiError> {
+    while let Some(piece) = rx.recv().await {
+        if let Piece::Done(result) = piece {
+            return *result;
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the query ended without a result",
+    ))
+}
+
+pub fn outcome_json(o: &QueryOutcome) -> serde_json::Value {
+    json!({
+        "answer": o.answer,
+        "stop_reason": format!("{:?}", o.stop_reason),
+        "usage": {
+            "cached_context_tokens": o.context_tokens,
+            "query_tokens": o.query_tokens,
+            "generated_tokens": o.generated_tokens,
+        },
+        "timings": {
+            "load_ms": o.load.as_secs_f64() * 1e3,
+            "first_token_ms": o.first_token.as_secs_f64() * 1e3,
+            "total_ms": o.total.as_secs_f64() * 1e3,
+        },
+        "repaired_blocks": o.repaired_blocks,
+    })
+}
+
+pub async fn query(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Result<ApiJson<QueryBody>, ApiError>,
+) -> Result<Response, ApiError> {
+    let ApiJson(b) = body?;
+    let ask = validate_ask(
+        &state,
+        &principal,
+        &id,
+        b.question,
+        b.max_tokens,
+        b.temperature,
+        b.top_p,
+        b.top_k,
+        b.seed,
+        b.stop,
+    )?;
+    let mut rx = start_query(&state, ask)?;
+    if !b.stream {
+        let outcome = finish(rx).await?;
+        let mut body = outcome_json(&outcome);
+        body["id"] = json!(id);
+        return Ok(Json(body).into_response());
+    }
+    // Errors before the first piece (unknown document...) still get a proper status.
+    let first = rx.recv().await;
+    if let Some(Piece::Done(result)) = &first
+        && let Err(e) = result.as_ref()
+    {
+        return Err(ApiError {
+            status: e.status,
+            code: e.code,
+            message: e.message.clone(),
+            retry_after: e.retry_after,
+        });
+    }
+    let head = tokio_stream::iter(first);
+    let events = head.chain(ReceiverStream::new(rx)).map(|piece| {
+        let event = match piece {
+            Piece::Text(text) => Event::default()
+                .event("token")
+                .data(json!({ "text": text }).to_string()),
+            Piece::Done(result) => match *result {
+                Ok(o) => Event::default()
+                    .event("done")
+                    .data(outcome_json(&o).to_string()),
+                Err(e) => Event::default()
+                    .event("error")
+                    .data(json!({ "error": { "code": e.code, "message": e.message } }).to_string()),
+            },
+        };
+        Ok::<_, Infallible>(event)
+    });
+    Ok(Sse::new(events).into_response())
+}

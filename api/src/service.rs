@@ -1,0 +1,463 @@
+//! The service core, without HTTP: ingest a document into the store with Star Attention
+//! phase 1, and answer questions over a stored document with phase 2.
+//!
+//! Everything here is blocking (model compute, RocksDB); the HTTP layer calls it from
+//! worker threads, never from async tasks.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use starkv_cache::{BlockKey, BlockStore, DType, DocRef, DocSpec, Tensor};
+use starkv_compute::LoadedModel;
+use starkv_compute::cpu::attention::HeadShape;
+use starkv_compute::generate::{GenerateParams, StopReason, generate};
+use starkv_compute::prompt;
+use starkv_compute::sampling::SamplingParams;
+use starkv_compute::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
+
+/// Layout of stored KV: per layer one tensor `[2 (K, V), kv_heads, tokens, head_dim]`,
+/// K rotated at global positions. Part of every block key: changing it re-encodes.
+pub const KV_LAYOUT_VERSION: u32 = 1;
+/// Stored KV precision (halves the bytes of f32; the attention math stays f32).
+const KV_DTYPE: DType = DType::F16;
+
+/// Why a service call failed; the HTTP layer maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<starkv_cache::Error> for ServiceError {
+    fn from(e: starkv_cache::Error) -> Self {
+        match e {
+            starkv_cache::Error::NotFound { .. } => ServiceError::NotFound(e.to_string()),
+            starkv_cache::Error::InvalidArgument(m) => ServiceError::Invalid(m),
+            other if other.to_string().contains("quota") => {
+                ServiceError::QuotaExceeded(other.to_string())
+            }
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<starkv_compute::Error> for ServiceError {
+    fn from(e: starkv_compute::Error) -> Self {
+        match e {
+            starkv_compute::Error::InvalidInput(m) => ServiceError::Invalid(m),
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// An ingest request, validated by the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct IngestRequest {
+    pub id: String,
+    pub tenant: String,
+    pub text: String,
+    pub block_size: usize,
+    pub anchor_size: usize,
+    pub pinned: bool,
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestOutcome {
+    pub doc: DocRef,
+    pub tokens: usize,
+    pub blocks: usize,
+    /// Blocks whose content key was already stored (not re-encoded).
+    pub reused_blocks: usize,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryRequest {
+    pub question: String,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryOutcome {
+    pub answer: String,
+    pub stop_reason: StopReason,
+    pub context_tokens: usize,
+    pub query_tokens: usize,
+    pub generated_tokens: usize,
+    pub load: Duration,
+    pub first_token: Duration,
+    pub total: Duration,
+    /// Blocks that failed verification and were re-encoded from the stored source tokens.
+    pub repaired_blocks: usize,
+}
+
+/// The loaded model and the store, shared by all requests.
+pub struct Service {
+    model: LoadedModel,
+    model_id: String,
+    model_fingerprint: Vec<u8>,
+    store: BlockStore,
+    /// Decoded, compute-ready blocks by content key (the store's own hot tier holds
+    /// the f16 tensors; this saves the conversion on repeat queries).
+    ready: Mutex<ReadyBlocks>,
+}
+
+impl Service {
+    pub fn new(
+        model: LoadedModel,
+        model_path: &Path,
+        store: BlockStore,
+        ready_budget_bytes: usize,
+    ) -> ServiceResult<Self> {
+        let model_fingerprint = file_fingerprint(model_path)?;
+        let model_id = model_path
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        Ok(Self {
+            model,
+            model_id,
+            model_fingerprint,
+            store,
+            ready: Mutex::new(ReadyBlocks::new(ready_budget_bytes)),
+        })
+    }
+
+    pub fn store(&self) -> &BlockStore {
+        &self.store
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
+    fn shape(&self) -> HeadShape {
+        self.model.model.head_shape()
+    }
+
+    fn n_layers(&self) -> usize {
+        self.model.model.config().n_layers
+    }
+
+    /// Context tokens of a document text (what ingest stores and encodes).
+    pub fn document_tokens(&self, text: &str) -> ServiceResult<Vec<u32>> {
+        Ok(prompt::document_context(&self.model.tokenizer, None, text)?)
+    }
+
+    /// Phase 1: encodes the blocks whose content key is not stored yet, then publishes the
+    /// document (blocks first, manifest last). `progress(done, total)` follows the blocks.
+    pub fn ingest(
+        &self,
+        req: &IngestRequest,
+        tokens: Vec<u32>,
+        progress: &dyn Fn(usize, usize),
+    ) -> ServiceResult<IngestOutcome> {
+        let started = Instant::now();
+        let config = StarConfig {
+            block_size: req.block_size,
+            anchor_size: req.anchor_size,
+        };
+        let model = &self.model.model;
+        let phase1 = Phase1::new(model, &tokens, config)?;
+        let mut spec = DocSpec::new(req.id.clone(), req.tenant.clone());
+        spec.model_fingerprint = self.model_fingerprint.clone();
+        spec.tokenizer_fingerprint = self.model.tokenizer.fingerprint().to_vec();
+        spec.kv_layout_version = KV_LAYOUT_VERSION;
+        spec.dtype = KV_DTYPE;
+        spec.block_size = req.block_size as u32;
+        spec.anchor_size = req.anchor_size as u32;
+        spec.source_tokens = tokens.clone();
+        spec.pinned = req.pinned;
+        spec.ttl_ms = req.ttl_ms;
+        let mut ingest = self.store.begin_ingest(spec)?;
+        let anchor_tokens = phase1.anchor_tokens().to_vec();
+        let n_blocks = phase1.n_blocks();
+        let mut anchor: Option<BlockKv> = None;
+        let mut reused = 0;
+        progress(0, n_blocks);
+        for i in 0..n_blocks {
+            let range = phase1.block_range(i);
+            let key = ingest.block_key(&anchor_tokens, &tokens[range.clone()], range.start as u64);
+            if ingest.reuse_block(key, range.start as u64, range.len() as u32) {
+                reused += 1;
+            } else {
+                let anchor_kv = match (&anchor, i) {
+                    (_, 0) => BlockKv::new(0, 0, self.shape(), 0),
+                    (Some(a), _) => a.clone(),
+                    (None, _) => {
+                        let a = phase1.encode_anchor()?;
+                        anchor = Some(a.clone());
+                        a
+                    }
+                };
+                let block = phase1.encode_block(i, &anchor_kv)?;
+                if i == 0 && anchor.is_none() {
+                    anchor = Some(block.prefix(anchor_tokens.len()));
+                }
+                ingest.put_block(
+                    key,
+                    range.start as u64,
+                    range.len() as u32,
+                    &to_tensors(&block)?,
+                )?;
+            }
+            progress(i + 1, n_blocks);
+        }
+        let doc = ingest.commit()?;
+        Ok(IngestOutcome {
+            doc,
+            tokens: tokens.len(),
+            blocks: n_blocks,
+            reused_blocks: reused,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Phase 2: answers `req` over the stored blocks of `doc` (which must belong to
+    /// `tenant`). A block that fails verification is re-encoded from the stored source
+    /// tokens, written back, and used: the answer is unaffected.
+    pub fn query(
+        &self,
+        doc: &str,
+        tenant: &str,
+        req: &QueryRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> ServiceResult<QueryOutcome> {
+        let started = Instant::now();
+        let lease = self.store.open_doc(doc)?;
+        let manifest = lease.manifest().clone();
+        if manifest.tenant != tenant {
+            return Err(ServiceError::NotFound(format!("document {doc} not found")));
+        }
+        if manifest.model_fingerprint != self.model_fingerprint {
+            return Err(ServiceError::Conflict(format!(
+                "document {doc} was encoded with another model; re-ingest it to query with {}",
+                self.model_id
+            )));
+        }
+        let tokens = lease.source_tokens()?;
+        let config = StarConfig {
+            block_size: manifest.block_size as usize,
+            anchor_size: manifest.anchor_size as usize,
+        };
+        let mut blocks = Vec::with_capacity(lease.num_blocks());
+        let mut repaired = 0;
+        for (i, block_ref) in manifest.blocks.iter().enumerate() {
+            if let Some(ready) = self
+                .ready
+                .lock()
+                .expect("ready-block cache lock")
+                .get(&block_ref.key)
+            {
+                blocks.push(ready);
+                continue;
+            }
+            let kv = match lease.read_block(i) {
+                Ok(layers) => from_tensors(&layers, block_ref.start as usize, self.shape())?,
+                Err(e) if is_corruption(&e) => {
+                    tracing::warn!(doc, block = i, error = %e, "repairing a corrupt block from its source tokens");
+                    let phase1 = Phase1::new(&self.model.model, &tokens, config)?;
+                    let anchor = phase1.encode_anchor()?;
+                    let kv = phase1.encode_block(i, &anchor)?;
+                    self.store.repair_block(block_ref.key, &to_tensors(&kv)?)?;
+                    metrics::counter!("starkv_blocks_repaired_total").increment(1);
+                    repaired += 1;
+                    kv
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let kv = Arc::new(kv);
+            self.ready
+                .lock()
+                .expect("ready-block cache lock")
+                .insert(block_ref.key, kv.clone());
+            blocks.push(kv);
+        }
+        let load = started.elapsed();
+        let context_tokens = tokens.len();
+        let query_ids = prompt::question_query(&self.model.tokenizer, &req.question)?;
+        let shard = CpuShard::new(blocks, self.shape());
+        let mut attention = QueryAttention::new(
+            vec![&shard],
+            self.n_layers(),
+            self.shape(),
+            query_ids.len() + req.max_tokens,
+        );
+        let params = GenerateParams {
+            max_tokens: req.max_tokens,
+            sampling: req.sampling.clone(),
+            stop: req.stop.clone(),
+        };
+        let generation = generate(
+            &self.model.model,
+            &self.model.tokenizer,
+            &query_ids,
+            context_tokens,
+            &mut attention,
+            &params,
+            on_text,
+        )?;
+        drop(lease);
+        Ok(QueryOutcome {
+            answer: generation.text,
+            stop_reason: generation.stop_reason,
+            context_tokens,
+            query_tokens: query_ids.len(),
+            generated_tokens: generation.ids.len(),
+            load,
+            first_token: load + generation.prefill,
+            total: started.elapsed(),
+            repaired_blocks: repaired,
+        })
+    }
+
+    /// Drops compute-ready copies (e.g. after eviction); the store's own tiers are separate.
+    pub fn forget_ready_blocks(&self) {
+        self.ready.lock().expect("ready-block cache lock").clear();
+    }
+}
+
+fn is_corruption(e: &starkv_cache::Error) -> bool {
+    matches!(
+        e,
+        starkv_cache::Error::Corrupt { .. } | starkv_cache::Error::MissingBlock { .. }
+    )
+}
+
+/// SHA-256 of the model file: two servers with the same file share stored blocks.
+fn file_fingerprint(path: &Path) -> ServiceResult<Vec<u8>> {
+    use std::io::Read;
+    let io = |e: std::io::Error| ServiceError::Internal(format!("reading {}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_vec())
+}
+
+/// One tensor per layer: `[2, kv_heads, tokens, head_dim]`, K then V.
+fn to_tensors(block: &BlockKv) -> ServiceResult<Vec<Tensor>> {
+    let s = block.shape;
+    block
+        .layers
+        .iter()
+        .map(|(k, v)| {
+            Tensor::kv_layer(
+                KV_DTYPE,
+                s.n_kv_heads as u32,
+                block.len as u32,
+                s.head_dim as u32,
+                k,
+                v,
+            )
+            .map_err(|e| ServiceError::Internal(e.to_string()))
+        })
+        .collect()
+}
+
+fn from_tensors(layers: &[Arc<Tensor>], start: usize, shape: HeadShape) -> ServiceResult<BlockKv> {
+    let first = layers
+        .first()
+        .ok_or_else(|| ServiceError::Internal("a stored block has no layers".into()))?;
+    let dims = first.shape();
+    if dims.len() != 4
+        || dims[0] != 2
+        || dims[1] as usize != shape.n_kv_heads
+        || dims[3] as usize != shape.head_dim
+    {
+        return Err(ServiceError::Conflict(format!(
+            "stored KV shape {dims:?} does not fit the model"
+        )));
+    }
+    let len = dims[2] as usize;
+    let mut block = BlockKv::new(start, len, shape, layers.len());
+    for (l, t) in layers.iter().enumerate() {
+        let mut values = t.to_f32();
+        let v = values.split_off(values.len() / 2);
+        block.layers[l] = (values, v);
+    }
+    Ok(block)
+}
+
+/// A byte-bounded LRU of compute-ready blocks.
+struct ReadyBlocks {
+    budget: usize,
+    bytes: usize,
+    tick: u64,
+    entries: HashMap<BlockKey, (Arc<BlockKv>, u64)>,
+}
+
+impl ReadyBlocks {
+    fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            bytes: 0,
+            tick: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, key: &BlockKey) -> Option<Arc<BlockKv>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.entries.get_mut(key).map(|(b, t)| {
+            *t = tick;
+            b.clone()
+        })
+    }
+
+    fn insert(&mut self, key: BlockKey, block: Arc<BlockKv>) {
+        let size = block.n_bytes();
+        if size > self.budget {
+            return;
+        }
+        while self.bytes + size > self.budget {
+            let Some((&oldest, _)) = self.entries.iter().min_by_key(|(_, (_, t))| *t) else {
+                break;
+            };
+            if let Some((b, _)) = self.entries.remove(&oldest) {
+                self.bytes -= b.n_bytes();
+            }
+        }
+        self.tick += 1;
+        self.bytes += size;
+        if let Some((old, _)) = self.entries.insert(key, (block, self.tick)) {
+            self.bytes -= old.n_bytes();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
+/// Paths the server keeps under its data directory.
+pub fn store_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("store")
+}

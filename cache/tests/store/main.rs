@@ -1,0 +1,10 @@
+//! Integration tests of the cache crate, one binary (`cargo test -p starkv-cache`).
+//! Every store-level test runs on both engines unless it tests RocksDB specifically.
+
+mod concurrent;
+mod crash;
+mod eviction;
+mod integrity;
+mod metrics_emitted;
+mod roundtrip;
+mod util;

@@ -1,0 +1,62 @@
+//! `starkv serve`: the HTTP service. Settings: embedded defaults, then `--config FILE`
+//! (TOML), then environment variables and flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use starkv_api::ServerConfig;
+
+use super::GlobalArgs;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A TOML config file (see README: every `ServerConfig` field).
+    #[arg(long, env = "STARKV_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address and port to listen on (default 127.0.0.1:8700).
+    #[arg(long, env = "STARKV_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// RocksDB shards for a new store.
+    #[arg(long, env = "STARKV_SHARDS")]
+    shards: Option<usize>,
+    /// Default block size for ingest.
+    #[arg(long, env = "STARKV_BLOCK_SIZE")]
+    block_size: Option<usize>,
+    /// Store byte budget (eviction above it).
+    #[arg(long, env = "STARKV_STORE_BUDGET_BYTES")]
+    store_budget_bytes: Option<u64>,
+}
+
+pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
+    let mut config = ServerConfig::load(args.config.as_deref())?;
+    if let Some(dir) = &global.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(model) = &global.model {
+        config.model = Some(model.clone());
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(shards) = args.shards {
+        config.shards = shards;
+    }
+    if let Some(b) = args.block_size {
+        config.block_size = b;
+    }
+    if args.store_budget_bytes.is_some() {
+        config.store_budget_bytes = args.store_budget_bytes;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(starkv_api::serve(config, |addr| {
+        // Scripts wait for this line (tests parse the port from it).
+        println!("starkv listening on http://{addr}");
+    }))?;
+    Ok(ExitCode::SUCCESS)
+}
