@@ -4,4 +4,5 @@
 
 mod cli;
 mod model_vectors;
+mod service;
 mod util;

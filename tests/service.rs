@@ -1,0 +1,547 @@
+//! End-to-end: the real `starkv serve` binary on a loopback port with a temporary data
+//! directory and the real default model.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::util::{data_dir, model_path};
+
+/// A running server; killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(dir: &Path, extra: &[&str]) -> Server {
+        let model = model_path();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_starkv"))
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--model",
+                model.to_str().unwrap(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting starkv serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(url) = line.strip_prefix("starkv listening on http://") {
+                break url.to_string();
+            }
+        };
+        Server { child, addr }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Vec<u8>) {
+        let mut stream = TcpStream::connect(&self.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .unwrap();
+        let body = body.unwrap_or_default();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        let _ = stream.write_all(body);
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head");
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut body = raw[split + 4..].to_vec();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            body = dechunk(&body);
+        }
+        (status, body)
+    }
+
+    fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let (status, raw) = self.request(
+            method,
+            path,
+            bytes.as_deref(),
+            &[("Content-Type", "application/json")],
+        );
+        let value = serde_json::from_slice(&raw).unwrap_or_else(|_| {
+            panic!(
+                "{method} {path}: not JSON ({status}): {}",
+                String::from_utf8_lossy(&raw)
+            )
+        });
+        (status, value)
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, raw) = self.request("GET", "/metrics", None, &[]);
+        String::from_utf8_lossy(&raw)
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&body[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&body[eol + 2..eol + 2 + size]);
+        body = &body[eol + 4 + size..];
+    }
+    out
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = data_dir().join(format!("service-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Paragraphs of filler with one fact; paragraph 9 can be replaced to test reuse.
+fn document(edited: Option<&str>) -> String {
+    let mut paragraphs: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "Chapter {i}. The harbour town kept its lamps lit through the long winter. Fishing boats left before dawn \
+                 and returned at noon, and the market square filled with traders selling rope, salt and bread. \
+                 Children ran along the sea wall while the gulls circled the old lighthouse number {i}."
+            )
+        })
+        .collect();
+    paragraphs[5] = "The special magic number for the harbour town is 6194027. Remember it.".into();
+    if let Some(text) = edited {
+        paragraphs[9] = text.into();
+    }
+    paragraphs.join("\n\n")
+}
+
+const QUESTION: &str = "What is the special magic number for the harbour town?";
+
+#[test]
+fn ingest_ask_restart_edit_and_delete() {
+    let dir = temp_dir("lifecycle");
+    let server = Server::start(&dir, &[]);
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": "harbour", "text": document(None), "block_size": 96 })),
+    );
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["state"], "ready", "{doc}");
+    let blocks = doc["blocks"].as_u64().unwrap();
+    assert!(blocks >= 4, "{doc}");
+    assert_eq!(doc["reused_blocks"], 0);
+    let (status, answer) = server.json(
+        "POST",
+        "/v1/documents/harbour/query",
+        Some(json!({ "question": QUESTION, "max_tokens": 24 })),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["answer"].as_str().unwrap().contains("6194027"),
+        "{answer}"
+    );
+    assert!(answer["usage"]["cached_context_tokens"].as_u64().unwrap() > 300);
+    assert!(server.metric("starkv_blocks_encoded_total") >= blocks as f64);
+    server.kill();
+
+    // Restart: the answer comes from the store, nothing is encoded again.
+    let server = Server::start(&dir, &[]);
+    let (status, again) = server.json(
+        "POST",
+        "/v1/documents/harbour/query",
+        Some(json!({ "question": QUESTION, "max_tokens": 24 })),
+    );
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        again["answer"], answer["answer"],
+        "same greedy answer after a restart"
+    );
+    assert_eq!(
+        server.metric("starkv_blocks_encoded_total"),
+        0.0,
+        "a restart must not re-encode"
+    );
+    assert_eq!(server.metric("starkv_blocks_repaired_total"), 0.0);
+
+    // Edit one paragraph far from the anchor without changing its length: only the blocks
+    // it touches are re-encoded. (An edit that changes the token count shifts the global
+    // positions of everything after it, so those blocks are new content by definition.)
+    let original = document(None).split("\n\n").nth(9).unwrap().to_string();
+    let edited = document(Some(
+        &original.replace("lighthouse number 9", "lighthouse number 4"),
+    ));
+    let (status, doc2) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": "harbour", "text": edited, "block_size": 96 })),
+    );
+    assert_eq!(status, 200, "{doc2}");
+    let (total, reused) = (
+        doc2["blocks"].as_u64().unwrap(),
+        doc2["reused_blocks"].as_u64().unwrap(),
+    );
+    assert!(
+        reused >= total - 2 && reused < total,
+        "re-ingest reused {reused} of {total} blocks"
+    );
+    assert_eq!(doc2["version"], 2);
+
+    // Delete, then the document answers 404 everywhere.
+    let (status, _) = server.json("DELETE", "/v1/documents/harbour", None);
+    assert_eq!(status, 200);
+    let (status, err) = server.json(
+        "POST",
+        "/v1/documents/harbour/query",
+        Some(json!({ "question": QUESTION })),
+    );
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(err["error"]["code"], "not_found");
+    let (status, _) = server.json("GET", "/v1/documents/harbour", None);
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
+    let dir = temp_dir("bad-input");
+    let server = Server::start(&dir, &[]);
+    let ct = [("Content-Type", "application/json")];
+    let huge = vec![b'a'; 17 << 20];
+    let cases: Vec<(&str, &str, Option<Vec<u8>>, &[(&str, &str)], u16)> = vec![
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{not json".to_vec()),
+            &ct,
+            400,
+        ),
+        ("POST", "/v1/documents", Some(Vec::new()), &ct, 400),
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"hi\"}".to_vec()),
+            &[],
+            415,
+        ),
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"\"}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{\"text\": 5}".to_vec()),
+            &ct,
+            422,
+        ),
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"x\", \"id\": \"../etc\"}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"x\", \"block_size\": 0}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"x\", \"block_size\": 8, \"anchor_size\": 9}".to_vec()),
+            &ct,
+            400,
+        ),
+        ("POST", "/v1/documents", Some(huge), &ct, 413),
+        ("GET", "/v1/documents/unknown-doc", None, &[], 404),
+        (
+            "POST",
+            "/v1/documents/unknown-doc/query",
+            Some(b"{\"question\": \"q\"}".to_vec()),
+            &ct,
+            404,
+        ),
+        (
+            "POST",
+            "/v1/documents/x/query",
+            Some(b"{\"question\": \"q\", \"max_tokens\": 0}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents/x/query",
+            Some(b"{\"question\": \"q\", \"max_tokens\": 100000}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents/x/query",
+            Some(b"{\"question\": \"q\", \"temperature\": -1}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents/x/query",
+            Some(b"{\"question\": \"q\", \"top_p\": 2}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents/x/query",
+            Some(b"{\"question\": \"\"}".to_vec()),
+            &ct,
+            400,
+        ),
+        ("GET", "/v1/documents?limit=0", None, &[], 400),
+        ("GET", "/v1/nothing-here", None, &[], 404),
+        ("PUT", "/v1/documents", Some(b"{}".to_vec()), &ct, 405),
+        (
+            "POST",
+            "/v1/chat/completions",
+            Some(b"{\"model\": \"x\", \"messages\": []}".to_vec()),
+            &ct,
+            400,
+        ),
+    ];
+    for (method, path, body, headers, want) in cases {
+        let (status, raw) = server.request(method, path, body.as_deref(), headers);
+        let shown = String::from_utf8_lossy(&raw[..raw.len().min(200)]).to_string();
+        assert_eq!(status, want, "{method} {path}: {shown}");
+        let value: Value = serde_json::from_slice(&raw)
+            .unwrap_or_else(|_| panic!("{method} {path}: body is not JSON: {shown}"));
+        assert!(
+            value["error"]["code"].is_string() && value["error"]["message"].is_string(),
+            "{method} {path}: {value}"
+        );
+    }
+    let (status, health) = server.json("GET", "/healthz", None);
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+}
+
+#[test]
+fn api_keys_roles_and_tenants() {
+    let dir = temp_dir("auth");
+    let config = dir.join("starkv.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[api_keys]]
+key = "writer-a"
+role = "write"
+tenant = "a"
+[[api_keys]]
+key = "reader-a"
+role = "read"
+tenant = "a"
+[[api_keys]]
+key = "writer-b"
+role = "write"
+tenant = "b"
+"#,
+    )
+    .unwrap();
+    let server = Server::start(&dir, &["--config", config.to_str().unwrap()]);
+    let post = |key: &str, path: &str, body: &str| {
+        let auth = format!("Bearer {key}");
+        server.request(
+            "POST",
+            path,
+            Some(body.as_bytes()),
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", &auth),
+            ],
+        )
+    };
+    let body = json!({ "id": "notes", "text": "The code word is heliotrope.", "block_size": 64 })
+        .to_string();
+    assert_eq!(
+        server
+            .request(
+                "POST",
+                "/v1/documents",
+                Some(body.as_bytes()),
+                &[("Content-Type", "application/json")]
+            )
+            .0,
+        401
+    );
+    assert_eq!(post("wrong-key", "/v1/documents", &body).0, 401);
+    assert_eq!(
+        post("reader-a", "/v1/documents", &body).0,
+        403,
+        "read keys cannot ingest"
+    );
+    let (status, raw) = post("writer-a", "/v1/documents?wait=true", &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&raw));
+    let q = json!({ "question": "What is the code word?", "max_tokens": 8 }).to_string();
+    assert_eq!(post("reader-a", "/v1/documents/notes/query", &q).0, 200);
+    let (status, raw) = post("writer-b", "/v1/documents/notes/query", &q);
+    assert_eq!(
+        status,
+        404,
+        "another tenant's document does not exist for b: {}",
+        String::from_utf8_lossy(&raw)
+    );
+}
+
+/// SIGKILL while a document is being ingested; after a restart it is absent or complete
+/// at every moment, and the acknowledged ingest finishes from the spool.
+#[test]
+fn sigkill_during_ingest_never_leaves_a_partial_document() {
+    let dir = temp_dir("sigkill");
+    let server = Server::start(&dir, &[]);
+    let long: String = (0..12)
+        .map(|i| format!("Section {i}: {}\n\n", document(None)))
+        .collect();
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents",
+        Some(json!({ "id": "long", "text": long, "block_size": 256 })),
+    );
+    assert_eq!(status, 202, "{doc}");
+    // Kill once some blocks are written but before the ingest can finish.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, d) = server.json("GET", "/v1/documents/long", None);
+        if d["blocks_done"].as_u64().unwrap_or(0) >= 2 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.kill();
+    let server = Server::start(&dir, &[]);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (status, d) = server.json("GET", "/v1/documents/long", None);
+        match d["state"].as_str() {
+            Some("ready") => {
+                let (_, list) = server.json("GET", "/v1/documents", None);
+                assert_eq!(list["total"], 1);
+                assert!(d["blocks"].as_u64().unwrap() >= 8, "{d}");
+                break;
+            }
+            Some("queued") | Some("ingesting") => assert_eq!(status, 202),
+            _ => assert_eq!(status, 404, "absent or complete, nothing in between: {d}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spooled ingest did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The official `openai` Python client works unchanged against /v1.
+#[test]
+fn openai_python_client_works_unchanged() {
+    let dir = temp_dir("openai");
+    let server = Server::start(&dir, &[]);
+    let (status, _) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": "harbour", "text": document(None), "block_size": 128 })),
+    );
+    assert_eq!(status, 200);
+    let script = format!(
+        r#"
+import openai
+client = openai.OpenAI(base_url="http://{addr}/v1", api_key="unused")
+models = [m.id for m in client.models.list()]
+assert "harbour" in models, models
+r = client.chat.completions.create(model="harbour", messages=[{{"role": "user", "content": "{q}"}}], max_tokens=24, temperature=0)
+print("ANSWER:" + r.choices[0].message.content)
+stream = client.chat.completions.create(model="harbour", messages=[{{"role": "user", "content": "{q}"}}], max_tokens=24, stream=True)
+print("STREAM:" + "".join(c.choices[0].delta.content or "" for c in stream))
+"#,
+        addr = server.addr,
+        q = QUESTION
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "openai client failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ANSWER:"))
+        .unwrap();
+    let streamed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("STREAM:"))
+        .unwrap();
+    assert!(answer.contains("6194027"), "{answer}");
+    assert_eq!(answer, streamed, "streamed and whole answers agree");
+}
