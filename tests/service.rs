@@ -131,10 +131,7 @@ impl Drop for Server {
 
 fn dechunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
         let size =
             usize::from_str_radix(String::from_utf8_lossy(&body[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
@@ -263,7 +260,14 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
     let server = Server::start(&dir, &[]);
     let ct = [("Content-Type", "application/json")];
     let huge = vec![b'a'; 17 << 20];
-    let cases: Vec<(&str, &str, Option<Vec<u8>>, &[(&str, &str)], u16)> = vec![
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<Vec<u8>>,
+        &'a [(&'a str, &'a str)],
+        u16,
+    );
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/v1/documents",
@@ -544,4 +548,109 @@ print("STREAM:" + "".join(c.choices[0].delta.content or "" for c in stream))
         .unwrap();
     assert!(answer.contains("6194027"), "{answer}");
     assert_eq!(answer, streamed, "streamed and whole answers agree");
+}
+
+/// The operator CLI against a running server and against the stopped server's data
+/// directory: ingest, ask, list, evict (then 404), exit codes.
+#[test]
+fn operator_cli_ingest_ask_evict_and_offline_listing() {
+    let dir = temp_dir("cli");
+    let server = Server::start(&dir, &[]);
+    let url = format!("http://{}", server.addr);
+    let file = dir.join("harbour.txt");
+    std::fs::write(&file, document(None)).unwrap();
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_starkv"))
+            .args(["--data-dir", dir.to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("starkv")
+    };
+    let out = cli(&[
+        "ingest",
+        file.to_str().unwrap(),
+        "--id",
+        "harbour",
+        "--block-size",
+        "128",
+        "--server",
+        &url,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(doc["state"], "ready");
+    let out = cli(&[
+        "ask",
+        "harbour",
+        QUESTION,
+        "--max-tokens",
+        "24",
+        "--server",
+        &url,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("6194027"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = cli(&["ls", "--server", &url, "--json"]);
+    let list: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(list["total"], 1);
+    let out = cli(&["evict", "--lru", "1", "--server", &url, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _) = server.json(
+        "POST",
+        "/v1/documents/harbour/query",
+        Some(json!({ "question": QUESTION })),
+    );
+    assert_eq!(status, 404, "evicted documents answer 404");
+    let out = cli(&["show", "harbour", "--server", &url]);
+    assert_eq!(out.status.code(), Some(3), "not found exits with 3");
+    // Re-ingest, stop the server, and work on the data directory directly.
+    let out = cli(&[
+        "ingest",
+        file.to_str().unwrap(),
+        "--id",
+        "harbour2",
+        "--block-size",
+        "128",
+        "--server",
+        &url,
+        "--json",
+    ]);
+    assert!(out.status.success());
+    server.kill();
+    let out = cli(&["ls", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(list["documents"][0]["id"], "harbour2");
+    let out = cli(&["verify", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["rm", "harbour2", "--json"]);
+    assert!(out.status.success());
+    let out = cli(&["show", "harbour2"]);
+    assert_eq!(out.status.code(), Some(3));
+    let out = cli(&["ls", "--server", "http://127.0.0.1:9", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "an unreachable server exits with 5"
+    );
 }

@@ -9,6 +9,7 @@
 //!
 //! Only this crate (and the binary) knows HTTP and JSON.
 
+pub mod admin;
 pub mod config;
 pub mod http;
 pub mod jobs;

@@ -330,6 +330,32 @@ impl Service {
         })
     }
 
+    /// Re-encodes every block the store has marked for repair (a failed checksum) from
+    /// the stored source tokens of a document that references it. Returns how many.
+    pub fn repair_pending(&self) -> ServiceResult<usize> {
+        let mut repaired = 0;
+        for item in self.store.repair_queue() {
+            let Some((doc, block_ref)) = item.docs.first() else {
+                continue;
+            };
+            let lease = self.store.open_version(doc)?;
+            let manifest = lease.manifest().clone();
+            let tokens = lease.source_tokens()?;
+            let config = StarConfig {
+                block_size: manifest.block_size as usize,
+                anchor_size: manifest.anchor_size as usize,
+            };
+            let phase1 = Phase1::new(&self.model.model, &tokens, config)?;
+            let index = block_ref.start as usize / config.block_size;
+            let anchor = phase1.encode_anchor()?;
+            let kv = phase1.encode_block(index, &anchor)?;
+            self.store.repair_block(item.block, &to_tensors(&kv)?)?;
+            metrics::counter!("starkv_blocks_repaired_total").increment(1);
+            repaired += 1;
+        }
+        Ok(repaired)
+    }
+
     /// Drops compute-ready copies (e.g. after eviction); the store's own tiers are separate.
     pub fn forget_ready_blocks(&self) {
         self.ready.lock().expect("ready-block cache lock").clear();

@@ -1,6 +1,7 @@
 //! Command-line definition and dispatch.
 
 mod model_commands;
+mod ops_commands;
 mod selftest;
 mod serve;
 
@@ -22,6 +23,8 @@ use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 pub struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
+    #[command(flatten)]
+    ops: ops_commands::OpsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +52,9 @@ enum Command {
     Score(model_commands::ScoreArgs),
     /// Run the HTTP service.
     Serve(serve::ServeArgs),
+    /// Operator commands (ingest, ask, ls, show, stats, rm, pin, unpin, ttl, evict, verify, gc).
+    #[command(flatten)]
+    Ops(ops_commands::OpsCommand),
     /// Check a compute backend against the CPU reference (e.g. `--device cuda`).
     Selftest(selftest::SelftestArgs),
 }
@@ -66,12 +72,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Score(args) => model_commands::score(&cli.global, args),
         Command::Selftest(args) => selftest::run(&cli.global, args),
         Command::Serve(args) => serve::run(&cli.global, args),
+        Command::Ops(command) => ops_commands::run(&cli.global, cli.ops, command),
     }
 }
 
 impl GlobalArgs {
     pub(crate) fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// `--model`, or the default model's path (fetching it first when absent).
+    pub(crate) fn model_path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => Ok(ensure_default_model(&self.data_dir(), &mut |msg| {
+                eprintln!("starkv: {msg}")
+            })?),
+        }
     }
 
     /// Loads `--model`, or the default model (fetching it first when absent).

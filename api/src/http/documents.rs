@@ -443,3 +443,50 @@ fn rand_id() -> u64 {
     );
     h.finish()
 }
+
+pub async fn evict(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<ApiJson<crate::admin::EvictRequest>, ApiError>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Admin)?;
+    let ApiJson(req) = body?;
+    let service = state.service.clone();
+    let out = blocking(move || {
+        Ok(crate::admin::evict(
+            service.store(),
+            &req,
+            crate::jobs::now_ms(),
+        )?)
+    })
+    .await?;
+    for (_, rule) in &out.evicted {
+        metrics::counter!("starkv_operator_evictions_total", "rule" => rule.clone()).increment(1);
+    }
+    Ok(Json(serde_json::to_value(out).expect("reports serialise")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyBody {
+    #[serde(default)]
+    repair: bool,
+}
+
+pub async fn verify(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<ApiJson<VerifyBody>, ApiError>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Admin)?;
+    let ApiJson(req) = body?;
+    let service = state.service.clone();
+    let out = blocking(move || {
+        Ok(crate::admin::verify(
+            service.store(),
+            req.repair.then_some(&*service),
+        )?)
+    })
+    .await?;
+    Ok(Json(serde_json::to_value(out).expect("reports serialise")))
+}

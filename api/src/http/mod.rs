@@ -68,6 +68,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/admin/stats", get(documents::stats))
         .route("/v1/admin/gc", post(documents::gc))
+        .route("/v1/admin/evict", post(documents::evict))
+        .route("/v1/admin/verify", post(documents::verify))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

@@ -1,0 +1,118 @@
+//! Operator actions on a store, shared by the admin HTTP API and `starkv` run against a
+//! stopped server's data directory: eviction by rule, verification and repair.
+
+use serde::{Deserialize, Serialize};
+use starkv_cache::{BlockStore, EvictionPolicy};
+
+use crate::service::{Service, ServiceError, ServiceResult};
+
+/// Which documents to evict. Rules combine: a document goes when any rule selects it.
+/// Pinned documents are never evicted by these rules (unpin first, or delete by id).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictRequest {
+    /// Evict least-recently-used documents until the store holds at most this many bytes.
+    pub budget_bytes: Option<u64>,
+    /// Evict this many least-recently-used documents.
+    pub lru: Option<usize>,
+    /// Evict documents not used for this many seconds.
+    pub older_than_seconds: Option<u64>,
+    /// Evict every document of this tenant.
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EvictOutcome {
+    /// `tenant/id@version` of each evicted document, with the rule.
+    pub evicted: Vec<(String, String)>,
+    pub blocks_deleted: u64,
+    pub bytes_freed: u64,
+}
+
+pub fn evict(store: &BlockStore, req: &EvictRequest, now_ms: u64) -> ServiceResult<EvictOutcome> {
+    if req.budget_bytes.is_none()
+        && req.lru.is_none()
+        && req.older_than_seconds.is_none()
+        && req.tenant.is_none()
+    {
+        return Err(ServiceError::Invalid(
+            "give at least one rule: budget_bytes, lru, older_than_seconds or tenant".into(),
+        ));
+    }
+    let mut out = EvictOutcome::default();
+    let mut docs: Vec<_> = store
+        .list()
+        .into_iter()
+        .filter(|d| !d.state.pinned)
+        .collect();
+    docs.sort_by_key(|d| d.state.last_used_ms);
+    let mut chosen: Vec<(starkv_cache::DocRef, &'static str)> = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        let rule = if req.tenant.as_deref() == Some(d.tenant.as_str()) {
+            Some("tenant")
+        } else if req
+            .older_than_seconds
+            .is_some_and(|s| d.state.last_used_ms + s * 1000 <= now_ms)
+        {
+            Some("older_than")
+        } else if req.lru.is_some_and(|n| i < n) {
+            Some("lru")
+        } else {
+            None
+        };
+        if let Some(rule) = rule {
+            chosen.push((d.doc.clone(), rule));
+        }
+    }
+    for (doc, rule) in chosen {
+        let report = store.delete_version(&doc)?;
+        out.blocks_deleted += report.blocks_deleted;
+        out.bytes_freed += report.bytes_freed;
+        out.evicted.push((doc.to_string(), rule.into()));
+    }
+    if let Some(budget) = req.budget_bytes {
+        let previous = store.eviction_policy();
+        // Evict down to the budget itself: both watermarks at 100% of it.
+        store.set_eviction_policy(EvictionPolicy {
+            budget_bytes: Some(budget),
+            high_watermark: 1.0,
+            low_watermark: 1.0,
+            ..previous.clone()
+        });
+        let report = store.run_eviction();
+        store.set_eviction_policy(previous);
+        let report = report?;
+        out.blocks_deleted += report.blocks_deleted;
+        out.bytes_freed += report.bytes_freed;
+        out.evicted.extend(
+            report
+                .evicted
+                .into_iter()
+                .map(|(d, r)| (d.to_string(), format!("{r:?}"))),
+        );
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyOutcome {
+    pub documents: usize,
+    pub corrupt: Vec<String>,
+    pub repaired_blocks: usize,
+}
+
+/// Reads and checks every stored block; with `service` (the model loaded), re-encodes
+/// every block that failed from its document's stored source tokens.
+pub fn verify(store: &BlockStore, service: Option<&Service>) -> ServiceResult<VerifyOutcome> {
+    let mut out = VerifyOutcome::default();
+    for d in store.list() {
+        out.documents += 1;
+        if let Err(e) = store.verify_version(&d.doc) {
+            out.corrupt.push(format!("{}: {e}", d.doc));
+        }
+    }
+    if let Some(service) = service {
+        out.repaired_blocks = service.repair_pending()?;
+    }
+    Ok(out)
+}
