@@ -1,0 +1,54 @@
+"""llama.cpp peer for benches/repeat_query.rs: time to first token for a question over a
+long context, (a) re-prefilling context + question, (b) restoring llama.cpp's saved state
+of the context from disk, then evaluating only the question.
+
+Usage: python3 llama_cpp_repeat_query.py MODEL THREADS REPEATS CONTEXT_IDS_JSON QUESTION_IDS_JSON STATE_FILE
+Prints JSON lines {"what": "reprefill"|"state_restore", "seconds": [...], "state_bytes": n}.
+"""
+import json
+import pickle
+import sys
+import time
+
+from llama_cpp import Llama
+
+
+def first_token(llm):
+    # Sampling the first token from the last logits (greedy).
+    return int(llm.scores[llm.n_tokens - 1].argmax())
+
+
+def main():
+    model, threads, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    context = json.load(open(sys.argv[4]))
+    question = json.load(open(sys.argv[5]))
+    state_file = sys.argv[6]
+    llm = Llama(model_path=model, n_ctx=len(context) + len(question) + 16, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, n_ubatch=512, logits_all=False, verbose=False)
+    times = []
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(context + question)
+        first_token(llm)
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"what": "reprefill", "seconds": times}), flush=True)
+    llm.reset()
+    llm.eval(context)
+    with open(state_file, "wb") as f:
+        pickle.dump(llm.save_state(), f)
+    size = __import__("os").path.getsize(state_file)
+    times = []
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        with open(state_file, "rb") as f:
+            llm.load_state(pickle.load(f))
+        llm.eval(question)
+        first_token(llm)
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"what": "state_restore", "seconds": times, "state_bytes": size}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
