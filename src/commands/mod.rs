@@ -50,6 +50,9 @@ enum Command {
     Generate(model_commands::GenerateArgs),
     /// Teacher-forced log-probabilities of every token of TEXT.
     Score(model_commands::ScoreArgs),
+    /// Write real phase-1 KV blocks of a document to files (store benchmark input).
+    #[command(hide = true)]
+    DumpKv(model_commands::DumpKvArgs),
     /// Run the HTTP service.
     Serve(serve::ServeArgs),
     /// Operator commands (ingest, ask, ls, show, stats, rm, pin, unpin, ttl, evict, verify, gc).
@@ -72,6 +75,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Score(args) => model_commands::score(&cli.global, args),
         Command::Selftest(args) => selftest::run(&cli.global, args),
         Command::Serve(args) => serve::run(&cli.global, args),
+        Command::DumpKv(args) => model_commands::dump_kv(&cli.global, args),
         Command::Ops(command) => ops_commands::run(&cli.global, cli.ops, command),
     }
 }

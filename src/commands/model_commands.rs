@@ -296,3 +296,52 @@ pub fn score(global: &GlobalArgs, args: ScoreArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Args)]
+pub struct DumpKvArgs {
+    /// Text file to encode (its chat-framed context, as the service ingests it).
+    #[arg(long)]
+    document: std::path::PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    block_size: usize,
+    /// Output folder: one `block-N.f32` (little-endian, `[layer][k|v][kv_head][token][head_dim]`)
+    /// and `block-N.txt` (shape) per block, the format `benches/cache_store.rs --kv-dir` reads.
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+/// Writes real phase-1 KV blocks of a document, for the store benchmark.
+pub fn dump_kv(global: &GlobalArgs, args: DumpKvArgs) -> Result<ExitCode> {
+    let loaded = global.load_model()?;
+    let text = std::fs::read_to_string(&args.document)
+        .with_context(|| format!("reading {}", args.document.display()))?;
+    let context = prompt::document_context(&loaded.tokenizer, None, &text)?;
+    let blocks =
+        Phase1::new(&loaded.model, &context, StarConfig::new(args.block_size))?.encode_all()?;
+    std::fs::create_dir_all(&args.out)?;
+    for (i, block) in blocks.iter().enumerate() {
+        let mut bytes = Vec::with_capacity(block.n_bytes());
+        for (k, v) in &block.layers {
+            for x in k.iter().chain(v) {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        std::fs::write(args.out.join(format!("block-{i}.f32")), bytes)?;
+        let s = block.shape;
+        let shape = format!(
+            "layers={}\nkv_heads={}\ntokens={}\nhead_dim={}\n",
+            block.layers.len(),
+            s.n_kv_heads,
+            block.len,
+            s.head_dim
+        );
+        std::fs::write(args.out.join(format!("block-{i}.txt")), shape)?;
+    }
+    eprintln!(
+        "starkv: wrote {} blocks of {} context tokens to {}",
+        blocks.len(),
+        context.len(),
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
