@@ -1,1 +1,563 @@
-fn main() {}
+//! GPU speed: Star Attention phase 1 and phase 2 on the CUDA backend, for SmolLM2-135M's
+//! shape and Llama-3.1-8B's shape with random weights generated on the device.
+//!
+//! Run on a machine with an NVIDIA GPU (CUDA 13 driver, NVRTC and cuBLAS):
+//!
+//! ```text
+//! cargo bench --bench gpu_speed -- [--quick] [--no-torch] [--models smol,8b] [--contexts 8192,32768,131072]
+//! ```
+//!
+//! Measures, in one run: the roofline (device copy bandwidth, bf16 GEMM rate); phase-1
+//! ingest tokens/s at each context with 8K blocks (anchor = block); phase-2 time to first
+//! token for a 30-token question over the resident blocks and greedy decode ms/token;
+//! the attention kernel's TFLOP/s on the phase-1 shape (8K queries over an 8K anchor plus
+//! themselves) and GB/s decoding over the largest context; store-to-GPU load GB/s
+//! (f32 host blocks through pinned staging, and raw pinned copies); and, with python3 +
+//! torch on the machine, PyTorch's scaled_dot_product_attention on the same attention
+//! shapes and a PyTorch full-attention prefill of the same model shape. Prints a
+//! markdown table last. Without a GPU it says so and exits 0 (CI stays green).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use starkv_compute::cuda::star::{ContextBlocks, GpuQuery, StreamedBlocks, encode_context};
+use starkv_compute::cuda::{
+    AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, PinnedBuf, Segment, TableBuf, probe,
+    upload_plans,
+};
+use starkv_compute::model::LlamaConfig;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+struct Opts {
+    quick: bool,
+    variants: bool,
+    torch: bool,
+    models: Vec<String>,
+    contexts: Vec<usize>,
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        quick: false,
+        variants: false,
+        torch: true,
+        models: vec!["smol".into(), "8b".into()],
+        contexts: vec![8192, 32768, 131_072],
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--quick" => o.quick = true,
+            "--no-torch" => o.torch = false,
+            "--variants" => o.variants = true,
+            "--models" => {
+                i += 1;
+                o.models = args[i].split(',').map(str::to_string).collect();
+            }
+            "--contexts" => {
+                i += 1;
+                o.contexts = args[i].split(',').filter_map(|s| s.parse().ok()).collect();
+            }
+            _ => {} // cargo bench passes --bench
+        }
+        i += 1;
+    }
+    if o.quick {
+        o.contexts = vec![8192, 16384];
+    }
+    o
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Median seconds of `f` (synchronised) over `reps` runs after one warm-up.
+fn time_gpu(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    gpu.synchronize()?;
+    let mut ts = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        gpu.synchronize()?;
+        ts.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(ts))
+}
+
+fn model_config(name: &str) -> LlamaConfig {
+    match name {
+        "8b" => LlamaConfig::llama31_8b(),
+        _ => LlamaConfig::smollm2_135m(),
+    }
+}
+
+fn label(name: &str) -> &'static str {
+    match name {
+        "8b" => "Llama-3.1-8B shape",
+        _ => "SmolLM2-135M shape",
+    }
+}
+
+struct Tokens(u64);
+impl Tokens {
+    fn take(&mut self, n: usize, vocab: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.0 >> 33) % vocab as u64) as u32
+            })
+            .collect()
+    }
+}
+
+fn main() {
+    let opts = parse_opts();
+    match probe() {
+        Err(e) => {
+            println!("gpu_speed: no GPU here ({e}); nothing to measure");
+            return;
+        }
+        Ok(devs) => println!("gpu_speed on {}", devs[0]),
+    }
+    if let Err(e) = run(&opts) {
+        eprintln!("gpu_speed failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(opts: &Opts) -> Result<()> {
+    let gpu = Gpu::new(0, HalfType::BF16)?;
+    let mut table: Vec<(String, String, String)> = Vec::new();
+    let mut add = |what: String, value: String, note: String| {
+        println!("  {what}: {value} {note}");
+        table.push((what, value, note));
+    };
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+
+    // Roofline.
+    let (copy_gbs, gemm_tflops) = roofline(&gpu)?;
+    add(
+        "device copy bandwidth (read+write)".into(),
+        format!("{copy_gbs:.0} GB/s"),
+        "cuMemcpyDtoD 2 GiB".into(),
+    );
+    add(
+        "bf16 GEMM rate".into(),
+        format!("{gemm_tflops:.0} TFLOP/s"),
+        "cuBLAS 8192^3, f32 accumulate".into(),
+    );
+
+    let torch = if opts.torch {
+        run_torch(opts)
+    } else {
+        BTreeMap::new()
+    };
+    let tget = |k: &str| torch.get(k).copied();
+
+    let mut toks = Tokens(42);
+    for name in &opts.models {
+        let config = model_config(name);
+        let lab = label(name);
+        let t = Instant::now();
+        let mut model = CudaLlama::random(gpu.clone(), config.clone(), 7)?;
+        println!(
+            "{lab}: random weights on the device in {:.1} s ({:.2} GB)",
+            t.elapsed().as_secs_f64(),
+            model.weight_bytes() as f64 / 1e9
+        );
+        // Warm-up: kernels compiled, cuBLAS heuristics cached.
+        let warm = toks.take(1024, config.vocab);
+        encode_context(&mut model, &warm, 512, 512)?;
+        gpu.synchronize()?;
+        let b = 8192;
+        let mut largest = None;
+        for &l in &opts.contexts {
+            let context = toks.take(l, config.vocab);
+            let t = Instant::now();
+            let blocks = encode_context(&mut model, &context, b, b)?;
+            gpu.synchronize()?;
+            let secs = t.elapsed().as_secs_f64();
+            let tps = l as f64 / secs;
+            let base = tget(&format!("{name}_prefill_{l}"));
+            add(
+                format!("{lab}: phase-1 ingest, {}K context, 8K blocks", l / 1024),
+                format!("{tps:.0} tok/s"),
+                match base {
+                    Some(bt) => format!(
+                        "({secs:.2} s; PyTorch SDPA full prefill {:.0} tok/s, x{:.2})",
+                        l as f64 / bt,
+                        bt / secs
+                    ),
+                    None => format!("({secs:.2} s)"),
+                },
+            );
+            // Phase 2: 30-token question, then greedy decoding.
+            let question = toks.take(30, config.vocab);
+            let mut q = GpuQuery::new(&model, ContextBlocks::Resident(blocks.clone()), 30 + 40)?;
+            let positions: Vec<usize> = (l..l + 30).collect();
+            let t = Instant::now();
+            model.forward(&question, &positions, &mut q)?;
+            let mut next = model.argmax(1)?[0].0;
+            let ttft = t.elapsed().as_secs_f64();
+            let mut steps = Vec::new();
+            for s in 0..(if opts.quick { 8 } else { 24 }) {
+                let t = Instant::now();
+                model.forward(&[next], &[l + 30 + s], &mut q)?;
+                next = model.argmax(1)?[0].0;
+                steps.push(t.elapsed().as_secs_f64());
+            }
+            add(
+                format!(
+                    "{lab}: phase-2 TTFT, 30-token question, {}K context",
+                    l / 1024
+                ),
+                format!("{:.1} ms", ttft * 1e3),
+                "(resident blocks)".into(),
+            );
+            add(
+                format!("{lab}: decode, {}K context", l / 1024),
+                format!("{:.2} ms/token", median(steps) * 1e3),
+                "(median of greedy steps, argmax on the GPU)".into(),
+            );
+            largest = Some((l, blocks));
+        }
+        let Some((l, blocks)) = largest else { continue };
+        let shape = model.head_shape();
+        let kern = model.kernels().clone();
+        let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+        let mut scratch = AttnScratch::default();
+        let mut tb = TableBuf::default();
+        for (vi, simple) in [false, true].into_iter().enumerate() {
+            if vi == 1 && !opts.variants {
+                break;
+            }
+            gpu.set_wide_attention(simple);
+            let vname = if simple { " (8-warp CTAs)" } else { "" };
+            let f = kern.get(if simple {
+                "attn_fwd_w8"
+            } else {
+                "attn_fwd_simple"
+            });
+            println!(
+                "  attention kernel{vname}: {} registers, {} bytes local memory",
+                f.num_regs().unwrap_or(-1),
+                f.local_size_bytes().unwrap_or(-1)
+            );
+            // Phase-1 attention shape: 8K queries over an 8K anchor plus themselves (causal).
+            if blocks.len() >= 2 {
+                let m = blocks[1].len;
+                let a = blocks[0].len;
+                let q = gpu.alloc(m * nh * d * 2)?;
+                let o = gpu.alloc(m * nh * d * 2)?;
+                gpu.fill_uniform_half(&kern, q.ptr(), m * nh * d, 3, 1.0)?;
+                let segs = [blocks[0].segment(0, None), blocks[1].segment(0, Some(0))];
+                let plan = AttnPlan::new(&segs, 1);
+                let p = upload_plans(&gpu, &mut tb, &[plan])?[0];
+                let secs = time_gpu(&gpu, 10, || {
+                    gpu.attention(
+                        &kern,
+                        q.ptr(),
+                        m,
+                        nh,
+                        nkv,
+                        p.0,
+                        p.1,
+                        p.2,
+                        AttnOut::Half(o.ptr()),
+                        &mut scratch,
+                    )?;
+                    Ok(())
+                })?;
+                let flops = 4.0
+                    * d as f64
+                    * nh as f64
+                    * (m as f64 * a as f64 + m as f64 * (m as f64 + 1.0) / 2.0);
+                let tf = flops / secs / 1e12;
+                let sd = tget(&format!("{name}_sdpa_p1_tflops"));
+                add(
+                    format!(
+                        "{lab}: attention kernel{vname}, phase-1 shape ({}K q, {}K anchor + causal)",
+                        m / 1024,
+                        a / 1024
+                    ),
+                    format!("{tf:.0} TFLOP/s"),
+                    format!(
+                        "({:.2} ms; {:.0}% of GEMM rate{})",
+                        secs * 1e3,
+                        100.0 * tf / gemm_tflops,
+                        sd.map_or(String::new(), |s| format!(
+                            "; SDPA {s:.0} TFLOP/s, x{:.2}",
+                            tf / s
+                        ))
+                    ),
+                );
+            }
+            // Decode attention over the whole context.
+            {
+                let q = gpu.alloc(nh * d * 2)?;
+                let o = gpu.alloc(nh * d * 2)?;
+                gpu.fill_uniform_half(&kern, q.ptr(), nh * d, 5, 1.0)?;
+                let segs: Vec<Segment> = blocks.iter().map(|b| b.segment(0, None)).collect();
+                let splits = gpu.choose_splits(1, nh / nkv, nkv, l);
+                let plan = AttnPlan::new(&segs, splits);
+                let n_splits = plan.n_splits();
+                let p = upload_plans(&gpu, &mut tb, &[plan])?[0];
+                let secs = time_gpu(&gpu, 20, || {
+                    gpu.attention(
+                        &kern,
+                        q.ptr(),
+                        1,
+                        nh,
+                        nkv,
+                        p.0,
+                        p.1,
+                        p.2,
+                        AttnOut::Half(o.ptr()),
+                        &mut scratch,
+                    )?;
+                    Ok(())
+                })?;
+                let bytes = (l * nkv * d * 2 * 2) as f64;
+                let gbs = bytes / secs / 1e9;
+                let sd = tget(&format!("{name}_sdpa_decode_gbs"));
+                add(
+                    format!(
+                        "{lab}: decode attention{vname} over {}K cached tokens",
+                        l / 1024
+                    ),
+                    format!("{gbs:.0} GB/s"),
+                    format!(
+                        "({:.3} ms, {n_splits} splits; {:.0}% of copy bandwidth{})",
+                        secs * 1e3,
+                        100.0 * gbs / copy_gbs,
+                        sd.map_or(String::new(), |s| format!("; SDPA {s:.0} GB/s"))
+                    ),
+                );
+            }
+        }
+        gpu.set_wide_attention(false);
+        // Store-to-GPU: f32 host blocks -> pinned staging (bf16) -> device, layer by layer.
+        {
+            let n = if name == "8b" { 1 } else { 4 }.min(blocks.len());
+            let host: Vec<Arc<starkv_compute::star::BlockKv>> = blocks[..n]
+                .iter()
+                .map(|b| b.download(&gpu).map(Arc::new))
+                .collect::<std::result::Result<_, _>>()?;
+            let t = Instant::now();
+            let s = StreamedBlocks::new(&gpu, host.clone())?;
+            let alloc_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let bytes = s.bytes_total();
+            s.finish(&gpu)?;
+            let secs = t.elapsed().as_secs_f64();
+            add(
+                format!("{lab}: store-to-GPU block load ({n} x 8K-token blocks)"),
+                format!("{:.1} GB/s", bytes as f64 / secs / 1e9),
+                format!(
+                    "({:.0} MB bf16 in {:.1} ms incl. f32->bf16 on the host; staging alloc {:.0} ms)",
+                    bytes as f64 / 1e6,
+                    secs * 1e3,
+                    alloc_s * 1e3
+                ),
+            );
+        }
+        drop(blocks);
+        drop(model);
+        gpu.synchronize()?;
+    }
+    // Raw pinned host-to-device bandwidth.
+    {
+        let bytes = 1usize << 30;
+        let mut pinned = PinnedBuf::new(&gpu, bytes)?;
+        pinned
+            .as_u16_mut()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as u16);
+        let dst = gpu.alloc(bytes)?;
+        let secs = time_gpu(&gpu, 5, || {
+            gpu.upload_pinned(dst.ptr(), &pinned, bytes)?;
+            Ok(())
+        })?;
+        add(
+            "pinned host-to-device copy".into(),
+            format!("{:.1} GB/s", bytes as f64 / secs / 1e9),
+            "(1 GiB)".into(),
+        );
+    }
+
+    println!();
+    println!("GPU speed, {} on {} ({date})", gpu.dtype.name(), gpu.info);
+    println!();
+    println!("| measurement | value | notes |");
+    println!("|---|---|---|");
+    for (w, v, n) in &table {
+        println!("| {w} | {v} | {n} |");
+    }
+    Ok(())
+}
+
+fn roofline(gpu: &Arc<Gpu>) -> Result<(f64, f64)> {
+    let bytes = 1usize << 31;
+    let a = gpu.alloc(bytes)?;
+    let b = gpu.alloc(bytes)?;
+    let k = gpu.kernels(64)?;
+    gpu.fill_uniform_half(&k, a.ptr(), bytes / 2, 1, 1.0)?;
+    let secs = time_gpu(gpu, 10, || {
+        gpu.copy_d2d(b.ptr(), a.ptr(), bytes)?;
+        Ok(())
+    })?;
+    let copy = 2.0 * bytes as f64 / secs / 1e9;
+    drop((a, b));
+    let n = 8192;
+    let x = gpu.alloc(n * n * 2)?;
+    let w = gpu.alloc(n * n * 2)?;
+    let y = gpu.alloc(n * n * 2)?;
+    gpu.fill_uniform_half(&k, x.ptr(), n * n, 2, 1.0)?;
+    gpu.fill_uniform_half(&k, w.ptr(), n * n, 3, 1.0)?;
+    let secs = time_gpu(gpu, 10, || {
+        gpu.gemm(y.ptr(), false, x.ptr(), w.ptr(), n, n, n, 0.0)?;
+        Ok(())
+    })?;
+    Ok((copy, 2.0 * (n as f64).powi(3) / secs / 1e12))
+}
+
+/// PyTorch baselines (bf16): SDPA on the phase-1 and decode attention shapes, and a
+/// full-attention prefill of the same model shape (random weights, one layer's weights
+/// reused for every layer: speed does not depend on them). Lines `RESULT key value`.
+const TORCH_SCRIPT: &str = r#"
+import sys, time, math
+import torch
+import torch.nn.functional as F
+dev = 'cuda'
+bf = torch.bfloat16
+models = sys.argv[1].split(',')
+contexts = [int(x) for x in sys.argv[2].split(',')]
+shapes = {'smol': dict(h=576, nh=9, nkv=3, d=64, ffn=1536, nl=30, vocab=49152, theta=1e5),
+          '8b': dict(h=4096, nh=32, nkv=8, d=128, ffn=14336, nl=32, vocab=128256, theta=5e5)}
+def bench(fn, reps=10, warm=2):
+    for _ in range(warm): fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
+        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e) / 1e3)
+    ts.sort(); return ts[len(ts) // 2]
+def res(k, v):
+    print(f"RESULT {k} {v}", flush=True)
+print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
+for name in models:
+    c = shapes[name]; nh, nkv, d = c['nh'], c['nkv'], c['d']
+    m = a = 8192
+    q = torch.randn(1, nh, m, d, device=dev, dtype=bf)
+    k = torch.randn(1, nkv, a + m, d, device=dev, dtype=bf)
+    v = torch.randn(1, nkv, a + m, d, device=dev, dtype=bf)
+    flops = 4 * d * nh * (m * a + m * (m + 1) / 2)
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+        ke = k.repeat_interleave(nh // nkv, dim=1); ve = v.repeat_interleave(nh // nkv, dim=1)
+        mask = causal_lower_right(m, a + m)
+        t = bench(lambda: F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask))
+        res(f"{name}_sdpa_p1_tflops", flops / t / 1e12)
+        del ke, ve
+    except Exception as ex:
+        print("sdpa phase-1 failed:", ex, flush=True)
+    L = max(contexts)
+    k = torch.randn(1, nkv, L, d, device=dev, dtype=bf)
+    v = torch.randn(1, nkv, L, d, device=dev, dtype=bf)
+    q1 = torch.randn(1, nh, 1, d, device=dev, dtype=bf)
+    try:
+        t = bench(lambda: F.scaled_dot_product_attention(q1, k, v, enable_gqa=True), reps=20)
+        res(f"{name}_sdpa_decode_gbs", 2 * L * nkv * d * 2 / t / 1e9)
+    except Exception as ex:
+        print("sdpa decode failed:", ex, flush=True)
+    del k, v, q, q1
+    torch.cuda.empty_cache()
+    # Full-attention prefill of the model shape.
+    h, ffn, nl = c['h'], c['ffn'], c['nl']
+    g = torch.Generator(device=dev); g.manual_seed(0)
+    def w(r, cc): return (torch.rand(r, cc, device=dev, generator=g, dtype=torch.float32) * 2 - 1).mul_(math.sqrt(3 / cc)).to(bf)
+    wqkv = w((nh + 2 * nkv) * d, h); wo = w(h, nh * d); wgu = w(2 * ffn, h); wd = w(h, ffn)
+    emb = w(c['vocab'], h); wout = w(c['vocab'], h)
+    inv = 1.0 / (c['theta'] ** (torch.arange(0, d, 2, device=dev, dtype=torch.float64) / d))
+    def rms(x): return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(bf)
+    def rope(x, cos, sin):
+        x2 = x.float().unflatten(-1, (d // 2, 2)); a0, a1 = x2[..., 0], x2[..., 1]
+        return torch.stack((a0 * cos - a1 * sin, a0 * sin + a1 * cos), -1).flatten(-2).to(bf)
+    @torch.no_grad()
+    def prefill(tokens):
+        L = tokens.shape[0]
+        ang = torch.arange(L, device=dev, dtype=torch.float64)[:, None] * inv[None, :]
+        cos = ang.cos().float()[None, :, :]; sin = ang.sin().float()[None, :, :]
+        x = emb[tokens].float()
+        for _ in range(nl):
+            qkv = rms(x) @ wqkv.T
+            qq = qkv[:, :nh * d].view(L, nh, d).transpose(0, 1)
+            kk = qkv[:, nh * d:(nh + nkv) * d].view(L, nkv, d).transpose(0, 1)
+            vv = qkv[:, (nh + nkv) * d:].view(L, nkv, d).transpose(0, 1)
+            qq = rope(qq, cos, sin); kk = rope(kk, cos, sin)
+            o = F.scaled_dot_product_attention(qq[None], kk[None], vv[None], is_causal=True, enable_gqa=True)[0]
+            x = x + (o.transpose(0, 1).reshape(L, nh * d) @ wo.T).float()
+            gu = rms(x) @ wgu.T
+            x = x + ((F.silu(gu[:, :ffn]) * gu[:, ffn:]) @ wd.T).float()
+        return (rms(x[-1:]) @ wout.T).float()
+    prefill(torch.randint(0, c['vocab'], (1024,), device=dev))
+    for L in contexts:
+        toks = torch.randint(0, c['vocab'], (L,), device=dev)
+        torch.cuda.synchronize(); t0 = time.time(); prefill(toks); torch.cuda.synchronize()
+        res(f"{name}_prefill_{L}", time.time() - t0)
+        torch.cuda.empty_cache()
+    del wqkv, wo, wgu, wd, emb, wout
+    torch.cuda.empty_cache()
+"#;
+
+fn run_torch(opts: &Opts) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let path = std::env::temp_dir().join("starkv_gpu_speed_torch.py");
+    if std::fs::write(&path, TORCH_SCRIPT).is_err() {
+        return out;
+    }
+    let ctx: Vec<String> = opts.contexts.iter().map(|c| c.to_string()).collect();
+    println!("PyTorch baselines (python3 {}):", path.display());
+    let res = std::process::Command::new("python3")
+        .arg(&path)
+        .arg(opts.models.join(","))
+        .arg(ctx.join(","))
+        .env("PYTHONUNBUFFERED", "1")
+        .output();
+    match res {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            for line in text.lines() {
+                println!("  {line}");
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                if parts.len() == 3
+                    && parts[0] == "RESULT"
+                    && let Ok(v) = parts[2].parse()
+                {
+                    out.insert(parts[1].to_string(), v);
+                }
+            }
+            let err = String::from_utf8_lossy(&o.stderr);
+            for line in err.lines().rev().take(5) {
+                println!("  (stderr) {line}");
+            }
+        }
+        Err(e) => println!("  python3 not available: {e}"),
+    }
+    out
+}

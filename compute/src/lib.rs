@@ -9,6 +9,7 @@
 //! - This crate knows nothing about storage or HTTP.
 
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod fetch;
 pub mod generate;

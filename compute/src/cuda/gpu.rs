@@ -166,6 +166,9 @@ const KERNEL_NAMES: &[&str] = &[
     "argmax_rows",
     "rows_to_heads",
     "attn_fwd",
+    "attn_fwd_simple",
+    "attn_fwd_w1",
+    "attn_fwd_w8",
     "attn_merge",
 ];
 
@@ -274,16 +277,24 @@ pub struct Gpu {
     pub info: DeviceInfo,
     kernels: Mutex<HashMap<usize, Arc<Kernels>>>,
     arch: &'static str,
+    /// Which attention kernel runs: `attn_fwd_simple` (default) or the cross-tile
+    /// prefetching `attn_fwd` (env STARKV_ATTN=pipelined).
+    attn_kernel: std::sync::atomic::AtomicBool,
+    /// Eight-warp CTAs for long query runs (default off: measured no faster on an H100;
+    /// env STARKV_ATTN_WIDE=1 turns them on).
+    attn_wide: std::sync::atomic::AtomicBool,
 }
 
 impl Gpu {
     /// Opens GPU `ordinal` (the driver, NVRTC and cuBLAS must load: see [`super::probe`]).
     pub fn new(ordinal: usize, dtype: HalfType) -> Result<Arc<Self>> {
         let devices = super::probe()?;
-        let info = devices
-            .get(ordinal)
-            .cloned()
-            .ok_or_else(|| CudaError::Unavailable(format!("no CUDA device {ordinal} ({} found)", devices.len())))?;
+        let info = devices.get(ordinal).cloned().ok_or_else(|| {
+            CudaError::Unavailable(format!(
+                "no CUDA device {ordinal} ({} found)",
+                devices.len()
+            ))
+        })?;
         super::check_libraries()?;
         let arch = match info.compute_capability {
             (9, _) => "compute_90",
@@ -314,12 +325,18 @@ impl Gpu {
             info,
             kernels: Mutex::new(HashMap::new()),
             arch,
+            attn_wide: std::sync::atomic::AtomicBool::new(
+                std::env::var("STARKV_ATTN_WIDE").is_ok_and(|v| v == "1"),
+            ),
+            attn_kernel: std::sync::atomic::AtomicBool::new(
+                !std::env::var("STARKV_ATTN").is_ok_and(|v| v == "pipelined"),
+            ),
         }))
     }
 
     /// The kernels for attention heads of `head_dim` (compiled on first use).
     pub fn kernels(&self, head_dim: usize) -> Result<Arc<Kernels>> {
-        if head_dim % 16 != 0 || head_dim > 256 || head_dim == 0 {
+        if !head_dim.is_multiple_of(16) || head_dim > 256 || head_dim == 0 {
             return Err(CudaError::Invalid(format!(
                 "head_dim {head_dim}: the CUDA attention kernel needs a multiple of 16 up to 256"
             )));
@@ -350,6 +367,26 @@ impl Gpu {
         let k = Arc::new(Kernels { head_dim, funcs });
         cache.insert(head_dim, k.clone());
         Ok(k)
+    }
+
+    /// Selects the attention kernel variant: `true` for the unpipelined first version.
+    pub fn set_simple_attention(&self, simple: bool) {
+        self.attn_kernel
+            .store(simple, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Eight-warp CTAs for long query runs on or off (the default).
+    pub fn set_wide_attention(&self, wide: bool) {
+        self.attn_wide
+            .store(wide, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn attn_name(&self) -> &'static str {
+        if self.attn_kernel.load(std::sync::atomic::Ordering::Relaxed) {
+            "attn_fwd_simple"
+        } else {
+            "attn_fwd"
+        }
     }
 
     pub fn sm_count(&self) -> usize {
@@ -406,6 +443,18 @@ impl Gpu {
         // SAFETY: src holds at least size_of_val(dst) bytes.
         unsafe { drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream())? };
         self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Copies the first `bytes` of a pinned buffer to `dst` on the compute stream.
+    pub fn upload_pinned(&self, dst: u64, src: &PinnedBuf, bytes: usize) -> Result<()> {
+        let bytes = bytes.min(src.bytes());
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the pinned buffer holds `bytes` bytes; dst at least as many.
+        unsafe {
+            let s = std::slice::from_raw_parts(src.as_ptr(), bytes);
+            drv::memcpy_htod_async(dst, s, self.stream.cu_stream())?;
+        }
         Ok(())
     }
 
@@ -489,7 +538,15 @@ impl Gpu {
     }
 
     /// `x[t] = table[tokens[t]]` (table 16-bit `[vocab][hidden]`, x f32).
-    pub fn embed(&self, k: &Kernels, x: u64, table: u64, tokens: u64, m: usize, hidden: usize) -> Result<()> {
+    pub fn embed(
+        &self,
+        k: &Kernels,
+        x: u64,
+        table: u64,
+        tokens: u64,
+        m: usize,
+        hidden: usize,
+    ) -> Result<()> {
         let hidden_i = hidden as i32;
         let mut b = self.stream.launch_builder(k.get("embed_rows"));
         b.arg(&x).arg(&table).arg(&tokens).arg(&hidden_i);
@@ -522,6 +579,7 @@ impl Gpu {
     }
 
     /// cos/sin tables `[m][pairs]` for positions (i32 on the device), angles in f64.
+    #[allow(clippy::too_many_arguments)]
     pub fn rope_table(
         &self,
         k: &Kernels,
@@ -537,7 +595,12 @@ impl Gpu {
         }
         let (m_i, p_i) = (m as i32, pairs as i32);
         let mut b = self.stream.launch_builder(k.get("rope_table"));
-        b.arg(&cos).arg(&sin).arg(&pos).arg(&inv_freq).arg(&m_i).arg(&p_i);
+        b.arg(&cos)
+            .arg(&sin)
+            .arg(&pos)
+            .arg(&inv_freq)
+            .arg(&m_i)
+            .arg(&p_i);
         unsafe { b.launch(Self::cfg((Self::blocks_for(m * pairs, 256), 1, 1), 256))? };
         Ok(())
     }
@@ -616,7 +679,14 @@ impl Gpu {
     }
 
     /// Uniform values in `[-bound, bound)` (16-bit), from a hash of (seed, index).
-    pub fn fill_uniform_half(&self, k: &Kernels, out: u64, n: usize, seed: u64, bound: f32) -> Result<()> {
+    pub fn fill_uniform_half(
+        &self,
+        k: &Kernels,
+        out: u64,
+        n: usize,
+        seed: u64,
+        bound: f32,
+    ) -> Result<()> {
         let n64 = n as u64;
         let mut b = self.stream.launch_builder(k.get("fill_uniform_h"));
         b.arg(&out).arg(&n64).arg(&seed).arg(&bound);
@@ -624,7 +694,15 @@ impl Gpu {
         Ok(())
     }
 
-    pub fn fill_uniform_f32(&self, k: &Kernels, out: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
+    pub fn fill_uniform_f32(
+        &self,
+        k: &Kernels,
+        out: u64,
+        n: usize,
+        seed: u64,
+        lo: f32,
+        hi: f32,
+    ) -> Result<()> {
         let n64 = n as u64;
         let mut b = self.stream.launch_builder(k.get("fill_uniform_f"));
         b.arg(&out).arg(&n64).arg(&seed).arg(&lo).arg(&hi);
@@ -633,7 +711,15 @@ impl Gpu {
     }
 
     /// Per row of `logits` (`[rows][n]` f32): argmax index and log-sum-exp.
-    pub fn argmax(&self, k: &Kernels, idx: u64, lse: u64, logits: u64, rows: usize, n: usize) -> Result<()> {
+    pub fn argmax(
+        &self,
+        k: &Kernels,
+        idx: u64,
+        lse: u64,
+        logits: u64,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
         let n_i = n as i32;
         let mut b = self.stream.launch_builder(k.get("argmax_rows"));
         b.arg(&idx).arg(&lse).arg(&logits).arg(&n_i);
@@ -642,7 +728,15 @@ impl Gpu {
     }
 
     /// Token-major `[len][nkv d]` 16-bit rows to head-major `[nkv][len][d]`.
-    pub fn rows_to_heads(&self, k: &Kernels, dst: u64, src: u64, len: usize, nkv: usize, d: usize) -> Result<()> {
+    pub fn rows_to_heads(
+        &self,
+        k: &Kernels,
+        dst: u64,
+        src: u64,
+        len: usize,
+        nkv: usize,
+        d: usize,
+    ) -> Result<()> {
         let (l, n, dd) = (len as i32, nkv as i32, d as i32);
         let mut b = self.stream.launch_builder(k.get("rows_to_heads"));
         b.arg(&dst).arg(&src).arg(&l).arg(&n).arg(&dd);
@@ -650,11 +744,21 @@ impl Gpu {
         Ok(())
     }
 
-    /// Splits that keep the GPU busy: about two waves of CTAs, chunks of >= 512 keys.
+    /// Splits that keep the GPU busy: about four waves of the 4-warp CTAs (two resident
+    /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs), about twelve CTAs per
+    /// SM; chunks of >= 256 keys.
     pub fn choose_splits(&self, m: usize, group: usize, n_kv: usize, total_keys: usize) -> usize {
-        let ctas = (m * group).div_ceil(64) * n_kv;
-        let want = (2 * self.sm_count()).div_ceil(ctas.max(1));
-        want.min(total_keys / 512).clamp(1, 256)
+        let rows = m * group;
+        let (ctas, target) = if rows <= 16 && self.attn_name() != "attn_fwd" {
+            (n_kv, 12 * self.sm_count())
+        } else {
+            (rows.div_ceil(64) * n_kv, 8 * self.sm_count())
+        };
+        if ctas >= target / 2 {
+            return 1;
+        }
+        let want = target.div_ceil(ctas.max(1));
+        want.min(total_keys / 256).clamp(1, 512)
     }
 
     /// Attention of 16-bit `q` (`[m][nh d]`) over the planned keys. With one split the
@@ -681,12 +785,33 @@ impl Gpu {
         let group = nh / nkv;
         let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
         let (m_i, g_i, nh_i) = (m as i32, group as i32, nh as i32);
-        let grid = (((m * group).div_ceil(64)) as u32, nkv as u32, n_splits.max(1) as u32);
+        if n_splits > 1024 {
+            return Err(CudaError::Invalid(format!(
+                "{n_splits} attention splits (at most 1024)"
+            )));
+        }
+        // One-warp CTAs when a KV head's rows fit in 16 (decoding).
+        let simple = self.attn_name() != "attn_fwd";
+        let wide = self.attn_wide.load(std::sync::atomic::Ordering::Relaxed);
+        let (name, rows_per_cta, threads) = if m * group <= 16 && simple {
+            ("attn_fwd_w1", 16, 32)
+        } else if m * group >= 1024 && simple && wide {
+            ("attn_fwd_w8", 128, 256)
+        } else {
+            (self.attn_name(), 64, 128)
+        };
+        let grid = (
+            ((m * group).div_ceil(rows_per_cta)) as u32,
+            nkv as u32,
+            n_splits.max(1) as u32,
+        );
         let direct = n_splits == 1 && matches!(out, AttnOut::Half(_));
         let null = 0u64;
         if direct {
-            let AttnOut::Half(o) = out else { unreachable!() };
-            let mut b = self.stream.launch_builder(k.get("attn_fwd"));
+            let AttnOut::Half(o) = out else {
+                unreachable!()
+            };
+            let mut b = self.stream.launch_builder(k.get(name));
             b.arg(&q)
                 .arg(&m_i)
                 .arg(&g_i)
@@ -697,14 +822,17 @@ impl Gpu {
                 .arg(&o)
                 .arg(&null)
                 .arg(&null);
-            unsafe { b.launch(Self::cfg(grid, 128))? };
+            unsafe { b.launch(Self::cfg(grid, threads))? };
             return Ok(());
         }
         let splits = n_splits.max(1);
         scratch.ensure(self, splits * m * nh * d * 4, splits * nh * m * 4)?;
-        let (po, pl) = (scratch.o.as_ref().unwrap().ptr(), scratch.lse.as_ref().unwrap().ptr());
+        let (po, pl) = (
+            scratch.o.as_ref().unwrap().ptr(),
+            scratch.lse.as_ref().unwrap().ptr(),
+        );
         {
-            let mut b = self.stream.launch_builder(k.get("attn_fwd"));
+            let mut b = self.stream.launch_builder(k.get(name));
             b.arg(&q)
                 .arg(&m_i)
                 .arg(&g_i)
@@ -715,7 +843,7 @@ impl Gpu {
                 .arg(&null)
                 .arg(&po)
                 .arg(&pl);
-            unsafe { b.launch(Self::cfg(grid, 128))? };
+            unsafe { b.launch(Self::cfg(grid, threads))? };
         }
         let (oh, of, lf) = match out {
             AttnOut::Half(o) => (o, null, null),
@@ -812,18 +940,22 @@ impl TableBuf {
 
 /// Uploads a layer-indexed set of attention plans in one copy; returns per layer the
 /// device addresses of its items and split offsets, and the split count.
-pub fn upload_plans(gpu: &Gpu, table: &mut TableBuf, plans: &[AttnPlan]) -> Result<Vec<(u64, u64, usize)>> {
+pub fn upload_plans(
+    gpu: &Gpu,
+    table: &mut TableBuf,
+    plans: &[AttnPlan],
+) -> Result<Vec<(u64, u64, usize)>> {
     let mut bytes: Vec<u8> = Vec::new();
     let mut offsets = Vec::with_capacity(plans.len());
     for p in plans {
         let io = bytes.len();
         bytes.extend_from_slice(bytemuck::cast_slice(&p.items));
-        while bytes.len() % 16 != 0 {
+        while !bytes.len().is_multiple_of(16) {
             bytes.push(0);
         }
         let so = bytes.len();
         bytes.extend_from_slice(bytemuck::cast_slice(&p.split_begin));
-        while bytes.len() % 16 != 0 {
+        while !bytes.len().is_multiple_of(16) {
             bytes.push(0);
         }
         offsets.push((io, so, p.n_splits()));

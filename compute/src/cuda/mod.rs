@@ -22,6 +22,7 @@
 
 mod gpu;
 mod model;
+pub mod selftest;
 pub mod star;
 
 #[cfg(test)]
@@ -207,7 +208,11 @@ pub fn select_device(choice: DeviceChoice) -> Result<Selected> {
             CudaError::Unavailable(format!(
                 "no CUDA device {n} ({} found: {})",
                 devices.len(),
-                devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                devices
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?;
         check_libraries()?;

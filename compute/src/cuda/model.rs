@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use super::gpu::{AttnPlan, AttnScratch, DevBuf, Gpu, Kernels, KvDest, Segment, TableBuf, upload_plans};
+use super::gpu::{
+    AttnPlan, AttnScratch, DevBuf, Gpu, Kernels, KvDest, Segment, TableBuf, upload_plans,
+};
 use super::{CudaError, Result};
 use crate::cpu::attention::HeadShape;
 use crate::cpu::matmul::Matrix;
@@ -23,7 +25,15 @@ pub trait GpuAttention {
     fn kv_dest(&mut self, layer: usize) -> KvDest;
     /// Attention of the rotated `q` (16-bit `[m][n_heads * head_dim]`) into `out` (same
     /// layout); the new K/V are already at [`GpuAttention::kv_dest`].
-    fn attend(&mut self, gpu: &Gpu, kernels: &Kernels, layer: usize, q: u64, m: usize, out: u64) -> Result<()>;
+    fn attend(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        layer: usize,
+        q: u64,
+        m: usize,
+        out: u64,
+    ) -> Result<()>;
     /// Called after the last layer.
     fn finish(&mut self, m: usize);
 }
@@ -133,7 +143,13 @@ impl CudaLlama {
         let mut matrix = |rows: usize, cols: usize| -> Result<DevBuf> {
             let buf = gpu.alloc(rows * cols * 2)?;
             next_seed = next_seed.wrapping_add(0x9E37_79B9);
-            gpu.fill_uniform_half(&kernels, buf.ptr(), rows * cols, next_seed, (3.0 / cols as f32).sqrt())?;
+            gpu.fill_uniform_half(
+                &kernels,
+                buf.ptr(),
+                rows * cols,
+                next_seed,
+                (3.0 / cols as f32).sqrt(),
+            )?;
             Ok(buf)
         };
         let (qw, kvw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
@@ -152,7 +168,14 @@ impl CudaLlama {
         let embed = matrix(c.vocab, c.hidden)?;
         let output = matrix(c.vocab, c.hidden)?;
         let output_norm = gpu.alloc(c.hidden * 4)?;
-        gpu.fill_uniform_f32(&kernels, output_norm.ptr(), c.hidden, seed ^ 0x5eed, 0.5, 1.5)?;
+        gpu.fill_uniform_f32(
+            &kernels,
+            output_norm.ptr(),
+            c.hidden,
+            seed ^ 0x5eed,
+            0.5,
+            1.5,
+        )?;
         let rope = crate::cpu::ops::Rope::new(c.rope_theta, c.rope_dim, None);
         let inv_freq = rope.inv_freq().to_vec();
         let out = Self {
@@ -197,7 +220,14 @@ impl CudaLlama {
         let l: usize = self
             .layers
             .iter()
-            .map(|l| l.attn_norm.bytes() + l.w_qkv.bytes() + l.wo.bytes() + l.ffn_norm.bytes() + l.w_gu.bytes() + l.w_down.bytes())
+            .map(|l| {
+                l.attn_norm.bytes()
+                    + l.w_qkv.bytes()
+                    + l.wo.bytes()
+                    + l.ffn_norm.bytes()
+                    + l.w_gu.bytes()
+                    + l.w_down.bytes()
+            })
             .sum();
         l + self.embed.bytes() + self.output.bytes() + self.output_norm.bytes()
     }
@@ -210,18 +240,18 @@ impl CudaLlama {
         let cap = m.max(16).next_power_of_two().max(m);
         let (qw, kvw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let sizes = [
-            cap * c.hidden * 4,           // X
-            cap * c.hidden * 2,           // XN
-            cap * (qw + 2 * kvw) * 4,     // QKV
-            cap * qw * 2,                 // Q
-            cap * qw * 2,                 // ATT
-            cap * 2 * c.ffn * 4,          // GU
-            cap * c.ffn * 2,              // ACT
-            cap * self.pairs.max(1) * 4,  // COS
-            cap * self.pairs.max(1) * 4,  // SIN
-            cap * 4,                      // POS
-            cap * 4,                      // TOK
-            cap * c.hidden * 4,           // HID (normalised output, f32)
+            cap * c.hidden * 4,          // X
+            cap * c.hidden * 2,          // XN
+            cap * (qw + 2 * kvw) * 4,    // QKV
+            cap * qw * 2,                // Q
+            cap * qw * 2,                // ATT
+            cap * 2 * c.ffn * 4,         // GU
+            cap * c.ffn * 2,             // ACT
+            cap * self.pairs.max(1) * 4, // COS
+            cap * self.pairs.max(1) * 4, // SIN
+            cap * 4,                     // POS
+            cap * 4,                     // TOK
+            cap * c.hidden * 4,          // HID (normalised output, f32)
         ];
         self.scratch.bufs.clear();
         self.gpu.synchronize()?;
@@ -239,14 +269,25 @@ impl CudaLlama {
     /// Runs `tokens` at `positions` through every block and the final norm. The
     /// normalised hidden states stay on the device for [`CudaLlama::logits`],
     /// [`CudaLlama::argmax`] or [`CudaLlama::hidden`]. Asynchronous: returns once queued.
-    pub fn forward(&mut self, tokens: &[u32], positions: &[usize], attention: &mut dyn GpuAttention) -> Result<()> {
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        positions: &[usize],
+        attention: &mut dyn GpuAttention,
+    ) -> Result<()> {
         let m = tokens.len();
         let c = self.config.clone();
         if positions.len() != m {
-            return Err(CudaError::Invalid(format!("{m} tokens but {} positions", positions.len())));
+            return Err(CudaError::Invalid(format!(
+                "{m} tokens but {} positions",
+                positions.len()
+            )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            return Err(CudaError::Invalid(format!("token id {bad} is outside the vocabulary ({})", c.vocab)));
+            return Err(CudaError::Invalid(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                c.vocab
+            )));
         }
         if m == 0 {
             self.last_m = 0;
@@ -261,22 +302,105 @@ impl CudaLlama {
         gpu.upload(self.buf(POS), &pos)?;
         gpu.upload(self.buf(TOK), tokens)?;
         gpu.embed(&k, self.buf(X), self.embed.ptr(), self.buf(TOK), m, h)?;
-        gpu.rope_table(&k, self.buf(COS), self.buf(SIN), self.buf(POS), self.inv_freq.ptr(), m, self.pairs)?;
+        gpu.rope_table(
+            &k,
+            self.buf(COS),
+            self.buf(SIN),
+            self.buf(POS),
+            self.inv_freq.ptr(),
+            m,
+            self.pairs,
+        )?;
         attention.begin(&gpu, m)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            gpu.rms_norm(&k, self.buf(XN), false, self.buf(X), layer.attn_norm.ptr(), m, h, c.rms_eps)?;
-            gpu.gemm(self.buf(QKV), true, self.buf(XN), layer.w_qkv.ptr(), m, qw + 2 * kvw, h, 0.0)?;
+            gpu.rms_norm(
+                &k,
+                self.buf(XN),
+                false,
+                self.buf(X),
+                layer.attn_norm.ptr(),
+                m,
+                h,
+                c.rms_eps,
+            )?;
+            gpu.gemm(
+                self.buf(QKV),
+                true,
+                self.buf(XN),
+                layer.w_qkv.ptr(),
+                m,
+                qw + 2 * kvw,
+                h,
+                0.0,
+            )?;
             let dest = attention.kv_dest(li);
-            gpu.rope_split(&k, self.buf(Q), &dest, self.buf(QKV), self.buf(COS), self.buf(SIN), m, nh, nkv, d, self.pairs)?;
+            gpu.rope_split(
+                &k,
+                self.buf(Q),
+                &dest,
+                self.buf(QKV),
+                self.buf(COS),
+                self.buf(SIN),
+                m,
+                nh,
+                nkv,
+                d,
+                self.pairs,
+            )?;
             attention.attend(&gpu, &k, li, self.buf(Q), m, self.buf(ATT))?;
-            gpu.gemm(self.buf(X), true, self.buf(ATT), layer.wo.ptr(), m, h, qw, 1.0)?;
-            gpu.rms_norm(&k, self.buf(XN), false, self.buf(X), layer.ffn_norm.ptr(), m, h, c.rms_eps)?;
-            gpu.gemm(self.buf(GU), true, self.buf(XN), layer.w_gu.ptr(), m, 2 * c.ffn, h, 0.0)?;
+            gpu.gemm(
+                self.buf(X),
+                true,
+                self.buf(ATT),
+                layer.wo.ptr(),
+                m,
+                h,
+                qw,
+                1.0,
+            )?;
+            gpu.rms_norm(
+                &k,
+                self.buf(XN),
+                false,
+                self.buf(X),
+                layer.ffn_norm.ptr(),
+                m,
+                h,
+                c.rms_eps,
+            )?;
+            gpu.gemm(
+                self.buf(GU),
+                true,
+                self.buf(XN),
+                layer.w_gu.ptr(),
+                m,
+                2 * c.ffn,
+                h,
+                0.0,
+            )?;
             gpu.swiglu(&k, self.buf(ACT), self.buf(GU), m, c.ffn)?;
-            gpu.gemm(self.buf(X), true, self.buf(ACT), layer.w_down.ptr(), m, h, c.ffn, 1.0)?;
+            gpu.gemm(
+                self.buf(X),
+                true,
+                self.buf(ACT),
+                layer.w_down.ptr(),
+                m,
+                h,
+                c.ffn,
+                1.0,
+            )?;
         }
         attention.finish(m);
-        gpu.rms_norm(&k, self.buf(HID), true, self.buf(X), self.output_norm.ptr(), m, h, c.rms_eps)?;
+        gpu.rms_norm(
+            &k,
+            self.buf(HID),
+            true,
+            self.buf(X),
+            self.output_norm.ptr(),
+            m,
+            h,
+            c.rms_eps,
+        )?;
         self.last_m = m;
         Ok(())
     }
@@ -302,9 +426,23 @@ impl CudaLlama {
         let rows = rows.min(self.last_m);
         let first = self.last_m - rows;
         let hn = self.gpu.alloc(rows * c.hidden * 2)?;
-        self.gpu.to_half(&self.kernels, hn.ptr(), self.buf(HID) + (first * c.hidden * 4) as u64, rows * c.hidden)?;
+        self.gpu.to_half(
+            &self.kernels,
+            hn.ptr(),
+            self.buf(HID) + (first * c.hidden * 4) as u64,
+            rows * c.hidden,
+        )?;
         let out = self.gpu.alloc(rows * c.vocab * 4)?;
-        self.gpu.gemm(out.ptr(), true, hn.ptr(), self.output.ptr(), rows, c.vocab, c.hidden, 0.0)?;
+        self.gpu.gemm(
+            out.ptr(),
+            true,
+            hn.ptr(),
+            self.output.ptr(),
+            rows,
+            c.vocab,
+            c.hidden,
+            0.0,
+        )?;
         self.gpu.synchronize()?;
         Ok((out, rows))
     }
@@ -315,7 +453,14 @@ impl CudaLlama {
         let (logits, rows) = self.logits_device(rows)?;
         let idx = self.gpu.alloc(rows * 4)?;
         let lse = self.gpu.alloc(rows * 4)?;
-        self.gpu.argmax(&self.kernels, idx.ptr(), lse.ptr(), logits.ptr(), rows, self.config.vocab)?;
+        self.gpu.argmax(
+            &self.kernels,
+            idx.ptr(),
+            lse.ptr(),
+            logits.ptr(),
+            rows,
+            self.config.vocab,
+        )?;
         let mut i = vec![0u32; rows];
         let mut l = vec![0f32; rows];
         self.gpu.download(&mut i, idx.ptr())?;
@@ -387,13 +532,21 @@ impl GpuKvCache {
     /// K and V of `layer` for tokens `0..len` as f32 head-major `[n_kv][len][d]`.
     pub fn download_layer(&self, gpu: &Gpu, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let d = self.shape.head_dim;
-        let mut out = (vec![0f32; self.shape.n_kv_heads * self.len * d], vec![0f32; self.shape.n_kv_heads * self.len * d]);
+        let mut out = (
+            vec![0f32; self.shape.n_kv_heads * self.len * d],
+            vec![0f32; self.shape.n_kv_heads * self.len * d],
+        );
         let mut tmp = vec![0u16; self.len * d];
         for h in 0..self.shape.n_kv_heads {
             for (which, dst) in [(0, &mut out.0), (1, &mut out.1)] {
-                let buf = if which == 0 { &self.layers[layer].0 } else { &self.layers[layer].1 };
+                let buf = if which == 0 {
+                    &self.layers[layer].0
+                } else {
+                    &self.layers[layer].1
+                };
                 gpu.download(&mut tmp, buf.ptr() + (h * self.capacity * d * 2) as u64)?;
-                gpu.dtype.decode(&tmp, &mut dst[h * self.len * d..(h + 1) * self.len * d]);
+                gpu.dtype
+                    .decode(&tmp, &mut dst[h * self.len * d..(h + 1) * self.len * d]);
             }
         }
         Ok(out)
@@ -428,7 +581,15 @@ impl GpuAttention for GpuKvCache {
         }
     }
 
-    fn attend(&mut self, gpu: &Gpu, kernels: &Kernels, layer: usize, q: u64, m: usize, out: u64) -> Result<()> {
+    fn attend(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        layer: usize,
+        q: u64,
+        m: usize,
+        out: u64,
+    ) -> Result<()> {
         let (items, splits, n) = self.plans[layer];
         gpu.attention(
             kernels,

@@ -1,0 +1,196 @@
+//! CPU-only tests of the CUDA backend (CI has no GPU): the probe must fail cleanly, the
+//! device choice must parse, attention plans and the resident tier must be right.
+
+use std::sync::Arc;
+
+use super::star::{BlockTier, TierValue};
+use super::*;
+
+#[test]
+fn probe_never_panics() {
+    // On a machine without a driver this is Err(Unavailable); with one, a device list.
+    match probe() {
+        Ok(devices) => assert!(!devices.is_empty()),
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
+
+#[test]
+fn auto_selection_always_succeeds() {
+    let sel = select_device(DeviceChoice::Auto).unwrap();
+    if let Selected::Cpu { reason } = &sel {
+        assert!(reason.starts_with("auto"));
+    }
+    assert!(matches!(
+        select_device(DeviceChoice::Cpu).unwrap(),
+        Selected::Cpu { .. }
+    ));
+}
+
+#[test]
+fn cuda_selection_without_a_gpu_is_an_error_not_a_panic() {
+    if probe().is_err() {
+        assert!(matches!(
+            select_device(DeviceChoice::Cuda(0)),
+            Err(CudaError::Unavailable(_))
+        ));
+        assert!(Gpu::new(0, HalfType::BF16).is_err());
+    }
+    // A device number no machine has.
+    assert!(select_device(DeviceChoice::Cuda(4096)).is_err());
+}
+
+#[test]
+fn device_choice_parses() {
+    assert_eq!("auto".parse::<DeviceChoice>(), Ok(DeviceChoice::Auto));
+    assert_eq!("CPU".parse::<DeviceChoice>(), Ok(DeviceChoice::Cpu));
+    assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
+    assert_eq!("cuda:3".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(3)));
+    assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    assert!("tpu".parse::<DeviceChoice>().is_err());
+    assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+}
+
+fn seg(len: usize, causal: Option<usize>) -> Segment {
+    Segment {
+        k: 0x1000 * (len as u64 + 1),
+        v: 0x2000,
+        head_stride: (len * 64) as i64,
+        row_stride: 64,
+        len,
+        causal_offset: causal,
+    }
+}
+
+#[test]
+fn one_split_plan_covers_every_segment_once() {
+    let p = AttnPlan::new(&[seg(100, None), seg(0, None), seg(37, Some(5))], 1);
+    assert_eq!(p.n_splits(), 1);
+    assert_eq!(p.items.len(), 2);
+    assert_eq!(
+        (
+            p.items[0].key_begin,
+            p.items[0].key_end,
+            p.items[0].causal_offset
+        ),
+        (0, 100, -1)
+    );
+    assert_eq!(
+        (
+            p.items[1].key_begin,
+            p.items[1].key_end,
+            p.items[1].causal_offset
+        ),
+        (0, 37, 5)
+    );
+}
+
+#[test]
+fn split_plan_chunks_cover_keys_exactly() {
+    let segs = [seg(5000, None), seg(3000, None), seg(17, Some(9))];
+    let p = AttnPlan::new(&segs, 8);
+    assert!(p.n_splits() >= 8);
+    assert_eq!(p.split_begin.len(), p.n_splits() + 1);
+    let mut covered = [0usize; 3];
+    for it in &p.items {
+        let s = segs.iter().position(|s| s.k == it.k).unwrap();
+        assert_eq!(
+            segs[s].causal_offset.map_or(-1, |o| o as i32),
+            it.causal_offset
+        );
+        covered[s] += (it.key_end - it.key_begin) as usize;
+        assert_eq!(it.key_begin % 64, 0);
+    }
+    assert_eq!(covered, [5000, 3000, 17]);
+    let empty = AttnPlan::new(&[seg(0, None)], 4);
+    assert_eq!(empty.n_splits(), 1);
+    assert!(empty.items.is_empty());
+}
+
+struct Fake(usize);
+impl TierValue for Fake {
+    fn tier_bytes(&self) -> usize {
+        self.0
+    }
+}
+
+#[test]
+fn tier_evicts_least_recently_used_within_budget() {
+    let mut t: BlockTier<u32, Fake> = BlockTier::new(100);
+    t.insert(1, Arc::new(Fake(40)));
+    t.insert(2, Arc::new(Fake(40)));
+    assert!(t.get(&1).is_some()); // 2 is now the least recently used
+    t.insert(3, Arc::new(Fake(40)));
+    assert!(t.contains(&1) && t.contains(&3) && !t.contains(&2));
+    assert_eq!(t.used_bytes(), 80);
+    assert_eq!(t.evictions, 1);
+    // Too large for the budget: not kept, nothing evicted.
+    t.insert(4, Arc::new(Fake(101)));
+    assert!(!t.contains(&4));
+    assert_eq!(t.len(), 2);
+    // Re-inserting a key replaces its size.
+    t.insert(1, Arc::new(Fake(10)));
+    assert_eq!(t.used_bytes(), 50);
+    assert!(t.get(&2).is_none());
+    assert_eq!((t.hits, t.misses), (1, 1));
+    // A block in use survives eviction from the tier.
+    let held = t.get(&3).unwrap();
+    t.insert(5, Arc::new(Fake(95)));
+    assert!(!t.contains(&3));
+    assert_eq!(held.tier_bytes(), 40);
+    assert_eq!(t.remove(&5).map(|b| b.tier_bytes()), Some(95));
+    assert_eq!(t.used_bytes(), 0);
+}
+
+#[test]
+fn kernel_source_declares_every_kernel() {
+    for name in [
+        "attn_fwd",
+        "attn_merge",
+        "rope_split",
+        "rms_norm_h",
+        "swiglu_h",
+        "embed_rows",
+        "argmax_rows",
+    ] {
+        assert!(
+            KERNEL_SOURCE.contains(&format!("void {name}("))
+                || KERNEL_SOURCE.contains(&format!("{name}(")),
+            "{name}"
+        );
+    }
+}
+
+/// The whole self-test on a GPU when there is one (`cargo test -p starkv-compute --release
+/// gpu_selftest -- --ignored --nocapture`); skipped (passes) without one.
+#[test]
+#[ignore]
+fn gpu_selftest() {
+    let Ok(devices) = probe() else {
+        eprintln!("no GPU: skipped");
+        return;
+    };
+    let gpu = Gpu::new(devices[0].ordinal, HalfType::BF16).unwrap();
+    let seed = std::env::var("STARKV_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12345);
+    let big = std::env::var("STARKV_SELFTEST_8B").is_ok();
+    // STARKV_SELFTEST_MODEL=path.gguf adds the whole-model check on that model.
+    let loaded = std::env::var("STARKV_SELFTEST_MODEL")
+        .ok()
+        .map(|p| crate::LoadedModel::open(std::path::Path::new(&p)).unwrap());
+    let model = loaded.as_ref().map(|l| {
+        let tokens = l.tokenizer.encode(selftest::PROMPT, false).unwrap();
+        ("default model (SmolLM2-135M)", &l.model, tokens)
+    });
+    let rows = selftest::run(
+        &gpu,
+        selftest::SelftestOptions {
+            seed,
+            model,
+            big_model: big,
+        },
+    );
+    assert!(selftest::print_table(&rows, &gpu, seed));
+}
