@@ -14,8 +14,11 @@ from llama_cpp import Llama
 
 
 def first_token(llm):
-    # Sampling the first token from the last logits (greedy).
-    return int(llm.scores[llm.n_tokens - 1].argmax())
+    # Greedy first token from the last position's logits (llama-cpp-python keeps only
+    # the last row when logits_all is off).
+    import numpy as np
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    return int(logits.argmax())
 
 
 def main():

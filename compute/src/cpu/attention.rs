@@ -16,6 +16,8 @@ use super::ops::exp_shifted_sum;
 
 const Q_TILE: usize = 32;
 const K_TILE: usize = 256;
+/// Keys per chunk when a few query rows are split over the keys (see `attention_into`).
+const SPLIT_CHUNK: usize = 512;
 
 /// Head geometry shared by queries and keys (grouped-query attention when
 /// `n_heads > n_kv_heads`; query head `h` reads key/value head `h / (n_heads / n_kv_heads)`).
@@ -124,6 +126,45 @@ pub fn attention_into(
         );
     }
     let n_tiles = m.div_ceil(Q_TILE);
+    // Few query rows over many keys (decoding): (KV head, tile) tasks are too few to keep
+    // every thread busy, so the keys are split into chunks attended in parallel and their
+    // (O, lse) merged exactly, as flash-decoding does.
+    let n_chunks = kv.len.div_ceil(SPLIT_CHUNK);
+    let splittable = match mask {
+        Mask::None => true,
+        // Every chunk must start at a key row 0 can see, so each chunk's mask is causal
+        // with a non-negative offset.
+        Mask::Causal { offset } => (n_chunks.max(1) - 1) * SPLIT_CHUNK <= offset,
+    };
+    if shape.n_kv_heads * n_tiles < 2 * rayon::current_num_threads() && n_chunks >= 2 && splittable
+    {
+        let parts: Vec<Attended> = (0..n_chunks)
+            .into_par_iter()
+            .map(|c| {
+                let c0 = c * SPLIT_CHUNK;
+                let chunk = KvView {
+                    k: &kv.k[c0 * kv.row_stride..],
+                    v: &kv.v[c0 * kv.row_stride..],
+                    len: SPLIT_CHUNK.min(kv.len - c0),
+                    ..kv
+                };
+                let chunk_mask = match mask {
+                    Mask::None => Mask::None,
+                    Mask::Causal { offset } => Mask::Causal {
+                        offset: offset - c0,
+                    },
+                };
+                attention(q, m, chunk, shape, chunk_mask, scale)
+            })
+            .collect();
+        let mut acc = Attended::empty(m, shape);
+        for part in &parts {
+            merge_into(&mut acc, part, m, shape);
+        }
+        out.copy_from_slice(&acc.out);
+        lse.copy_from_slice(&acc.lse);
+        return;
+    }
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let lse_ptr = SyncPtr(lse.as_mut_ptr());
     (0..shape.n_kv_heads * n_tiles)
