@@ -259,34 +259,8 @@ pub unsafe fn gemm_f32(
     rhs: *const f32,
     rhs_layout: Transpose,
 ) {
-    let (rhs_cs, rhs_rs) = match rhs_layout {
-        Transpose::No(rs) => (1, rs as isize),
-        Transpose::Yes(rs) => (rs as isize, 1),
-    };
     // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            lhs,
-            1,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs,
-            rhs_rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    unsafe { gemm_raw(m, n, k, dst, dst_rs, lhs, lhs_rs, rhs, rhs_layout, false) }
 }
 
 /// `dst += lhs * rhs` (accumulating variant of [`gemm_f32`]).
@@ -305,11 +279,30 @@ pub unsafe fn gemm_f32_acc(
     rhs: *const f32,
     rhs_layout: Transpose,
 ) {
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_raw(m, n, k, dst, dst_rs, lhs, lhs_rs, rhs, rhs_layout, true) }
+}
+
+/// The one call into the `gemm` crate: `dst = [dst +] lhs * rhs`, row-major, one thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    rhs_layout: Transpose,
+    accumulate: bool,
+) {
     let (rhs_cs, rhs_rs) = match rhs_layout {
         Transpose::No(rs) => (1, rs as isize),
         Transpose::Yes(rs) => (rs as isize, 1),
     };
-    // SAFETY: forwarded from the caller.
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: forwarded from the callers, whose contracts cover every pointer and stride.
     unsafe {
         gemm::gemm(
             m,
@@ -318,14 +311,14 @@ pub unsafe fn gemm_f32_acc(
             dst,
             1,
             dst_rs as isize,
-            true,
+            accumulate,
             lhs,
             1,
             lhs_rs as isize,
             rhs,
             rhs_cs,
             rhs_rs,
-            1.0,
+            alpha,
             1.0,
             false,
             false,

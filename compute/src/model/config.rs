@@ -39,6 +39,24 @@ impl LlamaConfig {
         }
     }
 
+    /// A tiny shape (3 layers, GQA 4/2, head_dim 16) for unit tests on random weights.
+    #[cfg(test)]
+    pub(crate) fn tiny_for_tests() -> Self {
+        Self {
+            n_layers: 3,
+            hidden: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            ffn: 96,
+            vocab: 300,
+            rope_theta: 10_000.0,
+            rope_dim: 16,
+            rms_eps: 1e-5,
+            context_length: 1024,
+        }
+    }
+
     /// Llama-3.1-8B's shape, for benchmarks on random weights.
     pub fn llama31_8b() -> Self {
         Self {

@@ -5,19 +5,7 @@ use super::*;
 use crate::quant::GgmlType;
 
 fn tiny_config() -> LlamaConfig {
-    LlamaConfig {
-        n_layers: 3,
-        hidden: 64,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-        ffn: 96,
-        vocab: 300,
-        rope_theta: 10_000.0,
-        rope_dim: 16,
-        rms_eps: 1e-5,
-        context_length: 512,
-    }
+    LlamaConfig::tiny_for_tests()
 }
 
 /// Float64 Llama forward over all `tokens` (positions 0..n), full causal attention,

@@ -9,20 +9,7 @@ use crate::model::{KvCache, LayerAttention, LayerKv, Llama, LlamaConfig};
 use crate::quant::GgmlType;
 
 fn tiny_model() -> Llama {
-    let config = LlamaConfig {
-        n_layers: 3,
-        hidden: 64,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 16,
-        ffn: 96,
-        vocab: 300,
-        rope_theta: 10_000.0,
-        rope_dim: 16,
-        rms_eps: 1e-5,
-        context_length: 1024,
-    };
-    Llama::random(config, GgmlType::F32, 77)
+    Llama::random(LlamaConfig::tiny_for_tests(), GgmlType::F32, 77)
 }
 
 fn tokens(n: usize, salt: usize) -> Vec<u32> {
