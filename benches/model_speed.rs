@@ -8,6 +8,9 @@
 //! The peer runs `benches/peers/llama_cpp_speed.py` (needs `pip install llama-cpp-python`,
 //! which compiles llama.cpp: about 40 minutes on 2 cores, once).
 
+#[path = "support/stats.rs"]
+mod stats;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -15,6 +18,7 @@ use anyhow::{Context, Result};
 use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 use starkv_compute::model::KvCache;
+use stats::{median, peer_seconds};
 
 struct Options {
     sizes: Vec<usize>,
@@ -57,16 +61,6 @@ fn parse_options() -> Result<Options> {
         }
     }
     Ok(o)
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
 }
 
 /// Ordinary vocabulary ids, the same sequence the peer script uses.
@@ -186,12 +180,7 @@ fn run_peer(o: &Options, model: &std::path::Path) -> Result<Vec<f64>> {
     let mut values = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
-        let secs: Vec<f64> = v["seconds"]
-            .as_array()
-            .context("seconds")?
-            .iter()
-            .filter_map(|x| x.as_f64())
-            .collect();
+        let secs = peer_seconds(&v).context("seconds")?;
         let n = v["tokens"].as_u64().context("tokens")? as f64;
         values.push(if v["what"] == "prefill" {
             n / median(secs)

@@ -5,6 +5,9 @@
 //! `cargo bench --bench repeat_query -- [--tokens 8000] [--block-size 2048] [--repeats 3]
 //! [--threads N] [--no-peer]`
 
+#[path = "support/stats.rs"]
+mod stats;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -15,16 +18,7 @@ use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 use starkv_compute::prompt;
 use starkv_compute::sampling::SamplingParams;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
+use stats::{median, peer_seconds};
 
 /// Deterministic filler prose with a fact in the middle.
 fn document(target_tokens: usize) -> String {
@@ -170,12 +164,7 @@ fn main() -> Result<()> {
         if out.status.success() {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let v: serde_json::Value = serde_json::from_str(line)?;
-                let secs: Vec<f64> = v["seconds"]
-                    .as_array()
-                    .context("seconds")?
-                    .iter()
-                    .filter_map(|x| x.as_f64())
-                    .collect();
+                let secs = peer_seconds(&v).context("seconds")?;
                 match v["what"].as_str() {
                     Some("reprefill") => reprefill = Some(median(secs)),
                     Some("state_restore") => {
