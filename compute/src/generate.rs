@@ -2,7 +2,8 @@
 //!
 //! The loop is independent of what the tokens attend to (a [`LayerAttention`]): plain
 //! causal attention with a [`crate::model::KvCache`], or Star Attention's phase 2 over
-//! cached blocks.
+//! cached blocks; and of where the forward pass runs ([`generate_with`] takes any step
+//! function, e.g. the GPU's).
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,9 @@ pub struct Generation {
 
 /// Generates after `prompt` (at positions `start_pos..`), sending each piece of answer
 /// text to `on_text` as soon as it is final; `on_text` returns `false` to cancel.
+///
+/// The CPU forward pass through `attention`; [`generate_with`] is the same loop over any
+/// forward pass (the GPU's).
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -56,15 +60,36 @@ pub fn generate(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
+    let h = model.config().hidden;
+    let mut step = |tokens: &[u32], positions: &[usize]| -> Result<Vec<f32>> {
+        let hidden = model.forward(tokens, positions, attention)?;
+        Ok(model.logits(&hidden[hidden.len() - h..]))
+    };
+    generate_with(&mut step, tokenizer, prompt, start_pos, params, on_text)
+}
+
+/// One forward pass of new tokens at their positions, returning the last token's logits.
+pub type Step<'a> = dyn FnMut(&[u32], &[usize]) -> Result<Vec<f32>> + 'a;
+
+/// The generation loop over any forward pass: `step(tokens, positions)` runs the new
+/// tokens through the model (keeping their KV wherever its attention keeps it) and
+/// returns the logits of the LAST token. Called once with the whole prompt, then once per
+/// generated token.
+pub fn generate_with(
+    step: &mut Step<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    start_pos: usize,
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(Error::InvalidInput("the prompt is empty".into()));
     }
     let mut sampler = Sampler::new(params.sampling.clone())?;
     let started = Instant::now();
     let positions: Vec<usize> = (start_pos..start_pos + prompt.len()).collect();
-    let hidden = model.forward(prompt, &positions, attention)?;
-    let h = model.config().hidden;
-    let mut logits = model.logits(&hidden[hidden.len() - h..]);
+    let mut logits = step(prompt, &positions)?;
     let prefill = started.elapsed();
     let decode_started = Instant::now();
     let mut stream = TextStream::new(&params.stop);
@@ -89,8 +114,7 @@ pub fn generate(
         if ids.len() >= params.max_tokens {
             break StopReason::MaxTokens;
         }
-        let hidden = model.forward(&[next], &[pos], attention)?;
-        logits = model.logits(&hidden);
+        logits = step(&[next], &[pos])?;
         pos += 1;
     };
     let tail = stream.finish(stop_reason == StopReason::StopString);
