@@ -29,6 +29,9 @@ pub enum Error {
     InvalidInput(String),
     #[error("model fetch failed: {0}")]
     Fetch(String),
+    /// The compute device (a GPU) cannot be used or failed; the message says which and why.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

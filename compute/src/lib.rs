@@ -6,8 +6,11 @@
 //!   small per-thread tiles right before each matrix product ([`cpu::matmul`]).
 //! - Attention always returns the output together with its log-sum-exp, so that results
 //!   over disjoint key sets (cached blocks, shards, the query's own tokens) merge exactly.
+//! - One [`backend::Backend`] runs the model on the device `--device` chose (the CPU, or
+//!   a GPU through [`cuda`]), so the service and the command line never branch on it.
 //! - This crate knows nothing about storage or HTTP.
 
+pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

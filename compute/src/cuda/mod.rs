@@ -58,6 +58,17 @@ pub enum CudaError {
 
 pub type Result<T, E = CudaError> = std::result::Result<T, E>;
 
+/// For callers outside the CUDA backend (the [`crate::backend`]): compute errors come back
+/// as they were, everything else is a device error.
+impl From<CudaError> for crate::Error {
+    fn from(e: CudaError) -> Self {
+        match e {
+            CudaError::Compute(inner) => inner,
+            other => crate::Error::Device(other.to_string()),
+        }
+    }
+}
+
 /// A CUDA device as the driver reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceInfo {

@@ -250,18 +250,48 @@ pub fn encode_context(
     Ok(out)
 }
 
-/// Context blocks for a phase-2 query: resident (already on the GPU) or streamed from
-/// host memory through pinned buffers on the copy stream, one layer ahead.
+/// Context blocks for a phase-2 query: resident (already on the GPU), streamed from
+/// host memory through pinned buffers on the copy stream one layer ahead, or both at
+/// once. Mixing is exact: the query attends to every context block without a mask and
+/// the partial results merge by log-sum-exp, so the order of blocks does not matter.
 pub enum ContextBlocks {
     Resident(Vec<Arc<GpuBlock>>),
     Streamed(StreamedBlocks),
+    Mixed {
+        resident: Vec<Arc<GpuBlock>>,
+        streamed: StreamedBlocks,
+    },
 }
 
 impl ContextBlocks {
-    fn blocks(&self) -> &[Arc<GpuBlock>] {
+    /// `resident` blocks plus `host` blocks to stream; picks the variant (an empty
+    /// streamed set is never built).
+    pub fn new(gpu: &Gpu, resident: Vec<Arc<GpuBlock>>, host: Vec<Arc<BlockKv>>) -> Result<Self> {
+        if host.is_empty() {
+            return Ok(Self::Resident(resident));
+        }
+        let streamed = StreamedBlocks::new(gpu, host)?;
+        Ok(if resident.is_empty() {
+            Self::Streamed(streamed)
+        } else {
+            Self::Mixed { resident, streamed }
+        })
+    }
+
+    /// Every block: the resident ones first, then the streamed ones.
+    fn blocks(&self) -> impl Iterator<Item = &Arc<GpuBlock>> {
+        let (resident, streamed): (&[Arc<GpuBlock>], &[Arc<GpuBlock>]) = match self {
+            Self::Resident(b) => (b, &[]),
+            Self::Streamed(s) => (&[], &s.blocks),
+            Self::Mixed { resident, streamed } => (resident, &streamed.blocks),
+        };
+        resident.iter().chain(streamed)
+    }
+
+    fn streamed_mut(&mut self) -> Option<&mut StreamedBlocks> {
         match self {
-            Self::Resident(b) => b,
-            Self::Streamed(s) => &s.blocks,
+            Self::Resident(_) => None,
+            Self::Streamed(s) | Self::Mixed { streamed: s, .. } => Some(s),
         }
     }
 }
@@ -396,7 +426,7 @@ pub struct GpuQuery {
 impl GpuQuery {
     /// `capacity`: query plus generated tokens to hold.
     pub fn new(model: &CudaLlama, context: ContextBlocks, capacity: usize) -> Result<Self> {
-        let context_len = context.blocks().iter().map(|b| b.len).sum();
+        let context_len = context.blocks().map(|b| b.len).sum();
         Ok(Self {
             local: GpuKvCache::new(
                 model.gpu(),
@@ -425,11 +455,19 @@ impl GpuQuery {
         self.local.len()
     }
 
-    /// The context blocks, resident once every layer has been attended.
+    /// The context blocks, resident once every layer has been attended (in
+    /// [`ContextBlocks::new`]'s order: the resident ones first, then the streamed ones).
     pub fn into_blocks(self, gpu: &Gpu) -> Result<Vec<Arc<GpuBlock>>> {
         match self.context {
             ContextBlocks::Resident(b) => Ok(b),
             ContextBlocks::Streamed(s) => s.finish(gpu),
+            ContextBlocks::Mixed {
+                mut resident,
+                streamed,
+            } => {
+                resident.extend(streamed.finish(gpu)?);
+                Ok(resident)
+            }
         }
     }
 }
@@ -444,12 +482,8 @@ impl GpuAttention for GpuQuery {
         });
         let plans: Vec<AttnPlan> = (0..self.n_layers)
             .map(|l| {
-                let mut segs: Vec<Segment> = self
-                    .context
-                    .blocks()
-                    .iter()
-                    .map(|b| b.segment(l, None))
-                    .collect();
+                let mut segs: Vec<Segment> =
+                    self.context.blocks().map(|b| b.segment(l, None)).collect();
                 segs.push(self.local.segment(l, offset + m, Some(offset)));
                 AttnPlan::new(&segs, splits)
             })
@@ -471,7 +505,7 @@ impl GpuAttention for GpuQuery {
         m: usize,
         out: u64,
     ) -> Result<()> {
-        if let ContextBlocks::Streamed(s) = &mut self.context {
+        if let Some(s) = self.context.streamed_mut() {
             s.wait_layer(gpu, layer)?;
         }
         let (items, splits, n) = self.plans[layer];
@@ -696,6 +730,12 @@ impl<K: Hash + Eq + Clone, V: TierValue> BlockTier<K, V> {
         }
         self.used += bytes;
         self.entries.insert(key, (block, self.tick));
+    }
+
+    /// Forgets every block (the counters stay).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.used = 0;
     }
 
     pub fn remove(&mut self, key: &K) -> Option<Arc<V>> {

@@ -1,0 +1,398 @@
+//! The model on the compute device `--device` chose: one entry point for Star Attention
+//! phase 1 (encode a block), phase 2 (answer over cached blocks) and plain generation,
+//! whichever device runs them.
+//!
+//! - CPU: the [`Llama`] forward pass with [`Phase1`], [`CpuShard`], [`QueryAttention`]
+//!   and [`KvCache`]; always available, and what every test without a GPU runs.
+//! - CUDA ([`cuda`]): the weights uploaded once as a [`crate::cuda::CudaLlama`], and a
+//!   GPU-resident tier of context blocks keyed by their content keys, so a repeated
+//!   question over the same document attends to blocks already on the device and only the
+//!   missing ones are streamed in.
+//!
+//! Callers keep the [`Llama`] and the [`Tokenizer`] (a [`LoadedModel`]) and pass them to
+//! every call: the CPU path runs on them, the GPU path takes only the token geometry and
+//! the tokenizer from them. They must be the model the backend was built from.
+//!
+//! Device selection never panics: `auto` falls back to the CPU with a reason (see
+//! [`Backend::selected`]), an explicit `cuda:N` that cannot be used is an
+//! [`Error::Device`].
+
+mod cuda;
+
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::LoadedModel;
+use crate::cpu::attention::HeadShape;
+use crate::cuda::{CudaError, DeviceChoice, Gpu, HalfType, Selected, select_device};
+use crate::error::{Error, Result};
+use crate::generate::{GenerateParams, Generation, generate};
+use crate::model::{KvCache, Llama};
+use crate::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
+
+/// A block's content key (the store's `BlockKey` bytes): what the GPU tier is keyed by.
+pub type BlockId = [u8; 32];
+
+/// The compute device and whatever lives on it.
+pub struct Backend {
+    selected: Selected,
+    device: Device,
+}
+
+// The service shares one backend between all its worker threads.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<Backend>();
+};
+
+enum Device {
+    Cpu,
+    Cuda(Box<cuda::CudaBackend>),
+}
+
+/// The result of [`Backend::answer`].
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub generation: Generation,
+    /// Time until the context could be attended: looking blocks up and loading the
+    /// missing ones (the `load` callback).
+    pub load: Duration,
+    /// Context blocks that were already resident on the device (0 on the CPU).
+    pub resident_blocks: usize,
+}
+
+/// The result of [`Backend::answer_document`].
+#[derive(Debug, Clone)]
+pub struct DocumentAnswer {
+    pub generation: Generation,
+    /// Phase 1 of the whole context.
+    pub phase1: Duration,
+    pub n_blocks: usize,
+}
+
+/// The GPU-resident block tier's counters (see [`crate::cuda::star::BlockTier`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierStats {
+    pub blocks: usize,
+    pub used_bytes: usize,
+    pub budget_bytes: usize,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+impl Backend {
+    /// The CPU backend, chosen by the caller (not by `--device`).
+    pub fn cpu() -> Self {
+        Self {
+            selected: Selected::Cpu {
+                reason: "requested".into(),
+            },
+            device: Device::Cpu,
+        }
+    }
+
+    /// Resolves `choice` and, for a GPU, uploads `model` to it. `gpu_tier_bytes` bounds
+    /// the resident block tier (default: half of the device memory still free after the
+    /// weights). `auto` never fails: when the GPU it found cannot be opened, the CPU is
+    /// used and [`Backend::selected`] says why.
+    pub fn new(model: &Llama, choice: DeviceChoice, gpu_tier_bytes: Option<usize>) -> Result<Self> {
+        let device = match select_device(choice) {
+            Ok(Selected::Cpu { reason }) => return Ok(Self::cpu_because(reason)),
+            Ok(Selected::Cuda { device }) => device,
+            Err(e) => return Err(Error::Device(format!("--device {choice}: {e}"))),
+        };
+        let opened = guarded(|| {
+            let gpu = Gpu::new(device.ordinal, HalfType::BF16)?;
+            Self::open_gpu(gpu, model, gpu_tier_bytes)
+        });
+        match opened {
+            Ok(backend) => Ok(backend),
+            Err(e) if choice == DeviceChoice::Auto => Ok(Self::cpu_because(format!(
+                "auto: {device} could not be used: {e}"
+            ))),
+            Err(e) => Err(Error::Device(format!("--device {choice}: {e}"))),
+        }
+    }
+
+    /// The CUDA backend on an opened GPU (any 16-bit type; `new` uses bf16).
+    pub fn on_gpu(gpu: Arc<Gpu>, model: &Llama, gpu_tier_bytes: Option<usize>) -> Result<Self> {
+        Ok(guarded(|| Self::open_gpu(gpu, model, gpu_tier_bytes))?)
+    }
+
+    fn open_gpu(
+        gpu: Arc<Gpu>,
+        model: &Llama,
+        gpu_tier_bytes: Option<usize>,
+    ) -> Result<Self, CudaError> {
+        let device = gpu.info.clone();
+        let cuda = cuda::CudaBackend::new(gpu, model, gpu_tier_bytes)?;
+        Ok(Self {
+            selected: Selected::Cuda { device },
+            device: Device::Cuda(Box::new(cuda)),
+        })
+    }
+
+    fn cpu_because(reason: String) -> Self {
+        Self {
+            selected: Selected::Cpu { reason },
+            device: Device::Cpu,
+        }
+    }
+
+    /// Which device runs the model, and why (`Display`: the sentence to log).
+    pub fn selected(&self) -> &Selected {
+        &self.selected
+    }
+
+    /// `cpu` or `cuda:N`.
+    pub fn device_id(&self) -> String {
+        match &self.selected {
+            Selected::Cpu { .. } => "cpu".into(),
+            Selected::Cuda { device } => format!("cuda:{}", device.ordinal),
+        }
+    }
+
+    /// The resident tier's counters (`None` on the CPU).
+    pub fn tier_stats(&self) -> Option<TierStats> {
+        match &self.device {
+            Device::Cpu => None,
+            Device::Cuda(c) => c.tier_stats().ok(),
+        }
+    }
+
+    /// Drops every resident block (e.g. to measure loads from the store, or after a
+    /// block was repaired); running queries keep the blocks they hold.
+    pub fn forget_resident(&self) {
+        if let Device::Cuda(c) = &self.device {
+            c.forget_resident();
+        }
+    }
+
+    /// Phase 1 for `tokens`, one block at a time in any order (see [`BlockEncoder`]).
+    pub fn phase1<'a>(
+        &'a self,
+        model: &'a Llama,
+        tokens: &'a [u32],
+        config: StarConfig,
+    ) -> Result<BlockEncoder<'a>> {
+        let phase1 = Phase1::new(model, tokens, config)?;
+        let device = match &self.device {
+            Device::Cpu => EncoderDevice::Cpu {
+                anchor: None,
+                shape: model.head_shape(),
+            },
+            Device::Cuda(c) => EncoderDevice::Cuda(c.encoder()),
+        };
+        Ok(BlockEncoder {
+            phase1,
+            tokens,
+            device,
+        })
+    }
+
+    /// Phase 2: answers `query` (question and assistant header, at the positions right
+    /// after the context) over the context blocks `keys` (in document order), generating
+    /// with `params`. `load(i)` supplies block `i` from host memory; it is called only for
+    /// blocks the device does not hold (on the CPU: for every block), never while the GPU
+    /// is locked, so it may itself encode blocks (repair).
+    pub fn answer<E: From<Error>>(
+        &self,
+        loaded: &LoadedModel,
+        keys: &[BlockId],
+        load: &mut dyn FnMut(usize) -> Result<Arc<BlockKv>, E>,
+        query: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer, E> {
+        match &self.device {
+            Device::Cpu => {
+                let started = Instant::now();
+                let blocks = (0..keys.len()).map(&mut *load).collect::<Result<_, E>>()?;
+                let load = started.elapsed();
+                let generation = cpu_answer(loaded, blocks, query, params, on_text)?;
+                Ok(Answer {
+                    generation,
+                    load,
+                    resident_blocks: 0,
+                })
+            }
+            Device::Cuda(c) => {
+                guarded(|| c.answer(&loaded.tokenizer, keys, load, query, params, on_text))
+            }
+        }
+    }
+
+    /// Phase 1 of `context` and phase 2 of `query` in one go, nothing cached (`generate
+    /// --document`): on the GPU the blocks never leave the device.
+    pub fn answer_document(
+        &self,
+        loaded: &LoadedModel,
+        context: &[u32],
+        config: StarConfig,
+        query: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<DocumentAnswer> {
+        // Checks the configuration and the context the same way on every device.
+        let phase1 = Phase1::new(&loaded.model, context, config)?;
+        match &self.device {
+            Device::Cpu => {
+                let started = Instant::now();
+                let blocks: Vec<Arc<BlockKv>> =
+                    phase1.encode_all()?.into_iter().map(Arc::new).collect();
+                let (phase1, n_blocks) = (started.elapsed(), blocks.len());
+                let generation = cpu_answer(loaded, blocks, query, params, on_text)?;
+                Ok(DocumentAnswer {
+                    generation,
+                    phase1,
+                    n_blocks,
+                })
+            }
+            Device::Cuda(c) => guarded(|| {
+                c.answer_document(&loaded.tokenizer, context, config, query, params, on_text)
+            }),
+        }
+    }
+
+    /// Plain causal generation after `prompt` at positions `0..` (`generate --raw`,
+    /// `--chat`, `--attention full`).
+    pub fn generate_plain(
+        &self,
+        loaded: &LoadedModel,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        match &self.device {
+            Device::Cpu => {
+                let model = &loaded.model;
+                let mut cache = KvCache::new(
+                    model.config().n_layers,
+                    model.head_shape(),
+                    prompt.len() + params.max_tokens,
+                );
+                generate(
+                    model,
+                    &loaded.tokenizer,
+                    prompt,
+                    0,
+                    &mut cache,
+                    params,
+                    on_text,
+                )
+            }
+            Device::Cuda(c) => {
+                guarded(|| c.generate_plain(&loaded.tokenizer, prompt, params, on_text))
+            }
+        }
+    }
+}
+
+/// Phase 2 on the CPU over `blocks` (in any order).
+fn cpu_answer(
+    loaded: &LoadedModel,
+    blocks: Vec<Arc<BlockKv>>,
+    query: &[u32],
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let model = &loaded.model;
+    let (n_layers, shape) = (model.config().n_layers, model.head_shape());
+    let context_len = blocks.iter().map(|b| b.len).sum();
+    let shard = CpuShard::new(blocks, shape);
+    let capacity = query.len() + params.max_tokens;
+    let mut attention = QueryAttention::new(vec![&shard], n_layers, shape, capacity);
+    generate(
+        model,
+        &loaded.tokenizer,
+        query,
+        context_len,
+        &mut attention,
+        params,
+        on_text,
+    )
+}
+
+/// Phase 1 of one context, block by block in any order (ingest encodes the blocks whose
+/// key is not stored yet; repair encodes one). Block 0 is encoded alone; every other
+/// block as `[anchor | block]`. The anchor's KV is computed once, lazily: the prefix of
+/// block 0 when block 0 was encoded first, else the anchor tokens encoded alone.
+pub struct BlockEncoder<'a> {
+    phase1: Phase1<'a>,
+    tokens: &'a [u32],
+    device: EncoderDevice<'a>,
+}
+
+enum EncoderDevice<'a> {
+    Cpu {
+        anchor: Option<BlockKv>,
+        shape: HeadShape,
+    },
+    Cuda(cuda::GpuEncoder<'a>),
+}
+
+impl BlockEncoder<'_> {
+    pub fn n_blocks(&self) -> usize {
+        self.phase1.n_blocks()
+    }
+
+    /// Token range (= global positions) of block `i`.
+    pub fn block_range(&self, i: usize) -> Range<usize> {
+        self.phase1.block_range(i)
+    }
+
+    pub fn anchor_tokens(&self) -> &[u32] {
+        self.phase1.anchor_tokens()
+    }
+
+    /// Block `i`'s KV in host memory (for the store), whichever device computed it.
+    pub fn encode_block(&mut self, i: usize) -> Result<BlockKv> {
+        if i >= self.n_blocks() {
+            return Err(Error::InvalidInput(format!(
+                "block {i} of {}",
+                self.n_blocks()
+            )));
+        }
+        let anchor_len = self.phase1.anchor_tokens().len();
+        match &mut self.device {
+            EncoderDevice::Cpu { anchor, shape } => {
+                if i == 0 {
+                    let none = BlockKv::new(0, 0, *shape, 0);
+                    let block = self.phase1.encode_block(0, &none)?;
+                    if anchor.is_none() {
+                        *anchor = Some(block.prefix(anchor_len));
+                    }
+                    return Ok(block);
+                }
+                if anchor.is_none() {
+                    *anchor = Some(self.phase1.encode_anchor()?);
+                }
+                let anchor = anchor.as_ref().expect("set above");
+                self.phase1.encode_block(i, anchor)
+            }
+            EncoderDevice::Cuda(enc) => {
+                let range = self.phase1.block_range(i);
+                let anchor_tokens = &self.tokens[..anchor_len];
+                guarded(|| enc.encode_block(self.tokens, range, anchor_tokens))
+            }
+        }
+    }
+}
+
+/// Runs `f`, turning a panic (a bug in a device call, a driver library missing a symbol)
+/// into an error: a failing GPU call must fail one request, never the server.
+fn guarded<T, E: From<Error>>(f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(Error::Device(format!("a device call panicked: {what}")).into())
+    })
+}

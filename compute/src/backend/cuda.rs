@@ -1,0 +1,271 @@
+//! The CUDA side of [`super::Backend`]: the model uploaded once, the resident block tier,
+//! and the three entry points (phase 1, phase 2, plain generation) on one GPU.
+//!
+//! One lock per GPU for the model (its activation scratch is per model): queries, plain
+//! generations and ingest blocks take it in turn, so a long generation delays the next
+//! request on the same GPU. Running several of them at once on one GPU (a scratch per
+//! request, or batching) is a later step. The tier has its own short-held lock, so
+//! lookups, statistics and `forget_resident` never wait for a running generation; when
+//! both are held, the model lock is taken first.
+//!
+//! Every entry point binds the GPU's context to the calling thread first: service calls
+//! come from arbitrary worker threads and cudarc's raw `result::` calls use the current
+//! context.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use super::{Answer, BlockId, DocumentAnswer, TierStats};
+use crate::cuda::star::{
+    BlockTier, ContextBlocks, GpuBlock, GpuQuery, encode_block, encode_context,
+};
+use crate::cuda::{CudaError, CudaLlama, Gpu, GpuAttention, GpuKvCache};
+use crate::error::{Error, Result};
+use crate::generate::{GenerateParams, Generation, generate_with};
+use crate::model::Llama;
+use crate::star::{BlockKv, StarConfig};
+use crate::tokenizer::Tokenizer;
+
+pub(super) struct CudaBackend {
+    gpu: Arc<Gpu>,
+    model: Mutex<CudaLlama>,
+    tier: Mutex<BlockTier<BlockId, GpuBlock>>,
+}
+
+impl CudaBackend {
+    /// Uploads `model`; the tier gets `tier_bytes` or half of the memory left free.
+    pub(super) fn new(
+        gpu: Arc<Gpu>,
+        model: &Llama,
+        tier_bytes: Option<usize>,
+    ) -> Result<Self, CudaError> {
+        gpu.ctx.bind_to_thread()?;
+        let uploaded = CudaLlama::upload(gpu.clone(), model)?;
+        let budget = match tier_bytes {
+            Some(bytes) => bytes,
+            None => gpu.mem_info()?.0 / 2,
+        };
+        tracing::info!(
+            device = %gpu.info,
+            weights_mb = uploaded.weight_bytes() as f64 / 1e6,
+            tier_mb = budget as f64 / 1e6,
+            "model uploaded to the GPU"
+        );
+        Ok(Self {
+            gpu,
+            model: Mutex::new(uploaded),
+            tier: Mutex::new(BlockTier::new(budget)),
+        })
+    }
+
+    /// The model, with the GPU's context bound to this thread. A panic during an earlier
+    /// call does not poison the GPU for good: the next forward pass rewrites all scratch.
+    fn lock_model(&self) -> Result<MutexGuard<'_, CudaLlama>> {
+        self.gpu.ctx.bind_to_thread().map_err(CudaError::from)?;
+        Ok(self.model.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn lock_tier(&self) -> MutexGuard<'_, BlockTier<BlockId, GpuBlock>> {
+        self.tier.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn tier_stats(&self) -> Result<TierStats> {
+        let tier = self.lock_tier();
+        Ok(TierStats {
+            blocks: tier.len(),
+            used_bytes: tier.used_bytes(),
+            budget_bytes: tier.budget_bytes(),
+            hits: tier.hits,
+            misses: tier.misses,
+            evictions: tier.evictions,
+        })
+    }
+
+    pub(super) fn forget_resident(&self) {
+        // Freed blocks go back to the device's pool: bind first (best effort).
+        let _ = self.gpu.ctx.bind_to_thread();
+        self.lock_tier().clear();
+    }
+
+    pub(super) fn encoder(&self) -> GpuEncoder<'_> {
+        GpuEncoder {
+            cuda: self,
+            anchor: None,
+        }
+    }
+
+    /// Phase 2: resident blocks from the tier, the others loaded by `load` (without any
+    /// GPU lock held) and streamed in one layer ahead; afterwards every block is resident.
+    pub(super) fn answer<E: From<Error>>(
+        &self,
+        tokenizer: &Tokenizer,
+        keys: &[BlockId],
+        load: &mut dyn FnMut(usize) -> Result<Arc<BlockKv>, E>,
+        query: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer, E> {
+        let started = Instant::now();
+        let found: Vec<Option<Arc<GpuBlock>>> = {
+            let mut tier = self.lock_tier();
+            keys.iter().map(|k| tier.get(k)).collect()
+        };
+        let (mut resident, mut host, mut host_keys) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, block) in found.into_iter().enumerate() {
+            match block {
+                Some(b) => resident.push(b),
+                None => {
+                    host.push(load(i)?);
+                    host_keys.push(keys[i]);
+                }
+            }
+        }
+        let load_time = started.elapsed();
+        let resident_blocks = resident.len();
+        let generation = self.query(
+            tokenizer, resident, host, &host_keys, query, params, on_text,
+        )?;
+        Ok(Answer {
+            generation,
+            load: load_time,
+            resident_blocks,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn query(
+        &self,
+        tokenizer: &Tokenizer,
+        resident: Vec<Arc<GpuBlock>>,
+        host: Vec<Arc<BlockKv>>,
+        host_keys: &[BlockId],
+        query: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let n_resident = resident.len();
+        let mut model = self.lock_model()?;
+        let context = ContextBlocks::new(&self.gpu, resident, host)?;
+        let mut q = GpuQuery::new(&model, context, query.len() + params.max_tokens)?;
+        let start = q.context_len();
+        let generation = match decode(&mut model, &mut q, tokenizer, query, start, params, on_text)
+        {
+            Ok(g) => g,
+            Err(e) => {
+                // Copies from pinned host buffers may still be in flight: let them land
+                // before the buffers are freed.
+                let _ = self.gpu.copy_stream.synchronize();
+                return Err(e);
+            }
+        };
+        let blocks = q.into_blocks(&self.gpu)?;
+        let mut tier = self.lock_tier();
+        for (key, block) in host_keys.iter().zip(&blocks[n_resident..]) {
+            tier.insert(*key, block.clone());
+        }
+        Ok(generation)
+    }
+
+    pub(super) fn answer_document(
+        &self,
+        tokenizer: &Tokenizer,
+        context: &[u32],
+        config: StarConfig,
+        query: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<DocumentAnswer> {
+        let mut model = self.lock_model()?;
+        let started = Instant::now();
+        let blocks = encode_context(&mut model, context, config.block_size, config.anchor_size)?;
+        self.gpu.synchronize()?;
+        let (phase1, n_blocks) = (started.elapsed(), blocks.len());
+        let capacity = query.len() + params.max_tokens;
+        let mut q = GpuQuery::new(&model, ContextBlocks::Resident(blocks), capacity)?;
+        let start = context.len();
+        let generation = decode(&mut model, &mut q, tokenizer, query, start, params, on_text)?;
+        Ok(DocumentAnswer {
+            generation,
+            phase1,
+            n_blocks,
+        })
+    }
+
+    pub(super) fn generate_plain(
+        &self,
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let mut model = self.lock_model()?;
+        let n_layers = model.config().n_layers;
+        let capacity = prompt.len() + params.max_tokens;
+        let mut cache = GpuKvCache::new(&self.gpu, n_layers, model.head_shape(), capacity)?;
+        decode(
+            &mut model, &mut cache, tokenizer, prompt, 0, params, on_text,
+        )
+    }
+}
+
+/// The shared generation loop with the GPU forward pass as its step.
+fn decode(
+    model: &mut CudaLlama,
+    attention: &mut dyn GpuAttention,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    start_pos: usize,
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let mut step = |tokens: &[u32], positions: &[usize]| -> Result<Vec<f32>> {
+        model.forward(tokens, positions, attention)?;
+        Ok(model.logits(1)?)
+    };
+    generate_with(&mut step, tokenizer, prompt, start_pos, params, on_text)
+}
+
+/// Phase 1 on the GPU for one context. The anchor stays on the device as a
+/// [`GpuBlock`] for the encoder's lifetime (never re-uploaded per block); each encoded
+/// block is downloaded into a host [`BlockKv`] for the store.
+pub(super) struct GpuEncoder<'a> {
+    cuda: &'a CudaBackend,
+    anchor: Option<GpuBlock>,
+}
+
+impl GpuEncoder<'_> {
+    /// Block `range` of `tokens` (block 0 when it starts at 0).
+    pub(super) fn encode_block(
+        &mut self,
+        tokens: &[u32],
+        range: Range<usize>,
+        anchor_tokens: &[u32],
+    ) -> Result<BlockKv> {
+        let gpu = &self.cuda.gpu;
+        let mut model = self.cuda.lock_model()?;
+        let block = if range.start == 0 {
+            let block = encode_block(&mut model, &tokens[range], 0, None)?;
+            if self.anchor.is_none() {
+                self.anchor = Some(block.prefix(gpu, anchor_tokens.len())?);
+            }
+            block
+        } else {
+            if self.anchor.is_none() {
+                self.anchor = Some(encode_block(&mut model, anchor_tokens, 0, None)?);
+            }
+            let start = range.start;
+            encode_block(&mut model, &tokens[range], start, self.anchor.as_ref())?
+        };
+        Ok(block.download(gpu)?)
+    }
+}
+
+impl Drop for GpuEncoder<'_> {
+    fn drop(&mut self) {
+        // The anchor's memory goes back to the device's pool on this thread.
+        if self.anchor.is_some() {
+            let _ = self.cuda.gpu.ctx.bind_to_thread();
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The backend on the CPU (CI has no GPU): device selection never panics, and answers
+//! through [`Backend`] equal the direct phase-1/phase-2 path token for token. The GPU
+//! side is checked by `starkv selftest --device cuda` ("backend: ..." rows).
+
+use std::sync::Arc;
+
+use super::*;
+use crate::model::LlamaConfig;
+use crate::quant::GgmlType;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+fn tiny() -> LoadedModel {
+    let config = LlamaConfig::tiny_for_tests();
+    // A vocabulary of plain-text tokens as large as the model's (no end-of-generation
+    // token, so generation always runs to max_tokens).
+    let names: Vec<String> = (0..config.vocab).map(|i| format!("t{i}.")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let types = vec![1i64; names.len()];
+    LoadedModel {
+        model: Llama::random(config, GgmlType::F32, 77),
+        tokenizer: Tokenizer::new(&names, &[], &types, "default", None, None, None).unwrap(),
+    }
+}
+
+fn tokens(n: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 31 + 5) % 300) as u32)
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+    }
+}
+
+fn key(i: usize) -> BlockId {
+    [i as u8; 32]
+}
+
+/// Phase 1 with `encode_all`, phase 2 with one `CpuShard`: what the service and the CLI
+/// ran before the backend existed.
+fn direct_answer(
+    loaded: &LoadedModel,
+    context: &[u32],
+    config: StarConfig,
+    query: &[u32],
+    params: &GenerateParams,
+) -> (Vec<BlockKv>, Vec<u32>) {
+    let model = &loaded.model;
+    let blocks = Phase1::new(model, context, config)
+        .unwrap()
+        .encode_all()
+        .unwrap();
+    let shard = CpuShard::new(
+        blocks.iter().cloned().map(Arc::new).collect(),
+        model.head_shape(),
+    );
+    let mut attention = QueryAttention::new(
+        vec![&shard],
+        model.config().n_layers,
+        model.head_shape(),
+        query.len() + params.max_tokens,
+    );
+    let generation = generate(
+        model,
+        &loaded.tokenizer,
+        query,
+        context.len(),
+        &mut attention,
+        params,
+        &mut |_| true,
+    )
+    .unwrap();
+    (blocks, generation.ids)
+}
+
+#[test]
+fn cpu_is_always_the_cpu_and_auto_never_fails() {
+    let loaded = tiny();
+    let cpu = Backend::new(&loaded.model, DeviceChoice::Cpu, None).unwrap();
+    assert!(matches!(cpu.selected(), Selected::Cpu { .. }));
+    assert_eq!(cpu.device_id(), "cpu");
+    assert!(cpu.tier_stats().is_none());
+    // With a GPU this is the GPU; without one the CPU with the reason.
+    let auto = Backend::new(&loaded.model, DeviceChoice::Auto, None).unwrap();
+    match auto.selected() {
+        Selected::Cpu { reason } => assert!(reason.starts_with("auto"), "{reason}"),
+        Selected::Cuda { device } => {
+            assert_eq!(auto.device_id(), format!("cuda:{}", device.ordinal))
+        }
+    }
+    assert!(!auto.selected().to_string().is_empty());
+}
+
+#[test]
+fn an_unusable_cuda_device_is_an_error_not_a_panic() {
+    let loaded = tiny();
+    match Backend::new(&loaded.model, DeviceChoice::Cuda(4096), None) {
+        Err(Error::Device(message)) => assert!(message.contains("cuda:4096"), "{message}"),
+        Err(other) => panic!("expected a device error, got {other}"),
+        Ok(_) => panic!("no machine has CUDA device 4096"),
+    }
+}
+
+#[test]
+fn cpu_backend_answers_equal_the_direct_path() {
+    let loaded = tiny();
+    let backend = Backend::cpu();
+    let context = tokens(70, 1);
+    let query = tokens(5, 2);
+    let config = StarConfig {
+        block_size: 16,
+        anchor_size: 8,
+    };
+    let params = greedy(6);
+    let (want_blocks, want_ids) = direct_answer(&loaded, &context, config, &query, &params);
+
+    // Phase 1 block by block in order (as ingest does), phase 2 through `load`.
+    let mut encoder = backend.phase1(&loaded.model, &context, config).unwrap();
+    assert_eq!(encoder.n_blocks(), want_blocks.len());
+    assert_eq!(encoder.anchor_tokens(), &context[..8]);
+    let blocks: Vec<Arc<BlockKv>> = (0..encoder.n_blocks())
+        .map(|i| Arc::new(encoder.encode_block(i).unwrap()))
+        .collect();
+    assert!(encoder.encode_block(blocks.len()).is_err());
+    for (got, want) in blocks.iter().zip(&want_blocks) {
+        assert_eq!(**got, *want, "block at {}", want.start);
+    }
+    let keys: Vec<BlockId> = (0..blocks.len()).map(key).collect();
+    let mut loads = Vec::new();
+    let answer = backend
+        .answer::<Error>(
+            &loaded,
+            &keys,
+            &mut |i| {
+                loads.push(i);
+                Ok(blocks[i].clone())
+            },
+            &query,
+            &params,
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(answer.generation.ids, want_ids);
+    assert_eq!(answer.resident_blocks, 0);
+    assert_eq!(
+        loads,
+        (0..blocks.len()).collect::<Vec<_>>(),
+        "every block loaded once"
+    );
+
+    // The one-shot form gives the same answer.
+    let doc = backend
+        .answer_document(&loaded, &context, config, &query, &params, &mut |_| true)
+        .unwrap();
+    assert_eq!(doc.generation.ids, want_ids);
+    assert_eq!(doc.n_blocks, want_blocks.len());
+}
+
+#[test]
+fn a_load_error_is_the_callers_error() {
+    let loaded = tiny();
+    let result = Backend::cpu().answer::<Error>(
+        &loaded,
+        &[key(0)],
+        &mut |_| Err(Error::InvalidInput("no such block".into())),
+        &tokens(3, 0),
+        &greedy(2),
+        &mut |_| true,
+    );
+    assert!(matches!(result, Err(Error::InvalidInput(m)) if m == "no such block"));
+}
+
+#[test]
+fn blocks_encode_in_any_order() {
+    let loaded = tiny();
+    let context = tokens(50, 3);
+    let config = StarConfig::new(16);
+    let want = Phase1::new(&loaded.model, &context, config)
+        .unwrap()
+        .encode_all()
+        .unwrap();
+    let backend = Backend::cpu();
+    // Block 2 first: the anchor is encoded alone, not cut from block 0.
+    let mut encoder = backend.phase1(&loaded.model, &context, config).unwrap();
+    for i in [2, 0, 3, 1] {
+        let got = encoder.encode_block(i).unwrap();
+        assert_eq!((got.start, got.len), (want[i].start, want[i].len));
+        let worst = got
+            .layers
+            .iter()
+            .zip(&want[i].layers)
+            .flat_map(|((gk, gv), (wk, wv))| gk.iter().zip(wk).chain(gv.iter().zip(wv)))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "block {i}: {worst}");
+    }
+}
+
+#[test]
+fn plain_generation_equals_the_kv_cache_path() {
+    let loaded = tiny();
+    let prompt = tokens(12, 4);
+    let params = greedy(5);
+    let model = &loaded.model;
+    let mut cache = KvCache::new(model.config().n_layers, model.head_shape(), 32);
+    let want = generate(
+        model,
+        &loaded.tokenizer,
+        &prompt,
+        0,
+        &mut cache,
+        &params,
+        &mut |_| true,
+    )
+    .unwrap();
+    let got = Backend::cpu()
+        .generate_plain(&loaded, &prompt, &params, &mut |_| true)
+        .unwrap();
+    assert_eq!(got.ids, want.ids);
+    assert_eq!(got.text, want.text);
+}
