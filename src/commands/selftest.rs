@@ -31,7 +31,7 @@ pub struct SelftestArgs {
     /// Seed of the random inputs (default: from the clock, printed).
     #[arg(long)]
     seed: Option<u64>,
-    /// Skip the whole-model check on the default (or --model) model.
+    /// Skip the checks on the default (or --model) model (whole-model logits, backend).
     #[arg(long)]
     skip_model: bool,
     /// Skip the random Llama-3.1-8B-shaped 4-layer model (needs ~12 GB of host memory).
@@ -87,6 +87,7 @@ pub fn run(global: &GlobalArgs, args: SelftestArgs) -> Result<ExitCode> {
             seed,
             model,
             big_model: !args.skip_8b,
+            loaded: loaded.as_ref(),
         },
     );
     Ok(if print_table(&rows, &gpu, seed) {

@@ -21,6 +21,8 @@ use crate::quant::GgmlType;
 use crate::sampling::argmax;
 use crate::star::{AttentionShard, CpuShard, Phase1, QueryAttention, StarConfig};
 
+mod backend;
+
 type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
 /// The prompt of the whole-model check.
@@ -34,6 +36,9 @@ pub struct SelftestOptions<'a> {
     pub model: Option<(&'a str, &'a Llama, Vec<u32>)>,
     /// The random Llama-3.1-8B-shaped 4-layer model (about 12 GB of host memory).
     pub big_model: bool,
+    /// A real model with its tokenizer for the backend checks (the service's path: phase
+    /// 1 block by block, answers over streamed, resident and mixed blocks).
+    pub loaded: Option<&'a crate::LoadedModel>,
 }
 
 /// Runs every check on `gpu`, printing one line per check; returns the rows.
@@ -70,6 +75,10 @@ pub fn run(gpu: &Arc<Gpu>, opts: SelftestOptions<'_>) -> Vec<Row> {
             "model",
             named_model_check(gpu, &mut report, u, name, model, tokens)
         );
+    }
+    if let Some(loaded) = opts.loaded {
+        println!("backend (the service's path), GPU vs CPU (real model):");
+        section!("backend", backend::checks(gpu, &mut report, u, loaded));
     }
     if opts.big_model {
         println!("full model logits, GPU vs CPU (random Llama-3.1-8B shape, 4 layers):");

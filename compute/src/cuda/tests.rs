@@ -190,6 +190,7 @@ fn gpu_selftest() {
             seed,
             model,
             big_model: big,
+            loaded: loaded.as_ref(),
         },
     );
     assert!(selftest::print_table(&rows, &gpu, seed));

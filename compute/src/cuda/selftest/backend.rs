@@ -1,0 +1,195 @@
+//! The self-test of [`crate::backend::Backend`] on the GPU against the CPU backend, on a
+//! real model and through the same calls the service and `generate` make.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{PROMPT, Report, Result, ms, rel};
+use crate::backend::{Backend, BlockId};
+use crate::cuda::Gpu;
+use crate::generate::GenerateParams;
+use crate::sampling::SamplingParams;
+use crate::star::{BlockKv, StarConfig};
+
+/// A document of about 600 tokens with one fact, and the question about it.
+fn backend_document() -> (String, &'static str) {
+    let mut paragraphs: Vec<String> = (0..14)
+        .map(|i| {
+            format!(
+                "Chapter {i}. The harbour town kept its lamps lit through the long winter. Fishing \
+                 boats left before dawn and returned at noon, and the market square filled with \
+                 traders selling rope, salt and bread."
+            )
+        })
+        .collect();
+    paragraphs[6] = "The special magic number for the harbour town is 6194027. Remember it.".into();
+    (
+        paragraphs.join("\n\n"),
+        "What is the special magic number for the harbour town?",
+    )
+}
+
+/// [`crate::backend::Backend`] on the GPU against the CPU backend on a real model: phase-1
+/// blocks as ingest encodes them, a greedy star answer as the service runs it (blocks
+/// streamed, then resident in the tier, then mixed), the one-shot document answer and
+/// plain generation. bf16 answers may drift after a few tokens: the first token must
+/// agree, the agreement of the first 8 is reported.
+pub(super) fn checks(
+    gpu: &Arc<Gpu>,
+    report: &mut Report,
+    u: f64,
+    loaded: &crate::LoadedModel,
+) -> Result<()> {
+    let t = Instant::now();
+    let cpu = Backend::cpu();
+    let on_gpu = Backend::on_gpu(gpu.clone(), &loaded.model, Some(256 << 20))?;
+    println!(
+        "    (backend on {}, uploaded in {:.0} ms)",
+        on_gpu.selected(),
+        ms(t)
+    );
+    let (document, question) = backend_document();
+    let context = crate::prompt::document_context(&loaded.tokenizer, None, &document)?;
+    let query = crate::prompt::question_query(&loaded.tokenizer, question)?;
+    let config = StarConfig::new(256);
+    let params = GenerateParams {
+        max_tokens: 8,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+    };
+
+    // Phase 1 block by block, as ingest runs it.
+    let t = Instant::now();
+    let encode = |backend: &Backend| -> Result<Vec<Arc<BlockKv>>> {
+        let mut encoder = backend.phase1(&loaded.model, &context, config)?;
+        (0..encoder.n_blocks())
+            .map(|i| Ok(Arc::new(encoder.encode_block(i)?)))
+            .collect()
+    };
+    let cpu_blocks = encode(&cpu)?;
+    let gpu_blocks = encode(&on_gpu)?;
+    let (mut kv_err, mut worst_at) = (0f64, (0, 0));
+    for (b, (g, c)) in gpu_blocks.iter().zip(&cpu_blocks).enumerate() {
+        for (l, (gl, cl)) in g.layers.iter().zip(&c.layers).enumerate() {
+            let e = rel(&gl.0, &cl.0).max(rel(&gl.1, &cl.1));
+            if e > kv_err {
+                (kv_err, worst_at) = (e, (b, l));
+            }
+        }
+    }
+    println!(
+        "    ({} context tokens in {} blocks; worst block {} layer {})",
+        context.len(),
+        cpu_blocks.len(),
+        worst_at.0,
+        worst_at.1
+    );
+    report.check(
+        "backend: phase-1 blocks GPU vs CPU (b=256, a=256)",
+        "rel",
+        kv_err,
+        8.0 * u,
+        ms(t),
+    );
+
+    // Phase 2 as the service runs it: every block through `load` on the CPU; on the GPU
+    // streamed the first time, from the resident tier the second time.
+    let keys: Vec<BlockId> = (0..cpu_blocks.len()).map(|i| [i as u8 + 1; 32]).collect();
+    let t = Instant::now();
+    let answer = |backend: &Backend,
+                  keys: &[BlockId],
+                  blocks: &[Arc<BlockKv>]|
+     -> Result<(Vec<u32>, usize, usize)> {
+        let mut loads = 0;
+        let a = backend.answer::<crate::Error>(
+            loaded,
+            keys,
+            &mut |i| {
+                loads += 1;
+                Ok(blocks[i].clone())
+            },
+            &query,
+            &params,
+            &mut |_| true,
+        )?;
+        Ok((a.generation.ids, a.resident_blocks, loads))
+    };
+    let (want, _, _) = answer(&cpu, &keys, &cpu_blocks)?;
+    let (streamed, resident, _) = answer(&on_gpu, &keys, &gpu_blocks)?;
+    let agree = want
+        .iter()
+        .zip(&streamed)
+        .take_while(|(a, b)| a == b)
+        .count();
+    println!(
+        "    (first 8 ids: CPU {want:?}, GPU {streamed:?}: the first {agree} agree; answer {:?})",
+        loaded.tokenizer.decode(&streamed)
+    );
+    report.check(
+        "backend: star answer GPU vs CPU, first token",
+        "mismatch",
+        (want.first() != streamed.first() || streamed.is_empty()) as u8 as f64,
+        0.0,
+        ms(t),
+    );
+    report.check(
+        "backend: star answer GPU vs CPU, first 8 (info)",
+        "differ",
+        (8 - agree.min(8)) as f64,
+        8.0,
+        ms(t),
+    );
+    let t = Instant::now();
+    let (again, resident_again, loads_again) = answer(&on_gpu, &keys, &gpu_blocks)?;
+    report.check(
+        "backend: repeat query served from the GPU tier",
+        "loads",
+        (loads_again + (keys.len() - resident_again) + resident) as f64,
+        0.0,
+        ms(t),
+    );
+    report.check(
+        "backend: tier answer == streamed answer",
+        "mismatch",
+        (again != streamed) as u8 as f64,
+        0.0,
+        ms(t),
+    );
+    // Mixed: block 0 resident, the others streamed.
+    let t = Instant::now();
+    on_gpu.forget_resident();
+    answer(&on_gpu, &keys[..1], &gpu_blocks[..1])?;
+    let (mixed, resident_mixed, _) = answer(&on_gpu, &keys, &gpu_blocks)?;
+    report.check(
+        "backend: mixed resident+streamed == streamed answer",
+        "mismatch",
+        ((mixed != streamed) as usize + (resident_mixed != 1) as usize) as f64,
+        0.0,
+        ms(t),
+    );
+
+    // The one-shot document answer (generate --document) and plain generation.
+    let t = Instant::now();
+    let doc_cpu = cpu.answer_document(loaded, &context, config, &query, &params, &mut |_| true)?;
+    let doc_gpu =
+        on_gpu.answer_document(loaded, &context, config, &query, &params, &mut |_| true)?;
+    report.check(
+        "backend: answer_document GPU vs CPU, first token",
+        "mismatch",
+        (doc_cpu.generation.ids.first() != doc_gpu.generation.ids.first()) as u8 as f64,
+        0.0,
+        ms(t),
+    );
+    let t = Instant::now();
+    let prompt = loaded.tokenizer.encode(PROMPT, false)?;
+    let plain_cpu = cpu.generate_plain(loaded, &prompt, &params, &mut |_| true)?;
+    let plain_gpu = on_gpu.generate_plain(loaded, &prompt, &params, &mut |_| true)?;
+    report.check(
+        "backend: plain generation GPU vs CPU, first token",
+        "mismatch",
+        (plain_cpu.ids.first() != plain_gpu.ids.first()) as u8 as f64,
+        0.0,
+        ms(t),
+    );
+    Ok(())
+}
