@@ -1,6 +1,9 @@
 //! The scripting interface: each command prints one JSON object on its last stdout line.
 
-use crate::util::{fixture, last_json_line, model, starkv, u32s};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{fixture, last_json_line, model, model_path, starkv, u32s};
 
 #[test]
 fn tokenize_json_with_and_without_special_parsing() {
@@ -30,6 +33,8 @@ fn generate_raw_json_matches_llama_cpp_greedy() {
         "48",
         "--temperature",
         "0",
+        "--device",
+        "cpu",
         "--json",
     ]));
     assert_eq!(u32s(&out["prompt_ids"]), u32s(&case["prompt_ids"]));
@@ -113,6 +118,8 @@ fn document_question_star_and_full_agree() {
             block,
             "--max-tokens",
             "24",
+            "--device",
+            "cpu",
             "--json",
         ]))
     };
@@ -131,4 +138,64 @@ fn document_question_star_and_full_agree() {
         "{}",
         star_blocks["text"]
     );
+}
+
+/// `--device`: a GPU that cannot be used is a clear error and a non-zero exit code, never
+/// a panic, for `generate` and for `serve` (flag and STARKV_DEVICE); a malformed value is
+/// a usage error. No machine has CUDA device 99.
+#[test]
+fn an_unusable_device_is_a_clear_error() {
+    let out = starkv(&[
+        "generate",
+        "--device",
+        "cuda:99",
+        "--raw",
+        "hi",
+        "--max-tokens",
+        "1",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cuda:99"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = starkv(&["generate", "--device", "tpu", "--raw", "hi"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit with 2");
+
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, env) in [(Some("cuda:99"), None), (None, Some("cuda:99"))] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_starkv"));
+        cmd.args(["--model", model_path().to_str().unwrap()])
+            .args(["--data-dir", dir.path().to_str().unwrap()])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_remove("STARKV_DEVICE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(device) = flag {
+            cmd.args(["--device", device]);
+        }
+        if let Some(device) = env {
+            cmd.env("STARKV_DEVICE", device);
+        }
+        let mut child = cmd.spawn().expect("starting starkv serve");
+        // It must exit on its own; a server that came up anyway is killed and fails.
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                panic!("serve --device cuda:99 did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("cuda:99"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // Nothing was created for the server that did not start.
+    assert!(!dir.path().join("store").exists());
 }

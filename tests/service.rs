@@ -174,6 +174,10 @@ const QUESTION: &str = "What is the special magic number for the harbour town?";
 fn ingest_ask_restart_edit_and_delete() {
     let dir = temp_dir("lifecycle");
     let server = Server::start(&dir, &[]);
+    // The default device is `auto`: the GPU when one can be used, else the CPU.
+    let (_, health) = server.json("GET", "/healthz", None);
+    let device = health["device"].as_str().unwrap_or_default();
+    assert!(device == "cpu" || device.starts_with("cuda:"), "{health}");
     let (status, doc) = server.json(
         "POST",
         "/v1/documents?wait=true",
@@ -257,7 +261,7 @@ fn ingest_ask_restart_edit_and_delete() {
 #[test]
 fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
     let dir = temp_dir("bad-input");
-    let server = Server::start(&dir, &[]);
+    let server = Server::start(&dir, &["--device", "cpu"]);
     let ct = [("Content-Type", "application/json")];
     let huge = vec![b'a'; 17 << 20];
     type Case<'a> = (
@@ -386,6 +390,12 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
     }
     let (status, health) = server.json("GET", "/healthz", None);
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    // `--device cpu` is the CPU on every machine, and the server says so.
+    assert_eq!(health["device"], "cpu", "{health}");
+    let (status, stats) = server.json("GET", "/v1/admin/stats", None);
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["device"], "cpu", "{stats}");
+    assert!(stats["gpu_tier"].is_null(), "{stats}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use starkv_compute::cuda::DeviceChoice;
 
 /// What a key may do. Roles are ordered: admin implies write implies read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -58,6 +59,12 @@ pub struct ServerConfig {
     pub store_budget_bytes: Option<u64>,
     /// In-memory hot tier of decoded blocks.
     pub hot_tier_bytes: u64,
+    /// Where the model runs: `auto` (the GPU when the CUDA driver, NVRTC and cuBLAS load,
+    /// else the CPU), `cpu`, `cuda` or `cuda:N` (an error when that GPU cannot be used).
+    pub device: String,
+    /// Byte budget of the GPU-resident block tier (`None`: half of the device memory
+    /// left free after the weights). Ignored on the CPU.
+    pub gpu_tier_bytes: Option<u64>,
     /// Bearer keys; empty means no authentication (loopback only).
     pub api_keys: Vec<ApiKey>,
 }
@@ -78,6 +85,8 @@ impl Default for ServerConfig {
             query_concurrency: 4,
             store_budget_bytes: None,
             hot_tier_bytes: 1 << 30,
+            device: "auto".into(),
+            gpu_tier_bytes: None,
             api_keys: Vec::new(),
         }
     }
@@ -116,7 +125,15 @@ impl ServerConfig {
         })
     }
 
+    /// The parsed `device` setting.
+    pub fn device_choice(&self) -> Result<DeviceChoice, ConfigError> {
+        self.device
+            .parse()
+            .map_err(|e: String| ConfigError::Invalid(format!("device {e}")))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.device_choice()?;
         if self.api_keys.is_empty() && !self.listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "no api_keys are configured, so starkv only binds to loopback; {} is not a loopback address",

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use starkv_cache::{BlockStore, EvictionPolicy, RocksConfig, StoreConfig};
 use starkv_compute::LoadedModel;
+use starkv_compute::backend::Backend;
 use tokio::sync::Semaphore;
 
 pub use config::ServerConfig;
@@ -39,15 +40,20 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("metrics: {0}")]
     Metrics(String),
+    /// The configured device cannot be used (e.g. `--device cuda:3` without that GPU).
+    #[error("{0}")]
+    Device(String),
 }
 
-/// Loads the model, opens the store, and serves until SIGINT/SIGTERM. `on_ready` is
-/// called with the bound address once the server accepts connections.
+/// Loads the model onto the configured device (printing `starkv: device ...` on stderr),
+/// opens the store, and serves until SIGINT/SIGTERM. `on_ready` is called with the bound
+/// address once the server accepts connections.
 pub async fn serve(
     config: ServerConfig,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), StartError> {
     config.validate()?;
+    let device = config.device_choice()?;
     let metrics = PrometheusBuilder::new()
         .set_buckets(&[
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -61,10 +67,18 @@ pub async fn serve(
             tracing::info!("{m}")
         })?,
     };
-    let (model, store) = {
+    let (model, backend, store) = {
         let (model_path, config) = (model_path.clone(), config.clone());
         tokio::task::spawn_blocking(move || -> Result<_, StartError> {
             let model = LoadedModel::open(&model_path)?;
+            // Before the store opens: a device that cannot be used fails the start fast.
+            let tier = config.gpu_tier_bytes.map(|b| b as usize);
+            let backend = Backend::new(&model.model, device, tier).map_err(|e| match e {
+                starkv_compute::Error::Device(m) => StartError::Device(m),
+                other => StartError::Model(other),
+            })?;
+            // Operators (and scripts) read which device serves; logged whatever the level.
+            eprintln!("starkv: device {}", backend.selected());
             let store_config = StoreConfig {
                 hot_tier_bytes: config.hot_tier_bytes,
                 eviction: EvictionPolicy {
@@ -77,13 +91,14 @@ pub async fn serve(
                 RocksConfig::new(service::store_dir(&config.data_dir), config.shards),
                 store_config,
             )?;
-            Ok((model, store))
+            Ok((model, backend, store))
         })
         .await
         .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))??
     };
-    let service = Arc::new(service::Service::new(
+    let service = Arc::new(service::Service::with_backend(
         model,
+        backend,
         &model_path,
         store,
         config.hot_tier_bytes as usize,

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use starkv_cache::{BlockKey, BlockStore, DType, DocRef, DocSpec, Tensor};
 use starkv_compute::LoadedModel;
+use starkv_compute::backend::{Backend, BlockEncoder, BlockId};
 use starkv_compute::cpu::attention::HeadShape;
-use starkv_compute::generate::{GenerateParams, StopReason, generate};
+use starkv_compute::generate::{GenerateParams, StopReason};
 use starkv_compute::prompt;
 use starkv_compute::sampling::SamplingParams;
-use starkv_compute::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
+use starkv_compute::star::{BlockKv, StarConfig};
 
 /// Layout of stored KV: per layer one tensor `[2 (K, V), kv_heads, tokens, head_dim]`,
 /// K rotated at global positions. Part of every block key: changing it re-encodes.
@@ -105,11 +106,14 @@ pub struct QueryOutcome {
     pub total: Duration,
     /// Blocks that failed verification and were re-encoded from the stored source tokens.
     pub repaired_blocks: usize,
+    /// Context blocks already resident on the GPU (not loaded; always 0 on the CPU).
+    pub resident_blocks: usize,
 }
 
-/// The loaded model and the store, shared by all requests.
+/// The loaded model, the device it runs on and the store, shared by all requests.
 pub struct Service {
     model: LoadedModel,
+    backend: Backend,
     model_id: String,
     model_fingerprint: Vec<u8>,
     store: BlockStore,
@@ -119,8 +123,20 @@ pub struct Service {
 }
 
 impl Service {
+    /// A service on the CPU backend (operator tools, benchmarks, tests).
     pub fn new(
         model: LoadedModel,
+        model_path: &Path,
+        store: BlockStore,
+        ready_budget_bytes: usize,
+    ) -> ServiceResult<Self> {
+        Self::with_backend(model, Backend::cpu(), model_path, store, ready_budget_bytes)
+    }
+
+    /// A service whose model runs on `backend` (built from `model.model`).
+    pub fn with_backend(
+        model: LoadedModel,
+        backend: Backend,
         model_path: &Path,
         store: BlockStore,
         ready_budget_bytes: usize,
@@ -131,6 +147,7 @@ impl Service {
             .map_or("model".into(), |s| s.to_string_lossy().into_owned());
         Ok(Self {
             model,
+            backend,
             model_id,
             model_fingerprint,
             store,
@@ -150,12 +167,26 @@ impl Service {
         &self.model
     }
 
+    /// The device the model runs on.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
     fn shape(&self) -> HeadShape {
         self.model.model.head_shape()
     }
 
-    fn n_layers(&self) -> usize {
-        self.model.model.config().n_layers
+    /// Phase 1 of a stored document's source tokens (repairs re-encode from them).
+    fn encoder<'a>(
+        &'a self,
+        tokens: &'a [u32],
+        manifest: &starkv_cache::Manifest,
+    ) -> ServiceResult<BlockEncoder<'a>> {
+        let config = StarConfig {
+            block_size: manifest.block_size as usize,
+            anchor_size: manifest.anchor_size as usize,
+        };
+        Ok(self.backend.phase1(&self.model.model, tokens, config)?)
     }
 
     /// Context tokens of a document text (what ingest stores and encodes).
@@ -176,8 +207,7 @@ impl Service {
             block_size: req.block_size,
             anchor_size: req.anchor_size,
         };
-        let model = &self.model.model;
-        let phase1 = Phase1::new(model, &tokens, config)?;
+        let mut encoder = self.backend.phase1(&self.model.model, &tokens, config)?;
         let mut spec = DocSpec::new(req.id.clone(), req.tenant.clone());
         spec.model_fingerprint = self.model_fingerprint.clone();
         spec.tokenizer_fingerprint = self.model.tokenizer.fingerprint().to_vec();
@@ -189,30 +219,17 @@ impl Service {
         spec.pinned = req.pinned;
         spec.ttl_ms = req.ttl_ms;
         let mut ingest = self.store.begin_ingest(spec)?;
-        let anchor_tokens = phase1.anchor_tokens().to_vec();
-        let n_blocks = phase1.n_blocks();
-        let mut anchor: Option<BlockKv> = None;
+        let anchor_tokens = encoder.anchor_tokens().to_vec();
+        let n_blocks = encoder.n_blocks();
         let mut reused = 0;
         progress(0, n_blocks);
         for i in 0..n_blocks {
-            let range = phase1.block_range(i);
+            let range = encoder.block_range(i);
             let key = ingest.block_key(&anchor_tokens, &tokens[range.clone()], range.start as u64);
             if ingest.reuse_block(key, range.start as u64, range.len() as u32) {
                 reused += 1;
             } else {
-                let anchor_kv = match (&anchor, i) {
-                    (_, 0) => BlockKv::new(0, 0, self.shape(), 0),
-                    (Some(a), _) => a.clone(),
-                    (None, _) => {
-                        let a = phase1.encode_anchor()?;
-                        anchor = Some(a.clone());
-                        a
-                    }
-                };
-                let block = phase1.encode_block(i, &anchor_kv)?;
-                if i == 0 && anchor.is_none() {
-                    anchor = Some(block.prefix(anchor_tokens.len()));
-                }
+                let block = encoder.encode_block(i)?;
                 ingest.put_block(
                     key,
                     range.start as u64,
@@ -255,29 +272,36 @@ impl Service {
             )));
         }
         let tokens = lease.source_tokens()?;
-        let config = StarConfig {
-            block_size: manifest.block_size as usize,
-            anchor_size: manifest.anchor_size as usize,
+        let query_ids = prompt::question_query(&self.model.tokenizer, &req.question)?;
+        let keys: Vec<BlockId> = manifest.blocks.iter().map(|b| b.key.0).collect();
+        let params = GenerateParams {
+            max_tokens: req.max_tokens,
+            sampling: req.sampling.clone(),
+            stop: req.stop.clone(),
         };
-        let mut blocks = Vec::with_capacity(lease.num_blocks());
         let mut repaired = 0;
-        for (i, block_ref) in manifest.blocks.iter().enumerate() {
+        let mut repair: Option<BlockEncoder<'_>> = None;
+        // Only blocks the device does not hold come through here: the decoded copy, else
+        // the store, else (a failed checksum) a re-encode from the source tokens.
+        let mut load = |i: usize| -> ServiceResult<Arc<BlockKv>> {
+            let block_ref = &manifest.blocks[i];
             if let Some(ready) = self
                 .ready
                 .lock()
                 .expect("ready-block cache lock")
                 .get(&block_ref.key)
             {
-                blocks.push(ready);
-                continue;
+                return Ok(ready);
             }
             let kv = match lease.read_block(i) {
                 Ok(layers) => from_tensors(&layers, block_ref.start as usize, self.shape())?,
                 Err(e) if is_corruption(&e) => {
                     tracing::warn!(doc, block = i, error = %e, "repairing a corrupt block from its source tokens");
-                    let phase1 = Phase1::new(&self.model.model, &tokens, config)?;
-                    let anchor = phase1.encode_anchor()?;
-                    let kv = phase1.encode_block(i, &anchor)?;
+                    let encoder = match &mut repair {
+                        Some(encoder) => encoder,
+                        None => repair.insert(self.encoder(&tokens, &manifest)?),
+                    };
+                    let kv = encoder.encode_block(i)?;
                     self.store.repair_block(block_ref.key, &to_tensors(&kv)?)?;
                     metrics::counter!("starkv_blocks_repaired_total").increment(1);
                     repaired += 1;
@@ -290,43 +314,26 @@ impl Service {
                 .lock()
                 .expect("ready-block cache lock")
                 .insert(block_ref.key, kv.clone());
-            blocks.push(kv);
-        }
-        let load = started.elapsed();
-        let context_tokens = tokens.len();
-        let query_ids = prompt::question_query(&self.model.tokenizer, &req.question)?;
-        let shard = CpuShard::new(blocks, self.shape());
-        let mut attention = QueryAttention::new(
-            vec![&shard],
-            self.n_layers(),
-            self.shape(),
-            query_ids.len() + req.max_tokens,
-        );
-        let params = GenerateParams {
-            max_tokens: req.max_tokens,
-            sampling: req.sampling.clone(),
-            stop: req.stop.clone(),
+            Ok(kv)
         };
-        let generation = generate(
-            &self.model.model,
-            &self.model.tokenizer,
-            &query_ids,
-            context_tokens,
-            &mut attention,
-            &params,
-            on_text,
-        )?;
+        let before_answer = started.elapsed();
+        let answer =
+            self.backend
+                .answer(&self.model, &keys, &mut load, &query_ids, &params, on_text)?;
         drop(lease);
+        let generation = answer.generation;
+        let load = before_answer + answer.load;
         Ok(QueryOutcome {
             answer: generation.text,
             stop_reason: generation.stop_reason,
-            context_tokens,
+            context_tokens: tokens.len(),
             query_tokens: query_ids.len(),
             generated_tokens: generation.ids.len(),
             load,
             first_token: load + generation.prefill,
             total: started.elapsed(),
             repaired_blocks: repaired,
+            resident_blocks: answer.resident_blocks,
         })
     }
 
@@ -341,14 +348,9 @@ impl Service {
             let lease = self.store.open_version(doc)?;
             let manifest = lease.manifest().clone();
             let tokens = lease.source_tokens()?;
-            let config = StarConfig {
-                block_size: manifest.block_size as usize,
-                anchor_size: manifest.anchor_size as usize,
-            };
-            let phase1 = Phase1::new(&self.model.model, &tokens, config)?;
-            let index = block_ref.start as usize / config.block_size;
-            let anchor = phase1.encode_anchor()?;
-            let kv = phase1.encode_block(index, &anchor)?;
+            let mut encoder = self.encoder(&tokens, &manifest)?;
+            let kv =
+                encoder.encode_block(block_ref.start as usize / manifest.block_size as usize)?;
             self.store.repair_block(item.block, &to_tensors(&kv)?)?;
             metrics::counter!("starkv_blocks_repaired_total").increment(1);
             repaired += 1;
@@ -356,9 +358,11 @@ impl Service {
         Ok(repaired)
     }
 
-    /// Drops compute-ready copies (e.g. after eviction); the store's own tiers are separate.
+    /// Drops compute-ready copies (e.g. after eviction), host and GPU-resident; the
+    /// store's own tiers are separate.
     pub fn forget_ready_blocks(&self) {
         self.ready.lock().expect("ready-block cache lock").clear();
+        self.backend.forget_resident();
     }
 }
 

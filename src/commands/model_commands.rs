@@ -1,20 +1,21 @@
 //! `tokenize`, `generate` and `score`: the model commands. Each prints, with `--json`,
 //! one JSON object on the last line of stdout (a stable interface for scripts).
+//! `generate` runs on the device `--device` picks (through `starkv_compute::backend`) and
+//! says which on stderr; `score` and `dump-kv` stay on the CPU (reference outputs).
 
 use std::io::Write;
 use std::process::ExitCode;
-
-use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use starkv_compute::generate::{GenerateParams, generate as run_generation};
+use starkv_compute::backend::Backend;
+use starkv_compute::cuda::DeviceChoice;
+use starkv_compute::generate::GenerateParams;
 use starkv_compute::model::KvCache;
 use starkv_compute::sampling::{SamplingParams, argmax, log_prob};
-use starkv_compute::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
+use starkv_compute::star::{Phase1, StarConfig};
 use starkv_compute::{LoadedModel, prompt};
 
 use super::GlobalArgs;
@@ -82,6 +83,9 @@ pub struct GenerateArgs {
     /// Print `{"prompt_ids", "ids", "text"}` instead of streaming the text.
     #[arg(long)]
     json: bool,
+    /// Where the model runs: auto (the GPU when CUDA loads, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
 }
 
 #[derive(Args)]
@@ -110,7 +114,6 @@ pub fn tokenize(global: &GlobalArgs, args: TokenizeArgs) -> Result<ExitCode> {
 
 pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
     let loaded = global.load_model()?;
-    let tokenizer = &loaded.tokenizer;
     let (context_ids, query_ids) = prompt_tokens(&loaded, &args)?;
     let attention = args.attention.unwrap_or(if args.document.is_some() {
         AttentionMode::Star
@@ -131,8 +134,8 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
         stop: args.stop.clone(),
     };
     params.sampling.validate()?;
-    let model = &loaded.model;
-    let (n_layers, shape) = (model.config().n_layers, model.head_shape());
+    let backend = Backend::new(&loaded.model, args.device, None)?;
+    eprintln!("starkv: device {}", backend.selected());
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let mut on_text = |piece: &str| {
@@ -150,51 +153,31 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
             }
         }
     };
-    let started = Instant::now();
     let generation = match attention {
         AttentionMode::Full => {
             let prompt: Vec<u32> = context_ids.iter().chain(&query_ids).copied().collect();
-            let mut cache = KvCache::new(n_layers, shape, prompt.len() + args.max_tokens);
-            run_generation(
-                model,
-                tokenizer,
-                &prompt,
-                0,
-                &mut cache,
-                &params,
-                &mut on_text,
-            )?
+            backend.generate_plain(&loaded, &prompt, &params, &mut on_text)?
         }
         AttentionMode::Star => {
             let config = StarConfig {
                 block_size: args.block_size,
                 anchor_size: args.anchor_size.unwrap_or(args.block_size),
             };
-            let phase1 = Phase1::new(model, &context_ids, config)?;
-            let blocks: Vec<Arc<BlockKv>> =
-                phase1.encode_all()?.into_iter().map(Arc::new).collect();
+            let answer = backend.answer_document(
+                &loaded,
+                &context_ids,
+                config,
+                &query_ids,
+                &params,
+                &mut on_text,
+            )?;
             eprintln!(
                 "starkv: phase 1 encoded {} context tokens in {} blocks in {:.2}s",
                 context_ids.len(),
-                blocks.len(),
-                started.elapsed().as_secs_f64()
+                answer.n_blocks,
+                answer.phase1.as_secs_f64()
             );
-            let shard = CpuShard::new(blocks, shape);
-            let mut query = QueryAttention::new(
-                vec![&shard],
-                n_layers,
-                shape,
-                query_ids.len() + args.max_tokens,
-            );
-            run_generation(
-                model,
-                tokenizer,
-                &query_ids,
-                context_ids.len(),
-                &mut query,
-                &params,
-                &mut on_text,
-            )?
+            answer.generation
         }
     };
     if let Some(e) = write_error {

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use starkv_api::ServerConfig;
+use starkv_compute::cuda::DeviceChoice;
 
 use super::GlobalArgs;
 
@@ -28,6 +29,9 @@ pub struct ServeArgs {
     /// Store byte budget (eviction above it).
     #[arg(long, env = "STARKV_STORE_BUDGET_BYTES")]
     store_budget_bytes: Option<u64>,
+    /// Where the model runs: auto (the GPU when CUDA loads, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, env = "STARKV_DEVICE")]
+    device: Option<DeviceChoice>,
 }
 
 pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
@@ -49,6 +53,9 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
     }
     if args.store_budget_bytes.is_some() {
         config.store_budget_bytes = args.store_budget_bytes;
+    }
+    if let Some(device) = args.device {
+        config.device = device.to_string();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

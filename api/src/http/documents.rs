@@ -399,7 +399,21 @@ pub async fn stats(
     principal.require(Role::Admin)?;
     let service = state.service.clone();
     let s = blocking(move || Ok(service.store().stats())).await?;
+    let backend = state.service.backend();
+    let gpu_tier = backend.tier_stats().map(|t| {
+        json!({
+            "blocks": t.blocks,
+            "used_bytes": t.used_bytes,
+            "budget_bytes": t.budget_bytes,
+            "hits": t.hits,
+            "misses": t.misses,
+            "evictions": t.evictions,
+        })
+    });
     Ok(Json(json!({
+        "device": backend.device_id(),
+        "device_detail": backend.selected().to_string(),
+        "gpu_tier": gpu_tier,
         "documents": s.documents,
         "blocks": s.blocks,
         "store_bytes": s.store_bytes,

@@ -76,10 +76,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(api)
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(openapi::spec()) }))
@@ -101,6 +98,17 @@ pub fn router(state: AppState) -> Router {
             .into_response()
         }))
         .with_state(state)
+}
+
+/// Liveness, and which device serves (`device`: `cpu` or `cuda:N`; `device_detail`: the
+/// GPU's name or why the CPU was chosen). Answers without waiting for the GPU.
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    let backend = state.service.backend();
+    Json(json!({
+        "status": "ok",
+        "device": backend.device_id(),
+        "device_detail": backend.selected().to_string(),
+    }))
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -50,9 +50,9 @@ pub fn spec() -> Value {
             "/v1/documents/{id}/query": { "parameters": id_param(), "post": op("Answer a question over the cached document (stream: SSE)", Some("Query")) },
             "/v1/models": { "get": op("OpenAI-compatible: the documents usable as `model`", None) },
             "/v1/chat/completions": { "post": op("OpenAI-compatible chat completion over a cached document", Some("ChatCompletion")) },
-            "/v1/admin/stats": { "get": op("Store statistics (admin)", None) },
+            "/v1/admin/stats": { "get": op("Store statistics, the device and its GPU block tier (admin)", None) },
             "/v1/admin/gc": { "post": op("Collect unreferenced blocks (admin)", None) },
-            "/healthz": { "get": op("Liveness", None) },
+            "/healthz": { "get": op("Liveness and the device serving (`device`: cpu or cuda:N)", None) },
             "/readyz": { "get": op("Readiness", None) },
             "/metrics": { "get": op("Prometheus metrics", None) },
             "/openapi.json": { "get": op("This document", None) }

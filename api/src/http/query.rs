@@ -183,6 +183,7 @@ pub fn outcome_json(o: &QueryOutcome) -> serde_json::Value {
             "total_ms": o.total.as_secs_f64() * 1e3,
         },
         "repaired_blocks": o.repaired_blocks,
+        "resident_blocks": o.resident_blocks,
     })
 }
 
