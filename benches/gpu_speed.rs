@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! cargo bench --bench gpu_speed -- [--quick] [--no-torch] [--models smol,8b] [--contexts 8192,32768,131072]
+//!                                   [--variants] [--attention-only]
 //! ```
 //!
 //! Measures, in one run: the roofline (device copy bandwidth, bf16 GEMM rate); phase-1
@@ -21,10 +22,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use starkv_compute::cuda::star::{ContextBlocks, GpuQuery, StreamedBlocks, encode_context};
+use starkv_compute::cpu::attention::HeadShape;
+use starkv_compute::cuda::star::{
+    ContextBlocks, GpuBlock, GpuQuery, StreamedBlocks, encode_context,
+};
 use starkv_compute::cuda::{
-    AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, PinnedBuf, Segment, TableBuf, probe,
-    upload_plans,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, Kernels, PinnedBuf,
+    Segment, TableBuf, probe, upload_plans,
 };
 use starkv_compute::model::LlamaConfig;
 
@@ -32,6 +36,8 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 struct Opts {
     quick: bool,
+    /// Only the attention kernel rows, on random K/V (no model, no ingest).
+    attention_only: bool,
     variants: bool,
     torch: bool,
     models: Vec<String>,
@@ -41,6 +47,7 @@ struct Opts {
 fn parse_opts() -> Opts {
     let mut o = Opts {
         quick: false,
+        attention_only: false,
         variants: false,
         torch: true,
         models: vec!["smol".into(), "8b".into()],
@@ -53,6 +60,7 @@ fn parse_opts() -> Opts {
             "--quick" => o.quick = true,
             "--no-torch" => o.torch = false,
             "--variants" => o.variants = true,
+            "--attention-only" => o.attention_only = true,
             "--models" => {
                 i += 1;
                 o.models = args[i].split(',').map(str::to_string).collect();
@@ -74,6 +82,28 @@ fn parse_opts() -> Opts {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
+}
+
+/// Median seconds per call of `f` over `reps` samples of `batch` back-to-back calls (one
+/// synchronisation a sample, so host round trips stay out of short kernels' times).
+fn time_gpu_batch(
+    gpu: &Gpu,
+    reps: usize,
+    batch: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    f()?;
+    gpu.synchronize()?;
+    let mut ts = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        for _ in 0..batch {
+            f()?;
+        }
+        gpu.synchronize()?;
+        ts.push(t.elapsed().as_secs_f64() / batch as f64);
+    }
+    Ok(median(ts))
 }
 
 /// Median seconds of `f` (synchronised) over `reps` runs after one warm-up.
@@ -172,6 +202,43 @@ fn run(opts: &Opts) -> Result<()> {
     for name in &opts.models {
         let config = model_config(name);
         let lab = label(name);
+        let shape = HeadShape {
+            n_heads: config.n_heads,
+            n_kv_heads: config.n_kv_heads,
+            head_dim: config.head_dim,
+        };
+        let kern = gpu.kernels(config.head_dim)?;
+        let b = 8192;
+        if opts.attention_only {
+            // Random K/V blocks straight on the device: the kernel rows only.
+            let l = opts.contexts.iter().copied().max().unwrap_or(131_072);
+            let blocks = (0..l.div_ceil(b))
+                .map(|i| {
+                    let len = b.min(l - i * b);
+                    let block = GpuBlock::alloc(&gpu, i * b, len, shape, 1)?;
+                    let seg = block.segment(0, None);
+                    let n = shape.n_kv_heads * len * shape.head_dim;
+                    gpu.fill_uniform_half(&kern, seg.k, n, 11 + 2 * i as u64, 1.0)?;
+                    gpu.fill_uniform_half(&kern, seg.v, n, 12 + 2 * i as u64, 1.0)?;
+                    Ok(Arc::new(block))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            attention_rows(
+                &gpu,
+                &kern,
+                opts,
+                name,
+                lab,
+                shape,
+                l,
+                &blocks,
+                gemm_tflops,
+                copy_gbs,
+                &tget,
+                &mut add,
+            )?;
+            continue;
+        }
         let t = Instant::now();
         let mut model = CudaLlama::random(gpu.clone(), config.clone(), 7)?;
         println!(
@@ -183,7 +250,6 @@ fn run(opts: &Opts) -> Result<()> {
         let warm = toks.take(1024, config.vocab);
         encode_context(&mut model, &warm, 512, 512)?;
         gpu.synchronize()?;
-        let b = 8192;
         let mut largest = None;
         for &l in &opts.contexts {
             let context = toks.take(l, config.vocab);
@@ -236,120 +302,20 @@ fn run(opts: &Opts) -> Result<()> {
             largest = Some((l, blocks));
         }
         let Some((l, blocks)) = largest else { continue };
-        let shape = model.head_shape();
-        let kern = model.kernels().clone();
-        let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-        let mut scratch = AttnScratch::default();
-        let mut tb = TableBuf::default();
-        for (vi, simple) in [false, true].into_iter().enumerate() {
-            if vi == 1 && !opts.variants {
-                break;
-            }
-            gpu.set_wide_attention(simple);
-            let vname = if simple { " (8-warp CTAs)" } else { "" };
-            let f = kern.get(if simple {
-                "attn_fwd_w8"
-            } else {
-                "attn_fwd_simple"
-            });
-            println!(
-                "  attention kernel{vname}: {} registers, {} bytes local memory",
-                f.num_regs().unwrap_or(-1),
-                f.local_size_bytes().unwrap_or(-1)
-            );
-            // Phase-1 attention shape: 8K queries over an 8K anchor plus themselves (causal).
-            if blocks.len() >= 2 {
-                let m = blocks[1].len;
-                let a = blocks[0].len;
-                let q = gpu.alloc(m * nh * d * 2)?;
-                let o = gpu.alloc(m * nh * d * 2)?;
-                gpu.fill_uniform_half(&kern, q.ptr(), m * nh * d, 3, 1.0)?;
-                let segs = [blocks[0].segment(0, None), blocks[1].segment(0, Some(0))];
-                let plan = AttnPlan::new(&segs, 1);
-                let p = upload_plans(&gpu, &mut tb, &[plan])?[0];
-                let secs = time_gpu(&gpu, 10, || {
-                    gpu.attention(
-                        &kern,
-                        q.ptr(),
-                        m,
-                        nh,
-                        nkv,
-                        p.0,
-                        p.1,
-                        p.2,
-                        AttnOut::Half(o.ptr()),
-                        &mut scratch,
-                    )?;
-                    Ok(())
-                })?;
-                let flops = 4.0
-                    * d as f64
-                    * nh as f64
-                    * (m as f64 * a as f64 + m as f64 * (m as f64 + 1.0) / 2.0);
-                let tf = flops / secs / 1e12;
-                let sd = tget(&format!("{name}_sdpa_p1_tflops"));
-                add(
-                    format!(
-                        "{lab}: attention kernel{vname}, phase-1 shape ({}K q, {}K anchor + causal)",
-                        m / 1024,
-                        a / 1024
-                    ),
-                    format!("{tf:.0} TFLOP/s"),
-                    format!(
-                        "({:.2} ms; {:.0}% of GEMM rate{})",
-                        secs * 1e3,
-                        100.0 * tf / gemm_tflops,
-                        sd.map_or(String::new(), |s| format!(
-                            "; SDPA {s:.0} TFLOP/s, x{:.2}",
-                            tf / s
-                        ))
-                    ),
-                );
-            }
-            // Decode attention over the whole context.
-            {
-                let q = gpu.alloc(nh * d * 2)?;
-                let o = gpu.alloc(nh * d * 2)?;
-                gpu.fill_uniform_half(&kern, q.ptr(), nh * d, 5, 1.0)?;
-                let segs: Vec<Segment> = blocks.iter().map(|b| b.segment(0, None)).collect();
-                let splits = gpu.choose_splits(1, nh / nkv, nkv, l);
-                let plan = AttnPlan::new(&segs, splits);
-                let n_splits = plan.n_splits();
-                let p = upload_plans(&gpu, &mut tb, &[plan])?[0];
-                let secs = time_gpu(&gpu, 20, || {
-                    gpu.attention(
-                        &kern,
-                        q.ptr(),
-                        1,
-                        nh,
-                        nkv,
-                        p.0,
-                        p.1,
-                        p.2,
-                        AttnOut::Half(o.ptr()),
-                        &mut scratch,
-                    )?;
-                    Ok(())
-                })?;
-                let bytes = (l * nkv * d * 2 * 2) as f64;
-                let gbs = bytes / secs / 1e9;
-                let sd = tget(&format!("{name}_sdpa_decode_gbs"));
-                add(
-                    format!(
-                        "{lab}: decode attention{vname} over {}K cached tokens",
-                        l / 1024
-                    ),
-                    format!("{gbs:.0} GB/s"),
-                    format!(
-                        "({:.3} ms, {n_splits} splits; {:.0}% of copy bandwidth{})",
-                        secs * 1e3,
-                        100.0 * gbs / copy_gbs,
-                        sd.map_or(String::new(), |s| format!("; SDPA {s:.0} GB/s"))
-                    ),
-                );
-            }
-        }
-        gpu.set_wide_attention(false);
+        attention_rows(
+            &gpu,
+            &kern,
+            opts,
+            name,
+            lab,
+            shape,
+            l,
+            &blocks,
+            gemm_tflops,
+            copy_gbs,
+            &tget,
+            &mut add,
+        )?;
         // Store-to-GPU: f32 host blocks -> pinned staging (bf16) -> device, layer by layer.
         {
             let n = if name == "8b" { 1 } else { 4 }.min(blocks.len());
@@ -408,6 +374,168 @@ fn run(opts: &Opts) -> Result<()> {
     for (w, v, n) in &table {
         println!("| {w} | {v} | {n} |");
     }
+    Ok(())
+}
+
+/// The attention kernel rows: phase-1 shape TFLOP/s (8K queries over an 8K anchor plus
+/// themselves) and decode GB/s over all `blocks`, for the default kernels and, with
+/// --variants, every other kernel and split count.
+#[allow(clippy::too_many_arguments)]
+fn attention_rows(
+    gpu: &Arc<Gpu>,
+    kern: &Kernels,
+    opts: &Opts,
+    name: &str,
+    lab: &str,
+    shape: HeadShape,
+    l: usize,
+    blocks: &[Arc<GpuBlock>],
+    gemm_tflops: f64,
+    copy_gbs: f64,
+    tget: &dyn Fn(&str) -> Option<f64>,
+    add: &mut dyn FnMut(String, String, String),
+) -> Result<()> {
+    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let mut scratch = AttnScratch::default();
+    let mut tb = TableBuf::default();
+    let default = gpu.attention_kernels();
+    // The default kernels first; with --variants every other long-run kernel on the
+    // phase-1 shape and every other decode kernel on the decode shape.
+    let mut p1_variants = vec![(default, String::new())];
+    let mut dec_variants = vec![(default, String::new())];
+    if opts.variants {
+        for long in AttnKernels::ALL_LONG {
+            if long != default.long {
+                p1_variants.push((AttnKernels { long, ..default }, format!(" ({long:?})")));
+            }
+        }
+        for decode in AttnKernels::ALL_DECODE {
+            if decode != default.decode {
+                dec_variants.push((AttnKernels { decode, ..default }, format!(" ({decode:?})")));
+            }
+        }
+    }
+    let report_kernel = |rows: usize| {
+        let name = gpu.attention_kernel_name(rows, d);
+        let f = kern.get(name);
+        println!(
+            "  {name}: {} registers, {} bytes local memory",
+            f.num_regs().unwrap_or(-1),
+            f.local_size_bytes().unwrap_or(-1)
+        );
+    };
+    // Phase-1 attention shape: 8K queries over an 8K anchor plus themselves (causal).
+    if blocks.len() >= 2 {
+        let m = blocks[1].len;
+        let a = blocks[0].len;
+        let q = gpu.alloc(m * nh * d * 2)?;
+        let o = gpu.alloc(m * nh * d * 2)?;
+        gpu.fill_uniform_half(kern, q.ptr(), m * nh * d, 3, 1.0)?;
+        let segs = [blocks[0].segment(0, None), blocks[1].segment(0, Some(0))];
+        let plan = AttnPlan::new(&segs, 1);
+        let p = upload_plans(gpu, &mut tb, &[plan])?[0];
+        for (kernels, vname) in &p1_variants {
+            gpu.set_attention_kernels(*kernels);
+            report_kernel(m * nh / nkv);
+            let secs = time_gpu_batch(gpu, 7, 4, || {
+                gpu.attention(
+                    kern,
+                    q.ptr(),
+                    m,
+                    nh,
+                    nkv,
+                    p.0,
+                    p.1,
+                    p.2,
+                    AttnOut::Half(o.ptr()),
+                    &mut scratch,
+                )?;
+                Ok(())
+            })?;
+            let flops = 4.0
+                * d as f64
+                * nh as f64
+                * (m as f64 * a as f64 + m as f64 * (m as f64 + 1.0) / 2.0);
+            let tf = flops / secs / 1e12;
+            let sd = tget(&format!("{name}_sdpa_p1_tflops"));
+            add(
+                format!(
+                    "{lab}: attention kernel{vname}, phase-1 shape ({}K q, {}K anchor + causal)",
+                    m / 1024,
+                    a / 1024
+                ),
+                format!("{tf:.0} TFLOP/s"),
+                format!(
+                    "({:.2} ms; {:.0}% of GEMM rate{})",
+                    secs * 1e3,
+                    100.0 * tf / gemm_tflops,
+                    sd.map_or(String::new(), |s| format!(
+                        "; SDPA {s:.0} TFLOP/s, x{:.2}",
+                        tf / s
+                    ))
+                ),
+            );
+        }
+    }
+    // Decode attention over the whole context.
+    {
+        let q = gpu.alloc(nh * d * 2)?;
+        let o = gpu.alloc(nh * d * 2)?;
+        gpu.fill_uniform_half(kern, q.ptr(), nh * d, 5, 1.0)?;
+        let segs: Vec<Segment> = blocks.iter().map(|b| b.segment(0, None)).collect();
+        // With --variants, also other split counts for the default decode kernel.
+        let auto = gpu.choose_splits(1, nh / nkv, nkv, l);
+        let mut runs: Vec<(AttnKernels, String, usize)> = dec_variants
+            .iter()
+            .map(|(k, n)| (*k, n.clone(), auto))
+            .collect();
+        if opts.variants {
+            for f in [4usize, 2] {
+                runs.push((default, format!(" ({}/{f} splits)", auto), auto / f));
+            }
+            runs.push((default, format!(" ({}x2 splits)", auto), auto * 2));
+        }
+        for (kernels, vname, splits) in &runs {
+            let (kernels, splits) = (*kernels, (*splits).max(1));
+            gpu.set_attention_kernels(kernels);
+            report_kernel(nh / nkv);
+            let plan = AttnPlan::new(&segs, splits);
+            let n_splits = plan.n_splits();
+            let p = upload_plans(gpu, &mut tb, &[plan])?[0];
+            let secs = time_gpu_batch(gpu, 15, 20, || {
+                gpu.attention(
+                    kern,
+                    q.ptr(),
+                    1,
+                    nh,
+                    nkv,
+                    p.0,
+                    p.1,
+                    p.2,
+                    AttnOut::Half(o.ptr()),
+                    &mut scratch,
+                )?;
+                Ok(())
+            })?;
+            let bytes = (l * nkv * d * 2 * 2) as f64;
+            let gbs = bytes / secs / 1e9;
+            let sd = tget(&format!("{name}_sdpa_decode_gbs"));
+            add(
+                format!(
+                    "{lab}: decode attention{vname} over {}K cached tokens",
+                    l / 1024
+                ),
+                format!("{gbs:.0} GB/s"),
+                format!(
+                    "({:.3} ms, {n_splits} splits, split + merge; {:.0}% of copy bandwidth{})",
+                    secs * 1e3,
+                    100.0 * gbs / copy_gbs,
+                    sd.map_or(String::new(), |s| format!("; SDPA {s:.0} GB/s"))
+                ),
+            );
+        }
+    }
+    gpu.set_attention_kernels(default);
     Ok(())
 }
 

@@ -169,8 +169,133 @@ const KERNEL_NAMES: &[&str] = &[
     "attn_fwd_simple",
     "attn_fwd_w1",
     "attn_fwd_w8",
+    "attn_fwd_m32",
+    "attn_fwd_m32n32",
+    "attn_fwd_p4",
+    "attn_fwd_p1",
+    "attn_fwd_p1n32",
     "attn_merge",
 ];
+
+/// Head-dim-dependent dynamic shared memory of the pipelined kernels (see kernels.cu):
+/// `tiles` rows of `head_dim + 8` 16-bit values.
+fn pipe_smem(tiles: usize, head_dim: usize) -> usize {
+    tiles * (head_dim + 8) * 2
+}
+
+/// The kernel that attends runs of more than 64 rows per KV head (phase 1, prefill).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LongKernel {
+    /// 4 warps x 16 rows, K and V loaded together per tile (the first version).
+    Simple,
+    /// 4 warps x 16 rows, K(t+1) prefetched across tiles (kept for A/B).
+    Prefetch,
+    /// 8 warps x 16 rows.
+    Wide,
+    /// 4 warps x 32 rows, two-stage K/V buffers, 64-key tiles.
+    M32,
+    /// 4 warps x 32 rows, two-stage K/V buffers, 32-key tiles.
+    M32N32,
+    /// 4 warps x 16 rows (Q in registers), two-stage K/V buffers, 64-key tiles.
+    P4,
+}
+
+/// The kernel that attends at most 16 rows per KV head (decoding a token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// One warp, K and V loaded together per tile.
+    W1,
+    /// One warp, Q in registers, V(t) and K(t+1) loaded while the tile computes.
+    P1,
+    /// P1 with 32-key tiles (half the shared memory: more CTAs per SM).
+    P1N32,
+}
+
+/// Which kernels [`Gpu::attention`] launches, by rows per KV head (`m * group`): at most
+/// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
+/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|prefetch|wide|m32|m32n32|p4`
+/// and `STARKV_ATTN_DECODE=w1|p1|p1n32` override them (A/B runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnKernels {
+    pub long: LongKernel,
+    pub decode: DecodeKernel,
+}
+
+impl Default for AttnKernels {
+    fn default() -> Self {
+        Self {
+            long: LongKernel::M32,
+            decode: DecodeKernel::W1,
+        }
+    }
+}
+
+impl AttnKernels {
+    /// Every combination the selftest must cover.
+    pub const ALL_LONG: [LongKernel; 6] = [
+        LongKernel::Simple,
+        LongKernel::Prefetch,
+        LongKernel::Wide,
+        LongKernel::M32,
+        LongKernel::M32N32,
+        LongKernel::P4,
+    ];
+    pub const ALL_DECODE: [DecodeKernel; 3] =
+        [DecodeKernel::W1, DecodeKernel::P1, DecodeKernel::P1N32];
+
+    fn from_env() -> Self {
+        let mut k = Self::default();
+        match std::env::var("STARKV_ATTN_LONG").as_deref() {
+            Ok("simple") => k.long = LongKernel::Simple,
+            Ok("prefetch") => k.long = LongKernel::Prefetch,
+            Ok("wide") => k.long = LongKernel::Wide,
+            Ok("m32") => k.long = LongKernel::M32,
+            Ok("m32n32") => k.long = LongKernel::M32N32,
+            Ok("p4") => k.long = LongKernel::P4,
+            _ => {}
+        }
+        match std::env::var("STARKV_ATTN_DECODE").as_deref() {
+            Ok("w1") => k.decode = DecodeKernel::W1,
+            Ok("p1") => k.decode = DecodeKernel::P1,
+            Ok("p1n32") => k.decode = DecodeKernel::P1N32,
+            _ => {}
+        }
+        k
+    }
+
+    /// `(kernel, rows per CTA, threads, dynamic shared memory bytes)` for `rows` rows
+    /// per KV head. The 32-row-per-warp kernels hold 128 f32 accumulators per thread at
+    /// head_dim 128; above that they would spill, so larger heads use the simple kernel.
+    fn launch(&self, rows: usize, head_dim: usize) -> (&'static str, usize, u32, usize) {
+        if rows <= 16 {
+            return match self.decode {
+                DecodeKernel::W1 => ("attn_fwd_w1", 16, 32, 0),
+                DecodeKernel::P1 => ("attn_fwd_p1", 16, 32, pipe_smem(4 * 64, head_dim)),
+                DecodeKernel::P1N32 => ("attn_fwd_p1n32", 16, 32, pipe_smem(4 * 32, head_dim)),
+            };
+        }
+        let long = match self.long {
+            LongKernel::M32 | LongKernel::M32N32 if head_dim > 128 => LongKernel::Simple,
+            other => other,
+        };
+        if rows <= 64 && !matches!(long, LongKernel::Prefetch) {
+            return ("attn_fwd_simple", 64, 128, 0);
+        }
+        match long {
+            LongKernel::Simple => ("attn_fwd_simple", 64, 128, 0),
+            LongKernel::Prefetch => ("attn_fwd", 64, 128, 0),
+            LongKernel::Wide => ("attn_fwd_w8", 128, 256, 0),
+            LongKernel::M32 => ("attn_fwd_m32", 128, 128, pipe_smem(4 * 64 + 128, head_dim)),
+            LongKernel::M32N32 => (
+                "attn_fwd_m32n32",
+                128,
+                128,
+                pipe_smem(4 * 32 + 128, head_dim),
+            ),
+            LongKernel::P4 => ("attn_fwd_p4", 64, 128, pipe_smem(4 * 64, head_dim)),
+        }
+    }
+}
 
 impl Kernels {
     pub fn get(&self, name: &str) -> &CudaFunction {
@@ -277,12 +402,8 @@ pub struct Gpu {
     pub info: DeviceInfo,
     kernels: Mutex<HashMap<usize, Arc<Kernels>>>,
     arch: &'static str,
-    /// Which attention kernel runs: `attn_fwd_simple` (default) or the cross-tile
-    /// prefetching `attn_fwd` (env STARKV_ATTN=pipelined).
-    attn_kernel: std::sync::atomic::AtomicBool,
-    /// Eight-warp CTAs for long query runs (default off: measured no faster on an H100;
-    /// env STARKV_ATTN_WIDE=1 turns them on).
-    attn_wide: std::sync::atomic::AtomicBool,
+    /// Which attention kernels run (see [`AttnKernels`]).
+    attn: Mutex<AttnKernels>,
 }
 
 impl Gpu {
@@ -325,12 +446,7 @@ impl Gpu {
             info,
             kernels: Mutex::new(HashMap::new()),
             arch,
-            attn_wide: std::sync::atomic::AtomicBool::new(
-                std::env::var("STARKV_ATTN_WIDE").is_ok_and(|v| v == "1"),
-            ),
-            attn_kernel: std::sync::atomic::AtomicBool::new(
-                !std::env::var("STARKV_ATTN").is_ok_and(|v| v == "pipelined"),
-            ),
+            attn: Mutex::new(AttnKernels::from_env()),
         }))
     }
 
@@ -364,29 +480,37 @@ impl Gpu {
         for &name in KERNEL_NAMES {
             funcs.insert(name, module.load_function(name)?);
         }
+        // The pipelined kernels take more than the default 48 KB of shared memory.
+        let most = pipe_smem(4 * 64 + 128, head_dim);
+        for name in [
+            "attn_fwd_m32",
+            "attn_fwd_m32n32",
+            "attn_fwd_p4",
+            "attn_fwd_p1",
+            "attn_fwd_p1n32",
+        ] {
+            funcs[name].set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                most as i32,
+            )?;
+        }
         let k = Arc::new(Kernels { head_dim, funcs });
         cache.insert(head_dim, k.clone());
         Ok(k)
     }
 
-    /// Selects the attention kernel variant: `true` for the unpipelined first version.
-    pub fn set_simple_attention(&self, simple: bool) {
-        self.attn_kernel
-            .store(simple, std::sync::atomic::Ordering::Relaxed);
+    /// Selects the attention kernels (benchmarks and the selftest switch them).
+    pub fn set_attention_kernels(&self, kernels: AttnKernels) {
+        *self.attn.lock().unwrap() = kernels;
     }
 
-    /// Eight-warp CTAs for long query runs on or off (the default).
-    pub fn set_wide_attention(&self, wide: bool) {
-        self.attn_wide
-            .store(wide, std::sync::atomic::Ordering::Relaxed);
+    pub fn attention_kernels(&self) -> AttnKernels {
+        *self.attn.lock().unwrap()
     }
 
-    fn attn_name(&self) -> &'static str {
-        if self.attn_kernel.load(std::sync::atomic::Ordering::Relaxed) {
-            "attn_fwd_simple"
-        } else {
-            "attn_fwd"
-        }
+    /// The attention kernel [`Gpu::attention`] launches for `rows` rows per KV head.
+    pub fn attention_kernel_name(&self, rows: usize, head_dim: usize) -> &'static str {
+        self.attention_kernels().launch(rows, head_dim).0
     }
 
     pub fn sm_count(&self) -> usize {
@@ -745,14 +869,16 @@ impl Gpu {
     }
 
     /// Splits that keep the GPU busy: about four waves of the 4-warp CTAs (two resident
-    /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs), about twelve CTAs per
+    /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs), about six CTAs per
     /// SM; chunks of >= 256 keys.
     pub fn choose_splits(&self, m: usize, group: usize, n_kv: usize, total_keys: usize) -> usize {
         let rows = m * group;
-        let (ctas, target) = if rows <= 16 && self.attn_name() != "attn_fwd" {
-            (n_kv, 12 * self.sm_count())
+        // The head dim does not change the row tiling.
+        let (_, per_cta, _, _) = self.attention_kernels().launch(rows, 64);
+        let (ctas, target) = if rows <= 16 {
+            (n_kv, 6 * self.sm_count())
         } else {
-            (rows.div_ceil(64) * n_kv, 8 * self.sm_count())
+            (rows.div_ceil(per_cta) * n_kv, 8 * self.sm_count())
         };
         if ctas >= target / 2 {
             return 1;
@@ -790,15 +916,11 @@ impl Gpu {
                 "{n_splits} attention splits (at most 1024)"
             )));
         }
-        // One-warp CTAs when a KV head's rows fit in 16 (decoding).
-        let simple = self.attn_name() != "attn_fwd";
-        let wide = self.attn_wide.load(std::sync::atomic::Ordering::Relaxed);
-        let (name, rows_per_cta, threads) = if m * group <= 16 && simple {
-            ("attn_fwd_w1", 16, 32)
-        } else if m * group >= 1024 && simple && wide {
-            ("attn_fwd_w8", 128, 256)
-        } else {
-            (self.attn_name(), 64, 128)
+        let (name, rows_per_cta, threads, smem) = self.attention_kernels().launch(m * group, d);
+        let launch = LaunchConfig {
+            grid_dim: (0, 0, 0),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
         };
         let grid = (
             ((m * group).div_ceil(rows_per_cta)) as u32,
@@ -822,7 +944,12 @@ impl Gpu {
                 .arg(&o)
                 .arg(&null)
                 .arg(&null);
-            unsafe { b.launch(Self::cfg(grid, threads))? };
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: grid,
+                    ..launch
+                })?
+            };
             return Ok(());
         }
         let splits = n_splits.max(1);
@@ -843,7 +970,12 @@ impl Gpu {
                 .arg(&null)
                 .arg(&po)
                 .arg(&pl);
-            unsafe { b.launch(Self::cfg(grid, threads))? };
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: grid,
+                    ..launch
+                })?
+            };
         }
         let (oh, of, lf) = match out {
             AttnOut::Half(o) => (o, null, null),
@@ -860,10 +992,13 @@ impl Gpu {
             .arg(&m_i)
             .arg(&nh_i)
             .arg(&d_i);
+        // d x G threads, G an even number of split groups (d is a multiple of 16, so the
+        // block is whole warps), about 512 threads.
+        let groups = ((512 / d) & !1).max(2);
         unsafe {
             b.launch(LaunchConfig {
                 grid_dim: (m as u32, nh as u32, 1),
-                block_dim: (d.min(128) as u32, 1, 1),
+                block_dim: ((d * groups) as u32, 1, 1),
                 shared_mem_bytes: 0,
             })?
         };

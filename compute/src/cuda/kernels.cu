@@ -302,8 +302,10 @@ __device__ __forceinline__ void ldm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, u32
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
+// Not volatile: a pure register operation, so the compiler may interleave it with the
+// (volatile, shared-memory reading) ldmatrix loads of the next fragments.
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE
                  ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -785,11 +787,16 @@ extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1(
 // Merges n_splits partials (O f32 [split][m][nh d], lse [split][nh][m]) exactly:
 // M = max lse_s, lse = M + ln sum exp(lse_s - M), O = sum exp(lse_s - lse) O_s.
 // Writes a 16-bit output (out_h) or an f32 output with its lse (out_f, lse_f).
+// One CTA per (token, head) of blockDim = d * G threads: G groups each sum every G-th
+// split with eight loads in flight, then the groups are added in shared memory (a
+// decode step merges ~100 splits of one token: a single thread per column walking all of
+// them was latency-bound at ~10 us, 6% of an 8B decode step over 128K keys).
 extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, const float* part_o,
                                       const float* part_lse, int n_splits, int m, int nh, int d) {
     // Weights of the splits in shared memory (n_splits <= 1024), computed in parallel.
     __shared__ float w[1024];
     __shared__ float red[32];
+    __shared__ float part[1024];
     int t = blockIdx.x, head = blockIdx.y;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     float mx = NEG_INF;
@@ -817,22 +824,351 @@ extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, co
     total = warp_sum(total);
     float inv = total > 0.f ? 1.f / total : 0.f;
     float lse = total > 0.f ? mx + logf(total) : NEG_INF;
-    int qw = nh * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float* p = part_o + (u64)t * qw + head * d + i;
-        const u64 stride = (u64)m * qw;
-        float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
-        int s = 0;
-        for (; s + 4 <= n_splits; s += 4) {
-            acc0 += w[s] * p[s * stride];
-            acc1 += w[s + 1] * p[(s + 1) * stride];
-            acc2 += w[s + 2] * p[(s + 2) * stride];
-            acc3 += w[s + 3] * p[(s + 3) * stride];
-        }
-        for (; s < n_splits; s++) acc0 += w[s] * p[s * stride];
-        float acc = (acc0 + acc1 + acc2 + acc3) * inv;
-        if (out_h) out_h[(u64)t * qw + head * d + i] = f2h(acc);
-        else out_f[(u64)t * qw + head * d + i] = acc;
+    const int qw = nh * d, G = blockDim.x / d;
+    const int i = threadIdx.x % d, grp = threadIdx.x / d;
+    const float* p = part_o + (u64)t * qw + head * d + i;
+    const u64 stride = (u64)m * qw;
+    float acc[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) acc[k] = 0.f;
+    int s = grp;
+    for (; s + 7 * G < n_splits; s += 8 * G) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc[k] += w[s + k * G] * p[(s + k * G) * stride];
+    }
+    for (; s < n_splits; s += G) acc[0] += w[s] * p[s * stride];
+    part[threadIdx.x] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    __syncthreads();
+    if (grp == 0) {
+        float sum = 0.f;
+        for (int g2 = 0; g2 < G; g2++) sum += part[g2 * d + i];
+        sum *= inv;
+        if (out_h) out_h[(u64)t * qw + head * d + i] = f2h(sum);
+        else out_f[(u64)t * qw + head * d + i] = sum;
     }
     if (lse_f && threadIdx.x == 0) lse_f[(u64)head * m + t] = lse;
 }
+
+// ---------------------------------------------------------------------------------------
+// Pipelined attention: two-stage K/V buffers on mma.sync.
+//
+// Each warp owns MT m16 tiles (MT = 2: 32 rows), so every K or V fragment read from
+// shared memory feeds MT tensor-core products: at MT = 1 the fragment reads, not the
+// tensor cores, bound the kernel on an H100. Q stays in shared memory (in registers
+// when MT = 1). K and V have two buffers each: the loads of tile t + 2 are issued as
+// soon as tile t is done, so a whole tile of compute hides each load's latency (an
+// earlier version that loaded V(t) during Q.K(t)^T and K(t+1) during P.V(t) waited on
+// its loads at both barriers and ran 20-45% slower than the unpipelined kernel).
+// CTAs walk their rows heaviest first (causal rows further down see more keys), which
+// shortens the tail of the last wave.
+//
+// Shared memory (dynamic): sK [2][TBN][SROW], sV [2][TBN][SROW], then sQ [ROWS][SROW]
+// unless Q lives in registers.
+
+template <int NT, int R>
+__device__ __forceinline__ void load_rows(h16* s, const h16* base, long long row_stride, int j0, int n) {
+    constexpr int chunks = R * HEAD_DIM / 8;
+#pragma unroll 4
+    for (int c = threadIdx.x; c < chunks; c += NT) {
+        int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
+        bool valid = r < n;
+        const h16* g = valid ? base + (long long)(j0 + r) * row_stride + col : base;
+        cp_async16(smem_addr(s + r * SROW + col), g, valid);
+    }
+}
+
+template <int NW, int MT, int TBN>
+__device__ __forceinline__ void attn_pipe_body(
+    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
+    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
+    float* __restrict__ out_f, float* __restrict__ lse_out, h16* smem) {
+    constexpr int NT = 32 * NW;
+    constexpr int WROWS = 16 * MT;
+    constexpr int ROWS = WROWS * NW;
+    constexpr bool Q_REGS = MT == 1;
+    constexpr int NST = TBN / 8;  // 8-key score tiles
+    constexpr int STAGE = TBN * SROW;  // one K or V buffer
+    h16* sK0 = smem;
+    h16* sV0 = sK0 + 2 * STAGE;
+    h16* sQ = sV0 + 2 * STAGE;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tig = lane & 3, mi = lane >> 3;
+    const int kvh = blockIdx.y, split = blockIdx.z;
+    const int rows = m * group;
+    const int row0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
+    const int qw = nh * HEAD_DIM;
+
+    // Q tile -> shared memory (zero rows past the end).
+    {
+        h16* dst = Q_REGS ? sK0 : sQ;
+        for (int c = tid; c < ROWS * HEAD_DIM / 8; c += NT) {
+            int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
+            int R = row0 + r;
+            bool valid = R < rows;
+            const h16* gp = q;
+            if (valid) {
+                int t = R / group, head = kvh * group + R % group;
+                gp = q + (u64)t * qw + head * HEAD_DIM + col;
+            }
+            cp_async16(smem_addr(dst + r * SROW + col), gp, valid);
+        }
+        cp_commit();
+    }
+    u32 qf[Q_REGS ? NKT : 1][4];
+    if constexpr (Q_REGS) {
+        cp_wait<0>();
+        __syncthreads();
+        int r = warp * 16 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+        for (int kk = 0; kk < NKT; kk++) {
+            int col = kk * 16 + (mi >> 1) * 8;
+            ldm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], smem_addr(sK0 + r * SROW + col));
+        }
+        __syncthreads();
+    }
+
+    // This thread's first row; its rows are ra + 16 mt and ra + 16 mt + 8.
+    const int ra = row0 + warp * WROWS + g;
+    const int t_last = min(rows - 1, row0 + ROWS - 1) / group;
+    const int t_first = row0 / group;
+    const bool warp_active = row0 + warp * WROWS < rows;
+
+    float o[MT][NDT][4];
+    float mr[MT][2], lr[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int i = 0; i < NDT; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+        mr[mt][0] = mr[mt][1] = NEG_INF;
+        lr[mt][0] = lr[mt][1] = 0.f;
+    }
+
+    const int it_end = split_begin[split + 1];
+    // `ld`: the next tile to load; `cur`: the tile to compute, two behind.
+    Cursor ld;
+    ld.it = split_begin[split];
+    ld.j0 = ld.it < it_end ? items[ld.it].key_begin : 0;
+    ld.kend = 0;
+    settle(ld, items, it_end, t_last);
+    const Cursor first = ld;
+    // Loads tile `ld` into stage `st` (one commit group, empty past the end), then
+    // advances `ld`.
+    auto issue = [&](int st) {
+        if (ld.it < it_end) {
+            const AttnItem& it = items[ld.it];
+            const long long hs = kvh * it.head_stride;
+            const int n = min(TBN, ld.kend - ld.j0);
+            load_rows<NT, TBN>(sK0 + st * STAGE, (const h16*)it.k + hs, it.row_stride, ld.j0, n);
+            load_rows<NT, TBN>(sV0 + st * STAGE, (const h16*)it.v + hs, it.row_stride, ld.j0, n);
+            ld.j0 += TBN;
+            settle(ld, items, it_end, t_last);
+        }
+        cp_commit();
+    };
+    issue(0);
+    issue(1);
+    Cursor cur = first;
+    int st = 0;
+    while (cur.it < it_end) {
+        const int j0 = cur.j0, n = min(TBN, cur.kend - j0);
+        const int causal = items[cur.it].causal_offset;
+        const h16* sK = sK0 + st * STAGE;
+        const h16* sV = sV0 + st * STAGE;
+        cp_wait<1>();
+        __syncthreads();  // tile t (and Q) landed for every thread
+
+        float s[MT][NST][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int i = 0; i < NST; i++) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+        if (warp_active) {
+#pragma unroll
+            for (int kk = 0; kk < NKT; kk++) {
+                u32 qa[MT][4];
+                if constexpr (Q_REGS) {
+                    qa[0][0] = qf[kk][0];
+                    qa[0][1] = qf[kk][1];
+                    qa[0][2] = qf[kk][2];
+                    qa[0][3] = qf[kk][3];
+                } else {
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        int r = warp * WROWS + mt * 16 + (mi & 1) * 8 + (lane & 7);
+                        int col = kk * 16 + (mi >> 1) * 8;
+                        ldm_x4(qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3], smem_addr(sQ + r * SROW + col));
+                    }
+                }
+#pragma unroll
+                for (int np = 0; np < TBN / 16; np++) {
+                    int key = np * 16 + (mi >> 1) * 8 + (lane & 7);
+                    int col = kk * 16 + (mi & 1) * 8;
+                    u32 b0, b1, b2, b3;
+                    ldm_x4(b0, b1, b2, b3, smem_addr(sK + key * SROW + col));
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma16816(s[mt][2 * np], qa[mt], b0, b1);
+                        mma16816(s[mt][2 * np + 1], qa[mt], b2, b3);
+                    }
+                }
+            }
+        }
+
+        // Mask, online softmax (P packed to 16 bits as soon as it exists), rescale O.
+        // The running max `mr` (log2 units) moves only when a row's max grows by more
+        // than RESCALE_SLACK: exponentials stay below 2^RESCALE_SLACK, the result is
+        // unchanged (O and l share the stale max), and most tiles skip rescaling O. The
+        // decision is per warp so that the rescale never diverges.
+        constexpr float RESCALE_SLACK = 8.f;
+        u32 pf[MT][NST][2];
+        const bool need_mask = n < TBN || (causal >= 0 && j0 + TBN - 1 > t_first + causal);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NST; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float x = s[mt][nt][e];
+                    if (need_mask) {
+                        int jl = nt * 8 + tig * 2 + (e & 1);
+                        int t = (ra + mt * 16 + (e < 2 ? 0 : 8)) / group;
+                        bool ok = jl < n && (causal < 0 || j0 + jl <= t + causal);
+                        x = ok ? x : NEG_INF;
+                        s[mt][nt][e] = x;
+                    }
+                    if (e < 2) mx_a = fmaxf(mx_a, x); else mx_b = fmaxf(mx_b, x);
+                }
+            }
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            mx_a *= scale_log2;  // scale_log2 > 0: the max commutes with the scaling
+            mx_b *= scale_log2;
+            const bool grow = mx_a > mr[mt][0] + RESCALE_SLACK || mx_b > mr[mt][1] + RESCALE_SLACK;
+            if (__any_sync(0xffffffffu, grow)) {
+                float mn_a = fmaxf(mr[mt][0], mx_a), mn_b = fmaxf(mr[mt][1], mx_b);
+                float corr_a = mn_a == NEG_INF ? 1.f : fast_exp2(mr[mt][0] - mn_a);
+                float corr_b = mn_b == NEG_INF ? 1.f : fast_exp2(mr[mt][1] - mn_b);
+                mr[mt][0] = mn_a;
+                mr[mt][1] = mn_b;
+                lr[mt][0] *= corr_a;
+                lr[mt][1] *= corr_b;
+#pragma unroll
+                for (int i = 0; i < NDT; i++) {
+                    o[mt][i][0] *= corr_a;
+                    o[mt][i][1] *= corr_a;
+                    o[mt][i][2] *= corr_b;
+                    o[mt][i][3] *= corr_b;
+                }
+            }
+            // exp2(s * scale - max) as one FMA; rows that saw no key yet have max -inf.
+            const float nb_a = mr[mt][0] == NEG_INF ? 0.f : -mr[mt][0];
+            const float nb_b = mr[mt][1] == NEG_INF ? 0.f : -mr[mt][1];
+            float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NST; nt++) {
+                float p0 = fast_exp2(fmaf(s[mt][nt][0], scale_log2, nb_a));
+                float p1 = fast_exp2(fmaf(s[mt][nt][1], scale_log2, nb_a));
+                float p2 = fast_exp2(fmaf(s[mt][nt][2], scale_log2, nb_b));
+                float p3 = fast_exp2(fmaf(s[mt][nt][3], scale_log2, nb_b));
+                sum_a += p0 + p1;
+                sum_b += p2 + p3;
+                // P as the A operand of P.V: 16-bit pairs (row g, row g + 8).
+                pf[mt][nt][0] = pack2(p0, p1);
+                pf[mt][nt][1] = pack2(p2, p3);
+            }
+            lr[mt][0] += sum_a;
+            lr[mt][1] += sum_b;
+        }
+
+        if (warp_active) {
+#pragma unroll
+            for (int kk = 0; kk < TBN / 16; kk++) {
+                u32 a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    a[mt][0] = pf[mt][2 * kk][0];
+                    a[mt][1] = pf[mt][2 * kk][1];
+                    a[mt][2] = pf[mt][2 * kk + 1][0];
+                    a[mt][3] = pf[mt][2 * kk + 1][1];
+                }
+                int key = kk * 16 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+                for (int dp = 0; dp < HEAD_DIM / 16; dp++) {
+                    int col = dp * 16 + (mi >> 1) * 8;
+                    u32 b0, b1, b2, b3;
+                    ldm_x4_t(b0, b1, b2, b3, smem_addr(sV + key * SROW + col));
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma16816(o[mt][2 * dp], a[mt], b0, b1);
+                        mma16816(o[mt][2 * dp + 1], a[mt], b2, b3);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with stage st: refill it with tile t + 2
+        issue(st);
+        cur.j0 = j0 + TBN;
+        settle(cur, items, it_end, t_last);
+        st ^= 1;
+    }
+    cp_wait<0>();
+
+    // Row sums over the quad, then write.
+    const float LN2 = 0.6931471805599453f;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float l = lr[mt][half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            int R = row0 + warp * WROWS + mt * 16 + g + half * 8;
+            if (R >= rows) continue;
+            float mm = mr[mt][half];
+            float inv = l > 0.f ? 1.f / l : 0.f;
+            float lse = l > 0.f ? (mm + __log2f(l)) * LN2 : NEG_INF;
+            int t = R / group, head = kvh * group + R % group;
+            if (out_h) {
+                h16* dst = out_h + (u64)t * qw + head * HEAD_DIM;
+#pragma unroll
+                for (int dt = 0; dt < NDT; dt++) {
+                    int col = dt * 8 + tig * 2;
+                    *(u32*)(dst + col) = pack2(o[mt][dt][2 * half] * inv, o[mt][dt][2 * half + 1] * inv);
+                }
+            } else {
+                float* dst = out_f + ((u64)split * m + t) * qw + head * HEAD_DIM;
+#pragma unroll
+                for (int dt = 0; dt < NDT; dt++) {
+                    int col = dt * 8 + tig * 2;
+                    dst[col] = o[mt][dt][2 * half] * inv;
+                    dst[col + 1] = o[mt][dt][2 * half + 1] * inv;
+                }
+            }
+            if (lse_out && tig == 0) lse_out[((u64)split * nh + head) * m + t] = lse;
+        }
+    }
+}
+
+#define ATTN_PIPE_KERNEL(NAME, NW, MT, TBN, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) NAME(                               \
+        const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,    \
+        const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,             \
+        float* __restrict__ out_f, float* __restrict__ lse_out) {                                   \
+        extern __shared__ __align__(16) h16 dyn_smem[];                                             \
+        attn_pipe_body<NW, MT, TBN>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f,  \
+                                    lse_out, dyn_smem);                                             \
+    }
+
+// Long query runs (phase 1, phase-2 prefill): 4 warps x 32 rows, 64-key tiles.
+ATTN_PIPE_KERNEL(attn_fwd_m32, 4, 2, 64, 2)
+// The same with 32-key tiles (fewer score registers).
+ATTN_PIPE_KERNEL(attn_fwd_m32n32, 4, 2, 32, 2)
+// 4 warps x 16 rows with Q in registers: the simple kernel's tiling, two-stage buffers.
+ATTN_PIPE_KERNEL(attn_fwd_p4, 4, 1, 64, 2)
+// Decoding: one warp of 16 rows (a GQA group), Q in registers, pipelined K/V loads.
+ATTN_PIPE_KERNEL(attn_fwd_p1, 1, 1, 64, 4)
+// The same with 32-key tiles: half the shared memory, twice the CTAs per SM.
+ATTN_PIPE_KERNEL(attn_fwd_p1n32, 1, 1, 32, 8)

@@ -29,8 +29,8 @@ pub mod star;
 mod tests;
 
 pub use gpu::{
-    AttnItem, AttnOut, AttnPlan, AttnScratch, DevBuf, Gpu, HalfType, KERNEL_SOURCE, Kernels,
-    KvDest, PinnedBuf, Segment, TableBuf, upload_plans,
+    AttnItem, AttnKernels, AttnOut, AttnPlan, AttnScratch, DecodeKernel, DevBuf, Gpu, HalfType,
+    KERNEL_SOURCE, Kernels, KvDest, LongKernel, PinnedBuf, Segment, TableBuf, upload_plans,
 };
 pub use model::{CudaLlama, GpuAttention, GpuKvCache};
 

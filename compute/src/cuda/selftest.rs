@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use super::star::{ContextBlocks, GpuQuery, GpuShard, StreamedBlocks, encode_context};
 use super::{
-    AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, GpuKvCache, HalfType, KvDest, Segment,
-    TableBuf, upload_plans,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, GpuKvCache, HalfType, KvDest,
+    Segment, TableBuf, upload_plans,
 };
 use crate::cpu::attention::{Attended, HeadShape, KvView, Mask, attention, merge_into};
 use crate::cpu::ops::{Rope, rms_norm, swiglu};
@@ -485,6 +485,7 @@ fn attention_case(
     m: usize,
     segments: &[(usize, Option<usize>)],
     splits: usize,
+    ramp: bool,
 ) -> Result<()> {
     let t = Instant::now();
     let dt = gpu.dtype;
@@ -496,7 +497,15 @@ fn attention_case(
     let mut dev = Vec::new();
     let mut segs = Vec::new();
     for &(len, causal) in segments {
-        let kk = round_vec(dt, &rng.vec(nkv * len * d, -2.0, 2.0));
+        let mut kk = rng.vec(nkv * len * d, -2.0, 2.0);
+        if ramp {
+            // Keys grow along the segment, so row maxima keep rising across tiles (the
+            // pipelined kernels' deferred rescaling must follow them).
+            for (i, x) in kk.iter_mut().enumerate() {
+                *x *= 0.25 + 6.0 * ((i / d) % len) as f32 / len as f32;
+            }
+        }
+        let kk = round_vec(dt, &kk);
         let vv = round_vec(dt, &rng.vec(nkv * len * d, -2.0, 2.0));
         let kd = gpu.upload_new(&to_half(dt, &kk))?;
         let vd = gpu.upload_new(&to_half(dt, &vv))?;
@@ -605,89 +614,144 @@ fn attention_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) 
         n_kv_heads: 8,
         head_dim: 128,
     };
-    attention_case(
-        gpu,
-        rng,
-        report,
-        u,
-        "phase1 [anchor|block] d=64",
-        smol,
-        300,
-        &[(256, None), (300, Some(0))],
-        1,
-    )?;
-    attention_case(
-        gpu,
-        rng,
-        report,
-        u,
-        "phase1 [anchor|block] d=128",
-        big,
-        130,
-        &[(200, None), (130, Some(0))],
-        1,
-    )?;
-    attention_case(
-        gpu,
-        rng,
-        report,
-        u,
-        "phase1 long run (rows >= 1024) d=128",
-        big,
-        333,
-        &[(256, None), (333, Some(0))],
-        1,
-    )?;
-    attention_case(
-        gpu,
-        rng,
-        report,
-        u,
-        "causal, gap offset 130",
-        big,
-        70,
-        &[(200, Some(130))],
-        3,
-    )?;
-    attention_case(
-        gpu,
-        rng,
-        report,
-        u,
-        "decode: 4 blocks + local, d=64",
-        smol,
-        1,
-        &[
-            (1000, None),
-            (1000, None),
-            (777, None),
-            (64, None),
-            (40, Some(39)),
-        ],
-        16,
-    )?;
-    attention_case(
-        gpu,
-        rng,
-        report,
-        u,
-        "query m=30: 3 blocks + local, d=128",
-        big,
-        30,
-        &[(2048, None), (2048, None), (1500, None), (30, Some(0))],
-        7,
-    )?;
-    attention_case(
-        gpu,
-        rng,
-        report,
-        u,
-        "decode 8K keys, 64 splits, d=128",
-        big,
-        1,
-        &[(8192, None), (5, Some(4))],
-        64,
-    )?;
+    // Every attention kernel the launcher can choose runs every case: each combination
+    // below pairs one long-run kernel with one decode kernel, covering all of them.
+    let default = gpu.attention_kernels();
+    let combos = AttnKernels::ALL_LONG
+        .iter()
+        .zip(AttnKernels::ALL_DECODE.iter().cycle())
+        .map(|(&long, &decode)| AttnKernels { long, decode });
+    for kernels in combos {
+        gpu.set_attention_kernels(kernels);
+        let tag = format!("{:?}/{:?}", kernels.long, kernels.decode);
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] phase1 [anchor|block] d=64"),
+            smol,
+            300,
+            &[(256, None), (300, Some(0))],
+            1,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] phase1 [anchor|block] d=128"),
+            big,
+            130,
+            &[(200, None), (130, Some(0))],
+            1,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] phase1 long run (rows >= 1024) d=128"),
+            big,
+            333,
+            &[(256, None), (333, Some(0))],
+            1,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] causal, gap offset 130"),
+            big,
+            70,
+            &[(200, Some(130))],
+            3,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] decode: 4 blocks + local, d=64"),
+            smol,
+            1,
+            &[
+                (1000, None),
+                (1000, None),
+                (777, None),
+                (64, None),
+                (40, Some(39)),
+            ],
+            16,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] query m=30: 3 blocks + local, d=128"),
+            big,
+            30,
+            &[(2048, None), (2048, None), (1500, None), (30, Some(0))],
+            7,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] decode 8K keys, 64 splits, d=128"),
+            big,
+            1,
+            &[(8192, None), (5, Some(4))],
+            64,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] 40 rows per KV head (64-row kernel), d=128"),
+            big,
+            10,
+            &[(300, None), (10, Some(0))],
+            1,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] phase1 2100 rows, key tails, d=64"),
+            smol,
+            700,
+            &[(1000, None), (700, Some(0))],
+            1,
+            false,
+        )?;
+        attention_case(
+            gpu,
+            rng,
+            report,
+            u,
+            &format!("[{tag}] rising keys (running max grows), d=128"),
+            big,
+            300,
+            &[(1500, None), (300, Some(0))],
+            2,
+            true,
+        )?;
+    }
+    gpu.set_attention_kernels(default);
     // A shard behind the host seam: GPU shard vs CPU shard over the same blocks.
     let t = Instant::now();
     let dt = gpu.dtype;
