@@ -229,7 +229,7 @@ impl Service {
             if ingest.reuse_block(key, range.start as u64, range.len() as u32) {
                 reused += 1;
             } else {
-                let block = encoder.encode_block(i)?;
+                let block = encoder.encode_block_resident(i, key.0)?;
                 ingest.put_block(
                     key,
                     range.start as u64,

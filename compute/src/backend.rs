@@ -352,6 +352,18 @@ impl BlockEncoder<'_> {
 
     /// Block `i`'s KV in host memory (for the store), whichever device computed it.
     pub fn encode_block(&mut self, i: usize) -> Result<BlockKv> {
+        self.encode(i, None)
+    }
+
+    /// [`BlockEncoder::encode_block`], and on a GPU also keeps the encoded block in the
+    /// resident tier under `key`, so the first question after an ingest finds it there.
+    /// The resident copy is the encoder's 16-bit output; the store's f16 copy converts
+    /// back to the same values wherever they lie in f16's normal range.
+    pub fn encode_block_resident(&mut self, i: usize, key: BlockId) -> Result<BlockKv> {
+        self.encode(i, Some(key))
+    }
+
+    fn encode(&mut self, i: usize, keep: Option<BlockId>) -> Result<BlockKv> {
         if i >= self.n_blocks() {
             return Err(Error::InvalidInput(format!(
                 "block {i} of {}",
@@ -378,7 +390,7 @@ impl BlockEncoder<'_> {
             EncoderDevice::Cuda(enc) => {
                 let range = self.phase1.block_range(i);
                 let anchor_tokens = &self.tokens[..anchor_len];
-                guarded(|| enc.encode_block(self.tokens, range, anchor_tokens))
+                guarded(|| enc.encode_block(self.tokens, range, anchor_tokens, keep))
             }
         }
     }

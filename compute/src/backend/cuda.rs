@@ -235,12 +235,14 @@ pub(super) struct GpuEncoder<'a> {
 }
 
 impl GpuEncoder<'_> {
-    /// Block `range` of `tokens` (block 0 when it starts at 0).
+    /// Block `range` of `tokens` (block 0 when it starts at 0); with `keep`, the block
+    /// also stays resident in the tier under that key.
     pub(super) fn encode_block(
         &mut self,
         tokens: &[u32],
         range: Range<usize>,
         anchor_tokens: &[u32],
+        keep: Option<BlockId>,
     ) -> Result<BlockKv> {
         let gpu = &self.cuda.gpu;
         let mut model = self.cuda.lock_model()?;
@@ -257,7 +259,12 @@ impl GpuEncoder<'_> {
             let start = range.start;
             encode_block(&mut model, &tokens[range], start, self.anchor.as_ref())?
         };
-        Ok(block.download(gpu)?)
+        let host = block.download(gpu)?;
+        drop(model);
+        if let Some(key) = keep {
+            self.cuda.lock_tier().insert(key, Arc::new(block));
+        }
+        Ok(host)
     }
 }
 
