@@ -152,7 +152,7 @@ pub struct Kernels {
     funcs: HashMap<&'static str, CudaFunction>,
 }
 
-const KERNEL_NAMES: &[&str] = &[
+pub(crate) const KERNEL_NAMES: &[&str] = &[
     "embed_rows",
     "rms_norm_h",
     "rms_norm_f",
@@ -165,14 +165,10 @@ const KERNEL_NAMES: &[&str] = &[
     "fill_uniform_f",
     "argmax_rows",
     "rows_to_heads",
-    "attn_fwd",
     "attn_fwd_simple",
     "attn_fwd_w1",
-    "attn_fwd_w8",
     "attn_fwd_m32",
     "attn_fwd_m32n32",
-    "attn_fwd_p4",
-    "attn_fwd_p1",
     "attn_fwd_p1n32",
     "attn_merge",
 ];
@@ -188,16 +184,10 @@ fn pipe_smem(tiles: usize, head_dim: usize) -> usize {
 pub enum LongKernel {
     /// 4 warps x 16 rows, K and V loaded together per tile (the first version).
     Simple,
-    /// 4 warps x 16 rows, K(t+1) prefetched across tiles (kept for A/B).
-    Prefetch,
-    /// 8 warps x 16 rows.
-    Wide,
     /// 4 warps x 32 rows, two-stage K/V buffers, 64-key tiles.
     M32,
     /// 4 warps x 32 rows, two-stage K/V buffers, 32-key tiles.
     M32N32,
-    /// 4 warps x 16 rows (Q in registers), two-stage K/V buffers, 64-key tiles.
-    P4,
 }
 
 /// The kernel that attends at most 16 rows per KV head (decoding a token).
@@ -205,16 +195,14 @@ pub enum LongKernel {
 pub enum DecodeKernel {
     /// One warp, K and V loaded together per tile.
     W1,
-    /// One warp, Q in registers, V(t) and K(t+1) loaded while the tile computes.
-    P1,
-    /// P1 with 32-key tiles (half the shared memory: more CTAs per SM).
+    /// One warp, Q in registers, two-stage 32-key K/V buffers.
     P1N32,
 }
 
 /// Which kernels [`Gpu::attention`] launches, by rows per KV head (`m * group`): at most
 /// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
-/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|prefetch|wide|m32|m32n32|p4`
-/// and `STARKV_ATTN_DECODE=w1|p1|p1n32` override them (A/B runs).
+/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|m32|m32n32` and
+/// `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnKernels {
     pub long: LongKernel,
@@ -231,32 +219,20 @@ impl Default for AttnKernels {
 }
 
 impl AttnKernels {
-    /// Every combination the selftest must cover.
-    pub const ALL_LONG: [LongKernel; 6] = [
-        LongKernel::Simple,
-        LongKernel::Prefetch,
-        LongKernel::Wide,
-        LongKernel::M32,
-        LongKernel::M32N32,
-        LongKernel::P4,
-    ];
-    pub const ALL_DECODE: [DecodeKernel; 3] =
-        [DecodeKernel::W1, DecodeKernel::P1, DecodeKernel::P1N32];
+    /// Every kernel the selftest must cover.
+    pub const ALL_LONG: [LongKernel; 3] = [LongKernel::Simple, LongKernel::M32, LongKernel::M32N32];
+    pub const ALL_DECODE: [DecodeKernel; 2] = [DecodeKernel::W1, DecodeKernel::P1N32];
 
     fn from_env() -> Self {
         let mut k = Self::default();
         match std::env::var("STARKV_ATTN_LONG").as_deref() {
             Ok("simple") => k.long = LongKernel::Simple,
-            Ok("prefetch") => k.long = LongKernel::Prefetch,
-            Ok("wide") => k.long = LongKernel::Wide,
             Ok("m32") => k.long = LongKernel::M32,
             Ok("m32n32") => k.long = LongKernel::M32N32,
-            Ok("p4") => k.long = LongKernel::P4,
             _ => {}
         }
         match std::env::var("STARKV_ATTN_DECODE").as_deref() {
             Ok("w1") => k.decode = DecodeKernel::W1,
-            Ok("p1") => k.decode = DecodeKernel::P1,
             Ok("p1n32") => k.decode = DecodeKernel::P1N32,
             _ => {}
         }
@@ -270,7 +246,6 @@ impl AttnKernels {
         if rows <= 16 {
             return match self.decode {
                 DecodeKernel::W1 => ("attn_fwd_w1", 16, 32, 0),
-                DecodeKernel::P1 => ("attn_fwd_p1", 16, 32, pipe_smem(4 * 64, head_dim)),
                 DecodeKernel::P1N32 => ("attn_fwd_p1n32", 16, 32, pipe_smem(4 * 32, head_dim)),
             };
         }
@@ -278,13 +253,11 @@ impl AttnKernels {
             LongKernel::M32 | LongKernel::M32N32 if head_dim > 128 => LongKernel::Simple,
             other => other,
         };
-        if rows <= 64 && !matches!(long, LongKernel::Prefetch) {
+        if rows <= 64 {
             return ("attn_fwd_simple", 64, 128, 0);
         }
         match long {
             LongKernel::Simple => ("attn_fwd_simple", 64, 128, 0),
-            LongKernel::Prefetch => ("attn_fwd", 64, 128, 0),
-            LongKernel::Wide => ("attn_fwd_w8", 128, 256, 0),
             LongKernel::M32 => ("attn_fwd_m32", 128, 128, pipe_smem(4 * 64 + 128, head_dim)),
             LongKernel::M32N32 => (
                 "attn_fwd_m32n32",
@@ -292,7 +265,6 @@ impl AttnKernels {
                 128,
                 pipe_smem(4 * 32 + 128, head_dim),
             ),
-            LongKernel::P4 => ("attn_fwd_p4", 64, 128, pipe_smem(4 * 64, head_dim)),
         }
     }
 }
@@ -482,13 +454,7 @@ impl Gpu {
         }
         // The pipelined kernels take more than the default 48 KB of shared memory.
         let most = pipe_smem(4 * 64 + 128, head_dim);
-        for name in [
-            "attn_fwd_m32",
-            "attn_fwd_m32n32",
-            "attn_fwd_p4",
-            "attn_fwd_p1",
-            "attn_fwd_p1n32",
-        ] {
+        for name in ["attn_fwd_m32", "attn_fwd_m32n32", "attn_fwd_p1n32"] {
             funcs[name].set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 most as i32,

@@ -323,6 +323,36 @@ __device__ __forceinline__ void load_tile(h16* s, const h16* base, long long row
     }
 }
 
+// Writes row R's output from its accumulator tile `o` (this thread's columns of the
+// row in half `half` of the m16 tile), normalised by its quad-summed `l`, and its natural
+// log-sum-exp: 16-bit to out_h, or the f32 partial of `split` to out_f (for attn_merge).
+__device__ __forceinline__ void store_row(const float (&o)[NDT][4], int half, float l, float mm,
+                                          int R, int m, int group, int nh, int kvh, int split,
+                                          int tig, h16* out_h, float* out_f, float* lse_out) {
+    const float LN2 = 0.6931471805599453f;
+    const int qw = nh * HEAD_DIM;
+    float inv = l > 0.f ? 1.f / l : 0.f;
+    float lse = l > 0.f ? (mm + __log2f(l)) * LN2 : NEG_INF;
+    int t = R / group, head = kvh * group + R % group;
+    if (out_h) {
+        h16* dst = out_h + (u64)t * qw + head * HEAD_DIM;
+#pragma unroll
+        for (int dt = 0; dt < NDT; dt++) {
+            int col = dt * 8 + tig * 2;
+            *(u32*)(dst + col) = pack2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
+        }
+    } else {
+        float* dst = out_f + ((u64)split * m + t) * qw + head * HEAD_DIM;
+#pragma unroll
+        for (int dt = 0; dt < NDT; dt++) {
+            int col = dt * 8 + tig * 2;
+            dst[col] = o[dt][2 * half] * inv;
+            dst[col + 1] = o[dt][2 * half + 1] * inv;
+        }
+    }
+    if (lse_out && tig == 0) lse_out[((u64)split * nh + head) * m + t] = lse;
+}
+
 // Position in a split's key tiles: item index, first key of the tile, end of the item's
 // visible keys (causal items end after the last key any row of the CTA sees).
 struct Cursor {
@@ -343,228 +373,9 @@ __device__ __forceinline__ void settle(Cursor& c, const AttnItem* items, int it_
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attn_fwd(
-    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
-    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
-    float* __restrict__ out_f, float* __restrict__ lse_out) {
-    __shared__ __align__(16) h16 sK[BN * SROW];
-    __shared__ __align__(16) h16 sV[BN * SROW];
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, tig = lane & 3;
-    const int kvh = blockIdx.y, split = blockIdx.z;
-    const int rows = m * group;
-    const int row0 = blockIdx.x * BM;
-    const int qw = nh * HEAD_DIM;
-
-    // Q tile -> smem (in sK) -> A fragments.
-    for (int c = tid; c < BM * HEAD_DIM / 8; c += 128) {
-        int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
-        int R = row0 + r;
-        bool valid = R < rows;
-        const h16* gp = q;
-        if (valid) {
-            int t = R / group, head = kvh * group + R % group;
-            gp = q + (u64)t * qw + head * HEAD_DIM + col;
-        }
-        cp_async16(smem_addr(sK + r * SROW + col), gp, valid);
-    }
-    cp_commit();
-    cp_wait<0>();
-    __syncthreads();
-    u32 qf[NKT][4];
-    {
-        int mi = lane >> 3;
-        int r = warp * 16 + (mi & 1) * 8 + (lane & 7);
-#pragma unroll
-        for (int kk = 0; kk < NKT; kk++) {
-            int col = kk * 16 + (mi >> 1) * 8;
-            ldm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], smem_addr(sK + r * SROW + col));
-        }
-    }
-    __syncthreads();
-
-    // This thread's two rows and their tokens.
-    const int ra = row0 + warp * 16 + g, rb = ra + 8;
-    const int ta = ra / group, tb = rb / group;
-    // Last token any row of the CTA holds (bounds causal tiles).
-    const int t_last = min(rows - 1, row0 + BM - 1) / group;
-
-    float o[NDT][4];
-#pragma unroll
-    for (int i = 0; i < NDT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
-
-    const int it_begin = split_begin[split], it_end = split_begin[split + 1];
-    const int t_first = row0 / group;
-    // Warps whose rows are all padding (decoding: m * group < 64) skip the math.
-    const bool warp_active = row0 + warp * 16 < rows;
-    Cursor cur;
-    cur.it = it_begin;
-    cur.j0 = it_begin < it_end ? items[it_begin].key_begin : 0;
-    cur.kend = 0;
-    settle(cur, items, it_end, t_last);
-    if (cur.it < it_end) {
-        const AttnItem& item = items[cur.it];
-        int n = min(BN, cur.kend - cur.j0);
-        load_tile(sK, (const h16*)item.k + kvh * item.head_stride, item.row_stride, cur.j0, n);
-        cp_commit();
-        load_tile(sV, (const h16*)item.v + kvh * item.head_stride, item.row_stride, cur.j0, n);
-        cp_commit();
-    }
-    // Pipeline: K of the next tile loads during this tile's softmax and P.V, V of the
-    // next tile during the next tile's Q.K^T.
-    while (cur.it < it_end) {
-        Cursor nxt = cur;
-        nxt.j0 += BN;
-        settle(nxt, items, it_end, t_last);
-        const int j0 = cur.j0;
-        const int n = min(BN, cur.kend - j0);
-        const int coff = items[cur.it].causal_offset;
-        cp_wait<1>();
-        __syncthreads();
-
-        float s[BN / 8][4];
-#pragma unroll
-        for (int i = 0; i < BN / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-        if (warp_active) {
-            int mi = lane >> 3;
-#pragma unroll
-            for (int np = 0; np < BN / 16; np++) {
-                int key = np * 16 + (mi >> 1) * 8 + (lane & 7);
-#pragma unroll
-                for (int kk = 0; kk < NKT; kk++) {
-                    int col = kk * 16 + (mi & 1) * 8;
-                    u32 b0, b1, b2, b3;
-                    ldm_x4(b0, b1, b2, b3, smem_addr(sK + key * SROW + col));
-                    mma16816(s[2 * np], qf[kk], b0, b1);
-                    mma16816(s[2 * np + 1], qf[kk], b2, b3);
-                }
-            }
-        }
-        __syncthreads();
-        if (nxt.it < it_end) {
-            const AttnItem& item = items[nxt.it];
-            load_tile(sK, (const h16*)item.k + kvh * item.head_stride, item.row_stride, nxt.j0,
-                      min(BN, nxt.kend - nxt.j0));
-        }
-        cp_commit();
-        if (warp_active) {
-            // Scale, mask (only tiles that need it), online softmax.
-            const bool need_mask = n < BN || (coff >= 0 && j0 + BN - 1 > t_first + coff);
-            float mx_a = NEG_INF, mx_b = NEG_INF;
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float x = s[nt][e] * scale_log2;
-                    if (need_mask) {
-                        int jl = nt * 8 + tig * 2 + (e & 1);
-                        int t = e < 2 ? ta : tb;
-                        bool ok = jl < n && (coff < 0 || j0 + jl <= t + coff);
-                        x = ok ? x : NEG_INF;
-                    }
-                    s[nt][e] = x;
-                    if (e < 2) mx_a = fmaxf(mx_a, x); else mx_b = fmaxf(mx_b, x);
-                }
-            }
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-            float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-            float base_a = mn_a == NEG_INF ? 0.f : mn_a;
-            float base_b = mn_b == NEG_INF ? 0.f : mn_b;
-            float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
-            m_a = mn_a;
-            m_b = mn_b;
-            float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; nt++) {
-                s[nt][0] = fast_exp2(s[nt][0] - base_a);
-                s[nt][1] = fast_exp2(s[nt][1] - base_a);
-                s[nt][2] = fast_exp2(s[nt][2] - base_b);
-                s[nt][3] = fast_exp2(s[nt][3] - base_b);
-                sum_a += s[nt][0] + s[nt][1];
-                sum_b += s[nt][2] + s[nt][3];
-            }
-            l_a = l_a * corr_a + sum_a;
-            l_b = l_b * corr_b + sum_b;
-#pragma unroll
-            for (int i = 0; i < NDT; i++) {
-                o[i][0] *= corr_a;
-                o[i][1] *= corr_a;
-                o[i][2] *= corr_b;
-                o[i][3] *= corr_b;
-            }
-        }
-        cp_wait<1>();
-        __syncthreads();
-        if (warp_active) {
-            // O += P V.
-            int mi = lane >> 3;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                u32 a[4];
-                a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
-                a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
-                a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-                int key = kk * 16 + (mi & 1) * 8 + (lane & 7);
-#pragma unroll
-                for (int dp = 0; dp < HEAD_DIM / 16; dp++) {
-                    int col = dp * 16 + (mi >> 1) * 8;
-                    u32 b0, b1, b2, b3;
-                    ldm_x4_t(b0, b1, b2, b3, smem_addr(sV + key * SROW + col));
-                    mma16816(o[2 * dp], a, b0, b1);
-                    mma16816(o[2 * dp + 1], a, b2, b3);
-                }
-            }
-        }
-        __syncthreads();
-        if (nxt.it < it_end) {
-            const AttnItem& item = items[nxt.it];
-            load_tile(sV, (const h16*)item.v + kvh * item.head_stride, item.row_stride, nxt.j0,
-                      min(BN, nxt.kend - nxt.j0));
-        }
-        cp_commit();
-        cur = nxt;
-    }
-    // Row sums over the quad, then write.
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float LN2 = 0.6931471805599453f;
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        int R = half ? rb : ra;
-        if (R >= rows) continue;
-        float l = half ? l_b : l_a, mm = half ? m_b : m_a;
-        float inv = l > 0.f ? 1.f / l : 0.f;
-        float lse = l > 0.f ? (mm + __log2f(l)) * LN2 : NEG_INF;
-        int t = R / group, head = kvh * group + R % group;
-        if (out_h) {
-            h16* dst = out_h + (u64)t * qw + head * HEAD_DIM;
-#pragma unroll
-            for (int dt = 0; dt < NDT; dt++) {
-                int col = dt * 8 + tig * 2;
-                *(u32*)(dst + col) = pack2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
-            }
-        } else {
-            float* dst = out_f + ((u64)split * m + t) * qw + head * HEAD_DIM;
-#pragma unroll
-            for (int dt = 0; dt < NDT; dt++) {
-                int col = dt * 8 + tig * 2;
-                dst[col] = o[dt][2 * half] * inv;
-                dst[col + 1] = o[dt][2 * half + 1] * inv;
-            }
-        }
-        if (lse_out && tig == 0) lse_out[((u64)split * nh + head) * m + t] = lse;
-    }
-}
-
-// The default: K and V of a tile load together, then Q.K^T, softmax and P.V (measured
-// faster on an H100 than the cross-tile prefetch of attn_fwd above, which is kept for A/B).
+// Unpipelined: K and V of a tile load together, then Q.K^T, softmax and P.V. Runs 17 to
+// 64 rows (4 warps x 16) and decoding (1 warp, below); at one warp, many small CTAs per
+// SM keep more tile loads in flight than the pipelined one-warp variants (PERF_NOTES.md).
 template <int NW>
 __device__ __forceinline__ void attn_simple_body(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
@@ -730,32 +541,12 @@ __device__ __forceinline__ void attn_simple_body(
     l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
     l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
     l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float LN2 = 0.6931471805599453f;
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         int R = half ? rb : ra;
         if (R >= rows) continue;
-        float l = half ? l_b : l_a, mm = half ? m_b : m_a;
-        float inv = l > 0.f ? 1.f / l : 0.f;
-        float lse = l > 0.f ? (mm + __log2f(l)) * LN2 : NEG_INF;
-        int t = R / group, head = kvh * group + R % group;
-        if (out_h) {
-            h16* dst = out_h + (u64)t * qw + head * HEAD_DIM;
-#pragma unroll
-            for (int dt = 0; dt < NDT; dt++) {
-                int col = dt * 8 + tig * 2;
-                *(u32*)(dst + col) = pack2(o[dt][2 * half] * inv, o[dt][2 * half + 1] * inv);
-            }
-        } else {
-            float* dst = out_f + ((u64)split * m + t) * qw + head * HEAD_DIM;
-#pragma unroll
-            for (int dt = 0; dt < NDT; dt++) {
-                int col = dt * 8 + tig * 2;
-                dst[col] = o[dt][2 * half] * inv;
-                dst[col + 1] = o[dt][2 * half + 1] * inv;
-            }
-        }
-        if (lse_out && tig == 0) lse_out[((u64)split * nh + head) * m + t] = lse;
+        store_row(o, half, half ? l_b : l_a, half ? m_b : m_a, R, m, group, nh, kvh, split, tig,
+                  out_h, out_f, lse_out);
     }
 }
 
@@ -764,15 +555,6 @@ extern "C" __global__ void __launch_bounds__(128) attn_fwd_simple(
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
     float* __restrict__ out_f, float* __restrict__ lse_out) {
     attn_simple_body<4>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f, lse_out);
-}
-
-// Eight warps per CTA (128 rows): long query runs (phase 1); each K/V tile serves twice
-// the rows of attn_fwd_simple.
-extern "C" __global__ void __launch_bounds__(256) attn_fwd_w8(
-    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
-    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
-    float* __restrict__ out_f, float* __restrict__ lse_out) {
-    attn_simple_body<8>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f, lse_out);
 }
 
 // One warp per CTA (16 rows): for decoding, where a KV head's rows are the GQA group of
@@ -1118,7 +900,6 @@ __device__ __forceinline__ void attn_pipe_body(
     cp_wait<0>();
 
     // Row sums over the quad, then write.
-    const float LN2 = 0.6931471805599453f;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
@@ -1128,27 +909,8 @@ __device__ __forceinline__ void attn_pipe_body(
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             int R = row0 + warp * WROWS + mt * 16 + g + half * 8;
             if (R >= rows) continue;
-            float mm = mr[mt][half];
-            float inv = l > 0.f ? 1.f / l : 0.f;
-            float lse = l > 0.f ? (mm + __log2f(l)) * LN2 : NEG_INF;
-            int t = R / group, head = kvh * group + R % group;
-            if (out_h) {
-                h16* dst = out_h + (u64)t * qw + head * HEAD_DIM;
-#pragma unroll
-                for (int dt = 0; dt < NDT; dt++) {
-                    int col = dt * 8 + tig * 2;
-                    *(u32*)(dst + col) = pack2(o[mt][dt][2 * half] * inv, o[mt][dt][2 * half + 1] * inv);
-                }
-            } else {
-                float* dst = out_f + ((u64)split * m + t) * qw + head * HEAD_DIM;
-#pragma unroll
-                for (int dt = 0; dt < NDT; dt++) {
-                    int col = dt * 8 + tig * 2;
-                    dst[col] = o[mt][dt][2 * half] * inv;
-                    dst[col + 1] = o[mt][dt][2 * half + 1] * inv;
-                }
-            }
-            if (lse_out && tig == 0) lse_out[((u64)split * nh + head) * m + t] = lse;
+            store_row(o[mt], half, l, mr[mt][half], R, m, group, nh, kvh, split, tig, out_h, out_f,
+                      lse_out);
         }
     }
 }
@@ -1167,9 +929,5 @@ __device__ __forceinline__ void attn_pipe_body(
 ATTN_PIPE_KERNEL(attn_fwd_m32, 4, 2, 64, 2)
 // The same with 32-key tiles (fewer score registers).
 ATTN_PIPE_KERNEL(attn_fwd_m32n32, 4, 2, 32, 2)
-// 4 warps x 16 rows with Q in registers: the simple kernel's tiling, two-stage buffers.
-ATTN_PIPE_KERNEL(attn_fwd_p4, 4, 1, 64, 2)
-// Decoding: one warp of 16 rows (a GQA group), Q in registers, pipelined K/V loads.
-ATTN_PIPE_KERNEL(attn_fwd_p1, 1, 1, 64, 4)
-// The same with 32-key tiles: half the shared memory, twice the CTAs per SM.
+// Decoding: one warp of 16 rows (a GQA group), Q in registers, pipelined 32-key tiles.
 ATTN_PIPE_KERNEL(attn_fwd_p1n32, 1, 1, 32, 8)

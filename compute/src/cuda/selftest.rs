@@ -614,70 +614,66 @@ fn attention_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) 
         n_kv_heads: 8,
         head_dim: 128,
     };
-    // Every attention kernel the launcher can choose runs every case: each combination
-    // below pairs one long-run kernel with one decode kernel, covering all of them.
-    let default = gpu.attention_kernels();
-    let combos = AttnKernels::ALL_LONG
-        .iter()
-        .zip(AttnKernels::ALL_DECODE.iter().cycle())
-        .map(|(&long, &decode)| AttnKernels { long, decode });
-    for kernels in combos {
-        gpu.set_attention_kernels(kernels);
-        let tag = format!("{:?}/{:?}", kernels.long, kernels.decode);
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] phase1 [anchor|block] d=64"),
+    // (name, shape, query tokens m, key segments (len, causal offset), splits, rising keys)
+    type Case = (
+        &'static str,
+        HeadShape,
+        usize,
+        &'static [(usize, Option<usize>)],
+        usize,
+        bool,
+    );
+    let cases: [Case; 10] = [
+        (
+            "phase1 [anchor|block] d=64",
             smol,
             300,
             &[(256, None), (300, Some(0))],
             1,
             false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] phase1 [anchor|block] d=128"),
+        ),
+        (
+            "phase1 [anchor|block] d=128",
             big,
             130,
             &[(200, None), (130, Some(0))],
             1,
             false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] phase1 long run (rows >= 1024) d=128"),
+        ),
+        (
+            "phase1 long run (rows >= 1024) d=128",
             big,
             333,
             &[(256, None), (333, Some(0))],
             1,
             false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] causal, gap offset 130"),
+        ),
+        (
+            "phase1 2100 rows, key tails, d=64",
+            smol,
+            700,
+            &[(1000, None), (700, Some(0))],
+            1,
+            false,
+        ),
+        (
+            "causal, gap offset 130",
             big,
             70,
             &[(200, Some(130))],
             3,
             false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] decode: 4 blocks + local, d=64"),
+        ),
+        (
+            "40 rows per KV head (64-row kernel), d=128",
+            big,
+            10,
+            &[(300, None), (10, Some(0))],
+            1,
+            false,
+        ),
+        (
+            "decode: 4 blocks + local, d=64",
             smol,
             1,
             &[
@@ -689,67 +685,46 @@ fn attention_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) 
             ],
             16,
             false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] query m=30: 3 blocks + local, d=128"),
+        ),
+        (
+            "query m=30: 3 blocks + local, d=128",
             big,
             30,
             &[(2048, None), (2048, None), (1500, None), (30, Some(0))],
             7,
             false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] decode 8K keys, 64 splits, d=128"),
+        ),
+        (
+            "decode 8K keys, 64 splits, d=128",
             big,
             1,
             &[(8192, None), (5, Some(4))],
             64,
             false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] 40 rows per KV head (64-row kernel), d=128"),
-            big,
-            10,
-            &[(300, None), (10, Some(0))],
-            1,
-            false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] phase1 2100 rows, key tails, d=64"),
-            smol,
-            700,
-            &[(1000, None), (700, Some(0))],
-            1,
-            false,
-        )?;
-        attention_case(
-            gpu,
-            rng,
-            report,
-            u,
-            &format!("[{tag}] rising keys (running max grows), d=128"),
+        ),
+        (
+            "rising keys (running max grows), d=128",
             big,
             300,
             &[(1500, None), (300, Some(0))],
             2,
             true,
-        )?;
+        ),
+    ];
+    // Every attention kernel the launcher can choose runs every case: each combination
+    // below pairs one long-run kernel with one decode kernel, covering all of them.
+    let default = gpu.attention_kernels();
+    let combos = AttnKernels::ALL_LONG
+        .iter()
+        .zip(AttnKernels::ALL_DECODE.iter().cycle())
+        .map(|(&long, &decode)| AttnKernels { long, decode });
+    for kernels in combos {
+        gpu.set_attention_kernels(kernels);
+        let tag = format!("{:?}/{:?}", kernels.long, kernels.decode);
+        for &(name, shape, m, segments, splits, ramp) in &cases {
+            let name = format!("[{tag}] {name}");
+            attention_case(gpu, rng, report, u, &name, shape, m, segments, splits, ramp)?;
+        }
     }
     gpu.set_attention_kernels(default);
     // A shard behind the host seam: GPU shard vs CPU shard over the same blocks.
