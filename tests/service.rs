@@ -61,6 +61,18 @@ impl Server {
         body: Option<&[u8]>,
         headers: &[(&str, &str)],
     ) -> (u16, Vec<u8>) {
+        let (status, _, body) = self.request_with_head(method, path, body, headers);
+        (status, body)
+    }
+
+    /// Opens a connection and sends one request; the response is left to the caller.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> TcpStream {
         let mut stream = TcpStream::connect(&self.addr).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(600)))
@@ -77,6 +89,18 @@ impl Server {
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).unwrap();
         let _ = stream.write_all(body);
+        stream
+    }
+
+    /// Status, response head (status line and headers) and de-chunked body.
+    fn request_with_head(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> (u16, String, Vec<u8>) {
+        let mut stream = self.send(method, path, body, headers);
         let mut raw = Vec::new();
         let _ = stream.read_to_end(&mut raw);
         let split = raw
@@ -92,7 +116,7 @@ impl Server {
         {
             body = dechunk(&body);
         }
-        (status, body)
+        (status, head, body)
     }
 
     fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -169,6 +193,64 @@ fn document(edited: Option<&str>) -> String {
 }
 
 const QUESTION: &str = "What is the special magic number for the harbour town?";
+
+/// At temperature 0 the default model answers this one at length: it runs to
+/// `max_tokens` (400 tokens take about 8 s on 2 CPU cores).
+const LONG_QUESTION: &str =
+    "Describe the harbour town in as much detail as you can, chapter by chapter.";
+
+const JSON_CT: (&str, &str) = ("Content-Type", "application/json");
+
+/// A header's value from a response head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A back-pressure answer: `status`, a `Retry-After` of whole seconds (at least 1) and
+/// the JSON error body with `code`.
+fn assert_busy(answer: &(u16, String, Vec<u8>), status: u16, code: &str) {
+    let (got, head, body) = answer;
+    let shown = String::from_utf8_lossy(body);
+    assert_eq!(*got, status, "{head}\n{shown}");
+    let retry = header(head, "retry-after")
+        .unwrap_or_else(|| panic!("a {status} without Retry-After:\n{head}"));
+    assert!(
+        retry.parse::<u32>().is_ok_and(|s| s >= 1),
+        "Retry-After must be whole seconds >= 1: {retry:?}"
+    );
+    let value: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("a {status} body that is not JSON: {shown}"));
+    assert_eq!(value["error"]["code"], code, "{value}");
+    assert!(
+        value["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{value}"
+    );
+}
+
+/// Polls `done` (every 50 ms) until it holds; fails after `timeout`.
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A server on the CPU with `toml` as its config file (the CPU everywhere: the
+/// back-pressure tests size their work for it).
+fn server_with_config(dir: &Path, toml: &str) -> Server {
+    let config = dir.join("starkv.toml");
+    std::fs::write(&config, toml).unwrap();
+    Server::start(
+        dir,
+        &["--config", config.to_str().unwrap(), "--device", "cpu"],
+    )
+}
 
 #[test]
 fn ingest_ask_restart_edit_and_delete() {
@@ -663,4 +745,196 @@ fn operator_cli_ingest_ask_evict_and_offline_listing() {
         Some(5),
         "an unreachable server exits with 5"
     );
+}
+
+/// `query_concurrency = 1`: while one query is generating, another answers 503 with
+/// Retry-After and the JSON error body (also through the OpenAI endpoint). A client that
+/// hangs up frees its slot (its generation is cancelled), and the next query is served.
+#[test]
+fn query_over_the_concurrency_limit_gets_503_until_the_slot_is_free() {
+    let dir = temp_dir("query-busy");
+    let server = server_with_config(&dir, "query_concurrency = 1\n");
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": "harbour", "text": document(None), "block_size": 128 })),
+    );
+    assert_eq!(status, 200, "{doc}");
+    let queries_available = || server.json("GET", "/readyz", None).1["queries_available"].clone();
+    assert_eq!(queries_available(), 1);
+
+    // The first query streams; once its first token has arrived it holds the only slot
+    // (the permit is taken before generation starts and released when it ends).
+    let long = json!({
+        "question": LONG_QUESTION, "max_tokens": 400, "temperature": 0, "stream": true
+    })
+    .to_string();
+    let stream = server.send(
+        "POST",
+        "/v1/documents/harbour/query",
+        Some(long.as_bytes()),
+        &[JSON_CT],
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut first = BufReader::new(stream);
+    let mut line = String::new();
+    first
+        .read_line(&mut line)
+        .expect("the streaming answer's head");
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    let mut lines = first
+        .by_ref()
+        .lines()
+        .map(|l| l.expect("reading the stream"));
+    lines
+        .by_ref()
+        .find(|l| l.trim() == "event: token")
+        .expect("a token event");
+    let data = lines
+        .find(|l| l.trim_start().starts_with("data:"))
+        .expect("the token's data line");
+    let token: Value = serde_json::from_str(data.trim().strip_prefix("data:").unwrap().trim())
+        .unwrap_or_else(|_| panic!("token data is not JSON: {data}"));
+    assert!(token["text"].is_string(), "{token}");
+
+    // While it generates, every other query is refused right away.
+    let ask = json!({ "question": QUESTION, "max_tokens": 8 }).to_string();
+    let busy = server.request_with_head(
+        "POST",
+        "/v1/documents/harbour/query",
+        Some(ask.as_bytes()),
+        &[JSON_CT],
+    );
+    assert_busy(&busy, 503, "overloaded");
+    let chat = json!({
+        "model": "harbour", "max_tokens": 8,
+        "messages": [{ "role": "user", "content": QUESTION }]
+    })
+    .to_string();
+    let busy = server.request_with_head(
+        "POST",
+        "/v1/chat/completions",
+        Some(chat.as_bytes()),
+        &[JSON_CT],
+    );
+    assert_busy(&busy, 503, "overloaded");
+    assert_eq!(queries_available(), 0);
+
+    // Hang up mid-answer: the server notices, cancels the generation and frees the slot.
+    let generated_before = server.metric("starkv_generated_tokens_total");
+    drop(first);
+    wait_for(
+        "the slot of the abandoned query",
+        Duration::from_secs(60),
+        || queries_available() == 1,
+    );
+    let abandoned = server.metric("starkv_generated_tokens_total") - generated_before;
+
+    // The next query is served: the same question, read to the end.
+    let whole = json!({ "question": LONG_QUESTION, "max_tokens": 400, "temperature": 0 });
+    let (status, answer) = server.json("POST", "/v1/documents/harbour/query", Some(whole));
+    assert_eq!(status, 200, "{answer}");
+    let full = answer["usage"]["generated_tokens"].as_f64().unwrap();
+    assert!(
+        abandoned >= 1.0 && abandoned < full,
+        "hanging up must cancel the generation: the abandoned query generated {abandoned} \
+         tokens, the whole answer has {full}"
+    );
+    assert_eq!(queries_available(), 1);
+}
+
+/// `ingest_queue = 1` bounds the jobs waiting behind the one the single ingest worker is
+/// encoding (the worker takes a job off the queue before it starts it). With a long
+/// document in the worker, one more ingest is queued (202) and the next one is refused
+/// with 429, Retry-After and the JSON error body. Every acknowledged ingest becomes ready;
+/// the refused one leaves nothing behind and can be submitted again later.
+#[test]
+fn ingest_over_the_queue_limit_gets_429_and_loses_nothing_acknowledged() {
+    let dir = temp_dir("ingest-busy");
+    let server = server_with_config(&dir, "ingest_queue = 1\n");
+    // About 3000 tokens: 4-5 s of encoding on 2 CPU cores, against a few milliseconds
+    // for each of the requests below.
+    let long: String = (0..4)
+        .map(|i| format!("Section {i}: {}\n\n", document(None)))
+        .collect();
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents",
+        Some(json!({ "id": "long", "text": long, "block_size": 256 })),
+    );
+    assert_eq!(status, 202, "{doc}");
+    wait_for(
+        "the worker to take the long ingest off the queue",
+        Duration::from_secs(30),
+        || server.json("GET", "/readyz", None).1["ingest_queue_depth"] == 0,
+    );
+
+    let mut accepted = vec!["long".to_string()];
+    let mut refused = None;
+    for i in 0..5 {
+        let id = format!("note-{i}");
+        let body = json!({
+            "id": id, "block_size": 64,
+            "text": format!("Note {i}: the tide tables are posted at the harbour office.")
+        })
+        .to_string();
+        let answer =
+            server.request_with_head("POST", "/v1/documents", Some(body.as_bytes()), &[JSON_CT]);
+        match answer.0 {
+            202 => accepted.push(id),
+            429 => {
+                assert_busy(&answer, 429, "rate_limited");
+                refused = Some(id);
+                break;
+            }
+            other => panic!(
+                "ingest {id}: unexpected {other}: {}",
+                String::from_utf8_lossy(&answer.2)
+            ),
+        }
+    }
+    let refused = refused.expect("no ingest was refused with 429 in 5 attempts");
+    let (_, long_doc) = server.json("GET", "/v1/documents/long", None);
+    assert_ne!(
+        long_doc["state"], "ready",
+        "the long ingest finished too early for this test: {long_doc}"
+    );
+    assert_eq!(
+        accepted.len(),
+        2,
+        "one job encoding plus ingest_queue = 1 waiting, then 429: {accepted:?}"
+    );
+
+    // Refused means never acknowledged: no job, no document.
+    let (status, err) = server.json("GET", &format!("/v1/documents/{refused}"), None);
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(err["error"]["code"], "not_found");
+
+    // Nothing acknowledged is lost.
+    for id in &accepted {
+        wait_for(
+            &format!("ingest {id} to become ready"),
+            Duration::from_secs(120),
+            || {
+                let (_, d) = server.json("GET", &format!("/v1/documents/{id}"), None);
+                assert_ne!(d["state"], "failed", "{d}");
+                d["state"] == "ready"
+            },
+        );
+    }
+    let (_, list) = server.json("GET", "/v1/documents", None);
+    assert_eq!(list["total"], accepted.len(), "{list}");
+    let (status, _) = server.json("GET", &format!("/v1/documents/{refused}"), None);
+    assert_eq!(status, 404, "the refused ingest must not come back later");
+
+    // With the queue drained, the refused ingest goes through when sent again.
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": refused, "text": "The tide tables are posted.", "block_size": 64 })),
+    );
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["state"], "ready", "{doc}");
 }
