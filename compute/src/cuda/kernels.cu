@@ -311,15 +311,33 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Loads a BN x HEAD_DIM tile of one KV head (keys j0.. of the item, n valid) into smem.
-template <int NT = 128>
-__device__ __forceinline__ void load_tile(h16* s, const h16* base, long long row_stride, int j0, int n) {
-    const int chunks = BN * HEAD_DIM / 8;
-    for (int c = threadIdx.x; c < chunks; c += NT) {
-        int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
-        bool valid = r < n;
-        const h16* g = valid ? base + (long long)(j0 + r) * row_stride + col : base;
-        cp_async16(smem_addr(s + r * SROW + col), g, valid);
+// Loads rows j0 .. j0 + R of one KV head (n of them valid, the rest zero-filled) into
+// the shared tile at shared-space address `s` (rows of SROW values), with NT threads. Each
+// thread keeps its 16-byte column and first row for every iteration, so a copy costs an
+// address add and a compare: the generic per-chunk index arithmetic (and a generic to
+// shared address conversion per copy) was a third of the attention loop's instructions.
+template <int NT, int R>
+__device__ __forceinline__ void load_rows(u32 s, const h16* base, long long row_stride, int j0, int n) {
+    constexpr int CPR = HEAD_DIM / 8;  // 16-byte chunks per row
+    if constexpr (NT % CPR == 0 && R % (NT / CPR) == 0) {
+        constexpr int RPI = NT / CPR;  // rows per iteration
+        const int r0 = threadIdx.x / CPR, col = (threadIdx.x % CPR) * 8;
+        const h16* g = base + (long long)(j0 + r0) * row_stride + col;
+        const long long step = (long long)RPI * row_stride;
+        const u32 sa = s + (u32)(r0 * SROW + col) * 2;
+#pragma unroll
+        for (int i = 0; i < R / RPI; i++) {
+            const bool valid = r0 + i * RPI < n;
+            cp_async16(sa + (u32)(i * RPI * SROW * 2), valid ? g : base, valid);
+            g += step;
+        }
+    } else {
+        for (int c = threadIdx.x; c < R * CPR; c += NT) {
+            int r = c / CPR, col = (c % CPR) * 8;
+            bool valid = r < n;
+            const h16* g = valid ? base + (long long)(j0 + r) * row_stride + col : base;
+            cp_async16(s + (u32)(r * SROW + col) * 2, g, valid);
+        }
     }
 }
 
@@ -391,6 +409,12 @@ __device__ __forceinline__ void attn_simple_body(
     const int rows = m * group;
     const int row0 = blockIdx.x * ROWS;
     const int qw = nh * HEAD_DIM;
+    // Shared-space addresses; this lane's ldmatrix row and column within a K fragment
+    // (x4: keys +0..7 | +8..15, dims +0 | +8) and a transposed V fragment.
+    const u32 sK_a = smem_addr(sK), sV_a = smem_addr(sV);
+    const int lm = lane >> 3;
+    const u32 k_lane = sK_a + (u32)(((lm >> 1) * 8 + (lane & 7)) * SROW + (lm & 1) * 8) * 2;
+    const u32 v_lane = sV_a + (u32)(((lm & 1) * 8 + (lane & 7)) * SROW + (lm >> 1) * 8) * 2;
 
     // Q tile -> smem (in sK) -> A fragments.
     for (int c = tid; c < ROWS * HEAD_DIM / 8; c += NT) {
@@ -441,9 +465,9 @@ __device__ __forceinline__ void attn_simple_body(
         if (item.causal_offset >= 0) kend = min(kend, t_last + item.causal_offset + 1);
         for (int j0 = item.key_begin; j0 < kend; j0 += BN) {
             int n = min(BN, kend - j0);
-            load_tile<NT>(sK, kb, item.row_stride, j0, n);
+            load_rows<NT, BN>(sK_a, kb, item.row_stride, j0, n);
             cp_commit();
-            load_tile<NT>(sV, vb, item.row_stride, j0, n);
+            load_rows<NT, BN>(sV_a, vb, item.row_stride, j0, n);
             cp_commit();
             cp_wait<1>();
             __syncthreads();
@@ -451,15 +475,12 @@ __device__ __forceinline__ void attn_simple_body(
 #pragma unroll
             for (int i = 0; i < BN / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
             if (warp_active) {
-                int mi = lane >> 3;
 #pragma unroll
                 for (int np = 0; np < BN / 16; np++) {
-                    int key = np * 16 + (mi >> 1) * 8 + (lane & 7);
 #pragma unroll
                     for (int kk = 0; kk < NKT; kk++) {
-                        int col = kk * 16 + (mi & 1) * 8;
                         u32 b0, b1, b2, b3;
-                        ldm_x4(b0, b1, b2, b3, smem_addr(sK + key * SROW + col));
+                        ldm_x4(b0, b1, b2, b3, k_lane + (u32)(np * 16 * SROW + kk * 16) * 2);
                         mma16816(s[2 * np], qf[kk], b0, b1);
                         mma16816(s[2 * np + 1], qf[kk], b2, b3);
                     }
@@ -514,7 +535,6 @@ __device__ __forceinline__ void attn_simple_body(
             cp_wait<0>();
             __syncthreads();
             if (warp_active) {
-                int mi = lane >> 3;
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; kk++) {
                     u32 a[4];
@@ -522,12 +542,10 @@ __device__ __forceinline__ void attn_simple_body(
                     a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
                     a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
                     a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-                    int key = kk * 16 + (mi & 1) * 8 + (lane & 7);
 #pragma unroll
                     for (int dp = 0; dp < HEAD_DIM / 16; dp++) {
-                        int col = dp * 16 + (mi >> 1) * 8;
                         u32 b0, b1, b2, b3;
-                        ldm_x4_t(b0, b1, b2, b3, smem_addr(sV + key * SROW + col));
+                        ldm_x4_t(b0, b1, b2, b3, v_lane + (u32)(kk * 16 * SROW + dp * 16) * 2);
                         mma16816(o[2 * dp], a, b0, b1);
                         mma16816(o[2 * dp + 1], a, b2, b3);
                     }
@@ -648,18 +666,6 @@ extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, co
 // Shared memory (dynamic): sK [2][TBN][SROW], sV [2][TBN][SROW], then sQ [ROWS][SROW]
 // unless Q lives in registers.
 
-template <int NT, int R>
-__device__ __forceinline__ void load_rows(h16* s, const h16* base, long long row_stride, int j0, int n) {
-    constexpr int chunks = R * HEAD_DIM / 8;
-#pragma unroll 4
-    for (int c = threadIdx.x; c < chunks; c += NT) {
-        int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
-        bool valid = r < n;
-        const h16* g = valid ? base + (long long)(j0 + r) * row_stride + col : base;
-        cp_async16(smem_addr(s + r * SROW + col), g, valid);
-    }
-}
-
 template <int NW, int MT, int TBN>
 __device__ __forceinline__ void attn_pipe_body(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
@@ -674,6 +680,7 @@ __device__ __forceinline__ void attn_pipe_body(
     h16* sK0 = smem;
     h16* sV0 = sK0 + 2 * STAGE;
     h16* sQ = sV0 + 2 * STAGE;
+    const u32 sK0_a = smem_addr(sK0), sV0_a = smem_addr(sV0);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tig = lane & 3, mi = lane >> 3;
     const int kvh = blockIdx.y, split = blockIdx.z;
@@ -715,6 +722,11 @@ __device__ __forceinline__ void attn_pipe_body(
     const int t_last = min(rows - 1, row0 + ROWS - 1) / group;
     const int t_first = row0 / group;
     const bool warp_active = row0 + warp * WROWS < rows;
+    // This lane's ldmatrix addresses in stage 0: Q (x4: rows +0..7 | +8..15, dims +0 |
+    // +8), K (keys +0..7 | +8..15, dims +0 | +8) and transposed V fragments.
+    const u32 q_lane = smem_addr(sQ) + (u32)((warp * WROWS + (mi & 1) * 8 + (lane & 7)) * SROW + (mi >> 1) * 8) * 2;
+    const u32 k_lane0 = sK0_a + (u32)(((mi >> 1) * 8 + (lane & 7)) * SROW + (mi & 1) * 8) * 2;
+    const u32 v_lane0 = sV0_a + (u32)(((mi & 1) * 8 + (lane & 7)) * SROW + (mi >> 1) * 8) * 2;
 
     float o[MT][NDT][4];
     float mr[MT][2], lr[MT][2];
@@ -741,8 +753,8 @@ __device__ __forceinline__ void attn_pipe_body(
             const AttnItem& it = items[ld.it];
             const long long hs = kvh * it.head_stride;
             const int n = min(TBN, ld.kend - ld.j0);
-            load_rows<NT, TBN>(sK0 + st * STAGE, (const h16*)it.k + hs, it.row_stride, ld.j0, n);
-            load_rows<NT, TBN>(sV0 + st * STAGE, (const h16*)it.v + hs, it.row_stride, ld.j0, n);
+            load_rows<NT, TBN>(sK0_a + st * STAGE * 2, (const h16*)it.k + hs, it.row_stride, ld.j0, n);
+            load_rows<NT, TBN>(sV0_a + st * STAGE * 2, (const h16*)it.v + hs, it.row_stride, ld.j0, n);
             ld.j0 += TBN;
             settle(ld, items, it_end, t_last);
         }
@@ -754,8 +766,7 @@ __device__ __forceinline__ void attn_pipe_body(
     while (cur.it < it_end) {
         const int j0 = cur.j0, n = min(TBN, cur.kend - j0);
         const int causal = items[cur.it].causal_offset;
-        const h16* sK = sK0 + st * STAGE;
-        const h16* sV = sV0 + st * STAGE;
+        const u32 k_lane = k_lane0 + st * STAGE * 2, v_lane = v_lane0 + st * STAGE * 2;
         cp_wait<0>();
         // One barrier a tile: tile t (and Q) landed for every thread, and every warp is
         // done with tile t - 1, whose stage now receives tile t + 1.
@@ -778,18 +789,14 @@ __device__ __forceinline__ void attn_pipe_body(
                     qa[0][3] = qf[kk][3];
                 } else {
 #pragma unroll
-                    for (int mt = 0; mt < MT; mt++) {
-                        int r = warp * WROWS + mt * 16 + (mi & 1) * 8 + (lane & 7);
-                        int col = kk * 16 + (mi >> 1) * 8;
-                        ldm_x4(qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3], smem_addr(sQ + r * SROW + col));
-                    }
+                    for (int mt = 0; mt < MT; mt++)
+                        ldm_x4(qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3],
+                               q_lane + (u32)(mt * 16 * SROW + kk * 16) * 2);
                 }
 #pragma unroll
                 for (int np = 0; np < TBN / 16; np++) {
-                    int key = np * 16 + (mi >> 1) * 8 + (lane & 7);
-                    int col = kk * 16 + (mi & 1) * 8;
                     u32 b0, b1, b2, b3;
-                    ldm_x4(b0, b1, b2, b3, smem_addr(sK + key * SROW + col));
+                    ldm_x4(b0, b1, b2, b3, k_lane + (u32)(np * 16 * SROW + kk * 16) * 2);
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
                         mma16816(s[mt][2 * np], qa[mt], b0, b1);
@@ -879,12 +886,10 @@ __device__ __forceinline__ void attn_pipe_body(
                     a[mt][2] = pf[mt][2 * kk + 1][0];
                     a[mt][3] = pf[mt][2 * kk + 1][1];
                 }
-                int key = kk * 16 + (mi & 1) * 8 + (lane & 7);
 #pragma unroll
                 for (int dp = 0; dp < HEAD_DIM / 16; dp++) {
-                    int col = dp * 16 + (mi >> 1) * 8;
                     u32 b0, b1, b2, b3;
-                    ldm_x4_t(b0, b1, b2, b3, smem_addr(sV + key * SROW + col));
+                    ldm_x4_t(b0, b1, b2, b3, v_lane + (u32)(kk * 16 * SROW + dp * 16) * 2);
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
                         mma16816(o[mt][2 * dp], a[mt], b0, b1);
