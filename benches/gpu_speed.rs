@@ -209,20 +209,7 @@ fn run(opts: &Opts) -> Result<()> {
         };
         let kern = gpu.kernels(config.head_dim)?;
         let b = 8192;
-        if opts.attention_only {
-            // Random K/V blocks straight on the device: the kernel rows only.
-            let l = opts.contexts.iter().copied().max().unwrap_or(131_072);
-            let blocks = (0..l.div_ceil(b))
-                .map(|i| {
-                    let len = b.min(l - i * b);
-                    let block = GpuBlock::alloc(&gpu, i * b, len, shape, 1)?;
-                    let seg = block.segment(0, None);
-                    let n = shape.n_kv_heads * len * shape.head_dim;
-                    gpu.fill_uniform_half(&kern, seg.k, n, 11 + 2 * i as u64, 1.0)?;
-                    gpu.fill_uniform_half(&kern, seg.v, n, 12 + 2 * i as u64, 1.0)?;
-                    Ok(Arc::new(block))
-                })
-                .collect::<Result<Vec<_>>>()?;
+        let attention = |l: usize, blocks: &[Arc<GpuBlock>], add: &mut Add<'_>| {
             attention_rows(
                 &gpu,
                 &kern,
@@ -231,12 +218,17 @@ fn run(opts: &Opts) -> Result<()> {
                 lab,
                 shape,
                 l,
-                &blocks,
+                blocks,
                 gemm_tflops,
                 copy_gbs,
                 &tget,
-                &mut add,
-            )?;
+                add,
+            )
+        };
+        if opts.attention_only {
+            // Random K/V blocks straight on the device: the kernel rows only.
+            let l = opts.contexts.iter().copied().max().unwrap_or(131_072);
+            attention(l, &random_blocks(&gpu, &kern, shape, l, b)?, &mut add)?;
             continue;
         }
         let t = Instant::now();
@@ -302,20 +294,7 @@ fn run(opts: &Opts) -> Result<()> {
             largest = Some((l, blocks));
         }
         let Some((l, blocks)) = largest else { continue };
-        attention_rows(
-            &gpu,
-            &kern,
-            opts,
-            name,
-            lab,
-            shape,
-            l,
-            &blocks,
-            gemm_tflops,
-            copy_gbs,
-            &tget,
-            &mut add,
-        )?;
+        attention(l, &blocks, &mut add)?;
         // Store-to-GPU: f32 host blocks -> pinned staging (bf16) -> device, layer by layer.
         {
             let n = if name == "8b" { 1 } else { 4 }.min(blocks.len());
@@ -377,6 +356,30 @@ fn run(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// A table row sink: (measurement, value, notes).
+type Add<'a> = dyn FnMut(String, String, String) + 'a;
+
+/// `l` tokens of random K/V for one layer, in blocks of `b`, straight on the device.
+fn random_blocks(
+    gpu: &Arc<Gpu>,
+    kern: &Kernels,
+    shape: HeadShape,
+    l: usize,
+    b: usize,
+) -> Result<Vec<Arc<GpuBlock>>> {
+    (0..l.div_ceil(b))
+        .map(|i| {
+            let len = b.min(l - i * b);
+            let block = GpuBlock::alloc(gpu, i * b, len, shape, 1)?;
+            let seg = block.segment(0, None);
+            let n = shape.n_kv_heads * len * shape.head_dim;
+            gpu.fill_uniform_half(kern, seg.k, n, 11 + 2 * i as u64, 1.0)?;
+            gpu.fill_uniform_half(kern, seg.v, n, 12 + 2 * i as u64, 1.0)?;
+            Ok(Arc::new(block))
+        })
+        .collect()
+}
+
 /// The attention kernel rows: phase-1 shape TFLOP/s (8K queries over an 8K anchor plus
 /// themselves) and decode GB/s over all `blocks`, for the default kernels and, with
 /// --variants, every other kernel and split count.
@@ -393,7 +396,7 @@ fn attention_rows(
     gemm_tflops: f64,
     copy_gbs: f64,
     tget: &dyn Fn(&str) -> Option<f64>,
-    add: &mut dyn FnMut(String, String, String),
+    add: &mut Add<'_>,
 ) -> Result<()> {
     let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
     let mut scratch = AttnScratch::default();
@@ -484,7 +487,7 @@ fn attention_rows(
         gpu.fill_uniform_half(kern, q.ptr(), nh * d, 5, 1.0)?;
         let segs: Vec<Segment> = blocks.iter().map(|b| b.segment(0, None)).collect();
         // With --variants, also other split counts for the default decode kernel.
-        let auto = gpu.choose_splits(1, nh / nkv, nkv, l);
+        let auto = gpu.choose_splits(1, shape, l);
         let mut runs: Vec<(AttnKernels, String, usize)> = dec_variants
             .iter()
             .map(|(k, n)| (*k, n.clone(), auto))

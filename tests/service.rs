@@ -167,6 +167,20 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Submits document `long` (`sections` copies of the test document, 256-token blocks)
+/// without waiting: the ingest is acknowledged (202) and runs in the background.
+fn submit_long_document(server: &Server, sections: usize) {
+    let long: String = (0..sections)
+        .map(|i| format!("Section {i}: {}\n\n", document(None)))
+        .collect();
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents",
+        Some(json!({ "id": "long", "text": long, "block_size": 256 })),
+    );
+    assert_eq!(status, 202, "{doc}");
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = data_dir().join(format!("service-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -553,15 +567,7 @@ tenant = "b"
 fn sigkill_during_ingest_never_leaves_a_partial_document() {
     let dir = temp_dir("sigkill");
     let server = Server::start(&dir, &[]);
-    let long: String = (0..12)
-        .map(|i| format!("Section {i}: {}\n\n", document(None)))
-        .collect();
-    let (status, doc) = server.json(
-        "POST",
-        "/v1/documents",
-        Some(json!({ "id": "long", "text": long, "block_size": 256 })),
-    );
-    assert_eq!(status, 202, "{doc}");
+    submit_long_document(&server, 12);
     // Kill once some blocks are written but before the ingest can finish.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -856,15 +862,7 @@ fn ingest_over_the_queue_limit_gets_429_and_loses_nothing_acknowledged() {
     let server = server_with_config(&dir, "ingest_queue = 1\n");
     // About 3000 tokens: 4-5 s of encoding on 2 CPU cores, against a few milliseconds
     // for each of the requests below.
-    let long: String = (0..4)
-        .map(|i| format!("Section {i}: {}\n\n", document(None)))
-        .collect();
-    let (status, doc) = server.json(
-        "POST",
-        "/v1/documents",
-        Some(json!({ "id": "long", "text": long, "block_size": 256 })),
-    );
-    assert_eq!(status, 202, "{doc}");
+    submit_long_document(&server, 4);
     wait_for(
         "the worker to take the long ingest off the queue",
         Duration::from_secs(30),

@@ -15,6 +15,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::{CudaError, DeviceInfo, Result};
+use crate::cpu::attention::HeadShape;
 
 /// The 16-bit float type weights, activations and KV use on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -837,10 +838,10 @@ impl Gpu {
     /// Splits that keep the GPU busy: about four waves of the 4-warp CTAs (two resident
     /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs), about six CTAs per
     /// SM; chunks of >= 256 keys.
-    pub fn choose_splits(&self, m: usize, group: usize, n_kv: usize, total_keys: usize) -> usize {
+    pub fn choose_splits(&self, m: usize, shape: HeadShape, total_keys: usize) -> usize {
+        let (group, n_kv) = (shape.group(), shape.n_kv_heads);
         let rows = m * group;
-        // The head dim does not change the row tiling.
-        let (_, per_cta, _, _) = self.attention_kernels().launch(rows, 64);
+        let (_, per_cta, _, _) = self.attention_kernels().launch(rows, shape.head_dim);
         let (ctas, target) = if rows <= 16 {
             (n_kv, 6 * self.sm_count())
         } else {
@@ -884,15 +885,14 @@ impl Gpu {
         }
         let (name, rows_per_cta, threads, smem) = self.attention_kernels().launch(m * group, d);
         let launch = LaunchConfig {
-            grid_dim: (0, 0, 0),
+            grid_dim: (
+                ((m * group).div_ceil(rows_per_cta)) as u32,
+                nkv as u32,
+                n_splits.max(1) as u32,
+            ),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let grid = (
-            ((m * group).div_ceil(rows_per_cta)) as u32,
-            nkv as u32,
-            n_splits.max(1) as u32,
-        );
         let direct = n_splits == 1 && matches!(out, AttnOut::Half(_));
         let null = 0u64;
         if direct {
@@ -910,12 +910,7 @@ impl Gpu {
                 .arg(&o)
                 .arg(&null)
                 .arg(&null);
-            unsafe {
-                b.launch(LaunchConfig {
-                    grid_dim: grid,
-                    ..launch
-                })?
-            };
+            unsafe { b.launch(launch)? };
             return Ok(());
         }
         let splits = n_splits.max(1);
@@ -936,12 +931,7 @@ impl Gpu {
                 .arg(&null)
                 .arg(&po)
                 .arg(&pl);
-            unsafe {
-                b.launch(LaunchConfig {
-                    grid_dim: grid,
-                    ..launch
-                })?
-            };
+            unsafe { b.launch(launch)? };
         }
         let (oh, of, lf) = match out {
             AttnOut::Half(o) => (o, null, null),

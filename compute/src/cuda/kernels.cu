@@ -371,6 +371,35 @@ __device__ __forceinline__ void store_row(const float (&o)[NDT][4], int half, fl
     if (lse_out && tig == 0) lse_out[((u64)split * nh + head) * m + t] = lse;
 }
 
+// Loads the CTA's ROWS query rows (row R = token R / group, head kvh * group + R % group;
+// rows past `rows` zero-filled) into the shared tile at `dst`, with NT threads, as one
+// commit group.
+template <int NT, int ROWS>
+__device__ __forceinline__ void load_q_rows(u32 dst, const h16* q, int row0, int rows, int group,
+                                            int kvh, int nh) {
+    for (int c = threadIdx.x; c < ROWS * HEAD_DIM / 8; c += NT) {
+        int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
+        int R = row0 + r;
+        bool valid = R < rows;
+        const h16* gp = q;
+        if (valid) {
+            int t = R / group, head = kvh * group + R % group;
+            gp = q + (u64)t * nh * HEAD_DIM + head * HEAD_DIM + col;
+        }
+        cp_async16(dst + (u32)(r * SROW + col) * 2, gp, valid);
+    }
+    cp_commit();
+}
+
+// This warp's 16 query rows (from row warp * 16 of the shared tile at `src`) as mma A
+// fragments, one per 16-deep step over the head dim.
+__device__ __forceinline__ void q_fragments(u32 (&qf)[NKT][4], u32 src, int warp, int lane) {
+    const int mi = lane >> 3;
+    const u32 a = src + (u32)((warp * 16 + (mi & 1) * 8 + (lane & 7)) * SROW + (mi >> 1) * 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < NKT; kk++) ldm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], a + kk * 32);
+}
+
 // Position in a split's key tiles: item index, first key of the tile, end of the item's
 // visible keys (causal items end after the last key any row of the CTA sees).
 struct Cursor {
@@ -408,7 +437,6 @@ __device__ __forceinline__ void attn_simple_body(
     const int kvh = blockIdx.y, split = blockIdx.z;
     const int rows = m * group;
     const int row0 = blockIdx.x * ROWS;
-    const int qw = nh * HEAD_DIM;
     // Shared-space addresses; this lane's ldmatrix row and column within a K fragment
     // (x4: keys +0..7 | +8..15, dims +0 | +8) and a transposed V fragment.
     const u32 sK_a = smem_addr(sK), sV_a = smem_addr(sV);
@@ -417,30 +445,11 @@ __device__ __forceinline__ void attn_simple_body(
     const u32 v_lane = sV_a + (u32)(((lm & 1) * 8 + (lane & 7)) * SROW + (lm >> 1) * 8) * 2;
 
     // Q tile -> smem (in sK) -> A fragments.
-    for (int c = tid; c < ROWS * HEAD_DIM / 8; c += NT) {
-        int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
-        int R = row0 + r;
-        bool valid = R < rows;
-        const h16* gp = q;
-        if (valid) {
-            int t = R / group, head = kvh * group + R % group;
-            gp = q + (u64)t * qw + head * HEAD_DIM + col;
-        }
-        cp_async16(smem_addr(sK + r * SROW + col), gp, valid);
-    }
-    cp_commit();
+    load_q_rows<NT, ROWS>(sK_a, q, row0, rows, group, kvh, nh);
     cp_wait<0>();
     __syncthreads();
     u32 qf[NKT][4];
-    {
-        int mi = lane >> 3;
-        int r = warp * 16 + (mi & 1) * 8 + (lane & 7);
-#pragma unroll
-        for (int kk = 0; kk < NKT; kk++) {
-            int col = kk * 16 + (mi >> 1) * 8;
-            ldm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], smem_addr(sK + r * SROW + col));
-        }
-    }
+    q_fragments(qf, sK_a, warp, lane);
     __syncthreads();
 
     // This thread's two rows and their tokens.
@@ -686,34 +695,15 @@ __device__ __forceinline__ void attn_pipe_body(
     const int kvh = blockIdx.y, split = blockIdx.z;
     const int rows = m * group;
     const int row0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
-    const int qw = nh * HEAD_DIM;
 
-    // Q tile -> shared memory (zero rows past the end).
-    {
-        h16* dst = Q_REGS ? sK0 : sQ;
-        for (int c = tid; c < ROWS * HEAD_DIM / 8; c += NT) {
-            int r = c / (HEAD_DIM / 8), col = (c % (HEAD_DIM / 8)) * 8;
-            int R = row0 + r;
-            bool valid = R < rows;
-            const h16* gp = q;
-            if (valid) {
-                int t = R / group, head = kvh * group + R % group;
-                gp = q + (u64)t * qw + head * HEAD_DIM + col;
-            }
-            cp_async16(smem_addr(dst + r * SROW + col), gp, valid);
-        }
-        cp_commit();
-    }
-    u32 qf[Q_REGS ? NKT : 1][4];
+    // Q tile -> shared memory (zero rows past the end); with MT = 1 staged through stage
+    // 0 of K into registers.
+    load_q_rows<NT, ROWS>(Q_REGS ? sK0_a : smem_addr(sQ), q, row0, rows, group, kvh, nh);
+    u32 qf[NKT][4];
     if constexpr (Q_REGS) {
         cp_wait<0>();
         __syncthreads();
-        int r = warp * 16 + (mi & 1) * 8 + (lane & 7);
-#pragma unroll
-        for (int kk = 0; kk < NKT; kk++) {
-            int col = kk * 16 + (mi >> 1) * 8;
-            ldm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], smem_addr(sK0 + r * SROW + col));
-        }
+        q_fragments(qf, sK0_a, warp, lane);
         __syncthreads();
     }
 

@@ -561,8 +561,7 @@ impl GpuAttention for GpuKvCache {
                 self.capacity, self.len
             )));
         }
-        let group = self.shape.group();
-        let splits = gpu.choose_splits(m, group, self.shape.n_kv_heads, self.len + m);
+        let splits = gpu.choose_splits(m, self.shape, self.len + m);
         let plans: Vec<AttnPlan> = (0..self.layers.len())
             .map(|l| AttnPlan::new(&[self.segment(l, self.len + m, Some(self.len))], splits))
             .collect();

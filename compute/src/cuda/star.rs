@@ -132,7 +132,7 @@ impl GpuAttention for AnchoredBlock<'_> {
     fn begin(&mut self, gpu: &Gpu, m: usize) -> Result<()> {
         let shape = self.block.shape;
         let anchor_len = self.anchor.map_or(0, |a| a.len);
-        let splits = gpu.choose_splits(m, shape.group(), shape.n_kv_heads, anchor_len + m);
+        let splits = gpu.choose_splits(m, shape, anchor_len + m);
         let plans: Vec<AttnPlan> = (0..self.block.n_layers())
             .map(|l| {
                 let mut segs = Vec::new();
@@ -477,9 +477,9 @@ impl GpuAttention for GpuQuery {
         self.local.begin(gpu, m)?;
         let offset = self.local.len();
         let total = self.context_len + offset + m;
-        let splits = self.splits.unwrap_or_else(|| {
-            gpu.choose_splits(m, self.shape.group(), self.shape.n_kv_heads, total)
-        });
+        let splits = self
+            .splits
+            .unwrap_or_else(|| gpu.choose_splits(m, self.shape, total));
         let plans: Vec<AttnPlan> = (0..self.n_layers)
             .map(|l| {
                 let mut segs: Vec<Segment> =
@@ -593,10 +593,7 @@ impl GpuShard {
         self.gpu.to_half(&self.kernels, q16, q32, m * qw)?;
         let segs: Vec<Segment> = self.blocks.iter().map(|b| b.segment(layer, None)).collect();
         let total: usize = self.blocks.iter().map(|b| b.len).sum();
-        let splits = self
-            .gpu
-            .choose_splits(m, s.group(), s.n_kv_heads, total)
-            .max(2);
+        let splits = self.gpu.choose_splits(m, s, total).max(2);
         let plan = AttnPlan::new(&segs, splits);
         let p = upload_plans(&self.gpu, &mut st.table, &[plan])?[0];
         self.gpu.attention(
