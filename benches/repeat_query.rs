@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use starkv_api::service::{IngestRequest, QueryRequest, Service};
+use starkv_service::{IngestRequest, QueryRequest, Service};
 use starkv_cache::{BlockStore, RocksConfig, StoreConfig};
 use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};

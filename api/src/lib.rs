@@ -1,19 +1,14 @@
 //! starkv's HTTP service: wires the model runtime (`starkv_compute`) to the block store
 //! (`starkv_cache`) behind a REST API.
 //!
-//! - [`service`]: ingest (phase 1 into the store) and query (phase 2 over stored blocks),
-//!   blocking and HTTP-free.
-//! - [`jobs`]: the background ingest queue with an on-disk spool (an acknowledged ingest
-//!   survives a restart).
+//! The HTTP-free core (ingest, query, jobs, admin) lives in `starkv_service`; this crate
+//! is the HTTP front end:
 //! - [`http`]: routes, authentication, the JSON error shape, metrics, OpenAPI.
 //!
 //! Only this crate (and the binary) knows HTTP and JSON.
 
-pub mod admin;
 pub mod config;
 pub mod http;
-pub mod jobs;
-pub mod service;
 
 use std::sync::Arc;
 
@@ -35,7 +30,7 @@ pub enum StartError {
     #[error("store: {0}")]
     Store(#[from] starkv_cache::Error),
     #[error("{0}")]
-    Service(#[from] service::ServiceError),
+    Service(#[from] starkv_service::ServiceError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("metrics: {0}")]
@@ -88,7 +83,7 @@ pub async fn serve(
                 ..StoreConfig::default()
             };
             let store = BlockStore::open_rocks(
-                RocksConfig::new(service::store_dir(&config.data_dir), config.shards),
+                RocksConfig::new(starkv_service::store_dir(&config.data_dir), config.shards),
                 store_config,
             )?;
             Ok((model, backend, store))
@@ -96,14 +91,14 @@ pub async fn serve(
         .await
         .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))??
     };
-    let service = Arc::new(service::Service::with_backend(
+    let service = Arc::new(starkv_service::Service::with_backend(
         model,
         backend,
         &model_path,
         store,
         config.hot_tier_bytes as usize,
     )?);
-    let jobs = jobs::Jobs::start(
+    let jobs = starkv_service::jobs::Jobs::start(
         service.clone(),
         &config.data_dir.join("ingest-spool"),
         config.ingest_queue,

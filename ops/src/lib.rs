@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use starkv_api::admin::{self, EvictRequest};
+use starkv_service::admin::{self, EvictRequest};
 use starkv_cache::{BlockStore, RocksConfig, StoreConfig};
 
 /// Why an operator command failed; [`OpsError::exit_code`] gives scripts something to test.
@@ -53,11 +53,11 @@ impl From<starkv_cache::Error> for OpsError {
     }
 }
 
-impl From<starkv_api::service::ServiceError> for OpsError {
-    fn from(e: starkv_api::service::ServiceError) -> Self {
+impl From<starkv_service::ServiceError> for OpsError {
+    fn from(e: starkv_service::ServiceError) -> Self {
         match e {
-            starkv_api::service::ServiceError::NotFound(m) => OpsError::NotFound(m),
-            starkv_api::service::ServiceError::Invalid(m) => OpsError::Invalid(m),
+            starkv_service::ServiceError::NotFound(m) => OpsError::NotFound(m),
+            starkv_service::ServiceError::Invalid(m) => OpsError::Invalid(m),
             other => OpsError::Other(other.to_string()),
         }
     }
@@ -125,7 +125,7 @@ impl Target {
         let Target::Local { data_dir, tenant } = self else {
             unreachable!("local only")
         };
-        let path = starkv_api::service::store_dir(data_dir);
+        let path = starkv_service::store_dir(data_dir);
         let shards = count_shards(&path)?;
         let store = BlockStore::open_rocks(RocksConfig::new(&path, shards), StoreConfig::default())
             .map_err(|e| {
@@ -391,7 +391,7 @@ pub fn verify(target: &Target, repair: bool, model: Option<&Path>) -> OpsResult 
                 (true, Some(path)) => {
                     let loaded = starkv_compute::LoadedModel::open(path)
                         .map_err(|e| OpsError::Other(e.to_string()))?;
-                    Some(starkv_api::service::Service::new(
+                    Some(starkv_service::Service::new(
                         loaded,
                         path,
                         store.clone(),

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
-use starkv_api::admin::EvictRequest;
+use starkv_service::admin::EvictRequest;
 use starkv_ops::{OpsError, Target};
 
 use super::GlobalArgs;

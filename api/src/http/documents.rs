@@ -13,8 +13,8 @@ use super::auth::Principal;
 use super::error::ApiError;
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
-use crate::jobs::{JobState, SubmitError};
-use crate::service::IngestRequest;
+use starkv_service::jobs::{JobState, SubmitError};
+use starkv_service::IngestRequest;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -321,7 +321,7 @@ pub async fn delete(
     with_doc(&state, &principal, id, |store, doc| {
         store
             .delete_doc(&doc.doc)
-            .map_err(crate::service::ServiceError::from)?;
+            .map_err(starkv_service::ServiceError::from)?;
         Ok(())
     })
     .await?;
@@ -356,7 +356,7 @@ async fn set_pin(
     with_doc(&state, &principal, id, move |store, doc| {
         store
             .set_pinned(&doc, pinned)
-            .map_err(crate::service::ServiceError::from)?;
+            .map_err(starkv_service::ServiceError::from)?;
         Ok(())
     })
     .await?;
@@ -383,7 +383,7 @@ pub async fn ttl(
     with_doc(&state, &principal, id, move |store, doc| {
         store
             .set_ttl(&doc, ttl_ms)
-            .map_err(crate::service::ServiceError::from)?;
+            .map_err(starkv_service::ServiceError::from)?;
         Ok(())
     })
     .await?;
@@ -439,7 +439,7 @@ pub async fn gc(
         service
             .store()
             .gc()
-            .map_err(|e| crate::service::ServiceError::from(e).into())
+            .map_err(|e| starkv_service::ServiceError::from(e).into())
     })
     .await?;
     Ok(Json(
@@ -461,16 +461,16 @@ fn rand_id() -> u64 {
 pub async fn evict(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    body: Result<ApiJson<crate::admin::EvictRequest>, ApiError>,
+    body: Result<ApiJson<starkv_service::admin::EvictRequest>, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Admin)?;
     let ApiJson(req) = body?;
     let service = state.service.clone();
     let out = blocking(move || {
-        Ok(crate::admin::evict(
+        Ok(starkv_service::admin::evict(
             service.store(),
             &req,
-            crate::jobs::now_ms(),
+            starkv_service::jobs::now_ms(),
         )?)
     })
     .await?;
@@ -496,7 +496,7 @@ pub async fn verify(
     let ApiJson(req) = body?;
     let service = state.service.clone();
     let out = blocking(move || {
-        Ok(crate::admin::verify(
+        Ok(starkv_service::admin::verify(
             service.store(),
             req.repair.then_some(&*service),
         )?)

@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::service::ServiceError;
+use starkv_service::ServiceError;
 
 #[derive(Debug)]
 pub struct ApiError {

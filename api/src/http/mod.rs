@@ -24,8 +24,8 @@ pub use auth::Principal;
 pub use error::ApiError;
 
 use crate::config::ServerConfig;
-use crate::jobs::Jobs;
-use crate::service::Service;
+use starkv_service::jobs::Jobs;
+use starkv_service::Service;
 
 /// Shared by every handler.
 #[derive(Clone)]

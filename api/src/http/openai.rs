@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::query::{Piece, finish, start_query, validate_ask};
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
-use crate::jobs::now_ms;
+use starkv_service::jobs::now_ms;
 
 #[derive(Deserialize)]
 pub struct ChatRequest {

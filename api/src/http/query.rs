@@ -19,7 +19,7 @@ use super::documents::validate_id;
 use super::error::ApiError;
 use super::{ApiJson, AppState};
 use crate::config::Role;
-use crate::service::{QueryOutcome, QueryRequest};
+use starkv_service::{QueryOutcome, QueryRequest};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,7 +124,7 @@ pub fn start_query(
             })
         }))
         .unwrap_or_else(|_| {
-            Err(crate::service::ServiceError::Internal(
+            Err(starkv_service::ServiceError::Internal(
                 "the query panicked".into(),
             ))
         });

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use starkv_cache::{BlockStore, EvictionPolicy};
 
-use crate::service::{Service, ServiceError, ServiceResult};
+use crate::{Service, ServiceError, ServiceResult};
 
 /// Which documents to evict. Rules combine: a document goes when any rule selects it.
 /// Pinned documents are never evicted by these rules (unpin first, or delete by id).

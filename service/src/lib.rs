@@ -1,8 +1,17 @@
-//! The service core, without HTTP: ingest a document into the store with Star Attention
-//! phase 1, and answer questions over a stored document with phase 2.
+//! starkv's service core, between the front ends (HTTP in `starkv_api`, the operator CLI in
+//! `starkv_ops`) and the libraries (`starkv_compute`, `starkv_cache`): ingest a document
+//! into the store with Star Attention phase 1, answer questions over a stored document with
+//! phase 2, the ingest job queue, eviction and verify/repair, and the glue between
+//! compute's KV blocks and the store's tensors.
 //!
-//! Everything here is blocking (model compute, RocksDB); the HTTP layer calls it from
-//! worker threads, never from async tasks.
+//! Everything here is blocking (model compute, RocksDB); front ends call it from worker
+//! threads, never from async tasks. This crate knows nothing about HTTP.
+
+pub mod admin;
+mod error;
+pub mod jobs;
+
+pub use error::{ServiceError, ServiceResult};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,44 +34,7 @@ pub const KV_LAYOUT_VERSION: u32 = 1;
 /// Stored KV precision (halves the bytes of f32; the attention math stays f32).
 const KV_DTYPE: DType = DType::F16;
 
-/// Why a service call failed; the HTTP layer maps each to a status code.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    QuotaExceeded(String),
-    #[error("{0}")]
-    Internal(String),
-}
 
-impl From<starkv_cache::Error> for ServiceError {
-    fn from(e: starkv_cache::Error) -> Self {
-        match e {
-            starkv_cache::Error::NotFound { .. } => ServiceError::NotFound(e.to_string()),
-            starkv_cache::Error::InvalidArgument(m) => ServiceError::Invalid(m),
-            other if other.to_string().contains("quota") => {
-                ServiceError::QuotaExceeded(other.to_string())
-            }
-            other => ServiceError::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<starkv_compute::Error> for ServiceError {
-    fn from(e: starkv_compute::Error) -> Self {
-        match e {
-            starkv_compute::Error::InvalidInput(m) => ServiceError::Invalid(m),
-            other => ServiceError::Internal(other.to_string()),
-        }
-    }
-}
-
-pub type ServiceResult<T> = Result<T, ServiceError>;
 
 /// An ingest request, validated by the HTTP layer.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::{IngestRequest, Service, ServiceError};
+use crate::{IngestRequest, Service, ServiceError};
 
 /// Where an ingest job is.
 #[derive(Debug, Clone, PartialEq, Serialize)]

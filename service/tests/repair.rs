@@ -1,7 +1,7 @@
 //! A checksum failure found at query time triggers a repair (the block is re-encoded from
 //! the stored source tokens) and the query still answers correctly.
 
-use starkv_api::service::{IngestRequest, QueryRequest, Service};
+use starkv_service::{IngestRequest, QueryRequest, Service};
 use starkv_cache::engine::{Batch, Space, Target, layer_key};
 use starkv_cache::{BlockStore, StoreConfig};
 use starkv_compute::LoadedModel;
