@@ -2,7 +2,7 @@
 # Installs what the build needs beyond the Rust toolchain, once: libclang for the
 # bindgen step of the rocksdb crate. Idempotent; sourced by scripts/run and scripts/test.
 set -euo pipefail
-if ! ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so'; then
+if ! ldconfig -p 2>/dev/null | grep -qE 'libclang(-[0-9.]+)?\.so'; then
   echo "starkv: installing libclang-dev (needed to build RocksDB bindings)" >&2
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
