@@ -12,12 +12,12 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use starkv_service::{IngestRequest, QueryRequest, Service};
 use starkv_cache::{BlockStore, RocksConfig, StoreConfig};
 use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 use starkv_compute::prompt;
 use starkv_compute::sampling::SamplingParams;
+use starkv_service::{IngestRequest, QueryRequest, Service};
 use stats::{median, peer_seconds};
 
 /// Deterministic filler prose with a fact in the middle.

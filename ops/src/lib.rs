@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use starkv_service::admin::{self, EvictRequest};
 use starkv_cache::{BlockStore, RocksConfig, StoreConfig};
+use starkv_service::admin::{self, EvictRequest};
 
 /// Why an operator command failed; [`OpsError::exit_code`] gives scripts something to test.
 #[derive(Debug, thiserror::Error)]

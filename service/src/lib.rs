@@ -34,8 +34,6 @@ pub const KV_LAYOUT_VERSION: u32 = 1;
 /// Stored KV precision (halves the bytes of f32; the attention math stays f32).
 const KV_DTYPE: DType = DType::F16;
 
-
-
 /// An ingest request, validated by the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct IngestRequest {

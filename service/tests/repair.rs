@@ -1,11 +1,11 @@
 //! A checksum failure found at query time triggers a repair (the block is re-encoded from
 //! the stored source tokens) and the query still answers correctly.
 
-use starkv_service::{IngestRequest, QueryRequest, Service};
 use starkv_cache::engine::{Batch, Space, Target, layer_key};
 use starkv_cache::{BlockStore, StoreConfig};
 use starkv_compute::LoadedModel;
 use starkv_compute::sampling::SamplingParams;
+use starkv_service::{IngestRequest, QueryRequest, Service};
 
 #[test]
 fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
-use starkv_service::admin::EvictRequest;
 use starkv_ops::{OpsError, Target};
+use starkv_service::admin::EvictRequest;
 
 use super::GlobalArgs;
 

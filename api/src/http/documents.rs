@@ -13,8 +13,8 @@ use super::auth::Principal;
 use super::error::ApiError;
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
-use starkv_service::jobs::{JobState, SubmitError};
 use starkv_service::IngestRequest;
+use starkv_service::jobs::{JobState, SubmitError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

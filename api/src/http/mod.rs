@@ -24,8 +24,8 @@ pub use auth::Principal;
 pub use error::ApiError;
 
 use crate::config::ServerConfig;
-use starkv_service::jobs::Jobs;
 use starkv_service::Service;
+use starkv_service::jobs::Jobs;
 
 /// Shared by every handler.
 #[derive(Clone)]
