@@ -18,6 +18,9 @@
 //! shapes and a PyTorch full-attention prefill of the same model shape. Prints a
 //! markdown table last. Without a GPU it says so and exits 0 (CI stays green).
 
+#[path = "support/plot.rs"]
+mod plot;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -198,6 +201,22 @@ fn run(opts: &Opts) -> Result<()> {
     };
     let tget = |k: &str| torch.get(k).copied();
 
+    // Phase-1 ingest rates for the chart: starkv and, when measured, PyTorch's prefill.
+    let mut ingest_chart = plot::Chart::lines(
+        &format!(
+            "Phase-1 ingest, {} on {} (8K blocks)",
+            gpu.dtype.name(),
+            gpu.info
+        ),
+        "context length (tokens)",
+        "ingest rate (tokens/s, log scale)",
+    );
+    ingest_chart.x_unit = plot::Unit::Tokens;
+    ingest_chart.y_unit = plot::Unit::Rate;
+    ingest_chart.log_x = true;
+    ingest_chart.log_y = true;
+    ingest_chart.dashed = vec!["PyTorch".into()];
+    ingest_chart.note = format!("cargo bench --bench gpu_speed, {date}");
     let mut toks = Tokens(42);
     for name in &opts.models {
         let config = model_config(name);
@@ -251,6 +270,14 @@ fn run(opts: &Opts) -> Result<()> {
             let secs = t.elapsed().as_secs_f64();
             let tps = l as f64 / secs;
             let base = tget(&format!("{name}_prefill_{l}"));
+            ingest_chart.push(&format!("starkv, {lab}"), l as f64, tps);
+            if let Some(bt) = base {
+                ingest_chart.push(
+                    &format!("PyTorch SDPA prefill, {lab}"),
+                    l as f64,
+                    l as f64 / bt,
+                );
+            }
             add(
                 format!("{lab}: phase-1 ingest, {}K context, 8K blocks", l / 1024),
                 format!("{tps:.0} tok/s"),
@@ -352,6 +379,10 @@ fn run(opts: &Opts) -> Result<()> {
     println!("|---|---|---|");
     for (w, v, n) in &table {
         println!("| {w} | {v} | {n} |");
+    }
+    if !ingest_chart.series.is_empty() {
+        let svg = plot::save(&ingest_chart, &plot::figures_dir(), "gpu_ingest")?;
+        println!("\nchart: {}", svg.display());
     }
     Ok(())
 }

@@ -2,12 +2,20 @@
 //! from the RocksDB store, phase 2) against llama.cpp re-prefilling the document and
 //! against llama.cpp restoring its own saved state from disk, same machine, same run.
 //!
-//! `cargo bench --bench repeat_query -- [--tokens 8000] [--block-size 2048] [--repeats 3]
-//! [--threads N] [--no-peer]`
+//! `cargo bench --bench repeat_query -- [--tokens 8000[,16000,...]] [--block-size 2048]
+//! [--repeats 3] [--threads N] [--no-peer]`
+//!
+//! Prints a table per document length and writes the chart (time to first token against
+//! document length) to `target/figures/repeat_query.{csv,svg}`.
 
+#[path = "support/machine.rs"]
+mod machine;
+#[path = "support/plot.rs"]
+mod plot;
 #[path = "support/stats.rs"]
 mod stats;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -64,22 +72,52 @@ fn document(target_tokens: usize) -> String {
     text
 }
 
+/// One document length's first-token times (medians, seconds).
+struct Row {
+    tokens: usize,
+    question_tokens: usize,
+    cold: f64,
+    load: f64,
+    warm: f64,
+    reprefill: Option<f64>,
+    restore: Option<f64>,
+    state_bytes: Option<u64>,
+    stored_bytes: u64,
+}
+
+/// What every document length shares.
+struct Setup<'a> {
+    service: &'a Service,
+    model_path: &'a Path,
+    dir: &'a Path,
+    block_size: usize,
+    repeats: usize,
+    threads: usize,
+    peer: bool,
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    let value = |name: &str| args.iter().position(|a| a == name).map(|i| args.get(i + 1));
     let get = |name: &str, default: usize| -> Result<usize> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => Ok(args.get(i + 1).context("missing value")?.parse()?),
+        match value(name) {
+            Some(v) => Ok(v.context("missing value")?.parse()?),
             None => Ok(default),
         }
     };
-    let (target, block_size, repeats) = (
-        get("--tokens", 8000)?,
-        get("--block-size", 2048)?,
-        get("--repeats", 3)?,
-    );
+    // `--tokens 2000,4000,8000` measures each length and draws them as lines.
+    let lengths: Vec<usize> = match value("--tokens") {
+        Some(v) => v
+            .context("missing value")?
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()?,
+        None => vec![8000],
+    };
+    let (block_size, repeats) = (get("--block-size", 2048)?, get("--repeats", 3)?);
     let threads = get(
         "--threads",
         std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -95,6 +133,31 @@ fn main() -> Result<()> {
         StoreConfig::default(),
     )?;
     let service = Service::new(LoadedModel::open(&model_path)?, &model_path, store, 0)?;
+    let setup = Setup {
+        service: &service,
+        model_path: &model_path,
+        dir: dir.path(),
+        block_size,
+        repeats,
+        threads,
+        peer,
+    };
+    let mut rows = Vec::new();
+    for &target in &lengths {
+        let row = measure(&setup, target)?;
+        print_table(&setup, &row);
+        rows.push(row);
+    }
+    let svg = plot::save(&chart(&rows, threads), &plot::figures_dir(), "repeat_query")
+        .map_err(|e| anyhow::anyhow!("writing the chart: {e}"))?;
+    println!("\nchart: {}", svg.display());
+    Ok(())
+}
+
+/// Ingests a document of about `target` tokens, then times the first token from the
+/// store (both memory tiers dropped), from memory, and llama.cpp's two ways.
+fn measure(setup: &Setup<'_>, target: usize) -> Result<Row> {
+    let service = setup.service;
     // Trim the filler to the target token count.
     let mut text = document(target);
     let mut context = service.document_tokens(&text)?;
@@ -103,12 +166,13 @@ fn main() -> Result<()> {
         text.truncate(text[..cut].rfind(' ').unwrap_or(cut));
         context = service.document_tokens(&text)?;
     }
+    let id = format!("bench/doc-{target}");
     let req = IngestRequest {
-        id: "bench/doc".into(),
+        id: id.clone(),
         tenant: "bench".into(),
         text: text.clone(),
-        block_size,
-        anchor_size: block_size,
+        block_size: setup.block_size,
+        anchor_size: setup.block_size,
         pinned: false,
         ttl_ms: None,
     };
@@ -128,24 +192,24 @@ fn main() -> Result<()> {
     };
     let mut cold = Vec::new();
     let mut loads = Vec::new();
-    for _ in 0..repeats {
+    for _ in 0..setup.repeats {
         // From the store every time: drop both in-memory tiers first.
         service.forget_ready_blocks();
         service.store().clear_hot_tier();
-        let o = service.query("bench/doc", "bench", &query, &mut |_| true)?;
+        let o = service.query(&id, "bench", &query, &mut |_| true)?;
         cold.push(o.first_token.as_secs_f64());
         loads.push(o.load.as_secs_f64());
     }
     let mut warm = Vec::new();
-    for _ in 0..repeats {
-        let o = service.query("bench/doc", "bench", &query, &mut |_| true)?;
+    for _ in 0..setup.repeats {
+        let o = service.query(&id, "bench", &query, &mut |_| true)?;
         warm.push(o.first_token.as_secs_f64());
     }
     let question_ids = prompt::question_query(&service.model().tokenizer, question)?;
     let (mut reprefill, mut restore, mut state_bytes) = (None, None, None);
-    if peer {
-        let ctx_file = dir.path().join("context.json");
-        let q_file = dir.path().join("question.json");
+    if setup.peer {
+        let ctx_file = setup.dir.join("context.json");
+        let q_file = setup.dir.join("question.json");
         std::fs::write(&ctx_file, serde_json::to_string(&context)?)?;
         std::fs::write(&q_file, serde_json::to_string(&question_ids)?)?;
         let script = concat!(
@@ -154,12 +218,12 @@ fn main() -> Result<()> {
         );
         let out = Command::new("python3")
             .arg(script)
-            .arg(&model_path)
-            .arg(threads.to_string())
-            .arg(repeats.to_string())
+            .arg(setup.model_path)
+            .arg(setup.threads.to_string())
+            .arg(setup.repeats.to_string())
             .arg(&ctx_file)
             .arg(&q_file)
-            .arg(dir.path().join("llama.state"))
+            .arg(setup.dir.join("llama.state"))
             .output()?;
         if out.status.success() {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -181,11 +245,30 @@ fn main() -> Result<()> {
             );
         }
     }
-    let stats = service.store().stats();
+    let stored_bytes = service
+        .store()
+        .list()
+        .into_iter()
+        .filter(|d| d.doc.doc.ends_with(&id))
+        .map(|d| d.stored_bytes)
+        .sum();
+    Ok(Row {
+        tokens: context.len(),
+        question_tokens: question_ids.len(),
+        cold: median(cold),
+        load: median(loads),
+        warm: median(warm),
+        reprefill,
+        restore,
+        state_bytes,
+        stored_bytes,
+    })
+}
+
+fn print_table(setup: &Setup<'_>, r: &Row) {
     println!(
-        "\nrepeat_query: {} context tokens, {} question tokens, block size {block_size}, {threads} threads, medians of {repeats}",
-        context.len(),
-        question_ids.len()
+        "\nrepeat_query: {} context tokens, {} question tokens, block size {}, {} threads, medians of {}",
+        r.tokens, r.question_tokens, setup.block_size, setup.threads, setup.repeats
     );
     println!(
         "| time to first token | seconds | llama.cpp re-prefill / this | llama.cpp state restore / this |"
@@ -195,23 +278,56 @@ fn main() -> Result<()> {
         let ratio = |p: Option<f64>| p.map_or("n/a".to_string(), |p| format!("{:.1}x", p / s));
         println!(
             "| {name} | {s:.3} | {} | {} |",
-            ratio(reprefill),
-            ratio(restore)
+            ratio(r.reprefill),
+            ratio(r.restore)
         );
     };
-    row("starkv, blocks from RocksDB (cold tiers)", median(cold));
-    row("starkv, blocks in memory (warm)", median(warm));
-    if let Some(p) = reprefill {
+    row("starkv, blocks from RocksDB (cold tiers)", r.cold);
+    row("starkv, blocks in memory (warm)", r.warm);
+    if let Some(p) = r.reprefill {
         row("llama.cpp re-prefill", p);
     }
-    if let Some(p) = restore {
+    if let Some(p) = r.restore {
         row("llama.cpp state restore from disk", p);
     }
     println!(
         "\nstarkv store: {} bytes stored for the document (f16 KV, zstd); load part of the cold first token: {:.3}s. llama.cpp state file: {} bytes.",
-        stats.store_bytes,
-        median(loads),
-        state_bytes.map_or("n/a".into(), |b| b.to_string())
+        r.stored_bytes,
+        r.load,
+        r.state_bytes.map_or("n/a".into(), |b| b.to_string())
     );
-    Ok(())
+}
+
+/// Time to first token against document length: bars for one length, lines for several.
+fn chart(rows: &[Row], threads: usize) -> plot::Chart {
+    let mut chart = plot::Chart::lines(
+        &format!("Time to first token on a cached document (CPU, {threads} threads)"),
+        "document length (tokens)",
+        "seconds to the first token (log scale)",
+    );
+    chart.x_unit = plot::Unit::Tokens;
+    chart.y_unit = plot::Unit::Seconds;
+    chart.log_y = true;
+    chart.dashed = vec!["llama.cpp".into()];
+    chart.note = format!(
+        "cargo bench --bench repeat_query, {}, {}",
+        machine::utc_now(),
+        machine::describe()
+    );
+    if rows.len() == 1 {
+        chart.kind = plot::Kind::Bars;
+        chart.x_label = format!("{}-token document", rows[0].tokens);
+    }
+    for r in rows {
+        let x = r.tokens as f64;
+        if let Some(p) = r.reprefill {
+            chart.push("llama.cpp re-prefilling document + question", x, p);
+        }
+        if let Some(p) = r.restore {
+            chart.push("llama.cpp restoring its saved state from disk", x, p);
+        }
+        chart.push("starkv, blocks read from RocksDB (cold)", x, r.cold);
+        chart.push("starkv, blocks already in memory (warm)", x, r.warm);
+    }
+    chart
 }

@@ -26,6 +26,8 @@
 mod machine;
 #[path = "support/niah.rs"]
 mod niah;
+#[path = "support/plot.rs"]
+mod plot;
 #[path = "support/prompt.rs"]
 mod prompt;
 
@@ -337,7 +339,49 @@ fn main() -> Result<()> {
         "{}",
         report(&args, &modes, &depths, &bench.tally, run_started.elapsed())
     );
+    let chart = accuracy_chart(&modes, &bench.tally);
+    let svg = plot::save(&chart, &plot::figures_dir(), "star_accuracy")
+        .map_err(|e| anyhow::anyhow!("writing the chart: {e}"))?;
+    println!("\nchart: {}", svg.display());
     Ok(())
+}
+
+/// Accuracy against block size (x = L / b, full attention at 1), per task and overall.
+fn accuracy_chart(modes: &[Mode], tally: &Tally) -> plot::Chart {
+    let mut chart = plot::Chart::lines(
+        "Needle-in-a-haystack accuracy vs Star Attention block size",
+        "blocks per context, L / b (1 = full attention; anchor = block)",
+        "questions answered correctly (%)",
+    );
+    chart.y_unit = plot::Unit::Percent;
+    chart.note = format!("cargo bench --bench star_accuracy, {}", machine::utc_now());
+    let mut totals: BTreeMap<&str, Vec<Score>> = BTreeMap::new();
+    for ((_, task), scores) in &tally.by_cell {
+        for name in [task.name(), "all questions"] {
+            let total = totals
+                .entry(name)
+                .or_insert_with(|| vec![Score::default(); modes.len()]);
+            for (t, s) in total.iter_mut().zip(scores) {
+                t.correct += s.correct;
+                t.total += s.total;
+            }
+        }
+    }
+    for (name, scores) in &totals {
+        for (mode, score) in modes.iter().zip(scores) {
+            let x = match mode {
+                Mode::Full => 1.0,
+                Mode::Star { divisor } => *divisor as f64,
+            };
+            if let Some(rate) = score.rate() {
+                chart.push(name, x, 100.0 * rate);
+            }
+        }
+    }
+    for s in &mut chart.series {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    chart
 }
 
 /// Everything a case needs, and where its results go.

@@ -4,5 +4,7 @@
 
 mod cli;
 mod model_vectors;
+mod readme;
 mod service;
+mod shell;
 mod util;

@@ -1,6 +1,9 @@
 //! Operator commands. Each runs against a running server through its HTTP API
 //! ([`Target::Server`]) or directly on a stopped server's data directory
-//! ([`Target::Local`]); both return the same JSON reports, which the binary prints.
+//! ([`Target::Local`]); both return the same JSON reports, which the binary prints as
+//! JSON (`--json`) or through [`render`] for people.
+
+pub mod render;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -23,8 +26,9 @@ pub enum OpsError {
     },
     #[error("{0}")]
     NotFound(String),
-    #[error("verification found corrupt data: {0}")]
-    Corrupt(String),
+    /// The verify report, which names the corrupt documents.
+    #[error("verification found corrupt data in {} document(s); `starkv verify --repair` re-encodes it", corrupt_count(.0))]
+    Corrupt(Value),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -42,6 +46,10 @@ impl OpsError {
             _ => 1,
         }
     }
+}
+
+fn corrupt_count(report: &Value) -> usize {
+    report["corrupt"].as_array().map_or(0, Vec::len)
 }
 
 impl From<starkv_cache::Error> for OpsError {
@@ -273,18 +281,25 @@ pub fn list(target: &Target) -> OpsResult {
     }
     let (store, tenant) = target.store()?;
     let prefix = format!("{tenant}/");
-    let docs: Vec<Value> = store
+    let mut infos: Vec<_> = store
         .list()
         .into_iter()
         .filter(|d| d.tenant == tenant)
+        .collect();
+    infos.sort_by(|a, b| a.doc.doc.cmp(&b.doc.doc));
+    // Token counts come from each version's stored source tokens (one small read each).
+    let docs: Vec<Value> = infos
+        .into_iter()
         .map(|d| {
             json!({
                 "id": d.doc.doc.strip_prefix(&prefix).unwrap_or(&d.doc.doc),
                 "version": d.doc.version,
+                "tokens": store.source_tokens(&d.doc).ok().map(|t| t.len()),
                 "blocks": d.blocks,
                 "stored_bytes": d.stored_bytes,
                 "pinned": d.state.pinned,
                 "last_used_ms": d.state.last_used_ms,
+                "ttl_ms": d.state.ttl_ms,
             })
         })
         .collect();
@@ -300,8 +315,9 @@ pub fn show(target: &Target, id: &str) -> OpsResult {
     let info = store
         .doc_info(&doc)
         .ok_or_else(|| OpsError::NotFound(format!("document {id} not found")))?;
+    let tokens = store.source_tokens(&doc).ok().map(|t| t.len());
     Ok(json!({
-        "id": id, "state": "ready", "version": info.doc.version, "blocks": info.blocks, "stored_bytes": info.stored_bytes,
+        "id": id, "state": "ready", "version": info.doc.version, "tokens": tokens, "blocks": info.blocks, "stored_bytes": info.stored_bytes,
         "raw_bytes": info.raw_bytes, "created_ms": info.created_ms, "last_used_ms": info.state.last_used_ms,
         "pinned": info.state.pinned, "ttl_ms": info.state.ttl_ms,
     }))
@@ -405,7 +421,7 @@ pub fn verify(target: &Target, repair: bool, model: Option<&Path>) -> OpsResult 
     };
     let corrupt = report["corrupt"].as_array().map_or(0, Vec::len);
     if corrupt > 0 && (!repair || report["repaired_blocks"].as_u64().unwrap_or(0) == 0) {
-        return Err(OpsError::Corrupt(report.to_string()));
+        return Err(OpsError::Corrupt(report));
     }
     Ok(report)
 }

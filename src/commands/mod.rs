@@ -4,6 +4,7 @@ mod model_commands;
 mod ops_commands;
 mod selftest;
 mod serve;
+mod shell;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +19,8 @@ use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 #[command(
     name = "starkv",
     version,
-    about = "Star Attention long-document KV-cache service"
+    about = "Star Attention long-document KV-cache service",
+    after_help = TOP_LEVEL_HELP
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -28,6 +30,18 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+const TOP_LEVEL_HELP: &str = "\
+Quick start:
+  starkv serve &                                 # 127.0.0.1:8700, default model, ~/.local/share/starkv
+  export STARKV_SERVER=http://127.0.0.1:8700
+  starkv ingest report.txt --id report
+  starkv ask report \"What is the magic number?\"
+  starkv ls
+
+Operator commands print tables for people and one JSON line with --json.
+Exit codes: 0 success, 1 error, 2 usage error, 3 not found, 4 corrupt data found,
+5 server unreachable.";
 
 #[derive(Args)]
 struct GlobalArgs {
@@ -54,12 +68,17 @@ enum Command {
     #[command(hide = true)]
     DumpKv(model_commands::DumpKvArgs),
     /// Run the HTTP service.
+    #[command(after_help = serve::EXAMPLES)]
     Serve(serve::ServeArgs),
     /// Operator commands (ingest, ask, ls, show, stats, rm, pin, unpin, ttl, evict, verify, gc).
     #[command(flatten)]
     Ops(ops_commands::OpsCommand),
     /// Check a compute backend against the CPU reference (e.g. `--device cuda`).
     Selftest(selftest::SelftestArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(shell::CompletionsArgs),
+    /// Print the man page (roff), or write one page per command with --out-dir.
+    Man(shell::ManArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -77,6 +96,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => serve::run(&cli.global, args),
         Command::DumpKv(args) => model_commands::dump_kv(&cli.global, args),
         Command::Ops(command) => ops_commands::run(&cli.global, cli.ops, command),
+        Command::Completions(args) => shell::completions(args),
+        Command::Man(args) => shell::man(args),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Operator commands: against a running server (`--server URL`) or a stopped server's
-//! data directory (`--data-dir`). `--json` prints the report as one JSON line.
+//! data directory (`--data-dir`). People get tables and one-line summaries
+//! (`starkv_ops::render`); `--json` prints the report as one JSON line for scripts.
 //! Exit codes: 0 ok, 1 error, 3 not found, 4 corrupt data found, 5 server unreachable.
 
 use std::io::Write;
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
+use starkv_ops::render::{self, Style};
 use starkv_ops::{OpsError, Target};
 use starkv_service::admin::EvictRequest;
 
@@ -32,18 +34,22 @@ pub struct OpsArgs {
 #[derive(Subcommand)]
 pub enum OpsCommand {
     /// Ingest a text file as a document (needs --server), with a progress bar.
+    #[command(after_help = INGEST_EXAMPLES)]
     Ingest {
         file: std::path::PathBuf,
         /// Document id (default: the file name).
         #[arg(long)]
         id: Option<String>,
+        /// Tokens per block (default: the server's `block_size`).
         #[arg(long)]
         block_size: Option<usize>,
     },
     /// Ask a question about a document (needs --server); the answer streams to stdout.
+    #[command(after_help = ASK_EXAMPLES)]
     Ask {
         doc: String,
         question: String,
+        /// Most tokens to generate.
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
     },
@@ -78,10 +84,40 @@ pub enum OpsCommand {
     },
     /// Verify every stored block; --repair re-encodes corrupt blocks with the model.
     Verify {
+        /// Re-encode every corrupt block from its document's stored tokens.
         #[arg(long)]
         repair: bool,
     },
     /// Delete blocks no document references.
+    Gc,
+}
+
+const INGEST_EXAMPLES: &str = "\
+Examples:
+  export STARKV_SERVER=http://127.0.0.1:8700
+  starkv ingest report.txt                       # id \"report.txt\", progress bar
+  starkv ingest report.txt --id report --block-size 1024
+  starkv ingest report.txt --json                # one JSON line: state, tokens, blocks";
+
+const ASK_EXAMPLES: &str = "\
+Examples:
+  export STARKV_SERVER=http://127.0.0.1:8700
+  starkv ask report \"What is the magic number?\"
+  starkv ask report \"Summarise section 2.\" --max-tokens 512
+  starkv ask report \"What is the magic number?\" --json   # usage and timings only";
+
+/// How a successful report is shown to a person.
+#[derive(Clone, Copy)]
+enum View {
+    Ingest,
+    /// Already streamed to stdout.
+    Answer,
+    Documents,
+    Document,
+    Stats,
+    Change,
+    Evict,
+    Verify,
     Gc,
 }
 
@@ -93,7 +129,7 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
             tenant: args.tenant.clone(),
         },
     };
-    let result: Result<Value, OpsError> = match command {
+    let (result, view): (Result<Value, OpsError>, View) = match command {
         OpsCommand::Ingest {
             file,
             id,
@@ -109,7 +145,8 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
                     )
                 })
             });
-            starkv_ops::ingest(&target, &id, &text, block_size, !args.json)
+            let result = starkv_ops::ingest(&target, &id, &text, block_size, !args.json);
+            (result, View::Ingest)
         }
         OpsCommand::Ask {
             doc,
@@ -123,23 +160,26 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
             if !args.json {
                 println!();
             }
-            result
+            (result, View::Answer)
         }
-        OpsCommand::Ls => starkv_ops::list(&target),
-        OpsCommand::Show { doc } => starkv_ops::show(&target, &doc),
-        OpsCommand::Stats => starkv_ops::stats(&target),
-        OpsCommand::Rm { doc } => starkv_ops::remove(&target, &doc),
-        OpsCommand::Pin { doc } => starkv_ops::set_pin(&target, &doc, true),
-        OpsCommand::Unpin { doc } => starkv_ops::set_pin(&target, &doc, false),
-        OpsCommand::Ttl { doc, seconds } => match seconds.as_str() {
-            "none" => starkv_ops::set_ttl(&target, &doc, None),
-            s => match s.parse() {
-                Ok(n) => starkv_ops::set_ttl(&target, &doc, Some(n)),
-                Err(_) => Err(OpsError::Invalid(format!(
-                    "TTL must be a number of seconds or `none`, got `{s}`"
-                ))),
-            },
-        },
+        OpsCommand::Ls => (starkv_ops::list(&target), View::Documents),
+        OpsCommand::Show { doc } => (starkv_ops::show(&target, &doc), View::Document),
+        OpsCommand::Stats => (starkv_ops::stats(&target), View::Stats),
+        OpsCommand::Rm { doc } => (starkv_ops::remove(&target, &doc), View::Change),
+        OpsCommand::Pin { doc } => (starkv_ops::set_pin(&target, &doc, true), View::Change),
+        OpsCommand::Unpin { doc } => (starkv_ops::set_pin(&target, &doc, false), View::Change),
+        OpsCommand::Ttl { doc, seconds } => {
+            let result = match seconds.as_str() {
+                "none" => starkv_ops::set_ttl(&target, &doc, None),
+                s => match s.parse() {
+                    Ok(n) => starkv_ops::set_ttl(&target, &doc, Some(n)),
+                    Err(_) => Err(OpsError::Invalid(format!(
+                        "TTL must be a number of seconds or `none`, got `{s}`"
+                    ))),
+                },
+            };
+            (result, View::Change)
+        }
         OpsCommand::Evict {
             budget_bytes,
             lru,
@@ -152,7 +192,7 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
                 older_than_seconds: older_than,
                 tenant: evict_tenant,
             };
-            starkv_ops::evict(&target, &req)
+            (starkv_ops::evict(&target, &req), View::Evict)
         }
         OpsCommand::Verify { repair } => {
             let model = if repair && args.server.is_none() {
@@ -160,22 +200,54 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
             } else {
                 None
             };
-            starkv_ops::verify(&target, repair, model.as_deref())
+            (
+                starkv_ops::verify(&target, repair, model.as_deref()),
+                View::Verify,
+            )
         }
-        OpsCommand::Gc => starkv_ops::gc(&target),
+        OpsCommand::Gc => (starkv_ops::gc(&target), View::Gc),
     };
+    let style = Style::for_stdout();
+    let mut stdout = std::io::stdout().lock();
     match result {
         Ok(report) => {
             if args.json {
-                println!("{report}");
-            } else if !report.is_null() && report.get("answer").is_none() {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                writeln!(stdout, "{report}")?;
+            } else {
+                stdout.write_all(human(view, &report, style).as_bytes())?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
+            // Corrupt data is a finding, not a failure to run: the report still prints.
+            if let OpsError::Corrupt(report) = &e {
+                if args.json {
+                    writeln!(stdout, "{report}")?;
+                } else {
+                    stdout.write_all(render::verify_summary(report, style).as_bytes())?;
+                }
+            }
+            stdout.flush()?;
             eprintln!("error: {e}");
             Ok(ExitCode::from(e.exit_code()))
         }
+    }
+}
+
+/// The report as people read it.
+fn human(view: View, report: &Value, style: Style) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    match view {
+        View::Ingest => render::ingest_summary(report),
+        View::Answer => String::new(),
+        View::Documents => render::documents_table(report, now, style),
+        View::Document => render::document_detail(report, now, style),
+        View::Stats => render::stats_report(report, style),
+        View::Change => render::change_summary(report),
+        View::Evict => render::evict_summary(report, style),
+        View::Verify => render::verify_summary(report, style),
+        View::Gc => render::gc_summary(report),
     }
 }

@@ -12,6 +12,13 @@ use starkv_compute::cuda::DeviceChoice;
 
 use super::GlobalArgs;
 
+pub const EXAMPLES: &str = "\
+Examples:
+  starkv serve                                   # 127.0.0.1:8700, default model, ~/.local/share/starkv
+  starkv serve --listen 127.0.0.1:9000 --device cpu
+  starkv --data-dir /srv/starkv serve --device cuda:0 --store-budget-bytes 500000000000
+  starkv serve --config starkv.toml --listen 0.0.0.0:8700   # any non-loopback address needs [[api_keys]]";
+
 #[derive(Args)]
 pub struct ServeArgs {
     /// A TOML config file (see README: every `ServerConfig` field).

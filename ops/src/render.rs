@@ -1,0 +1,951 @@
+//! Human-readable output of the operator commands: aligned tables, sizes in KB/MB/GB,
+//! times such as "3m ago", one-line summaries.
+//!
+//! Every renderer reads the same JSON report that `--json` prints, so people and scripts
+//! see one truth. A field the report lacks shows as "-" instead of failing, so the CLI
+//! stays readable against a server one version older or newer than itself.
+
+use std::ffi::OsStr;
+
+use serde_json::Value;
+
+/// Whether output is coloured: only on a terminal, and never when `NO_COLOR` is set to a
+/// non-empty value (the no-color.org convention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Style {
+    color: bool,
+}
+
+/// What a piece of text means, which decides its colour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tone {
+    Plain,
+    Heading,
+    Good,
+    Warn,
+    Bad,
+    Quiet,
+}
+
+impl Style {
+    /// No colour at all (files, pipes, tests).
+    pub const PLAIN: Style = Style { color: false };
+
+    /// `is_terminal`: whether the stream is a terminal; `no_color`: the value of `NO_COLOR`.
+    pub fn new(is_terminal: bool, no_color: Option<&OsStr>) -> Style {
+        Style {
+            color: is_terminal && no_color.is_none_or(OsStr::is_empty),
+        }
+    }
+
+    /// The style for this process's standard output.
+    pub fn for_stdout() -> Style {
+        use std::io::IsTerminal;
+        Style::new(
+            std::io::stdout().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        )
+    }
+
+    pub fn colored(self) -> bool {
+        self.color
+    }
+
+    /// `text` in the colour of `tone` (unchanged without colour).
+    pub fn paint(self, tone: Tone, text: &str) -> String {
+        let code = match tone {
+            Tone::Plain => return text.to_string(),
+            Tone::Heading => "1",
+            Tone::Good => "32",
+            Tone::Warn => "33",
+            Tone::Bad => "1;31",
+            Tone::Quiet => "2",
+        };
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// Bytes in decimal units with three significant digits: `512 B`, `1.50 KB`, `153 MB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KB", "MB", "GB", "TB", "PB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1000.0;
+    let mut unit = 0;
+    while value >= 999.5 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    let decimals = if value >= 99.95 {
+        0
+    } else if value >= 9.995 {
+        1
+    } else {
+        2
+    };
+    format!("{value:.decimals$} {}", UNITS[unit])
+}
+
+/// An integer with thousands separators: `131,072`.
+pub fn human_count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A span in its largest whole unit: `45s`, `3m`, `2h`, `5d`.
+pub fn human_span(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86_400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+/// A duration in at most two units, exact when it fits: `90s` is `1m 30s`, `7200s` is `2h`.
+pub fn human_duration(secs: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")];
+    let Some(i) = UNITS.iter().position(|&(size, _)| secs >= size) else {
+        return "0s".into();
+    };
+    let (size, name) = UNITS[i];
+    let mut out = format!("{}{name}", secs / size);
+    if let Some(&(next, next_name)) = UNITS.get(i + 1) {
+        let rest = secs % size / next;
+        if rest > 0 {
+            out.push_str(&format!(" {rest}{next_name}"));
+        }
+    }
+    out
+}
+
+/// How long ago a millisecond timestamp was: `just now`, `3m ago`; 0 means `never`.
+pub fn human_ago(then_ms: u64, now_ms: u64) -> String {
+    if then_ms == 0 {
+        return "never".into();
+    }
+    let secs = now_ms.saturating_sub(then_ms) / 1000;
+    if secs < 5 {
+        "just now".into()
+    } else {
+        format!("{} ago", human_span(secs))
+    }
+}
+
+/// Column alignment: text left, numbers right.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// A table whose columns are as wide as their widest cell, two spaces apart.
+struct Table {
+    columns: Vec<(&'static str, Align)>,
+    rows: Vec<Vec<(String, Tone)>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, Align)]) -> Table {
+        Table {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn render(&self, style: Style) -> String {
+        let width = |i: usize| {
+            self.rows
+                .iter()
+                .map(|r| r[i].0.chars().count())
+                .chain(std::iter::once(self.columns[i].0.len()))
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..self.columns.len()).map(width).collect();
+        let line = |cells: Vec<(String, Tone)>| {
+            let last = cells.len() - 1;
+            let parts: Vec<String> = cells
+                .into_iter()
+                .enumerate()
+                .map(|(i, (text, tone))| {
+                    let pad = widths[i] - text.chars().count();
+                    let padded = match (self.columns[i].1, i == last) {
+                        (Align::Right, _) => format!("{}{text}", " ".repeat(pad)),
+                        (Align::Left, false) => format!("{text}{}", " ".repeat(pad)),
+                        (Align::Left, true) => text,
+                    };
+                    // Pad first, then colour: escape codes take no room on the screen.
+                    match tone {
+                        Tone::Plain => padded,
+                        _ => {
+                            let trimmed = padded.trim();
+                            let at = padded.find(trimmed).unwrap_or(0);
+                            format!(
+                                "{}{}{}",
+                                &padded[..at],
+                                style.paint(tone, trimmed),
+                                &padded[at + trimmed.len()..]
+                            )
+                        }
+                    }
+                })
+                .collect();
+            parts.join("  ").trim_end().to_string()
+        };
+        let mut out = vec![line(
+            self.columns
+                .iter()
+                .map(|(name, _)| (name.to_string(), Tone::Heading))
+                .collect(),
+        )];
+        out.extend(self.rows.iter().cloned().map(line));
+        out.join("\n") + "\n"
+    }
+}
+
+/// Aligned `label  value` lines.
+fn key_values(pairs: &[(&str, String)], style: Style) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let pad = " ".repeat(width - k.len());
+            format!("{}{pad}  {v}\n", style.paint(Tone::Quiet, k))
+        })
+        .collect()
+}
+
+fn u64_field(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(Value::as_u64)
+}
+
+fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+fn or_dash(x: Option<String>) -> String {
+    x.unwrap_or_else(|| "-".into())
+}
+
+fn state_tone(state: &str) -> Tone {
+    match state {
+        "ready" => Tone::Good,
+        "queued" | "ingesting" => Tone::Warn,
+        "failed" => Tone::Bad,
+        _ => Tone::Plain,
+    }
+}
+
+/// An idle TTL in milliseconds as a duration, `-` when there is none.
+fn ttl_cell(doc: &Value) -> String {
+    or_dash(u64_field(doc, "ttl_ms").map(|ms| human_duration(ms / 1000)))
+}
+
+/// `starkv ls`: one row per document.
+pub fn documents_table(list: &Value, now_ms: u64, style: Style) -> String {
+    let docs = list
+        .get("documents")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    if docs.is_empty() {
+        return "no documents\n".into();
+    }
+    let mut table = Table::new(&[
+        ("ID", Align::Left),
+        ("STATE", Align::Left),
+        ("TOKENS", Align::Right),
+        ("BLOCKS", Align::Right),
+        ("SIZE", Align::Right),
+        ("LAST USED", Align::Left),
+        ("PINNED", Align::Left),
+        ("TTL", Align::Left),
+    ]);
+    for doc in docs {
+        // Listings hold published documents only; those are ready.
+        let state = str_field(doc, "state").unwrap_or("ready");
+        table.rows.push(vec![
+            (
+                or_dash(str_field(doc, "id").map(str::to_string)),
+                Tone::Plain,
+            ),
+            (state.to_string(), state_tone(state)),
+            (
+                or_dash(u64_field(doc, "tokens").map(human_count)),
+                Tone::Plain,
+            ),
+            (
+                or_dash(u64_field(doc, "blocks").map(human_count)),
+                Tone::Plain,
+            ),
+            (
+                or_dash(u64_field(doc, "stored_bytes").map(human_bytes)),
+                Tone::Plain,
+            ),
+            (
+                or_dash(u64_field(doc, "last_used_ms").map(|t| human_ago(t, now_ms))),
+                Tone::Plain,
+            ),
+            (yes_no(doc.get("pinned")), Tone::Plain),
+            (ttl_cell(doc), Tone::Plain),
+        ]);
+    }
+    let mut out = table.render(style);
+    if let Some(total) = u64_field(list, "total")
+        && total > docs.len() as u64
+    {
+        out.push_str(&style.paint(
+            Tone::Quiet,
+            &format!(
+                "{} of {} documents shown (--json pages through all)\n",
+                docs.len(),
+                total
+            ),
+        ));
+    }
+    out
+}
+
+fn yes_no(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_bool) {
+        Some(true) => "yes".into(),
+        Some(false) => "no".into(),
+        None => "-".into(),
+    }
+}
+
+/// `starkv show DOC`: one document, one aligned line per property.
+pub fn document_detail(doc: &Value, now_ms: u64, style: Style) -> String {
+    let state = str_field(doc, "state").unwrap_or("-");
+    let mut pairs = vec![
+        ("id", or_dash(str_field(doc, "id").map(str::to_string))),
+        ("state", style.paint(state_tone(state), state)),
+    ];
+    match state {
+        "ingesting" => pairs.push((
+            "blocks",
+            format!(
+                "{} of {} encoded",
+                or_dash(u64_field(doc, "blocks_done").map(human_count)),
+                or_dash(u64_field(doc, "blocks_total").map(human_count))
+            ),
+        )),
+        "failed" => pairs.push((
+            "reason",
+            style.paint(Tone::Bad, str_field(doc, "reason").unwrap_or("-")),
+        )),
+        _ => {}
+    }
+    if let Some(submitted) = u64_field(doc, "submitted_ms") {
+        pairs.push(("submitted", human_ago(submitted, now_ms)));
+    }
+    if state == "ready" {
+        pairs.extend(ready_details(doc, now_ms));
+    }
+    key_values(&pairs, style)
+}
+
+fn ready_details(doc: &Value, now_ms: u64) -> Vec<(&'static str, String)> {
+    let mut pairs = vec![(
+        "version",
+        or_dash(u64_field(doc, "version").map(|v| v.to_string())),
+    )];
+    if let Some(tokens) = u64_field(doc, "tokens") {
+        pairs.push(("tokens", human_count(tokens)));
+    }
+    let mut blocks = or_dash(u64_field(doc, "blocks").map(human_count));
+    if let Some(reused) = u64_field(doc, "reused_blocks") {
+        blocks.push_str(&format!(" ({reused} reused by the last ingest)"));
+    }
+    pairs.push(("blocks", blocks));
+    let stored = u64_field(doc, "stored_bytes");
+    let size = match (stored, u64_field(doc, "raw_bytes")) {
+        (Some(s), Some(r)) if r > 0 => format!(
+            "{} stored, {} decoded ({:.2}x)",
+            human_bytes(s),
+            human_bytes(r),
+            s as f64 / r as f64
+        ),
+        (s, _) => or_dash(s.map(human_bytes)),
+    };
+    pairs.push(("size", size));
+    if let Some(created) = u64_field(doc, "created_ms") {
+        pairs.push(("created", human_ago(created, now_ms)));
+    }
+    let last_used = u64_field(doc, "last_used_ms");
+    pairs.push((
+        "last used",
+        or_dash(last_used.map(|t| human_ago(t, now_ms))),
+    ));
+    pairs.push(("pinned", yes_no(doc.get("pinned"))));
+    let ttl = match (u64_field(doc, "ttl_ms"), last_used) {
+        (Some(ttl), Some(used)) if doc.get("pinned") != Some(&Value::Bool(true)) => {
+            let left = (used + ttl).saturating_sub(now_ms) / 1000;
+            format!(
+                "{} idle (expires in {})",
+                human_duration(ttl / 1000),
+                human_duration(left)
+            )
+        }
+        (Some(ttl), _) => format!("{} idle", human_duration(ttl / 1000)),
+        (None, _) => "none".into(),
+    };
+    pairs.push(("ttl", ttl));
+    if let Some(n) = u64_field(doc, "active_queries") {
+        pairs.push(("queries", format!("{n} active")));
+    }
+    if let Some(secs) = doc.get("ingest_seconds").and_then(Value::as_f64) {
+        pairs.push(("ingest", format!("{secs:.1} s")));
+    }
+    pairs
+}
+
+/// Hits as a percentage of lookups, with the counts: `92.3% (1,200 of 1,300)`.
+fn hit_rate(hits: u64, misses: u64) -> String {
+    let total = hits + misses;
+    if total == 0 {
+        return "no lookups yet".into();
+    }
+    format!(
+        "hit rate {:.1}% ({} of {})",
+        100.0 * hits as f64 / total as f64,
+        human_count(hits),
+        human_count(total)
+    )
+}
+
+/// `used of budget`, or `used` when the budget is unknown or zero.
+fn used_of(used: u64, budget: Option<u64>) -> String {
+    match budget {
+        Some(b) if b > 0 => format!(
+            "{} of {} ({:.0}%)",
+            human_bytes(used),
+            human_bytes(b),
+            100.0 * used as f64 / b as f64
+        ),
+        _ => human_bytes(used),
+    }
+}
+
+/// `starkv stats`: device, store size and budget, tiers, evictions, integrity.
+pub fn stats_report(stats: &Value, style: Style) -> String {
+    let mut pairs = Vec::new();
+    let device = match (
+        str_field(stats, "device"),
+        str_field(stats, "device_detail"),
+    ) {
+        (Some(id), Some(detail)) if detail != id => format!("{id} ({detail})"),
+        (Some(id), _) => id.to_string(),
+        (None, _) => "none (the data directory, read directly)".into(),
+    };
+    pairs.push(("device", device));
+    pairs.push((
+        "documents",
+        format!(
+            "{} ({} blocks)",
+            or_dash(u64_field(stats, "documents").map(human_count)),
+            or_dash(u64_field(stats, "blocks").map(human_count))
+        ),
+    ));
+    if let Some(bytes) = u64_field(stats, "store_bytes") {
+        let budget = u64_field(stats, "store_budget_bytes");
+        let mut store = used_of(bytes, budget);
+        if budget.is_none() && stats.get("store_budget_bytes").is_some() {
+            store.push_str(" (no budget)");
+        }
+        pairs.push(("store", store));
+    }
+    if let Some(disk) = u64_field(stats, "disk_bytes") {
+        pairs.push(("on disk", human_bytes(disk)));
+    }
+    if let Some(gpu) = stats.get("gpu_tier").filter(|g| g.is_object()) {
+        let mut line = format!(
+            "{} blocks, {}, {}",
+            or_dash(u64_field(gpu, "blocks").map(human_count)),
+            used_of(
+                u64_field(gpu, "used_bytes").unwrap_or(0),
+                u64_field(gpu, "budget_bytes")
+            ),
+            hit_rate(
+                u64_field(gpu, "hits").unwrap_or(0),
+                u64_field(gpu, "misses").unwrap_or(0)
+            )
+        );
+        if let Some(e) = u64_field(gpu, "evictions") {
+            line.push_str(&format!(", {} evicted", human_count(e)));
+        }
+        pairs.push(("GPU tier", line));
+    }
+    if let Some(hot) = stats.get("hot_tier").filter(|h| h.is_object()) {
+        pairs.push((
+            "memory tier",
+            format!(
+                "{} layers, {}, {}",
+                or_dash(u64_field(hot, "entries").map(human_count)),
+                used_of(
+                    u64_field(hot, "bytes").unwrap_or(0),
+                    u64_field(hot, "budget")
+                ),
+                hit_rate(
+                    u64_field(hot, "hits").unwrap_or(0),
+                    u64_field(hot, "misses").unwrap_or(0)
+                )
+            ),
+        ));
+    }
+    if let (Some(blocks), Some(bytes)) = (
+        u64_field(stats, "blocks_written"),
+        u64_field(stats, "bytes_written"),
+    ) {
+        let dedup = u64_field(stats, "blocks_deduplicated").unwrap_or(0);
+        pairs.push((
+            "written",
+            format!(
+                "{} blocks, {} ({} deduplicated)",
+                human_count(blocks),
+                human_bytes(bytes),
+                human_count(dedup)
+            ),
+        ));
+    }
+    if let Some(read) = u64_field(stats, "bytes_read") {
+        pairs.push(("read", human_bytes(read)));
+    }
+    if let Some(evictions) = stats.get("evictions").and_then(Value::as_object) {
+        let mut parts: Vec<String> = evictions
+            .iter()
+            .filter_map(|(reason, n)| {
+                let n = n.as_u64()?;
+                (n > 0).then(|| format!("{reason} {}", human_count(n)))
+            })
+            .collect();
+        parts.sort();
+        let line = if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        };
+        pairs.push(("evictions", line));
+    }
+    let failures = u64_field(stats, "checksum_failures");
+    let pending = u64_field(stats, "repair_pending").unwrap_or(0);
+    let integrity = match failures {
+        Some(0) | None if pending == 0 => style.paint(Tone::Good, "no checksum failures"),
+        _ => style.paint(
+            Tone::Bad,
+            &format!(
+                "{} checksum failures, {} awaiting repair",
+                or_dash(failures.map(human_count)),
+                count_of(pending, "block", "blocks")
+            ),
+        ),
+    };
+    pairs.push(("integrity", integrity));
+    if let Some(depth) = u64_field(stats, "ingest_queue_depth") {
+        pairs.push(("ingest queue", format!("{depth} waiting")));
+    }
+    key_values(&pairs, style)
+}
+
+/// `starkv evict`: what went, why, and what it freed.
+pub fn evict_summary(report: &Value, style: Style) -> String {
+    let evicted = report
+        .get("evicted")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    if evicted.is_empty() {
+        return "nothing evicted\n".into();
+    }
+    // Each entry is `[tenant/id@version, rule]`.
+    let mut by_rule: Vec<(String, usize)> = Vec::new();
+    for e in evicted {
+        let rule = e.get(1).and_then(Value::as_str).unwrap_or("-").to_string();
+        match by_rule.iter_mut().find(|(r, _)| *r == rule) {
+            Some((_, n)) => *n += 1,
+            None => by_rule.push((rule, 1)),
+        }
+    }
+    let rules: Vec<String> = by_rule.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    let mut out = format!(
+        "evicted {} {} ({}); {} blocks deleted, {} freed\n",
+        evicted.len(),
+        plural(evicted.len(), "document", "documents"),
+        rules.join(", "),
+        or_dash(u64_field(report, "blocks_deleted").map(human_count)),
+        or_dash(u64_field(report, "bytes_freed").map(human_bytes))
+    );
+    for e in evicted {
+        let doc = e.get(0).and_then(Value::as_str).unwrap_or("-");
+        let rule = e.get(1).and_then(Value::as_str).unwrap_or("-");
+        out.push_str(&format!("  {doc} {}\n", style.paint(Tone::Quiet, rule)));
+    }
+    out
+}
+
+fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 { one } else { many }
+}
+
+/// `1 block`, `2 blocks`.
+fn count_of(n: u64, one: &str, many: &str) -> String {
+    format!("{} {}", human_count(n), plural(n as usize, one, many))
+}
+
+/// `starkv gc`: blocks no document references any more.
+pub fn gc_summary(report: &Value) -> String {
+    let scanned = or_dash(u64_field(report, "scanned").map(human_count));
+    match u64_field(report, "deleted") {
+        Some(0) => format!("gc: nothing to delete ({scanned} blocks scanned)\n"),
+        deleted => format!(
+            "gc: {} unreferenced blocks deleted of {scanned} scanned, {} freed\n",
+            or_dash(deleted.map(human_count)),
+            or_dash(u64_field(report, "bytes_freed").map(human_bytes))
+        ),
+    }
+}
+
+/// `starkv verify`: how many documents were read back, which are corrupt, what was repaired.
+pub fn verify_summary(report: &Value, style: Style) -> String {
+    let documents = u64_field(report, "documents").unwrap_or(0);
+    let corrupt = report
+        .get("corrupt")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let repaired = u64_field(report, "repaired_blocks").unwrap_or(0);
+    let head = format!(
+        "verified {} {}",
+        human_count(documents),
+        plural(documents as usize, "document", "documents")
+    );
+    if corrupt.is_empty() && repaired == 0 {
+        return format!(
+            "{head}: {}\n",
+            style.paint(Tone::Good, "every block intact")
+        );
+    }
+    let mut out = format!(
+        "{head}: {}",
+        style.paint(Tone::Bad, &format!("{} corrupt", corrupt.len()))
+    );
+    if repaired > 0 {
+        out.push_str(&format!(
+            ", {}",
+            style.paint(Tone::Good, &format!("{repaired} blocks repaired"))
+        ));
+    }
+    out.push('\n');
+    for c in corrupt {
+        out.push_str(&format!("  {}\n", c.as_str().unwrap_or("-")));
+    }
+    out
+}
+
+/// `starkv ingest`: the finished document in one line.
+pub fn ingest_summary(doc: &Value) -> String {
+    let id = str_field(doc, "id").unwrap_or("-");
+    let mut parts = Vec::new();
+    if let Some(t) = u64_field(doc, "tokens") {
+        parts.push(format!("{} tokens", human_count(t)));
+    }
+    if let Some(b) = u64_field(doc, "blocks") {
+        let mut blocks = format!(
+            "{} {}",
+            human_count(b),
+            plural(b as usize, "block", "blocks")
+        );
+        if let Some(r) = u64_field(doc, "reused_blocks").filter(|&r| r > 0) {
+            blocks.push_str(&format!(" ({r} reused)"));
+        }
+        parts.push(blocks);
+    }
+    if let Some(s) = u64_field(doc, "stored_bytes") {
+        parts.push(human_bytes(s));
+    }
+    if let Some(secs) = doc.get("ingest_seconds").and_then(Value::as_f64) {
+        parts.push(format!("{secs:.1} s"));
+    }
+    format!("{id} ready: {}\n", parts.join(", "))
+}
+
+/// `rm`, `pin`, `unpin`, `ttl`: what changed.
+pub fn change_summary(report: &Value) -> String {
+    let id = str_field(report, "id").unwrap_or("-");
+    if report.get("deleted").and_then(Value::as_bool) == Some(true) {
+        return match (
+            u64_field(report, "blocks_deleted"),
+            u64_field(report, "bytes_freed"),
+        ) {
+            (Some(b), Some(f)) => format!(
+                "deleted {id} ({} blocks, {} freed)\n",
+                human_count(b),
+                human_bytes(f)
+            ),
+            _ => format!("deleted {id}\n"),
+        };
+    }
+    if let Some(pinned) = report.get("pinned").and_then(Value::as_bool) {
+        return format!("{id} {}\n", if pinned { "pinned" } else { "unpinned" });
+    }
+    if let Some(ttl) = report.get("ttl_seconds") {
+        return match ttl.as_u64() {
+            Some(s) => format!("{id}: idle TTL {}\n", human_duration(s)),
+            None => format!("{id}: TTL cleared\n"),
+        };
+    }
+    format!("{report}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn bytes_use_three_significant_digits() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1_500), "1.50 KB");
+        assert_eq!(human_bytes(15_300), "15.3 KB");
+        assert_eq!(human_bytes(153_000_000), "153 MB");
+        assert_eq!(human_bytes(999_999), "1.00 MB");
+        assert_eq!(human_bytes(2_340_000_000), "2.34 GB");
+        assert_eq!(human_bytes(u64::MAX), "18447 PB");
+    }
+
+    #[test]
+    fn counts_spans_and_durations() {
+        assert_eq!(human_count(7), "7");
+        assert_eq!(human_count(7996), "7,996");
+        assert_eq!(human_count(131_072), "131,072");
+        assert_eq!(human_count(1_234_567), "1,234,567");
+        assert_eq!(human_span(59), "59s");
+        assert_eq!(human_span(180), "3m");
+        assert_eq!(human_span(7300), "2h");
+        assert_eq!(human_span(3 * 86_400 + 5), "3d");
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(90), "1m 30s");
+        assert_eq!(human_duration(7200), "2h");
+        assert_eq!(human_duration(7500), "2h 5m");
+        assert_eq!(human_duration(86_400 + 3 * 3600 + 59), "1d 3h");
+        assert_eq!(human_ago(0, NOW), "never");
+        assert_eq!(human_ago(NOW - 2_000, NOW), "just now");
+        assert_eq!(human_ago(NOW - 180_000, NOW), "3m ago");
+        assert_eq!(human_ago(NOW + 10_000, NOW), "just now", "clock skew");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(Style::new(true, None).colored());
+        assert!(Style::new(true, Some(OsStr::new(""))).colored());
+        assert!(!Style::new(true, Some(OsStr::new("1"))).colored());
+        assert!(!Style::new(false, None).colored());
+        assert_eq!(Style::PLAIN.paint(Tone::Bad, "x"), "x");
+        assert_eq!(
+            Style::new(true, None).paint(Tone::Good, "x"),
+            "\x1b[32mx\x1b[0m"
+        );
+    }
+
+    fn listing() -> Value {
+        json!({
+            "total": 3,
+            "documents": [
+                { "id": "report", "version": 2, "blocks": 4, "stored_bytes": 153_000_000u64,
+                  "pinned": true, "last_used_ms": NOW - 180_000, "tokens": 7996 },
+                { "id": "a", "version": 1, "blocks": 12, "stored_bytes": 900,
+                  "pinned": false, "last_used_ms": NOW - 7_200_000, "ttl_ms": 3_600_000 },
+            ]
+        })
+    }
+
+    #[test]
+    fn documents_table_is_aligned() {
+        let out = documents_table(&listing(), NOW, Style::PLAIN);
+        let expected = "\
+ID      STATE  TOKENS  BLOCKS    SIZE  LAST USED  PINNED  TTL
+report  ready   7,996       4  153 MB  3m ago     yes     -
+a       ready       -      12   900 B  2h ago     no      1h
+2 of 3 documents shown (--json pages through all)
+";
+        assert_eq!(out, expected);
+        assert_eq!(
+            documents_table(&json!({ "documents": [] }), NOW, Style::PLAIN),
+            "no documents\n"
+        );
+    }
+
+    #[test]
+    fn coloured_cells_keep_the_alignment() {
+        let plain = documents_table(&listing(), NOW, Style::PLAIN);
+        let coloured = documents_table(&listing(), NOW, Style::new(true, None));
+        assert_ne!(plain, coloured);
+        let stripped = coloured
+            .replace("\x1b[0m", "")
+            .replace("\x1b[1m", "")
+            .replace("\x1b[2m", "")
+            .replace("\x1b[32m", "");
+        assert_eq!(stripped, plain);
+    }
+
+    #[test]
+    fn document_detail_of_ready_ingesting_and_failed_documents() {
+        let ready = json!({
+            "id": "report", "state": "ready", "version": 2, "blocks": 4, "stored_bytes": 150_000_000u64,
+            "raw_bytes": 180_000_000u64, "created_ms": NOW - 600_000, "last_used_ms": NOW - 180_000,
+            "pinned": false, "ttl_ms": 3_600_000, "active_queries": 0, "tokens": 7996,
+            "reused_blocks": 1, "ingest_seconds": 60.54
+        });
+        let expected = "\
+id         report
+state      ready
+version    2
+tokens     7,996
+blocks     4 (1 reused by the last ingest)
+size       150 MB stored, 180 MB decoded (0.83x)
+created    10m ago
+last used  3m ago
+pinned     no
+ttl        1h idle (expires in 57m)
+queries    0 active
+ingest     60.5 s
+";
+        assert_eq!(document_detail(&ready, NOW, Style::PLAIN), expected);
+        let ingesting = json!({ "id": "b", "state": "ingesting", "blocks_done": 2,
+                                "blocks_total": 5, "submitted_ms": NOW - 30_000 });
+        assert_eq!(
+            document_detail(&ingesting, NOW, Style::PLAIN),
+            "id         b\nstate      ingesting\nblocks     2 of 5 encoded\nsubmitted  30s ago\n"
+        );
+        let failed = json!({ "id": "c", "state": "failed", "reason": "too long" });
+        assert_eq!(
+            document_detail(&failed, NOW, Style::PLAIN),
+            "id      c\nstate   failed\nreason  too long\n"
+        );
+    }
+
+    #[test]
+    fn stats_report_from_a_server() {
+        let stats = json!({
+            "device": "cuda:0", "device_detail": "cuda:0 NVIDIA H200",
+            "gpu_tier": { "blocks": 40, "used_bytes": 3_200_000_000u64, "budget_bytes": 64_000_000_000u64,
+                          "hits": 1200, "misses": 100, "evictions": 3 },
+            "documents": 12, "blocks": 48, "store_bytes": 1_530_000_000u64,
+            "store_budget_bytes": 10_000_000_000u64,
+            "bytes_written": 1_600_000_000u64, "blocks_written": 50, "blocks_deduplicated": 2,
+            "bytes_read": 4_500_000_000u64, "checksum_failures": 0,
+            "evictions": { "ttl": 2, "lru": 5, "quota": 0, "deleted": 1, "replaced": 0 },
+            "gc_blocks": 0, "repair_pending": 0, "ingest_queue_depth": 1
+        });
+        let expected = "\
+device        cuda:0 (cuda:0 NVIDIA H200)
+documents     12 (48 blocks)
+store         1.53 GB of 10.0 GB (15%)
+GPU tier      40 blocks, 3.20 GB of 64.0 GB (5%), hit rate 92.3% (1,200 of 1,300), 3 evicted
+written       50 blocks, 1.60 GB (2 deduplicated)
+read          4.50 GB
+evictions     deleted 1, lru 5, ttl 2
+integrity     no checksum failures
+ingest queue  1 waiting
+";
+        assert_eq!(stats_report(&stats, Style::PLAIN), expected);
+    }
+
+    #[test]
+    fn stats_report_of_a_data_directory_flags_damage() {
+        let stats = json!({ "documents": 1, "blocks": 4, "store_bytes": 1000, "disk_bytes": 2000,
+                            "checksum_failures": 2, "repair_pending": 1 });
+        let expected = "\
+device     none (the data directory, read directly)
+documents  1 (4 blocks)
+store      1.00 KB
+on disk    2.00 KB
+integrity  2 checksum failures, 1 block awaiting repair
+";
+        assert_eq!(stats_report(&stats, Style::PLAIN), expected);
+    }
+
+    #[test]
+    fn one_line_summaries() {
+        let evict = json!({ "evicted": [["default/a@1", "lru"], ["default/b@3", "older_than"],
+                                        ["t/c@1", "lru"]],
+                            "blocks_deleted": 9, "bytes_freed": 306_000_000u64 });
+        assert_eq!(
+            evict_summary(&evict, Style::PLAIN),
+            "evicted 3 documents (lru: 2, older_than: 1); 9 blocks deleted, 306 MB freed\n  default/a@1 lru\n  default/b@3 older_than\n  t/c@1 lru\n"
+        );
+        assert_eq!(
+            evict_summary(
+                &json!({ "evicted": [], "blocks_deleted": 0, "bytes_freed": 0 }),
+                Style::PLAIN
+            ),
+            "nothing evicted\n"
+        );
+        assert_eq!(
+            gc_summary(&json!({ "scanned": 50, "deleted": 3, "bytes_freed": 12_300_000 })),
+            "gc: 3 unreferenced blocks deleted of 50 scanned, 12.3 MB freed\n"
+        );
+        assert_eq!(
+            gc_summary(&json!({ "scanned": 50, "deleted": 0, "bytes_freed": 0 })),
+            "gc: nothing to delete (50 blocks scanned)\n"
+        );
+        assert_eq!(
+            verify_summary(
+                &json!({ "documents": 5, "corrupt": [], "repaired_blocks": 0 }),
+                Style::PLAIN
+            ),
+            "verified 5 documents: every block intact\n"
+        );
+        assert_eq!(
+            verify_summary(
+                &json!({ "documents": 1, "corrupt": ["default/a@1: checksum"], "repaired_blocks": 2 }),
+                Style::PLAIN
+            ),
+            "verified 1 document: 1 corrupt, 2 blocks repaired\n  default/a@1: checksum\n"
+        );
+        assert_eq!(
+            ingest_summary(
+                &json!({ "id": "a", "state": "ready", "tokens": 7996, "blocks": 4,
+                                    "reused_blocks": 2, "stored_bytes": 153_000_000u64,
+                                    "ingest_seconds": 60.54 })
+            ),
+            "a ready: 7,996 tokens, 4 blocks (2 reused), 153 MB, 60.5 s\n"
+        );
+        assert_eq!(
+            change_summary(&json!({ "id": "a", "deleted": true })),
+            "deleted a\n"
+        );
+        assert_eq!(
+            change_summary(
+                &json!({ "id": "a", "deleted": true, "blocks_deleted": 4, "bytes_freed": 1500 })
+            ),
+            "deleted a (4 blocks, 1.50 KB freed)\n"
+        );
+        assert_eq!(
+            change_summary(&json!({ "id": "a", "pinned": true })),
+            "a pinned\n"
+        );
+        assert_eq!(
+            change_summary(&json!({ "id": "a", "ttl_seconds": 5400 })),
+            "a: idle TTL 1h 30m\n"
+        );
+        assert_eq!(
+            change_summary(&json!({ "id": "a", "ttl_seconds": null })),
+            "a: TTL cleared\n"
+        );
+    }
+}
