@@ -52,6 +52,32 @@ fn free_port() -> u16 {
 }
 
 #[test]
+fn chart_csv_round_trip_and_units() {
+    let mut chart = plot::Chart::lines("T, with comma", "x", "y");
+    chart.log_y = true;
+    chart.y_unit = plot::Unit::Seconds;
+    chart.dashed = vec!["llama.cpp".into()];
+    chart.push("starkv, cold", 2000.0, 0.5);
+    chart.push("starkv, cold", 8000.0, 0.657);
+    chart.push("llama.cpp re-prefill", 8000.0, 57.99);
+    let parsed = plot::Chart::from_csv(&chart.to_csv()).unwrap();
+    assert_eq!(parsed, chart);
+    assert!(plot::Chart::from_csv("series,x,y\na,1,zz\n").is_err());
+    assert!(plot::Chart::from_csv("# colour: red\nseries,x,y\na,1,2\n").is_err());
+    assert!(plot::Chart::from_csv("# title: empty\nseries,x,y\n").is_err());
+    let svg = plot::render_svg(&chart).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("starkv, cold") && svg.contains("58 s"));
+    assert_eq!(plot::Unit::Tokens.format(131_072.0), "128K");
+    assert_eq!(plot::Unit::Tokens.format(7996.0), "7996");
+    assert_eq!(plot::Unit::Seconds.format(0.368), "0.368 s");
+    assert_eq!(plot::Unit::Seconds.format(57.99), "58 s");
+    assert_eq!(plot::Unit::Rate.format(222_289.0), "222k");
+    assert_eq!(plot::Unit::Percent.format(60.7), "60.7%");
+    assert_eq!(plot::Unit::Plain.format(1.5), "1.5");
+    assert_eq!(plot::Unit::Plain.format(100.0), "100");
+}
+
+#[test]
 fn quick_start_blocks_are_found() {
     let text = "x\n<!-- quickstart -->\n```sh\na\nb\n```\ntext\n```text\nnot run\n```\n```sh\nc\n```\n<!-- /quickstart -->\n```sh\nafter\n```\n";
     assert_eq!(quickstart_blocks(text), vec!["a\nb\n", "c\n"]);
@@ -157,9 +183,15 @@ fn readme_quick_start_runs_against_a_real_server() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let coloured = on_terminal(None);
-    assert!(coloured.contains("\x1b[32mno checksum failures"), "{coloured:?}");
+    assert!(
+        coloured.contains("\x1b[32mno checksum failures"),
+        "{coloured:?}"
+    );
     let plain = on_terminal(Some("1"));
-    assert!(plain.contains("no checksum failures") && !plain.contains('\x1b'), "{plain:?}");
+    assert!(
+        plain.contains("no checksum failures") && !plain.contains('\x1b'),
+        "{plain:?}"
+    );
     // The sample `ls` output the README shows has the columns the CLI prints.
     let printed = stdout.lines().find(|l| l.starts_with("ID ")).unwrap();
     let columns = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");

@@ -615,35 +615,3 @@ where
         .draw()?;
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn csv_round_trip() {
-        let mut chart = Chart::lines("T, with comma", "x", "y");
-        chart.log_y = true;
-        chart.y_unit = Unit::Seconds;
-        chart.dashed = vec!["llama.cpp".into()];
-        chart.push("starkv, cold", 2000.0, 0.5);
-        chart.push("starkv, cold", 8000.0, 0.657);
-        chart.push("llama.cpp re-prefill", 8000.0, 57.99);
-        let parsed = Chart::from_csv(&chart.to_csv()).unwrap();
-        assert_eq!(parsed, chart);
-        assert!(Chart::from_csv("series,x,y\na,1,zz\n").is_err());
-        assert!(Chart::from_csv("# colour: red\nseries,x,y\na,1,2\n").is_err());
-    }
-
-    #[test]
-    fn units() {
-        assert_eq!(Unit::Tokens.format(131_072.0), "128K");
-        assert_eq!(Unit::Tokens.format(7996.0), "7996");
-        assert_eq!(Unit::Seconds.format(0.368), "0.368 s");
-        assert_eq!(Unit::Seconds.format(57.99), "58 s");
-        assert_eq!(Unit::Rate.format(222_289.0), "222k");
-        assert_eq!(Unit::Percent.format(60.7), "60.7%");
-        assert_eq!(short_number(1.5), "1.5");
-        assert_eq!(short_number(100.0), "100");
-    }
-}

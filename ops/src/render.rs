@@ -366,7 +366,7 @@ fn ready_details(doc: &Value, now_ms: u64) -> Vec<(&'static str, String)> {
         pairs.push(("tokens", human_count(tokens)));
     }
     let mut blocks = or_dash(u64_field(doc, "blocks").map(human_count));
-    if let Some(reused) = u64_field(doc, "reused_blocks") {
+    if let Some(reused) = u64_field(doc, "reused_blocks").filter(|&r| r > 0) {
         blocks.push_str(&format!(" ({reused} reused by the last ingest)"));
     }
     pairs.push(("blocks", blocks));
@@ -446,7 +446,9 @@ pub fn stats_report(stats: &Value, style: Style) -> String {
         str_field(stats, "device"),
         str_field(stats, "device_detail"),
     ) {
-        (Some(id), Some(detail)) if detail != id => format!("{id} ({detail})"),
+        // The detail usually starts with the id ("cuda:0 NVIDIA H200 ...").
+        (Some(id), Some(detail)) if detail.starts_with(id) => detail.to_string(),
+        (Some(id), Some(detail)) => format!("{id} ({detail})"),
         (Some(id), _) => id.to_string(),
         (None, _) => "none (the data directory, read directly)".into(),
     };
@@ -852,7 +854,7 @@ ingest     60.5 s
             "gc_blocks": 0, "repair_pending": 0, "ingest_queue_depth": 1
         });
         let expected = "\
-device        cuda:0 (cuda:0 NVIDIA H200)
+device        cuda:0 NVIDIA H200
 documents     12 (48 blocks)
 store         1.53 GB of 10.0 GB (15%)
 GPU tier      40 blocks, 3.20 GB of 64.0 GB (5%), hit rate 92.3% (1,200 of 1,300), 3 evicted

@@ -36,6 +36,7 @@ pub enum OpsCommand {
     /// Ingest a text file as a document (needs --server), with a progress bar.
     #[command(after_help = INGEST_EXAMPLES)]
     Ingest {
+        /// The text file to ingest (UTF-8).
         file: std::path::PathBuf,
         /// Document id (default: the file name).
         #[arg(long)]
@@ -47,7 +48,9 @@ pub enum OpsCommand {
     /// Ask a question about a document (needs --server); the answer streams to stdout.
     #[command(after_help = ASK_EXAMPLES)]
     Ask {
+        /// The document's id.
         doc: String,
+        /// The question, in one shell word (quote it).
         question: String,
         /// Most tokens to generate.
         #[arg(long, default_value_t = 256)]
