@@ -587,6 +587,8 @@ ingest     60.5 s
                           "hits": 1200, "misses": 100, "evictions": 3 },
             "documents": 12, "blocks": 48, "store_bytes": 1_530_000_000u64,
             "store_budget_bytes": 10_000_000_000u64,
+            "hot_tier": { "entries": 120, "bytes": 500_000_000u64, "budget": 1_000_000_000u64,
+                          "hits": 30, "misses": 10 },
             "bytes_written": 1_600_000_000u64, "blocks_written": 50, "blocks_deduplicated": 2,
             "bytes_read": 4_500_000_000u64, "checksum_failures": 0,
             "evictions": { "ttl": 2, "lru": 5, "quota": 0, "deleted": 1, "replaced": 0 },
@@ -597,6 +599,7 @@ device        cuda:0 NVIDIA H200
 documents     12 (48 blocks)
 store         1.53 GB of 10.0 GB (15%)
 GPU tier      40 blocks, 3.20 GB of 64.0 GB (5%), hit rate 92.3% (1,200 of 1,300), 3 evicted
+memory tier   120 layers, 500 MB of 1.00 GB (50%), hit rate 75.0% (30 of 40)
 written       50 blocks, 1.60 GB (2 deduplicated)
 read          4.50 GB
 evictions     deleted 1, lru 5, ttl 2
