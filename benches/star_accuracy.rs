@@ -105,6 +105,7 @@ struct Args {
 enum TaskArg {
     Single,
     Multikey,
+    Multivalue,
 }
 
 impl std::fmt::Display for TaskArg {
@@ -118,6 +119,7 @@ impl From<TaskArg> for Task {
         match t {
             TaskArg::Single => Task::Single,
             TaskArg::Multikey => Task::MultiKey,
+            TaskArg::Multivalue => Task::MultiValue,
         }
     }
 }
@@ -412,10 +414,10 @@ impl Bench<'_> {
         let case = niah::build_case(case_seed, task, depth, budget, &count_tokens);
         check_case(&case)?;
         let context = prompt::context_ids(tokenizer, &case.document)?;
-        let queries: Vec<Vec<u32>> = case
-            .needles
+        let questions = case.questions();
+        let queries: Vec<Vec<u32>> = questions
             .iter()
-            .map(|n| prompt::query_ids(tokenizer, &n.question()))
+            .map(|q| prompt::query_ids(tokenizer, &q.text))
             .collect::<Result<_>>()?;
         let mut line = format!(
             "[{length} {} depth {depth_pct}% seed {seed}] L={} needles={}:",
@@ -444,17 +446,17 @@ impl Bench<'_> {
                 )?,
             };
             let mut marks = String::new();
-            for (needle, answer) in case.needles.iter().zip(&answers) {
-                let ok = answer.contains(&needle.number);
+            for (question, answer) in questions.iter().zip(&answers) {
+                let ok = question.is_answered_by(answer);
                 marks.push(if ok { '+' } else { '-' });
                 self.tally
-                    .add(length, task, needle.depth, mi, self.modes.len(), ok);
+                    .add(length, task, question.depth, mi, self.modes.len(), ok);
                 if let Some(out) = self.jsonl.as_mut() {
                     let record = json!({
                         "length": length, "context_tokens": context.len(),
-                        "task": task.name(), "depth": needle.depth, "case_depth": depth,
-                        "seed": seed, "mode": mode.label(), "key": needle.key,
-                        "number": needle.number, "answer": answer, "correct": ok,
+                        "task": task.name(), "depth": question.depth, "case_depth": depth,
+                        "seed": seed, "mode": mode.label(), "question": question.text,
+                        "expected": question.expected, "answer": answer, "correct": ok,
                     });
                     writeln!(out, "{record}")?;
                 }
@@ -544,7 +546,7 @@ fn report(args: &Args, modes: &[Mode], depths: &[f64], tally: &Tally, took: Dura
         }
         total
     };
-    for task in [Task::Single, Task::MultiKey] {
+    for task in [Task::Single, Task::MultiKey, Task::MultiValue] {
         if tally.by_cell.keys().any(|&(_, t)| t == task) {
             lines.push(row("**all**", task.name(), &sum(&|t| t == task)));
         }

@@ -1,5 +1,5 @@
-//! A deterministic needle-in-a-haystack generator (RULER-style "niah_single" and
-//! "niah_multikey" with 7-digit values).
+//! A deterministic needle-in-a-haystack generator (RULER-style "niah_single",
+//! "niah_multikey" and "niah_multivalue" with 7-digit values).
 //!
 //! Why our own haystack: the usual Paul Graham essays are not ours to ship, and a
 //! generator lets every case be rebuilt bit-for-bit from `(seed, length, depth)`. The
@@ -349,13 +349,16 @@ const KEY_NOUNS: &[&str] = &[
     "violin", "beacon", "thimble", "walrus", "quarry", "saddle", "comet",
 ];
 
-/// The two task kinds of the benchmark.
+/// The task kinds of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Task {
     /// One needle; the question asks for it.
     Single,
     /// 3 or 4 needles with different keys; each question asks for one of them.
     MultiKey,
+    /// 4 needles with the same key and different values; one question asks for all of
+    /// them and is right only when the answer holds every value.
+    MultiValue,
 }
 
 impl Task {
@@ -363,6 +366,7 @@ impl Task {
         match self {
             Task::Single => "single",
             Task::MultiKey => "multikey",
+            Task::MultiValue => "multivalue",
         }
     }
 }
@@ -370,6 +374,8 @@ impl Task {
 /// One needle: "The special magic number for {key} is {number}."
 #[derive(Debug, Clone)]
 pub struct Needle {
+    /// Whether the key has several values ("One of the special magic numbers ...").
+    pub one_of_many: bool,
     pub key: String,
     /// Always 7 digits (1000000..=9999999).
     pub number: String,
@@ -379,6 +385,12 @@ pub struct Needle {
 
 impl Needle {
     pub fn sentence(&self) -> String {
+        if self.one_of_many {
+            return format!(
+                "One of the special magic numbers for {} is {}.",
+                self.key, self.number
+            );
+        }
         format!(
             "The special magic number for {} is {}.",
             self.key, self.number
@@ -394,12 +406,53 @@ impl Needle {
     }
 }
 
+/// One question about a case and the numbers a correct answer holds (all of them).
+#[derive(Debug, Clone)]
+pub struct Question {
+    pub text: String,
+    pub expected: Vec<String>,
+    /// Depth of the (first) needle asked about.
+    pub depth: f64,
+}
+
+impl Question {
+    pub fn is_answered_by(&self, answer: &str) -> bool {
+        self.expected.iter().all(|n| answer.contains(n.as_str()))
+    }
+}
+
 /// A generated document and the needles hidden in it; `needles[0]` is the one placed at
 /// the requested depth (for multi-key, the others are distractors at random depths).
 #[derive(Debug, Clone)]
 pub struct Case {
     pub document: String,
     pub needles: Vec<Needle>,
+}
+
+impl Case {
+    /// The questions a case asks: one per needle, or for multi-value needles (which
+    /// share their key) one question for all values.
+    pub fn questions(&self) -> Vec<Question> {
+        match self.needles.first() {
+            Some(first) if first.one_of_many => vec![Question {
+                text: format!(
+                    "What are all the special magic numbers for {} mentioned in the provided text?",
+                    first.key
+                ),
+                expected: self.needles.iter().map(|n| n.number.clone()).collect(),
+                depth: first.depth,
+            }],
+            _ => self
+                .needles
+                .iter()
+                .map(|n| Question {
+                    text: n.question(),
+                    expected: vec![n.number.clone()],
+                    depth: n.depth,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What precedes the haystack, as in RULER: it is the start of the user message, so
@@ -449,19 +502,34 @@ fn make_needles(rng: &mut SplitMix64, task: Task, depth: f64) -> Vec<Needle> {
     let count = match task {
         Task::Single => 1,
         Task::MultiKey => 3 + rng.below(2),
+        Task::MultiValue => 4,
     };
+    let one_of_many = task == Task::MultiValue;
+    // Drawn only for multi-value cases, so the other tasks' cases stay what they were.
+    let shared_key =
+        one_of_many.then(|| format!("{}-{}", rng.pick(KEY_ADJECTIVES), rng.pick(KEY_NOUNS)));
     let mut needles: Vec<Needle> = Vec::with_capacity(count);
     while needles.len() < count {
-        let key = format!("{}-{}", rng.pick(KEY_ADJECTIVES), rng.pick(KEY_NOUNS));
+        let key = match &shared_key {
+            Some(k) => k.clone(),
+            None => format!("{}-{}", rng.pick(KEY_ADJECTIVES), rng.pick(KEY_NOUNS)),
+        };
         let number = (1_000_000 + rng.below(9_000_000)).to_string();
-        let clash = needles.iter().any(|n| n.key == key || n.number == number);
+        let clash = needles
+            .iter()
+            .any(|n| (n.key == key && !one_of_many) || n.number == number);
         if !clash {
             let depth = if needles.is_empty() {
                 depth
             } else {
                 rng.unit()
             };
-            needles.push(Needle { key, number, depth });
+            needles.push(Needle {
+                one_of_many,
+                key,
+                number,
+                depth,
+            });
         }
     }
     needles

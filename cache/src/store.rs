@@ -473,9 +473,12 @@ impl BlockStore {
     pub fn begin_ingest(&self, spec: DocSpec) -> Result<Ingest> {
         validate_name("document id", &spec.doc, false)?;
         validate_name("tenant", &spec.tenant, true)?;
-        if spec.anchor_size > spec.block_size || spec.block_size == 0 {
+        // An anchor is at most one block, or whole blocks (Star Attention's a = k * b).
+        let anchor_ok =
+            spec.anchor_size <= spec.block_size || spec.anchor_size % spec.block_size.max(1) == 0;
+        if !anchor_ok || spec.block_size == 0 {
             return Err(Error::InvalidArgument(format!(
-                "need 0 < block size and anchor <= block (b={}, a={})",
+                "need 0 < block size and anchor <= block or a multiple of it (b={}, a={})",
                 spec.block_size, spec.anchor_size
             )));
         }

@@ -373,7 +373,7 @@ impl BlockEncoder<'_> {
         let anchor_len = self.phase1.anchor_tokens().len();
         match &mut self.device {
             EncoderDevice::Cpu { anchor, shape } => {
-                if i == 0 {
+                if i == 0 && anchor_len <= self.phase1.block_range(0).len() {
                     let none = BlockKv::new(0, 0, *shape, 0);
                     let block = self.phase1.encode_block(0, &none)?;
                     if anchor.is_none() {

@@ -74,17 +74,24 @@ pub async fn create(
     }
     let _ = body.metadata;
     let block_size = body.block_size.unwrap_or(state.config.block_size);
-    let anchor_size = body
-        .anchor_size
-        .or(state.config.anchor_size)
-        .unwrap_or(block_size)
-        .min(block_size);
+    // A configured default anchor never exceeds a document's own smaller block; an
+    // anchor of several whole blocks is a per-document choice.
+    let anchor_size = body.anchor_size.unwrap_or_else(|| {
+        state
+            .config
+            .anchor_size
+            .unwrap_or(block_size)
+            .min(block_size)
+    });
     if block_size == 0 || block_size > 1 << 16 {
         return Err(ApiError::bad_request("`block_size` must be in 1..=65536"));
     }
-    if body.anchor_size.is_some_and(|a| a == 0 || a > block_size) {
+    if body
+        .anchor_size
+        .is_some_and(|a| a == 0 || a > 1 << 16 || (a > block_size && a % block_size != 0))
+    {
         return Err(ApiError::bad_request(
-            "`anchor_size` must be in 1..=block_size",
+            "`anchor_size` must be in 1..=block_size, or a multiple of block_size up to 65536",
         ));
     }
     if let Some(job) = state.jobs.get(&principal.tenant, &id)

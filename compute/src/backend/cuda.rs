@@ -246,7 +246,15 @@ impl GpuEncoder<'_> {
     ) -> Result<BlockKv> {
         let gpu = &self.cuda.gpu;
         let mut model = self.cuda.lock_model()?;
-        let block = if range.start == 0 {
+        // With an anchor of several blocks, the blocks inside it are rows of its KV.
+        let inside_long_anchor =
+            anchor_tokens.len() > range.len() && range.end <= anchor_tokens.len();
+        let block = if inside_long_anchor {
+            if self.anchor.is_none() {
+                self.anchor = Some(encode_block(&mut model, anchor_tokens, 0, None)?);
+            }
+            self.anchor.as_ref().expect("set above").rows(gpu, range)?
+        } else if range.start == 0 {
             let block = encode_block(&mut model, &tokens[range], 0, None)?;
             if self.anchor.is_none() {
                 self.anchor = Some(block.prefix(gpu, anchor_tokens.len())?);

@@ -78,12 +78,20 @@ impl GpuBlock {
 
     /// The first `n` tokens as a block of their own (the anchor from block 0).
     pub fn prefix(&self, gpu: &Gpu, n: usize) -> Result<Self> {
-        let n = n.min(self.len);
-        let out = Self::alloc(gpu, self.start, n, self.shape, self.layers.len())?;
+        self.rows(gpu, 0..n.min(self.len))
+    }
+
+    /// Tokens `range` (relative to this block's start) as a block of their own: a block
+    /// inside an anchor longer than one block is a row range of the anchor's KV.
+    pub fn rows(&self, gpu: &Gpu, range: std::ops::Range<usize>) -> Result<Self> {
+        let from = range.start.min(self.len);
+        let n = range.end.min(self.len).saturating_sub(from);
+        let out = Self::alloc(gpu, self.start + from, n, self.shape, self.layers.len())?;
         let d = self.shape.head_dim;
         for (src, dst) in self.layers.iter().zip(&out.layers) {
             for h in 0..self.shape.n_kv_heads {
-                let (so, dof) = ((h * self.len * d * 2) as u64, (h * n * d * 2) as u64);
+                let so = ((h * self.len + from) * d * 2) as u64;
+                let dof = (h * n * d * 2) as u64;
                 gpu.copy_d2d(dst.0.ptr() + dof, src.0.ptr() + so, n * d * 2)?;
                 gpu.copy_d2d(dst.1.ptr() + dof, src.1.ptr() + so, n * d * 2)?;
             }

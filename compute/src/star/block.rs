@@ -47,16 +47,30 @@ impl BlockKv {
     /// The first `n` tokens of this block as a block of their own (the anchor is the
     /// first `a` rows of block 1).
     pub fn prefix(&self, n: usize) -> BlockKv {
-        let n = n.min(self.len);
+        self.rows(0..n.min(self.len))
+    }
+
+    /// Tokens `range` (relative to this block's start) as a block of their own, at their
+    /// own global positions: a block that lies inside an anchor longer than one block is
+    /// a row range of the anchor's KV.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> BlockKv {
+        let (from, to) = (
+            range.start.min(self.len),
+            range.end.min(self.len).max(range.start),
+        );
         let d = self.shape.head_dim;
         let cut = |x: &Vec<f32>| -> Vec<f32> {
             (0..self.shape.n_kv_heads)
-                .flat_map(|h| x[h * self.len * d..(h * self.len + n) * d].iter().copied())
+                .flat_map(|h| {
+                    x[(h * self.len + from) * d..(h * self.len + to) * d]
+                        .iter()
+                        .copied()
+                })
                 .collect()
         };
         BlockKv {
-            start: self.start,
-            len: n,
+            start: self.start + from,
+            len: to - from,
             shape: self.shape,
             layers: self.layers.iter().map(|(k, v)| (cut(k), cut(v))).collect(),
         }

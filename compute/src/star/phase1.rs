@@ -9,7 +9,11 @@ use crate::cpu::attention::{Attended, HeadShape, KvView, Mask, attention, merge_
 use crate::error::{Error, Result};
 use crate::model::{LayerAttention, Llama};
 
-/// Block size `b` and anchor size `a` (`1 <= a <= b`; the paper and the default use `a = b`).
+/// Block size `b` and anchor size `a`: `1 <= a <= b` (the paper; the default is `a = b`),
+/// or an anchor of several whole blocks (`a = k * b`), the blocks inside it being the
+/// anchor's own causal KV. A longer anchor gives every later block more shared context
+/// to calibrate its attention against, at `a` tokens of extra attention per block (issue
+/// 14 measures what it buys at small blocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StarConfig {
     pub block_size: usize,
@@ -29,9 +33,10 @@ impl StarConfig {
         if self.block_size == 0 {
             return Err(Error::InvalidInput("block size must be at least 1".into()));
         }
-        if self.anchor_size == 0 || self.anchor_size > self.block_size {
+        let whole_blocks = self.anchor_size % self.block_size == 0;
+        if self.anchor_size == 0 || (self.anchor_size > self.block_size && !whole_blocks) {
             return Err(Error::InvalidInput(format!(
-                "anchor size must be in 1..={} (the block size), got {}",
+                "anchor size must be in 1..={} (the block size) or a multiple of it, got {}",
                 self.block_size, self.anchor_size
             )));
         }
@@ -74,13 +79,20 @@ impl<'m> Phase1<'m> {
         &self.tokens[..self.config.anchor_size.min(self.tokens.len())]
     }
 
-    /// Positions of the sequence that encodes block `i`: block 0 alone at `0..len`;
-    /// any other block as `[anchor | block]` at `0..a` followed by its global positions,
-    /// so from block 2 (the paper's c_3) on there is a gap after the anchor.
+    /// Whether block `i` lies inside the anchor (block 0 always does; with `a = k * b`
+    /// the first `k` blocks do): its KV is rows of the anchor's own causal encoding.
+    pub fn in_anchor(&self, i: usize) -> bool {
+        i == 0 || self.block_range(i).end <= self.anchor_tokens().len()
+    }
+
+    /// Positions of the sequence that encodes block `i`: a block inside the anchor as
+    /// part of the anchor alone, at `0..`; any other block as `[anchor | block]` at
+    /// `0..a` followed by its global positions, so from block 2 (the paper's c_3) on
+    /// there is a gap after the anchor.
     pub fn sequence_positions(&self, i: usize) -> Vec<usize> {
         let own = self.block_range(i);
-        if i == 0 {
-            own.collect()
+        if self.in_anchor(i) {
+            (0..own.end).collect()
         } else {
             (0..self.anchor_tokens().len()).chain(own).collect()
         }
@@ -105,7 +117,7 @@ impl<'m> Phase1<'m> {
         }
         let range = self.block_range(i);
         let positions: Vec<usize> = range.clone().collect();
-        if i == 0 {
+        if i == 0 && self.anchor_tokens().len() <= range.len() {
             return self.encode_tokens(&self.tokens[range], &positions, None);
         }
         if anchor.start != 0 || anchor.len != self.anchor_tokens().len() {
@@ -116,14 +128,24 @@ impl<'m> Phase1<'m> {
                 self.anchor_tokens().len()
             )));
         }
+        if self.in_anchor(i) {
+            return Ok(anchor.rows(range));
+        }
         self.encode_tokens(&self.tokens[range], &positions, Some(anchor))
     }
 
-    /// Encodes every block: block 0 first (its prefix is the anchor), then all others in
-    /// parallel.
+    /// Encodes every block: block 0 first (its prefix is the anchor; with an anchor of
+    /// several blocks, the anchor first), then all others in parallel.
     pub fn encode_all(&self) -> Result<Vec<BlockKv>> {
-        let first = self.encode_block(0, &BlockKv::new(0, 0, self.model.head_shape(), 0))?;
-        let anchor = first.prefix(self.anchor_tokens().len());
+        let anchor_len = self.anchor_tokens().len();
+        let (first, anchor) = if anchor_len <= self.block_range(0).len() {
+            let first = self.encode_block(0, &BlockKv::new(0, 0, self.model.head_shape(), 0))?;
+            let anchor = first.prefix(anchor_len);
+            (first, anchor)
+        } else {
+            let anchor = self.encode_anchor()?;
+            (anchor.rows(self.block_range(0)), anchor)
+        };
         let rest: Vec<BlockKv> = (1..self.n_blocks())
             .into_par_iter()
             .map(|i| self.encode_block(i, &anchor))

@@ -380,5 +380,87 @@ fn bad_configurations_are_errors() {
         )
         .is_err()
     );
+    // A longer anchor must be whole blocks.
+    assert!(
+        Phase1::new(
+            &model,
+            &context,
+            StarConfig {
+                block_size: 4,
+                anchor_size: 10
+            }
+        )
+        .is_err()
+    );
     assert!(Phase1::new(&model, &[], StarConfig::new(4)).is_err());
+}
+
+/// An anchor of whole blocks (`a = k * b`, issue 14): the blocks inside it are exactly the
+/// causal prefill's rows, every later block is `[anchor | block]` with the longer anchor,
+/// and an anchor covering the context makes Star Attention full attention.
+#[test]
+fn an_anchor_of_whole_blocks_is_a_causal_prefix_seen_by_every_later_block() {
+    let model = tiny_model();
+    let context = tokens(170, 4);
+    let config = StarConfig {
+        block_size: 40,
+        anchor_size: 80,
+    };
+    let phase1 = Phase1::new(&model, &context, config).unwrap();
+    let blocks = phase1.encode_all().unwrap();
+    assert_eq!(blocks.len(), 5);
+    let full = full_attention_blocks(&model, &context, &[40, 80, 120, 160]);
+    for i in 0..2 {
+        assert!(phase1.in_anchor(i));
+        assert_eq!(
+            (blocks[i].start, blocks[i].len),
+            (full[i].start, full[i].len)
+        );
+        for ((ka, va), (kb, vb)) in blocks[i].layers.iter().zip(&full[i].layers) {
+            assert!(
+                max_diff(ka, kb) < 1e-4 && max_diff(va, vb) < 1e-4,
+                "block {i}"
+            );
+        }
+    }
+    assert_eq!(
+        phase1.sequence_positions(2)[..80],
+        (0..80).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(
+        phase1.sequence_positions(2)[80..],
+        (80..120).collect::<Vec<_>>()[..]
+    );
+    // Blocks beyond the anchor see all 80 anchor tokens: not what an a = b anchor gives.
+    let short = Phase1::new(&model, &context, StarConfig::new(40)).unwrap();
+    let short_anchor = short.encode_anchor().unwrap();
+    let with_short = short.encode_block(3, &short_anchor).unwrap();
+    assert!(max_diff(&blocks[3].layers[1].0, &with_short.layers[1].0) > 1e-3);
+    // Encoded one at a time (any order) they equal the whole run.
+    let anchor = phase1.encode_anchor().unwrap();
+    for i in [4, 1, 3, 0, 2] {
+        let alone = phase1.encode_block(i, &anchor).unwrap();
+        assert!(
+            max_diff(&alone.layers[2].1, &blocks[i].layers[2].1) < 1e-5,
+            "block {i}"
+        );
+    }
+    // An anchor as long as the context: phase 2 over the blocks is full attention.
+    let query = tokens(7, 5);
+    let whole = StarConfig {
+        block_size: 40,
+        anchor_size: 200,
+    };
+    let blocks: Vec<Arc<BlockKv>> = Phase1::new(&model, &context, whole)
+        .unwrap()
+        .encode_all()
+        .unwrap()
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let shard = CpuShard::new(blocks, model.head_shape());
+    let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16);
+    let got = query_logits(&model, context.len(), &query, &mut attn);
+    let diff = max_diff(&got, &full_attention_logits(&model, &context, &query));
+    assert!(diff < 1e-4, "max |logit diff| {diff}");
 }
