@@ -299,14 +299,22 @@ struct Results {
     ingest_seconds: BTreeMap<usize, f64>,
 }
 
-/// Ingests `case` in `config`, asks every question, deletes the document.
+/// One question's answer in one configuration.
+struct Answered {
+    question: usize,
+    correct: bool,
+    answer: String,
+}
+
+/// Ingests `case` in `config`, asks every question, deletes the document; returns the
+/// answers and the ingest seconds the server reported.
 fn run_case(
     client: &Client,
     args: &Args,
     case: &Case,
     config_index: usize,
     config: &Config,
-) -> Result<(Vec<(usize, bool, String)>, f64)> {
+) -> Result<(Vec<Answered>, f64)> {
     let id = format!("niah-{}-{config_index}", case.index);
     let body = config.ingest_body(&id, &case.document, case.context_len)?;
     let ingested = client.post("/v1/documents?wait=true", &body)?;
@@ -321,7 +329,11 @@ fn run_case(
             &json!({"question": q.text, "max_tokens": args.max_tokens, "temperature": 0.0}),
         )?;
         let answer = res["answer"].as_str().unwrap_or_default().to_string();
-        answers.push((qi, q.is_answered_by(&answer), answer));
+        answers.push(Answered {
+            question: qi,
+            correct: q.is_answered_by(&answer),
+            answer,
+        });
     }
     client.delete(&format!("/v1/documents/{id}"))?;
     Ok((answers, seconds))
@@ -377,7 +389,12 @@ fn main() -> Result<()> {
                         Ok((answers, seconds)) => {
                             let mut r = results.lock().unwrap();
                             *r.ingest_seconds.entry(ci).or_default() += seconds;
-                            for (qi, ok, answer) in answers {
+                            for Answered {
+                                question: qi,
+                                correct: ok,
+                                answer,
+                            } in answers
+                            {
                                 r.outcomes.push(Outcome {
                                     case: i,
                                     question: qi,

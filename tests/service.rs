@@ -484,6 +484,17 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
             "{method} {path}: {value}"
         );
     }
+    // An anchor of whole blocks is a valid document option (issue 14).
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({"text": "a short text of a few words", "block_size": 2, "anchor_size": 4})),
+    );
+    assert_eq!(
+        (status, doc["state"].as_str()),
+        (200, Some("ready")),
+        "{doc}"
+    );
     let (status, health) = server.json("GET", "/healthz", None);
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
     // `--device cpu` is the CPU on every machine, and the server says so.

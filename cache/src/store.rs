@@ -474,8 +474,8 @@ impl BlockStore {
         validate_name("document id", &spec.doc, false)?;
         validate_name("tenant", &spec.tenant, true)?;
         // An anchor is at most one block, or whole blocks (Star Attention's a = k * b).
-        let anchor_ok =
-            spec.anchor_size <= spec.block_size || spec.anchor_size % spec.block_size.max(1) == 0;
+        let anchor_ok = spec.anchor_size <= spec.block_size
+            || spec.anchor_size.is_multiple_of(spec.block_size.max(1));
         if !anchor_ok || spec.block_size == 0 {
             return Err(Error::InvalidArgument(format!(
                 "need 0 < block size and anchor <= block or a multiple of it (b={}, a={})",

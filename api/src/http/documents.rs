@@ -88,7 +88,7 @@ pub async fn create(
     }
     if body
         .anchor_size
-        .is_some_and(|a| a == 0 || a > 1 << 16 || (a > block_size && a % block_size != 0))
+        .is_some_and(|a| a == 0 || a > 1 << 16 || (a > block_size && !a.is_multiple_of(block_size)))
     {
         return Err(ApiError::bad_request(
             "`anchor_size` must be in 1..=block_size, or a multiple of block_size up to 65536",

@@ -33,7 +33,7 @@ impl StarConfig {
         if self.block_size == 0 {
             return Err(Error::InvalidInput("block size must be at least 1".into()));
         }
-        let whole_blocks = self.anchor_size % self.block_size == 0;
+        let whole_blocks = self.anchor_size.is_multiple_of(self.block_size);
         if self.anchor_size == 0 || (self.anchor_size > self.block_size && !whole_blocks) {
             return Err(Error::InvalidInput(format!(
                 "anchor size must be in 1..={} (the block size) or a multiple of it, got {}",
