@@ -12,13 +12,13 @@ use serde_json::{Value, json};
 use crate::util::{data_dir, model_path};
 
 /// A running server; killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     addr: String,
 }
 
 impl Server {
-    fn start(dir: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> Server {
         let model = model_path();
         let mut child = Command::new(env!("CARGO_BIN_EXE_starkv"))
             .args([
@@ -49,7 +49,7 @@ impl Server {
         Server { child, addr }
     }
 
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -119,7 +119,7 @@ impl Server {
         (status, head, body)
     }
 
-    fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub(crate) fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let bytes = body.map(|b| b.to_string().into_bytes());
         let (status, raw) = self.request(
             method,
@@ -136,7 +136,7 @@ impl Server {
         (status, value)
     }
 
-    fn metric(&self, name: &str) -> f64 {
+    pub(crate) fn metric(&self, name: &str) -> f64 {
         let (_, raw) = self.request("GET", "/metrics", None, &[]);
         String::from_utf8_lossy(&raw)
             .lines()
@@ -181,7 +181,7 @@ fn submit_long_document(server: &Server, sections: usize) {
     assert_eq!(status, 202, "{doc}");
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
     let dir = data_dir().join(format!("service-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -189,7 +189,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// Paragraphs of filler with one fact; paragraph 9 can be replaced to test reuse.
-fn document(edited: Option<&str>) -> String {
+pub(crate) fn document(edited: Option<&str>) -> String {
     let mut paragraphs: Vec<String> = (0..12)
         .map(|i| {
             format!(
@@ -206,7 +206,7 @@ fn document(edited: Option<&str>) -> String {
     paragraphs.join("\n\n")
 }
 
-const QUESTION: &str = "What is the special magic number for the harbour town?";
+pub(crate) const QUESTION: &str = "What is the special magic number for the harbour town?";
 
 /// At temperature 0 the default model answers this one at length: it runs to
 /// `max_tokens` (400 tokens take about 8 s on 2 CPU cores).

@@ -7,4 +7,5 @@ mod model_vectors;
 mod readme;
 mod service;
 mod shell;
+mod store_faults;
 mod util;

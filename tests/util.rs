@@ -64,3 +64,45 @@ pub fn last_json_line(out: &Output) -> serde_json::Value {
     let line = stdout.lines().last().expect("some output");
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
+
+/// A tmpfs of a few MB mounted on a temporary directory (a small disk for the full-disk
+/// tests), unmounted on drop. Mounting needs root: CI runs as root on these machines;
+/// elsewhere the test fails and says why instead of skipping itself.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(megabytes: u64) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Tmpfs { dir },
+            other => panic!(
+                "this test needs a small filesystem: mounting a {megabytes} MB tmpfs failed ({}). \
+                 Run the tests as root (CI does), or leave the small-disk tests out explicitly \
+                 with `--skip small_disk`.",
+                match &other {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                    Err(e) => e.to_string(),
+                }
+            ),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub store_budget_bytes: Option<u64>,
     /// In-memory hot tier of decoded blocks.
     pub hot_tier_bytes: u64,
+    /// Ingests are refused with 507 while the filesystem of the data directory has less
+    /// free space than this (also checked before every block an ingest writes).
+    pub min_free_disk_bytes: u64,
     /// Where the model runs: `auto` (the GPU when the CUDA driver, NVRTC and cuBLAS load,
     /// else the CPU), `cpu`, `cuda` or `cuda:N` (an error when that GPU cannot be used).
     pub device: String,
@@ -85,6 +88,7 @@ impl Default for ServerConfig {
             query_concurrency: 4,
             store_budget_bytes: None,
             hot_tier_bytes: 1 << 30,
+            min_free_disk_bytes: 1 << 30,
             device: "auto".into(),
             gpu_tier_bytes: None,
             api_keys: Vec::new(),

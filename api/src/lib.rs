@@ -76,6 +76,7 @@ pub async fn serve(
             eprintln!("starkv: device {}", backend.selected());
             let store_config = StoreConfig {
                 hot_tier_bytes: config.hot_tier_bytes,
+                min_free_disk_bytes: config.min_free_disk_bytes,
                 eviction: EvictionPolicy {
                     budget_bytes: config.store_budget_bytes,
                     ..EvictionPolicy::default()

@@ -88,6 +88,25 @@ pub enum Error {
         /// The engine's message.
         message: String,
     },
+    /// The storage engine found on-disk damage (RocksDB `Corruption`: a table or blob
+    /// file checksum, magic number or header). Reads of a block value that fail this way
+    /// are reported as [`Error::Corrupt`] instead, so the block is repaired.
+    #[error("storage engine found corruption in {context}: {message}")]
+    EngineCorruption {
+        /// Which instance or operation.
+        context: String,
+        /// The engine's message.
+        message: String,
+    },
+    /// The disk is full, or free space is under the configured floor: writes are refused
+    /// (deletes still work).
+    #[error("disk full in {context}: {message}")]
+    DiskFull {
+        /// Which instance or operation.
+        context: String,
+        /// What was found.
+        message: String,
+    },
     /// zstd or filesystem I/O failure outside the engine.
     #[error("i/o error in {context}: {source}")]
     Io {
@@ -125,4 +144,8 @@ pub enum CodecError {
     /// zstd refused the payload or it decoded to the wrong length.
     #[error("decompression failed: {0}")]
     Decompress(String),
+    /// The storage engine could not read the value (a damaged table or blob file,
+    /// e.g. a blob header whose compression type does not match the column family).
+    #[error("storage engine: {0}")]
+    Storage(String),
 }

@@ -136,4 +136,8 @@ pub struct GcReport {
     pub deleted: u64,
     /// Their stored bytes.
     pub bytes_freed: u64,
+    /// Bytes the store took on disk before gc (0 when unknown).
+    pub disk_bytes_before: u64,
+    /// Bytes it takes after gc and the compaction that gives deleted keys' space back.
+    pub disk_bytes_after: u64,
 }

@@ -33,13 +33,38 @@
 //!    [`BlockStore::list`], [`BlockStore::doc_info`] and block dedup lookups do not touch
 //!    "last used"; only [`BlockStore::open_doc`] / [`BlockStore::open_version`] do.
 //!
+//! 6. **A document's rows have two copies.** The manifest, state and source-token rows
+//!    live in the meta instance and, as a spare, in one shard (`Space::Docs`, the shard
+//!    chosen by the document id). Publish writes the copy (synced) before the meta rows;
+//!    delete removes the copy (synced) before the meta rows. At open the two are
+//!    reconciled (table in `load_index`): a damaged or missing meta row is restored from
+//!    its copy, a missing copy is rewritten, and a version unreadable in both places is
+//!    *lost*: never listed or served, reported by [`BlockStore::lost_documents`],
+//!    [`BlockStore::stats`] and [`BlockStore::verify_meta`] until it is deleted or
+//!    re-ingested.
+//!
+//! # Damage and a full disk
+//!
+//! - An engine instance RocksDB refuses to open (checksum mismatch, bad magic number,
+//!   broken MANIFEST) is repaired with RocksDB's repair or quarantined (moved aside and
+//!   reopened empty; see [`RocksEngine`]); the store opens anyway and every action is in
+//!   [`StoreStats::recoveries`] and the log. Blocks lost that way are
+//!   [`Error::MissingBlock`] on read, i.e. marked for repair; manifests lost that way are
+//!   restored from their copies.
+//! - A value RocksDB cannot read (a damaged table or blob file) is [`Error::Corrupt`]
+//!   like a checksum failure, so it is repaired, not a permanent error.
+//! - [`StoreConfig::min_free_disk_bytes`] refuses ingests ([`Error::DiskFull`]) before
+//!   the disk is full; [`BlockStore::gc`] compacts so deletes give space back; the engine
+//!   keeps a disk reserve file that it releases to open or write the deletes of a store
+//!   that filled the disk anyway.
+//!
 //! # Durability (fsync semantics)
 //!
 //! | operation | durable when the call returns |
 //! |---|---|
 //! | [`Ingest::put_block`] | no (WAL write, not fsynced) |
 //! | [`Ingest::commit`] | yes: shard WALs fsynced, then manifest batch with `sync` |
-//! | delete / eviction | manifest removal yes (`sync`); block deletes no (see 4.) |
+//! | delete / eviction | copy removal, then manifest removal, yes (`sync`); block deletes no (see 4.) |
 //! | pin / TTL change | yes (`sync`) |
 //! | last-used update on open | no (a crash makes the document look older) |
 //! | repair mark | no (re-marked on the next failing read) |
@@ -104,13 +129,13 @@ mod tensor;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::CodecConfig;
-pub use engine::{Engine, MemEngine, RocksConfig, RocksEngine};
+pub use engine::{Engine, MemEngine, Recovery, RecoveryAction, RocksConfig, RocksEngine};
 pub use error::{CodecError, Error, Result};
 pub use eviction::{EvictReason, EvictionPolicy, EvictionReport, GcReport};
 pub use hot::HotStats;
 pub use key::{BlockKey, BlockKeyInput};
 pub use manifest::{BlockRef, DocRef, DocState, Manifest};
 pub use store::{
-    BlockStore, DocInfo, DocLease, DocSpec, Ingest, RepairItem, StoreConfig, StoreStats,
+    BlockStore, DocInfo, DocLease, DocSpec, Ingest, MetaCheck, RepairItem, StoreConfig, StoreStats,
 };
 pub use tensor::{DType, MAX_RANK, Tensor, TensorData};

@@ -8,13 +8,13 @@
 //! the hot tier.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::clock::{Clock, SystemClock};
 use crate::codec::{self, CodecConfig};
 use crate::engine::{Batch, Engine, MemEngine, RocksConfig, RocksEngine, Space, Target, layer_key};
-use crate::error::{Error, Result};
+use crate::error::{CodecError, Error, Result};
 use crate::eviction::{EvictReason, EvictionPolicy, EvictionReport, GcReport};
 use crate::hot::{HotStats, HotTier};
 use crate::key::{BlockKey, BlockKeyInput};
@@ -43,6 +43,10 @@ pub struct StoreConfig {
     pub gc_on_open: bool,
     /// Threads used to encode the layers of one block (1 = inline).
     pub encode_threads: usize,
+    /// Refuse ingests ([`Error::DiskFull`]) while the filesystem holding the store has
+    /// less free space than this (0: no floor). Checked when an ingest starts and before
+    /// every block it writes, so a large ingest stops before the disk is full.
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -55,6 +59,7 @@ impl Default for StoreConfig {
             encode_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            min_free_disk_bytes: 0,
         }
     }
 }
@@ -170,8 +175,32 @@ pub struct StoreStats {
     pub gc_blocks: u64,
     /// Blocks marked for repair.
     pub repair_pending: u64,
+    /// Document versions whose manifest is unreadable in the meta instance and in its
+    /// copy: not served, reported until re-ingested or deleted.
+    pub lost_documents: u64,
+    /// Manifests restored at open from their copy in a shard (the meta row was damaged
+    /// or missing).
+    pub restored_manifests: u64,
+    /// What the engine did to keep going (repaired or quarantined instances, a released
+    /// disk reserve), one line each.
+    pub recoveries: Vec<String>,
     /// Hot tier.
     pub hot: HotStats,
+}
+
+/// What [`BlockStore::verify_meta`] found in the document rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetaCheck {
+    /// Visible versions checked.
+    pub checked: usize,
+    /// One line per damaged or missing row (meta or copy).
+    pub problems: Vec<String>,
+    /// Rows rewritten from their good copy (with `repair`).
+    pub repaired: usize,
+    /// Versions whose manifest is lost (`doc@version: why`).
+    pub lost: Vec<String>,
+    /// Engine recoveries not reported by an earlier check.
+    pub recoveries: Vec<crate::engine::Recovery>,
 }
 
 #[derive(Default)]
@@ -233,6 +262,9 @@ struct Index {
     pending: HashMap<BlockKey, u32>,
     next_version: HashMap<String, u64>,
     repair: BTreeSet<BlockKey>,
+    /// Versions whose manifest could not be read from meta nor from its copy.
+    lost: BTreeMap<DocRef, String>,
+    restored: u64,
     store_bytes: u64,
     tenant_bytes: HashMap<String, u64>,
     policy: EvictionPolicy,
@@ -330,6 +362,8 @@ struct Inner {
     hot: HotTier,
     idx: Mutex<Index>,
     ctr: Counters,
+    /// Engine recoveries already returned by [`BlockStore::verify_meta`].
+    recoveries_reported: AtomicUsize,
 }
 
 /// The persistent, sharded, content-addressed KV block store. Cheap to clone (shared).
@@ -414,11 +448,19 @@ impl BlockStore {
                 clock,
                 idx: Mutex::new(idx),
                 ctr: Counters::default(),
+                recoveries_reported: AtomicUsize::new(0),
                 cfg,
             }),
         };
+        for r in store.inner.engine.recoveries() {
+            tracing::error!(recovery = %r, "the store recovered from damage at open");
+        }
         if store.inner.cfg.gc_on_open {
-            store.gc()?;
+            // Leftovers are harmless: a shard that cannot be scanned now is not a reason
+            // to refuse to serve the others.
+            if let Err(e) = store.collect_unreferenced() {
+                tracing::error!(error = %e, "garbage collection at open failed");
+            }
         }
         store.inner.publish_gauges(&store.inner.lock());
         Ok(store)
@@ -471,6 +513,7 @@ impl BlockStore {
     /// [`Ingest::commit`]; dropping the ingest (or crashing) leaves nothing visible and
     /// its blocks are collected.
     pub fn begin_ingest(&self, spec: DocSpec) -> Result<Ingest> {
+        self.check_free_space()?;
         validate_name("document id", &spec.doc, false)?;
         validate_name("tenant", &spec.tenant, true)?;
         // An anchor is at most one block, or whole blocks (Star Attention's a = k * b).
@@ -490,6 +533,16 @@ impl BlockStore {
             touched: BTreeSet::new(),
             done: false,
         })
+    }
+
+    /// Free bytes on the store's filesystem (`None` for the in-memory engine).
+    pub fn free_disk_bytes(&self) -> Option<u64> {
+        self.inner.engine.free_disk_bytes()
+    }
+
+    /// [`Error::DiskFull`] when free space is under [`StoreConfig::min_free_disk_bytes`].
+    pub fn check_free_space(&self) -> Result<()> {
+        self.inner.check_free_space()
     }
 
     /// Opens the latest visible version of `doc` for reading and marks it used.
@@ -598,6 +651,16 @@ impl BlockStore {
         })?;
         let mut s = e.state;
         f(&mut s);
+        // The copy first (unsynced: it is the spare), then the meta row, synced.
+        let mut c = Batch::default();
+        c.put(Space::Docs, doc_row_key(TAG_STATE, doc), s.encode());
+        if let Err(err) =
+            self.inner
+                .engine
+                .write(Target::Shard(self.inner.copy_shard(&doc.doc)), c, false)
+        {
+            tracing::warn!(doc = %doc, %err, "could not update the state copy");
+        }
         let mut b = Batch::default();
         b.put(Space::Meta, doc_row_key(TAG_STATE, doc), s.encode());
         // Synced: pin/TTL are operator decisions and must survive a crash.
@@ -615,7 +678,11 @@ impl BlockStore {
             .into_iter()
             .map(|r| (r, EvictReason::Deleted))
             .collect();
+        let lost = self.inner.forget_lost(&mut idx, doc)?;
         if victims.is_empty() {
+            if lost > 0 {
+                return Ok(EvictionReport::default());
+            }
             return Err(Error::NotFound {
                 doc: doc.to_string(),
             });
@@ -654,8 +721,25 @@ impl BlockStore {
     }
 
     /// Deletes blocks that no manifest references and no ingest in progress uses
-    /// (leftovers of crashed or abandoned ingests).
+    /// (leftovers of crashed or abandoned ingests), then has the engine give the space of
+    /// every deleted key back to the filesystem (compaction; see [`Engine::reclaim`]).
     pub fn gc(&self) -> Result<GcReport> {
+        let before = self.inner.engine.disk_usage().unwrap_or(0);
+        let mut report = self.collect_unreferenced()?;
+        self.inner.engine.reclaim()?;
+        let after = self.inner.engine.disk_usage().unwrap_or(0);
+        report.disk_bytes_before = before;
+        report.disk_bytes_after = after;
+        tracing::info!(
+            deleted = report.deleted,
+            disk_before = before,
+            disk_after = after,
+            "gc done"
+        );
+        Ok(report)
+    }
+
+    fn collect_unreferenced(&self) -> Result<GcReport> {
         let mut report = GcReport::default();
         for shard in 0..self.inner.engine.shards() {
             let mut found = Vec::new();
@@ -744,15 +828,112 @@ impl BlockStore {
     }
 
     /// Reads and verifies every layer of a version without the hot tier (operator
-    /// `verify`). Marks failures for repair; returns the first error.
+    /// `verify`). Goes on past a damaged block, so every damaged block is marked for
+    /// repair; returns the first error.
     pub fn verify_version(&self, doc: &DocRef) -> Result<()> {
         let lease = self.open_version_no_touch(doc)?;
+        let mut first = None;
         for b in &lease.manifest.blocks {
             for layer in 0..b.layers {
-                lease.inner.read_from_engine(&b.key, layer)?;
+                if let Err(e) = lease.inner.read_from_engine(&b.key, layer) {
+                    first.get_or_insert(e);
+                    // Marked for repair; the block's other layers add nothing.
+                    break;
+                }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Versions whose manifest is lost (`doc@version`, why), for operators.
+    pub fn lost_documents(&self) -> Vec<(DocRef, String)> {
+        let idx = self.inner.lock();
+        idx.lost
+            .iter()
+            .map(|(r, w)| (r.clone(), w.clone()))
+            .collect()
+    }
+
+    /// Checks every visible version's rows in the meta instance and their copies in the
+    /// shards (manifest and source tokens; the operator's `verify`). With `repair`, a
+    /// damaged or missing row is rewritten from the good one. Also reports lost versions
+    /// and the engine's recoveries since the previous check.
+    pub fn verify_meta(&self, repair: bool) -> Result<MetaCheck> {
+        let mut out = MetaCheck::default();
+        let docs: Vec<(DocRef, Arc<Manifest>)> = {
+            let idx = self.inner.lock();
+            out.lost = idx.lost.iter().map(|(r, w)| format!("{r}: {w}")).collect();
+            idx.docs
+                .iter()
+                .map(|(r, e)| (r.clone(), e.manifest.clone()))
+                .collect()
+        };
+        let engine = self.inner.engine.as_ref();
+        for (doc, mf) in docs {
+            out.checked += 1;
+            let shard = Target::Shard(self.inner.copy_shard(&doc.doc));
+            let row = |target: Target, space: Space, tag: u8| {
+                crate::engine::get_vec(engine, target, space, &doc_row_key(tag, &doc))
+            };
+            // Manifest: meta (what the index was built from) against the copy.
+            let meta_m = row(Target::Meta, Space::Meta, TAG_MANIFEST);
+            let copy_m = row(shard, Space::Docs, TAG_MANIFEST);
+            let good_m = |r: &Result<Option<Vec<u8>>>| matches!(r, Ok(Some(v)) if Manifest::decode(v).is_ok_and(|m| m == *mf));
+            let (meta_ok, copy_ok) = (good_m(&meta_m), good_m(&copy_m));
+            // Tokens: either copy may be the good one.
+            let meta_t = row(Target::Meta, Space::Meta, TAG_TOKENS);
+            let copy_t = row(shard, Space::Docs, TAG_TOKENS);
+            let good_t = |r: &Result<Option<Vec<u8>>>| {
+                matches!(r, Ok(Some(v)) if manifest::decode_tokens(v)
+                    .is_ok_and(|t| t.len() as u64 == mf.source_tokens))
+            };
+            let (meta_t_ok, copy_t_ok) = (good_t(&meta_t), good_t(&copy_t));
+            let mut meta_fix = Batch::default();
+            let mut copy_fix = Batch::default();
+            if !meta_ok {
+                out.problems
+                    .push(format!("{doc}: manifest row in meta damaged or missing"));
+                meta_fix.put(Space::Meta, doc_row_key(TAG_MANIFEST, &doc), mf.encode());
+            }
+            if !copy_ok {
+                out.problems
+                    .push(format!("{doc}: manifest copy damaged or missing"));
+                copy_fix.put(Space::Docs, doc_row_key(TAG_MANIFEST, &doc), mf.encode());
+            }
+            match (meta_t_ok, copy_t_ok) {
+                (true, true) => {}
+                (true, false) => {
+                    out.problems.push(format!("{doc}: source-token copy damaged or missing"));
+                    if let Ok(Some(v)) = meta_t {
+                        copy_fix.put(Space::Docs, doc_row_key(TAG_TOKENS, &doc), v);
+                    }
+                }
+                (false, true) => {
+                    out.problems.push(format!("{doc}: source-token row in meta damaged or missing"));
+                    if let Ok(Some(v)) = copy_t {
+                        meta_fix.put(Space::Meta, doc_row_key(TAG_TOKENS, &doc), v);
+                    }
+                }
+                (false, false) => out.problems.push(format!(
+                    "{doc}: source tokens unreadable in meta and in the copy (blocks cannot be re-encoded; re-ingest the document)"
+                )),
+            }
+            if repair {
+                for (target, batch) in [(Target::Meta, meta_fix), (shard, copy_fix)] {
+                    if !batch.is_empty() {
+                        out.repaired += batch.ops.len();
+                        engine.write(target, batch, true)?;
+                    }
+                }
+            }
+        }
+        let all = engine.recoveries();
+        let seen = self
+            .inner
+            .recoveries_reported
+            .swap(all.len(), Ordering::Relaxed);
+        out.recoveries = all.into_iter().skip(seen).collect();
+        Ok(out)
     }
 
     fn open_version_no_touch(&self, doc: &DocRef) -> Result<DocLease> {
@@ -791,6 +972,15 @@ impl BlockStore {
                 .collect(),
             gc_blocks: ld(&c.gc_blocks),
             repair_pending: idx.repair.len() as u64,
+            lost_documents: idx.lost.len() as u64,
+            restored_manifests: idx.restored,
+            recoveries: self
+                .inner
+                .engine
+                .recoveries()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             hot: self.inner.hot.stats(),
         }
     }
@@ -834,6 +1024,49 @@ fn manifest_config(engine: &dyn Engine) -> Result<Option<u64>> {
     Ok(v.and_then(|v| v.try_into().ok().map(u64::from_le_bytes)))
 }
 
+/// A document's manifest row as read from one place: decoded with its row length, or
+/// why it could not be.
+type ManifestRead = std::result::Result<(Manifest, u64), String>;
+
+/// Every manifest row under `space` of `target`, by the version named in its key.
+fn scan_manifests(
+    engine: &dyn Engine,
+    target: Target,
+    space: Space,
+) -> Result<BTreeMap<DocRef, ManifestRead>> {
+    let mut out = BTreeMap::new();
+    engine.scan(target, space, &[TAG_MANIFEST], &mut |k, v| {
+        let Some(r) = parse_doc_row_key(k) else {
+            tracing::error!(?target, key = ?k, "unparseable manifest key skipped");
+            return true;
+        };
+        let read = match Manifest::decode(v) {
+            Ok(mf) if mf.doc == r => Ok((mf, v.len() as u64)),
+            Ok(mf) => Err(format!("row names another version ({})", mf.doc)),
+            Err(e) => Err(e.to_string()),
+        };
+        out.insert(r, read);
+        true
+    })?;
+    Ok(out)
+}
+
+fn copy_shard_of(engine: &dyn Engine, doc: &str) -> usize {
+    let h = blake3::hash(doc.as_bytes());
+    let x = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+    (x % engine.shards() as u64) as usize
+}
+
+/// Builds the index from the manifests, reconciling the meta rows with their copies in
+/// the shards:
+///
+/// | meta row | copy | outcome |
+/// |---|---|---|
+/// | readable | any | served; a missing or different copy is rewritten |
+/// | damaged | readable | meta rows restored from the copy, served |
+/// | damaged | damaged/missing | lost: not served, reported |
+/// | missing | readable | restored (meta lost it, e.g. a repaired or quarantined meta instance, or a crash between the two synced writes of a publish), unless a newer version of the id is visible (then the copy is stale and dropped) |
+/// | missing | damaged | lost, unless a newer version is visible (stale, dropped) |
 fn load_index(engine: &dyn Engine) -> Result<Index> {
     let mut idx = Index::default();
     let mut states = HashMap::new();
@@ -846,43 +1079,150 @@ fn load_index(engine: &dyn Engine) -> Result<Index> {
         }
         true
     })?;
-    let mut corrupt = Vec::new();
-    engine.scan(Target::Meta, Space::Meta, &[TAG_MANIFEST], &mut |k, v| {
-        match Manifest::decode(v) {
-            Ok(mf) if parse_doc_row_key(k).as_ref() == Some(&mf.doc) => {
-                let (state, state_len) = states.get(&mf.doc).copied().unwrap_or((
-                    DocState {
-                        last_used_ms: mf.created_ms,
-                        pinned: false,
-                        ttl_ms: None,
-                    },
-                    0,
-                ));
-                let meta_bytes = v.len() as u64 + state_len + tokens_row_len(mf.source_tokens);
-                idx.add_doc(DocEntry {
-                    manifest: Arc::new(mf),
-                    state,
-                    leases: 0,
-                    meta_bytes,
-                });
-            }
-            other => {
-                // Quarantined: not visible; its blocks become unreferenced and are
-                // collected. The document must be re-ingested.
-                tracing::error!(key = ?k, err = ?other.err(), "corrupt manifest row skipped");
-                corrupt.push(k.to_vec());
+    let meta = scan_manifests(engine, Target::Meta, Space::Meta)?;
+    let mut copies: BTreeMap<DocRef, (ManifestRead, usize)> = BTreeMap::new();
+    for shard in 0..engine.shards() {
+        match scan_manifests(engine, Target::Shard(shard), Space::Docs) {
+            Ok(found) => copies.extend(found.into_iter().map(|(r, m)| (r, (m, shard)))),
+            // The copies are the spare: without them the meta rows still serve.
+            Err(e) => {
+                tracing::error!(shard, error = %e, "could not read the document copies of a shard")
             }
         }
-        true
-    })?;
+    }
+    let mut newest: HashMap<&str, u64> = HashMap::new();
+    for (r, m) in &meta {
+        if m.is_ok() {
+            let v = newest.entry(r.doc.as_str()).or_default();
+            *v = (*v).max(r.version);
+        }
+    }
+    let stale = |r: &DocRef| newest.get(r.doc.as_str()).is_some_and(|&v| v > r.version);
+
+    let mut restore = Batch::default();
+    let mut copy_writes: BTreeMap<usize, Batch> = BTreeMap::new();
+    let mut accepted: Vec<(Manifest, u64, Option<DocState>)> = Vec::new();
+    let all: BTreeSet<&DocRef> = meta.keys().chain(copies.keys()).collect();
+    let row = |target: Target, space: Space, tag: u8, r: &DocRef| {
+        crate::engine::get_vec(engine, target, space, &doc_row_key(tag, r))
+            .ok()
+            .flatten()
+    };
+    for r in all {
+        let copy_shard = copy_shard_of(engine, &r.doc);
+        match (meta.get(r), copies.get(r)) {
+            (Some(Ok((mf, len))), copy) => {
+                let copy_matches =
+                    matches!(copy, Some((Ok((c, _)), s)) if c == mf && *s == copy_shard);
+                if !copy_matches {
+                    // A store from before copies existed, a quarantined shard, or damage.
+                    let c = copy_writes.entry(copy_shard).or_default();
+                    c.put(Space::Docs, doc_row_key(TAG_MANIFEST, r), mf.encode());
+                    if let Some(t) = row(Target::Meta, Space::Meta, TAG_TOKENS, r) {
+                        c.put(Space::Docs, doc_row_key(TAG_TOKENS, r), t);
+                    }
+                    if let Some((s, _)) = states.get(r) {
+                        c.put(Space::Docs, doc_row_key(TAG_STATE, r), s.encode());
+                    }
+                }
+                accepted.push((mf.clone(), *len, None));
+            }
+            (None, Some((_, shard))) if stale(r) => {
+                // A copy older than a visible version: left over from a replace whose
+                // unsynced copy delete was lost.
+                let c = copy_writes.entry(*shard).or_default();
+                for tag in [TAG_MANIFEST, TAG_STATE, TAG_TOKENS] {
+                    c.delete(Space::Docs, doc_row_key(tag, r));
+                }
+            }
+            (meta_row, Some((Ok((c, len)), shard))) => {
+                // The tokens are needed to serve and to repair: restore only with them.
+                let tokens = row(Target::Shard(*shard), Space::Docs, TAG_TOKENS, r)
+                    .filter(|t| manifest::decode_tokens(t).is_ok())
+                    .or_else(|| {
+                        row(Target::Meta, Space::Meta, TAG_TOKENS, r)
+                            .filter(|t| manifest::decode_tokens(t).is_ok())
+                    });
+                let Some(tokens) = tokens else {
+                    idx.lost.insert(
+                        r.clone(),
+                        "manifest restorable from its copy but the source tokens are unreadable everywhere".into(),
+                    );
+                    continue;
+                };
+                let state = row(Target::Shard(*shard), Space::Docs, TAG_STATE, r)
+                    .and_then(|s| DocState::decode(&s).ok());
+                let why = match meta_row {
+                    Some(Err(e)) => format!("meta row damaged: {e}"),
+                    _ => "meta row missing".to_string(),
+                };
+                tracing::error!(doc = %r, why = %why, "manifest restored from its copy in shard {shard}");
+                restore.put(Space::Meta, doc_row_key(TAG_MANIFEST, r), c.encode());
+                restore.put(Space::Meta, doc_row_key(TAG_TOKENS, r), tokens);
+                if let Some(s) = state {
+                    restore.put(Space::Meta, doc_row_key(TAG_STATE, r), s.encode());
+                }
+                idx.restored += 1;
+                accepted.push((c.clone(), *len, state));
+            }
+            (Some(Err(e)), copy) => {
+                let why = match copy {
+                    Some((Err(ce), _)) => format!("meta row damaged ({e}) and copy damaged ({ce})"),
+                    _ => format!("meta row damaged ({e}) and no copy"),
+                };
+                tracing::error!(doc = %r, why = %why, "manifest lost: the document is not served");
+                idx.lost.insert(r.clone(), why);
+            }
+            (None, Some((Err(ce), _))) => {
+                let why = format!("meta row missing and copy damaged ({ce})");
+                tracing::error!(doc = %r, why = %why, "manifest lost: the document is not served");
+                idx.lost.insert(r.clone(), why);
+            }
+            (None, None) => {}
+        }
+    }
+    if !restore.is_empty() {
+        engine.write(Target::Meta, restore, true)?;
+    }
+    for (shard, c) in copy_writes {
+        if let Err(e) = engine.write(Target::Shard(shard), c, true) {
+            tracing::error!(shard, error = %e, "could not rewrite document copies");
+        }
+    }
+    for (mf, len, restored_state) in accepted {
+        let (state, state_len) = match restored_state {
+            Some(s) => (s, s.encode().len() as u64),
+            None => states.get(&mf.doc).copied().unwrap_or((
+                DocState {
+                    last_used_ms: mf.created_ms,
+                    pinned: false,
+                    ttl_ms: None,
+                },
+                0,
+            )),
+        };
+        let meta_bytes = len + state_len + tokens_row_len(mf.source_tokens);
+        idx.add_doc(DocEntry {
+            manifest: Arc::new(mf),
+            state,
+            leases: 0,
+            meta_bytes,
+        });
+    }
+    // A lost version keeps its number: a new ingest of the id gets a higher one.
+    let lost: Vec<DocRef> = idx.lost.keys().cloned().collect();
+    for r in lost {
+        let nv = idx.next_version.entry(r.doc.clone()).or_insert(1);
+        *nv = (*nv).max(r.version + 1);
+    }
     engine.scan(Target::Meta, Space::Meta, &[TAG_REPAIR], &mut |k, _| {
         if let Ok(key) = <[u8; 32]>::try_from(&k[1..]) {
             idx.repair.insert(BlockKey(key));
         }
         true
     })?;
-    if !corrupt.is_empty() {
-        metrics::counter!(m::CHECKSUM_FAILURES).increment(corrupt.len() as u64);
+    if !idx.lost.is_empty() {
+        metrics::counter!(m::CHECKSUM_FAILURES).increment(idx.lost.len() as u64);
     }
     Ok(idx)
 }
@@ -901,20 +1241,94 @@ impl Inner {
         metrics::gauge!(m::REPAIR_PENDING).set(idx.repair.len() as f64);
     }
 
+    /// The source tokens from the meta row, else from the copy (then the meta row is
+    /// rewritten from it).
     fn source_tokens(&self, doc: &DocRef) -> Result<Vec<u32>> {
-        let row = crate::engine::get_vec(
-            self.engine.as_ref(),
-            Target::Meta,
-            Space::Meta,
-            &doc_row_key(TAG_TOKENS, doc),
-        )?
-        .ok_or_else(|| Error::NotFound {
-            doc: doc.to_string(),
-        })?;
-        manifest::decode_tokens(&row).map_err(|reason| Error::CorruptManifest {
-            doc: doc.to_string(),
-            reason,
-        })
+        let key = doc_row_key(TAG_TOKENS, doc);
+        let engine = self.engine.as_ref();
+        let read = |target: Target, space: Space| -> std::result::Result<Vec<u32>, String> {
+            match crate::engine::get_vec(engine, target, space, &key) {
+                Ok(Some(row)) => manifest::decode_tokens(&row).map_err(|e| e.to_string()),
+                Ok(None) => Err("row missing".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let meta_err = match read(Target::Meta, Space::Meta) {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        bump(&self.ctr.checksum_failures, m::CHECKSUM_FAILURES, 1);
+        let copy_shard = Target::Shard(self.copy_shard(&doc.doc));
+        match read(copy_shard, Space::Docs) {
+            Ok(tokens) => {
+                tracing::error!(doc = %doc, error = %meta_err, "source-token row unreadable in meta; using and restoring its copy");
+                let mut b = Batch::default();
+                b.put(Space::Meta, key.clone(), manifest::encode_tokens(&tokens));
+                if let Err(e) = self.engine.write(Target::Meta, b, true) {
+                    tracing::error!(doc = %doc, error = %e, "could not restore the source-token row");
+                }
+                Ok(tokens)
+            }
+            Err(copy_err) => {
+                tracing::error!(doc = %doc, meta = %meta_err, copy = %copy_err, "source tokens unreadable in meta and in the copy");
+                Err(Error::CorruptManifest {
+                    doc: doc.to_string(),
+                    reason: CodecError::Storage(format!(
+                        "source tokens unreadable (meta: {meta_err}; copy: {copy_err})"
+                    )),
+                })
+            }
+        }
+    }
+
+    /// The shard holding the copies of a document id's rows (every version together).
+    fn copy_shard(&self, doc: &str) -> usize {
+        copy_shard_of(self.engine.as_ref(), doc)
+    }
+
+    fn check_free_space(&self) -> Result<()> {
+        if self.engine.reserve_spent() {
+            return Err(Error::DiskFull {
+                context: "ingest".into(),
+                message: "the disk filled up and the store is running on its disk reserve; delete documents and run gc".into(),
+            });
+        }
+        let floor = self.cfg.min_free_disk_bytes;
+        if floor == 0 {
+            return Ok(());
+        }
+        match self.engine.free_disk_bytes() {
+            Some(free) if free < floor => Err(Error::DiskFull {
+                context: "ingest".into(),
+                message: format!(
+                    "{free} bytes free on the store's filesystem, under the floor of {floor} bytes (min_free_disk_bytes); delete documents and run gc"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes lost versions of `doc` (rows in meta and copies); returns how many.
+    fn forget_lost(&self, idx: &mut Index, doc: &str) -> Result<usize> {
+        let lost: Vec<DocRef> = idx.lost.keys().filter(|r| r.doc == doc).cloned().collect();
+        if lost.is_empty() {
+            return Ok(0);
+        }
+        let mut c = Batch::default();
+        let mut b = Batch::default();
+        for r in &lost {
+            for tag in [TAG_MANIFEST, TAG_STATE, TAG_TOKENS] {
+                c.delete(Space::Docs, doc_row_key(tag, r));
+                b.delete(Space::Meta, doc_row_key(tag, r));
+            }
+        }
+        self.engine
+            .write(Target::Shard(self.copy_shard(doc)), c, true)?;
+        self.engine.write(Target::Meta, b, true)?;
+        for r in &lost {
+            idx.lost.remove(r);
+        }
+        Ok(lost.len())
     }
 
     /// Encodes a block's layers (in parallel) into one shard batch.
@@ -969,9 +1383,9 @@ impl Inner {
     /// Reads one layer from the engine, verifying it. Never returns unverified data.
     fn read_from_engine(&self, key: &BlockKey, layer: u16) -> Result<Tensor> {
         let shard = key.shard(self.engine.shards());
-        let mut out: Option<std::result::Result<Tensor, crate::error::CodecError>> = None;
+        let mut out: Option<std::result::Result<Tensor, CodecError>> = None;
         let mut len = 0usize;
-        self.engine.get(
+        let got = self.engine.get(
             Target::Shard(shard),
             Space::Layers,
             &layer_key(key, layer),
@@ -981,7 +1395,17 @@ impl Inner {
                     out = Some(codec::decode(v));
                 }
             },
-        )?;
+        );
+        match got {
+            Ok(()) => {}
+            // RocksDB could not read the value (a damaged table or blob file, e.g. a blob
+            // header naming another compression type): like a checksum failure, the
+            // block is repairable, not an internal error.
+            Err(Error::EngineCorruption { message, .. }) => {
+                out = Some(Err(CodecError::Storage(message)));
+            }
+            Err(e) => return Err(e),
+        }
         match out {
             Some(Ok(t)) => {
                 bump(&self.ctr.bytes_read, m::BYTES_READ, len as u64);
@@ -1067,6 +1491,19 @@ impl Inner {
             return Ok(report);
         }
         if write_meta {
+            // Copies first, synced: a copy outliving its meta rows would be restored at
+            // open (a deleted document coming back); meta rows outliving their copy only
+            // lose the spare, which open writes again.
+            let mut copies: HashMap<usize, Batch> = HashMap::new();
+            for (r, _) in &victims {
+                let c = copies.entry(self.copy_shard(&r.doc)).or_default();
+                for tag in [TAG_MANIFEST, TAG_STATE, TAG_TOKENS] {
+                    c.delete(Space::Docs, doc_row_key(tag, r));
+                }
+            }
+            for (shard, c) in copies {
+                self.engine.write(Target::Shard(shard), c, true)?;
+            }
             let mut b = Batch::default();
             for (r, _) in &victims {
                 for tag in [TAG_MANIFEST, TAG_STATE, TAG_TOKENS] {
@@ -1357,6 +1794,7 @@ impl Ingest {
         if self.reuse_block(key, start, tokens) {
             return Ok(false);
         }
+        self.inner.check_free_space()?;
         {
             let mut idx = self.inner.lock();
             *idx.pending.entry(key).or_default() += 1;
@@ -1460,16 +1898,50 @@ impl Ingest {
             }
         }
 
+        // Lost versions of this id (manifest unreadable everywhere) go with the publish.
+        let lost: Vec<DocRef> = if self.spec.keep_previous_versions {
+            Vec::new()
+        } else {
+            idx.lost
+                .keys()
+                .filter(|r| r.doc == doc.doc)
+                .cloned()
+                .collect()
+        };
+        // The copy first, synced (its blocks are durable already): a copy without its
+        // meta rows is restored at open, so a crash here can only publish a complete
+        // document, never lose one. Then the meta rows, synced: now it is visible.
+        let copy_shard = Target::Shard(inner.copy_shard(&doc.doc));
+        let mut c = Batch::default();
+        c.put(Space::Docs, doc_row_key(TAG_MANIFEST, &doc), m_row.clone());
+        c.put(Space::Docs, doc_row_key(TAG_STATE, &doc), s_row.clone());
+        c.put(Space::Docs, doc_row_key(TAG_TOKENS, &doc), t_row.clone());
+        inner.engine.write(copy_shard, c, true)?;
         let mut b = Batch::default();
         b.put(Space::Meta, doc_row_key(TAG_MANIFEST, &doc), m_row);
         b.put(Space::Meta, doc_row_key(TAG_STATE, &doc), s_row);
         b.put(Space::Meta, doc_row_key(TAG_TOKENS, &doc), t_row);
-        for r in &replaced {
+        for r in replaced.iter().chain(&lost) {
             for tag in [TAG_MANIFEST, TAG_STATE, TAG_TOKENS] {
                 b.delete(Space::Meta, doc_row_key(tag, r));
             }
         }
         inner.engine.write(Target::Meta, b, true)?;
+        if !replaced.is_empty() || !lost.is_empty() {
+            // Unsynced: a copy older than a visible version is dropped at open anyway.
+            let mut c = Batch::default();
+            for r in replaced.iter().chain(&lost) {
+                for tag in [TAG_MANIFEST, TAG_STATE, TAG_TOKENS] {
+                    c.delete(Space::Docs, doc_row_key(tag, r));
+                }
+            }
+            if let Err(err) = inner.engine.write(copy_shard, c, false) {
+                tracing::warn!(doc = %doc, %err, "could not delete replaced copies; open will");
+            }
+            for r in &lost {
+                idx.lost.remove(r);
+            }
+        }
 
         idx.add_doc(entry);
         for (k, _) in self.pending.drain(..) {

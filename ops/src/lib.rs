@@ -340,6 +340,7 @@ pub fn stats(target: &Target) -> OpsResult {
     Ok(json!({
         "documents": s.documents, "blocks": s.blocks, "store_bytes": s.store_bytes, "checksum_failures": s.checksum_failures,
         "repair_pending": s.repair_pending, "disk_bytes": store.engine().disk_usage().ok(),
+        "lost_documents": s.lost_documents, "restored_manifests": s.restored_manifests, "recoveries": s.recoveries,
     }))
 }
 
@@ -393,7 +394,7 @@ pub fn evict(target: &Target, req: &EvictRequest) -> OpsResult {
     Ok(serde_json::to_value(admin::evict(&store, req, now)?).expect("serialisable"))
 }
 
-/// `verify [--repair]`; corrupt data is an error (exit code 4) unless it was repaired.
+/// `verify [--repair]`; corrupt data found is exit code 4 (with the report), repaired or not.
 pub fn verify(target: &Target, repair: bool, model: Option<&Path>) -> OpsResult {
     let report = match target {
         Target::Server { .. } => target.call(
@@ -419,8 +420,9 @@ pub fn verify(target: &Target, repair: bool, model: Option<&Path>) -> OpsResult 
             serde_json::to_value(admin::verify(&store, service.as_ref())?).expect("serialisable")
         }
     };
-    let corrupt = report["corrupt"].as_array().map_or(0, Vec::len);
-    if corrupt > 0 && (!repair || report["repaired_blocks"].as_u64().unwrap_or(0) == 0) {
+    // Exit code 4 whenever damage was found, repaired or not (the README's promise:
+    // "4 corrupt data found"); the report says what was repaired.
+    if report["corruption_found"].as_bool().unwrap_or(false) {
         return Err(OpsError::Corrupt(report));
     }
     Ok(report)
@@ -432,5 +434,8 @@ pub fn gc(target: &Target) -> OpsResult {
     }
     let (store, _) = target.store()?;
     let r = store.gc()?;
-    Ok(json!({ "scanned": r.scanned, "deleted": r.deleted, "bytes_freed": r.bytes_freed }))
+    Ok(
+        json!({ "scanned": r.scanned, "deleted": r.deleted, "bytes_freed": r.bytes_freed,
+               "disk_bytes_before": r.disk_bytes_before, "disk_bytes_after": r.disk_bytes_after }),
+    )
 }

@@ -94,17 +94,44 @@ pub fn evict(store: &BlockStore, req: &EvictRequest, now_ms: u64) -> ServiceResu
     Ok(out)
 }
 
+/// What `verify` found and did. `corruption_found` is what the CLI turns into exit code 4.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyOutcome {
+    /// Visible document versions checked.
     pub documents: usize,
+    /// Versions with a damaged or missing block (`doc@version: error`).
     pub corrupt: Vec<String>,
+    /// Blocks re-encoded from their document's source tokens (with repair).
     pub repaired_blocks: usize,
+    /// Why a repair failed, when it did (the damage is still reported above).
+    pub repair_error: Option<String>,
+    /// Damaged or missing document rows, in the meta instance or their copies.
+    pub meta_problems: Vec<String>,
+    /// Document rows rewritten from their good copy (with repair).
+    pub meta_repaired: usize,
+    /// Versions whose manifest is lost in both copies: not served; delete or re-ingest.
+    pub lost_documents: Vec<String>,
+    /// What the store did to open or keep going since the previous verify (a repaired or
+    /// quarantined instance, a released disk reserve).
+    pub recoveries: Vec<String>,
+    /// Blocks still marked for repair after this run.
+    pub repair_pending: u64,
+    /// Whether damage was found (blocks, rows, lost manifests, a repaired or quarantined
+    /// instance), repaired or not.
+    pub corruption_found: bool,
 }
 
-/// Reads and checks every stored block; with `service` (the model loaded), re-encodes
-/// every block that failed from its document's stored source tokens.
+/// Checks every document's rows (meta instance and copies) and reads every stored block;
+/// with `service` (the model loaded), rewrites damaged rows from their good copy and
+/// re-encodes every damaged or missing block from its document's source tokens.
 pub fn verify(store: &BlockStore, service: Option<&Service>) -> ServiceResult<VerifyOutcome> {
     let mut out = VerifyOutcome::default();
+    let meta = store.verify_meta(service.is_some())?;
+    out.meta_problems = meta.problems;
+    out.meta_repaired = meta.repaired;
+    out.lost_documents = meta.lost;
+    let damage_recovered = meta.recoveries.iter().any(|r| r.action.lost_data());
+    out.recoveries = meta.recoveries.iter().map(ToString::to_string).collect();
     for d in store.list() {
         out.documents += 1;
         if let Err(e) = store.verify_version(&d.doc) {
@@ -112,7 +139,15 @@ pub fn verify(store: &BlockStore, service: Option<&Service>) -> ServiceResult<Ve
         }
     }
     if let Some(service) = service {
-        out.repaired_blocks = service.repair_pending()?;
+        match service.repair_pending() {
+            Ok(n) => out.repaired_blocks = n,
+            Err(e) => out.repair_error = Some(e.to_string()),
+        }
     }
+    out.repair_pending = store.stats().repair_pending;
+    out.corruption_found = !out.corrupt.is_empty()
+        || !out.meta_problems.is_empty()
+        || !out.lost_documents.is_empty()
+        || damage_recovered;
     Ok(out)
 }

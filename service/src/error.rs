@@ -12,6 +12,9 @@ pub enum ServiceError {
     Conflict(String),
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The disk is full or under the configured free-space floor (HTTP 507).
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -22,6 +25,9 @@ impl From<starkv_cache::Error> for ServiceError {
             starkv_cache::Error::NotFound { .. } => ServiceError::NotFound(e.to_string()),
             starkv_cache::Error::InvalidArgument(m) => ServiceError::Invalid(m),
             starkv_cache::Error::QuotaExceeded { .. } => ServiceError::QuotaExceeded(e.to_string()),
+            starkv_cache::Error::DiskFull { .. } => {
+                ServiceError::InsufficientStorage(e.to_string())
+            }
             other => ServiceError::Internal(other.to_string()),
         }
     }

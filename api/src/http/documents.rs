@@ -63,6 +63,12 @@ pub async fn create(
     body: Result<ApiJson<CreateDocument>, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Write)?;
+    // Before anything is tokenised or spooled: 507 while the disk is under the floor.
+    state
+        .service
+        .store()
+        .check_free_space()
+        .map_err(starkv_service::ServiceError::from)?;
     let ApiJson(body) = body?;
     let id = match body.id {
         Some(id) => id,
@@ -432,6 +438,10 @@ pub async fn stats(
         "evictions": s.evictions.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "gc_blocks": s.gc_blocks,
         "repair_pending": s.repair_pending,
+        "lost_documents": s.lost_documents,
+        "restored_manifests": s.restored_manifests,
+        "recoveries": s.recoveries,
+        "free_disk_bytes": state.service.store().free_disk_bytes(),
         "ingest_queue_depth": state.jobs.queue_depth(),
     })))
 }
@@ -450,7 +460,8 @@ pub async fn gc(
     })
     .await?;
     Ok(Json(
-        json!({ "scanned": report.scanned, "deleted": report.deleted, "bytes_freed": report.bytes_freed }),
+        json!({ "scanned": report.scanned, "deleted": report.deleted, "bytes_freed": report.bytes_freed,
+                "disk_bytes_before": report.disk_bytes_before, "disk_bytes_after": report.disk_bytes_after }),
     ))
 }
 

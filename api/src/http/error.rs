@@ -72,6 +72,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::QuotaExceeded(m) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", m)
             }
+            ServiceError::InsufficientStorage(m) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m)
+            }
             ServiceError::Internal(m) => {
                 tracing::error!(error = m, "internal error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)

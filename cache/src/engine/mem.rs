@@ -29,7 +29,7 @@ impl MemEngine {
     fn check(&self, target: Target, space: Space) -> Result<()> {
         let ok = match (target, space) {
             (Target::Meta, Space::Meta) => true,
-            (Target::Shard(i), Space::Layers | Space::BlockIndex) => i < self.shards,
+            (Target::Shard(i), Space::Layers | Space::BlockIndex | Space::Docs) => i < self.shards,
             _ => false,
         };
         if ok {

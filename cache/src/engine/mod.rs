@@ -23,7 +23,7 @@ mod mem;
 mod rocks;
 
 pub use mem::MemEngine;
-pub use rocks::{RocksConfig, RocksEngine};
+pub use rocks::{RocksConfig, RocksEngine, free_disk_bytes};
 
 use crate::error::Result;
 
@@ -47,6 +47,9 @@ pub enum Space {
     /// One small row per stored block, key = block key (only in shards): lets garbage
     /// collection and accounting scan blocks without touching layer payloads.
     BlockIndex,
+    /// Second copies of document rows (manifest, state, source tokens; only in shards):
+    /// a document survives the loss or damage of its rows in the meta instance.
+    Docs,
 }
 
 /// One operation of a batch.
@@ -141,11 +144,94 @@ pub trait Engine: Send + Sync + 'static {
     /// operators before backups and by benchmarks to measure steady-state reads.
     fn flush(&self) -> Result<()>;
 
+    /// Gives the space of deleted keys back to the filesystem: flushes and compacts the
+    /// block shards (and rewrites partly dead blob files). Slow; operators' `gc` calls it.
+    fn reclaim(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Approximate bytes on disk (or in memory) over all instances, for reporting.
     fn disk_usage(&self) -> Result<u64>;
 
+    /// Free bytes on the filesystem holding the store (`None`: not on a filesystem).
+    fn free_disk_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// True while the disk reserve is spent (the disk filled up) and not yet restored:
+    /// the store then refuses ingests until deletes and [`Engine::reclaim`] give the
+    /// space back.
+    fn reserve_spent(&self) -> bool {
+        false
+    }
+
+    /// What the engine did to keep going after damage or a full disk (repaired or
+    /// quarantined instances, a released disk reserve), oldest first.
+    fn recoveries(&self) -> Vec<Recovery> {
+        Vec::new()
+    }
+
     /// Engine name for logs and reports.
     fn name(&self) -> &'static str;
+}
+
+/// One recovery action of the engine (see [`Engine::recoveries`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// The instance.
+    pub target: Target,
+    /// What was done.
+    pub action: RecoveryAction,
+    /// The error that caused it.
+    pub cause: String,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// What the engine did to an instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecoveryAction {
+    /// Rebuilt by RocksDB's repair; keys in unreadable tables are lost.
+    Repaired,
+    /// Moved aside (kept for inspection) and reopened empty: every key is lost.
+    Quarantined {
+        /// Where the damaged files are now.
+        moved_to: String,
+    },
+    /// The disk was full: the disk reserve file was deleted to make room.
+    ReserveReleased {
+        /// Bytes given back.
+        bytes: u64,
+    },
+}
+
+impl RecoveryAction {
+    /// Whether keys of the instance may have been lost.
+    pub fn lost_data(&self) -> bool {
+        !matches!(self, RecoveryAction::ReserveReleased { .. })
+    }
+}
+
+impl std::fmt::Display for Recovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.target {
+            Target::Meta => "meta".to_string(),
+            Target::Shard(i) => format!("shard {i}"),
+        };
+        match &self.action {
+            RecoveryAction::Repaired => write!(f, "{what}: repaired by RocksDB repair"),
+            RecoveryAction::Quarantined { moved_to } => {
+                write!(f, "{what}: quarantined to {moved_to} and reopened empty")
+            }
+            RecoveryAction::ReserveReleased { bytes } => {
+                write!(
+                    f,
+                    "{what}: disk full, released the {bytes}-byte disk reserve"
+                )
+            }
+        }?;
+        write!(f, " (cause: {})", self.cause)
+    }
 }
 
 /// Key of one layer of a block in [`Space::Layers`]: `block key | u16 BE layer`.

@@ -3,7 +3,9 @@
 
 mod concurrent;
 mod crash;
+mod disk_full;
 mod eviction;
+mod faults;
 mod integrity;
 mod metrics_emitted;
 mod roundtrip;

@@ -416,6 +416,24 @@ pub fn verify_summary(report: &Value, style: Style) -> String {
         human_count(documents),
         plural(documents as usize, "document", "documents")
     );
+    // Store-level findings (issue 12): lost manifests, damaged document rows, and what the
+    // store did to open (a repaired or quarantined instance), one line each.
+    let mut findings = String::new();
+    for (field, label) in [
+        ("lost_documents", "lost (not served; delete or re-ingest)"),
+        ("meta_problems", "document rows"),
+        ("recoveries", "store recovered"),
+    ] {
+        for item in report.get(field).and_then(Value::as_array).into_iter().flatten() {
+            findings.push_str(&format!("  {label}: {}\n", item.as_str().unwrap_or("-")));
+        }
+    }
+    if !findings.is_empty() && corrupt.is_empty() && repaired == 0 {
+        return format!(
+            "{head}: {}\n{findings}",
+            style.paint(Tone::Bad, "store damage found")
+        );
+    }
     if corrupt.is_empty() && repaired == 0 {
         return format!(
             "{head}: {}\n",
@@ -436,6 +454,7 @@ pub fn verify_summary(report: &Value, style: Style) -> String {
     for c in corrupt {
         out.push_str(&format!("  {}\n", c.as_str().unwrap_or("-")));
     }
+    out.push_str(&findings);
     out
 }
 
