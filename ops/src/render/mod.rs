@@ -424,7 +424,12 @@ pub fn verify_summary(report: &Value, style: Style) -> String {
         ("meta_problems", "document rows"),
         ("recoveries", "store recovered"),
     ] {
-        for item in report.get(field).and_then(Value::as_array).into_iter().flatten() {
+        for item in report
+            .get(field)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             findings.push_str(&format!("  {label}: {}\n", item.as_str().unwrap_or("-")));
         }
     }
@@ -679,6 +684,14 @@ integrity  2 checksum failures, 1 block awaiting repair
                 Style::PLAIN
             ),
             "verified 1 document: 1 corrupt, 2 blocks repaired\n  default/a@1: checksum\n"
+        );
+        assert_eq!(
+            verify_summary(
+                &json!({ "documents": 1, "corrupt": [], "repaired_blocks": 0,
+                         "recoveries": ["shard 1: quarantined to q and reopened empty (cause: c)"] }),
+                Style::PLAIN
+            ),
+            "verified 1 document: store damage found\n  store recovered: shard 1: quarantined to q and reopened empty (cause: c)\n"
         );
         assert_eq!(
             ingest_summary(
