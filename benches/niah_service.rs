@@ -24,6 +24,9 @@
 mod machine;
 #[path = "support/niah.rs"]
 mod niah;
+#[allow(dead_code)] // the chart types' other uses are other benches'
+#[path = "support/plot.rs"]
+mod plot;
 #[allow(dead_code)] // shared with star_accuracy, which also builds query ids itself
 #[path = "support/prompt.rs"]
 mod prompt;
@@ -79,9 +82,13 @@ struct Args {
     /// One JSON line per question and configuration.
     #[arg(long)]
     jsonl: Option<PathBuf>,
-    /// Accuracy and ingest time per configuration, for plots.
+    /// Accuracy and ingest time per configuration, with intervals.
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Where the chart (accuracy against ingest time) goes, as NAME.csv and NAME.svg
+    /// (default: `STARKV_FIGURES_DIR` or target/figures, name `niah_service`).
+    #[arg(long)]
+    figure: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -438,6 +445,16 @@ fn main() -> Result<()> {
     if let Some(path) = &args.csv {
         std::fs::write(path, report.csv())?;
     }
+    let (dir, name) = match &args.figure {
+        Some(p) => (
+            p.parent().map_or_else(|| PathBuf::from("."), PathBuf::from),
+            p.file_stem()
+                .map_or("niah_service".into(), |s| s.to_string_lossy().into_owned()),
+        ),
+        None => (plot::figures_dir(), "niah_service".to_string()),
+    };
+    let svg = plot::save(&report.chart(), &dir, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!("chart: {}", svg.display());
     Ok(())
 }
 
@@ -561,6 +578,52 @@ impl<'a> Report<'a> {
             })
             .collect();
         format!("| {name} | {} | {} |", cols[0].len(), cells.join(" | "))
+    }
+
+    /// Accuracy on single and multi-key needles (what the goal is stated on)
+    /// against ingest time relative to full attention: one line per ingest option, its
+    /// points the block sizes, so the trade-off reads off one picture.
+    fn chart(&self) -> plot::Chart {
+        let mut chart = plot::Chart::lines(
+            "Needle accuracy against ingest cost (single + multi-key needles)",
+            "ingest time / full-attention prefill",
+            "accuracy",
+        );
+        chart.y_unit = plot::Unit::Percent;
+        chart.note = format!(
+            "{} questions per configuration; points left to right: smaller blocks to larger (L/16 ... L/4), full = one block",
+            self.by_task
+                .iter()
+                .filter(|(t, _)| **t != Task::MultiValue)
+                .map(|(_, c)| c[0].len())
+                .sum::<usize>()
+        );
+        let full = self.ingest_seconds[0];
+        let mut points: Vec<(String, f64, f64)> = Vec::new();
+        for (i, config) in self.configs.iter().enumerate() {
+            let marks: Vec<bool> = self
+                .by_task
+                .iter()
+                .filter(|(t, _)| **t != Task::MultiValue)
+                .flat_map(|(_, cols)| cols[i].iter().copied())
+                .collect();
+            if marks.is_empty() {
+                continue;
+            }
+            let family = match config.divisor {
+                None => "full attention".to_string(),
+                Some(_) => match config.label.split_once(':') {
+                    Some((_, options)) => options.replace(':', ", "),
+                    None => "star, anchor = block".to_string(),
+                },
+            };
+            points.push((family, self.ingest_seconds[i] / full, 100.0 * rate(&marks)));
+        }
+        points.sort_by(|a, b| a.1.total_cmp(&b.1));
+        for (family, x, y) in points {
+            chart.push(&family, x, y);
+        }
+        chart
     }
 
     /// `config,task,questions,accuracy,lo,hi,ratio,ratio_lo,ratio_hi,ingest_seconds`.
