@@ -24,7 +24,6 @@
 mod machine;
 #[path = "support/niah.rs"]
 mod niah;
-#[allow(dead_code)] // the chart types' other uses are other benches'
 #[path = "support/plot.rs"]
 mod plot;
 #[allow(dead_code)] // shared with star_accuracy, which also builds query ids itself
