@@ -393,6 +393,132 @@ pub fn decode(value: &[u8]) -> Result<Tensor, CodecError> {
     Tensor::new(info.shape, data).map_err(|_| CodecError::BadHeader("shape"))
 }
 
+/// Bytes [`decode_payload_into`] writes for a value described by `info` when asked for
+/// elements of `want` (the element count times `want`'s size).
+pub fn decoded_len(info: &ValueInfo, want: DType) -> usize {
+    (info.raw_len as usize / info.dtype.size()) * want.size()
+}
+
+/// Decodes a payload that [`verify`] accepted straight into the caller's buffer (e.g.
+/// page-locked staging for a GPU), as elements of `want`: a copy when `want` is the
+/// stored type, else a conversion (f16 <-> bf16, or f32 narrowed to either; every
+/// conversion rounds to nearest even). `dst` must be [`decoded_len`] bytes.
+///
+/// Same stored type: a raw value is one `memcpy`, a shuffled one is decompressed into a
+/// thread-local scratch and un-shuffled into `dst`, so a multi-GB read touches each byte
+/// twice and allocates nothing per call.
+pub fn decode_payload_into(
+    info: &ValueInfo,
+    payload: &[u8],
+    want: DType,
+    dst: &mut [u8],
+) -> Result<(), CodecError> {
+    if dst.len() != decoded_len(info, want) {
+        return Err(CodecError::BadHeader("destination length does not match"));
+    }
+    let elem = info.dtype.size();
+    let raw = info.raw_len as usize;
+    if want == info.dtype {
+        return match (info.zstd, info.shuffled) {
+            (false, _) => {
+                dst.copy_from_slice(payload);
+                Ok(())
+            }
+            (true, false) => decompress_exact(payload, dst),
+            (true, true) => with_scratch(raw, |s| {
+                decompress_exact(payload, s)?;
+                unshuffle(s, elem, dst);
+                Ok(())
+            }),
+        };
+    }
+    // Another type: the stored elements in a second scratch, converted in chunks.
+    thread_local! {
+        static ELEMENTS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    ELEMENTS.with(|e| {
+        let mut e = e.borrow_mut();
+        if e.len() < raw {
+            e.resize(raw, 0);
+        }
+        let elements = &mut e[..raw];
+        match (info.zstd, info.shuffled) {
+            (false, _) => elements.copy_from_slice(payload),
+            (true, false) => decompress_exact(payload, elements)?,
+            (true, true) => with_scratch(raw, |s| {
+                decompress_exact(payload, s)?;
+                unshuffle(s, elem, elements);
+                Ok::<_, CodecError>(())
+            })?,
+        }
+        convert_elements(info.dtype, elements, want, dst);
+        Ok(())
+    })
+}
+
+fn decompress_exact(payload: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
+    let got = zstd_decompress(payload, dst)?;
+    if got != dst.len() {
+        return Err(CodecError::Decompress(format!(
+            "decoded {got} bytes, expected {}",
+            dst.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Converts little-endian elements of `from` in `src` to `to` in `dst`, through f32 in
+/// chunks that stay in L1 (copied through aligned locals: the caller's buffers need no
+/// particular alignment).
+pub(crate) fn convert_elements(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
+    use half::slice::HalfFloatSliceExt;
+    use half::{bf16, f16};
+    const CHUNK: usize = 2048;
+    let mut wide = [0f32; CHUNK];
+    let mut bits = [0u16; CHUNK];
+    let n = src.len() / from.size();
+    let mut i = 0;
+    while i < n {
+        let c = CHUNK.min(n - i);
+        let w = &mut wide[..c];
+        let s = &src[i * from.size()..(i + c) * from.size()];
+        match from {
+            DType::F32 => {
+                for (x, b) in w.iter_mut().zip(s.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            DType::F16 | DType::BF16 => {
+                let b = &mut bits[..c];
+                bytemuck::cast_slice_mut::<u16, u8>(b).copy_from_slice(s);
+                if from == DType::F16 {
+                    bytemuck::cast_slice::<u16, f16>(b).convert_to_f32_slice(w);
+                } else {
+                    bytemuck::cast_slice::<u16, bf16>(b).convert_to_f32_slice(w);
+                }
+            }
+        }
+        let d = &mut dst[i * to.size()..(i + c) * to.size()];
+        match to {
+            DType::F32 => {
+                for (x, b) in w.iter().zip(d.chunks_exact_mut(4)) {
+                    b.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            DType::F16 | DType::BF16 => {
+                let b = &mut bits[..c];
+                if to == DType::F16 {
+                    bytemuck::cast_slice_mut::<u16, f16>(b).convert_from_f32_slice(w);
+                } else {
+                    bytemuck::cast_slice_mut::<u16, bf16>(b).convert_from_f32_slice(w);
+                }
+                d.copy_from_slice(bytemuck::cast_slice::<u16, u8>(b));
+            }
+        }
+        i += c;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +589,36 @@ mod tests {
             let mut bad = v.clone();
             bad[flip % v.len()] ^= 0x20;
             proptest::prop_assert_eq!(decode(&bad).unwrap_err(), CodecError::ChecksumMismatch);
+        }
+    }
+
+    #[test]
+    fn decode_into_matches_decode_for_every_type_pair() {
+        for stored in [DType::F32, DType::F16, DType::BF16] {
+            for cfg in [
+                CodecConfig::default(),
+                CodecConfig {
+                    zstd_level: None,
+                    shuffle: false,
+                },
+                CodecConfig {
+                    zstd_level: Some(1),
+                    shuffle: false,
+                },
+            ] {
+                let t = sample(stored);
+                let v = encode(&t, &cfg);
+                let (info, payload) = verify(&v).unwrap();
+                for want in [DType::F32, DType::F16, DType::BF16] {
+                    let mut dst = vec![0xAAu8; decoded_len(&info, want)];
+                    decode_payload_into(&info, payload, want, &mut dst).unwrap();
+                    // Reference: the decoded tensor widened to f32 and narrowed to `want`.
+                    let expect = Tensor::from_f32(want, t.shape().to_vec(), &t.to_f32()).unwrap();
+                    assert_eq!(dst, expect.as_bytes(), "{stored:?} -> {want:?} {cfg:?}");
+                }
+                let mut short = vec![0u8; decoded_len(&info, DType::F16) - 2];
+                assert!(decode_payload_into(&info, payload, DType::F16, &mut short).is_err());
+            }
         }
     }
 

@@ -7,6 +7,8 @@
 //! pins its manifest (and through it the blocks), so readers only touch the engine and
 //! the hot tier.
 
+mod read_into;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

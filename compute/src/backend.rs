@@ -34,6 +34,8 @@ use crate::generate::{GenerateParams, Generation, generate};
 use crate::model::{KvCache, Llama};
 use crate::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
 
+pub use crate::cuda::cold::{BlockReader, ColdStats};
+
 /// A block's content key (the store's `BlockKey` bytes): what the GPU tier is keyed by.
 pub type BlockId = [u8; 32];
 
@@ -63,6 +65,16 @@ pub struct Answer {
     pub load: Duration,
     /// Context blocks that were already resident on the device (0 on the CPU).
     pub resident_blocks: usize,
+    /// What the cold load did ([`Backend::answer_stored`] when blocks were missing).
+    pub cold: Option<ColdStats>,
+}
+
+/// A stored document for [`Backend::answer_stored`]: its source tokens and Star
+/// configuration (to re-encode blocks) and a reader of its stored blocks.
+pub struct StoredContext<'a> {
+    pub tokens: &'a [u32],
+    pub config: StarConfig,
+    pub reader: &'a dyn BlockReader,
 }
 
 /// The result of [`Backend::answer_document`].
@@ -219,11 +231,47 @@ impl Backend {
                     generation,
                     load,
                     resident_blocks: 0,
+                    cold: None,
                 })
             }
             Device::Cuda(c) => {
                 guarded(|| c.answer(&loaded.tokenizer, keys, load, query, params, on_text))
             }
+        }
+    }
+
+    /// The 16-bit type this backend reads stored blocks in, when it has a cold path
+    /// ([`Backend::answer_stored`]): the GPU's type on a GPU, `None` on the CPU (which
+    /// takes f32 blocks through [`Backend::answer`]'s `load`). Stores written on this
+    /// host should keep blocks in this type: loading is then a copy.
+    pub fn stored_half_type(&self) -> Option<HalfType> {
+        match &self.device {
+            Device::Cpu => None,
+            Device::Cuda(c) => Some(c.half_type()),
+        }
+    }
+
+    /// Phase 2 over a stored document on a GPU: the blocks that are not resident are
+    /// read from the store (through `stored.reader`, straight into page-locked staging)
+    /// and re-encoded from the source tokens at the same time, split by the measured
+    /// rates; a block that cannot be read is re-encoded. On the CPU this is an error:
+    /// use [`Backend::answer`] (see [`Backend::stored_half_type`]).
+    pub fn answer_stored(
+        &self,
+        loaded: &LoadedModel,
+        keys: &[BlockId],
+        stored: &StoredContext<'_>,
+        query: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        match &self.device {
+            Device::Cpu => Err(Error::Device(
+                "answer_stored needs a GPU; the CPU answers through answer()".into(),
+            )),
+            Device::Cuda(c) => guarded(|| {
+                c.answer_stored(&loaded.tokenizer, keys, stored, query, params, on_text)
+            }),
         }
     }
 

@@ -8,6 +8,7 @@
 //! threads, never from async tasks. This crate knows nothing about HTTP.
 
 pub mod admin;
+mod cold;
 mod error;
 pub mod jobs;
 
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use starkv_cache::{BlockKey, BlockStore, DType, DocRef, DocSpec, Tensor};
 use starkv_compute::LoadedModel;
-use starkv_compute::backend::{Backend, BlockEncoder, BlockId};
+use starkv_compute::backend::{Backend, BlockEncoder, BlockId, StoredContext};
 use starkv_compute::cpu::attention::HeadShape;
 use starkv_compute::generate::{GenerateParams, StopReason};
 use starkv_compute::prompt;
@@ -31,8 +32,6 @@ use starkv_compute::star::{BlockKv, StarConfig};
 /// Layout of stored KV: per layer one tensor `[2 (K, V), kv_heads, tokens, head_dim]`,
 /// K rotated at global positions. Part of every block key: changing it re-encodes.
 pub const KV_LAYOUT_VERSION: u32 = 1;
-/// Stored KV precision (halves the bytes of f32; the attention math stays f32).
-const KV_DTYPE: DType = DType::F16;
 
 /// An ingest request, validated by the HTTP layer.
 #[derive(Debug, Clone)]
@@ -182,12 +181,14 @@ impl Service {
         spec.model_fingerprint = self.model_fingerprint.clone();
         spec.tokenizer_fingerprint = self.model.tokenizer.fingerprint().to_vec();
         spec.kv_layout_version = KV_LAYOUT_VERSION;
-        spec.dtype = KV_DTYPE;
+        // The device's 16-bit type on a GPU host (a cold load is then a copy), else f16.
+        spec.dtype = cold::kv_dtype(self.backend.stored_half_type());
         spec.block_size = req.block_size as u32;
         spec.anchor_size = req.anchor_size as u32;
         spec.source_tokens = tokens.clone();
         spec.pinned = req.pinned;
         spec.ttl_ms = req.ttl_ms;
+        let spec_dtype = spec.dtype;
         let mut ingest = self.store.begin_ingest(spec)?;
         let anchor_tokens = encoder.anchor_tokens().to_vec();
         let n_blocks = encoder.n_blocks();
@@ -204,7 +205,7 @@ impl Service {
                     key,
                     range.start as u64,
                     range.len() as u32,
-                    &to_tensors(&block)?,
+                    &to_tensors(&block, spec_dtype)?,
                 )?;
             }
             progress(i + 1, n_blocks);
@@ -272,7 +273,8 @@ impl Service {
                         None => repair.insert(self.encoder(&tokens, &manifest)?),
                     };
                     let kv = encoder.encode_block(i)?;
-                    self.store.repair_block(block_ref.key, &to_tensors(&kv)?)?;
+                    self.store
+                        .repair_block(block_ref.key, &to_tensors(&kv, manifest.dtype)?)?;
                     metrics::counter!("starkv_blocks_repaired_total").increment(1);
                     repaired += 1;
                     kv
@@ -287,9 +289,27 @@ impl Service {
             Ok(kv)
         };
         let before_answer = started.elapsed();
-        let answer =
+        let answer = if self.backend.stored_half_type().is_some() {
+            // A GPU: missing blocks are read straight into staging and re-encoded at once.
+            let config = StarConfig {
+                block_size: manifest.block_size as usize,
+                anchor_size: manifest.anchor_size as usize,
+            };
+            let reader = cold::StoreReader::new(&lease);
+            let stored = StoredContext {
+                tokens: &tokens,
+                config,
+                reader: &reader,
+            };
+            let answer = self.backend.answer_stored(
+                &self.model, &keys, &stored, &query_ids, &params, on_text,
+            )?;
+            repaired += self.repair_unreadable(&answer, &tokens, &manifest)?;
+            answer
+        } else {
             self.backend
-                .answer(&self.model, &keys, &mut load, &query_ids, &params, on_text)?;
+                .answer(&self.model, &keys, &mut load, &query_ids, &params, on_text)?
+        };
         drop(lease);
         let generation = answer.generation;
         let load = before_answer + answer.load;
@@ -307,6 +327,33 @@ impl Service {
         })
     }
 
+    /// After a cold load on a GPU: the blocks whose read failed were re-encoded for the
+    /// answer; re-encode them once more for the store and write them back. Returns how
+    /// many.
+    fn repair_unreadable(
+        &self,
+        answer: &starkv_compute::backend::Answer,
+        tokens: &[u32],
+        manifest: &starkv_cache::Manifest,
+    ) -> ServiceResult<usize> {
+        let Some(cold) = &answer.cold else {
+            return Ok(0);
+        };
+        let mut encoder = None;
+        for (i, why) in &cold.failed_reads {
+            tracing::warn!(doc = %manifest.doc.doc, block = i, error = %why, "repairing an unreadable block from its source tokens");
+            let encoder = match &mut encoder {
+                Some(e) => e,
+                None => encoder.insert(self.encoder(tokens, manifest)?),
+            };
+            let kv = encoder.encode_block(*i)?;
+            self.store
+                .repair_block(manifest.blocks[*i].key, &to_tensors(&kv, manifest.dtype)?)?;
+            metrics::counter!("starkv_blocks_repaired_total").increment(1);
+        }
+        Ok(cold.failed_reads.len())
+    }
+
     /// Re-encodes every block the store has marked for repair (a failed checksum) from
     /// the stored source tokens of a document that references it. Returns how many.
     pub fn repair_pending(&self) -> ServiceResult<usize> {
@@ -321,7 +368,8 @@ impl Service {
             let mut encoder = self.encoder(&tokens, &manifest)?;
             let kv =
                 encoder.encode_block(block_ref.start as usize / manifest.block_size as usize)?;
-            self.store.repair_block(item.block, &to_tensors(&kv)?)?;
+            self.store
+                .repair_block(item.block, &to_tensors(&kv, manifest.dtype)?)?;
             metrics::counter!("starkv_blocks_repaired_total").increment(1);
             repaired += 1;
         }
@@ -361,14 +409,14 @@ fn file_fingerprint(path: &Path) -> ServiceResult<Vec<u8>> {
 }
 
 /// One tensor per layer: `[2, kv_heads, tokens, head_dim]`, K then V.
-fn to_tensors(block: &BlockKv) -> ServiceResult<Vec<Tensor>> {
+fn to_tensors(block: &BlockKv, dtype: DType) -> ServiceResult<Vec<Tensor>> {
     let s = block.shape;
     block
         .layers
         .iter()
         .map(|(k, v)| {
             Tensor::kv_layer(
-                KV_DTYPE,
+                dtype,
                 s.n_kv_heads as u32,
                 block.len as u32,
                 s.head_dim as u32,

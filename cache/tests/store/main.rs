@@ -8,5 +8,6 @@ mod eviction;
 mod faults;
 mod integrity;
 mod metrics_emitted;
+mod read_into;
 mod roundtrip;
 mod util;

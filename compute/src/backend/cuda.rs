@@ -16,11 +16,12 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use super::{Answer, BlockId, DocumentAnswer, TierStats};
+use super::{Answer, BlockId, DocumentAnswer, StoredContext, TierStats};
+use crate::cuda::cold::{ColdLoad, ColdMode, ColdRates, StagingPool};
 use crate::cuda::star::{
     BlockTier, ContextBlocks, GpuBlock, GpuQuery, encode_block, encode_context,
 };
-use crate::cuda::{CudaError, CudaLlama, Gpu, GpuAttention, GpuKvCache};
+use crate::cuda::{CudaError, CudaLlama, Gpu, GpuAttention, GpuKvCache, HalfType};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, generate_with};
 use crate::model::Llama;
@@ -31,6 +32,11 @@ pub(super) struct CudaBackend {
     gpu: Arc<Gpu>,
     model: Mutex<CudaLlama>,
     tier: Mutex<BlockTier<BlockId, GpuBlock>>,
+    /// Page-locked staging reused by cold loads.
+    staging: StagingPool,
+    /// Seconds per token of the last cold load's loading and re-encoding (the next one's
+    /// starting estimates for the split).
+    cold_rates: Mutex<ColdRates>,
 }
 
 impl CudaBackend {
@@ -56,6 +62,8 @@ impl CudaBackend {
             gpu,
             model: Mutex::new(uploaded),
             tier: Mutex::new(BlockTier::new(budget)),
+            staging: StagingPool::default(),
+            cold_rates: Mutex::new(ColdRates::default()),
         })
     }
 
@@ -68,6 +76,10 @@ impl CudaBackend {
 
     fn lock_tier(&self) -> MutexGuard<'_, BlockTier<BlockId, GpuBlock>> {
         self.tier.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn half_type(&self) -> HalfType {
+        self.gpu.dtype
     }
 
     pub(super) fn tier_stats(&self) -> Result<TierStats> {
@@ -130,6 +142,83 @@ impl CudaBackend {
             generation,
             load: load_time,
             resident_blocks,
+            cold: None,
+        })
+    }
+
+    /// Phase 2 over a stored document: resident blocks from the tier, the others brought
+    /// in by a cold load (read from the store and re-encoded at once, see
+    /// [`crate::cuda::cold`]), all resident afterwards. No host copy of a block is kept.
+    pub(super) fn answer_stored(
+        &self,
+        tokenizer: &Tokenizer,
+        keys: &[BlockId],
+        stored: &StoredContext<'_>,
+        query: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        let started = Instant::now();
+        let n_blocks = stored.tokens.len().div_ceil(stored.config.block_size.max(1));
+        if keys.len() != n_blocks {
+            return Err(Error::InvalidInput(format!(
+                "{} block keys for {} context blocks",
+                keys.len(),
+                n_blocks
+            )));
+        }
+        let mut all: Vec<Option<Arc<GpuBlock>>> = {
+            let mut tier = self.lock_tier();
+            keys.iter().map(|k| tier.get(k)).collect()
+        };
+        let resident_blocks = all.iter().flatten().count();
+        let wanted: Vec<usize> = (0..all.len()).filter(|&i| all[i].is_none()).collect();
+        let mut cold = None;
+        if !wanted.is_empty() {
+            let rates = *self.cold_rates.lock().unwrap_or_else(PoisonError::into_inner);
+            let (blocks, stats) = ColdLoad {
+                gpu: &self.gpu,
+                model: &self.model,
+                staging: &self.staging,
+                tokens: stored.tokens,
+                config: stored.config,
+                reader: stored.reader,
+                mode: ColdMode::Both,
+                rates,
+            }
+            .run(&wanted)?;
+            {
+                let mut r = self.cold_rates.lock().unwrap_or_else(PoisonError::into_inner);
+                r.load_s_per_token = stats.rates.load_s_per_token.or(r.load_s_per_token);
+                r.encode_s_per_token = stats.rates.encode_s_per_token.or(r.encode_s_per_token);
+            }
+            tracing::info!(
+                loaded = stats.loaded_blocks,
+                encoded = stats.encoded_blocks,
+                failed_reads = stats.failed_reads.len(),
+                load_gb_s = stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64().max(1e-9) / 1e9,
+                wall_ms = stats.wall.as_secs_f64() * 1e3,
+                "cold load"
+            );
+            let mut tier = self.lock_tier();
+            for (&i, block) in wanted.iter().zip(blocks) {
+                tier.insert(keys[i], block.clone());
+                all[i] = Some(block);
+            }
+            cold = Some(stats);
+        }
+        let all: Vec<Arc<GpuBlock>> = all.into_iter().flatten().collect();
+        let load = started.elapsed();
+        let mut model = self.lock_model()?;
+        let capacity = query.len() + params.max_tokens;
+        let mut q = GpuQuery::new(&model, ContextBlocks::Resident(all), capacity)?;
+        let start = q.context_len();
+        let generation = decode(&mut model, &mut q, tokenizer, query, start, params, on_text)?;
+        Ok(Answer {
+            generation,
+            load,
+            resident_blocks,
+            cold,
         })
     }
 

@@ -20,6 +20,7 @@
 //!   [`star::StreamedBlocks`] loads blocks through pinned buffers on the copy stream, one
 //!   layer ahead of the computation.
 
+pub mod cold;
 mod gpu;
 mod model;
 pub mod selftest;

@@ -121,7 +121,7 @@ impl GpuBlock {
         self.layers.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
     }
 
-    fn layer_ptrs(&self, layer: usize) -> (u64, u64) {
+    pub(super) fn layer_ptrs(&self, layer: usize) -> (u64, u64) {
         (self.layers[layer].0.ptr(), self.layers[layer].1.ptr())
     }
 }
@@ -214,16 +214,34 @@ pub fn encode_block(
         model.head_shape(),
         model.config().n_layers,
     )?;
-    let positions: Vec<usize> = (start..start + tokens.len()).collect();
+    encode_block_into(model, tokens, anchor, &block)?;
+    Ok(block)
+}
+
+/// [`encode_block`] into a block allocated beforehand (its `start` and `len` say where
+/// the tokens sit; the cold loader allocates every block of a query up front).
+pub fn encode_block_into(
+    model: &mut CudaLlama,
+    tokens: &[u32],
+    anchor: Option<&GpuBlock>,
+    block: &GpuBlock,
+) -> Result<()> {
+    if tokens.is_empty() || tokens.len() != block.len {
+        return Err(CudaError::Invalid(format!(
+            "{} tokens for a block of {}",
+            tokens.len(),
+            block.len
+        )));
+    }
+    let positions: Vec<usize> = (block.start..block.start + block.len).collect();
     let mut attention = AnchoredBlock {
         anchor,
-        block: &block,
+        block,
         table: TableBuf::default(),
         plans: Vec::new(),
         scratch: AttnScratch::default(),
     };
-    model.forward(tokens, &positions, &mut attention)?;
-    Ok(block)
+    model.forward(tokens, &positions, &mut attention)
 }
 
 /// Phase 1 for a whole context: blocks of `block_size`, anchor of `anchor_size` tokens

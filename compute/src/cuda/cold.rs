@@ -1,0 +1,389 @@
+//! The cold path of a phase-2 query on a GPU: the context blocks that are not resident
+//! come from the store and from re-encoding their source tokens, both at once (see
+//! [`crate::cold_split`] for how the blocks are split between the two).
+//!
+//! - Loading: the [`BlockReader`] (the service, over the store) decodes and verifies a
+//!   whole block straight into page-locked staging in the GPU's 16-bit type (the store
+//!   keeps blocks in that type on a GPU host: no conversion, no f32 copy on the host);
+//!   the copy stream moves it to the device while the next block is read into the other
+//!   staging buffer. Staging buffers are kept in a [`StagingPool`] across queries
+//!   (allocating 1 GB of pinned memory costs ~25 ms).
+//! - Re-encoding: a second thread runs phase 1 for its blocks under the model lock
+//!   (released between blocks, so other requests interleave), computing the anchor once.
+//! - Every block of the query is allocated before either worker starts, and the copy
+//!   stream waits for those stream-ordered allocations once; the loader never touches
+//!   the compute stream, the encoder never the copy stream.
+//! - A block that fails to read (corrupt, missing) is re-encoded instead: the answer is
+//!   unaffected; the store has marked it for repair.
+//!
+//! Phase 2 then attends over all blocks at once. Compared with streaming the layers into
+//! a running forward pass (what [`super::star::StreamedBlocks`] does for host blocks),
+//! the cold query waits for the last block before its first layer; phase 2 of a
+//! 30-token question takes ~20 ms at 128K tokens on an H200 while loading those blocks
+//! takes seconds, so the overlap would save ~1%.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::CudaEvent;
+
+use super::star::{GpuBlock, encode_block, encode_block_into};
+use super::{CudaError, CudaLlama, Gpu, HalfType, PinnedBuf, Result};
+use crate::cold_split::{Side, SplitQueue};
+use crate::star::StarConfig;
+
+/// Host-side source of stored blocks (the store, through the service).
+pub trait BlockReader: Sync {
+    /// Fills `dst` with context block `block`: for each layer in order, K `[n_kv][len][d]`
+    /// then V, as 16-bit values of `dtype`. An error means the block is unusable (it is
+    /// re-encoded); the message is logged.
+    fn read_block(
+        &self,
+        block: usize,
+        dtype: HalfType,
+        dst: &mut [u16],
+    ) -> std::result::Result<(), String>;
+}
+
+/// Which workers a cold load may use (the service uses [`ColdMode::Both`]; the others
+/// are the benchmark's baselines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColdMode {
+    Load,
+    Encode,
+    Both,
+}
+
+/// Seconds per token each side took in earlier cold loads (loading is per token too:
+/// bytes per token are fixed for one model).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ColdRates {
+    pub load_s_per_token: Option<f64>,
+    pub encode_s_per_token: Option<f64>,
+}
+
+/// What one cold load did.
+#[derive(Debug, Clone, Default)]
+pub struct ColdStats {
+    pub loaded_blocks: usize,
+    pub encoded_blocks: usize,
+    /// Blocks whose read failed (re-encoded instead), with the reason.
+    pub failed_reads: Vec<(usize, String)>,
+    pub bytes_loaded: usize,
+    /// From the start until every block was on the device.
+    pub wall: Duration,
+    /// Time the loader spent per block, and the encoder (anchor excluded).
+    pub load_busy: Duration,
+    pub encode_busy: Duration,
+    pub anchor: Duration,
+    /// Rates measured here (for the next query's estimates).
+    pub rates: ColdRates,
+}
+
+/// Page-locked staging buffers kept between queries.
+#[derive(Default)]
+pub struct StagingPool {
+    free: Mutex<Vec<PinnedBuf>>,
+}
+
+impl StagingPool {
+    /// At most this many idle buffers are kept.
+    const KEEP: usize = 4;
+
+    fn take(&self, gpu: &Gpu, bytes: usize) -> Result<PinnedBuf> {
+        let found = {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            free.iter()
+                .position(|b| b.bytes() >= bytes)
+                .map(|i| free.swap_remove(i))
+        };
+        match found {
+            Some(b) => Ok(b),
+            None => PinnedBuf::new(gpu, bytes),
+        }
+    }
+
+    fn give(&self, buf: PinnedBuf) {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        free.push(buf);
+        if free.len() > Self::KEEP {
+            free.sort_by_key(|b| std::cmp::Reverse(b.bytes()));
+            free.truncate(Self::KEEP);
+        }
+    }
+
+    /// Bytes of idle pinned memory held.
+    pub fn idle_bytes(&self) -> usize {
+        let free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        free.iter().map(PinnedBuf::bytes).sum()
+    }
+}
+
+/// One cold load: brings context blocks `wanted` of `tokens` (split by `config`) onto the
+/// device, returned in `wanted`'s order.
+pub struct ColdLoad<'a> {
+    pub gpu: &'a Arc<Gpu>,
+    /// The model (its lock is taken per encoded block).
+    pub model: &'a Mutex<CudaLlama>,
+    pub staging: &'a StagingPool,
+    pub tokens: &'a [u32],
+    pub config: StarConfig,
+    pub reader: &'a dyn BlockReader,
+    pub mode: ColdMode,
+    pub rates: ColdRates,
+}
+
+fn lock<'m>(gpu: &Gpu, model: &'m Mutex<CudaLlama>) -> Result<MutexGuard<'m, CudaLlama>> {
+    gpu.ctx.bind_to_thread()?;
+    Ok(model.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+impl ColdLoad<'_> {
+    fn range(&self, i: usize) -> Range<usize> {
+        let b = self.config.block_size;
+        i * b..((i + 1) * b).min(self.tokens.len())
+    }
+
+    pub fn run(&self, wanted: &[usize]) -> Result<(Vec<Arc<GpuBlock>>, ColdStats)> {
+        self.config.validate()?;
+        let started = Instant::now();
+        let gpu = self.gpu;
+        let (shape, n_layers) = {
+            let m = lock(gpu, self.model)?;
+            (m.head_shape(), m.config().n_layers)
+        };
+        gpu.ctx.bind_to_thread()?;
+        let mut blocks = Vec::with_capacity(wanted.len());
+        for &i in wanted {
+            let r = self.range(i);
+            if r.is_empty() {
+                return Err(CudaError::Invalid(format!("block {i} is past the context")));
+            }
+            blocks.push(GpuBlock::alloc(gpu, r.start, r.len(), shape, n_layers)?);
+        }
+        let allocated = gpu.ctx.new_event(None)?;
+        allocated.record(&gpu.stream)?;
+        gpu.copy_stream.wait(&allocated)?;
+
+        let per_block = |rate: Option<f64>| rate.map(|r| r * self.config.block_size as f64);
+        let queue = SplitQueue::new(
+            (0..wanted.len()).collect(),
+            per_block(self.rates.load_s_per_token),
+            per_block(self.rates.encode_s_per_token),
+            (
+                self.mode != ColdMode::Encode,
+                self.mode != ColdMode::Load,
+            ),
+        );
+        let mut stats = ColdStats::default();
+        let (load_result, encode_result) = std::thread::scope(|s| {
+            let encoder = s.spawn(|| self.encode_worker(&queue, wanted, &blocks));
+            let loaded = self.load_worker(&queue, wanted, &blocks);
+            let encoded = encoder
+                .join()
+                .unwrap_or_else(|_| Err(CudaError::Invalid("the encoder thread panicked".into())));
+            (loaded, encoded)
+        });
+        // Let the copies land before anything can free their staging or the blocks.
+        gpu.ctx.bind_to_thread()?;
+        gpu.copy_stream.synchronize()?;
+        let load = load_result?;
+        let mut encode = encode_result?;
+        // Blocks nobody took (a failed read after the encoder stopped): encode them here.
+        let leftover = queue.leftover();
+        if !leftover.is_empty() {
+            let mut model = lock(gpu, self.model)?;
+            for j in leftover {
+                self.encode_one(&mut model, &mut encode.anchor, wanted[j], &blocks[j])?;
+                encode.blocks += 1;
+            }
+        }
+        gpu.synchronize()?;
+        drop(encode.anchor);
+
+        stats.loaded_blocks = load.blocks;
+        stats.bytes_loaded = load.bytes;
+        stats.failed_reads = load.failed;
+        stats.load_busy = load.busy;
+        stats.encoded_blocks = encode.blocks;
+        stats.encode_busy = encode.busy;
+        stats.anchor = encode.anchor_time;
+        stats.wall = started.elapsed();
+        let b = self.config.block_size as f64;
+        let (l, e) = queue.measured();
+        stats.rates = ColdRates {
+            load_s_per_token: l.map(|s| s / b),
+            encode_s_per_token: e.map(|s| s / b),
+        };
+        Ok((blocks.into_iter().map(Arc::new).collect(), stats))
+    }
+
+    /// Before block `i` (not 0) is encoded: the anchor, encoded alone if block 0 has not
+    /// provided it. Returns whether it had to be computed.
+    fn ensure_anchor(
+        &self,
+        model: &mut CudaLlama,
+        anchor: &mut Option<GpuBlock>,
+        i: usize,
+    ) -> Result<bool> {
+        if i == 0 || anchor.is_some() {
+            return Ok(false);
+        }
+        let a = self.config.anchor_size.min(self.tokens.len());
+        *anchor = Some(encode_block(model, &self.tokens[..a], 0, None)?);
+        Ok(true)
+    }
+
+    /// Phase 1 of block `i` into `block` (block 0 alone, its prefix kept as the anchor;
+    /// any other block over the anchor, which [`Self::ensure_anchor`] provided).
+    fn encode_one(
+        &self,
+        model: &mut CudaLlama,
+        anchor: &mut Option<GpuBlock>,
+        i: usize,
+        block: &GpuBlock,
+    ) -> Result<()> {
+        let tokens = &self.tokens[self.range(i)];
+        if i == 0 {
+            encode_block_into(model, tokens, None, block)?;
+            if anchor.is_none() {
+                let a = self.config.anchor_size.min(self.tokens.len());
+                *anchor = Some(block.prefix(self.gpu, a)?);
+            }
+            return Ok(());
+        }
+        self.ensure_anchor(model, anchor, i)?;
+        encode_block_into(model, tokens, anchor.as_ref(), block)
+    }
+
+    fn encode_worker(
+        &self,
+        queue: &SplitQueue,
+        wanted: &[usize],
+        blocks: &[GpuBlock],
+    ) -> Result<EncodeDone> {
+        let mut done = EncodeDone::default();
+        while let Some(j) = queue.next(Side::Encode, Instant::now()) {
+            let mut model = lock(self.gpu, self.model)?;
+            let t = Instant::now();
+            if self.ensure_anchor(&mut model, &mut done.anchor, wanted[j])? {
+                self.gpu.synchronize()?;
+                done.anchor_time += t.elapsed();
+            }
+            let t = Instant::now();
+            self.encode_one(&mut model, &mut done.anchor, wanted[j], &blocks[j])?;
+            // Timed to completion: the split needs the real time per block.
+            self.gpu.synchronize()?;
+            drop(model);
+            let took = t.elapsed();
+            queue.done(Side::Encode, took);
+            done.blocks += 1;
+            done.busy += took;
+        }
+        Ok(done)
+    }
+
+    fn load_worker(
+        &self,
+        queue: &SplitQueue,
+        wanted: &[usize],
+        blocks: &[GpuBlock],
+    ) -> Result<LoadDone> {
+        let gpu = self.gpu;
+        let mut done = LoadDone::default();
+        let Some(first) = queue.next(Side::Load, Instant::now()) else {
+            return Ok(done);
+        };
+        let most = blocks.iter().map(|b| b.n_bytes()).max().unwrap_or(0);
+        let mut staging = [
+            self.staging.take(gpu, most)?,
+            self.staging.take(gpu, most)?,
+        ];
+        let mut in_flight: [Option<CudaEvent>; 2] = [None, None];
+        let mut next = Some(first);
+        let mut slot = 0;
+        let result = (|| -> Result<()> {
+            while let Some(j) = next {
+                let t = Instant::now();
+                if let Some(e) = in_flight[slot].take() {
+                    e.synchronize()?;
+                }
+                let block = &blocks[j];
+                let n = block.n_bytes() / 2;
+                let dst = &mut staging[slot].as_u16_mut()[..n];
+                match self.reader.read_block(wanted[j], gpu.dtype, dst) {
+                    Err(why) => {
+                        tracing::warn!(block = wanted[j], %why, "stored block unusable: re-encoding it");
+                        done.failed.push((wanted[j], why));
+                        queue.requeue(j);
+                    }
+                    Ok(()) => {
+                        gpu.ctx.bind_to_thread()?;
+                        let half = n / block.n_layers() / 2;
+                        let base = staging[slot].as_ptr() as *const u16;
+                        for l in 0..block.n_layers() {
+                            let (k, v) = block.layer_ptrs(l);
+                            for (dev, off) in [(k, 2 * l * half), (v, (2 * l + 1) * half)] {
+                                // SAFETY: the staging buffer holds n values and is neither
+                                // written nor freed until this slot's event completes; the
+                                // device buffer holds `half` values.
+                                unsafe {
+                                    let src = std::slice::from_raw_parts(base.add(off), half);
+                                    cudarc::driver::result::memcpy_htod_async(
+                                        dev,
+                                        src,
+                                        gpu.copy_stream.cu_stream(),
+                                    )?;
+                                }
+                            }
+                        }
+                        let event = gpu.ctx.new_event(None)?;
+                        event.record(&gpu.copy_stream)?;
+                        in_flight[slot] = Some(event);
+                        slot ^= 1;
+                        done.blocks += 1;
+                        done.bytes += n * 2;
+                        let took = t.elapsed();
+                        done.busy += took;
+                        queue.done(Side::Load, took);
+                    }
+                }
+                next = queue.next(Side::Load, Instant::now());
+            }
+            Ok(())
+        })();
+        // The staging goes back to the pool only once its copies have landed.
+        let landed = in_flight
+            .iter()
+            .flatten()
+            .try_for_each(|e| e.synchronize());
+        if landed.is_ok() {
+            for b in staging {
+                self.staging.give(b);
+            }
+        } else {
+            // Copies may still read the buffers: leak them rather than free them.
+            std::mem::forget(staging);
+        }
+        result?;
+        landed?;
+        Ok(done)
+    }
+}
+
+#[derive(Default)]
+struct LoadDone {
+    blocks: usize,
+    bytes: usize,
+    busy: Duration,
+    failed: Vec<(usize, String)>,
+}
+
+#[derive(Default)]
+struct EncodeDone {
+    blocks: usize,
+    busy: Duration,
+    anchor_time: Duration,
+    anchor: Option<GpuBlock>,
+}
