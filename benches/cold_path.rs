@@ -29,7 +29,7 @@
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use starkv_cache::{BlockStore, DType, DocSpec, RocksConfig, StoreConfig, Tensor, TensorData};
