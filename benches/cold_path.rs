@@ -28,8 +28,8 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use starkv_cache::{BlockStore, DType, DocSpec, RocksConfig, StoreConfig, Tensor, TensorData};
@@ -168,7 +168,10 @@ fn run(opts: &Opts) -> Result<()> {
         add(
             format!("disk read, direct I/O, {streams} stream(s)"),
             format!("{:.2} GB/s", gb(bytes, secs)),
-            format!("(the store's files, {:.2} GB, 8 MiB requests)", bytes as f64 / 1e9),
+            format!(
+                "(the store's files, {:.2} GB, 8 MiB requests)",
+                bytes as f64 / 1e9
+            ),
         );
     }
     read_files(&files, opts.threads, false)?; // into the page cache
@@ -182,9 +185,17 @@ fn run(opts: &Opts) -> Result<()> {
 
     // Loading on the host: read + verify + decode into one reused buffer.
     let lease = store.open_doc("cold")?;
-    let most = (0..n_blocks).map(|i| layer_bytes(i) * layers).max().unwrap_or(0);
+    let most = (0..n_blocks)
+        .map(|i| layer_bytes(i) * layers)
+        .max()
+        .unwrap_or(0);
     let mut buf = vec![0u16; most / 2];
-    for (cold, threads) in [(true, 1), (true, opts.threads), (false, 1), (false, opts.threads)] {
+    for (cold, threads) in [
+        (true, 1),
+        (true, opts.threads),
+        (false, 1),
+        (false, opts.threads),
+    ] {
         if cold {
             drop_from_page_cache(&files)?;
         }
@@ -197,7 +208,11 @@ fn run(opts: &Opts) -> Result<()> {
         add(
             format!(
                 "store load to host memory, {}, {threads} thread(s)",
-                if cold { "from disk" } else { "from the page cache" }
+                if cold {
+                    "from disk"
+                } else {
+                    "from the page cache"
+                }
             ),
             format!("{:.2} GB/s", gb(total, secs)),
             format!(
@@ -315,7 +330,9 @@ fn read_files(files: &[(PathBuf, u64)], streams: usize, direct: bool) -> Result<
     let tasks: Vec<(&Path, u64)> = files
         .iter()
         .filter(|(_, n)| *n >= CHUNK as u64)
-        .flat_map(|(p, n)| (0..n.div_ceil(CHUNK as u64)).map(move |c| (p.as_path(), c * CHUNK as u64)))
+        .flat_map(|(p, n)| {
+            (0..n.div_ceil(CHUNK as u64)).map(move |c| (p.as_path(), c * CHUNK as u64))
+        })
         .collect();
     let next = AtomicUsize::new(0);
     let bytes = AtomicUsize::new(0);
@@ -330,7 +347,9 @@ fn read_files(files: &[(PathBuf, u64)], streams: usize, direct: bool) -> Result<
                 let buf = &mut raw[off..off + CHUNK];
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(path, at)) = tasks.get(i) else { return };
+                    let Some(&(path, at)) = tasks.get(i) else {
+                        return;
+                    };
                     let r = (|| -> std::io::Result<usize> {
                         use std::os::unix::fs::FileExt;
                         let f = std::fs::OpenOptions::new()
@@ -376,7 +395,12 @@ struct LeaseReader<'a> {
 }
 
 impl BlockReader for LeaseReader<'_> {
-    fn read_block(&self, block: usize, dtype: HalfType, dst: &mut [u16]) -> std::result::Result<(), String> {
+    fn read_block(
+        &self,
+        block: usize,
+        dtype: HalfType,
+        dst: &mut [u16],
+    ) -> std::result::Result<(), String> {
         let want = match dtype {
             HalfType::BF16 => DType::BF16,
             HalfType::F16 => DType::F16,
@@ -403,7 +427,11 @@ fn gpu_rows(
     {
         let bytes = 1usize << 30;
         let mut pinned = PinnedBuf::new(&gpu, bytes)?;
-        pinned.as_u16_mut().iter_mut().enumerate().for_each(|(i, v)| *v = i as u16);
+        pinned
+            .as_u16_mut()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as u16);
         let dst = gpu.alloc(bytes)?;
         let mut ts = Vec::new();
         for _ in 0..5 {
@@ -421,13 +449,18 @@ fn gpu_rows(
     }
     let t = Instant::now();
     let model = Mutex::new(CudaLlama::random(gpu.clone(), config.clone(), 7)?);
-    println!("random weights on the device in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "random weights on the device in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let vocab = config.vocab;
     let mut seed = 42u64;
     let mut take = |n: usize| -> Vec<u32> {
         (0..n)
             .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((seed >> 33) % vocab as u64) as u32
             })
             .collect()
@@ -458,7 +491,10 @@ fn gpu_rows(
             rates: ColdRates::default(),
         };
         cold.run(&wanted[..1.min(n_blocks)])?;
-        let enc = ColdLoad { mode: ColdMode::Encode, ..cold };
+        let enc = ColdLoad {
+            mode: ColdMode::Encode,
+            ..cold
+        };
         enc.run(&wanted[n_blocks.saturating_sub(1)..])?;
     }
     let mut rates = ColdRates::default();
@@ -467,7 +503,11 @@ fn gpu_rows(
         ("all loaded, from disk", ColdMode::Load, true),
         ("split load + re-encode, from disk", ColdMode::Both, true),
         ("all loaded, from the page cache", ColdMode::Load, false),
-        ("split load + re-encode, from the page cache", ColdMode::Both, false),
+        (
+            "split load + re-encode, from the page cache",
+            ColdMode::Both,
+            false,
+        ),
     ];
     for (what, mode, from_disk) in runs {
         if from_disk {
@@ -476,7 +516,11 @@ fn gpu_rows(
             read_files(files, opts.threads, false)?;
         }
         // The split starts from the rates of the matching all-load / all-encode runs.
-        let start_rates = if mode == ColdMode::Both { rates } else { ColdRates::default() };
+        let start_rates = if mode == ColdMode::Both {
+            rates
+        } else {
+            ColdRates::default()
+        };
         let t = Instant::now();
         let (blocks, stats) = ColdLoad {
             gpu: &gpu,

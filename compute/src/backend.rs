@@ -269,9 +269,9 @@ impl Backend {
             Device::Cpu => Err(Error::Device(
                 "answer_stored needs a GPU; the CPU answers through answer()".into(),
             )),
-            Device::Cuda(c) => guarded(|| {
-                c.answer_stored(&loaded.tokenizer, keys, stored, query, params, on_text)
-            }),
+            Device::Cuda(c) => {
+                guarded(|| c.answer_stored(&loaded.tokenizer, keys, stored, query, params, on_text))
+            }
         }
     }
 

@@ -238,8 +238,13 @@ mod tests {
     #[test]
     fn split_is_optimal_with_known_rates_and_beats_either_side_alone() {
         for n in [1, 2, 3, 4, 8, 16] {
-            for (load, encode) in [(0.56, 0.35), (0.13, 0.35), (1.0, 1.0), (0.1, 5.0), (5.0, 0.1)]
-            {
+            for (load, encode) in [
+                (0.56, 0.35),
+                (0.13, 0.35),
+                (1.0, 1.0),
+                (0.1, 5.0),
+                (5.0, 0.1),
+            ] {
                 let (end, nl, ne) = simulate(n, load, encode, true);
                 assert_eq!(nl + ne, n);
                 let opt = best(n, load, encode);

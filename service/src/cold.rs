@@ -35,12 +35,7 @@ impl<'a> StoreReader<'a> {
 }
 
 impl BlockReader for StoreReader<'_> {
-    fn read_block(
-        &self,
-        block: usize,
-        dtype: HalfType,
-        dst: &mut [u16],
-    ) -> Result<(), String> {
+    fn read_block(&self, block: usize, dtype: HalfType, dst: &mut [u16]) -> Result<(), String> {
         let layers = self
             .lease
             .manifest()
@@ -51,7 +46,13 @@ impl BlockReader for StoreReader<'_> {
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
         let layer_bytes = bytes.len() / layers.max(1);
         self.lease
-            .read_block_into(block, kv_dtype(Some(dtype)), layer_bytes, bytes, self.threads)
+            .read_block_into(
+                block,
+                kv_dtype(Some(dtype)),
+                layer_bytes,
+                bytes,
+                self.threads,
+            )
             .map_err(|e| e.to_string())
     }
 }

@@ -302,7 +302,12 @@ impl Service {
                 reader: &reader,
             };
             let answer = self.backend.answer_stored(
-                &self.model, &keys, &stored, &query_ids, &params, on_text,
+                &self.model,
+                &keys,
+                &stored,
+                &query_ids,
+                &params,
+                on_text,
             )?;
             repaired += self.repair_unreadable(&answer, &tokens, &manifest)?;
             answer

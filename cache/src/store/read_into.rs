@@ -90,7 +90,13 @@ enum Failure {
 
 impl Inner {
     /// One verified layer decoded into `dst` (hot tier first, then the engine).
-    fn read_layer_into(&self, key: &BlockKey, layer: u16, want: DType, dst: &mut [u8]) -> Result<()> {
+    fn read_layer_into(
+        &self,
+        key: &BlockKey,
+        layer: u16,
+        want: DType,
+        dst: &mut [u8],
+    ) -> Result<()> {
         let dst_len = dst.len();
         let size_error = |n: usize| {
             Error::InvalidArgument(format!(
@@ -108,7 +114,11 @@ impl Inner {
             } else {
                 codec::convert_elements(t.dtype(), t.as_bytes(), want, dst);
             }
-            bump(&self.ctr.decoded_bytes_read, m::DECODED_BYTES_READ, n as u64);
+            bump(
+                &self.ctr.decoded_bytes_read,
+                m::DECODED_BYTES_READ,
+                n as u64,
+            );
             return Ok(());
         }
         let shard = key.shard(self.engine.shards());
@@ -139,7 +149,11 @@ impl Inner {
             Some(Ok(stored)) => {
                 bump(&self.ctr.bytes_read, m::BYTES_READ, stored as u64);
                 bump(&self.ctr.layers_read, m::LAYERS_READ, 1);
-                bump(&self.ctr.decoded_bytes_read, m::DECODED_BYTES_READ, dst_len as u64);
+                bump(
+                    &self.ctr.decoded_bytes_read,
+                    m::DECODED_BYTES_READ,
+                    dst_len as u64,
+                );
                 Ok(())
             }
             Some(Err(Failure::Size(n))) => Err(size_error(n)),

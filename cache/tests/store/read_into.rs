@@ -96,17 +96,25 @@ fn a_corrupt_or_missing_layer_fails_the_read_and_marks_the_block() {
         bad[mid] ^= 0x10;
         let mut b = Batch::default();
         b.put(Space::Layers, lk.clone(), bad);
-        e.store.engine().write(Target::Shard(shard), b, false).unwrap();
+        e.store
+            .engine()
+            .write(Target::Shard(shard), b, false)
+            .unwrap();
         let mut dst = vec![0u8; expect.len()];
         match lease.read_block_into(1, DType::BF16, layer_bytes, &mut dst, 4) {
-            Err(Error::Corrupt { block: k, layer, .. }) => assert_eq!((k, layer), (block.key, 2)),
+            Err(Error::Corrupt {
+                block: k, layer, ..
+            }) => assert_eq!((k, layer), (block.key, 2)),
             other => panic!("{kind:?}: expected Corrupt, got {other:?}"),
         }
         assert_eq!(e.store.repair_queue()[0].block, block.key);
         // A deleted layer: MissingBlock.
         let mut b = Batch::default();
         b.delete(Space::Layers, layer_key(&block.key, 0));
-        e.store.engine().write(Target::Shard(shard), b, false).unwrap();
+        e.store
+            .engine()
+            .write(Target::Shard(shard), b, false)
+            .unwrap();
         assert!(matches!(
             lease.read_block_into(1, DType::BF16, layer_bytes, &mut dst, 1),
             Err(Error::MissingBlock { .. } | Error::Corrupt { .. })
@@ -114,7 +122,9 @@ fn a_corrupt_or_missing_layer_fails_the_read_and_marks_the_block() {
         // Block 0 is untouched and still reads.
         let (lb0, expect0) = expected(&lease, 0, DType::BF16);
         let mut dst0 = vec![0u8; expect0.len()];
-        lease.read_block_into(0, DType::BF16, lb0, &mut dst0, 4).unwrap();
+        lease
+            .read_block_into(0, DType::BF16, lb0, &mut dst0, 4)
+            .unwrap();
         assert!(dst0 == expect0);
     }
 }

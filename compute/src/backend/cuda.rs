@@ -159,7 +159,10 @@ impl CudaBackend {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
         let started = Instant::now();
-        let n_blocks = stored.tokens.len().div_ceil(stored.config.block_size.max(1));
+        let n_blocks = stored
+            .tokens
+            .len()
+            .div_ceil(stored.config.block_size.max(1));
         if keys.len() != n_blocks {
             return Err(Error::InvalidInput(format!(
                 "{} block keys for {} context blocks",
@@ -175,7 +178,10 @@ impl CudaBackend {
         let wanted: Vec<usize> = (0..all.len()).filter(|&i| all[i].is_none()).collect();
         let mut cold = None;
         if !wanted.is_empty() {
-            let rates = *self.cold_rates.lock().unwrap_or_else(PoisonError::into_inner);
+            let rates = *self
+                .cold_rates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let (blocks, stats) = ColdLoad {
                 gpu: &self.gpu,
                 model: &self.model,
@@ -188,7 +194,10 @@ impl CudaBackend {
             }
             .run(&wanted)?;
             {
-                let mut r = self.cold_rates.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut r = self
+                    .cold_rates
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 r.load_s_per_token = stats.rates.load_s_per_token.or(r.load_s_per_token);
                 r.encode_s_per_token = stats.rates.encode_s_per_token.or(r.encode_s_per_token);
             }
@@ -196,7 +205,8 @@ impl CudaBackend {
                 loaded = stats.loaded_blocks,
                 encoded = stats.encoded_blocks,
                 failed_reads = stats.failed_reads.len(),
-                load_gb_s = stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64().max(1e-9) / 1e9,
+                load_gb_s =
+                    stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64().max(1e-9) / 1e9,
                 wall_ms = stats.wall.as_secs_f64() * 1e3,
                 "cold load"
             );

@@ -171,10 +171,7 @@ impl ColdLoad<'_> {
             (0..wanted.len()).collect(),
             per_block(self.rates.load_s_per_token),
             per_block(self.rates.encode_s_per_token),
-            (
-                self.mode != ColdMode::Encode,
-                self.mode != ColdMode::Load,
-            ),
+            (self.mode != ColdMode::Encode, self.mode != ColdMode::Load),
         );
         let mut stats = ColdStats::default();
         let (load_result, encode_result) = std::thread::scope(|s| {
@@ -296,10 +293,7 @@ impl ColdLoad<'_> {
             return Ok(done);
         };
         let most = blocks.iter().map(|b| b.n_bytes()).max().unwrap_or(0);
-        let mut staging = [
-            self.staging.take(gpu, most)?,
-            self.staging.take(gpu, most)?,
-        ];
+        let mut staging = [self.staging.take(gpu, most)?, self.staging.take(gpu, most)?];
         let mut in_flight: [Option<CudaEvent>; 2] = [None, None];
         let mut next = Some(first);
         let mut slot = 0;
@@ -354,10 +348,7 @@ impl ColdLoad<'_> {
             Ok(())
         })();
         // The staging goes back to the pool only once its copies have landed.
-        let landed = in_flight
-            .iter()
-            .flatten()
-            .try_for_each(|e| e.synchronize());
+        let landed = in_flight.iter().flatten().try_for_each(|e| e.synchronize());
         if landed.is_ok() {
             for b in staging {
                 self.staging.give(b);
