@@ -216,24 +216,39 @@ impl ColdLoad<'_> {
         Ok((blocks.into_iter().map(Arc::new).collect(), stats))
     }
 
-    /// Before block `i` (not 0) is encoded: the anchor, encoded alone if block 0 has not
-    /// provided it. Returns whether it had to be computed.
+    fn anchor_len(&self) -> usize {
+        self.config.anchor_size.min(self.tokens.len())
+    }
+
+    /// Whether block `i`'s KV is rows of an anchor longer than one block (`a = k * b`).
+    fn inside_long_anchor(&self, i: usize) -> bool {
+        let r = self.range(i);
+        self.anchor_len() > r.len() && r.end <= self.anchor_len()
+    }
+
+    /// Before block `i` is encoded: the anchor, encoded alone unless block 0 will provide
+    /// it as its prefix. Returns whether it had to be computed.
     fn ensure_anchor(
         &self,
         model: &mut CudaLlama,
         anchor: &mut Option<GpuBlock>,
         i: usize,
     ) -> Result<bool> {
-        if i == 0 || anchor.is_some() {
+        if anchor.is_some() || (i == 0 && !self.inside_long_anchor(0)) {
             return Ok(false);
         }
-        let a = self.config.anchor_size.min(self.tokens.len());
-        *anchor = Some(encode_block(model, &self.tokens[..a], 0, None)?);
+        *anchor = Some(encode_block(
+            model,
+            &self.tokens[..self.anchor_len()],
+            0,
+            None,
+        )?);
         Ok(true)
     }
 
-    /// Phase 1 of block `i` into `block` (block 0 alone, its prefix kept as the anchor;
-    /// any other block over the anchor, which [`Self::ensure_anchor`] provided).
+    /// Phase 1 of block `i` into `block`, as [`crate::star::Phase1`] defines it: block 0
+    /// alone (its prefix kept as the anchor), a block inside a multi-block anchor as rows
+    /// of the anchor, any other block over the anchor.
     fn encode_one(
         &self,
         model: &mut CudaLlama,
@@ -241,16 +256,27 @@ impl ColdLoad<'_> {
         i: usize,
         block: &GpuBlock,
     ) -> Result<()> {
-        let tokens = &self.tokens[self.range(i)];
-        if i == 0 {
-            encode_block_into(model, tokens, None, block)?;
-            if anchor.is_none() {
-                let a = self.config.anchor_size.min(self.tokens.len());
-                *anchor = Some(block.prefix(self.gpu, a)?);
+        let range = self.range(i);
+        self.ensure_anchor(model, anchor, i)?;
+        if self.inside_long_anchor(i) {
+            let a = anchor.as_ref().expect("ensured above");
+            let rows = a.rows(self.gpu, range)?;
+            for l in 0..block.n_layers() {
+                let (src, dst) = (rows.layer_ptrs(l), block.layer_ptrs(l));
+                let bytes = block.n_bytes() / block.n_layers() / 2;
+                self.gpu.copy_d2d(dst.0, src.0, bytes)?;
+                self.gpu.copy_d2d(dst.1, src.1, bytes)?;
             }
             return Ok(());
         }
-        self.ensure_anchor(model, anchor, i)?;
+        let tokens = &self.tokens[range];
+        if i == 0 {
+            encode_block_into(model, tokens, None, block)?;
+            if anchor.is_none() {
+                *anchor = Some(block.prefix(self.gpu, self.anchor_len())?);
+            }
+            return Ok(());
+        }
         encode_block_into(model, tokens, anchor.as_ref(), block)
     }
 
