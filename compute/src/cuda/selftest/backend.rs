@@ -60,23 +60,29 @@ pub(super) fn checks(
 
     // Phase 1 block by block, as ingest runs it.
     let t = Instant::now();
-    let encode = |backend: &Backend| -> Result<Vec<Arc<BlockKv>>> {
+    let encode_with = |backend: &Backend, config: StarConfig| -> Result<Vec<Arc<BlockKv>>> {
         let mut encoder = backend.phase1(&loaded.model, &context, config)?;
         (0..encoder.n_blocks())
             .map(|i| Ok(Arc::new(encoder.encode_block(i)?)))
             .collect()
     };
-    let cpu_blocks = encode(&cpu)?;
-    let gpu_blocks = encode(&on_gpu)?;
-    let (mut kv_err, mut worst_at) = (0f64, (0, 0));
-    for (b, (g, c)) in gpu_blocks.iter().zip(&cpu_blocks).enumerate() {
-        for (l, (gl, cl)) in g.layers.iter().zip(&c.layers).enumerate() {
-            let e = rel(&gl.0, &cl.0).max(rel(&gl.1, &cl.1));
-            if e > kv_err {
-                (kv_err, worst_at) = (e, (b, l));
+    let encode = |backend: &Backend| encode_with(backend, config);
+    // Worst relative difference of two encodings, and where it is (block, layer).
+    let kv_diff = |a: &[Arc<BlockKv>], b: &[Arc<BlockKv>]| -> (f64, (usize, usize)) {
+        let (mut err, mut at) = (0f64, (0, 0));
+        for (bi, (g, c)) in a.iter().zip(b).enumerate() {
+            for (l, (gl, cl)) in g.layers.iter().zip(&c.layers).enumerate() {
+                let e = rel(&gl.0, &cl.0).max(rel(&gl.1, &cl.1));
+                if e > err {
+                    (err, at) = (e, (bi, l));
+                }
             }
         }
-    }
+        (err, at)
+    };
+    let cpu_blocks = encode(&cpu)?;
+    let gpu_blocks = encode(&on_gpu)?;
+    let (kv_err, worst_at) = kv_diff(&gpu_blocks, &cpu_blocks);
     println!(
         "    ({} context tokens in {} blocks; worst block {} layer {})",
         context.len(),
@@ -88,6 +94,24 @@ pub(super) fn checks(
         "backend: phase-1 blocks GPU vs CPU (b=256, a=256)",
         "rel",
         kv_err,
+        8.0 * u,
+        ms(t),
+    );
+
+    // An anchor of two blocks (issue 14): the blocks inside it are rows of the anchor.
+    let t = Instant::now();
+    let long_anchor = StarConfig {
+        block_size: 128,
+        anchor_size: 256,
+    };
+    let (err, _) = kv_diff(
+        &encode_with(&on_gpu, long_anchor)?,
+        &encode_with(&cpu, long_anchor)?,
+    );
+    report.check(
+        "backend: phase-1 blocks GPU vs CPU (b=128, a=256)",
+        "rel",
+        err,
         8.0 * u,
         ms(t),
     );
