@@ -340,6 +340,37 @@ pub fn stats_report(stats: &Value, style: Style) -> String {
         ),
     };
     pairs.push(("integrity", integrity));
+    // Store-level damage (issue 12): versions whose manifest is unreadable everywhere,
+    // manifests restored from their copies, and what the engine did to open.
+    if let Some(lost) = u64_field(stats, "lost_documents").filter(|&n| n > 0) {
+        pairs.push((
+            "lost",
+            style.paint(
+                Tone::Bad,
+                &format!(
+                    "{} (unreadable manifests; delete or re-ingest)",
+                    count_of(lost, "document", "documents")
+                ),
+            ),
+        ));
+    }
+    if let Some(restored) = u64_field(stats, "restored_manifests").filter(|&n| n > 0) {
+        pairs.push((
+            "restored",
+            format!(
+                "{} from their copies",
+                count_of(restored, "manifest", "manifests")
+            ),
+        ));
+    }
+    for recovery in stats
+        .get("recoveries")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        pairs.push(("recovered", recovery.as_str().unwrap_or("-").to_string()));
+    }
     if let Some(depth) = u64_field(stats, "ingest_queue_depth") {
         pairs.push(("ingest queue", format!("{depth} waiting")));
     }
@@ -636,13 +667,17 @@ ingest queue  1 waiting
     #[test]
     fn stats_report_of_a_data_directory_flags_damage() {
         let stats = json!({ "documents": 1, "blocks": 4, "store_bytes": 1000, "disk_bytes": 2000,
-                            "checksum_failures": 2, "repair_pending": 1 });
+                            "checksum_failures": 2, "repair_pending": 1, "lost_documents": 1,
+                            "restored_manifests": 2, "recoveries": ["shard-001 repaired"] });
         let expected = "\
 device     none (the data directory, read directly)
 documents  1 (4 blocks)
 store      1.00 KB
 on disk    2.00 KB
 integrity  2 checksum failures, 1 block awaiting repair
+lost       1 document (unreadable manifests; delete or re-ingest)
+restored   2 manifests from their copies
+recovered  shard-001 repaired
 ";
         assert_eq!(stats_report(&stats, Style::PLAIN), expected);
     }
