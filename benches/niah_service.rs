@@ -75,6 +75,10 @@ struct Args {
     /// Greedy tokens per answer (multi-value answers hold four 7-digit numbers).
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
+    /// Stop starting new cases after this many seconds and report what was answered in
+    /// every configuration (a bounded run on a lent GPU).
+    #[arg(long)]
+    deadline_seconds: Option<f64>,
     /// Cases in flight at once (the server queues ingests and bounds queries itself).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
@@ -372,9 +376,14 @@ fn main() -> Result<()> {
     let results = Mutex::new(Results::default());
     let jsonl = Mutex::new(args.jsonl.as_ref().map(std::fs::File::create).transpose()?);
     let next = Mutex::new(0usize);
-    let work: Vec<(usize, usize)> = (0..configs.len())
-        .flat_map(|c| (0..cases.len()).map(move |i| (c, i)))
+    // Case-major, so that a run stopped by `--deadline-seconds` has answered the same
+    // questions in every configuration (the report keeps only complete questions).
+    let work: Vec<(usize, usize)> = (0..cases.len())
+        .flat_map(|i| (0..configs.len()).map(move |c| (c, i)))
         .collect();
+    let deadline = args
+        .deadline_seconds
+        .map(|s| started + Duration::from_secs_f64(s));
     let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..args.concurrency.max(1) {
@@ -387,7 +396,9 @@ fn main() -> Result<()> {
                         item
                     };
                     let Some((ci, i)) = item else { break };
-                    if first_error.lock().unwrap().is_some() {
+                    if first_error.lock().unwrap().is_some()
+                        || deadline.is_some_and(|d| Instant::now() >= d)
+                    {
                         break;
                     }
                     let case = &cases[i];
@@ -440,7 +451,13 @@ fn main() -> Result<()> {
     }
     let results = results.into_inner().unwrap();
     let report = Report::new(&cases, &configs, &results);
-    println!("{}", report.markdown(&args, started.elapsed(), n_questions));
+    let answered = report.complete_questions();
+    if answered < n_questions {
+        eprintln!(
+            "stopped at the deadline: {answered} of {n_questions} questions answered in every configuration"
+        );
+    }
+    println!("{}", report.markdown(&args, started.elapsed(), answered));
     if let Some(path) = &args.csv {
         std::fs::write(path, report.csv())?;
     }
@@ -503,6 +520,11 @@ impl<'a> Report<'a> {
                 .map(|c| results.ingest_seconds.get(&c).copied().unwrap_or(f64::NAN))
                 .collect(),
         }
+    }
+
+    /// Questions answered in every configuration.
+    fn complete_questions(&self) -> usize {
+        self.by_task.values().map(|cols| cols[0].len()).sum()
     }
 
     fn markdown(&self, args: &Args, took: Duration, n_questions: usize) -> String {
