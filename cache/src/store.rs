@@ -1928,7 +1928,18 @@ impl Ingest {
                 b.delete(Space::Meta, doc_row_key(tag, r));
             }
         }
-        inner.engine.write(Target::Meta, b, true)?;
+        if let Err(e) = inner.engine.write(Target::Meta, b, true) {
+            // Not published: take the copy back, or open would restore a document whose
+            // ingest was reported failed (best effort; it is complete either way).
+            let mut c = Batch::default();
+            for tag in [TAG_MANIFEST, TAG_STATE, TAG_TOKENS] {
+                c.delete(Space::Docs, doc_row_key(tag, &doc));
+            }
+            if let Err(err) = inner.engine.write(copy_shard, c, true) {
+                tracing::warn!(doc = %doc, %err, "could not take back the copy of an unpublished document");
+            }
+            return Err(e);
+        }
         if !replaced.is_empty() || !lost.is_empty() {
             // Unsynced: a copy older than a visible version is dropped at open anyway.
             let mut c = Batch::default();

@@ -182,14 +182,17 @@ async fn document_view(
     let service = state.service.clone();
     let sid = store_id(principal, id);
     let tenant = principal.tenant.clone();
-    let stored = blocking(move || {
+    let (stored, lost) = blocking(move || {
         let store = service.store();
-        Ok(store
+        let stored = store
             .versions(&sid)
             .into_iter()
             .max_by_key(|v| v.version)
             .and_then(|v| store.doc_info(&v))
-            .filter(|i| i.tenant == tenant))
+            .filter(|i| i.tenant == tenant);
+        // The store id carries the tenant, so a lost version of it is the caller's.
+        let lost = store.lost_documents().iter().any(|(r, _)| r.doc == sid);
+        Ok((stored, lost))
     })
     .await?;
     match (job, stored) {
@@ -231,6 +234,15 @@ async fn document_view(
             }
             Ok((StatusCode::OK, body))
         }
+        // A stored manifest unreadable in both of its copies: reported, never `ready`.
+        (_, None) if lost => Ok((
+            StatusCode::OK,
+            json!({
+                "id": id,
+                "state": "failed",
+                "reason": "the stored document is damaged beyond repair (its manifest is unreadable); re-ingest it",
+            }),
+        )),
         (_, None) => Err(ApiError::not_found(format!("document {id} not found"))),
     }
 }
