@@ -23,18 +23,22 @@
 //!   blocks missing from the GPU, 30-token question) with every block loaded (from the
 //!   disk, and from the page cache), every block re-encoded, and both at once.
 //!
+//! - on a GPU, first a correctness row: a small model's cold query logits with every
+//!   block loaded (must equal the phase-1 blocks' logits exactly), re-encoded, or both,
+//!   for an anchor of one block and of two blocks.
+//!
 //! Prints a markdown table last. Without a GPU only the host rows are measured (this is
 //! the CPU-side version that runs anywhere).
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use starkv_cache::{BlockStore, DType, DocSpec, RocksConfig, StoreConfig, Tensor, TensorData};
 use starkv_compute::cuda::cold::{BlockReader, ColdLoad, ColdMode, ColdRates, StagingPool};
-use starkv_compute::cuda::star::{ContextBlocks, GpuQuery};
+use starkv_compute::cuda::star::{ContextBlocks, GpuBlock, GpuQuery, encode_block};
 use starkv_compute::cuda::{CudaLlama, Gpu, HalfType, PinnedBuf, probe};
 use starkv_compute::model::LlamaConfig;
 use starkv_compute::star::StarConfig;
@@ -447,6 +451,7 @@ fn gpu_rows(
             "(1 GiB, median of 5)".into(),
         );
     }
+    check_cold_blocks(&gpu, add)?;
     let t = Instant::now();
     let model = Mutex::new(CudaLlama::random(gpu.clone(), config.clone(), 7)?);
     println!(
@@ -570,6 +575,145 @@ fn gpu_rows(
                 total as f64 / 1e9
             ),
         );
+    }
+    Ok(())
+}
+
+/// Blocks held as 16-bit copies in memory (the correctness check's store).
+struct HeldBlocks(Vec<Vec<u16>>);
+
+impl BlockReader for HeldBlocks {
+    fn read_block(
+        &self,
+        block: usize,
+        _dtype: HalfType,
+        dst: &mut [u16],
+    ) -> std::result::Result<(), String> {
+        let b = self.0.get(block).ok_or("no such block")?;
+        if b.len() != dst.len() {
+            return Err(format!("{} values for a buffer of {}", b.len(), dst.len()));
+        }
+        dst.copy_from_slice(b);
+        Ok(())
+    }
+}
+
+/// Logits of `question` right after the context, over `blocks`.
+fn query_logits(
+    model: &Mutex<CudaLlama>,
+    blocks: Vec<Arc<GpuBlock>>,
+    question: &[u32],
+) -> Result<Vec<f32>> {
+    let mut m = model.lock().unwrap();
+    let mut q = GpuQuery::new(&m, ContextBlocks::Resident(blocks), question.len() + 1)?;
+    let start = q.context_len();
+    let positions: Vec<usize> = (start..start + question.len()).collect();
+    m.forward(question, &positions, &mut q)?;
+    Ok(m.logits(1)?)
+}
+
+/// A cold query's logits against phase 1's own blocks (SmolLM2 shape, random weights,
+/// 1K-token blocks, a partial last block), for an anchor of one and of two blocks:
+/// loaded blocks must give the same logits exactly; re-encoded ones run the same kernels
+/// on the same inputs (only the anchor may be computed on its own).
+fn check_cold_blocks(gpu: &Arc<Gpu>, add: &mut dyn FnMut(String, String, String)) -> Result<()> {
+    let config = LlamaConfig::smollm2_135m();
+    let model = Mutex::new(CudaLlama::random(gpu.clone(), config.clone(), 11)?);
+    let b = 1024;
+    let n = 4 * b + 300;
+    let mut seed = 7u64;
+    let tokens: Vec<u32> = (0..n + 30)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) % config.vocab as u64) as u32
+        })
+        .collect();
+    let (tokens, question) = tokens.split_at(n);
+    for a in [b, 2 * b] {
+        // Phase 1 as the encoder runs it: the anchor encoded alone (its rows are the
+        // blocks inside it), every later block over it.
+        let reference: Vec<Arc<GpuBlock>> = {
+            let mut m = model.lock().unwrap();
+            let anchor = encode_block(&mut m, &tokens[..a], 0, None)?;
+            let mut out = Vec::new();
+            for start in (0..n).step_by(b) {
+                let end = (start + b).min(n);
+                out.push(Arc::new(if end <= a {
+                    anchor.rows(gpu, start..end)?
+                } else {
+                    encode_block(&mut m, &tokens[start..end], start, Some(&anchor))?
+                }));
+            }
+            out
+        };
+        let want = query_logits(&model, reference.clone(), question)?;
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let held = HeldBlocks(
+            reference
+                .iter()
+                .map(|blk| {
+                    let kv = blk.download(gpu)?;
+                    let mut out = Vec::new();
+                    for (k, v) in &kv.layers {
+                        for part in [k, v] {
+                            let mut h = vec![0u16; part.len()];
+                            gpu.dtype.encode(part, &mut h);
+                            out.extend_from_slice(&h);
+                        }
+                    }
+                    Ok(out)
+                })
+                .collect::<Result<_>>()?,
+        );
+        drop(reference);
+        let staging = StagingPool::default();
+        let mut diffs = Vec::new();
+        for mode in [ColdMode::Load, ColdMode::Encode, ColdMode::Both] {
+            let wanted: Vec<usize> = (0..n.div_ceil(b)).collect();
+            let (blocks, stats) = ColdLoad {
+                gpu,
+                model: &model,
+                staging: &staging,
+                tokens,
+                config: StarConfig {
+                    block_size: b,
+                    anchor_size: a,
+                },
+                reader: &held,
+                mode,
+                rates: ColdRates::default(),
+            }
+            .run(&wanted)?;
+            let got = query_logits(&model, blocks, question)?;
+            let d = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            diffs.push((mode, d, stats.loaded_blocks, stats.encoded_blocks));
+        }
+        let text: Vec<String> = diffs
+            .iter()
+            .map(|(m, d, l, e)| format!("{m:?} ({l} loaded, {e} re-encoded): {d:.2e}"))
+            .collect();
+        add(
+            format!("cold query logits vs phase-1 blocks, anchor {}K", a / 1024),
+            format!(
+                "max |diff| {:.2e}",
+                diffs.iter().map(|x| x.1).fold(0f32, f32::max)
+            ),
+            format!(
+                "(SmolLM2 shape, random weights, {n} tokens; {}; max |logit| {scale:.1})",
+                text.join(", ")
+            ),
+        );
+        if diffs[0].1 != 0.0 {
+            return Err(format!("loaded blocks changed the logits: {text:?}").into());
+        }
+        if diffs.iter().any(|x| x.1 > 0.02 * scale) {
+            return Err(format!("cold logits off: {text:?}").into());
+        }
     }
     Ok(())
 }

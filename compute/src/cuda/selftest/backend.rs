@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{PROMPT, Report, Result, ms, rel};
-use crate::backend::{Backend, BlockId};
-use crate::cuda::Gpu;
+use crate::backend::{Backend, BlockId, BlockReader, StoredContext};
+use crate::cuda::{Gpu, HalfType};
 use crate::generate::GenerateParams;
 use crate::sampling::SamplingParams;
 use crate::star::{BlockKv, StarConfig};
@@ -192,6 +192,53 @@ pub(super) fn checks(
         ms(t),
     );
 
+    // The cold path (`answer_stored`, what the service runs on a GPU): no block resident,
+    // blocks read from a "store" of 16-bit copies and re-encoded at once; then with one
+    // unreadable block, which is re-encoded instead.
+    let t = Instant::now();
+    let reader = HalfBlocks {
+        blocks: &gpu_blocks,
+        fail: None,
+    };
+    let stored = |reader: &HalfBlocks<'_>| -> Result<(Vec<u32>, usize, usize, usize)> {
+        on_gpu.forget_resident();
+        let stored = StoredContext {
+            tokens: &context,
+            config,
+            reader,
+        };
+        let a = on_gpu.answer_stored(loaded, &keys, &stored, &query, &params, &mut |_| true)?;
+        let cold = a.cold.unwrap_or_default();
+        Ok((
+            a.generation.ids,
+            cold.loaded_blocks,
+            cold.encoded_blocks,
+            cold.failed_reads.len(),
+        ))
+    };
+    let (cold, n_loaded, n_encoded, _) = stored(&reader)?;
+    println!("    (cold answer: {n_loaded} blocks loaded, {n_encoded} re-encoded)");
+    report.check(
+        "backend: cold answer (load + re-encode) == streamed answer",
+        "mismatch",
+        ((cold != streamed) as usize + (n_loaded + n_encoded != keys.len()) as usize) as f64,
+        0.0,
+        ms(t),
+    );
+    let t = Instant::now();
+    let failing = HalfBlocks {
+        blocks: &gpu_blocks,
+        fail: Some(keys.len() - 1),
+    };
+    let (cold_failed, _, _, failed) = stored(&failing)?;
+    report.check(
+        "backend: cold answer with an unreadable block == streamed answer",
+        "mismatch",
+        ((cold_failed != streamed) as usize + (failed > 1) as usize) as f64,
+        0.0,
+        ms(t),
+    );
+
     // The one-shot document answer (generate --document) and plain generation.
     let t = Instant::now();
     let doc_cpu = cpu.answer_document(loaded, &context, config, &query, &params, &mut |_| true)?;
@@ -216,4 +263,38 @@ pub(super) fn checks(
         ms(t),
     );
     Ok(())
+}
+
+/// A stand-in for the store: blocks as 16-bit copies of the encoder's output (bf16 blocks
+/// convert back exactly), one of them unreadable when `fail` says so.
+struct HalfBlocks<'a> {
+    blocks: &'a [Arc<BlockKv>],
+    fail: Option<usize>,
+}
+
+impl BlockReader for HalfBlocks<'_> {
+    fn read_block(
+        &self,
+        block: usize,
+        dtype: HalfType,
+        dst: &mut [u16],
+    ) -> std::result::Result<(), String> {
+        if self.fail == Some(block) {
+            return Err("checksum mismatch (test)".into());
+        }
+        let b = self.blocks.get(block).ok_or("no such block")?;
+        let mut off = 0;
+        for (k, v) in &b.layers {
+            for part in [k, v] {
+                let end = off + part.len();
+                let out = dst.get_mut(off..end).ok_or("buffer too small")?;
+                dtype.encode(part, out);
+                off = end;
+            }
+        }
+        if off != dst.len() {
+            return Err(format!("{off} values for a buffer of {}", dst.len()));
+        }
+        Ok(())
+    }
 }
