@@ -264,4 +264,33 @@ fn store_faults_small_disk_507_delete_gc_and_restart() {
     let server = Server::start(&dir, &["--config", path.to_str().unwrap()]);
     let (status, list) = server.json("GET", "/v1/documents", None);
     assert_eq!((status, list["total"].as_u64()), (200, Some(0)), "{list}");
+    server.kill();
+
+    // No floor, and another program fills the disk to the last byte: the ingest cannot
+    // be spooled, which is a 507 too (not a 500); space back, the server ingests again.
+    let path = config(0);
+    let server = Server::start(&dir, &["--config", path.to_str().unwrap()]);
+    let filler = dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&[7u8]).is_ok() {}
+    }
+    let (status, err) = server.json(
+        "POST",
+        "/v1/documents",
+        Some(json!({ "id": "harbour", "text": document(None), "block_size": 96 })),
+    );
+    assert_eq!(status, 507, "{err}");
+    assert_eq!(err["error"]["code"], "insufficient_storage", "{err}");
+    std::fs::remove_file(&filler).unwrap();
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": "harbour", "text": document(None), "block_size": 96 })),
+    );
+    assert_eq!(status, 200, "{doc}");
+    ask(&server);
 }

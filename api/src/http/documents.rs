@@ -144,6 +144,14 @@ pub async fn create(
                 5,
             ));
         }
+        // The disk filled between the free-space check and the spool write.
+        Err(SubmitError::Spool(e)) if e.contains("No space left on device") => {
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                "the disk is full: the ingest could not be spooled; delete documents and run gc",
+            ));
+        }
         Err(SubmitError::Spool(e)) => {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
