@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::util::{data_dir, model_path};
 
-/// A running server; killed on drop.
+/// A running server; killed on drop (the cluster tests start coordinators with it).
 pub(crate) struct Server {
     child: Child,
     addr: String,
@@ -247,7 +247,7 @@ fn assert_busy(answer: &(u16, String, Vec<u8>), status: u16, code: &str) {
 }
 
 /// Polls `done` (every 50 ms) until it holds; fails after `timeout`.
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

@@ -3,6 +3,7 @@
 //! Model tests run the real default model, fetched once into the target directory.
 
 mod cli;
+mod cluster;
 mod model_vectors;
 mod readme;
 mod service;

@@ -70,6 +70,19 @@ pub struct ServerConfig {
     pub gpu_tier_bytes: Option<u64>,
     /// Bearer keys; empty means no authentication (loopback only).
     pub api_keys: Vec<ApiKey>,
+    /// Shard workers (`host:port` of `starkv worker` processes). When set, this server is
+    /// their coordinator: documents' blocks are encoded and kept by the workers, and a
+    /// query sends each layer's Q to them. Empty: this process holds every block.
+    pub workers: Vec<String>,
+    /// The secret every worker checks at the handshake (required with `workers`).
+    pub cluster_secret: Option<String>,
+    /// Copies of every block, on distinct workers.
+    pub replicas: usize,
+    /// Longest wait for a worker's per-layer answer (or session open), in milliseconds;
+    /// past it the worker counts as failed and its blocks are served elsewhere.
+    pub worker_timeout_ms: u64,
+    /// Longest wait for a worker to encode its blocks of one document, in seconds.
+    pub worker_encode_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +105,11 @@ impl Default for ServerConfig {
             device: "auto".into(),
             gpu_tier_bytes: None,
             api_keys: Vec::new(),
+            workers: Vec::new(),
+            cluster_secret: None,
+            replicas: 1,
+            worker_timeout_ms: 30_000,
+            worker_encode_timeout_secs: 3600,
         }
     }
 }
@@ -152,6 +170,30 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "block_size must be >= 1 and anchor_size in 1..=block_size".into(),
             ));
+        }
+        if !self.workers.is_empty() {
+            if self.cluster_secret.as_deref().is_none_or(str::is_empty) {
+                return Err(ConfigError::Invalid(
+                    "workers are configured but cluster_secret is not: workers accept only a coordinator that knows their secret".into(),
+                ));
+            }
+            if self.replicas == 0 || self.replicas > self.workers.len() {
+                return Err(ConfigError::Invalid(format!(
+                    "replicas must be in 1..={} (the number of workers)",
+                    self.workers.len()
+                )));
+            }
+            let mut seen = std::collections::HashSet::new();
+            if let Some(dup) = self.workers.iter().find(|w| !seen.insert(w.as_str())) {
+                return Err(ConfigError::Invalid(format!(
+                    "worker {dup} is listed twice"
+                )));
+            }
+            if self.worker_timeout_ms == 0 || self.worker_encode_timeout_secs == 0 {
+                return Err(ConfigError::Invalid(
+                    "worker_timeout_ms and worker_encode_timeout_secs must be >= 1".into(),
+                ));
+            }
         }
         if self.shards == 0 || self.query_concurrency == 0 || self.ingest_queue == 0 {
             return Err(ConfigError::Invalid(

@@ -92,13 +92,39 @@ pub async fn serve(
         .await
         .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))??
     };
-    let service = Arc::new(starkv_service::Service::with_backend(
+    let mut service = starkv_service::Service::with_backend(
         model,
         backend,
         &model_path,
         store,
         config.hot_tier_bytes as usize,
-    )?);
+    )?;
+    if !config.workers.is_empty() {
+        let cluster_config = starkv_service::cluster::ClusterConfig {
+            workers: config.workers.clone(),
+            secret: config.cluster_secret.clone().unwrap_or_default(),
+            replicas: config.replicas,
+            call_timeout: std::time::Duration::from_millis(config.worker_timeout_ms),
+            encode_timeout: std::time::Duration::from_secs(config.worker_encode_timeout_secs),
+            catalog_dir: config.data_dir.join("cluster"),
+        };
+        let cluster = Arc::new(starkv_service::cluster::Cluster::connect(
+            &cluster_config,
+            service.model_fingerprint(),
+        )?);
+        tokio::task::block_in_place(|| cluster.check_health());
+        cluster.spawn_health_checks(std::time::Duration::from_secs(2));
+        // Operators (and scripts) read which workers serve.
+        for w in cluster.status() {
+            eprintln!(
+                "starkv: worker {} {}",
+                w.address,
+                if w.health.up { "up" } else { "down" }
+            );
+        }
+        service = service.with_cluster(cluster);
+    }
+    let service = Arc::new(service);
     let jobs = starkv_service::jobs::Jobs::start(
         service.clone(),
         &config.data_dir.join("ingest-spool"),

@@ -27,12 +27,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::LoadedModel;
-use crate::cpu::attention::HeadShape;
 use crate::cuda::{CudaError, DeviceChoice, Gpu, HalfType, Selected, select_device};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, generate};
 use crate::model::{KvCache, Llama};
-use crate::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
+use crate::partial::HeadShape;
+use crate::star::{AttentionShard, BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
 
 pub use crate::cuda::cold::{BlockReader, ColdStats};
 
@@ -208,15 +208,19 @@ impl Backend {
     }
 
     /// Phase 2: answers `query` (question and assistant header, at the positions right
-    /// after the context) over the context blocks `keys` (in document order), generating
-    /// with `params`. `load(i)` supplies block `i` from host memory; it is called only for
-    /// blocks the device does not hold (on the CPU: for every block), never while the GPU
-    /// is locked, so it may itself encode blocks (repair).
+    /// after the context) over the context blocks `keys` (in document order) and the
+    /// context held by `shards` (other devices or hosts), generating with `params`.
+    /// `load(i)` supplies block `i` from host memory; it is called only for blocks the
+    /// device does not hold (on the CPU: for every block), never while the GPU is locked,
+    /// so it may itself encode blocks (repair). Every layer's Q goes to all shards at
+    /// once; their partial results merge exactly with this device's part.
+    #[allow(clippy::too_many_arguments)]
     pub fn answer<E: From<Error>>(
         &self,
         loaded: &LoadedModel,
         keys: &[BlockId],
         load: &mut dyn FnMut(usize) -> Result<Arc<BlockKv>, E>,
+        shards: &[Arc<dyn AttentionShard>],
         query: &[u32],
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
@@ -226,7 +230,7 @@ impl Backend {
                 let started = Instant::now();
                 let blocks = (0..keys.len()).map(&mut *load).collect::<Result<_, E>>()?;
                 let load = started.elapsed();
-                let generation = cpu_answer(loaded, blocks, query, params, on_text)?;
+                let generation = cpu_answer(loaded, blocks, shards, query, params, on_text)?;
                 Ok(Answer {
                     generation,
                     load,
@@ -234,9 +238,35 @@ impl Backend {
                     cold: None,
                 })
             }
-            Device::Cuda(c) => {
-                guarded(|| c.answer(&loaded.tokenizer, keys, load, query, params, on_text))
+            Device::Cuda(c) => guarded(|| {
+                c.answer(
+                    &loaded.tokenizer,
+                    keys,
+                    load,
+                    shards,
+                    query,
+                    params,
+                    on_text,
+                )
+            }),
+        }
+    }
+
+    /// The blocks `keys` on this device as one [`AttentionShard`] (what a shard worker
+    /// serves): on the CPU the loaded blocks themselves; on a GPU the resident copies,
+    /// the others loaded with `load(i)`, uploaded and kept resident.
+    pub fn shard<E: From<Error>>(
+        &self,
+        loaded: &LoadedModel,
+        keys: &[BlockId],
+        load: &mut dyn FnMut(usize) -> Result<Arc<BlockKv>, E>,
+    ) -> Result<Arc<dyn AttentionShard>, E> {
+        match &self.device {
+            Device::Cpu => {
+                let blocks = (0..keys.len()).map(&mut *load).collect::<Result<_, E>>()?;
+                Ok(Arc::new(CpuShard::new(blocks, loaded.model.head_shape())))
             }
+            Device::Cuda(c) => guarded(|| c.shard(keys, load)),
         }
     }
 
@@ -294,7 +324,7 @@ impl Backend {
                 let blocks: Vec<Arc<BlockKv>> =
                     phase1.encode_all()?.into_iter().map(Arc::new).collect();
                 let (phase1, n_blocks) = (started.elapsed(), blocks.len());
-                let generation = cpu_answer(loaded, blocks, query, params, on_text)?;
+                let generation = cpu_answer(loaded, blocks, &[], query, params, on_text)?;
                 Ok(DocumentAnswer {
                     generation,
                     phase1,
@@ -341,20 +371,26 @@ impl Backend {
     }
 }
 
-/// Phase 2 on the CPU over `blocks` (in any order).
+/// Phase 2 on the CPU over `blocks` (in any order) and the context of `shards`.
 fn cpu_answer(
     loaded: &LoadedModel,
     blocks: Vec<Arc<BlockKv>>,
+    shards: &[Arc<dyn AttentionShard>],
     query: &[u32],
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
     let model = &loaded.model;
     let (n_layers, shape) = (model.config().n_layers, model.head_shape());
-    let context_len = blocks.iter().map(|b| b.len).sum();
     let shard = CpuShard::new(blocks, shape);
+    let mut all: Vec<&dyn AttentionShard> = Vec::with_capacity(shards.len() + 1);
+    if shard.n_tokens() > 0 {
+        all.push(&shard);
+    }
+    all.extend(shards.iter().map(|s| s.as_ref()));
     let capacity = query.len() + params.max_tokens;
-    let mut attention = QueryAttention::new(vec![&shard], n_layers, shape, capacity);
+    let mut attention = QueryAttention::new(all, n_layers, shape, capacity);
+    let context_len = attention.context_len();
     generate(
         model,
         &loaded.tokenizer,

@@ -32,6 +32,10 @@ pub enum Error {
     /// The compute device (a GPU) cannot be used or failed; the message says which and why.
     #[error("device: {0}")]
     Device(String),
+    /// A shard of context blocks (a GPU, a remote worker) could not answer a layer's
+    /// query; `shard` names it. The query fails rather than merging fewer parts.
+    #[error("shard {shard}: {reason}")]
+    Shard { shard: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -19,6 +19,7 @@ pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod partial;
 pub mod prompt;
 pub mod quant;
 pub mod sampling;

@@ -170,7 +170,7 @@ fn count_shards(store: &Path) -> OpsResult<usize> {
 }
 
 fn store_id(tenant: &str, id: &str) -> String {
-    format!("{tenant}/{id}")
+    starkv_service::naming::store_doc_id(tenant, id)
 }
 
 /// `ingest FILE`: submits a document and follows its progress to the end.

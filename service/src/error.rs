@@ -17,6 +17,10 @@ pub enum ServiceError {
     InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
+    /// A part of the cluster needed to answer is down and nothing could take its place
+    /// (retrying later may succeed).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<starkv_cache::Error> for ServiceError {

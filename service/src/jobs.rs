@@ -219,7 +219,7 @@ impl Jobs {
             metrics::gauge!("starkv_ingest_queue_depth").set(self.queue_depth() as f64);
             let (tenant, id) = (job.tenant.clone(), job.id.clone());
             let req = IngestRequest {
-                id: format!("{tenant}/{id}"),
+                id: crate::naming::store_doc_id(&tenant, &id),
                 tenant: tenant.clone(),
                 text: job.text,
                 block_size: job.block_size,
@@ -276,7 +276,7 @@ impl Jobs {
     }
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;

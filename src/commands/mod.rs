@@ -5,6 +5,7 @@ mod ops_commands;
 mod selftest;
 mod serve;
 mod shell;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,9 +68,11 @@ enum Command {
     /// Write real phase-1 KV blocks of a document to files (store benchmark input).
     #[command(hide = true)]
     DumpKv(model_commands::DumpKvArgs),
-    /// Run the HTTP service.
+    /// Run the HTTP service (with `--workers`: the coordinator of shard workers).
     #[command(after_help = serve::EXAMPLES)]
     Serve(serve::ServeArgs),
+    /// Run a shard worker: one device and its own store, serving a coordinator.
+    Worker(worker::WorkerArgs),
     /// Operator commands (ingest, ask, ls, show, stats, rm, pin, unpin, ttl, evict, verify, gc).
     #[command(flatten)]
     Ops(ops_commands::OpsCommand),
@@ -94,6 +97,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Score(args) => model_commands::score(&cli.global, args),
         Command::Selftest(args) => selftest::run(&cli.global, args),
         Command::Serve(args) => serve::run(&cli.global, args),
+        Command::Worker(args) => worker::run(&cli.global, args),
         Command::DumpKv(args) => model_commands::dump_kv(&cli.global, args),
         Command::Ops(command) => ops_commands::run(&cli.global, cli.ops, command),
         Command::Completions(args) => shell::completions(args),

@@ -39,6 +39,19 @@ pub struct ServeArgs {
     /// Where the model runs: auto (the GPU when CUDA loads, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, env = "STARKV_DEVICE")]
     device: Option<DeviceChoice>,
+    /// Shard workers (`host:port`, comma-separated): this server becomes their
+    /// coordinator.
+    #[arg(long, env = "STARKV_WORKERS", value_delimiter = ',')]
+    workers: Option<Vec<String>>,
+    /// The secret the workers check (config key `cluster_secret`).
+    #[arg(long, env = "STARKV_CLUSTER_SECRET")]
+    cluster_secret: Option<String>,
+    /// Copies of every block on distinct workers.
+    #[arg(long, env = "STARKV_REPLICAS")]
+    replicas: Option<usize>,
+    /// Longest wait for a worker's per-layer answer, in milliseconds.
+    #[arg(long, env = "STARKV_WORKER_TIMEOUT_MS")]
+    worker_timeout_ms: Option<u64>,
 }
 
 pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
@@ -63,6 +76,18 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
     }
     if let Some(device) = args.device {
         config.device = device.to_string();
+    }
+    if let Some(workers) = args.workers {
+        config.workers = workers.into_iter().filter(|w| !w.is_empty()).collect();
+    }
+    if args.cluster_secret.is_some() {
+        config.cluster_secret = args.cluster_secret;
+    }
+    if let Some(r) = args.replicas {
+        config.replicas = r;
+    }
+    if let Some(t) = args.worker_timeout_ms {
+        config.worker_timeout_ms = t;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -36,24 +36,13 @@ pub struct WaitParam {
     wait: bool,
 }
 
-/// Document ids: 1-128 characters of `[A-Za-z0-9._-]`, so they are safe in paths and keys.
+/// Document ids (see [`starkv_service::naming::validate_doc_id`]).
 pub fn validate_id(id: &str) -> Result<(), ApiError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(
-            "document ids are 1-128 characters of A-Z, a-z, 0-9, '.', '_', '-'",
-        ))
-    }
+    Ok(starkv_service::naming::validate_doc_id(id)?)
 }
 
 fn store_id(principal: &Principal, id: &str) -> String {
-    format!("{}/{id}", principal.tenant)
+    starkv_service::naming::store_doc_id(&principal.tenant, id)
 }
 
 pub async fn create(
@@ -190,6 +179,23 @@ async fn document_view(
     let service = state.service.clone();
     let sid = store_id(principal, id);
     let tenant = principal.tenant.clone();
+    if let Some(cluster) = service.cluster() {
+        let entry = cluster.document(&sid, &tenant);
+        return match (job, entry) {
+            (Some(job), _) if !matches!(job.state, JobState::Ready { .. }) => {
+                let status = if matches!(job.state, JobState::Failed { .. }) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                };
+                let mut body = serde_json::to_value(&job).expect("jobs serialise");
+                body["id"] = json!(id);
+                Ok((status, body))
+            }
+            (_, Some(entry)) => Ok((StatusCode::OK, super::cluster::document_json(id, &entry))),
+            (_, None) => Err(ApiError::not_found(format!("document {id} not found"))),
+        };
+    }
     let (stored, lost) = blocking(move || {
         let store = service.store();
         let stored = store
@@ -285,6 +291,28 @@ pub async fn list(
     }
     let service = state.service.clone();
     let tenant = principal.tenant.clone();
+    if let Some(cluster) = service.cluster() {
+        let docs = cluster.documents(&tenant);
+        let total = docs.len();
+        let prefix = format!("{}/", principal.tenant);
+        let items: Vec<Value> = docs
+            .iter()
+            .skip(p.offset)
+            .take(limit)
+            .map(|d| {
+                json!({
+                    "id": d.doc.strip_prefix(&prefix).unwrap_or(&d.doc),
+                    "version": d.version,
+                    "blocks": d.blocks.len(),
+                    "tokens": d.tokens.len(),
+                })
+            })
+            .collect();
+        let next = (p.offset + limit < total).then_some(p.offset + limit);
+        return Ok(Json(
+            json!({ "documents": items, "total": total, "offset": p.offset, "next_offset": next }),
+        ));
+    }
     let mut docs = blocking(move || {
         Ok(service
             .store()
@@ -351,6 +379,13 @@ pub async fn delete(
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Write)?;
     let shown = id.clone();
+    if let Some(cluster) = state.service.cluster().cloned() {
+        validate_id(&id)?;
+        let (sid, tenant) = (store_id(&principal, &id), principal.tenant.clone());
+        blocking(move || Ok(cluster.delete(&sid, &tenant)?)).await?;
+        metrics::counter!("starkv_documents_deleted_total").increment(1);
+        return Ok(Json(json!({ "id": shown, "deleted": true })));
+    }
     with_doc(&state, &principal, id, |store, doc| {
         store
             .delete_doc(&doc.doc)

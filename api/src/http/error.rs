@@ -79,6 +79,9 @@ impl From<ServiceError> for ApiError {
                 tracing::error!(error = m, "internal error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
             }
+            ServiceError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            }
         }
     }
 }

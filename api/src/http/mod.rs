@@ -2,6 +2,7 @@
 //! run blocking work (model, RocksDB) on worker threads.
 
 mod auth;
+mod cluster;
 mod documents;
 mod error;
 mod openai;
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/gc", post(documents::gc))
         .route("/v1/admin/evict", post(documents::evict))
         .route("/v1/admin/verify", post(documents::verify))
+        .route("/v1/admin/cluster", get(cluster::status))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

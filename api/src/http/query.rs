@@ -83,7 +83,7 @@ pub fn validate_ask(
         ));
     }
     Ok(Ask {
-        store_id: format!("{}/{id}", principal.tenant),
+        store_id: starkv_service::naming::store_doc_id(&principal.tenant, id),
         tenant: principal.tenant.clone(),
         request: QueryRequest {
             question,

@@ -19,13 +19,13 @@ use std::time::Instant;
 use super::{Answer, BlockId, DocumentAnswer, StoredContext, TierStats};
 use crate::cuda::cold::{ColdLoad, ColdMode, ColdRates, StagingPool};
 use crate::cuda::star::{
-    BlockTier, ContextBlocks, GpuBlock, GpuQuery, encode_block, encode_context,
+    BlockTier, ContextBlocks, GpuBlock, GpuQuery, GpuShard, encode_block, encode_context,
 };
 use crate::cuda::{CudaError, CudaLlama, Gpu, GpuAttention, GpuKvCache, HalfType};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, generate_with};
 use crate::model::Llama;
-use crate::star::{BlockKv, StarConfig};
+use crate::star::{AttentionShard, BlockKv, StarConfig};
 use crate::tokenizer::Tokenizer;
 
 pub(super) struct CudaBackend {
@@ -109,11 +109,13 @@ impl CudaBackend {
 
     /// Phase 2: resident blocks from the tier, the others loaded by `load` (without any
     /// GPU lock held) and streamed in one layer ahead; afterwards every block is resident.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn answer<E: From<Error>>(
         &self,
         tokenizer: &Tokenizer,
         keys: &[BlockId],
         load: &mut dyn FnMut(usize) -> Result<Arc<BlockKv>, E>,
+        shards: &[Arc<dyn AttentionShard>],
         query: &[u32],
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
@@ -136,7 +138,7 @@ impl CudaBackend {
         let load_time = started.elapsed();
         let resident_blocks = resident.len();
         let generation = self.query(
-            tokenizer, resident, host, &host_keys, query, params, on_text,
+            tokenizer, resident, host, &host_keys, shards, query, params, on_text,
         )?;
         Ok(Answer {
             generation,
@@ -239,6 +241,7 @@ impl CudaBackend {
         resident: Vec<Arc<GpuBlock>>,
         host: Vec<Arc<BlockKv>>,
         host_keys: &[BlockId],
+        shards: &[Arc<dyn AttentionShard>],
         query: &[u32],
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
@@ -246,7 +249,8 @@ impl CudaBackend {
         let n_resident = resident.len();
         let mut model = self.lock_model()?;
         let context = ContextBlocks::new(&self.gpu, resident, host)?;
-        let mut q = GpuQuery::new(&model, context, query.len() + params.max_tokens)?;
+        let mut q = GpuQuery::new(&model, context, query.len() + params.max_tokens)?
+            .with_shards(shards.to_vec());
         let start = q.context_len();
         let generation = match decode(&mut model, &mut q, tokenizer, query, start, params, on_text)
         {
@@ -264,6 +268,40 @@ impl CudaBackend {
             tier.insert(*key, block.clone());
         }
         Ok(generation)
+    }
+
+    /// The blocks `keys` as a [`GpuShard`]: resident ones from the tier, the others
+    /// loaded with `load(i)` (no GPU lock held), uploaded and made resident.
+    pub(super) fn shard<E: From<Error>>(
+        &self,
+        keys: &[BlockId],
+        load: &mut dyn FnMut(usize) -> Result<Arc<BlockKv>, E>,
+    ) -> Result<Arc<dyn AttentionShard>, E> {
+        let found: Vec<Option<Arc<GpuBlock>>> = {
+            let mut tier = self.lock_tier();
+            keys.iter().map(|k| tier.get(k)).collect()
+        };
+        let mut blocks = Vec::with_capacity(keys.len());
+        let mut shape = None;
+        for (i, block) in found.into_iter().enumerate() {
+            let block = match block {
+                Some(b) => b,
+                None => {
+                    let host = load(i)?;
+                    let _model = self.lock_model()?;
+                    let up = Arc::new(GpuBlock::upload(&self.gpu, &host).map_err(Error::from)?);
+                    self.lock_tier().insert(keys[i], up.clone());
+                    up
+                }
+            };
+            shape = Some(block.shape);
+            blocks.push(block);
+        }
+        let Some(shape) = shape else {
+            return Err(Error::InvalidInput("a shard of no blocks".into()).into());
+        };
+        let shard = GpuShard::new(self.gpu.clone(), blocks, shape).map_err(Error::from)?;
+        Ok(Arc::new(shard))
     }
 
     pub(super) fn answer_document(

@@ -140,6 +140,7 @@ fn cpu_backend_answers_equal_the_direct_path() {
                 loads.push(i);
                 Ok(blocks[i].clone())
             },
+            &[],
             &query,
             &params,
             &mut |_| true,
@@ -168,6 +169,7 @@ fn a_load_error_is_the_callers_error() {
         &loaded,
         &[key(0)],
         &mut |_| Err(Error::InvalidInput("no such block".into())),
+        &[],
         &tokens(3, 0),
         &greedy(2),
         &mut |_| true,

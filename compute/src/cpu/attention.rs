@@ -13,34 +13,12 @@ use rayon::prelude::*;
 
 use super::matmul::{Transpose, gemm_f32, gemm_f32_acc};
 use super::ops::exp_shifted_sum;
+pub use crate::partial::{Attended, HeadShape, merge_into};
 
 const Q_TILE: usize = 32;
 const K_TILE: usize = 256;
 /// Keys per chunk when a few query rows are split over the keys (see `attention_into`).
 const SPLIT_CHUNK: usize = 512;
-
-/// Head geometry shared by queries and keys (grouped-query attention when
-/// `n_heads > n_kv_heads`; query head `h` reads key/value head `h / (n_heads / n_kv_heads)`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl HeadShape {
-    pub fn q_width(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-
-    pub fn kv_width(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-
-    pub fn group(&self) -> usize {
-        self.n_heads / self.n_kv_heads
-    }
-}
 
 /// Borrowed keys and values: element `(head, token, i)` is at
 /// `head * head_stride + token * row_stride + i`, for tokens `0..len`.
@@ -64,23 +42,6 @@ pub enum Mask {
     None,
     /// Query row `i` sees keys `0..=i + offset` (a sequence continuing after `offset` keys).
     Causal { offset: usize },
-}
-
-/// Attention output for `m` query rows: `out` is `[m][n_heads * head_dim]`, `lse` is
-/// `[n_heads][m]`. A row that sees no key has `lse = -inf` and a zero output.
-pub struct Attended {
-    pub out: Vec<f32>,
-    pub lse: Vec<f32>,
-}
-
-impl Attended {
-    /// The identity of [`merge_into`]: the result over an empty key set.
-    pub fn empty(m: usize, shape: HeadShape) -> Self {
-        Self {
-            out: vec![0.0; m * shape.q_width()],
-            lse: vec![f32::NEG_INFINITY; shape.n_heads * m],
-        }
-    }
 }
 
 /// Computes attention of `q` (`[m][n_heads * head_dim]`) over `kv` with `mask`, scaling
@@ -317,33 +278,6 @@ unsafe fn attend_tile(
             let dst = out.get().add(i * qw + h * d);
             for c in 0..d {
                 *dst.add(c) = acc[p * d + c] * inv;
-            }
-        }
-    }
-}
-
-/// Merges a partial result over one key set into `acc` (a partial result over a disjoint
-/// key set), so that `acc` becomes the result over their union:
-/// `lse = M + ln(e^(lse_a - M) + e^(lse_b - M))`, `O = e^(lse_a - lse) O_a + e^(lse_b - lse) O_b`
-/// with `M = max(lse_a, lse_b)`. An empty part (`lse = -inf`) contributes nothing.
-pub fn merge_into(acc: &mut Attended, part: &Attended, m: usize, shape: HeadShape) {
-    let d = shape.head_dim;
-    let qw = shape.q_width();
-    for h in 0..shape.n_heads {
-        for i in 0..m {
-            let (la, lb) = (acc.lse[h * m + i], part.lse[h * m + i]);
-            if lb == f32::NEG_INFINITY {
-                continue;
-            }
-            let hi = la.max(lb);
-            let (ea, eb) = ((la - hi).exp(), (lb - hi).exp());
-            let total = ea + eb;
-            let (wa, wb) = (ea / total, eb / total);
-            acc.lse[h * m + i] = hi + total.ln();
-            let a = &mut acc.out[i * qw + h * d..i * qw + (h + 1) * d];
-            let b = &part.out[i * qw + h * d..i * qw + (h + 1) * d];
-            for (x, y) in a.iter_mut().zip(b) {
-                *x = wa * *x + wb * y;
             }
         }
     }

@@ -15,7 +15,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::{CudaError, DeviceInfo, Result};
-use crate::cpu::attention::HeadShape;
+use crate::partial::HeadShape;
 
 /// The 16-bit float type weights, activations and KV use on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

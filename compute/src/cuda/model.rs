@@ -12,9 +12,9 @@ use super::gpu::{
     AttnPlan, AttnScratch, DevBuf, Gpu, Kernels, KvDest, Segment, TableBuf, upload_plans,
 };
 use super::{CudaError, Result};
-use crate::cpu::attention::HeadShape;
 use crate::cpu::matmul::Matrix;
 use crate::model::{Llama, LlamaConfig};
+use crate::partial::HeadShape;
 
 /// Decides which keys a layer's new tokens attend to, on the GPU (the device
 /// counterpart of [`crate::model::LayerAttention`]).

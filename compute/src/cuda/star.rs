@@ -13,8 +13,8 @@ use super::gpu::{
 };
 use super::model::{CudaLlama, GpuAttention, GpuKvCache};
 use super::{CudaError, Result};
-use crate::cpu::attention::{Attended, HeadShape};
-use crate::star::{AttentionShard, BlockKv};
+use crate::partial::{Attended, HeadShape};
+use crate::star::{AttentionShard, BlockKv, PendingPartial};
 
 /// One context block's KV on a GPU: per layer K and V head-major `[n_kv][len][d]` in
 /// the GPU's 16-bit type, K rotated at the global positions (as [`BlockKv`]).
@@ -436,8 +436,15 @@ impl StreamedBlocks {
 
 /// Phase 2 on one GPU: the query and generated tokens over every context block (no
 /// mask) plus their own KV (causal), which lives here and only here.
+///
+/// Blocks on this GPU are attended in one fused kernel with the query's own KV. Blocks
+/// held elsewhere (another GPU, a remote worker) are [`AttentionShard`]s: per layer the
+/// rotated Q goes to them first, the local kernel writes its partial `(O, lse)`, and the
+/// parts are merged exactly on the host (see [`GpuQuery::with_shards`]).
 pub struct GpuQuery {
     context: ContextBlocks,
+    shards: Vec<Arc<dyn AttentionShard>>,
+    shard_scratch: ShardMerge,
     local: GpuKvCache,
     context_len: usize,
     shape: HeadShape,
@@ -454,6 +461,8 @@ impl GpuQuery {
     pub fn new(model: &CudaLlama, context: ContextBlocks, capacity: usize) -> Result<Self> {
         let context_len = context.blocks().map(|b| b.len).sum();
         Ok(Self {
+            shards: Vec::new(),
+            shard_scratch: ShardMerge::default(),
             local: GpuKvCache::new(
                 model.gpu(),
                 model.config().n_layers,
@@ -471,6 +480,14 @@ impl GpuQuery {
         })
     }
 
+    /// Adds context held by other shards (their blocks follow this GPU's in the
+    /// context's token count; order does not matter to the merge).
+    pub fn with_shards(mut self, shards: Vec<Arc<dyn AttentionShard>>) -> Self {
+        self.context_len += shards.iter().map(|s| s.n_tokens()).sum::<usize>();
+        self.shards = shards;
+        self
+    }
+
     /// Context tokens: the first query token's position.
     pub fn context_len(&self) -> usize {
         self.context_len
@@ -479,6 +496,61 @@ impl GpuQuery {
     /// Query and generated tokens held.
     pub fn local_len(&self) -> usize {
         self.local.len()
+    }
+
+    /// Layer attention with other shards: Q to the host and to every shard, the local
+    /// kernel's `(O, lse)` in f32, the exact merge on the host, the result back as 16-bit.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_with_shards(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        layer: usize,
+        q: u64,
+        m: usize,
+        out: u64,
+        plan: (u64, u64, usize),
+    ) -> Result<()> {
+        let s = self.shape;
+        let (qw, nh) = (s.q_width(), s.n_heads);
+        let merge = &mut self.shard_scratch;
+        merge.q16.resize(m * qw, 0);
+        merge.q32.resize(m * qw, 0.0);
+        gpu.download(&mut merge.q16, q)?;
+        gpu.dtype.decode(&merge.q16, &mut merge.q32);
+        let shards: Vec<&dyn AttentionShard> = self.shards.iter().map(|s| s.as_ref()).collect();
+        let pending = crate::star::start_all(&shards, layer, &merge.q32, m)?;
+        let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
+            if b.as_ref().is_none_or(|x| x.bytes() < bytes) {
+                *b = Some(gpu.alloc(bytes)?);
+            }
+            Ok(b.as_ref().map_or(0, DevBuf::ptr))
+        };
+        let out32 = grow(&mut merge.out32, m * qw * 4)?;
+        let lse32 = grow(&mut merge.lse32, m * nh * 4)?;
+        let (items, splits, n) = plan;
+        gpu.attention(
+            kernels,
+            q,
+            m,
+            nh,
+            s.n_kv_heads,
+            items,
+            splits,
+            n,
+            AttnOut::F32 {
+                out: out32,
+                lse: lse32,
+            },
+            &mut self.scratch,
+        )?;
+        let mut acc = Attended::empty(m, s);
+        gpu.download(&mut acc.out, out32)?;
+        gpu.download(&mut acc.lse, lse32)?;
+        crate::star::merge_pending(pending, &mut acc, m, s)?;
+        gpu.upload(out32, &acc.out)?;
+        gpu.to_half(kernels, out, out32, m * qw)?;
+        Ok(())
     }
 
     /// The context blocks, resident once every layer has been attended (in
@@ -535,6 +607,9 @@ impl GpuAttention for GpuQuery {
             s.wait_layer(gpu, layer)?;
         }
         let (items, splits, n) = self.plans[layer];
+        if !self.shards.is_empty() {
+            return self.attend_with_shards(gpu, kernels, layer, q, m, out, (items, splits, n));
+        }
         gpu.attention(
             kernels,
             q,
@@ -552,6 +627,15 @@ impl GpuAttention for GpuQuery {
     fn finish(&mut self, m: usize) {
         self.local.finish(m);
     }
+}
+
+/// Host and device buffers of [`GpuQuery::attend_with_shards`], reused every layer.
+#[derive(Default)]
+struct ShardMerge {
+    q16: Vec<u16>,
+    q32: Vec<f32>,
+    out32: Option<DevBuf>,
+    lse32: Option<DevBuf>,
 }
 
 /// Blocks held by one GPU behind the host-side shard seam: `attend` takes a layer's Q
@@ -603,7 +687,11 @@ impl GpuShard {
     pub fn try_attend(&self, layer: usize, q: &[f32], m: usize) -> Result<Attended> {
         let s = self.shape;
         let (qw, nh) = (s.q_width(), s.n_heads);
-        let mut st = self.state.lock().unwrap();
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.gpu.ctx.bind_to_thread()?;
         let st = &mut *st;
         let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
             if b.as_ref().is_none_or(|x| x.bytes() < bytes) {
@@ -642,10 +730,20 @@ impl GpuShard {
 }
 
 impl AttentionShard for GpuShard {
-    fn attend(&self, layer: usize, q: &[f32], m: usize) -> Attended {
-        // The seam returns no Result; a failing GPU here is a broken device.
-        self.try_attend(layer, q, m)
-            .unwrap_or_else(|e| panic!("GPU shard on {}: {e}", self.gpu.info))
+    fn start<'a>(
+        &'a self,
+        layer: usize,
+        q: &'a [f32],
+        m: usize,
+    ) -> crate::Result<PendingPartial<'a>> {
+        // The attention runs when waited on: the query host starts every shard first.
+        Ok(PendingPartial::new(move || {
+            self.try_attend(layer, q, m)
+                .map_err(|e| crate::Error::Shard {
+                    shard: self.gpu.info.to_string(),
+                    reason: e.to_string(),
+                })
+        }))
     }
 
     fn n_tokens(&self) -> usize {

@@ -2,6 +2,7 @@
 
 use super::llama::LayerAttention;
 use crate::cpu::attention::{HeadShape, KvView, Mask, attention_into};
+use crate::error::Result;
 
 /// Keys and values of one layer, head-major: element `(head, token, i)` is at
 /// `head * capacity * head_dim + token * head_dim + i`, so each head's keys are one
@@ -131,7 +132,15 @@ impl KvCache {
 }
 
 impl LayerAttention for KvCache {
-    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]) {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let kv = &mut self.layers[layer];
         let offset = kv.len();
         kv.append(k, v);
@@ -146,5 +155,6 @@ impl LayerAttention for KvCache {
             out,
             &mut lse,
         );
+        Ok(())
     }
 }

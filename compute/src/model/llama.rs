@@ -23,8 +23,17 @@ use crate::quant::{GgmlType, encode_float};
 pub trait LayerAttention: Send {
     /// Attention of `m` new tokens at layer `layer`. `q` is `[m][n_heads * head_dim]`,
     /// `k` and `v` are `[m][n_kv_heads * head_dim]` (K already rotated to the tokens'
-    /// positions); the result goes to `out`, `[m][n_heads * head_dim]`.
-    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]);
+    /// positions); the result goes to `out`, `[m][n_heads * head_dim]`. Fails when a
+    /// part of the keys cannot be attended (a shard of a cluster is gone).
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<()>;
 }
 
 /// One block's weights, borrowed (see [`Llama::layer_weights`]).
@@ -264,7 +273,7 @@ impl Llama {
             self.rope.apply(&mut q, c.n_heads, c.head_dim, &cos, &sin);
             self.rope
                 .apply(&mut k, c.n_kv_heads, c.head_dim, &cos, &sin);
-            attention.attend(li, &q, &k, &v, m, &mut attn);
+            attention.attend(li, &q, &k, &v, m, &mut attn)?;
             layer.wo.matmul_t(&attn, m, &mut proj);
             add_in_place(&mut x, &proj);
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut xn);

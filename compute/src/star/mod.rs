@@ -17,7 +17,9 @@ pub mod phase2;
 
 pub use block::BlockKv;
 pub use phase1::{Phase1, StarConfig};
-pub use phase2::{AttentionShard, CpuShard, QueryAttention};
+pub use phase2::{
+    AttentionShard, CpuShard, PendingPartial, QueryAttention, merge_pending, start_all,
+};
 
 #[cfg(test)]
 mod tests;

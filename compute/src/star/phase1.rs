@@ -181,7 +181,15 @@ struct AnchoredBlock<'a> {
 }
 
 impl LayerAttention for AnchoredBlock<'_> {
-    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]) {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let scale = 1.0 / (self.shape.head_dim as f32).sqrt();
         let own = KvView {
             k,
@@ -197,5 +205,6 @@ impl LayerAttention for AnchoredBlock<'_> {
         }
         out.copy_from_slice(&res.out);
         self.block.set_layer_from_rows(layer, k, v);
+        Ok(())
     }
 }

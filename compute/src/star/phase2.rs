@@ -2,22 +2,56 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use super::block::BlockKv;
-use crate::cpu::attention::{Attended, HeadShape, Mask, attention, attention_into, merge_into};
+use crate::cpu::attention::{Mask, attention, attention_into};
+use crate::error::Result;
 use crate::model::{LayerAttention, LayerKv};
+use crate::partial::{Attended, HeadShape, merge_into};
 
 /// The seam between the query host and a group of cached blocks.
 ///
 /// A shard sees only the query's Q for one layer and answers with the partial attention
-/// `(O, lse)` over the context blocks it holds (no mask: all context precedes the query).
-/// It never receives the query's K or V, so the query and generated tokens' KV cannot be
-/// duplicated across shards. A shard may be a CPU thread, a GPU or a remote host.
+/// `(O, lse)` ([`Attended`]) over the context blocks it holds (no mask: all context
+/// precedes the query). It never receives the query's K or V, so the query and generated
+/// tokens' KV cannot be duplicated across shards. A shard may be a CPU thread, a GPU or a
+/// remote host, and may fail (a remote host goes away): a failure is an error for the
+/// query host to handle, never a silently smaller merge.
 pub trait AttentionShard: Send + Sync {
-    /// `q` is `[m][n_heads * head_dim]`; the result follows [`Attended`]'s layout.
-    fn attend(&self, layer: usize, q: &[f32], m: usize) -> Attended;
+    /// Starts the partial attention of `q` (`[m][n_heads * head_dim]`) at `layer`. A
+    /// shard whose work runs elsewhere (a remote worker, a GPU stream) sends the request
+    /// now and returns a [`PendingPartial`] that waits for the answer; a shard computed on
+    /// this host's CPU returns one that computes when waited on. The query host starts
+    /// every shard before it waits on any, so all shards work at once.
+    fn start<'a>(&'a self, layer: usize, q: &'a [f32], m: usize) -> Result<PendingPartial<'a>>;
 
     /// Context tokens this shard holds.
     fn n_tokens(&self) -> usize;
+
+    /// [`AttentionShard::start`], then wait: one shard on its own.
+    fn attend(&self, layer: usize, q: &[f32], m: usize) -> Result<Attended> {
+        self.start(layer, q, m)?.wait()
+    }
+}
+
+/// A partial attention in flight (see [`AttentionShard::start`]).
+pub struct PendingPartial<'a>(Box<dyn FnOnce() -> Result<Attended> + Send + 'a>);
+
+impl<'a> PendingPartial<'a> {
+    /// `finish` produces the answer: it computes it, or waits for it to arrive.
+    pub fn new(finish: impl FnOnce() -> Result<Attended> + Send + 'a) -> Self {
+        Self(Box::new(finish))
+    }
+
+    /// An answer already at hand.
+    pub fn ready(part: Attended) -> Self {
+        Self::new(move || Ok(part))
+    }
+
+    pub fn wait(self) -> Result<Attended> {
+        (self.0)()
+    }
 }
 
 /// Cached blocks attended on the CPU.
@@ -30,22 +64,63 @@ impl CpuShard {
     pub fn new(blocks: Vec<Arc<BlockKv>>, shape: HeadShape) -> Self {
         Self { blocks, shape }
     }
-}
 
-impl AttentionShard for CpuShard {
-    fn attend(&self, layer: usize, q: &[f32], m: usize) -> Attended {
-        let scale = 1.0 / (self.shape.head_dim as f32).sqrt();
+    fn compute(&self, layer: usize, q: &[f32], m: usize) -> Attended {
         let mut acc = Attended::empty(m, self.shape);
         for block in &self.blocks {
-            let part = attention(q, m, block.view(layer), self.shape, Mask::None, scale);
+            let part = attention(
+                q,
+                m,
+                block.view(layer),
+                self.shape,
+                Mask::None,
+                self.shape.scale(),
+            );
             merge_into(&mut acc, &part, m, self.shape);
         }
         acc
+    }
+}
+
+impl AttentionShard for CpuShard {
+    fn start<'a>(&'a self, layer: usize, q: &'a [f32], m: usize) -> Result<PendingPartial<'a>> {
+        Ok(PendingPartial::new(move || Ok(self.compute(layer, q, m))))
     }
 
     fn n_tokens(&self) -> usize {
         self.blocks.iter().map(|b| b.len).sum()
     }
+}
+
+/// Starts `q` at `layer` on every shard (see [`AttentionShard::start`]); the query host
+/// computes its own part, then calls [`merge_pending`].
+pub fn start_all<'a>(
+    shards: &[&'a dyn AttentionShard],
+    layer: usize,
+    q: &'a [f32],
+    m: usize,
+) -> Result<Vec<PendingPartial<'a>>> {
+    shards.iter().map(|s| s.start(layer, q, m)).collect()
+}
+
+/// Waits for every started shard (the CPU ones compute in parallel while remote ones
+/// answer) and merges their answers into `acc`. Any shard's failure is the result: a
+/// merge over fewer shards would be a wrong answer.
+pub fn merge_pending(
+    pending: Vec<PendingPartial<'_>>,
+    acc: &mut Attended,
+    m: usize,
+    shape: HeadShape,
+) -> Result<()> {
+    let parts: Vec<Result<Attended>> = if pending.len() <= 1 {
+        pending.into_iter().map(PendingPartial::wait).collect()
+    } else {
+        pending.into_par_iter().map(PendingPartial::wait).collect()
+    };
+    for part in parts {
+        merge_into(acc, &part?, m, shape);
+    }
+    Ok(())
 }
 
 /// The query host's attention: context shards plus the query and generated tokens' own
@@ -84,8 +159,17 @@ impl<'s> QueryAttention<'s> {
 }
 
 impl LayerAttention for QueryAttention<'_> {
-    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]) {
-        let scale = 1.0 / (self.shape.head_dim as f32).sqrt();
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        // Remote shards get the query first, so they work while the local part computes.
+        let pending = start_all(&self.shards, layer, q, m)?;
         let local = &mut self.local[layer];
         let offset = local.len();
         local.append(k, v);
@@ -96,13 +180,12 @@ impl LayerAttention for QueryAttention<'_> {
             local.view(),
             self.shape,
             Mask::Causal { offset },
-            scale,
+            self.shape.scale(),
             &mut acc.out,
             &mut acc.lse,
         );
-        for shard in &self.shards {
-            merge_into(&mut acc, &shard.attend(layer, q, m), m, self.shape);
-        }
+        merge_pending(pending, &mut acc, m, self.shape)?;
         out.copy_from_slice(&acc.out);
+        Ok(())
     }
 }

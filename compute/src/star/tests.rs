@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::cpu::attention::{Attended, HeadShape, Mask, attention, attention_into, merge_into};
+use crate::error::Result;
 use crate::model::{KvCache, LayerAttention, LayerKv, Llama, LlamaConfig};
 use crate::quant::GgmlType;
 
@@ -190,7 +191,15 @@ struct DuplicatingQueryKv {
 }
 
 impl LayerAttention for DuplicatingQueryKv {
-    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], m: usize, out: &mut [f32]) {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let scale = 1.0 / (self.shape.head_dim as f32).sqrt();
         let mut acc = Attended::empty(m, self.shape);
         for (blocks, local) in &mut self.shards {
@@ -218,6 +227,7 @@ impl LayerAttention for DuplicatingQueryKv {
             merge_into(&mut acc, &part, m, self.shape);
         }
         out.copy_from_slice(&acc.out);
+        Ok(())
     }
 }
 
@@ -463,4 +473,96 @@ fn an_anchor_of_whole_blocks_is_a_causal_prefix_seen_by_every_later_block() {
     let got = query_logits(&model, context.len(), &query, &mut attn);
     let diff = max_diff(&got, &full_attention_logits(&model, &context, &query));
     assert!(diff < 1e-4, "max |logit diff| {diff}");
+}
+
+/// A shard that records when it is started and waited on, and fails on request: what a
+/// remote worker looks like to the query host.
+struct Recording<'r> {
+    inner: CpuShard,
+    name: &'static str,
+    log: &'r std::sync::Mutex<Vec<String>>,
+    fail_at_layer: Option<usize>,
+}
+
+impl AttentionShard for Recording<'_> {
+    fn start<'a>(
+        &'a self,
+        layer: usize,
+        q: &'a [f32],
+        m: usize,
+    ) -> crate::error::Result<PendingPartial<'a>> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("start {}", self.name));
+        Ok(PendingPartial::new(move || {
+            self.log.lock().unwrap().push(format!("wait {}", self.name));
+            if self.fail_at_layer == Some(layer) {
+                return Err(crate::Error::Shard {
+                    shard: self.name.into(),
+                    reason: "connection reset".into(),
+                });
+            }
+            self.inner.attend(layer, q, m)
+        }))
+    }
+
+    fn n_tokens(&self) -> usize {
+        self.inner.n_tokens()
+    }
+}
+
+/// The query host sends a layer's Q to every shard before it waits for any (so remote
+/// shards work at the same time), and a shard that fails fails the forward pass instead
+/// of being merged away.
+#[test]
+fn every_shard_starts_before_any_is_awaited_and_a_failure_is_an_error() {
+    let model = tiny_model();
+    let (context, query) = (tokens(120, 9), tokens(6, 10));
+    let want = full_attention_logits(&model, &context, &query);
+    let blocks = full_attention_blocks(&model, &context, &[40, 80]);
+    let shape = model.head_shape();
+    let log = std::sync::Mutex::new(Vec::new());
+    let shards: Vec<Recording> = ["a", "b", "c"]
+        .iter()
+        .zip(&blocks)
+        .map(|(&name, b)| Recording {
+            inner: CpuShard::new(vec![b.clone()], shape),
+            name,
+            log: &log,
+            fail_at_layer: None,
+        })
+        .collect();
+    let refs: Vec<&dyn AttentionShard> = shards.iter().map(|s| s as &dyn AttentionShard).collect();
+    let mut attn = QueryAttention::new(refs, 3, shape, 8);
+    let got = query_logits(&model, context.len(), &query, &mut attn);
+    assert!(max_diff(&got, &want) < 1e-4);
+    let log = log.into_inner().unwrap();
+    assert_eq!(
+        log.len(),
+        3 * 2 * 3,
+        "3 layers, 3 shards, start + wait: {log:?}"
+    );
+    for layer in log.chunks(6) {
+        assert!(
+            layer[..3].iter().all(|e| e.starts_with("start")),
+            "all started before any wait: {layer:?}"
+        );
+    }
+
+    let log = std::sync::Mutex::new(Vec::new());
+    let failing = Recording {
+        inner: CpuShard::new(vec![blocks[1].clone()], shape),
+        name: "b",
+        log: &log,
+        fail_at_layer: Some(2),
+    };
+    let healthy = CpuShard::new(vec![blocks[0].clone(), blocks[2].clone()], shape);
+    let mut attn = QueryAttention::new(vec![&healthy, &failing], 3, shape, 8);
+    let positions: Vec<usize> = (context.len()..context.len() + query.len()).collect();
+    let err = model.forward(&query, &positions, &mut attn).unwrap_err();
+    assert!(
+        matches!(&err, crate::Error::Shard { shard, .. } if shard == "b"),
+        "{err}"
+    );
 }

@@ -132,6 +132,7 @@ pub(super) fn checks(
                 loads += 1;
                 Ok(blocks[i].clone())
             },
+            &[],
             &query,
             &params,
             &mut |_| true,

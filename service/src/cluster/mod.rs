@@ -1,0 +1,26 @@
+//! A document spread over many devices and hosts: the query goes to the data
+//! (DESIGN.md §6).
+//!
+//! - [`worker`]: a shard worker (`starkv worker`): encodes the blocks it is given into
+//!   its own store and answers per-layer partial attention over them.
+//! - [`server`]: the worker's TCP listener; [`client`]: the coordinator's persistent
+//!   connection to it; [`wire`]: the binary frames between them.
+//! - [`handle`]: the [`Worker`] trait the coordinator calls, remote or in-process.
+//! - [`placement`]: rendezvous hashing of block keys over the workers.
+//! - [`catalog`]: the coordinator's documents and where each block lives.
+//! - [`coordinator`]: distributed phase 1 (blocks first, catalog entry last) and phase 2
+//!   (each layer's Q to every worker at once, exact merge here), and fault recovery.
+
+pub mod catalog;
+pub mod client;
+pub mod coordinator;
+pub mod handle;
+pub mod placement;
+pub mod server;
+pub mod wire;
+pub mod worker;
+
+pub use catalog::{BlockEntry, DocEntry};
+pub use coordinator::{Cluster, ClusterConfig, WorkerHealth, WorkerStatus};
+pub use handle::{CallError, InProcessWorker, PendingReply, Worker};
+pub use worker::WorkerNode;

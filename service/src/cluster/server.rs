@@ -1,0 +1,126 @@
+//! The worker's listener: one task per coordinator connection, requests answered on
+//! blocking threads (model, store), replies written in completion order.
+//!
+//! A connection must open with [`Request::Hello`] carrying [`PROTOCOL_VERSION`] and the
+//! cluster's shared secret; otherwise it gets one error reply and is closed. A frame
+//! that does not parse gets an error reply (the connection stays usable: the length
+//! prefix kept it in step); a length prefix out of bounds closes the connection, since
+//! nothing after it can be trusted. Sessions a connection opened are closed with it.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::wire::{ErrorCode, PROTOCOL_VERSION, Reply, Request, read_frame_async};
+use super::worker::WorkerNode;
+
+/// Serves `node` on `listener` until the task is dropped.
+pub async fn serve_worker(listener: TcpListener, node: Arc<WorkerNode>, secret: Arc<Vec<u8>>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "worker: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (node, secret) = (node.clone(), secret.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, node, secret).await {
+                tracing::info!(%peer, error = %e, "worker: connection ended");
+            }
+        });
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    node: Arc<WorkerNode>,
+    secret: Arc<Vec<u8>>,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut reader, mut writer) = stream.into_split();
+    // Handshake: the first frame, checked before anything else is read.
+    let body = read_frame_async(&mut reader).await?;
+    let (id, hello) = Request::parse(&body);
+    let refusal = match hello {
+        Ok(Request::Hello { version, .. }) if version != PROTOCOL_VERSION => Some(Reply::error(
+            ErrorCode::Version,
+            format!("protocol version {version}; this worker speaks {PROTOCOL_VERSION}"),
+        )),
+        Ok(Request::Hello { secret: given, .. }) if !same_secret(&given, &secret) => Some(
+            Reply::error(ErrorCode::Unauthorized, "wrong cluster secret"),
+        ),
+        Ok(Request::Hello { .. }) => None,
+        Ok(_) => Some(Reply::error(
+            ErrorCode::Unauthorized,
+            "the first request must be a handshake",
+        )),
+        Err(e) => Some(Reply::error(ErrorCode::BadRequest, e.to_string())),
+    };
+    if let Some(refusal) = refusal {
+        writer.write_all(&refusal.frame(id)).await?;
+        return Ok(());
+    }
+    writer.write_all(&node.hello().frame(id)).await?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let write_task = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if writer.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let opened: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let result = loop {
+        let body = match read_frame_async(&mut reader).await {
+            Ok(b) => b,
+            Err(e) => break Err(e),
+        };
+        let (id, parsed) = Request::parse(&body);
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Reply::error(ErrorCode::BadRequest, e.to_string()).frame(id));
+                continue;
+            }
+        };
+        let (node, tx, opened) = (node.clone(), tx.clone(), opened.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Request::Close { session } = &req {
+                opened.lock().expect("session set").remove(session);
+            }
+            let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(req)))
+                .unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "the worker panicked"));
+            if let Reply::Opened { session, .. } = &reply {
+                opened.lock().expect("session set").insert(*session);
+            }
+            let _ = tx.send(reply.frame(id));
+        });
+    };
+    drop(tx);
+    let _ = write_task.await;
+    let sessions: Vec<u64> = opened.lock().expect("session set").drain().collect();
+    for session in sessions {
+        node.handle(Request::Close { session });
+    }
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+        other => other,
+    }
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}

@@ -1,0 +1,253 @@
+//! A shard worker's side of the protocol: encode the blocks it is given (anchor computed
+//! once per document and request), keep them in its own store, and answer per-layer
+//! partial attention over them from its device's hot tier.
+//!
+//! A worker is a [`Service`] (model, device, store, decoded-block cache) without HTTP;
+//! its part of a document is an ordinary stored document (same name as at the
+//! coordinator, holding only the worker's blocks and the whole source tokens), so the
+//! store's guarantees (blocks first, manifest last; checksums; repair from the source
+//! tokens) hold on every worker unchanged.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use starkv_cache::DocLease;
+use starkv_compute::star::AttentionShard;
+
+use super::wire::{EncodeRequest, ErrorCode, Key, PROTOCOL_VERSION, Reply, Request};
+use crate::stored::StoredBlocks;
+use crate::{IngestRequest, Service, ServiceError, ServiceResult};
+
+/// Sessions unused this long are closed (their coordinator went away without closing).
+const SESSION_IDLE: Duration = Duration::from_secs(600);
+
+/// One worker: its service and the attention sessions coordinators opened.
+pub struct WorkerNode {
+    service: Arc<Service>,
+    sessions: Mutex<HashMap<u64, Session>>,
+    next_session: AtomicU64,
+}
+
+struct Session {
+    shard: Arc<dyn AttentionShard>,
+    /// Keeps the document version (and so its blocks) from eviction while in use.
+    _lease: DocLease,
+    last_used: Instant,
+}
+
+/// What `starkv worker` is told.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub data_dir: std::path::PathBuf,
+    pub model_path: std::path::PathBuf,
+    pub device: starkv_compute::cuda::DeviceChoice,
+    /// RocksDB shards of a new store.
+    pub shards: usize,
+    /// Decoded blocks kept in memory.
+    pub hot_tier_bytes: u64,
+    /// GPU-resident block tier (`None`: half the free device memory).
+    pub gpu_tier_bytes: Option<u64>,
+}
+
+impl WorkerNode {
+    /// Loads the model onto the configured device (printing `starkv: device ...` on
+    /// stderr) and opens the worker's own store under `data_dir`.
+    pub fn open(config: &WorkerConfig) -> ServiceResult<Self> {
+        let model = starkv_compute::LoadedModel::open(&config.model_path)?;
+        let backend = starkv_compute::backend::Backend::new(
+            &model.model,
+            config.device,
+            config.gpu_tier_bytes.map(|b| b as usize),
+        )?;
+        eprintln!("starkv: device {}", backend.selected());
+        let store = starkv_cache::BlockStore::open_rocks(
+            starkv_cache::RocksConfig::new(crate::store_dir(&config.data_dir), config.shards),
+            starkv_cache::StoreConfig {
+                hot_tier_bytes: config.hot_tier_bytes,
+                ..starkv_cache::StoreConfig::default()
+            },
+        )?;
+        let service = Service::with_backend(
+            model,
+            backend,
+            &config.model_path,
+            store,
+            config.hot_tier_bytes as usize,
+        )?;
+        Ok(Self::new(Arc::new(service)))
+    }
+
+    pub fn new(service: Arc<Service>) -> Self {
+        Self {
+            service,
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    /// The handshake's answer (the secret is checked by the transport).
+    pub fn hello(&self) -> Reply {
+        Reply::Hello {
+            version: PROTOCOL_VERSION,
+            device: self.service.backend().device_id(),
+            model_fingerprint: self.service.model_fingerprint().to_vec(),
+        }
+    }
+
+    /// Answers one request (after the handshake). Never panics on bad input: every
+    /// failure is an error reply.
+    pub fn handle(&self, req: Request) -> Reply {
+        let result = match req {
+            Request::Hello { .. } => Ok(self.hello()),
+            Request::Encode(e) => self.encode(e),
+            Request::Open { doc, keys } => self.open_session(&doc, &keys),
+            Request::Attend {
+                session,
+                layer,
+                m,
+                q,
+            } => self.attend(session, layer as usize, m as usize, &q),
+            Request::Close { session } => {
+                self.lock().remove(&session);
+                Ok(Reply::Closed)
+            }
+            Request::Stats => Ok(self.stats()),
+            Request::Drop { doc } => self.drop_doc(&doc),
+        };
+        result.unwrap_or_else(|e| {
+            let code = match &e {
+                ServiceError::NotFound(_) => ErrorCode::NotFound,
+                ServiceError::Invalid(_) => ErrorCode::BadRequest,
+                _ => ErrorCode::Internal,
+            };
+            Reply::error(code, e.to_string())
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Session>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn encode(&self, e: EncodeRequest) -> ServiceResult<Reply> {
+        if e.tokens.is_empty() || e.blocks.is_empty() {
+            return Err(ServiceError::Invalid(
+                "an encode request needs tokens and blocks".into(),
+            ));
+        }
+        let req = IngestRequest {
+            id: e.doc,
+            tenant: e.tenant,
+            text: String::new(),
+            block_size: e.block_size as usize,
+            anchor_size: e.anchor_size as usize,
+            pinned: false,
+            ttl_ms: None,
+        };
+        let part: Vec<(usize, Key)> = e.blocks.iter().map(|&(i, k)| (i as usize, k)).collect();
+        let outcome = self
+            .service
+            .ingest_part(&req, e.tokens, Some(&part), &|_, _| {})?;
+        let stored_bytes = self
+            .service
+            .store()
+            .doc_info(&outcome.doc)
+            .map_or(0, |i| i.stored_bytes);
+        Ok(Reply::Encoded {
+            encoded: (outcome.blocks - outcome.reused_blocks) as u32,
+            reused: outcome.reused_blocks as u32,
+            stored_bytes,
+        })
+    }
+
+    fn open_session(&self, doc: &str, keys: &[Key]) -> ServiceResult<Reply> {
+        if keys.is_empty() {
+            return Err(ServiceError::Invalid("a session needs blocks".into()));
+        }
+        self.lock()
+            .retain(|_, s| s.last_used.elapsed() < SESSION_IDLE);
+        let service = &self.service;
+        let lease = service.store().open_doc(doc)?;
+        let manifest = lease.manifest().clone();
+        let index: HashMap<Key, usize> = manifest
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.key.0, i))
+            .collect();
+        let positions = keys
+            .iter()
+            .map(|k| {
+                index.get(k).copied().ok_or_else(|| {
+                    ServiceError::NotFound(format!("this worker does not hold a block of {doc}"))
+                })
+            })
+            .collect::<ServiceResult<Vec<usize>>>()?;
+        let tokens = lease.source_tokens()?;
+        let shard = {
+            let mut stored = StoredBlocks::new(service, &lease, &manifest, &tokens[..]);
+            service
+                .backend()
+                .shard(service.model(), keys, &mut |i: usize| {
+                    stored.load(positions[i])
+                })?
+        };
+        let tokens = shard.n_tokens() as u64;
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(
+            session,
+            Session {
+                shard,
+                _lease: lease,
+                last_used: Instant::now(),
+            },
+        );
+        Ok(Reply::Opened { session, tokens })
+    }
+
+    fn attend(&self, session: u64, layer: usize, m: usize, q: &[f32]) -> ServiceResult<Reply> {
+        let shard = {
+            let mut sessions = self.lock();
+            let s = sessions
+                .get_mut(&session)
+                .ok_or_else(|| ServiceError::NotFound(format!("no session {session}")))?;
+            s.last_used = Instant::now();
+            s.shard.clone()
+        };
+        let model = &self.service.model().model;
+        let shape = model.head_shape();
+        if m == 0 || q.len() != m * shape.q_width() || layer >= model.config().n_layers {
+            return Err(ServiceError::Invalid(format!(
+                "attend: layer {layer}, {m} rows, {} values do not fit the model",
+                q.len()
+            )));
+        }
+        let part = shard.attend(layer, q, m)?;
+        Ok(Reply::Partial {
+            out: part.out,
+            lse: part.lse,
+        })
+    }
+
+    fn stats(&self) -> Reply {
+        let stats = self.service.store().stats();
+        Reply::Stats {
+            device: self.service.backend().device_id(),
+            documents: stats.documents,
+            blocks: stats.blocks,
+            stored_bytes: stats.store_bytes,
+        }
+    }
+
+    fn drop_doc(&self, doc: &str) -> ServiceResult<Reply> {
+        match self.service.store().delete_doc(doc) {
+            Ok(_) | Err(starkv_cache::Error::NotFound { .. }) => Ok(Reply::Dropped),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

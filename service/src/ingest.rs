@@ -1,0 +1,167 @@
+//! Ingest: a document's text to stored blocks with Star Attention phase 1 (blocks whose
+//! content key is already stored are reused, not re-encoded), published blocks first,
+//! manifest last.
+
+use std::time::Instant;
+
+use starkv_cache::{BlockStore, DocRef, DocSpec};
+use starkv_compute::backend::BlockId;
+use starkv_compute::prompt;
+use starkv_compute::star::StarConfig;
+
+use crate::kv::{KV_LAYOUT_VERSION, to_tensors};
+use crate::{Service, ServiceError, ServiceResult};
+
+/// An ingest request, validated by the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct IngestRequest {
+    pub id: String,
+    pub tenant: String,
+    pub text: String,
+    pub block_size: usize,
+    pub anchor_size: usize,
+    pub pinned: bool,
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestOutcome {
+    pub doc: DocRef,
+    pub tokens: usize,
+    pub blocks: usize,
+    /// Blocks whose content key was already stored (not re-encoded).
+    pub reused_blocks: usize,
+    pub seconds: f64,
+}
+
+impl Service {
+    /// Context tokens of a document text (what ingest stores and encodes).
+    pub fn document_tokens(&self, text: &str) -> ServiceResult<Vec<u32>> {
+        Ok(prompt::document_context(&self.model.tokenizer, None, text)?)
+    }
+
+    /// Phase 1: encodes the blocks whose content key is not stored yet, then publishes the
+    /// document (blocks first, manifest last). `progress(done, total)` follows the blocks.
+    /// With a cluster configured, the blocks are encoded and kept by its workers.
+    pub fn ingest(
+        &self,
+        req: &IngestRequest,
+        tokens: Vec<u32>,
+        progress: &dyn Fn(usize, usize),
+    ) -> ServiceResult<IngestOutcome> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.ingest(self, req, tokens, progress);
+        }
+        self.ingest_part(req, tokens, None, progress)
+    }
+
+    /// Phase 1 of the blocks `part` of a document (block index and the content key the
+    /// caller computed; `None`: every block), published as this store's version of the
+    /// document. A shard worker keeps its part of a document this way; a key that differs
+    /// from the one computed here (another model or KV layout) is refused.
+    pub(crate) fn ingest_part(
+        &self,
+        req: &IngestRequest,
+        tokens: Vec<u32>,
+        part: Option<&[(usize, BlockId)]>,
+        progress: &dyn Fn(usize, usize),
+    ) -> ServiceResult<IngestOutcome> {
+        let started = Instant::now();
+        let config = StarConfig {
+            block_size: req.block_size,
+            anchor_size: req.anchor_size,
+        };
+        let mut encoder = self.backend.phase1(&self.model.model, &tokens, config)?;
+        let spec = self.doc_spec(req, &tokens);
+        let spec_dtype = spec.dtype;
+        let mut ingest = self.store.begin_ingest(spec)?;
+        let anchor_tokens = encoder.anchor_tokens().to_vec();
+        let n_blocks = encoder.n_blocks();
+        let blocks: Vec<(usize, Option<BlockId>)> = match part {
+            None => (0..n_blocks).map(|i| (i, None)).collect(),
+            Some(part) => {
+                let mut part = part.to_vec();
+                part.sort_by_key(|&(i, _)| i);
+                part.dedup_by_key(|&mut (i, _)| i);
+                if let Some(&(bad, _)) = part.iter().find(|&&(i, _)| i >= n_blocks) {
+                    return Err(ServiceError::Invalid(format!(
+                        "block {bad} of a document of {n_blocks} blocks"
+                    )));
+                }
+                part.into_iter().map(|(i, k)| (i, Some(k))).collect()
+            }
+        };
+        let mut reused = 0;
+        progress(0, blocks.len());
+        for (done, &(i, expected)) in blocks.iter().enumerate() {
+            let range = encoder.block_range(i);
+            let key = ingest.block_key(&anchor_tokens, &tokens[range.clone()], range.start as u64);
+            if expected.is_some_and(|k| k != key.0) {
+                return Err(ServiceError::Conflict(format!(
+                    "block {i}: the content key differs from the coordinator's (another model file or KV layout)"
+                )));
+            }
+            if ingest.reuse_block(key, range.start as u64, range.len() as u32) {
+                reused += 1;
+            } else {
+                let block = encoder.encode_block_resident(i, key.0)?;
+                ingest.put_block(
+                    key,
+                    range.start as u64,
+                    range.len() as u32,
+                    &to_tensors(&block, spec_dtype)?,
+                )?;
+            }
+            progress(done + 1, blocks.len());
+        }
+        let doc = ingest.commit()?;
+        Ok(IngestOutcome {
+            doc,
+            tokens: tokens.len(),
+            blocks: blocks.len(),
+            reused_blocks: reused,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The store's description of a document: the fingerprints and layout every block
+    /// key depends on.
+    fn doc_spec(&self, req: &IngestRequest, tokens: &[u32]) -> DocSpec {
+        let mut spec = DocSpec::new(req.id.clone(), req.tenant.clone());
+        spec.model_fingerprint = self.model_fingerprint.clone();
+        spec.tokenizer_fingerprint = self.model.tokenizer.fingerprint().to_vec();
+        spec.kv_layout_version = KV_LAYOUT_VERSION;
+        // The device's 16-bit type on a GPU host (a cold load is then a copy), else f16.
+        // Part of every block key: a coordinator and its workers must agree on it.
+        spec.dtype = crate::cold::kv_dtype(self.backend.stored_half_type());
+        spec.block_size = req.block_size as u32;
+        spec.anchor_size = req.anchor_size as u32;
+        spec.source_tokens = tokens.to_vec();
+        spec.pinned = req.pinned;
+        spec.ttl_ms = req.ttl_ms;
+        spec
+    }
+
+    /// The content key of block `range` of `tokens` as this service's store computes it
+    /// (model fingerprint, KV layout, dtype, anchor, block tokens and start).
+    pub(crate) fn block_key(
+        &self,
+        tokens: &[u32],
+        anchor_size: usize,
+        range: std::ops::Range<usize>,
+    ) -> BlockId {
+        let req = IngestRequest {
+            id: String::new(),
+            tenant: String::new(),
+            text: String::new(),
+            block_size: range.len().max(1),
+            anchor_size,
+            pinned: false,
+            ttl_ms: None,
+        };
+        let mut spec = self.doc_spec(&req, &[]);
+        spec.anchor_size = anchor_size as u32;
+        let anchor = &tokens[..anchor_size.min(tokens.len())];
+        BlockStore::block_key(&spec, anchor, &tokens[range.clone()], range.start as u64).0
+    }
+}

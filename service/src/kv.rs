@@ -1,0 +1,117 @@
+//! The glue between compute's KV blocks ([`BlockKv`], f32, head-major) and the store's
+//! tensors (one per layer, `[2, kv_heads, tokens, head_dim]` in f16), and the cache of
+//! decoded, compute-ready blocks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use starkv_cache::{BlockKey, DType, Tensor};
+use starkv_compute::partial::HeadShape;
+use starkv_compute::star::BlockKv;
+
+use crate::{ServiceError, ServiceResult};
+
+/// Layout of stored KV: per layer one tensor `[2 (K, V), kv_heads, tokens, head_dim]`,
+/// K rotated at global positions. Part of every block key: changing it re-encodes.
+pub const KV_LAYOUT_VERSION: u32 = 1;
+
+/// One tensor per layer: `[2, kv_heads, tokens, head_dim]`, K then V, stored as `dtype`.
+pub(crate) fn to_tensors(block: &BlockKv, dtype: DType) -> ServiceResult<Vec<Tensor>> {
+    let s = block.shape;
+    block
+        .layers
+        .iter()
+        .map(|(k, v)| {
+            Tensor::kv_layer(
+                dtype,
+                s.n_kv_heads as u32,
+                block.len as u32,
+                s.head_dim as u32,
+                k,
+                v,
+            )
+            .map_err(|e| ServiceError::Internal(e.to_string()))
+        })
+        .collect()
+}
+
+pub(crate) fn from_tensors(
+    layers: &[Arc<Tensor>],
+    start: usize,
+    shape: HeadShape,
+) -> ServiceResult<BlockKv> {
+    let first = layers
+        .first()
+        .ok_or_else(|| ServiceError::Internal("a stored block has no layers".into()))?;
+    let dims = first.shape();
+    if dims.len() != 4
+        || dims[0] != 2
+        || dims[1] as usize != shape.n_kv_heads
+        || dims[3] as usize != shape.head_dim
+    {
+        return Err(ServiceError::Conflict(format!(
+            "stored KV shape {dims:?} does not fit the model"
+        )));
+    }
+    let len = dims[2] as usize;
+    let mut block = BlockKv::new(start, len, shape, layers.len());
+    for (l, t) in layers.iter().enumerate() {
+        let mut values = t.to_f32();
+        let v = values.split_off(values.len() / 2);
+        block.layers[l] = (values, v);
+    }
+    Ok(block)
+}
+
+/// A byte-bounded LRU of compute-ready blocks.
+pub(crate) struct ReadyBlocks {
+    budget: usize,
+    bytes: usize,
+    tick: u64,
+    entries: HashMap<BlockKey, (Arc<BlockKv>, u64)>,
+}
+
+impl ReadyBlocks {
+    pub(crate) fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            bytes: 0,
+            tick: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn get(&mut self, key: &BlockKey) -> Option<Arc<BlockKv>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.entries.get_mut(key).map(|(b, t)| {
+            *t = tick;
+            b.clone()
+        })
+    }
+
+    pub(crate) fn insert(&mut self, key: BlockKey, block: Arc<BlockKv>) {
+        let size = block.n_bytes();
+        if size > self.budget {
+            return;
+        }
+        while self.bytes + size > self.budget {
+            let Some((&oldest, _)) = self.entries.iter().min_by_key(|(_, (_, t))| *t) else {
+                break;
+            };
+            if let Some((b, _)) = self.entries.remove(&oldest) {
+                self.bytes -= b.n_bytes();
+            }
+        }
+        self.tick += 1;
+        self.bytes += size;
+        if let Some((old, _)) = self.entries.insert(key, (block, self.tick)) {
+            self.bytes -= old.n_bytes();
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}

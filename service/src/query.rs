@@ -1,0 +1,130 @@
+//! Query: phase 2 over a stored document. Blocks come from the device's resident tier,
+//! the decoded-block cache or the store; a block that fails verification is re-encoded
+//! from the stored source tokens (repair) and the answer is unaffected.
+
+use std::time::{Duration, Instant};
+
+use starkv_compute::backend::{BlockId, StoredContext};
+use starkv_compute::generate::{GenerateParams, StopReason};
+use starkv_compute::prompt;
+use starkv_compute::sampling::SamplingParams;
+use starkv_compute::star::StarConfig;
+
+use crate::stored::StoredBlocks;
+use crate::{Service, ServiceError, ServiceResult};
+
+#[derive(Debug, Clone)]
+pub struct QueryRequest {
+    pub question: String,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryOutcome {
+    pub answer: String,
+    pub stop_reason: StopReason,
+    pub context_tokens: usize,
+    pub query_tokens: usize,
+    pub generated_tokens: usize,
+    pub load: Duration,
+    pub first_token: Duration,
+    pub total: Duration,
+    /// Blocks that failed verification and were re-encoded from the stored source tokens.
+    pub repaired_blocks: usize,
+    /// Context blocks already resident on the GPU (not loaded; always 0 on the CPU).
+    pub resident_blocks: usize,
+}
+
+impl Service {
+    /// Phase 2: answers `req` over the stored blocks of `doc` (which must belong to
+    /// `tenant`). A block that fails verification is re-encoded from the stored source
+    /// tokens, written back, and used: the answer is unaffected.
+    pub fn query(
+        &self,
+        doc: &str,
+        tenant: &str,
+        req: &QueryRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> ServiceResult<QueryOutcome> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.query(self, doc, tenant, req, on_text);
+        }
+        let started = Instant::now();
+        let lease = self.store.open_doc(doc)?;
+        let manifest = lease.manifest().clone();
+        if manifest.tenant != tenant {
+            return Err(ServiceError::NotFound(format!("document {doc} not found")));
+        }
+        if manifest.model_fingerprint != self.model_fingerprint {
+            return Err(ServiceError::Conflict(format!(
+                "document {doc} was encoded with another model; re-ingest it to query with {}",
+                self.model_id
+            )));
+        }
+        let tokens = lease.source_tokens()?;
+        let query_ids = prompt::question_query(&self.model.tokenizer, &req.question)?;
+        let keys: Vec<BlockId> = manifest.blocks.iter().map(|b| b.key.0).collect();
+        let params = GenerateParams {
+            max_tokens: req.max_tokens,
+            sampling: req.sampling.clone(),
+            stop: req.stop.clone(),
+        };
+        let before_answer = started.elapsed();
+        let mut repaired = 0;
+        let answer = if self.backend.stored_half_type().is_some() {
+            // A GPU: missing blocks are read straight into staging and re-encoded at once.
+            let config = StarConfig {
+                block_size: manifest.block_size as usize,
+                anchor_size: manifest.anchor_size as usize,
+            };
+            let reader = crate::cold::StoreReader::new(&lease);
+            let stored = StoredContext {
+                tokens: &tokens,
+                config,
+                reader: &reader,
+            };
+            let answer = self.backend.answer_stored(
+                &self.model,
+                &keys,
+                &stored,
+                &query_ids,
+                &params,
+                on_text,
+            )?;
+            repaired += self.repair_unreadable(&answer, &tokens, &manifest)?;
+            answer
+        } else {
+            // Only blocks the device does not hold come through `load`.
+            let mut stored = StoredBlocks::new(self, &lease, &manifest, &tokens[..]);
+            let mut load = |i: usize| stored.load(i);
+            let answer = self.backend.answer(
+                &self.model,
+                &keys,
+                &mut load,
+                &[],
+                &query_ids,
+                &params,
+                on_text,
+            )?;
+            repaired += stored.repaired;
+            answer
+        };
+        drop(lease);
+        let generation = answer.generation;
+        let load = before_answer + answer.load;
+        Ok(QueryOutcome {
+            answer: generation.text,
+            stop_reason: generation.stop_reason,
+            context_tokens: tokens.len(),
+            query_tokens: query_ids.len(),
+            generated_tokens: generation.ids.len(),
+            load,
+            first_token: load + generation.prefill,
+            total: started.elapsed(),
+            repaired_blocks: repaired,
+            resident_blocks: answer.resident_blocks,
+        })
+    }
+}

@@ -1,0 +1,331 @@
+//! End-to-end cluster tests: real `starkv worker` processes and a `starkv serve`
+//! coordinator on loopback, compared with a single server on the same document.
+//!
+//! Sized for a loaded 2-core CI machine: a ~600-token document in 16-token blocks (so
+//! rendezvous hashing puts blocks on every worker), 8 generated tokens, one thread per
+//! process, generous timeouts and no timing assertions.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::service::{QUESTION, Server, document, temp_dir, wait_for};
+use crate::util::model_path;
+
+const SECRET: &str = "test-cluster-secret";
+const BLOCK_SIZE: u64 = 16;
+const MAX_TOKENS: u64 = 8;
+
+/// A `starkv worker` process; killed (SIGKILL) on drop.
+struct WorkerProc {
+    child: Child,
+    addr: String,
+}
+
+impl WorkerProc {
+    /// Starts a worker on `addr` (`127.0.0.1:0` for any port) with its own data dir.
+    fn start(dir: &Path, addr: &str) -> WorkerProc {
+        let model = model_path();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_starkv"))
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--model",
+                model.to_str().unwrap(),
+                "--threads",
+                "1",
+                "worker",
+                "--listen",
+                addr,
+                "--secret",
+                SECRET,
+                "--device",
+                "cpu",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting starkv worker");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("worker exited before listening")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("starkv worker listening on ") {
+                break a.to_string();
+            }
+        };
+        WorkerProc { child, addr }
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.addr.clone()
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three workers (each with its own data dir under `dir`) and their coordinator.
+fn cluster(dir: &Path, replicas: u32) -> (Vec<WorkerProc>, Server) {
+    let workers: Vec<WorkerProc> = (0..3)
+        .map(|i| WorkerProc::start(&dir.join(format!("worker-{i}")), "127.0.0.1:0"))
+        .collect();
+    let list = workers
+        .iter()
+        .map(|w| w.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let replicas = replicas.to_string();
+    let coordinator = Server::start(
+        &dir.join("coordinator"),
+        &[
+            "--device",
+            "cpu",
+            "--workers",
+            &list,
+            "--cluster-secret",
+            SECRET,
+            "--replicas",
+            &replicas,
+            "--worker-timeout-ms",
+            "20000",
+        ],
+    );
+    (workers, coordinator)
+}
+
+fn ingest(server: &Server, id: &str, text: &str) -> Value {
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": id, "text": text, "block_size": BLOCK_SIZE })),
+    );
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["state"], "ready", "{doc}");
+    doc
+}
+
+fn ask(server: &Server, id: &str) -> Value {
+    let (status, answer) = server.json(
+        "POST",
+        &format!("/v1/documents/{id}/query"),
+        Some(json!({ "question": QUESTION, "max_tokens": MAX_TOKENS, "temperature": 0 })),
+    );
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// The worker addresses holding blocks of `id`, and the number of blocks.
+fn placement(server: &Server, id: &str) -> (BTreeSet<String>, usize) {
+    let (status, doc) = server.json("GET", &format!("/v1/documents/{id}"), None);
+    assert_eq!(status, 200, "{doc}");
+    let blocks = doc["placement"].as_array().expect("placement").clone();
+    let mut holders = BTreeSet::new();
+    for b in &blocks {
+        let workers = b["workers"].as_array().unwrap();
+        assert!(!workers.is_empty(), "a block without a holder: {doc}");
+        for w in workers {
+            holders.insert(w.as_str().unwrap().to_string());
+        }
+    }
+    (holders, blocks.len())
+}
+
+/// The answer of one server holding every block: the reference.
+fn single_node_answer(dir: &Path, id: &str, text: &str) -> Value {
+    let single = Server::start(&dir.join("single"), &["--device", "cpu"]);
+    ingest(&single, id, text);
+    let answer = ask(&single, id);
+    single.kill();
+    answer
+}
+
+fn healthy(server: &Server, addr: &str) -> bool {
+    let (_, status) = server.json("GET", "/v1/admin/cluster", None);
+    status["workers"].as_array().is_some_and(|ws| {
+        ws.iter()
+            .any(|w| w["address"] == addr && w["healthy"] == true)
+    })
+}
+
+/// A free loopback port (to restart a worker at the address its coordinator knows).
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn three_workers_answer_as_one_node_and_survive_a_killed_worker() {
+    let dir = temp_dir("cluster-three");
+    let text = document(None);
+    let want = single_node_answer(&dir, "harbour", &text);
+
+    let (mut workers, coordinator) = cluster(&dir, 1);
+    let doc = ingest(&coordinator, "harbour", &text);
+    let (holders, n_blocks) = placement(&coordinator, "harbour");
+    assert!(n_blocks >= 30, "{doc}");
+    let addrs: BTreeSet<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    assert_eq!(holders, addrs, "blocks are spread over all three workers");
+
+    let got = ask(&coordinator, "harbour");
+    assert_eq!(got["answer"], want["answer"], "cluster vs single node");
+    assert_eq!(
+        got["usage"]["cached_context_tokens"],
+        want["usage"]["cached_context_tokens"]
+    );
+    let (_, cluster) = coordinator.json("GET", "/v1/admin/cluster", None);
+    let workers_json = cluster["workers"].as_array().unwrap();
+    assert_eq!(workers_json.len(), 3, "{cluster}");
+    assert!(
+        workers_json
+            .iter()
+            .all(|w| w["healthy"] == true && w["placed_blocks"].as_u64().unwrap() > 0),
+        "{cluster}"
+    );
+
+    // SIGKILL one worker: its blocks are re-encoded on the others and the answer stays
+    // the single-node answer.
+    let killed = workers.remove(0).kill();
+    let again = ask(&coordinator, "harbour");
+    assert_eq!(again["answer"], want["answer"], "after a worker died");
+    assert!(again["repaired_blocks"].as_u64().unwrap() > 0, "{again}");
+    let (holders, _) = placement(&coordinator, "harbour");
+    assert!(!holders.contains(&killed), "placement updated: {holders:?}");
+    assert!(coordinator.metric("starkv_worker_failures_total") >= 1.0);
+
+    // Restart it at the same address: health checks find it, new blocks go to it again.
+    let back = WorkerProc::start(
+        &dir.join("worker-0"),
+        &format!("127.0.0.1:{}", port_of(&killed)),
+    );
+    assert_eq!(back.addr, killed);
+    wait_for(
+        "the restarted worker to be healthy",
+        Duration::from_secs(60),
+        || healthy(&coordinator, &killed),
+    );
+    let edited = document(Some("The lighthouse keeper counted the ships twice a day."));
+    ingest(&coordinator, "harbour-2", &edited);
+    let (holders, _) = placement(&coordinator, "harbour-2");
+    assert!(
+        holders.contains(&killed),
+        "a worker that came back is used again"
+    );
+    let answer = ask(&coordinator, "harbour-2");
+    assert!(answer["usage"]["generated_tokens"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn two_replicas_answer_without_reencoding_when_a_worker_is_down() {
+    let dir = temp_dir("cluster-replicas");
+    let text = document(None);
+    let want = single_node_answer(&dir, "harbour", &text);
+    let (mut workers, coordinator) = cluster(&dir, 2);
+    ingest(&coordinator, "harbour", &text);
+    let (_, doc) = coordinator.json("GET", "/v1/documents/harbour", None);
+    for block in doc["placement"].as_array().unwrap() {
+        assert_eq!(block["workers"].as_array().unwrap().len(), 2, "{block}");
+    }
+    workers.remove(1).kill();
+    let got = ask(&coordinator, "harbour");
+    assert_eq!(got["answer"], want["answer"]);
+    assert_eq!(
+        got["repaired_blocks"], 0,
+        "a replica served, nothing re-encoded"
+    );
+    assert_eq!(
+        coordinator.metric("starkv_cluster_blocks_reencoded_total"),
+        0.0
+    );
+}
+
+#[test]
+fn a_worker_killed_during_ingest_loses_nothing_acknowledged() {
+    let dir = temp_dir("cluster-kill-ingest");
+    let text: String = (0..3)
+        .map(|i| format!("Section {i}: {}\n\n", document(None)))
+        .collect();
+    let want = single_node_answer(&dir, "long", &text);
+    let (mut workers, coordinator) = cluster(&dir, 1);
+    let (status, job) = coordinator.json(
+        "POST",
+        "/v1/documents",
+        Some(json!({ "id": "long", "text": text, "block_size": BLOCK_SIZE })),
+    );
+    assert_eq!(status, 202, "{job}");
+    // Kill a worker while the blocks are being encoded (or right after: either way the
+    // acknowledged ingest must complete and answer exactly).
+    std::thread::sleep(Duration::from_millis(300));
+    workers.remove(2).kill();
+    wait_for("the ingest to finish", Duration::from_secs(600), || {
+        let (_, doc) = coordinator.json("GET", "/v1/documents/long", None);
+        assert_ne!(doc["state"], "failed", "{doc}");
+        doc["state"] == "ready"
+    });
+    let got = ask(&coordinator, "long");
+    assert_eq!(got["answer"], want["answer"]);
+}
+
+#[test]
+fn a_worker_refuses_a_coordinator_without_the_secret_and_bad_frames() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("cluster-secret");
+    let worker = WorkerProc::start(&dir.join("worker"), "127.0.0.1:0");
+    // A coordinator with the wrong secret sees the worker as down and cannot ingest.
+    let coordinator = Server::start(
+        &dir.join("coordinator"),
+        &[
+            "--device",
+            "cpu",
+            "--workers",
+            &worker.addr,
+            "--cluster-secret",
+            "not-the-secret",
+        ],
+    );
+    let (status, err) = coordinator.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": "d", "text": document(None), "block_size": BLOCK_SIZE })),
+    );
+    assert!(status == 200 || status == 202, "{err}");
+    assert_eq!(err["state"], "failed", "{err}");
+    assert!(!healthy(&coordinator, &worker.addr));
+
+    // Garbage instead of a handshake: an error frame back, then the connection closes;
+    // the worker keeps serving.
+    let mut raw = std::net::TcpStream::connect(&worker.addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    raw.write_all(&[12, 0, 0, 0, 99, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9])
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = raw.read_to_end(&mut reply);
+    assert!(reply.len() > 13, "an error reply: {reply:?}");
+    assert_eq!(reply[4], 127, "error kind");
+    // An absurd length prefix: closed without an answer, and the worker still serves.
+    let mut raw = std::net::TcpStream::connect(&worker.addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    raw.write_all(&[0xff, 0xff, 0xff, 0xff]).unwrap();
+    let mut reply = Vec::new();
+    let _ = raw.read_to_end(&mut reply);
+    assert!(reply.is_empty());
+    assert!(
+        TcpListener::bind(&worker.addr).is_err(),
+        "the worker still listens"
+    );
+    assert!(std::net::TcpStream::connect(&worker.addr).is_ok());
+}
