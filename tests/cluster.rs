@@ -329,3 +329,67 @@ fn a_worker_refuses_a_coordinator_without_the_secret_and_bad_frames() {
     );
     assert!(std::net::TcpStream::connect(&worker.addr).is_ok());
 }
+
+/// Flips one byte in the middle of layer 7 of the first block a stopped worker holds of
+/// `doc`, writing the damaged value back through the store's engine.
+fn flip_a_stored_layer(worker_dir: &Path, doc: &str) {
+    use starkv_cache::engine::{Batch, Space, Target, layer_key};
+    use starkv_cache::{BlockStore, RocksConfig, StoreConfig};
+    let store = BlockStore::open_rocks(
+        RocksConfig::new(worker_dir.join("store"), 4),
+        StoreConfig::default(),
+    )
+    .expect("opening the stopped worker's store");
+    let lease = store
+        .open_doc(doc)
+        .expect("the worker holds a part of the document");
+    let block = lease.manifest().blocks[0].clone();
+    drop(lease);
+    let shard = block.key.shard(store.engine().shards());
+    let key = layer_key(&block.key, 7);
+    let mut value = None;
+    store
+        .engine()
+        .get(Target::Shard(shard), Space::Layers, &key, &mut |v| {
+            value = v.map(<[u8]>::to_vec)
+        })
+        .unwrap();
+    let mut value = value.expect("a stored layer");
+    let middle = value.len() / 2;
+    value[middle] ^= 0x10;
+    let mut batch = Batch::default();
+    batch.put(Space::Layers, key, value);
+    store
+        .engine()
+        .write(Target::Shard(shard), batch, true)
+        .unwrap();
+}
+
+#[test]
+fn a_bit_flip_in_a_worker_store_is_repaired_by_the_worker() {
+    let dir = temp_dir("cluster-flip");
+    let text = document(None);
+    let want = single_node_answer(&dir, "harbour", &text);
+    let (mut workers, coordinator) = cluster(&dir, 1);
+    ingest(&coordinator, "harbour", &text);
+    let (before, _) = placement(&coordinator, "harbour");
+    // Stop worker 0, damage its stored blocks, start it again at the same address.
+    let addr = workers.remove(0).kill();
+    flip_a_stored_layer(&dir.join("worker-0"), "default/harbour");
+    let _back = WorkerProc::start(&dir.join("worker-0"), &addr);
+    wait_for(
+        "the restarted worker to be healthy",
+        Duration::from_secs(60),
+        || healthy(&coordinator, &addr),
+    );
+    let got = ask(&coordinator, "harbour");
+    assert_eq!(
+        got["answer"], want["answer"],
+        "a corrupt block is never served"
+    );
+    // The worker repaired its own blocks from its copy of the source tokens: nothing
+    // moved and the coordinator re-encoded nothing.
+    let (after, _) = placement(&coordinator, "harbour");
+    assert_eq!(before, after);
+    assert_eq!(got["repaired_blocks"], 0, "{got}");
+}
