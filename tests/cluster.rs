@@ -82,6 +82,11 @@ impl Drop for WorkerProc {
 
 /// Three workers (each with its own data dir under `dir`) and their coordinator.
 fn cluster(dir: &Path, replicas: u32) -> (Vec<WorkerProc>, Server) {
+    cluster_with_timeout(dir, replicas, "20000")
+}
+
+/// [`cluster`] with the coordinator's per-call timeout `timeout_ms`.
+fn cluster_with_timeout(dir: &Path, replicas: u32, timeout_ms: &str) -> (Vec<WorkerProc>, Server) {
     let workers: Vec<WorkerProc> = (0..3)
         .map(|i| WorkerProc::start(&dir.join(format!("worker-{i}")), "127.0.0.1:0"))
         .collect();
@@ -103,7 +108,7 @@ fn cluster(dir: &Path, replicas: u32) -> (Vec<WorkerProc>, Server) {
             "--replicas",
             &replicas,
             "--worker-timeout-ms",
-            "20000",
+            timeout_ms,
         ],
     );
     (workers, coordinator)
@@ -392,4 +397,28 @@ fn a_bit_flip_in_a_worker_store_is_repaired_by_the_worker() {
     let (after, _) = placement(&coordinator, "harbour");
     assert_eq!(before, after);
     assert_eq!(got["repaired_blocks"], 0, "{got}");
+}
+
+#[test]
+fn a_stalled_worker_times_out_and_the_answer_is_unchanged() {
+    let dir = temp_dir("cluster-stall");
+    let text = document(None);
+    let want = single_node_answer(&dir, "harbour", &text);
+    let (workers, coordinator) = cluster_with_timeout(&dir, 1, "3000");
+    ingest(&coordinator, "harbour", &text);
+    // SIGSTOP: the worker's sockets stay open but it never answers.
+    let pid = workers[1].child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let got = ask(&coordinator, "harbour");
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    assert_eq!(got["answer"], want["answer"], "after a worker stalled");
+    assert!(got["repaired_blocks"].as_u64().unwrap() > 0, "{got}");
+    let (holders, _) = placement(&coordinator, "harbour");
+    assert!(!holders.contains(&workers[1].addr), "{holders:?}");
 }

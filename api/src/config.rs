@@ -203,3 +203,44 @@ impl ServerConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let with = |f: &dyn Fn(&mut ServerConfig)| {
+            let mut c = ServerConfig {
+                workers: vec!["127.0.0.1:8701".into(), "127.0.0.1:8702".into()],
+                cluster_secret: Some("s".into()),
+                ..ServerConfig::default()
+            };
+            f(&mut c);
+            c.validate()
+        };
+        assert!(with(&|_| {}).is_ok());
+        assert!(
+            with(&|c| c.cluster_secret = None).is_err(),
+            "a secret is required"
+        );
+        assert!(with(&|c| c.cluster_secret = Some(String::new())).is_err());
+        assert!(
+            with(&|c| c.replicas = 3).is_err(),
+            "more replicas than workers"
+        );
+        assert!(with(&|c| c.replicas = 0).is_err());
+        assert!(
+            with(&|c| c.workers[1] = c.workers[0].clone()).is_err(),
+            "duplicates"
+        );
+        assert!(with(&|c| c.worker_timeout_ms = 0).is_err());
+        let parsed: ServerConfig = toml::from_str(
+            "workers = [\"a:1\", \"b:2\"]\ncluster_secret = \"x\"\nreplicas = 2\nworker_timeout_ms = 500\n",
+        )
+        .unwrap();
+        assert_eq!(parsed.workers.len(), 2);
+        assert_eq!((parsed.replicas, parsed.worker_timeout_ms), (2, 500));
+        assert!(parsed.validate().is_ok());
+    }
+}
