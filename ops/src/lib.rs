@@ -439,3 +439,13 @@ pub fn gc(target: &Target) -> OpsResult {
                "disk_bytes_before": r.disk_bytes_before, "disk_bytes_after": r.disk_bytes_after }),
     )
 }
+
+/// `cluster`: a coordinator's shard workers (health, what each holds, traffic).
+pub fn cluster(target: &Target) -> OpsResult {
+    match target {
+        Target::Server { .. } => target.call("GET", "/v1/admin/cluster", None),
+        Target::Local { .. } => Err(OpsError::Invalid(
+            "cluster needs a running server: --server URL".into(),
+        )),
+    }
+}

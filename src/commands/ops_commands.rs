@@ -93,6 +93,8 @@ pub enum OpsCommand {
     },
     /// Delete blocks no document references.
     Gc,
+    /// A coordinator's shard workers: health, documents, blocks and bytes each (needs --server).
+    Cluster,
 }
 
 const INGEST_EXAMPLES: &str = "\
@@ -122,6 +124,7 @@ enum View {
     Evict,
     Verify,
     Gc,
+    Cluster,
 }
 
 pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<ExitCode> {
@@ -209,6 +212,7 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
             )
         }
         OpsCommand::Gc => (starkv_ops::gc(&target), View::Gc),
+        OpsCommand::Cluster => (starkv_ops::cluster(&target), View::Cluster),
     };
     let style = Style::for_stdout();
     let mut stdout = std::io::stdout().lock();
@@ -252,5 +256,6 @@ fn human(view: View, report: &Value, style: Style) -> String {
         View::Evict => render::evict_summary(report, style),
         View::Verify => render::verify_summary(report, style),
         View::Gc => render::gc_summary(report),
+        View::Cluster => render::cluster_table(report, now, style),
     }
 }

@@ -549,6 +549,77 @@ pub fn change_summary(report: &Value) -> String {
     format!("{report}\n")
 }
 
+/// `starkv cluster`: one row per shard worker (health, what it holds, traffic).
+pub fn cluster_table(cluster: &Value, now_ms: u64, style: Style) -> String {
+    let workers = cluster
+        .get("workers")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let mode = str_field(cluster, "mode").unwrap_or("-");
+    if workers.is_empty() {
+        let device = str_field(cluster, "device").map_or(String::new(), |d| format!(" on {d}"));
+        return format!("{mode} server{device}: no shard workers\n");
+    }
+    let mut table = Table::new(&[
+        ("WORKER", Align::Left),
+        ("HEALTH", Align::Left),
+        ("DEVICE", Align::Left),
+        ("DOCS", Align::Right),
+        ("BLOCKS", Align::Right),
+        ("SIZE", Align::Right),
+        ("CALLS", Align::Right),
+        ("FAILED", Align::Right),
+        ("SEEN", Align::Left),
+    ]);
+    for w in workers {
+        let healthy = w.get("healthy").and_then(Value::as_bool);
+        let (health, tone) = match healthy {
+            Some(true) => ("up", Tone::Good),
+            Some(false) => ("down", Tone::Bad),
+            None => ("-", Tone::Plain),
+        };
+        let count = |k: &str| or_dash(u64_field(w, k).map(human_count));
+        table.rows.push(vec![
+            (
+                or_dash(str_field(w, "address").map(str::to_string)),
+                Tone::Plain,
+            ),
+            (health.to_string(), tone),
+            (
+                or_dash(str_field(w, "device").map(str::to_string)),
+                Tone::Plain,
+            ),
+            (count("documents"), Tone::Plain),
+            (count("blocks"), Tone::Plain),
+            (
+                or_dash(u64_field(w, "stored_bytes").map(human_bytes)),
+                Tone::Plain,
+            ),
+            (count("calls"), Tone::Plain),
+            (count("failures"), Tone::Plain),
+            (
+                or_dash(u64_field(w, "last_seen_ms").map(|t| human_ago(t, now_ms))),
+                Tone::Plain,
+            ),
+        ]);
+    }
+    let mut out = String::new();
+    if let Some(r) = u64_field(cluster, "replicas") {
+        out.push_str(&format!("{mode}, {r} replica(s) per block\n"));
+    }
+    out.push_str(&table.render(style));
+    for w in workers {
+        if let Some(err) = str_field(w, "last_error") {
+            out.push_str(&format!(
+                "{}: {}\n",
+                str_field(w, "address").unwrap_or("-"),
+                style.paint(Tone::Bad, err)
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -757,6 +828,34 @@ recovered  shard-001 repaired
         assert_eq!(
             change_summary(&json!({ "id": "a", "ttl_seconds": null })),
             "a: TTL cleared\n"
+        );
+    }
+
+    #[test]
+    fn cluster_table_of_a_coordinator_and_of_a_single_server() {
+        let cluster = json!({
+            "mode": "coordinator", "replicas": 2,
+            "workers": [
+                { "address": "10.0.0.1:8701", "healthy": true, "device": "cuda:0", "documents": 3,
+                  "blocks": 24, "stored_bytes": 1_200_000_000u64, "calls": 1500, "failures": 0,
+                  "last_error": null, "last_seen_ms": NOW - 2_000 },
+                { "address": "10.0.0.2:8701", "healthy": false, "device": "cuda:0", "documents": 3,
+                  "blocks": 20, "stored_bytes": 1_000_000_000u64, "calls": 1400, "failures": 7,
+                  "last_error": "connection refused", "last_seen_ms": NOW - 120_000 }
+            ]
+        });
+        let expected = "\
+coordinator, 2 replica(s) per block
+WORKER         HEALTH  DEVICE  DOCS  BLOCKS     SIZE  CALLS  FAILED  SEEN
+10.0.0.1:8701  up      cuda:0     3      24  1.20 GB  1,500       0  just now
+10.0.0.2:8701  down    cuda:0     3      20  1.00 GB  1,400       7  2m ago
+10.0.0.2:8701: connection refused
+";
+        assert_eq!(cluster_table(&cluster, NOW, Style::PLAIN), expected);
+        let single = json!({ "mode": "single", "device": "cpu", "workers": [] });
+        assert_eq!(
+            cluster_table(&single, NOW, Style::PLAIN),
+            "single server on cpu: no shard workers\n"
         );
     }
 }
