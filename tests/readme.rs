@@ -162,6 +162,9 @@ fn readme_quick_start_runs_against_a_real_server() {
     });
     has_line("`evict` summary", &|l| l == "nothing evicted");
     has_line("`gc` summary", &|l| l.starts_with("gc: "));
+    has_line("`cluster` of a single server", &|l| {
+        l.starts_with("single server on ") && l.ends_with(": no shard workers")
+    });
     has_line("`rm` summary", &|l| l.starts_with("deleted arch"));
     assert!(
         !stdout.contains('\x1b'),
