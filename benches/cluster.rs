@@ -109,6 +109,7 @@ fn query(service: &Service, max_tokens: usize) -> Result<starkv_service::QueryOu
         max_tokens,
         sampling: SamplingParams::greedy(),
         stop: vec![],
+        cancel: Default::default(),
     };
     Ok(service.query("bench/doc", "bench", &req, &mut |_| true)?)
 }

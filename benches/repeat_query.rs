@@ -189,6 +189,7 @@ fn measure(setup: &Setup<'_>, target: usize) -> Result<Row> {
         max_tokens: 1,
         sampling: SamplingParams::greedy(),
         stop: vec![],
+        cancel: Default::default(),
     };
     let mut cold = Vec::new();
     let mut loads = Vec::new();

@@ -192,6 +192,7 @@ fn params(max_tokens: usize) -> GenerateParams {
         max_tokens,
         sampling: SamplingParams::greedy(),
         stop: vec![],
+        cancel: Default::default(),
     }
 }
 

@@ -13,8 +13,8 @@ use crate::util::{data_dir, model_path};
 
 /// A running server; killed on drop (the cluster tests start coordinators with it).
 pub(crate) struct Server {
-    child: Child,
-    addr: String,
+    pub(crate) child: Child,
+    pub(crate) addr: String,
 }
 
 impl Server {
@@ -54,7 +54,7 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    fn request(
+    pub(crate) fn request(
         &self,
         method: &str,
         path: &str,
@@ -66,7 +66,7 @@ impl Server {
     }
 
     /// Opens a connection and sends one request; the response is left to the caller.
-    fn send(
+    pub(crate) fn send(
         &self,
         method: &str,
         path: &str,
@@ -93,7 +93,7 @@ impl Server {
     }
 
     /// Status, response head (status line and headers) and de-chunked body.
-    fn request_with_head(
+    pub(crate) fn request_with_head(
         &self,
         method: &str,
         path: &str,
@@ -210,10 +210,10 @@ pub(crate) const QUESTION: &str = "What is the special magic number for the harb
 
 /// At temperature 0 the default model answers this one at length: it runs to
 /// `max_tokens` (400 tokens take about 8 s on 2 CPU cores).
-const LONG_QUESTION: &str =
+pub(crate) const LONG_QUESTION: &str =
     "Describe the harbour town in as much detail as you can, chapter by chapter.";
 
-const JSON_CT: (&str, &str) = ("Content-Type", "application/json");
+pub(crate) const JSON_CT: (&str, &str) = ("Content-Type", "application/json");
 
 /// A header's value from a response head.
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
@@ -225,7 +225,7 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 
 /// A back-pressure answer: `status`, a `Retry-After` of whole seconds (at least 1) and
 /// the JSON error body with `code`.
-fn assert_busy(answer: &(u16, String, Vec<u8>), status: u16, code: &str) {
+pub(crate) fn assert_busy(answer: &(u16, String, Vec<u8>), status: u16, code: &str) {
     let (got, head, body) = answer;
     let shown = String::from_utf8_lossy(body);
     assert_eq!(*got, status, "{head}\n{shown}");
@@ -257,7 +257,7 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> 
 
 /// A server on the CPU with `toml` as its config file (the CPU everywhere: the
 /// back-pressure tests size their work for it).
-fn server_with_config(dir: &Path, toml: &str) -> Server {
+pub(crate) fn server_with_config(dir: &Path, toml: &str) -> Server {
     let config = dir.join("starkv.toml");
     std::fs::write(&config, toml).unwrap();
     Server::start(

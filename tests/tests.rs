@@ -4,8 +4,10 @@
 
 mod cli;
 mod cluster;
+mod hardening;
 mod model_vectors;
 mod readme;
+mod schemathesis;
 mod service;
 mod shell;
 mod store_faults;

@@ -6,14 +6,30 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use starkv_compute::cuda::DeviceChoice;
+use starkv_service::DedupScope;
 
-/// What a key may do. Roles are ordered: admin implies write implies read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+/// What a key may do: admin implies write implies read; `metrics` only reads `/metrics`
+/// (for a scraper that should see no document), which admin keys may read too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,
     Write,
     Admin,
+    Metrics,
+}
+
+impl Role {
+    /// Whether a key with this role may do what `needed` is required for.
+    pub fn grants(self, needed: Role) -> bool {
+        use Role::*;
+        match (self, needed) {
+            (Admin, _) | (Metrics, Metrics) => true,
+            (Metrics, _) | (_, Metrics) => false,
+            (Write, Read | Write) | (Read, Read) => true,
+            (Read | Write, _) => false,
+        }
+    }
 }
 
 /// A bearer API key, the role it grants and the tenant whose documents it sees.
@@ -47,8 +63,14 @@ pub struct ServerConfig {
     pub anchor_size: Option<usize>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
-    /// Largest document accepted, in tokens.
-    pub max_document_tokens: usize,
+    /// Largest document accepted, in tokens (`None`: the model's `context_length` from the
+    /// GGUF, the longest context it was trained for).
+    pub max_document_tokens: Option<usize>,
+    /// Largest document accepted, in tokens, when the ingest opts in to positions beyond
+    /// the model's context (`allow_beyond_context: true`): answers may degrade there.
+    pub max_document_tokens_beyond_context: usize,
+    /// Largest question accepted, in tokens (longer ones answer 400 before any work).
+    pub max_question_tokens: usize,
     /// Cap on `max_tokens` of a query.
     pub max_tokens_cap: usize,
     /// Ingest jobs waiting beyond this answer 429.
@@ -68,6 +90,13 @@ pub struct ServerConfig {
     /// Byte budget of the GPU-resident block tier (`None`: half of the device memory
     /// left free after the weights). Ignored on the CPU.
     pub gpu_tier_bytes: Option<u64>,
+    /// Which documents share stored blocks: `tenant` (the default: only documents of one
+    /// tenant) or `global` (all tenants; less storage, but a side channel: a tenant can
+    /// tell from `reused_blocks` and the ingest time whether another stored a text).
+    pub dedup_scope: String,
+    /// Seconds a shutdown (SIGTERM, Ctrl-C) waits for running requests, which it cancels,
+    /// before the server exits anyway.
+    pub shutdown_grace_seconds: u64,
     /// Bearer keys; empty means no authentication (loopback only).
     pub api_keys: Vec<ApiKey>,
     /// Shard workers (`host:port` of `starkv worker` processes). When set, this server is
@@ -95,7 +124,9 @@ impl Default for ServerConfig {
             block_size: 2048,
             anchor_size: None,
             max_body_bytes: 16 << 20,
-            max_document_tokens: 1 << 20,
+            max_document_tokens: None,
+            max_document_tokens_beyond_context: 1 << 20,
+            max_question_tokens: 4096,
             max_tokens_cap: 1024,
             ingest_queue: 64,
             query_concurrency: 4,
@@ -104,6 +135,8 @@ impl Default for ServerConfig {
             min_free_disk_bytes: 1 << 30,
             device: "auto".into(),
             gpu_tier_bytes: None,
+            dedup_scope: "tenant".into(),
+            shutdown_grace_seconds: 5,
             api_keys: Vec::new(),
             workers: Vec::new(),
             cluster_secret: None,
@@ -154,8 +187,29 @@ impl ServerConfig {
             .map_err(|e: String| ConfigError::Invalid(format!("device {e}")))
     }
 
+    /// The parsed `dedup_scope` setting.
+    pub fn dedup_scope(&self) -> Result<DedupScope, ConfigError> {
+        self.dedup_scope
+            .parse()
+            .map_err(|e: String| ConfigError::Invalid(format!("dedup_scope {e}")))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.device_choice()?;
+        if self.dedup_scope()? == DedupScope::Global && !self.workers.is_empty() {
+            return Err(ConfigError::Invalid(
+                "dedup_scope = \"global\" is not supported with workers (they scope block keys to the tenant)"
+                    .into(),
+            ));
+        }
+        if self.max_question_tokens == 0
+            || self.max_document_tokens == Some(0)
+            || self.max_tokens_cap == 0
+        {
+            return Err(ConfigError::Invalid(
+                "max_question_tokens, max_document_tokens and max_tokens_cap must be >= 1".into(),
+            ));
+        }
         if self.api_keys.is_empty() && !self.listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "no api_keys are configured, so starkv only binds to loopback; {} is not a loopback address",
@@ -242,5 +296,39 @@ mod tests {
         assert_eq!(parsed.workers.len(), 2);
         assert_eq!((parsed.replicas, parsed.worker_timeout_ms), (2, 500));
         assert!(parsed.validate().is_ok());
+    }
+
+    #[test]
+    fn roles_grant_what_they_imply_and_metrics_keys_only_metrics() {
+        use Role::*;
+        let all = [Read, Write, Admin, Metrics];
+        let granted = |have: Role| -> Vec<Role> {
+            all.into_iter().filter(|&need| have.grants(need)).collect()
+        };
+        assert_eq!(granted(Read), vec![Read]);
+        assert_eq!(granted(Write), vec![Read, Write]);
+        assert_eq!(granted(Admin), vec![Read, Write, Admin, Metrics]);
+        assert_eq!(granted(Metrics), vec![Metrics]);
+    }
+
+    #[test]
+    fn defaults_validate_and_bad_limits_do_not() {
+        let config = ServerConfig::default();
+        config.validate().unwrap();
+        assert_eq!(config.dedup_scope().unwrap(), DedupScope::Tenant);
+        assert_eq!(config.max_document_tokens, None, "follows the model");
+        for toml in [
+            "dedup_scope = \"everyone\"",
+            "max_question_tokens = 0",
+            "max_document_tokens = 0",
+        ] {
+            let config: ServerConfig = toml::from_str(toml).unwrap();
+            assert!(config.validate().is_err(), "{toml}");
+        }
+        let global: ServerConfig = toml::from_str("dedup_scope = \"global\"").unwrap();
+        assert_eq!(global.dedup_scope().unwrap(), DedupScope::Global);
+        let role: ServerConfig =
+            toml::from_str("[[api_keys]]\nkey = \"k\"\nrole = \"metrics\"\n").unwrap();
+        assert_eq!(role.api_keys[0].role, Role::Metrics);
     }
 }

@@ -16,7 +16,6 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use starkv_cache::{BlockStore, EvictionPolicy, RocksConfig, StoreConfig};
 use starkv_compute::LoadedModel;
 use starkv_compute::backend::Backend;
-use tokio::sync::Semaphore;
 
 pub use config::ServerConfig;
 
@@ -98,7 +97,8 @@ pub async fn serve(
         &model_path,
         store,
         config.hot_tier_bytes as usize,
-    )?;
+    )?
+    .with_dedup_scope(config.dedup_scope()?);
     if !config.workers.is_empty() {
         let cluster_config = starkv_service::cluster::ClusterConfig {
             workers: config.workers.clone(),
@@ -130,13 +130,7 @@ pub async fn serve(
         &config.data_dir.join("ingest-spool"),
         config.ingest_queue,
     )?;
-    let state = http::AppState {
-        service,
-        jobs,
-        queries: Arc::new(Semaphore::new(config.query_concurrency)),
-        config: Arc::new(config.clone()),
-        metrics,
-    };
+    let state = http::AppState::new(service, jobs, config.clone(), metrics);
     http::spawn_upkeep(&state);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -146,9 +140,33 @@ pub async fn serve(
         );
     }
     on_ready(addr);
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    // On SIGTERM/SIGINT: stop accepting, cancel every running query (each stops within a
+    // layer or a generation step), and give the connections `shutdown_grace_seconds` to
+    // close before returning anyway. Ingests need no waiting: they are spooled and resume
+    // at the next start, and documents are published atomically.
+    let cancel = state.shutdown.clone();
+    let (signalled, on_signal) = tokio::sync::oneshot::channel();
+    let server = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            cancel.cancel();
+            let _ = signalled.send(());
+        })
+        .into_future();
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
+    let deadline = async move {
+        match on_signal.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = server => served?,
+        () = deadline => tracing::warn!(
+            grace_seconds = grace.as_secs(),
+            "shutdown: connections still open after the grace period; exiting anyway"
+        ),
+    }
     Ok(())
 }
 

@@ -228,7 +228,12 @@ impl Backend {
         match &self.device {
             Device::Cpu => {
                 let started = Instant::now();
-                let blocks = (0..keys.len()).map(&mut *load).collect::<Result<_, E>>()?;
+                let blocks = (0..keys.len())
+                    .map(|i| {
+                        params.cancel.check()?;
+                        load(i)
+                    })
+                    .collect::<Result<_, E>>()?;
                 let load = started.elapsed();
                 let generation = cpu_answer(loaded, blocks, shards, query, params, on_text)?;
                 Ok(Answer {

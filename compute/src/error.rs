@@ -36,6 +36,9 @@ pub enum Error {
     /// query; `shard` names it. The query fails rather than merging fewer parts.
     #[error("shard {shard}: {reason}")]
     Shard { shard: String, reason: String },
+    /// The caller cancelled the work (see [`crate::cancel::Cancel`]).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

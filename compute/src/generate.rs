@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::model::{LayerAttention, Llama};
 use crate::sampling::{Sampler, SamplingParams};
@@ -20,6 +21,10 @@ pub struct GenerateParams {
     /// Generation stops when the text contains one of these; the stop string and what
     /// follows it are not part of the answer.
     pub stop: Vec<String>,
+    /// Checked before every step (and on the CPU before every layer): once set, the
+    /// prefill fails with [`Error::Cancelled`], and decoding stops with what it has
+    /// ([`StopReason::Cancelled`]).
+    pub cancel: Cancel,
 }
 
 /// Why generation ended.
@@ -29,7 +34,8 @@ pub enum StopReason {
     EndOfGeneration,
     StopString,
     MaxTokens,
-    /// The token callback asked to stop.
+    /// The token callback asked to stop, or [`GenerateParams::cancel`] was set after the
+    /// first token (before it, generation fails with [`Error::Cancelled`]).
     Cancelled,
 }
 
@@ -61,11 +67,40 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
     let h = model.config().hidden;
+    let mut attention = Cancellable {
+        inner: attention,
+        cancel: &params.cancel,
+    };
     let mut step = |tokens: &[u32], positions: &[usize]| -> Result<Vec<f32>> {
-        let hidden = model.forward(tokens, positions, attention)?;
+        let hidden = model.forward(tokens, positions, &mut attention)?;
         Ok(model.logits(&hidden[hidden.len() - h..]))
     };
     generate_with(&mut step, tokenizer, prompt, start_pos, params, on_text)
+}
+
+/// A [`LayerAttention`] that also tells the forward pass when `cancel` is set, so a long
+/// prefill stops within one layer.
+struct Cancellable<'a> {
+    inner: &'a mut dyn LayerAttention,
+    cancel: &'a Cancel,
+}
+
+impl LayerAttention for Cancellable<'_> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.inner.attend(layer, q, k, v, m, out)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
 }
 
 /// One forward pass of new tokens at their positions, returning the last token's logits.
@@ -74,7 +109,7 @@ pub type Step<'a> = dyn FnMut(&[u32], &[usize]) -> Result<Vec<f32>> + 'a;
 /// The generation loop over any forward pass: `step(tokens, positions)` runs the new
 /// tokens through the model (keeping their KV wherever its attention keeps it) and
 /// returns the logits of the LAST token. Called once with the whole prompt, then once per
-/// generated token.
+/// generated token; `params.cancel` is checked before every call.
 pub fn generate_with(
     step: &mut Step<'_>,
     tokenizer: &Tokenizer,
@@ -89,6 +124,7 @@ pub fn generate_with(
     let mut sampler = Sampler::new(params.sampling.clone())?;
     let started = Instant::now();
     let positions: Vec<usize> = (start_pos..start_pos + prompt.len()).collect();
+    params.cancel.check()?;
     let mut logits = step(prompt, &positions)?;
     let prefill = started.elapsed();
     let decode_started = Instant::now();
@@ -114,7 +150,14 @@ pub fn generate_with(
         if ids.len() >= params.max_tokens {
             break StopReason::MaxTokens;
         }
-        logits = step(&[next], &[pos])?;
+        // Cancelled after tokens were generated: the answer so far, marked as cancelled.
+        if params.cancel.is_cancelled() {
+            break StopReason::Cancelled;
+        }
+        logits = match step(&[next], &[pos]) {
+            Err(Error::Cancelled) => break StopReason::Cancelled,
+            other => other?,
+        };
         pos += 1;
     };
     let tail = stream.finish(stop_reason == StopReason::StopString);

@@ -11,6 +11,7 @@
 //! - This crate knows nothing about storage or HTTP.
 
 pub mod backend;
+pub mod cancel;
 pub mod cold_split;
 pub mod cpu;
 pub mod cuda;

@@ -39,6 +39,10 @@ pub fn evict(store: &BlockStore, req: &EvictRequest, now_ms: u64) -> ServiceResu
             "give at least one rule: budget_bytes, lru, older_than_seconds or tenant".into(),
         ));
     }
+    let older_than_ms = req
+        .older_than_seconds
+        .map(|s| crate::limits::seconds_to_ms("older_than_seconds", s))
+        .transpose()?;
     let mut out = EvictOutcome::default();
     let mut docs: Vec<_> = store
         .list()
@@ -50,9 +54,8 @@ pub fn evict(store: &BlockStore, req: &EvictRequest, now_ms: u64) -> ServiceResu
     for (i, d) in docs.iter().enumerate() {
         let rule = if req.tenant.as_deref() == Some(d.tenant.as_str()) {
             Some("tenant")
-        } else if req
-            .older_than_seconds
-            .is_some_and(|s| d.state.last_used_ms + s * 1000 <= now_ms)
+        } else if older_than_ms
+            .is_some_and(|age| now_ms.saturating_sub(d.state.last_used_ms) >= age)
         {
             Some("older_than")
         } else if req.lru.is_some_and(|n| i < n) {

@@ -21,6 +21,22 @@ pub enum ServiceError {
     /// (retrying later may succeed).
     #[error("{0}")]
     Unavailable(String),
+    /// The caller cancelled the work (its client hung up, or the server is shutting down).
+    #[error("the work was cancelled")]
+    Cancelled,
+}
+
+impl ServiceError {
+    /// What a client may be told. Internal errors can name server files (a store path, the
+    /// model file) and say nothing a client can act on: their text goes to the log only.
+    pub fn public_message(&self) -> String {
+        match self {
+            ServiceError::Internal(_) => {
+                "internal error; the server log has the details".to_string()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<starkv_cache::Error> for ServiceError {
@@ -41,9 +57,26 @@ impl From<starkv_compute::Error> for ServiceError {
     fn from(e: starkv_compute::Error) -> Self {
         match e {
             starkv_compute::Error::InvalidInput(m) => ServiceError::Invalid(m),
+            starkv_compute::Error::Cancelled => ServiceError::Cancelled,
             other => ServiceError::Internal(other.to_string()),
         }
     }
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_messages_hide_internal_details_only() {
+        let internal =
+            ServiceError::Internal("store: IO error: /var/lib/starkv/store/meta/LOCK".into());
+        assert!(!internal.public_message().contains("/var"));
+        let invalid = ServiceError::Invalid("the document is empty".into());
+        assert_eq!(invalid.public_message(), "the document is empty");
+        let from_compute = ServiceError::from(starkv_compute::Error::Cancelled);
+        assert!(matches!(from_compute, ServiceError::Cancelled));
+    }
+}

@@ -95,7 +95,9 @@ impl Service {
         progress(0, blocks.len());
         for (done, &(i, expected)) in blocks.iter().enumerate() {
             let range = encoder.block_range(i);
-            let key = ingest.block_key(&anchor_tokens, &tokens[range.clone()], range.start as u64);
+            let content =
+                ingest.block_key(&anchor_tokens, &tokens[range.clone()], range.start as u64);
+            let key = self.dedup.store_key(&req.tenant, content);
             if expected.is_some_and(|k| k != key.0) {
                 return Err(ServiceError::Conflict(format!(
                     "block {i}: the content key differs from the coordinator's (another model file or KV layout)"
@@ -142,10 +144,12 @@ impl Service {
         spec
     }
 
-    /// The content key of block `range` of `tokens` as this service's store computes it
-    /// (model fingerprint, KV layout, dtype, anchor, block tokens and start).
+    /// The key of block `range` of `tokens` of `tenant` as this service's store computes
+    /// it (model fingerprint, KV layout, dtype, anchor, block tokens and start, scoped to
+    /// the tenant by [`DedupScope`]).
     pub(crate) fn block_key(
         &self,
+        tenant: &str,
         tokens: &[u32],
         anchor_size: usize,
         range: std::ops::Range<usize>,
@@ -162,6 +166,8 @@ impl Service {
         let mut spec = self.doc_spec(&req, &[]);
         spec.anchor_size = anchor_size as u32;
         let anchor = &tokens[..anchor_size.min(tokens.len())];
-        BlockStore::block_key(&spec, anchor, &tokens[range.clone()], range.start as u64).0
+        let content =
+            BlockStore::block_key(&spec, anchor, &tokens[range.clone()], range.start as u64);
+        self.dedup.store_key(tenant, content).0
     }
 }

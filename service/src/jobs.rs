@@ -266,7 +266,7 @@ impl Jobs {
                     metrics::counter!("starkv_ingest_total", "result" => "failed").increment(1);
                     tracing::warn!(tenant, id, error = %e, "ingest failed");
                     JobState::Failed {
-                        reason: e.to_string(),
+                        reason: e.public_message(),
                     }
                 }
             };

@@ -20,15 +20,18 @@ mod error;
 pub mod ingest;
 pub mod jobs;
 mod kv;
+pub mod limits;
 pub mod naming;
 pub mod query;
 pub mod repair;
+pub mod scope;
 mod stored;
 
 pub use error::{ServiceError, ServiceResult};
 pub use ingest::{IngestOutcome, IngestRequest};
 pub use kv::KV_LAYOUT_VERSION;
 pub use query::{QueryOutcome, QueryRequest};
+pub use scope::DedupScope;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -54,6 +57,8 @@ pub struct Service {
     ready: Mutex<ReadyBlocks>,
     /// Shard workers holding the documents' blocks (`None`: this process holds them).
     cluster: Option<Arc<cluster::Cluster>>,
+    /// Which documents share stored blocks (default: within a tenant only).
+    dedup: DedupScope,
 }
 
 impl Service {
@@ -87,7 +92,15 @@ impl Service {
             store,
             ready: Mutex::new(ReadyBlocks::new(ready_budget_bytes)),
             cluster: None,
+            dedup: DedupScope::default(),
         })
+    }
+
+    /// Shares stored blocks as `scope` says (see [`DedupScope`]; the default is
+    /// [`DedupScope::Tenant`]). A coordinator and its workers must agree on it.
+    pub fn with_dedup_scope(mut self, scope: DedupScope) -> Self {
+        self.dedup = scope;
+        self
     }
 
     /// This service as the coordinator of `cluster`: documents are ingested into and

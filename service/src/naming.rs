@@ -7,10 +7,12 @@ use crate::{ServiceError, ServiceResult};
 /// Longest document id accepted.
 pub const MAX_DOC_ID_LEN: usize = 128;
 
-/// Document ids: 1-128 characters of `[A-Za-z0-9._-]`, so they are safe in paths, keys
-/// and URLs.
+/// Document ids: 1-128 characters of `[A-Za-z0-9._-]`, other than `.` and `..`, so they
+/// are safe in paths, keys and URLs.
 pub fn validate_doc_id(id: &str) -> ServiceResult<()> {
     let ok = !id.is_empty()
+        && id != "."
+        && id != ".."
         && id.len() <= MAX_DOC_ID_LEN
         && id
             .bytes()
@@ -19,7 +21,8 @@ pub fn validate_doc_id(id: &str) -> ServiceResult<()> {
         Ok(())
     } else {
         Err(ServiceError::Invalid(
-            "document ids are 1-128 characters of A-Z, a-z, 0-9, '.', '_', '-'".into(),
+            "document ids are 1-128 characters of A-Z, a-z, 0-9, '.', '_', '-', other than '.' and '..'"
+                .into(),
         ))
     }
 }
@@ -41,10 +44,10 @@ mod tests {
 
     #[test]
     fn ids_are_checked_and_names_round_trip() {
-        for good in ["a", "doc-1.v2_x", &"x".repeat(128)] {
+        for good in ["a", "doc-1.v2_x", "..x", "...", &"x".repeat(128)] {
             assert!(validate_doc_id(good).is_ok(), "{good}");
         }
-        for bad in ["", "a/b", "a b", "ü", &"x".repeat(129)] {
+        for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(129)] {
             assert!(
                 matches!(validate_doc_id(bad), Err(ServiceError::Invalid(_))),
                 "{bad}"

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use starkv_compute::backend::{BlockId, StoredContext};
+use starkv_compute::cancel::Cancel;
 use starkv_compute::generate::{GenerateParams, StopReason};
 use starkv_compute::prompt;
 use starkv_compute::sampling::SamplingParams;
@@ -19,6 +20,8 @@ pub struct QueryRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Set by the caller to stop the query's work (its client hung up, shutdown).
+    pub cancel: Cancel,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +73,7 @@ impl Service {
             max_tokens: req.max_tokens,
             sampling: req.sampling.clone(),
             stop: req.stop.clone(),
+            cancel: req.cancel.clone(),
         };
         let before_answer = started.elapsed();
         let mut repaired = 0;

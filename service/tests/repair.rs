@@ -40,6 +40,7 @@ fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {
         max_tokens: 28,
         sampling: SamplingParams::greedy(),
         stop: vec![],
+        cancel: Default::default(),
     };
     let before = service.query("t/cape", "t", &query, &mut |_| true).unwrap();
     assert!(before.answer.contains("3318450"), "{}", before.answer);

@@ -132,6 +132,7 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
             seed: args.seed,
         },
         stop: args.stop.clone(),
+        cancel: Default::default(),
     };
     params.sampling.validate()?;
     let backend = Backend::new(&loaded.model, args.device, None)?;

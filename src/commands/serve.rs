@@ -93,9 +93,13 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(starkv_api::serve(config, |addr| {
+    let served = runtime.block_on(starkv_api::serve(config, |addr| {
         // Scripts wait for this line (tests parse the port from it).
         println!("starkv listening on http://{addr}");
-    }))?;
+    }));
+    // Dropping a runtime waits for every blocking task; after a shutdown the cancelled
+    // ones end within a step, and none may hold the process for longer than this.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    served?;
     Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,7 @@ pub struct Principal {
 
 impl Principal {
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
-        if self.role >= role {
+        if self.role.grants(role) {
             return Ok(());
         }
         Err(ApiError::new(

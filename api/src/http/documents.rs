@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
@@ -11,10 +11,12 @@ use serde_json::{Value, json};
 
 use super::auth::Principal;
 use super::error::ApiError;
+use super::extract::{ApiPath, ApiQuery};
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
 use starkv_service::IngestRequest;
 use starkv_service::jobs::{JobState, SubmitError};
+use starkv_service::limits::seconds_to_ms;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +30,9 @@ pub struct CreateDocument {
     ttl_seconds: Option<u64>,
     #[serde(default)]
     metadata: Option<Value>,
+    /// Ingest even when the document is longer than the model's context_length.
+    #[serde(default)]
+    allow_beyond_context: bool,
 }
 
 #[derive(Deserialize)]
@@ -48,7 +53,7 @@ fn store_id(principal: &Principal, id: &str) -> String {
 pub async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Query(params): Query<WaitParam>,
+    ApiQuery(params): ApiQuery<WaitParam>,
     body: Result<ApiJson<CreateDocument>, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Write)?;
@@ -78,8 +83,10 @@ pub async fn create(
             .unwrap_or(block_size)
             .min(block_size)
     });
-    if block_size == 0 || block_size > 1 << 16 {
-        return Err(ApiError::bad_request("`block_size` must be in 1..=65536"));
+    if block_size == 0 || block_size > MAX_BLOCK_SIZE {
+        return Err(ApiError::bad_request(format!(
+            "`block_size` must be in 1..={MAX_BLOCK_SIZE}"
+        )));
     }
     if body
         .anchor_size
@@ -89,6 +96,10 @@ pub async fn create(
             "`anchor_size` must be in 1..=block_size, or a multiple of block_size up to 65536",
         ));
     }
+    let ttl_ms = body
+        .ttl_seconds
+        .map(|s| seconds_to_ms("ttl_seconds", s))
+        .transpose()?;
     if let Some(job) = state.jobs.get(&principal.tenant, &id)
         && !job.state.is_terminal()
     {
@@ -98,22 +109,18 @@ pub async fn create(
             format!("document {id} is already being ingested"),
         ));
     }
+    let limits = DocumentLimits::new(&state, body.allow_beyond_context);
+    // A text so long that it must have too many tokens is refused before it is tokenised.
+    limits.check_bytes(body.text.len())?;
     // Tokenise up front so oversized documents are refused before they are acknowledged.
     let service = state.service.clone();
     let text = body.text;
-    let max_tokens = state.config.max_document_tokens;
     let (text, n_tokens) = blocking(move || {
         let n = service.document_tokens(&text)?.len();
         Ok((text, n))
     })
     .await?;
-    if n_tokens > max_tokens {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "document_too_large",
-            format!("the document has {n_tokens} tokens; the limit is {max_tokens}"),
-        ));
-    }
+    limits.check_tokens(n_tokens)?;
     let req = IngestRequest {
         id: id.clone(),
         tenant: principal.tenant.clone(),
@@ -121,7 +128,7 @@ pub async fn create(
         block_size,
         anchor_size,
         pinned: body.pin,
-        ttl_ms: body.ttl_seconds.map(|s| s * 1000),
+        ttl_ms,
     };
     let mut changes = state.jobs.subscribe();
     match state.jobs.submit(req) {
@@ -142,18 +149,19 @@ pub async fn create(
             ));
         }
         Err(SubmitError::Spool(e)) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e,
+            tracing::error!(error = e, "spooling an ingest failed");
+            return Err(ApiError::internal(
+                "the ingest could not be spooled; the server log has the details",
             ));
         }
     }
+    let beyond_context = limits.beyond_context(n_tokens);
     if params.wait {
         loop {
             let job = state.jobs.get(&principal.tenant, &id);
             if job.as_ref().is_some_and(|j| j.state.is_terminal()) {
-                let (status, body) = document_view(&state, &principal, &id).await?;
+                let (status, mut body) = document_view(&state, &principal, &id).await?;
+                beyond_context.annotate(&mut body);
                 return Ok((status, Json(body)));
             }
             if tokio::time::timeout(Duration::from_secs(600), changes.changed())
@@ -164,8 +172,114 @@ pub async fn create(
             }
         }
     }
-    let (_, body) = document_view(&state, &principal, &id).await?;
+    let (_, mut body) = document_view(&state, &principal, &id).await?;
+    beyond_context.annotate(&mut body);
     Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+/// The largest block size an ingest may ask for.
+pub const MAX_BLOCK_SIZE: usize = 1 << 16;
+
+/// How long a document may be: the model's trained context unless the ingest opts in
+/// (`allow_beyond_context`), and the operator's caps.
+struct DocumentLimits {
+    /// The model's `context_length` (from the GGUF).
+    context_length: usize,
+    /// The cap that applies to this ingest.
+    cap: usize,
+    /// Whether `cap` is the model's context (the refusal then says how to opt in).
+    cap_is_context: bool,
+    /// No token covers more bytes than this (from the vocabulary).
+    max_token_bytes: usize,
+}
+
+impl DocumentLimits {
+    fn new(state: &AppState, allow_beyond_context: bool) -> Self {
+        let context_length = state.service.model().model.config().context_length;
+        let ordinary = state.config.max_document_tokens.unwrap_or(context_length);
+        let (cap, cap_is_context) = if allow_beyond_context {
+            (
+                state
+                    .config
+                    .max_document_tokens_beyond_context
+                    .max(ordinary),
+                false,
+            )
+        } else {
+            (ordinary, state.config.max_document_tokens.is_none())
+        };
+        Self {
+            context_length,
+            cap,
+            cap_is_context,
+            max_token_bytes: state.max_token_bytes.max(1),
+        }
+    }
+
+    /// Refuses a text whose byte length alone proves it has more tokens than the cap
+    /// (each token covers at most `max_token_bytes` bytes), without tokenising it.
+    fn check_bytes(&self, text_bytes: usize) -> Result<(), ApiError> {
+        let at_least = text_bytes / self.max_token_bytes;
+        if at_least > self.cap {
+            return Err(self.refusal(&format!("at least {at_least}")));
+        }
+        Ok(())
+    }
+
+    fn check_tokens(&self, n_tokens: usize) -> Result<(), ApiError> {
+        if n_tokens > self.cap {
+            return Err(self.refusal(&n_tokens.to_string()));
+        }
+        Ok(())
+    }
+
+    fn refusal(&self, n_tokens: &str) -> ApiError {
+        if self.cap_is_context {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "document_beyond_model_context",
+                format!(
+                    "the document has {n_tokens} tokens; the model's context_length is {} \
+                     (it was never trained on later positions, so answers there are \
+                     unreliable); send `allow_beyond_context: true` to ingest it anyway",
+                    self.context_length
+                ),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "document_too_large",
+                format!(
+                    "the document has {n_tokens} tokens; the limit is {}",
+                    self.cap
+                ),
+            )
+        }
+    }
+
+    fn beyond_context(&self, n_tokens: usize) -> BeyondContext {
+        BeyondContext {
+            context_length: (n_tokens > self.context_length).then_some(self.context_length),
+        }
+    }
+}
+
+/// Said in the ingest's answer when the document runs past the model's context.
+struct BeyondContext {
+    context_length: Option<usize>,
+}
+
+impl BeyondContext {
+    fn annotate(&self, body: &mut Value) {
+        if let Some(context_length) = self.context_length {
+            body["beyond_context"] = json!(true);
+            body["model_context_length"] = json!(context_length);
+            body["warning"] = json!(format!(
+                "the document is longer than the model's context_length ({context_length}): \
+                 answers that depend on text past it are unreliable"
+            ));
+        }
+    }
 }
 
 /// The document as the API shows it: the ingest job's state when one ran since start-up
@@ -264,7 +378,7 @@ async fn document_view(
 pub async fn show(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Read)?;
     validate_id(&id)?;
@@ -282,7 +396,7 @@ pub struct ListParams {
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Query(p): Query<ListParams>,
+    ApiQuery(p): ApiQuery<ListParams>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Read)?;
     let limit = p.limit.unwrap_or(100);
@@ -340,7 +454,7 @@ pub async fn list(
             })
         })
         .collect();
-    let next = (p.offset + limit < total).then_some(p.offset + limit);
+    let next = p.offset.checked_add(limit).filter(|&next| next < total);
     Ok(Json(
         json!({ "documents": items, "total": total, "offset": p.offset, "next_offset": next }),
     ))
@@ -375,7 +489,7 @@ async fn with_doc<T: Send + 'static>(
 pub async fn delete(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Write)?;
     let shown = id.clone();
@@ -400,7 +514,7 @@ pub async fn delete(
 pub async fn pin(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     set_pin(state, principal, id, true).await
 }
@@ -408,7 +522,7 @@ pub async fn pin(
 pub async fn unpin(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     set_pin(state, principal, id, false).await
 }
@@ -441,13 +555,16 @@ pub struct TtlBody {
 pub async fn ttl(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: Result<ApiJson<TtlBody>, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Write)?;
     let ApiJson(body) = body?;
     let shown = id.clone();
-    let ttl_ms = body.ttl_seconds.map(|s| s.saturating_mul(1000));
+    let ttl_ms = body
+        .ttl_seconds
+        .map(|s| seconds_to_ms("ttl_seconds", s))
+        .transpose()?;
     with_doc(&state, &principal, id, move |store, doc| {
         store
             .set_ttl(&doc, ttl_ms)

@@ -31,6 +31,12 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
+    /// A 500 whose message must not name server files or internals (see
+    /// [`ServiceError::public_message`]).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -75,9 +81,14 @@ impl From<ServiceError> for ApiError {
             ServiceError::InsufficientStorage(m) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m)
             }
-            ServiceError::Internal(m) => {
+            ServiceError::Cancelled => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cancelled",
+                "the request was cancelled (the client hung up or the server is shutting down)",
+            ),
+            ServiceError::Internal(ref m) => {
                 tracing::error!(error = m, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
+                ApiError::internal(e.public_message())
             }
             ServiceError::Unavailable(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
@@ -95,5 +106,24 @@ impl From<JsonRejection> for ApiError {
             _ => "invalid_json",
         };
         ApiError::new(status, code, r.body_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_name_no_server_files() {
+        let e = ApiError::from(ServiceError::Internal(
+            "reading /srv/starkv/models/smollm2.gguf: permission denied".into(),
+        ));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.message.contains('/'), "{}", e.message);
+        assert!(!e.message.contains("smollm2"), "{}", e.message);
+        // Errors a client can act on keep their message.
+        let e = ApiError::from(ServiceError::Invalid("`max_tokens` must be >= 1".into()));
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.message, "`max_tokens` must be >= 1");
     }
 }

@@ -5,6 +5,7 @@ mod auth;
 mod cluster;
 mod documents;
 mod error;
+mod extract;
 mod openai;
 mod openapi;
 mod query;
@@ -12,19 +13,20 @@ mod query;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use starkv_compute::cancel::Cancel;
 use tokio::sync::Semaphore;
 
 pub use auth::Principal;
 pub use error::ApiError;
 
-use crate::config::ServerConfig;
+use crate::config::{Role, ServerConfig};
 use starkv_service::Service;
 use starkv_service::jobs::Jobs;
 
@@ -36,6 +38,36 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub queries: Arc<Semaphore>,
     pub metrics: PrometheusHandle,
+    /// The most bytes of text one token covers (from the vocabulary): a text of `n` bytes
+    /// has at least `n / max_token_bytes` tokens, so length limits apply before tokenising.
+    pub max_token_bytes: usize,
+    /// Set at shutdown: every running query's cancellation flag is a child of it.
+    pub shutdown: Cancel,
+}
+
+impl AppState {
+    /// The shared state of a server around `service`.
+    pub fn new(
+        service: Arc<Service>,
+        jobs: Arc<Jobs>,
+        config: ServerConfig,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        let tokenizer = &service.model().tokenizer;
+        let max_token_bytes = (0..tokenizer.vocab_size() as u32)
+            .map(|id| tokenizer.token_bytes(id).len())
+            .max()
+            .unwrap_or(1);
+        Self {
+            queries: Arc::new(Semaphore::new(config.query_concurrency)),
+            config: Arc::new(config),
+            service,
+            jobs,
+            metrics,
+            max_token_bytes,
+            shutdown: Cancel::new(),
+        }
+    }
 }
 
 /// `Json<T>` whose rejections (malformed JSON, wrong content type, too large) are
@@ -72,6 +104,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/evict", post(documents::evict))
         .route("/v1/admin/verify", post(documents::verify))
         .route("/v1/admin/cluster", get(cluster::status))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -80,8 +113,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(|| async { Json(openapi::spec()) }))
+        .route("/openapi.json", get(openapi_document))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -113,6 +145,10 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     }))
 }
 
+async fn openapi_document(State(state): State<AppState>) -> impl IntoResponse {
+    Json(openapi::spec(&state.config))
+}
+
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     Json(json!({
         "status": "ready",
@@ -122,17 +158,23 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }))
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics. They count every tenant's work (dedup, evictions), so with keys
+/// configured only a `metrics` or `admin` key reads them.
+async fn metrics(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(Role::Metrics)?;
     let stats = state.service.store().stats();
     metrics::gauge!("starkv_store_documents").set(stats.documents as f64);
     metrics::gauge!("starkv_store_blocks").set(stats.blocks as f64);
-    (
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
         state.metrics.render(),
-    )
+    ))
 }
 
 /// Runs the Prometheus upkeep and the store's periodic eviction (TTL) until shutdown.

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::Principal;
 use super::error::ApiError;
@@ -185,7 +184,7 @@ pub async fn chat_completions(
     };
     let opening = Event::default().data(chunk(json!({ "role": "assistant", "content": "" }), None));
     let events = tokio_stream::iter(first)
-        .chain(ReceiverStream::new(rx))
+        .chain(rx)
         .map(move |piece| match piece {
             Piece::Text(text) => Event::default().data(chunk(json!({ "content": text }), None)),
             Piece::Done(result) => {

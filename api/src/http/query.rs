@@ -4,19 +4,23 @@ use std::convert::Infallible;
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
+use starkv_compute::cancel::Cancel;
+use starkv_compute::generate::StopReason;
+use starkv_compute::prompt;
 use starkv_compute::sampling::SamplingParams;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use starkv_service::{Service, ServiceError};
+use tokio_stream::{Stream, StreamExt};
 
 use super::auth::Principal;
 use super::documents::validate_id;
 use super::error::ApiError;
+use super::extract::ApiPath;
 use super::{ApiJson, AppState};
 use crate::config::Role;
 use starkv_service::{QueryOutcome, QueryRequest};
@@ -61,6 +65,16 @@ pub fn validate_ask(
     if question.trim().is_empty() {
         return Err(ApiError::bad_request("the question is empty"));
     }
+    // A question so long that it must have too many tokens is refused before it is
+    // tokenised (the exact count is checked on the worker, before any model work).
+    let max_question = state.config.max_question_tokens;
+    let at_least = question.len() / state.max_token_bytes.max(1);
+    if at_least > max_question {
+        return Err(question_too_long(
+            &format!("at least {at_least}"),
+            max_question,
+        ));
+    }
     let cap = state.config.max_tokens_cap;
     let max_tokens = max_tokens.unwrap_or(256.min(cap));
     if max_tokens == 0 || max_tokens > cap {
@@ -90,8 +104,29 @@ pub fn validate_ask(
             max_tokens,
             sampling,
             stop,
+            cancel: Cancel::new(),
         },
     })
+}
+
+fn question_too_long(n_tokens: &str, limit: usize) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "question_too_long",
+        format!("the question has {n_tokens} tokens; the limit is {limit} (max_question_tokens)"),
+    )
+}
+
+/// The exact question length check, on a worker thread: tokenising is cheap next to the
+/// query itself, but not free for a long text.
+fn check_question_tokens(service: &Service, question: &str, limit: usize) -> Result<(), ApiError> {
+    let n = prompt::question_query(&service.model().tokenizer, question)
+        .map_err(ServiceError::from)?
+        .len();
+    if n > limit {
+        return Err(question_too_long(&n.to_string(), limit));
+    }
+    Ok(())
 }
 
 /// What a query produced: streamed pieces, then the outcome (or an error).
@@ -100,12 +135,41 @@ pub enum Piece {
     Done(Box<Result<QueryOutcome, ApiError>>),
 }
 
+/// A query running on a worker thread: its pieces, in order. Dropping it (the client hung
+/// up, so axum dropped the handler's future or the response stream) cancels the work,
+/// which stops within a layer or a generation step and frees its query slot.
+pub struct RunningQuery {
+    rx: tokio::sync::mpsc::Receiver<Piece>,
+    cancel: Cancel,
+}
+
+impl RunningQuery {
+    pub async fn recv(&mut self) -> Option<Piece> {
+        self.rx.recv().await
+    }
+}
+
+impl Stream for RunningQuery {
+    type Item = Piece;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Piece>> {
+        self.get_mut().rx.poll_recv(cx)
+    }
+}
+
+impl Drop for RunningQuery {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 /// Runs a query on a worker thread, sending pieces as they are final. Takes a query
-/// permit first: over the concurrency limit the answer is 503 with Retry-After.
-pub fn start_query(
-    state: &AppState,
-    ask: Ask,
-) -> Result<tokio::sync::mpsc::Receiver<Piece>, ApiError> {
+/// permit first: over the concurrency limit the answer is 503 with Retry-After. The work
+/// is cancelled when the returned [`RunningQuery`] is dropped or the server shuts down.
+pub fn start_query(state: &AppState, mut ask: Ask) -> Result<RunningQuery, ApiError> {
     let permit = state.queries.clone().try_acquire_owned().map_err(|_| {
         ApiError::busy(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -114,23 +178,29 @@ pub fn start_query(
         )
     })?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let cancel = state.shutdown.child();
+    ask.request.cancel = cancel.clone();
     let service = state.service.clone();
+    let max_question = state.config.max_question_tokens;
     tokio::task::spawn_blocking(move || {
-        let _permit = permit;
         let started = Instant::now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            service.query(&ask.store_id, &ask.tenant, &ask.request, &mut |piece| {
-                tx.blocking_send(Piece::Text(piece.to_string())).is_ok()
-            })
+            check_question_tokens(&service, &ask.request.question, max_question)?;
+            service
+                .query(&ask.store_id, &ask.tenant, &ask.request, &mut |piece| {
+                    tx.blocking_send(Piece::Text(piece.to_string())).is_ok()
+                })
+                .map_err(ApiError::from)
         }))
-        .unwrap_or_else(|_| {
-            Err(starkv_service::ServiceError::Internal(
-                "the query panicked".into(),
-            ))
-        });
+        .unwrap_or_else(|_| Err(ApiError::internal("the query panicked")));
         let result = match outcome {
             Ok(o) => {
-                metrics::counter!("starkv_query_total", "result" => "ok").increment(1);
+                let result = if o.stop_reason == StopReason::Cancelled {
+                    "cancelled"
+                } else {
+                    "ok"
+                };
+                metrics::counter!("starkv_query_total", "result" => result).increment(1);
                 metrics::histogram!("starkv_query_seconds").record(started.elapsed().as_secs_f64());
                 metrics::histogram!("starkv_query_first_token_seconds")
                     .record(o.first_token.as_secs_f64());
@@ -145,27 +215,30 @@ pub fn start_query(
                 Ok(o)
             }
             Err(e) => {
-                metrics::counter!("starkv_query_total", "result" => "error").increment(1);
-                Err(ApiError::from(e))
+                let result = if e.code == "cancelled" {
+                    "cancelled"
+                } else {
+                    "error"
+                };
+                metrics::counter!("starkv_query_total", "result" => result).increment(1);
+                Err(e)
             }
         };
+        // The slot is free before the client hears the result.
+        drop(permit);
         let _ = tx.blocking_send(Piece::Done(Box::new(result)));
     });
-    Ok(rx)
+    Ok(RunningQuery { rx, cancel })
 }
 
 /// Collects a whole answer.
-pub async fn finish(mut rx: tokio::sync::mpsc::Receiver<Piece>) -> Result<QueryOutcome, ApiError> {
+pub async fn finish(mut rx: RunningQuery) -> Result<QueryOutcome, ApiError> {
     while let Some(piece) = rx.recv().await {
         if let Piece::Done(result) = piece {
             return *result;
         }
     }
-    Err(ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "the query ended without a result",
-    ))
+    Err(ApiError::internal("the query ended without a result"))
 }
 
 pub fn outcome_json(o: &QueryOutcome) -> serde_json::Value {
@@ -190,7 +263,7 @@ pub fn outcome_json(o: &QueryOutcome) -> serde_json::Value {
 pub async fn query(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: Result<ApiJson<QueryBody>, ApiError>,
 ) -> Result<Response, ApiError> {
     let ApiJson(b) = body?;
@@ -226,7 +299,7 @@ pub async fn query(
         });
     }
     let head = tokio_stream::iter(first);
-    let events = head.chain(ReceiverStream::new(rx)).map(|piece| {
+    let events = head.chain(rx).map(|piece| {
         let event = match piece {
             Piece::Text(text) => Event::default()
                 .event("token")

@@ -130,6 +130,7 @@ impl CudaBackend {
             match block {
                 Some(b) => resident.push(b),
                 None => {
+                    params.cancel.check()?;
                     host.push(load(i)?);
                     host_keys.push(keys[i]);
                 }

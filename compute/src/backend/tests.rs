@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::generate::StopReason;
 use crate::model::LlamaConfig;
 use crate::quant::GgmlType;
 use crate::sampling::SamplingParams;
@@ -34,6 +35,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
         max_tokens,
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
+        cancel: Default::default(),
     }
 }
 
@@ -225,4 +227,117 @@ fn plain_generation_equals_the_kv_cache_path() {
         .unwrap();
     assert_eq!(got.ids, want.ids);
     assert_eq!(got.text, want.text);
+}
+
+/// Counts the layers attended and cancels `cancel` once layer `cancel_at` has been.
+struct CancelAtLayer<'a> {
+    inner: KvCache,
+    cancel: &'a crate::cancel::Cancel,
+    cancel_at: usize,
+    layers_attended: Vec<usize>,
+}
+
+impl crate::model::LayerAttention for CancelAtLayer<'_> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.layers_attended.push(layer);
+        self.inner.attend(layer, q, k, v, m, out)?;
+        if layer == self.cancel_at {
+            self.cancel.cancel();
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_cancelled_prefill_stops_before_its_next_layer() {
+    let loaded = tiny();
+    let model = &loaded.model;
+    assert!(model.config().n_layers >= 3);
+    let params = greedy(4);
+    let mut attention = CancelAtLayer {
+        inner: KvCache::new(model.config().n_layers, model.head_shape(), 64),
+        cancel: &params.cancel,
+        cancel_at: 0,
+        layers_attended: Vec::new(),
+    };
+    let mut pieces = 0;
+    let result = generate(
+        model,
+        &loaded.tokenizer,
+        &tokens(20, 5),
+        0,
+        &mut attention,
+        &params,
+        &mut |_| {
+            pieces += 1;
+            true
+        },
+    );
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    assert_eq!(
+        attention.layers_attended,
+        vec![0],
+        "the forward pass must stop before layer 1"
+    );
+    assert_eq!(pieces, 0, "nothing is generated after a cancel");
+}
+
+/// Decoding keeps what it generated: the answer so far, marked as cancelled.
+#[test]
+fn a_cancel_during_decoding_stops_at_the_next_step() {
+    let loaded = tiny();
+    let backend = Backend::cpu();
+    let params = greedy(20);
+    let mut pieces = 0;
+    let result = backend.generate_plain(&loaded, &tokens(8, 6), &params, &mut |_| {
+        pieces += 1;
+        if pieces == 2 {
+            // A client hanging up sets the flag from elsewhere; the piece still succeeds.
+            params.cancel.cancel();
+        }
+        true
+    });
+    let generation = result.unwrap();
+    assert_eq!(generation.stop_reason, StopReason::Cancelled);
+    assert_eq!(generation.ids.len(), 2, "no step runs after the cancel");
+    assert_eq!(pieces, 2);
+}
+
+#[test]
+fn a_cancelled_answer_loads_no_more_blocks() {
+    let loaded = tiny();
+    let params = greedy(4);
+    let blocks: Vec<Arc<BlockKv>> = Phase1::new(&loaded.model, &tokens(48, 7), StarConfig::new(16))
+        .unwrap()
+        .encode_all()
+        .unwrap()
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let keys: Vec<BlockId> = (0..blocks.len()).map(key).collect();
+    let mut loads = 0;
+    let result = Backend::cpu().answer::<Error>(
+        &loaded,
+        &keys,
+        &mut |i| {
+            loads += 1;
+            // The client hangs up while the first block loads.
+            params.cancel.cancel();
+            Ok(blocks[i].clone())
+        },
+        &[],
+        &tokens(4, 8),
+        &params,
+        &mut |_| true,
+    );
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    assert_eq!(loads, 1, "no block is loaded after the cancel");
 }

@@ -34,6 +34,12 @@ pub trait LayerAttention: Send {
         m: usize,
         out: &mut [f32],
     ) -> Result<()>;
+
+    /// Whether the forward pass should stop before its next layer (the caller cancelled:
+    /// see [`crate::cancel::Cancel`]); it then fails with [`Error::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// One block's weights, borrowed (see [`Llama::layer_weights`]).
@@ -266,6 +272,9 @@ impl Llama {
         let mut proj = vec![0f32; m * h];
         let (mut gate, mut up) = (vec![0f32; m * c.ffn], vec![0f32; m * c.ffn]);
         for (li, layer) in self.layers.iter().enumerate() {
+            if attention.cancelled() {
+                return Err(Error::Cancelled);
+            }
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut xn);
             layer.wq.matmul_t(&xn, m, &mut q);
             layer.wk.matmul_t(&xn, m, &mut k);

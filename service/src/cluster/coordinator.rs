@@ -357,7 +357,7 @@ impl Cluster {
             .collect();
         let keys: Vec<Key> = ranges
             .iter()
-            .map(|r| service.block_key(&tokens, a, r.clone()))
+            .map(|r| service.block_key(&req.tenant, &tokens, a, r.clone()))
             .collect();
         let _guard = self.lock_placement();
         let previous = self.catalog.get(&req.id);
@@ -539,6 +539,7 @@ impl Cluster {
             max_tokens: req.max_tokens,
             sampling: req.sampling.clone(),
             stop: req.stop.clone(),
+            cancel: req.cancel.clone(),
         };
         let shape = service.model().model.head_shape();
         let shards = self.open_shards(&entry, shape)?;

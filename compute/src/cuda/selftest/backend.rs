@@ -56,6 +56,7 @@ pub(super) fn checks(
         max_tokens: 8,
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
+        cancel: Default::default(),
     };
 
     // Phase 1 block by block, as ingest runs it.
