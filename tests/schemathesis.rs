@@ -38,7 +38,9 @@ fn schemathesis_finds_no_5xx_and_nothing_outside_the_openapi_document() {
     );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&raw));
 
+    // schemathesis keeps a cache folder in its working directory: the test's, not the repo.
     let out = Command::new("python3")
+        .current_dir(&dir)
         .args([
             "-c",
             "import sys; from schemathesis.cli import schemathesis; sys.argv[0] = 'st'; \
@@ -65,6 +67,8 @@ fn schemathesis_finds_no_5xx_and_nothing_outside_the_openapi_document() {
         .expect("python3 with schemathesis (scripts/test installs it)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Shown with --nocapture: how many cases ran, per operation.
+    println!("{stdout}");
     assert!(
         out.status.success(),
         "schemathesis found problems (exit {:?}):\n{stdout}\n{stderr}",

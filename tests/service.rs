@@ -578,7 +578,8 @@ tenant = "b"
 fn sigkill_during_ingest_never_leaves_a_partial_document() {
     let dir = temp_dir("sigkill");
     let server = Server::start(&dir, &[]);
-    submit_long_document(&server, 12);
+    // 11 sections: about 7,750 tokens, within the default model's context (8,192).
+    submit_long_document(&server, 11);
     // Kill once some blocks are written but before the ingest can finish.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -10,6 +10,10 @@ use crate::{ServiceError, ServiceResult};
 /// TTL or age, and small enough that milliseconds since 1970 plus it never overflow u64.
 pub const MAX_SECONDS: u64 = 100 * 365 * 24 * 3600;
 
+// Milliseconds since 1970 (until the year 2100, times 1000 for margin) plus the largest
+// accepted duration stay below u64::MAX.
+const _: () = assert!(u64::MAX - MAX_SECONDS * 1000 > 4_102_444_800_000 * 1000);
+
 /// `seconds` (the client's field `field`) in milliseconds, or a 400 naming the field.
 pub fn seconds_to_ms(field: &str, seconds: u64) -> ServiceResult<u64> {
     if seconds > MAX_SECONDS {
@@ -40,7 +44,5 @@ mod tests {
                 "{err:?}"
             );
         }
-        // Milliseconds since 1970 plus the largest accepted value stay far from u64::MAX.
-        assert!((u64::MAX - MAX_SECONDS * 1000) > 4_102_444_800_000 * 1000);
     }
 }
