@@ -181,6 +181,9 @@ impl CudaBackend {
         let wanted: Vec<usize> = (0..all.len()).filter(|&i| all[i].is_none()).collect();
         let mut cold = None;
         if !wanted.is_empty() {
+            // A cold load is not interrupted once it runs (it is one unit of work here);
+            // the generation after it checks the flag again before its prefill.
+            params.cancel.check()?;
             let rates = *self
                 .cold_rates
                 .lock()
