@@ -105,7 +105,7 @@ fn schemas(config: &ServerConfig) -> Value {
                 "block_size": integer(1, MAX_BLOCK_SIZE as u64),
                 "anchor_size": {
                     "type": "integer", "minimum": 1, "maximum": MAX_BLOCK_SIZE,
-                    "description": "at most block_size"
+                    "description": "at most block_size, or a multiple of block_size"
                 },
                 "pin": { "type": "boolean" },
                 "ttl_seconds": seconds,
@@ -285,6 +285,13 @@ fn schemas(config: &ServerConfig) -> Value {
             }
         },
         "Stats": { "type": "object", "required": ["device", "documents", "blocks"] },
+        "Cluster": {
+            "type": "object", "required": ["mode", "workers"],
+            "properties": {
+                "mode": { "type": "string", "enum": ["single", "coordinator"] },
+                "workers": { "type": "array", "items": { "type": "object" } }
+            }
+        },
         "Health": {
             "type": "object", "required": ["status", "device", "device_detail"],
             "properties": {
@@ -420,6 +427,13 @@ pub fn spec(config: &ServerConfig) -> Value {
                     vec![],
                 )
             },
+            "/v1/admin/cluster": {
+                "get": op(
+                    "The shard workers this server coordinates, their health and blocks (admin)",
+                    vec![("200", "Cluster status", json_of("Cluster"))],
+                    vec![],
+                )
+            },
             "/v1/admin/gc": {
                 "post": op(
                     "Collect unreferenced blocks (admin)",
@@ -507,6 +521,7 @@ mod tests {
         for admin in ["/v1/admin/evict", "/v1/admin/verify", "/v1/admin/gc"] {
             assert!(paths[admin]["post"].is_object(), "{admin}");
         }
+        assert!(paths["/v1/admin/cluster"]["get"].is_object());
     }
 
     #[test]
