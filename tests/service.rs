@@ -753,6 +753,11 @@ fn operator_cli_ingest_ask_evict_and_offline_listing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A TTL that overflows in milliseconds is refused offline too (issue 12, item 5).
+    let out = cli(&["ttl", "harbour2", "18446744073709552"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ttl_seconds"), "{stderr}");
     let out = cli(&["rm", "harbour2", "--json"]);
     assert!(out.status.success());
     let out = cli(&["show", "harbour2"]);

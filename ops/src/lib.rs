@@ -374,8 +374,11 @@ pub fn set_ttl(target: &Target, id: &str, ttl_seconds: Option<u64>) -> OpsResult
             Some(&json!({ "ttl_seconds": ttl_seconds })),
         );
     }
+    let ttl_ms = ttl_seconds
+        .map(|s| starkv_service::limits::seconds_to_ms("ttl_seconds", s))
+        .transpose()?;
     let (store, tenant) = target.store()?;
-    store.set_ttl(&latest(&store, tenant, id)?, ttl_seconds.map(|s| s * 1000))?;
+    store.set_ttl(&latest(&store, tenant, id)?, ttl_ms)?;
     Ok(json!({ "id": id, "ttl_seconds": ttl_seconds }))
 }
 
