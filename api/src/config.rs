@@ -327,6 +327,14 @@ mod tests {
         }
         let global: ServerConfig = toml::from_str("dedup_scope = \"global\"").unwrap();
         assert_eq!(global.dedup_scope().unwrap(), DedupScope::Global);
+        global.validate().unwrap();
+        // Workers scope block keys to the tenant; a global coordinator would disagree.
+        let cluster = "workers = [\"a:1\", \"b:2\"]\ncluster_secret = \"s\"\n";
+        let tenant: ServerConfig = toml::from_str(cluster).unwrap();
+        tenant.validate().unwrap();
+        let mixed: ServerConfig =
+            toml::from_str(&format!("dedup_scope = \"global\"\n{cluster}")).unwrap();
+        assert!(mixed.validate().is_err());
         let role: ServerConfig =
             toml::from_str("[[api_keys]]\nkey = \"k\"\nrole = \"metrics\"\n").unwrap();
         assert_eq!(role.api_keys[0].role, Role::Metrics);
