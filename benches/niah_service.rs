@@ -63,8 +63,8 @@ struct Args {
     #[arg(long, default_value_t = 6)]
     depths: usize,
     /// Tasks to run.
-    #[arg(long, value_delimiter = ',', default_values_t = [TaskArg::Single, TaskArg::Multikey, TaskArg::Multivalue])]
-    tasks: Vec<TaskArg>,
+    #[arg(long, value_delimiter = ',', default_values_t = [Task::Single, Task::MultiKey, Task::MultiValue])]
+    tasks: Vec<Task>,
     /// Configurations (see the module docs); the first must be `full`.
     #[arg(long, value_delimiter = ',', default_values_t = ["full".to_string(), "L/4".into(), "L/8".into(), "L/16".into()])]
     configs: Vec<String>,
@@ -95,29 +95,6 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum TaskArg {
-    Single,
-    Multikey,
-    Multivalue,
-}
-
-impl std::fmt::Display for TaskArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(Task::from(*self).name())
-    }
-}
-
-impl From<TaskArg> for Task {
-    fn from(t: TaskArg) -> Self {
-        match t {
-            TaskArg::Single => Task::Single,
-            TaskArg::Multikey => Task::MultiKey,
-            TaskArg::Multivalue => Task::MultiValue,
-        }
-    }
 }
 
 /// A way of ingesting the document: its block size and extra ingest fields.
@@ -203,7 +180,7 @@ fn build_cases(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Case>> {
         n => (0..n).map(|i| i as f64 / (n - 1) as f64).collect(),
     };
     let mut cases = Vec::new();
-    for task in args.tasks.iter().map(|&t| Task::from(t)) {
+    for task in args.tasks.iter().copied() {
         let mut questions = 0;
         let mut seed = 0u64;
         while questions < args.min_questions {

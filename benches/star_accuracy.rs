@@ -81,9 +81,9 @@ struct Args {
         long,
         env = "STARKV_NIAH_TASKS",
         value_delimiter = ',',
-        default_values_t = [TaskArg::Single, TaskArg::Multikey]
+        default_values_t = [Task::Single, Task::MultiKey]
     )]
-    tasks: Vec<TaskArg>,
+    tasks: Vec<Task>,
     /// Greedy tokens generated per answer (enough for "The special magic number for
     /// <key> is <7 digits>.", digits being one token each).
     #[arg(long, env = "STARKV_NIAH_MAX_TOKENS", default_value_t = 24)]
@@ -99,29 +99,6 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum TaskArg {
-    Single,
-    Multikey,
-    Multivalue,
-}
-
-impl std::fmt::Display for TaskArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(Task::from(*self).name())
-    }
-}
-
-impl From<TaskArg> for Task {
-    fn from(t: TaskArg) -> Self {
-        match t {
-            TaskArg::Single => Task::Single,
-            TaskArg::Multikey => Task::MultiKey,
-            TaskArg::Multivalue => Task::MultiValue,
-        }
-    }
 }
 
 /// One way of attending to the context.
@@ -329,7 +306,7 @@ fn main() -> Result<()> {
         for seed in 0..args.seeds {
             for &length in &args.lengths {
                 for &task in &args.tasks {
-                    bench.run_case(length, depth, seed, task.into())?;
+                    bench.run_case(length, depth, seed, task)?;
                 }
             }
         }

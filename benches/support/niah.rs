@@ -349,16 +349,24 @@ const KEY_NOUNS: &[&str] = &[
     "violin", "beacon", "thimble", "walrus", "quarry", "saddle", "comet",
 ];
 
-/// The task kinds of the benchmark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// The task kinds of the benchmark (also the benches' `--tasks` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Task {
     /// One needle; the question asks for it.
     Single,
     /// 3 or 4 needles with different keys; each question asks for one of them.
+    #[value(name = "multikey")]
     MultiKey,
     /// 4 needles with the same key and different values; one question asks for all of
     /// them and is right only when the answer holds every value.
+    #[value(name = "multivalue")]
     MultiValue,
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Task {
