@@ -15,7 +15,7 @@ use super::extract::{ApiPath, ApiQuery};
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
 use starkv_service::IngestRequest;
-use starkv_service::jobs::{JobState, SubmitError};
+use starkv_service::jobs::{Job, JobState, SubmitError};
 use starkv_service::limits::seconds_to_ms;
 
 #[derive(Deserialize)]
@@ -297,14 +297,7 @@ async fn document_view(
         let entry = cluster.document(&sid, &tenant);
         return match (job, entry) {
             (Some(job), _) if !matches!(job.state, JobState::Ready { .. }) => {
-                let status = if matches!(job.state, JobState::Failed { .. }) {
-                    StatusCode::OK
-                } else {
-                    StatusCode::ACCEPTED
-                };
-                let mut body = serde_json::to_value(&job).expect("jobs serialise");
-                body["id"] = json!(id);
-                Ok((status, body))
+                Ok(job_view(&job, id))
             }
             (_, Some(entry)) => Ok((StatusCode::OK, super::cluster::document_json(id, &entry))),
             (_, None) => Err(ApiError::not_found(format!("document {id} not found"))),
@@ -324,16 +317,7 @@ async fn document_view(
     })
     .await?;
     match (job, stored) {
-        (Some(job), _) if !matches!(job.state, JobState::Ready { .. }) => {
-            let status = if matches!(job.state, JobState::Failed { .. }) {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
-            let mut body = serde_json::to_value(&job).expect("jobs serialise");
-            body["id"] = json!(id);
-            Ok((status, body))
-        }
+        (Some(job), _) if !matches!(job.state, JobState::Ready { .. }) => Ok(job_view(&job, id)),
         (job, Some(info)) => {
             let mut body = json!({
                 "id": id,
@@ -693,4 +677,17 @@ pub async fn verify(
     })
     .await?;
     Ok(Json(serde_json::to_value(out).expect("reports serialise")))
+}
+
+/// A document whose ingest job has not published it: the job's state, 200 when it failed
+/// (the answer is final), 202 while it is queued or running.
+fn job_view(job: &Job, id: &str) -> (StatusCode, Value) {
+    let status = if matches!(job.state, JobState::Failed { .. }) {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut body = serde_json::to_value(job).expect("jobs serialise");
+    body["id"] = json!(id);
+    (status, body)
 }
