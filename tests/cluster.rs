@@ -6,7 +6,6 @@
 //! process, generous timeouts and no timing assertions.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,7 +14,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::service::{QUESTION, Server, document, temp_dir, wait_for};
-use crate::util::model_path;
+use crate::util::{model_path, wait_for_listening};
 
 const SECRET: &str = "test-cluster-secret";
 const BLOCK_SIZE: u64 = 16;
@@ -51,17 +50,7 @@ impl WorkerProc {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting starkv worker");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("worker exited before listening")
-                .unwrap();
-            if let Some(a) = line.strip_prefix("starkv worker listening on ") {
-                break a.to_string();
-            }
-        };
+        let addr = wait_for_listening(&mut child, "starkv worker listening on ", "worker");
         WorkerProc { child, addr }
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::util::{data_dir, model_path};
+use crate::util::{data_dir, model_path, wait_for_listening};
 
 /// A running server; killed on drop (the cluster tests start coordinators with it).
 pub(crate) struct Server {
@@ -35,17 +35,7 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting starkv serve");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("server exited before listening")
-                .unwrap();
-            if let Some(url) = line.strip_prefix("starkv listening on http://") {
-                break url.to_string();
-            }
-        };
+        let addr = wait_for_listening(&mut child, "starkv listening on http://", "server");
         Server { child, addr }
     }
 

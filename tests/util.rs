@@ -1,7 +1,8 @@
 //! Shared helpers: the default model, fixtures, and running the `starkv` binary.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
 
 use starkv_compute::LoadedModel;
@@ -104,5 +105,22 @@ impl Drop for Tmpfs {
             .arg("-l")
             .arg(self.dir.path())
             .status();
+    }
+}
+
+/// Reads `child`'s stdout until the line that starts with `prefix` (a server's or worker's
+/// "listening on ADDR") and returns the rest of that line; `what` names the process in
+/// the failure.
+pub fn wait_for_listening(child: &mut Child, prefix: &str, what: &str) -> String {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{what} exited before listening"))
+            .unwrap();
+        if let Some(rest) = line.strip_prefix(prefix) {
+            return rest.to_string();
+        }
     }
 }
