@@ -179,8 +179,11 @@ fn build_cases(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Case>> {
         0 | 1 => vec![0.5],
         n => (0..n).map(|i| i as f64 / (n - 1) as f64).collect(),
     };
-    let mut cases = Vec::new();
+    // Built per task, then dealt round-robin (one case of each task in turn), so that a
+    // run cut short by `--deadline-seconds` covers every task evenly.
+    let mut per_task: Vec<Vec<Case>> = Vec::new();
     for task in args.tasks.iter().copied() {
+        let mut cases = Vec::new();
         let mut questions = 0;
         let mut seed = 0u64;
         while questions < args.min_questions {
@@ -198,7 +201,7 @@ fn build_cases(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Case>> {
                     let qs = case.questions();
                     questions += qs.len();
                     cases.push(Case {
-                        index: cases.len(),
+                        index: 0, // set once the tasks are interleaved
                         task,
                         length,
                         context_len,
@@ -209,8 +212,29 @@ fn build_cases(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Case>> {
             }
             seed += 1;
         }
+        per_task.push(cases);
     }
-    Ok(cases)
+    Ok(interleave(per_task))
+}
+
+/// Deals the cases of each task round-robin (first of each task, second of each, ...),
+/// numbering them in the new order.
+fn interleave(per_task: Vec<Vec<Case>>) -> Vec<Case> {
+    let mut queues: Vec<std::vec::IntoIter<Case>> =
+        per_task.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::new();
+    loop {
+        let before = out.len();
+        for q in &mut queues {
+            if let Some(mut case) = q.next() {
+                case.index = out.len();
+                out.push(case);
+            }
+        }
+        if out.len() == before {
+            return out;
+        }
+    }
 }
 
 /// A small client for the service's documents API.
