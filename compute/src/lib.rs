@@ -15,6 +15,8 @@ pub mod cancel;
 pub mod cold_split;
 pub mod cpu;
 pub mod cuda;
+#[cfg(feature = "selftest")]
+pub mod cuda_selftest;
 pub mod error;
 pub mod fetch;
 pub mod generate;

@@ -1,6 +1,6 @@
 //! `starkv selftest --device cuda[:N]`: checks the CUDA backend against the CPU reference
 //! on fresh random inputs (the seed is printed; `--seed` repeats a run) and prints a
-//! PASS/FAIL table (see `starkv_compute::cuda::selftest` for the checks and tolerances).
+//! PASS/FAIL table (see `starkv_compute::cuda_selftest` for the checks and tolerances).
 //! Exit code 0 when every check passes, 1 when one fails, 2 when the device cannot be
 //! used (no driver, no GPU, no NVRTC/cuBLAS): never a panic.
 
@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 
-use starkv_compute::cuda::selftest::{PROMPT, SelftestOptions, print_table, run as run_checks};
 use starkv_compute::cuda::{DeviceChoice, Gpu, HalfType, Selected, select_device};
+use starkv_compute::cuda_selftest::{PROMPT, SelftestOptions, print_table, run as run_checks};
 
 use super::GlobalArgs;
 

@@ -2,8 +2,11 @@
 //!
 //! - [`probe`] finds the driver and the GPUs without ever panicking: on a machine with no
 //!   NVIDIA driver it returns [`CudaError::Unavailable`].
-//! - [`Gpu`] is one device: a compute stream, a copy stream, cuBLAS and the kernels of
-//!   `kernels.cu`, compiled with NVRTC for the device's architecture at first use.
+//! - [`Gpu`] is one device (`device.rs`): a compute stream, a copy stream, cuBLAS and
+//!   buffers. The kernels (`kernels/common.cuh` shared by `kernels/elementwise.cu` and
+//!   `kernels/attention.cu`) are compiled with NVRTC for the device's architecture at
+//!   first use (`kernels.rs`); element-wise launches go through one helper (`launch.rs`),
+//!   attention planning and launch live in `attention.rs` ([`SegmentAttention`]).
 //! - [`CudaLlama`] holds a model's weights in f16 or bf16 (dequantised from any GGUF type
 //!   on upload, or random on the device) and runs the forward pass: cuBLAS for every
 //!   matrix product (f32 accumulation), own kernels for embedding, RMSNorm, RoPE, SwiGLU,
@@ -20,19 +23,28 @@
 //!   [`star::StreamedBlocks`] loads blocks through pinned buffers on the copy stream, one
 //!   layer ahead of the computation.
 
+mod attention;
+mod block;
 pub mod cold;
-mod gpu;
+mod device;
+mod kernels;
+mod launch;
 mod model;
-pub mod selftest;
+mod phase1;
+mod phase2;
+mod shard;
 pub mod star;
+mod tier;
 
 #[cfg(test)]
 mod tests;
 
-pub use gpu::{
-    AttnItem, AttnKernels, AttnOut, AttnPlan, AttnScratch, DecodeKernel, DevBuf, Gpu, HalfType,
-    KERNEL_SOURCE, Kernels, KvDest, LongKernel, PinnedBuf, Segment, TableBuf, upload_plans,
+pub use attention::{
+    AttnItem, AttnKernels, AttnOut, AttnPlan, AttnScratch, DecodeKernel, KvDest, LongKernel,
+    Segment, SegmentAttention, upload_plans,
 };
+pub use device::{DevBuf, Gpu, HalfType, PinnedBuf, TableBuf};
+pub use kernels::{ATTENTION_SOURCE, COMMON_SOURCE, ELEMENTWISE_SOURCE, Kernels};
 pub use model::{CudaLlama, GpuAttention, GpuKvCache};
 
 use std::fmt;

@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use super::gpu::{
-    AttnPlan, AttnScratch, DevBuf, Gpu, Kernels, KvDest, Segment, TableBuf, upload_plans,
-};
+use super::attention::{AttnOut, KvDest, Segment, SegmentAttention};
+use super::device::{DevBuf, Gpu};
+use super::kernels::Kernels;
 use super::{CudaError, Result};
 use crate::cpu::matmul::Matrix;
 use crate::model::{Llama, LlamaConfig};
@@ -476,9 +476,7 @@ pub struct GpuKvCache {
     len: usize,
     capacity: usize,
     shape: HeadShape,
-    table: TableBuf,
-    plans: Vec<(u64, u64, usize)>,
-    scratch: AttnScratch,
+    attn: SegmentAttention,
 }
 
 impl GpuKvCache {
@@ -492,9 +490,7 @@ impl GpuKvCache {
             len: 0,
             capacity,
             shape,
-            table: TableBuf::default(),
-            plans: Vec::new(),
-            scratch: AttnScratch::default(),
+            attn: SegmentAttention::default(),
         })
     }
 
@@ -562,11 +558,14 @@ impl GpuAttention for GpuKvCache {
             )));
         }
         let splits = gpu.choose_splits(m, self.shape, self.len + m);
-        let plans: Vec<AttnPlan> = (0..self.layers.len())
-            .map(|l| AttnPlan::new(&[self.segment(l, self.len + m, Some(self.len))], splits))
+        let this = &*self;
+        let segments: Vec<Segment> = (0..this.layers.len())
+            .map(|l| this.segment(l, this.len + m, Some(this.len)))
             .collect();
-        self.plans = upload_plans(gpu, &mut self.table, &plans)?;
-        Ok(())
+        self.attn
+            .plan(gpu, self.shape, segments.len(), splits, |l| {
+                vec![segments[l]]
+            })
     }
 
     fn kv_dest(&mut self, layer: usize) -> KvDest {
@@ -589,19 +588,8 @@ impl GpuAttention for GpuKvCache {
         m: usize,
         out: u64,
     ) -> Result<()> {
-        let (items, splits, n) = self.plans[layer];
-        gpu.attention(
-            kernels,
-            q,
-            m,
-            self.shape.n_heads,
-            self.shape.n_kv_heads,
-            items,
-            splits,
-            n,
-            super::AttnOut::Half(out),
-            &mut self.scratch,
-        )
+        self.attn
+            .attend(gpu, kernels, layer, q, m, AttnOut::Half(out))
     }
 
     fn finish(&mut self, m: usize) {

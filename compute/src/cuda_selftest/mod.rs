@@ -2,6 +2,10 @@
 //! whole models against the CPU backend on fresh random inputs, with stated tolerances.
 //! `starkv selftest --device cuda[:N]` runs it (CI has no GPU; see the README).
 //!
+//! Not part of the production CUDA module: compiled only with the crate's `selftest`
+//! feature, which the `starkv` binary turns on for its `selftest` command (the library
+//! crates that serve requests do not carry it).
+//!
 //! Errors are `rel = ‖gpu − cpu‖₂ / ‖cpu‖₂` over all outputs unless a row says otherwise;
 //! tolerances are stated per row in units of the 16-bit type's epsilon `u` (2⁻⁸ for bf16,
 //! 2⁻¹¹ for f16) where rounding to that type is what separates the two backends.
@@ -9,13 +13,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::star::{ContextBlocks, GpuQuery, GpuShard, StreamedBlocks, encode_context};
-use super::{
+use crate::cpu::attention::{KvView, Mask, attention};
+use crate::cpu::ops::{Rope, rms_norm, swiglu};
+use crate::cuda::star::{ContextBlocks, GpuQuery, GpuShard, StreamedBlocks, encode_context};
+use crate::cuda::{
     AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, GpuKvCache, HalfType, KvDest,
     Segment, TableBuf, upload_plans,
 };
-use crate::cpu::attention::{KvView, Mask, attention};
-use crate::cpu::ops::{Rope, rms_norm, swiglu};
 use crate::model::{KvCache, Llama, LlamaConfig};
 use crate::partial::{Attended, HeadShape, merge_into};
 use crate::quant::GgmlType;
@@ -1019,4 +1023,45 @@ fn big_model_check(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -
         &tokens,
         8.0,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::probe;
+
+    /// The whole self-test on a GPU when there is one (`cargo test -p starkv-compute --release
+    /// gpu_selftest -- --ignored --nocapture`); skipped (passes) without one.
+    #[test]
+    #[ignore]
+    fn gpu_selftest() {
+        let Ok(devices) = probe() else {
+            eprintln!("no GPU: skipped");
+            return;
+        };
+        let gpu = Gpu::new(devices[0].ordinal, HalfType::BF16).unwrap();
+        let seed = std::env::var("STARKV_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(12345);
+        let big = std::env::var("STARKV_SELFTEST_8B").is_ok();
+        // STARKV_SELFTEST_MODEL=path.gguf adds the whole-model check on that model.
+        let loaded = std::env::var("STARKV_SELFTEST_MODEL")
+            .ok()
+            .map(|p| crate::LoadedModel::open(std::path::Path::new(&p)).unwrap());
+        let model = loaded.as_ref().map(|l| {
+            let tokens = l.tokenizer.encode(PROMPT, false).unwrap();
+            ("default model (SmolLM2-135M)", &l.model, tokens)
+        });
+        let rows = run(
+            &gpu,
+            SelftestOptions {
+                seed,
+                model,
+                big_model: big,
+                loaded: loaded.as_ref(),
+            },
+        );
+        assert!(print_table(&rows, &gpu, seed));
+    }
 }

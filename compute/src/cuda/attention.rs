@@ -1,0 +1,464 @@
+//! Attention on the GPU: the key table (segments cut into items and splits), the choice
+//! of kernel and split count, the launch with its log-sum-exp merge, and
+//! [`SegmentAttention`], the one path every attention implementation (phase 1, phase 2,
+//! the plain KV cache, shards) plans and launches through.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::device::{DevBuf, Gpu, TableBuf};
+use super::kernels::Kernels;
+use super::{CudaError, Result};
+use crate::partial::HeadShape;
+
+/// Head-dim-dependent dynamic shared memory of the pipelined kernels (see attention.cu):
+/// `tiles` rows of `head_dim + 8` 16-bit values.
+pub(super) fn pipe_smem(tiles: usize, head_dim: usize) -> usize {
+    tiles * (head_dim + 8) * 2
+}
+
+/// The kernel that attends runs of more than 64 rows per KV head (phase 1, prefill).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LongKernel {
+    /// 4 warps x 16 rows, K and V loaded together per tile (the first version).
+    Simple,
+    /// 4 warps x 32 rows, two-stage K/V buffers, 64-key tiles.
+    M32,
+    /// 4 warps x 32 rows, two-stage K/V buffers, 32-key tiles.
+    M32N32,
+}
+
+/// The kernel that attends at most 16 rows per KV head (decoding a token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// One warp, K and V loaded together per tile.
+    W1,
+    /// One warp, Q in registers, two-stage 32-key K/V buffers.
+    P1N32,
+}
+
+/// Which kernels [`Gpu::attention`] launches, by rows per KV head (`m * group`): at most
+/// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
+/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|m32|m32n32` and
+/// `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnKernels {
+    pub long: LongKernel,
+    pub decode: DecodeKernel,
+}
+
+impl Default for AttnKernels {
+    fn default() -> Self {
+        Self {
+            long: LongKernel::M32,
+            decode: DecodeKernel::W1,
+        }
+    }
+}
+
+impl AttnKernels {
+    /// Every kernel the selftest must cover.
+    pub const ALL_LONG: [LongKernel; 3] = [LongKernel::Simple, LongKernel::M32, LongKernel::M32N32];
+    pub const ALL_DECODE: [DecodeKernel; 2] = [DecodeKernel::W1, DecodeKernel::P1N32];
+
+    pub(super) fn from_env() -> Self {
+        let mut k = Self::default();
+        match std::env::var("STARKV_ATTN_LONG").as_deref() {
+            Ok("simple") => k.long = LongKernel::Simple,
+            Ok("m32") => k.long = LongKernel::M32,
+            Ok("m32n32") => k.long = LongKernel::M32N32,
+            _ => {}
+        }
+        match std::env::var("STARKV_ATTN_DECODE").as_deref() {
+            Ok("w1") => k.decode = DecodeKernel::W1,
+            Ok("p1n32") => k.decode = DecodeKernel::P1N32,
+            _ => {}
+        }
+        k
+    }
+
+    /// `(kernel, rows per CTA, threads, dynamic shared memory bytes)` for `rows` rows
+    /// per KV head. The 32-row-per-warp kernels hold 128 f32 accumulators per thread at
+    /// head_dim 128; above that they would spill, so larger heads use the simple kernel.
+    fn launch(&self, rows: usize, head_dim: usize) -> (&'static str, usize, u32, usize) {
+        if rows <= 16 {
+            return match self.decode {
+                DecodeKernel::W1 => ("attn_fwd_w1", 16, 32, 0),
+                DecodeKernel::P1N32 => ("attn_fwd_p1n32", 16, 32, pipe_smem(4 * 32, head_dim)),
+            };
+        }
+        let long = match self.long {
+            LongKernel::M32 | LongKernel::M32N32 if head_dim > 128 => LongKernel::Simple,
+            other => other,
+        };
+        if rows <= 64 {
+            return ("attn_fwd_simple", 64, 128, 0);
+        }
+        match long {
+            LongKernel::Simple => ("attn_fwd_simple", 64, 128, 0),
+            LongKernel::M32 => ("attn_fwd_m32", 128, 128, pipe_smem(4 * 64 + 128, head_dim)),
+            LongKernel::M32N32 => (
+                "attn_fwd_m32n32",
+                128,
+                128,
+                pipe_smem(4 * 32 + 128, head_dim),
+            ),
+        }
+    }
+}
+
+/// One entry of the attention kernel's key table (mirrors `AttnItem` in attention.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttnItem {
+    pub k: u64,
+    pub v: u64,
+    pub head_stride: i64,
+    pub row_stride: i32,
+    pub key_begin: i32,
+    pub key_end: i32,
+    pub causal_offset: i32,
+    pub pad: [i32; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<AttnItem>() == 48);
+
+/// A run of keys for attention: element `(kv head h, key j, i)` at
+/// `k + 2 * (h * head_stride + j * row_stride + i)` bytes (16-bit values).
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    pub k: u64,
+    pub v: u64,
+    pub head_stride: i64,
+    pub row_stride: i32,
+    pub len: usize,
+    /// `None`: every key visible; `Some(o)`: query token `t` sees keys `j <= t + o`.
+    pub causal_offset: Option<usize>,
+}
+
+/// How an attention call's keys are split over grid z: items and per-split item ranges.
+#[derive(Debug, Clone, Default)]
+pub struct AttnPlan {
+    pub items: Vec<AttnItem>,
+    /// `splits + 1` offsets into `items`.
+    pub split_begin: Vec<i32>,
+}
+
+impl AttnPlan {
+    pub fn n_splits(&self) -> usize {
+        self.split_begin.len() - 1
+    }
+
+    /// One split over every segment (one running softmax, direct output), or, when
+    /// `target_splits > 1`, segments cut into chunks of about `total / target_splits`
+    /// keys with one split per chunk (merged afterwards by log-sum-exp).
+    pub fn new(segments: &[Segment], target_splits: usize) -> Self {
+        let item = |s: &Segment, a: usize, b: usize| AttnItem {
+            k: s.k,
+            v: s.v,
+            head_stride: s.head_stride,
+            row_stride: s.row_stride,
+            key_begin: a as i32,
+            key_end: b as i32,
+            causal_offset: s.causal_offset.map_or(-1, |o| o as i32),
+            pad: [0; 2],
+        };
+        let segments: Vec<&Segment> = segments.iter().filter(|s| s.len > 0).collect();
+        let mut plan = AttnPlan {
+            items: Vec::new(),
+            split_begin: vec![0],
+        };
+        if target_splits <= 1 {
+            plan.items = segments.iter().map(|s| item(s, 0, s.len)).collect();
+            plan.split_begin.push(plan.items.len() as i32);
+            return plan;
+        }
+        let total: usize = segments.iter().map(|s| s.len).sum();
+        let chunk = total.div_ceil(target_splits).div_ceil(64).max(8) * 64;
+        for s in segments {
+            let mut a = 0;
+            while a < s.len {
+                let b = (a + chunk).min(s.len);
+                plan.items.push(item(s, a, b));
+                plan.split_begin.push(plan.items.len() as i32);
+                a = b;
+            }
+        }
+        if plan.items.is_empty() {
+            plan.split_begin.push(0);
+        }
+        plan
+    }
+}
+
+impl Gpu {
+    /// Selects the attention kernels (benchmarks and the selftest switch them).
+    pub fn set_attention_kernels(&self, kernels: AttnKernels) {
+        *self.attn.lock().unwrap() = kernels;
+    }
+
+    pub fn attention_kernels(&self) -> AttnKernels {
+        *self.attn.lock().unwrap()
+    }
+
+    /// The attention kernel [`Gpu::attention`] launches for `rows` rows per KV head.
+    pub fn attention_kernel_name(&self, rows: usize, head_dim: usize) -> &'static str {
+        self.attention_kernels().launch(rows, head_dim).0
+    }
+
+    /// Splits that keep the GPU busy: about four waves of the 4-warp CTAs (two resident
+    /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs), about six CTAs per
+    /// SM; chunks of >= 256 keys.
+    pub fn choose_splits(&self, m: usize, shape: HeadShape, total_keys: usize) -> usize {
+        let (group, n_kv) = (shape.group(), shape.n_kv_heads);
+        let rows = m * group;
+        let (_, per_cta, _, _) = self.attention_kernels().launch(rows, shape.head_dim);
+        let (ctas, target) = if rows <= 16 {
+            (n_kv, 6 * self.sm_count())
+        } else {
+            (rows.div_ceil(per_cta) * n_kv, 8 * self.sm_count())
+        };
+        if ctas >= target / 2 {
+            return 1;
+        }
+        let want = target.div_ceil(ctas.max(1));
+        want.min(total_keys / 256).clamp(1, 512)
+    }
+
+    /// Attention of 16-bit `q` (`[m][nh d]`) over the planned keys. With one split the
+    /// normalised output goes straight to `out` (16-bit); otherwise partials go to
+    /// `scratch` and are merged into `out`. `out_f32`: write f32 O and `lse` instead.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        k: &Kernels,
+        q: u64,
+        m: usize,
+        nh: usize,
+        nkv: usize,
+        plan_items: u64,
+        plan_splits: u64,
+        n_splits: usize,
+        out: AttnOut,
+        scratch: &mut AttnScratch,
+    ) -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        let d = k.head_dim;
+        let group = nh / nkv;
+        let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+        let (m_i, g_i, nh_i) = (m as i32, group as i32, nh as i32);
+        if n_splits > 1024 {
+            return Err(CudaError::Invalid(format!(
+                "{n_splits} attention splits (at most 1024)"
+            )));
+        }
+        let (name, rows_per_cta, threads, smem) = self.attention_kernels().launch(m * group, d);
+        let launch = LaunchConfig {
+            grid_dim: (
+                ((m * group).div_ceil(rows_per_cta)) as u32,
+                nkv as u32,
+                n_splits.max(1) as u32,
+            ),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let direct = n_splits == 1 && matches!(out, AttnOut::Half(_));
+        let null = 0u64;
+        if direct {
+            let AttnOut::Half(o) = out else {
+                unreachable!()
+            };
+            let mut b = self.stream.launch_builder(k.get(name));
+            b.arg(&q)
+                .arg(&m_i)
+                .arg(&g_i)
+                .arg(&nh_i)
+                .arg(&plan_items)
+                .arg(&plan_splits)
+                .arg(&scale_log2)
+                .arg(&o)
+                .arg(&null)
+                .arg(&null);
+            unsafe { b.launch(launch)? };
+            return Ok(());
+        }
+        let splits = n_splits.max(1);
+        scratch.ensure(self, splits * m * nh * d * 4, splits * nh * m * 4)?;
+        let (po, pl) = (
+            scratch.o.as_ref().unwrap().ptr(),
+            scratch.lse.as_ref().unwrap().ptr(),
+        );
+        {
+            let mut b = self.stream.launch_builder(k.get(name));
+            b.arg(&q)
+                .arg(&m_i)
+                .arg(&g_i)
+                .arg(&nh_i)
+                .arg(&plan_items)
+                .arg(&plan_splits)
+                .arg(&scale_log2)
+                .arg(&null)
+                .arg(&po)
+                .arg(&pl);
+            unsafe { b.launch(launch)? };
+        }
+        let (oh, of, lf) = match out {
+            AttnOut::Half(o) => (o, null, null),
+            AttnOut::F32 { out, lse } => (null, out, lse),
+        };
+        let (s_i, d_i) = (splits as i32, d as i32);
+        let mut b = self.stream.launch_builder(k.get("attn_merge"));
+        b.arg(&oh)
+            .arg(&of)
+            .arg(&lf)
+            .arg(&po)
+            .arg(&pl)
+            .arg(&s_i)
+            .arg(&m_i)
+            .arg(&nh_i)
+            .arg(&d_i);
+        // d x G threads, G an even number of split groups (d is a multiple of 16, so the
+        // block is whole warps), about 512 threads.
+        let groups = ((512 / d) & !1).max(2);
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (m as u32, nh as u32, 1),
+                block_dim: ((d * groups) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })?
+        };
+        Ok(())
+    }
+}
+
+/// Where attention writes: the 16-bit input of the output projection, or f32 `(O, lse)`
+/// in [`crate::cpu::attention::Attended`]'s layout (for shards answering a query host).
+#[derive(Debug, Clone, Copy)]
+pub enum AttnOut {
+    Half(u64),
+    F32 { out: u64, lse: u64 },
+}
+
+/// Partial-result buffers of split attention, grown on demand.
+#[derive(Default)]
+pub struct AttnScratch {
+    pub o: Option<DevBuf>,
+    pub lse: Option<DevBuf>,
+}
+
+impl AttnScratch {
+    pub fn ensure(&mut self, gpu: &Gpu, o_bytes: usize, lse_bytes: usize) -> Result<()> {
+        if self.o.as_ref().is_none_or(|b| b.bytes() < o_bytes) {
+            self.o = Some(gpu.alloc(o_bytes)?);
+        }
+        if self.lse.as_ref().is_none_or(|b| b.bytes() < lse_bytes) {
+            self.lse = Some(gpu.alloc(lse_bytes)?);
+        }
+        Ok(())
+    }
+}
+
+/// Where a layer's new K and V rows go: element `(kv head h, new token t, i)` at
+/// `k + 2 * (h * head_stride + (t0 + t) * row_stride + i)`.
+#[derive(Debug, Clone, Copy)]
+pub struct KvDest {
+    pub k: u64,
+    pub v: u64,
+    pub head_stride: i64,
+    pub row_stride: i32,
+    pub t0: i32,
+}
+
+/// Uploads a layer-indexed set of attention plans in one copy; returns per layer the
+/// device addresses of its items and split offsets, and the split count.
+pub fn upload_plans(
+    gpu: &Gpu,
+    table: &mut TableBuf,
+    plans: &[AttnPlan],
+) -> Result<Vec<(u64, u64, usize)>> {
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut offsets = Vec::with_capacity(plans.len());
+    for p in plans {
+        let io = bytes.len();
+        bytes.extend_from_slice(bytemuck::cast_slice(&p.items));
+        while !bytes.len().is_multiple_of(16) {
+            bytes.push(0);
+        }
+        let so = bytes.len();
+        bytes.extend_from_slice(bytemuck::cast_slice(&p.split_begin));
+        while !bytes.len().is_multiple_of(16) {
+            bytes.push(0);
+        }
+        offsets.push((io, so, p.n_splits()));
+    }
+    let base = table.upload(gpu, &bytes)?;
+    Ok(offsets
+        .into_iter()
+        .map(|(io, so, n)| (base + io as u64, base + so as u64, n))
+        .collect())
+}
+
+/// Planned attention over key segments, for every layer of one forward pass: the one
+/// path through which phase 1, phase 2, the plain KV cache and the shards plan their
+/// keys ([`SegmentAttention::plan`], one upload for all layers) and launch
+/// ([`SegmentAttention::attend`]). The tables and split buffers are reused call after call.
+#[derive(Default)]
+pub struct SegmentAttention {
+    table: TableBuf,
+    /// Per layer: device addresses of the items and split offsets, and the split count.
+    plans: Vec<(u64, u64, usize)>,
+    scratch: AttnScratch,
+    shape: Option<HeadShape>,
+}
+
+impl SegmentAttention {
+    /// Plans `n_layers` layers, layer `l` over the keys `segments(l)`, cut into `splits`
+    /// splits (see [`AttnPlan::new`]; [`Gpu::choose_splits`] gives a good count), and
+    /// uploads every plan in one copy.
+    pub fn plan(
+        &mut self,
+        gpu: &Gpu,
+        shape: HeadShape,
+        n_layers: usize,
+        splits: usize,
+        mut segments: impl FnMut(usize) -> Vec<Segment>,
+    ) -> Result<()> {
+        let plans: Vec<AttnPlan> = (0..n_layers)
+            .map(|l| AttnPlan::new(&segments(l), splits))
+            .collect();
+        self.plans = upload_plans(gpu, &mut self.table, &plans)?;
+        self.shape = Some(shape);
+        Ok(())
+    }
+
+    /// Attention of `m` tokens' rotated `q` (16-bit `[m][n_heads d]`) over layer
+    /// `layer`'s planned keys into `out`.
+    pub fn attend(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        layer: usize,
+        q: u64,
+        m: usize,
+        out: AttnOut,
+    ) -> Result<()> {
+        let (Some(shape), Some(&(items, splits, n))) = (self.shape, self.plans.get(layer)) else {
+            return Err(CudaError::Invalid(format!(
+                "attention of layer {layer} before it was planned"
+            )));
+        };
+        gpu.attention(
+            kernels,
+            q,
+            m,
+            shape.n_heads,
+            shape.n_kv_heads,
+            items,
+            splits,
+            n,
+            out,
+            &mut self.scratch,
+        )
+    }
+}

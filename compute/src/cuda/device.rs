@@ -1,0 +1,376 @@
+//! One GPU and its memory: context, streams, cuBLAS, device and pinned buffers, copies
+//! and the matrix product. Everything works on raw device addresses (`u64`) of
+//! [`DevBuf`]s so that views into buffers (a layer, a token offset) cost nothing; ordering
+//! is by stream: every kernel and cuBLAS call runs on [`Gpu::stream`], block loads on
+//! [`Gpu::copy_stream`], joined with events. The kernels are in `kernels.rs` (compiled),
+//! `launch.rs` (element-wise launches) and `attention.rs` (planning and launch).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{CudaBlas, sys as blas_sys};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, result as drv, sys as drv_sys,
+};
+
+use super::attention::AttnKernels;
+use super::kernels::Kernels;
+use super::{CudaError, DeviceInfo, Result};
+
+/// The 16-bit float type weights, activations and KV use on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HalfType {
+    F16,
+    BF16,
+}
+
+impl HalfType {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+        }
+    }
+
+    fn blas(self) -> blas_sys::cudaDataType {
+        match self {
+            Self::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            Self::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+
+    /// Converts f32 values to this type's bits.
+    pub fn encode(self, src: &[f32], dst: &mut [u16]) {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| match self {
+                Self::F16 => {
+                    for (o, &v) in d.iter_mut().zip(s) {
+                        *o = half::f16::from_f32(v).to_bits();
+                    }
+                }
+                Self::BF16 => {
+                    for (o, &v) in d.iter_mut().zip(s) {
+                        *o = half::bf16::from_f32(v).to_bits();
+                    }
+                }
+            });
+    }
+
+    pub fn decode(self, src: &[u16], dst: &mut [f32]) {
+        for (o, &b) in dst.iter_mut().zip(src) {
+            *o = match self {
+                Self::F16 => half::f16::from_bits(b).to_f32(),
+                Self::BF16 => half::bf16::from_bits(b).to_f32(),
+            };
+        }
+    }
+
+    /// Rounds `x` through this type (what an upload does to a value).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Self::F16 => half::f16::from_f32(x).to_f32(),
+            Self::BF16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+}
+
+/// A device allocation; `ptr()` is its address for kernels and copies.
+pub struct DevBuf {
+    _buf: CudaSlice<u8>,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DevBuf {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevBuf({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+/// Page-locked host memory (for asynchronous copies).
+pub struct PinnedBuf {
+    ptr: *mut u8,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; access goes through &/&mut.
+unsafe impl Send for PinnedBuf {}
+unsafe impl Sync for PinnedBuf {}
+
+impl PinnedBuf {
+    pub fn new(gpu: &Gpu, bytes: usize) -> Result<Self> {
+        gpu.ctx.bind_to_thread()?;
+        // SAFETY: a plain page-locked allocation, freed in Drop.
+        let ptr = unsafe { drv::malloc_host(bytes.max(1), 0)? } as *mut u8;
+        Ok(Self {
+            ptr,
+            bytes,
+            ctx: gpu.ctx.clone(),
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn as_u16_mut(&mut self) -> &mut [u16] {
+        // SAFETY: the allocation holds `bytes` bytes and is 16-byte aligned.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u16, self.bytes / 2) }
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by malloc_host in `new`.
+        unsafe {
+            let _ = drv::free_host(self.ptr as *mut _);
+        }
+    }
+}
+
+/// One GPU with its streams, cuBLAS handle and kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    /// Kernels and matrix products.
+    pub stream: Arc<CudaStream>,
+    /// Host-to-device block loads.
+    pub copy_stream: Arc<CudaStream>,
+    blas: Mutex<CudaBlas>,
+    pub dtype: HalfType,
+    pub info: DeviceInfo,
+    /// Compiled kernels by head dimension (see `kernels.rs`).
+    pub(super) kernels: Mutex<HashMap<usize, Arc<Kernels>>>,
+    /// NVRTC target architecture.
+    pub(super) arch: &'static str,
+    /// Which attention kernels run (see [`AttnKernels`]).
+    pub(super) attn: Mutex<AttnKernels>,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` (the driver, NVRTC and cuBLAS must load: see [`super::probe`]).
+    pub fn new(ordinal: usize, dtype: HalfType) -> Result<Arc<Self>> {
+        let devices = super::probe()?;
+        let info = devices.get(ordinal).cloned().ok_or_else(|| {
+            CudaError::Unavailable(format!(
+                "no CUDA device {ordinal} ({} found)",
+                devices.len()
+            ))
+        })?;
+        super::check_libraries()?;
+        let arch = match info.compute_capability {
+            (9, _) => "compute_90",
+            (8, 9) => "compute_89",
+            (8, 6) => "compute_86",
+            (8, _) => "compute_80",
+            (major, _) if major >= 10 => "compute_90",
+            (major, minor) => {
+                return Err(CudaError::Unavailable(format!(
+                    "{} has compute capability {major}.{minor}; starkv's kernels need 8.0 or newer",
+                    info.name
+                )));
+            }
+        };
+        let ctx = CudaContext::new(ordinal)?;
+        // Ordering is explicit (one compute stream, events for the copy stream).
+        // SAFETY: no CudaSlice is shared between streams without an event join.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let copy_stream = ctx.new_stream()?;
+        let blas = CudaBlas::new(stream.clone())?;
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            copy_stream,
+            blas: Mutex::new(blas),
+            dtype,
+            info,
+            kernels: Mutex::new(HashMap::new()),
+            arch,
+            attn: Mutex::new(AttnKernels::from_env()),
+        }))
+    }
+
+    pub fn sm_count(&self) -> usize {
+        self.info.multiprocessors
+    }
+
+    /// Uninitialised device memory of `bytes` bytes.
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        // SAFETY: callers write before they read (or use alloc_zeros).
+        let buf = unsafe { self.stream.alloc::<u8>(bytes.max(256))? };
+        let ptr = buf.device_ptr(&self.stream).0;
+        Ok(DevBuf {
+            _buf: buf,
+            ptr,
+            bytes,
+        })
+    }
+
+    pub fn alloc_zeros(&self, bytes: usize) -> Result<DevBuf> {
+        let buf = self.stream.alloc_zeros::<u8>(bytes.max(256))?;
+        let ptr = buf.device_ptr(&self.stream).0;
+        Ok(DevBuf {
+            _buf: buf,
+            ptr,
+            bytes,
+        })
+    }
+
+    /// Copies `src` to device address `dst` on the compute stream (the host data is
+    /// staged before this returns, so `src` may be dropped right after).
+    pub fn upload<T: bytemuck::Pod>(&self, dst: u64, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: dst holds at least size_of_val(src) bytes (callers size it).
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream.cu_stream())? };
+        Ok(())
+    }
+
+    /// A new buffer holding `src`.
+    pub fn upload_new<T: bytemuck::Pod>(&self, src: &[T]) -> Result<DevBuf> {
+        let buf = self.alloc(std::mem::size_of_val(src))?;
+        self.upload(buf.ptr(), src)?;
+        Ok(buf)
+    }
+
+    /// Copies device address `src` into `dst` after all queued work (synchronous).
+    pub fn download<T: bytemuck::Pod>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: src holds at least size_of_val(dst) bytes.
+        unsafe { drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream())? };
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Copies the first `bytes` of a pinned buffer to `dst` on the compute stream.
+    pub fn upload_pinned(&self, dst: u64, src: &PinnedBuf, bytes: usize) -> Result<()> {
+        let bytes = bytes.min(src.bytes());
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the pinned buffer holds `bytes` bytes; dst at least as many.
+        unsafe {
+            let s = std::slice::from_raw_parts(src.as_ptr(), bytes);
+            drv::memcpy_htod_async(dst, s, self.stream.cu_stream())?;
+        }
+        Ok(())
+    }
+
+    pub fn copy_d2d(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ranges are valid device memory of at least `bytes` bytes.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())? };
+        Ok(())
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// `y[m][n] = x[m][k] · w[n][k]ᵀ (+ beta · y)`: x and w 16-bit, y f32 (`y_f32`) or
+    /// 16-bit, f32 accumulation on the tensor cores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        y: u64,
+        y_f32: bool,
+        x: u64,
+        w: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        beta: f32,
+    ) -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        let alpha = 1.0f32;
+        let dt = self.dtype.blas();
+        let ct = if y_f32 {
+            blas_sys::cudaDataType::CUDA_R_32F
+        } else {
+            dt
+        };
+        let blas = self.blas.lock().unwrap();
+        // SAFETY: column-major view of the row-major product: yᵀ[n x m] = w[k x n]ᵀ · xᵀ[k x m];
+        // the buffers hold the sizes the shapes say (callers size them).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                dt,
+                k as i32,
+                x as *const _,
+                dt,
+                k as i32,
+                &beta as *const f32 as *const _,
+                y as *mut _,
+                ct,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Device memory (free, total) in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    /// Raw driver stream handle of the compute stream (for events).
+    pub fn cu_stream(&self) -> drv_sys::CUstream {
+        self.stream.cu_stream()
+    }
+}
+
+/// A growable device buffer for small per-call tables (attention plans).
+#[derive(Default)]
+pub struct TableBuf {
+    buf: Option<DevBuf>,
+}
+
+impl TableBuf {
+    /// Uploads `data` (stream-ordered) and returns its device address.
+    pub fn upload<T: bytemuck::Pod>(&mut self, gpu: &Gpu, data: &[T]) -> Result<u64> {
+        let bytes = std::mem::size_of_val(data);
+        if self.buf.as_ref().is_none_or(|b| b.bytes() < bytes) {
+            self.buf = Some(gpu.alloc(bytes.next_power_of_two().max(4096))?);
+        }
+        let ptr = self.buf.as_ref().unwrap().ptr();
+        gpu.upload(ptr, data)?;
+        Ok(ptr)
+    }
+}

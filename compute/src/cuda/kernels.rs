@@ -1,0 +1,113 @@
+//! The kernel sources and their run-time compilation: NVRTC compiles `elementwise.cu`
+//! and `attention.cu` (each after the shared `common.cuh`) for the device's architecture,
+//! the 16-bit type and the head dimension, once per head dimension.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, sys as drv_sys};
+use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+
+use super::attention::pipe_smem;
+use super::device::{Gpu, HalfType};
+use super::{CudaError, Result};
+
+/// What every kernel source shares: types, 16-bit conversions, reductions.
+pub const COMMON_SOURCE: &str = include_str!("kernels/common.cuh");
+/// Embedding, RMSNorm, RoPE, SwiGLU, conversions, fills, argmax, layout changes.
+pub const ELEMENTWISE_SOURCE: &str = include_str!("kernels/elementwise.cu");
+/// The attention kernels and the split merge.
+pub const ATTENTION_SOURCE: &str = include_str!("kernels/attention.cu");
+
+/// Kernels defined in `elementwise.cu`.
+pub(crate) const ELEMENTWISE_KERNELS: &[&str] = &[
+    "embed_rows",
+    "rms_norm_h",
+    "rms_norm_f",
+    "rope_table",
+    "rope_split",
+    "swiglu_h",
+    "to_h16",
+    "to_f32",
+    "fill_uniform_h",
+    "fill_uniform_f",
+    "argmax_rows",
+    "rows_to_heads",
+];
+
+/// Kernels defined in `attention.cu`.
+pub(crate) const ATTENTION_KERNELS: &[&str] = &[
+    "attn_fwd_simple",
+    "attn_fwd_w1",
+    "attn_fwd_m32",
+    "attn_fwd_m32n32",
+    "attn_fwd_p1n32",
+    "attn_merge",
+];
+
+/// The sources NVRTC compiles, by file name, with the kernels each defines.
+pub(crate) const SOURCES: [(&str, &str, &[&str]); 2] = [
+    ("elementwise.cu", ELEMENTWISE_SOURCE, ELEMENTWISE_KERNELS),
+    ("attention.cu", ATTENTION_SOURCE, ATTENTION_KERNELS),
+];
+
+/// The kernels of one (16-bit type, head dimension) pair.
+pub struct Kernels {
+    pub head_dim: usize,
+    funcs: HashMap<&'static str, CudaFunction>,
+}
+
+impl Kernels {
+    pub fn get(&self, name: &str) -> &CudaFunction {
+        &self.funcs[name]
+    }
+}
+
+impl Gpu {
+    /// The kernels for attention heads of `head_dim` (compiled on first use).
+    pub fn kernels(&self, head_dim: usize) -> Result<Arc<Kernels>> {
+        if !head_dim.is_multiple_of(16) || head_dim > 256 || head_dim == 0 {
+            return Err(CudaError::Invalid(format!(
+                "head_dim {head_dim}: the CUDA attention kernel needs a multiple of 16 up to 256"
+            )));
+        }
+        let mut cache = self.kernels.lock().unwrap();
+        if let Some(k) = cache.get(&head_dim) {
+            return Ok(k.clone());
+        }
+        let mut options = vec![format!("-DHEAD_DIM={head_dim}"), "--std=c++17".into()];
+        if self.dtype == HalfType::BF16 {
+            options.push("-DDT_BF16".into());
+        }
+        let mut funcs = HashMap::new();
+        for (file, source, names) in SOURCES {
+            // `#line` makes NVRTC's messages name the source file and its own lines.
+            let text = format!("{COMMON_SOURCE}\n#line 1 \"{file}\"\n{source}");
+            let ptx = compile_ptx_with_opts(
+                text,
+                CompileOptions {
+                    arch: Some(self.arch),
+                    options: options.clone(),
+                    name: Some(format!("starkv_{file}")),
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| CudaError::Nvrtc(format!("{file}: {e}")))?;
+            let module = self.ctx.load_module(ptx)?;
+            for &name in names {
+                funcs.insert(name, module.load_function(name)?);
+            }
+        }
+        // The pipelined kernels take more than the default 48 KB of shared memory.
+        let most = pipe_smem(4 * 64 + 128, head_dim);
+        for name in ["attn_fwd_m32", "attn_fwd_m32n32", "attn_fwd_p1n32"] {
+            funcs[name].set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                most as i32,
+            )?;
+        }
+        let k = Arc::new(Kernels { head_dim, funcs });
+        cache.insert(head_dim, k.clone());
+        Ok(k)
+    }
+}

@@ -1,0 +1,247 @@
+//! Element-wise kernel launches (embedding, RMSNorm, RoPE, SwiGLU, conversions, fills,
+//! argmax, layout changes), all through [`Gpu::launch_elementwise`]: one place that picks
+//! the kernel, sizes the launch and queues it on the compute stream.
+
+use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::device::Gpu;
+use super::kernels::Kernels;
+use super::{KvDest, Result};
+
+/// CTAs of `per` threads covering `n` elements (at least one).
+fn blocks_for(n: usize, per: usize) -> u32 {
+    n.div_ceil(per).max(1) as u32
+}
+
+impl Gpu {
+    /// Launches kernel `name` on a 1-D grid of `grid` CTAs of `block` threads (no dynamic
+    /// shared memory); `args` pushes the kernel's arguments in order (they must match its
+    /// signature in `elementwise.cu`).
+    fn launch_elementwise<'a>(
+        &'a self,
+        k: &'a Kernels,
+        name: &str,
+        grid: u32,
+        block: u32,
+        args: impl FnOnce(&mut LaunchArgs<'a>),
+    ) -> Result<()> {
+        let mut b = self.stream.launch_builder(k.get(name));
+        args(&mut b);
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every caller pushes the arguments its kernel declares, with device
+        // addresses of buffers sized for the launch's shape.
+        unsafe { b.launch(cfg)? };
+        Ok(())
+    }
+
+    /// `x[t] = table[tokens[t]]` (table 16-bit `[vocab][hidden]`, x f32).
+    pub fn embed(
+        &self,
+        k: &Kernels,
+        x: u64,
+        table: u64,
+        tokens: u64,
+        m: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        let hidden_i = hidden as i32;
+        self.launch_elementwise(k, "embed_rows", m as u32, 256, |b| {
+            b.arg(&x).arg(&table).arg(&tokens).arg(&hidden_i);
+        })
+    }
+
+    /// RMSNorm of `rows` rows of `n`: f32 in, 16-bit (`out_f32 == false`) or f32 out.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm(
+        &self,
+        k: &Kernels,
+        out: u64,
+        out_f32: bool,
+        x: u64,
+        w: u64,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let n_i = n as i32;
+        let name = if out_f32 { "rms_norm_f" } else { "rms_norm_h" };
+        self.launch_elementwise(k, name, rows as u32, 256, |b| {
+            b.arg(&out).arg(&x).arg(&w).arg(&n_i).arg(&eps);
+        })
+    }
+
+    /// cos/sin tables `[m][pairs]` for positions (i32 on the device), angles in f64.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_table(
+        &self,
+        k: &Kernels,
+        cos: u64,
+        sin: u64,
+        pos: u64,
+        inv_freq: u64,
+        m: usize,
+        pairs: usize,
+    ) -> Result<()> {
+        if m * pairs == 0 {
+            return Ok(());
+        }
+        let (m_i, p_i) = (m as i32, pairs as i32);
+        self.launch_elementwise(k, "rope_table", blocks_for(m * pairs, 256), 256, |b| {
+            b.arg(&cos)
+                .arg(&sin)
+                .arg(&pos)
+                .arg(&inv_freq)
+                .arg(&m_i)
+                .arg(&p_i);
+        })
+    }
+
+    /// Splits fused `qkv` f32 rows into rotated Q (16-bit `[m][nh d]`) and rotated K / V
+    /// written at `dest`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_split(
+        &self,
+        k: &Kernels,
+        q: u64,
+        dest: &KvDest,
+        qkv: u64,
+        cos: u64,
+        sin: u64,
+        m: usize,
+        nh: usize,
+        nkv: usize,
+        d: usize,
+        pairs: usize,
+    ) -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        let (nh_i, nkv_i, d_i, p_i) = (nh as i32, nkv as i32, d as i32, pairs as i32);
+        self.launch_elementwise(k, "rope_split", m as u32, 256, |b| {
+            b.arg(&q)
+                .arg(&dest.k)
+                .arg(&dest.v)
+                .arg(&qkv)
+                .arg(&cos)
+                .arg(&sin)
+                .arg(&nh_i)
+                .arg(&nkv_i)
+                .arg(&d_i)
+                .arg(&p_i)
+                .arg(&dest.head_stride)
+                .arg(&dest.row_stride)
+                .arg(&dest.t0);
+        })
+    }
+
+    /// `out[t][i] = silu(gu[t][i]) · gu[t][ffn + i]` (16-bit out).
+    pub fn swiglu(&self, k: &Kernels, out: u64, gu: u64, m: usize, ffn: usize) -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        let (m_i, f_i) = (m as i32, ffn as i32);
+        self.launch_elementwise(k, "swiglu_h", blocks_for(m * ffn, 256), 256, |b| {
+            b.arg(&out).arg(&gu).arg(&m_i).arg(&f_i);
+        })
+    }
+
+    /// f32 to the 16-bit type, `n` values.
+    pub fn to_half(&self, k: &Kernels, out: u64, x: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        self.launch_elementwise(k, "to_h16", blocks_for(n, 256), 256, |b| {
+            b.arg(&out).arg(&x).arg(&n64);
+        })
+    }
+
+    /// The 16-bit type to f32, `n` values.
+    pub fn to_f32(&self, k: &Kernels, out: u64, x: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        self.launch_elementwise(k, "to_f32", blocks_for(n, 256), 256, |b| {
+            b.arg(&out).arg(&x).arg(&n64);
+        })
+    }
+
+    /// Uniform values in `[-bound, bound)` (16-bit), from a hash of (seed, index).
+    pub fn fill_uniform_half(
+        &self,
+        k: &Kernels,
+        out: u64,
+        n: usize,
+        seed: u64,
+        bound: f32,
+    ) -> Result<()> {
+        let n64 = n as u64;
+        let grid = blocks_for(n, 256).min(65536);
+        self.launch_elementwise(k, "fill_uniform_h", grid, 256, |b| {
+            b.arg(&out).arg(&n64).arg(&seed).arg(&bound);
+        })
+    }
+
+    /// Uniform f32 values in `[lo, hi)`, from a hash of (seed, index).
+    pub fn fill_uniform_f32(
+        &self,
+        k: &Kernels,
+        out: u64,
+        n: usize,
+        seed: u64,
+        lo: f32,
+        hi: f32,
+    ) -> Result<()> {
+        let n64 = n as u64;
+        let grid = blocks_for(n, 256).min(65536);
+        self.launch_elementwise(k, "fill_uniform_f", grid, 256, |b| {
+            b.arg(&out).arg(&n64).arg(&seed).arg(&lo).arg(&hi);
+        })
+    }
+
+    /// Per row of `logits` (`[rows][n]` f32): argmax index and log-sum-exp.
+    pub fn argmax(
+        &self,
+        k: &Kernels,
+        idx: u64,
+        lse: u64,
+        logits: u64,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        let n_i = n as i32;
+        self.launch_elementwise(k, "argmax_rows", rows as u32, 512, |b| {
+            b.arg(&idx).arg(&lse).arg(&logits).arg(&n_i);
+        })
+    }
+
+    /// Token-major `[len][nkv d]` 16-bit rows to head-major `[nkv][len][d]`.
+    pub fn rows_to_heads(
+        &self,
+        k: &Kernels,
+        dst: u64,
+        src: u64,
+        len: usize,
+        nkv: usize,
+        d: usize,
+    ) -> Result<()> {
+        let (l, n, dd) = (len as i32, nkv as i32, d as i32);
+        self.launch_elementwise(
+            k,
+            "rows_to_heads",
+            blocks_for(len * nkv * d, 256),
+            256,
+            |b| {
+                b.arg(&dst).arg(&src).arg(&l).arg(&n).arg(&dd);
+            },
+        )
+    }
+}

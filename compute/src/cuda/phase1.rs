@@ -1,0 +1,142 @@
+//! Phase 1 on the GPU: a block encoded causally over itself with the anchor's KV as a
+//! read-only, unmasked prefix; K/V land directly in the block.
+
+use std::sync::Arc;
+
+use super::attention::{AttnOut, SegmentAttention};
+use super::block::GpuBlock;
+use super::device::Gpu;
+use super::kernels::Kernels;
+use super::model::{CudaLlama, GpuAttention};
+use super::{CudaError, KvDest, Result};
+
+/// Phase-1 attention of one block: causal over itself, unmasked over the anchor (a
+/// read-only prefix segment; absent for block 0). K/V land directly in the block.
+struct AnchoredBlock<'a> {
+    anchor: Option<&'a GpuBlock>,
+    block: &'a GpuBlock,
+    attn: SegmentAttention,
+}
+
+impl GpuAttention for AnchoredBlock<'_> {
+    fn begin(&mut self, gpu: &Gpu, m: usize) -> Result<()> {
+        let shape = self.block.shape;
+        let anchor_len = self.anchor.map_or(0, |a| a.len);
+        let splits = gpu.choose_splits(m, shape, anchor_len + m);
+        let (anchor, block) = (self.anchor, self.block);
+        self.attn.plan(gpu, shape, block.n_layers(), splits, |l| {
+            let mut segs = Vec::new();
+            if let Some(a) = anchor {
+                segs.push(a.segment(l, None));
+            }
+            segs.push(block.segment(l, Some(0)));
+            segs
+        })
+    }
+
+    fn kv_dest(&mut self, layer: usize) -> KvDest {
+        let (k, v) = self.block.layer_ptrs(layer);
+        KvDest {
+            k,
+            v,
+            head_stride: (self.block.len * self.block.shape.head_dim) as i64,
+            row_stride: self.block.shape.head_dim as i32,
+            t0: 0,
+        }
+    }
+
+    fn attend(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        layer: usize,
+        q: u64,
+        m: usize,
+        out: u64,
+    ) -> Result<()> {
+        self.attn
+            .attend(gpu, kernels, layer, q, m, AttnOut::Half(out))
+    }
+
+    fn finish(&mut self, _m: usize) {}
+}
+
+/// Phase 1 for block `tokens` at global positions `start..start + len`: block 0 is
+/// encoded alone (`anchor = None`), every other block as `[anchor | block]` with the
+/// anchor's KV as a read-only prefix (see [`crate::star::Phase1`]). Asynchronous.
+pub fn encode_block(
+    model: &mut CudaLlama,
+    tokens: &[u32],
+    start: usize,
+    anchor: Option<&GpuBlock>,
+) -> Result<GpuBlock> {
+    if tokens.is_empty() {
+        return Err(CudaError::Invalid("empty block".into()));
+    }
+    let gpu = model.gpu().clone();
+    let block = GpuBlock::alloc(
+        &gpu,
+        start,
+        tokens.len(),
+        model.head_shape(),
+        model.config().n_layers,
+    )?;
+    encode_block_into(model, tokens, anchor, &block)?;
+    Ok(block)
+}
+
+/// [`encode_block`] into a block allocated beforehand (its `start` and `len` say where
+/// the tokens sit; the cold loader allocates every block of a query up front).
+pub fn encode_block_into(
+    model: &mut CudaLlama,
+    tokens: &[u32],
+    anchor: Option<&GpuBlock>,
+    block: &GpuBlock,
+) -> Result<()> {
+    if tokens.is_empty() || tokens.len() != block.len {
+        return Err(CudaError::Invalid(format!(
+            "{} tokens for a block of {}",
+            tokens.len(),
+            block.len
+        )));
+    }
+    let positions: Vec<usize> = (block.start..block.start + block.len).collect();
+    let mut attention = AnchoredBlock {
+        anchor,
+        block,
+        attn: SegmentAttention::default(),
+    };
+    model.forward(tokens, &positions, &mut attention)
+}
+
+/// Phase 1 for a whole context: blocks of `block_size`, anchor of `anchor_size` tokens
+/// (the first `a` rows of block 0).
+pub fn encode_context(
+    model: &mut CudaLlama,
+    tokens: &[u32],
+    block_size: usize,
+    anchor_size: usize,
+) -> Result<Vec<Arc<GpuBlock>>> {
+    let config = crate::star::StarConfig {
+        block_size,
+        anchor_size,
+    };
+    config.validate()?;
+    if tokens.is_empty() {
+        return Err(CudaError::Invalid("the context is empty".into()));
+    }
+    let b = block_size;
+    let first = encode_block(model, &tokens[..b.min(tokens.len())], 0, None)?;
+    let anchor = first.prefix(model.gpu(), anchor_size.min(tokens.len()))?;
+    let mut out = vec![Arc::new(first)];
+    for start in (b..tokens.len()).step_by(b) {
+        let end = (start + b).min(tokens.len());
+        out.push(Arc::new(encode_block(
+            model,
+            &tokens[start..end],
+            start,
+            Some(&anchor),
+        )?));
+    }
+    Ok(out)
+}

@@ -1,0 +1,352 @@
+//! Phase 2 on the GPU: the query and generated tokens attend to every context block
+//! (resident, streamed from host memory one layer ahead, or both) without a mask, plus
+//! their own KV causally, with other shards' partials merged exactly on the host.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaEvent;
+
+use super::attention::{AttnOut, Segment, SegmentAttention};
+use super::block::GpuBlock;
+use super::device::{DevBuf, Gpu, PinnedBuf};
+use super::kernels::Kernels;
+use super::model::{CudaLlama, GpuAttention, GpuKvCache};
+use super::{KvDest, Result};
+use crate::partial::{Attended, HeadShape};
+use crate::star::{AttentionShard, BlockKv};
+
+/// Context blocks for a phase-2 query: resident (already on the GPU), streamed from
+/// host memory through pinned buffers on the copy stream one layer ahead, or both at
+/// once. Mixing is exact: the query attends to every context block without a mask and
+/// the partial results merge by log-sum-exp, so the order of blocks does not matter.
+pub enum ContextBlocks {
+    Resident(Vec<Arc<GpuBlock>>),
+    Streamed(StreamedBlocks),
+    Mixed {
+        resident: Vec<Arc<GpuBlock>>,
+        streamed: StreamedBlocks,
+    },
+}
+
+impl ContextBlocks {
+    /// `resident` blocks plus `host` blocks to stream; picks the variant (an empty
+    /// streamed set is never built).
+    pub fn new(gpu: &Gpu, resident: Vec<Arc<GpuBlock>>, host: Vec<Arc<BlockKv>>) -> Result<Self> {
+        if host.is_empty() {
+            return Ok(Self::Resident(resident));
+        }
+        let streamed = StreamedBlocks::new(gpu, host)?;
+        Ok(if resident.is_empty() {
+            Self::Streamed(streamed)
+        } else {
+            Self::Mixed { resident, streamed }
+        })
+    }
+
+    /// Every block: the resident ones first, then the streamed ones.
+    fn blocks(&self) -> impl Iterator<Item = &Arc<GpuBlock>> {
+        let (resident, streamed): (&[Arc<GpuBlock>], &[Arc<GpuBlock>]) = match self {
+            Self::Resident(b) => (b, &[]),
+            Self::Streamed(s) => (&[], &s.blocks),
+            Self::Mixed { resident, streamed } => (resident, &streamed.blocks),
+        };
+        resident.iter().chain(streamed)
+    }
+
+    fn streamed_mut(&mut self) -> Option<&mut StreamedBlocks> {
+        match self {
+            Self::Resident(_) => None,
+            Self::Streamed(s) | Self::Mixed { streamed: s, .. } => Some(s),
+        }
+    }
+}
+
+/// Blocks being loaded from host memory: layer `l` of every block is converted into a
+/// pinned staging buffer and copied on the copy stream; the compute stream waits on that
+/// layer's event only when it reaches layer `l`, so loading layer `l + 1` overlaps
+/// computing layer `l`.
+pub struct StreamedBlocks {
+    sources: Vec<Arc<BlockKv>>,
+    blocks: Vec<Arc<GpuBlock>>,
+    staging: [PinnedBuf; 2],
+    staged_event: [Option<CudaEvent>; 2],
+    ready: Vec<Option<CudaEvent>>,
+    next_layer: usize,
+    n_layers: usize,
+    /// Bytes copied to the device so far.
+    pub bytes_loaded: usize,
+}
+
+impl StreamedBlocks {
+    pub fn new(gpu: &Gpu, sources: Vec<Arc<BlockKv>>) -> Result<Self> {
+        let n_layers = sources.first().map_or(0, |b| b.layers.len());
+        let blocks = sources
+            .iter()
+            .map(|b| {
+                Ok(Arc::new(GpuBlock::alloc(
+                    gpu, b.start, b.len, b.shape, n_layers,
+                )?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let layer_bytes: usize = sources
+            .iter()
+            .map(|b| b.shape.n_kv_heads * b.len * b.shape.head_dim * 2 * 2)
+            .sum();
+        Ok(Self {
+            staging: [
+                PinnedBuf::new(gpu, layer_bytes)?,
+                PinnedBuf::new(gpu, layer_bytes)?,
+            ],
+            staged_event: [None, None],
+            ready: (0..n_layers).map(|_| None).collect(),
+            next_layer: 0,
+            n_layers,
+            sources,
+            blocks,
+            bytes_loaded: 0,
+        })
+    }
+
+    /// Bytes a full load moves to the device (16-bit K and V of every layer).
+    pub fn bytes_total(&self) -> usize {
+        self.blocks.iter().map(|b| b.n_bytes()).sum()
+    }
+
+    /// Queues the loads of every layer up to `layer` (inclusive).
+    pub fn load_through(&mut self, gpu: &Gpu, layer: usize) -> Result<()> {
+        while self.next_layer <= layer.min(self.n_layers.saturating_sub(1))
+            && self.next_layer < self.n_layers
+        {
+            let l = self.next_layer;
+            let slot = l % 2;
+            if let Some(e) = self.staged_event[slot].take() {
+                e.synchronize()?;
+            }
+            let staging = self.staging[slot].as_u16_mut();
+            let mut off = 0;
+            let mut copies = Vec::new();
+            for (src, dst) in self.sources.iter().zip(&self.blocks) {
+                let (k, v) = &src.layers[l];
+                let (dk, dv) = dst.layer_ptrs(l);
+                for (s, d) in [(k, dk), (v, dv)] {
+                    gpu.dtype.encode(s, &mut staging[off..off + s.len()]);
+                    copies.push((d, off, s.len()));
+                    off += s.len();
+                }
+            }
+            gpu.ctx.bind_to_thread()?;
+            let base = self.staging[slot].as_ptr() as *const u16;
+            for (d, o, n) in copies {
+                // SAFETY: pinned staging stays alive and untouched until the event below
+                // completes (checked before the slot is reused); d holds n values.
+                unsafe {
+                    let src = std::slice::from_raw_parts(base.add(o), n);
+                    cudarc::driver::result::memcpy_htod_async(d, src, gpu.copy_stream.cu_stream())?;
+                }
+                self.bytes_loaded += n * 2;
+            }
+            let event = gpu.ctx.new_event(None)?;
+            event.record(&gpu.copy_stream)?;
+            self.ready[l] = Some(gpu.ctx.new_event(None)?);
+            self.ready[l].as_ref().unwrap().record(&gpu.copy_stream)?;
+            self.staged_event[slot] = Some(event);
+            self.next_layer += 1;
+        }
+        Ok(())
+    }
+
+    /// Makes the compute stream wait for layer `layer`'s copies (loading it first if
+    /// needed, and the next layer ahead).
+    pub fn wait_layer(&mut self, gpu: &Gpu, layer: usize) -> Result<()> {
+        self.load_through(gpu, layer + 1)?;
+        if let Some(e) = &self.ready[layer] {
+            gpu.stream.wait(e)?;
+        }
+        Ok(())
+    }
+
+    /// Loads everything and waits: the blocks, now resident.
+    pub fn finish(mut self, gpu: &Gpu) -> Result<Vec<Arc<GpuBlock>>> {
+        self.load_through(gpu, self.n_layers)?;
+        gpu.copy_stream.synchronize()?;
+        Ok(self.blocks)
+    }
+}
+
+/// Phase 2 on one GPU: the query and generated tokens over every context block (no
+/// mask) plus their own KV (causal), which lives here and only here.
+///
+/// Blocks on this GPU are attended in one fused kernel with the query's own KV. Blocks
+/// held elsewhere (another GPU, a remote worker) are [`AttentionShard`]s: per layer the
+/// rotated Q goes to them first, the local kernel writes its partial `(O, lse)`, and the
+/// parts are merged exactly on the host (see [`GpuQuery::with_shards`]).
+pub struct GpuQuery {
+    context: ContextBlocks,
+    shards: Vec<Arc<dyn AttentionShard>>,
+    shard_scratch: ShardMerge,
+    local: GpuKvCache,
+    context_len: usize,
+    shape: HeadShape,
+    n_layers: usize,
+    attn: SegmentAttention,
+    /// Overrides the automatic split count (tests and benchmarks).
+    pub splits: Option<usize>,
+}
+
+impl GpuQuery {
+    /// `capacity`: query plus generated tokens to hold.
+    pub fn new(model: &CudaLlama, context: ContextBlocks, capacity: usize) -> Result<Self> {
+        let context_len = context.blocks().map(|b| b.len).sum();
+        Ok(Self {
+            shards: Vec::new(),
+            shard_scratch: ShardMerge::default(),
+            local: GpuKvCache::new(
+                model.gpu(),
+                model.config().n_layers,
+                model.head_shape(),
+                capacity,
+            )?,
+            context,
+            context_len,
+            shape: model.head_shape(),
+            n_layers: model.config().n_layers,
+            attn: SegmentAttention::default(),
+            splits: None,
+        })
+    }
+
+    /// Adds context held by other shards (their blocks follow this GPU's in the
+    /// context's token count; order does not matter to the merge).
+    pub fn with_shards(mut self, shards: Vec<Arc<dyn AttentionShard>>) -> Self {
+        self.context_len += shards.iter().map(|s| s.n_tokens()).sum::<usize>();
+        self.shards = shards;
+        self
+    }
+
+    /// Context tokens: the first query token's position.
+    pub fn context_len(&self) -> usize {
+        self.context_len
+    }
+
+    /// Query and generated tokens held.
+    pub fn local_len(&self) -> usize {
+        self.local.len()
+    }
+
+    /// Layer attention with other shards: Q to the host and to every shard, the local
+    /// kernel's `(O, lse)` in f32, the exact merge on the host, the result back as 16-bit.
+    fn attend_with_shards(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        layer: usize,
+        q: u64,
+        m: usize,
+        out: u64,
+    ) -> Result<()> {
+        let s = self.shape;
+        let (qw, nh) = (s.q_width(), s.n_heads);
+        let merge = &mut self.shard_scratch;
+        merge.q16.resize(m * qw, 0);
+        merge.q32.resize(m * qw, 0.0);
+        gpu.download(&mut merge.q16, q)?;
+        gpu.dtype.decode(&merge.q16, &mut merge.q32);
+        let shards: Vec<&dyn AttentionShard> = self.shards.iter().map(|s| s.as_ref()).collect();
+        let pending = crate::star::start_all(&shards, layer, &merge.q32, m)?;
+        let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
+            if b.as_ref().is_none_or(|x| x.bytes() < bytes) {
+                *b = Some(gpu.alloc(bytes)?);
+            }
+            Ok(b.as_ref().map_or(0, DevBuf::ptr))
+        };
+        let out32 = grow(&mut merge.out32, m * qw * 4)?;
+        let lse32 = grow(&mut merge.lse32, m * nh * 4)?;
+        self.attn.attend(
+            gpu,
+            kernels,
+            layer,
+            q,
+            m,
+            AttnOut::F32 {
+                out: out32,
+                lse: lse32,
+            },
+        )?;
+        let mut acc = Attended::empty(m, s);
+        gpu.download(&mut acc.out, out32)?;
+        gpu.download(&mut acc.lse, lse32)?;
+        crate::star::merge_pending(pending, &mut acc, m, s)?;
+        gpu.upload(out32, &acc.out)?;
+        gpu.to_half(kernels, out, out32, m * qw)?;
+        Ok(())
+    }
+
+    /// The context blocks, resident once every layer has been attended (in
+    /// [`ContextBlocks::new`]'s order: the resident ones first, then the streamed ones).
+    pub fn into_blocks(self, gpu: &Gpu) -> Result<Vec<Arc<GpuBlock>>> {
+        match self.context {
+            ContextBlocks::Resident(b) => Ok(b),
+            ContextBlocks::Streamed(s) => s.finish(gpu),
+            ContextBlocks::Mixed {
+                mut resident,
+                streamed,
+            } => {
+                resident.extend(streamed.finish(gpu)?);
+                Ok(resident)
+            }
+        }
+    }
+}
+
+impl GpuAttention for GpuQuery {
+    fn begin(&mut self, gpu: &Gpu, m: usize) -> Result<()> {
+        self.local.begin(gpu, m)?;
+        let offset = self.local.len();
+        let total = self.context_len + offset + m;
+        let splits = self
+            .splits
+            .unwrap_or_else(|| gpu.choose_splits(m, self.shape, total));
+        let (context, local) = (&self.context, &self.local);
+        self.attn.plan(gpu, self.shape, self.n_layers, splits, |l| {
+            let mut segs: Vec<Segment> = context.blocks().map(|b| b.segment(l, None)).collect();
+            segs.push(local.segment(l, offset + m, Some(offset)));
+            segs
+        })
+    }
+
+    fn kv_dest(&mut self, layer: usize) -> KvDest {
+        self.local.kv_dest(layer)
+    }
+
+    fn attend(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        layer: usize,
+        q: u64,
+        m: usize,
+        out: u64,
+    ) -> Result<()> {
+        if let Some(s) = self.context.streamed_mut() {
+            s.wait_layer(gpu, layer)?;
+        }
+        if !self.shards.is_empty() {
+            return self.attend_with_shards(gpu, kernels, layer, q, m, out);
+        }
+        self.attn
+            .attend(gpu, kernels, layer, q, m, AttnOut::Half(out))
+    }
+
+    fn finish(&mut self, m: usize) {
+        self.local.finish(m);
+    }
+}
+
+/// Host and device buffers of [`GpuQuery::attend_with_shards`], reused every layer.
+#[derive(Default)]
+struct ShardMerge {
+    q16: Vec<u16>,
+    q32: Vec<f32>,
+    out32: Option<DevBuf>,
+    lse32: Option<DevBuf>,
+}
