@@ -411,3 +411,44 @@ fn a_stalled_worker_times_out_and_the_answer_is_unchanged() {
     let (holders, _) = placement(&coordinator, "harbour");
     assert!(!holders.contains(&workers[1].addr), "{holders:?}");
 }
+
+/// `serve --devices cpu,cpu`: one in-process worker per listed device, coordinated as
+/// remote workers are (placement, catalog, per-layer fan-out), no socket in between.
+#[test]
+fn local_device_workers_answer_as_one_node_and_keep_their_blocks_across_restarts() {
+    let dir = temp_dir("cluster-local-devices");
+    let text = document(None);
+    let want = single_node_answer(&dir, "harbour", &text);
+    let args = ["--device", "cpu", "--devices", "cpu,cpu", "--threads", "1"];
+    let server = Server::start(&dir.join("local"), &args);
+    ingest(&server, "harbour", &text);
+    let (holders, n_blocks) = placement(&server, "harbour");
+    assert!(n_blocks >= 30);
+    let expected: BTreeSet<String> = ["local:0", "local:1"].map(String::from).into();
+    assert_eq!(
+        holders, expected,
+        "blocks are spread over both local workers"
+    );
+    assert_eq!(ask(&server, "harbour")["answer"], want["answer"]);
+    let (_, cluster) = server.json("GET", "/v1/admin/cluster", None);
+    let workers = cluster["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{cluster}");
+    assert!(
+        workers
+            .iter()
+            .all(|w| w["healthy"] == true && w["device"] == "cpu"),
+        "{cluster}"
+    );
+    // Each worker's blocks are in its own store under DATA_DIR/local/<i>.
+    for i in 0..2 {
+        assert!(dir.join(format!("local/local/{i}/store")).is_dir());
+    }
+    server.kill();
+
+    // A restart with the same devices finds every block where it was: no re-encoding.
+    let server = Server::start(&dir.join("local"), &args);
+    let again = ask(&server, "harbour");
+    assert_eq!(again["answer"], want["answer"]);
+    assert_eq!(again["repaired_blocks"], 0, "{again}");
+    assert_eq!(server.metric("starkv_cluster_blocks_reencoded_total"), 0.0);
+}

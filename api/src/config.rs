@@ -103,6 +103,12 @@ pub struct ServerConfig {
     /// their coordinator: documents' blocks are encoded and kept by the workers, and a
     /// query sends each layer's Q to them. Empty: this process holds every block.
     pub workers: Vec<String>,
+    /// Local devices to run one in-process shard worker each on (`["cuda:0", "cuda:1"]`;
+    /// `cpu` may repeat, as may a GPU to share it), when `workers` is empty. Empty: every
+    /// GPU of the host when `device` is `auto` and there is more than one, else none (the
+    /// server holds every block itself). Each worker keeps its blocks in its own store
+    /// under `DATA_DIR/local/<i>/`; the server coordinates them as it would remote ones.
+    pub devices: Vec<String>,
     /// The secret every worker checks at the handshake (required with `workers`).
     pub cluster_secret: Option<String>,
     /// Copies of every block, on distinct workers.
@@ -139,6 +145,7 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 5,
             api_keys: Vec::new(),
             workers: Vec::new(),
+            devices: Vec::new(),
             cluster_secret: None,
             replicas: 1,
             worker_timeout_ms: 30_000,
@@ -194,11 +201,39 @@ impl ServerConfig {
             .map_err(|e: String| ConfigError::Invalid(format!("dedup_scope {e}")))
     }
 
+    /// The parsed `devices` setting (`auto` is not a device to run a worker on).
+    pub fn local_device_choices(&self) -> Result<Vec<DeviceChoice>, ConfigError> {
+        self.devices
+            .iter()
+            .map(|d| match d.parse::<DeviceChoice>() {
+                Ok(DeviceChoice::Auto) => Err(ConfigError::Invalid(
+                    "devices: list devices (cpu, cuda:N), not auto".into(),
+                )),
+                Ok(choice) => Ok(choice),
+                Err(e) => Err(ConfigError::Invalid(format!("devices: {e}"))),
+            })
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.device_choice()?;
-        if self.dedup_scope()? == DedupScope::Global && !self.workers.is_empty() {
+        let devices = self.local_device_choices()?;
+        if !devices.is_empty() && !self.workers.is_empty() {
             return Err(ConfigError::Invalid(
-                "dedup_scope = \"global\" is not supported with workers (they scope block keys to the tenant)"
+                "devices (local workers) and workers (remote ones) cannot both be set".into(),
+            ));
+        }
+        if !devices.is_empty() && (self.replicas == 0 || self.replicas > devices.len()) {
+            return Err(ConfigError::Invalid(format!(
+                "replicas must be in 1..={} (the number of local devices)",
+                devices.len()
+            )));
+        }
+        if self.dedup_scope()? == DedupScope::Global
+            && !(self.workers.is_empty() && devices.is_empty())
+        {
+            return Err(ConfigError::Invalid(
+                "dedup_scope = \"global\" is not supported with workers or devices (they scope block keys to the tenant)"
                     .into(),
             ));
         }
@@ -296,6 +331,32 @@ mod tests {
         assert_eq!(parsed.workers.len(), 2);
         assert_eq!((parsed.replicas, parsed.worker_timeout_ms), (2, 500));
         assert!(parsed.validate().is_ok());
+    }
+
+    #[test]
+    fn local_devices_are_checked() {
+        let with = |devices: &[&str], f: &dyn Fn(&mut ServerConfig)| {
+            let mut c = ServerConfig {
+                devices: devices.iter().map(|d| d.to_string()).collect(),
+                ..ServerConfig::default()
+            };
+            f(&mut c);
+            c.validate()
+        };
+        assert!(with(&["cuda:0", "cuda:1"], &|_| {}).is_ok());
+        assert!(with(&["cpu", "cpu"], &|c| c.replicas = 2).is_ok());
+        assert!(with(&["cpu", "cpu"], &|c| c.replicas = 3).is_err());
+        assert!(with(&["auto"], &|_| {}).is_err(), "auto is not a device");
+        assert!(with(&["gpu7x"], &|_| {}).is_err());
+        assert!(
+            with(&["cpu"], &|c| {
+                c.workers = vec!["a:1".into()];
+                c.cluster_secret = Some("s".into());
+            })
+            .is_err(),
+            "local and remote workers together"
+        );
+        assert!(with(&["cpu"], &|c| c.dedup_scope = "global".into()).is_err());
     }
 
     #[test]

@@ -39,6 +39,50 @@ pub enum StartError {
     Device(String),
 }
 
+/// The coordinator's cluster: the configured remote workers, or one in-process worker
+/// per local device (`local_devices`), checked once before the server accepts requests.
+fn open_cluster(
+    config: &ServerConfig,
+    model_path: &std::path::Path,
+    local_devices: &[starkv_compute::cuda::DeviceChoice],
+    model_fingerprint: &[u8],
+) -> Result<Arc<starkv_service::cluster::Cluster>, StartError> {
+    use starkv_service::cluster::{Cluster, ClusterConfig, LocalWorkersConfig};
+    let cluster_config = ClusterConfig {
+        workers: config.workers.clone(),
+        secret: config.cluster_secret.clone().unwrap_or_default(),
+        replicas: config.replicas,
+        call_timeout: std::time::Duration::from_millis(config.worker_timeout_ms),
+        encode_timeout: std::time::Duration::from_secs(config.worker_encode_timeout_secs),
+        catalog_dir: config.data_dir.join("cluster"),
+    };
+    let cluster = if config.workers.is_empty() {
+        if config.replicas > local_devices.len() {
+            return Err(config::ConfigError::Invalid(format!(
+                "replicas must be in 1..={} (the number of local devices)",
+                local_devices.len()
+            ))
+            .into());
+        }
+        let workers = starkv_service::cluster::open_local_workers(
+            &LocalWorkersConfig {
+                data_dir: config.data_dir.clone(),
+                model_path: model_path.to_path_buf(),
+                shards: config.shards,
+                hot_tier_bytes: config.hot_tier_bytes,
+                gpu_tier_bytes: config.gpu_tier_bytes,
+            },
+            local_devices,
+        )?;
+        Cluster::with_workers(&cluster_config, workers)?
+    } else {
+        Cluster::connect(&cluster_config, model_fingerprint)?
+    };
+    let cluster = Arc::new(cluster);
+    cluster.check_health();
+    Ok(cluster)
+}
+
 /// Loads the model onto the configured device (printing `starkv: device ...` on stderr),
 /// opens the store, and serves until SIGINT/SIGTERM. `on_ready` is called with the bound
 /// address once the server accepts connections.
@@ -99,27 +143,29 @@ pub async fn serve(
         config.hot_tier_bytes as usize,
     )?
     .with_dedup_scope(config.dedup_scope()?);
-    if !config.workers.is_empty() {
-        let cluster_config = starkv_service::cluster::ClusterConfig {
-            workers: config.workers.clone(),
-            secret: config.cluster_secret.clone().unwrap_or_default(),
-            replicas: config.replicas,
-            call_timeout: std::time::Duration::from_millis(config.worker_timeout_ms),
-            encode_timeout: std::time::Duration::from_secs(config.worker_encode_timeout_secs),
-            catalog_dir: config.data_dir.join("cluster"),
-        };
-        let cluster = Arc::new(starkv_service::cluster::Cluster::connect(
-            &cluster_config,
-            service.model_fingerprint(),
-        )?);
-        tokio::task::block_in_place(|| cluster.check_health());
+    let local_devices =
+        starkv_service::cluster::local_devices(&config.local_device_choices()?, device);
+    if !config.workers.is_empty() || !local_devices.is_empty() {
+        let cluster = tokio::task::block_in_place(|| {
+            open_cluster(
+                &config,
+                &model_path,
+                &local_devices,
+                service.model_fingerprint(),
+            )
+        })?;
         cluster.spawn_health_checks(std::time::Duration::from_secs(2));
         // Operators (and scripts) read which workers serve.
         for w in cluster.status() {
             eprintln!(
-                "starkv: worker {} {}",
+                "starkv: worker {} {}{}",
                 w.address,
-                if w.health.up { "up" } else { "down" }
+                if w.health.up { "up" } else { "down" },
+                w.health
+                    .device
+                    .as_deref()
+                    .map(|d| format!(" on {d}"))
+                    .unwrap_or_default()
             );
         }
         service = service.with_cluster(cluster);

@@ -17,6 +17,7 @@ Examples:
   starkv serve                                   # 127.0.0.1:8700, default model, ~/.local/share/starkv
   starkv serve --listen 127.0.0.1:9000 --device cpu
   starkv --data-dir /srv/starkv serve --device cuda:0 --store-budget-bytes 500000000000
+  starkv serve --devices cuda:0,cuda:1            # one shard worker per GPU, this server coordinates
   starkv serve --config starkv.toml --listen 0.0.0.0:8700   # any non-loopback address needs [[api_keys]]";
 
 #[derive(Args)]
@@ -43,6 +44,10 @@ pub struct ServeArgs {
     /// coordinator.
     #[arg(long, env = "STARKV_WORKERS", value_delimiter = ',')]
     workers: Option<Vec<String>>,
+    /// Local devices to run one in-process shard worker each on (`cuda:0,cuda:1`; `cpu`
+    /// and a GPU may repeat). Default: every GPU when `--device auto` finds several.
+    #[arg(long, env = "STARKV_DEVICES", value_delimiter = ',')]
+    devices: Option<Vec<String>>,
     /// The secret the workers check (config key `cluster_secret`).
     #[arg(long, env = "STARKV_CLUSTER_SECRET")]
     cluster_secret: Option<String>,
@@ -79,6 +84,9 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
     }
     if let Some(workers) = args.workers {
         config.workers = workers.into_iter().filter(|w| !w.is_empty()).collect();
+    }
+    if let Some(devices) = args.devices {
+        config.devices = devices.into_iter().filter(|d| !d.is_empty()).collect();
     }
     if args.cluster_secret.is_some() {
         config.cluster_secret = args.cluster_secret;

@@ -6,6 +6,8 @@
 //! - [`server`]: the worker's TCP listener; [`client`]: the coordinator's persistent
 //!   connection to it; [`wire`]: the binary frames between them.
 //! - [`handle`]: the [`Worker`] trait the coordinator calls, remote or in-process.
+//! - [`local`]: one in-process worker per local device (a multi-GPU host, no remote
+//!   workers).
 //! - [`placement`]: rendezvous hashing of block keys over the workers.
 //! - [`catalog`]: the coordinator's documents and where each block lives.
 //! - [`coordinator`]: distributed phase 1 (blocks first, catalog entry last) and phase 2
@@ -15,6 +17,7 @@ pub mod catalog;
 pub mod client;
 pub mod coordinator;
 pub mod handle;
+pub mod local;
 pub mod placement;
 pub mod server;
 pub mod wire;
@@ -23,4 +26,5 @@ pub mod worker;
 pub use catalog::{BlockEntry, DocEntry};
 pub use coordinator::{Cluster, ClusterConfig, WorkerHealth, WorkerStatus};
 pub use handle::{CallError, InProcessWorker, PendingReply, Worker};
+pub use local::{LocalWorkersConfig, local_devices, open_local_workers};
 pub use worker::WorkerNode;
