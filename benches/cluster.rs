@@ -110,6 +110,7 @@ fn query(service: &Service, max_tokens: usize) -> Result<starkv_service::QueryOu
         sampling: SamplingParams::greedy(),
         stop: vec![],
         cancel: Default::default(),
+        merge: None,
     };
     Ok(service.query("bench/doc", "bench", &req, &mut |_| true)?)
 }
@@ -132,6 +133,7 @@ fn measure(
         text: text.into(),
         block_size,
         anchor_size: block_size,
+        merge: Default::default(),
         pinned: false,
         ttl_ms: None,
     };

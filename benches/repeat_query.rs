@@ -173,6 +173,7 @@ fn measure(setup: &Setup<'_>, target: usize) -> Result<Row> {
         text: text.clone(),
         block_size: setup.block_size,
         anchor_size: setup.block_size,
+        merge: Default::default(),
         pinned: false,
         ttl_ms: None,
     };
@@ -190,6 +191,7 @@ fn measure(setup: &Setup<'_>, target: usize) -> Result<Row> {
         sampling: SamplingParams::greedy(),
         stop: vec![],
         cancel: Default::default(),
+        merge: None,
     };
     let mut cold = Vec::new();
     let mut loads = Vec::new();

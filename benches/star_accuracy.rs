@@ -170,6 +170,7 @@ fn params(max_tokens: usize) -> GenerateParams {
         sampling: SamplingParams::greedy(),
         stop: vec![],
         cancel: Default::default(),
+        merge: Default::default(),
     }
 }
 

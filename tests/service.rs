@@ -408,6 +408,27 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
             &ct,
             400,
         ),
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"x\", \"merge_temperature\": 0}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"x\", \"merge_scale\": 1e30}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents/x/query",
+            Some(b"{\"question\": \"q\", \"merge_temperature\": 5}".to_vec()),
+            &ct,
+            400,
+        ),
         ("POST", "/v1/documents", Some(huge), &ct, 413),
         ("GET", "/v1/documents/unknown-doc", None, &[], 404),
         (
@@ -485,6 +506,27 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
         (200, Some("ready")),
         "{doc}"
     );
+    // So is APE's tempered merge, recorded with the document and overridable per query.
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(
+            json!({"id": "tempered", "text": "a short text of a few words, and a few more",
+                    "block_size": 4, "merge_temperature": 0.5, "merge_scale": 0.75}),
+        ),
+    );
+    assert_eq!(
+        (status, doc["state"].as_str()),
+        (200, Some("ready")),
+        "{doc}"
+    );
+    for body in [
+        json!({"question": "which words?", "max_tokens": 2}),
+        json!({"question": "which words?", "max_tokens": 2, "merge_temperature": 1, "merge_scale": 1}),
+    ] {
+        let (status, answer) = server.json("POST", "/v1/documents/tempered/query", Some(body));
+        assert_eq!(status, 200, "{answer}");
+    }
     let (status, health) = server.json("GET", "/healthz", None);
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
     // `--device cpu` is the CPU on every machine, and the server says so.

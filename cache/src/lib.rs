@@ -134,7 +134,7 @@ pub use error::{CodecError, Error, Result};
 pub use eviction::{EvictReason, EvictionPolicy, EvictionReport, GcReport};
 pub use hot::HotStats;
 pub use key::{BlockKey, BlockKeyInput};
-pub use manifest::{BlockRef, DocRef, DocState, Manifest};
+pub use manifest::{BlockRef, DocRef, DocState, Manifest, MergeOptions};
 pub use store::{
     BlockStore, DocInfo, DocLease, DocSpec, Ingest, MetaCheck, RepairItem, StoreConfig, StoreStats,
 };

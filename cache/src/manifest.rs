@@ -41,6 +41,47 @@ impl fmt::Display for DocRef {
     }
 }
 
+/// How a document's context blocks merge at query time (issue 14): APE's temperature
+/// `T` and scaling factor `S` (`T = S = 1`: Star Attention's exact merge). Kept as f32
+/// bit patterns so that the manifest stays `Eq`; the stored KV does not depend on it,
+/// so it is no part of any block key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MergeOptions {
+    temperature: u32,
+    scale: u32,
+}
+
+impl MergeOptions {
+    /// The merge at temperature `T` and scaling factor `S` (the caller validates them).
+    pub fn new(temperature: f32, scale: f32) -> Self {
+        Self {
+            temperature: temperature.to_bits(),
+            scale: scale.to_bits(),
+        }
+    }
+
+    /// The temperature `T`.
+    pub fn temperature(&self) -> f32 {
+        f32::from_bits(self.temperature)
+    }
+
+    /// The scaling factor `S`.
+    pub fn scale(&self) -> f32 {
+        f32::from_bits(self.scale)
+    }
+
+    /// `T = S = 1`.
+    pub fn is_exact(&self) -> bool {
+        self.temperature() == 1.0 && self.scale() == 1.0
+    }
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        Self::new(1.0, 1.0)
+    }
+}
+
 /// A block as referenced by a manifest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockRef {
@@ -83,6 +124,9 @@ pub struct Manifest {
     pub created_ms: u64,
     /// The blocks in document order.
     pub blocks: Vec<BlockRef>,
+    /// How the blocks merge at query time (a trailing field: rows written before it
+    /// decode as the exact merge).
+    pub merge: MergeOptions,
 }
 
 impl Manifest {
@@ -194,6 +238,9 @@ impl<'a> R<'a> {
     fn string(&mut self) -> Result<String, CodecError> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| CodecError::BadHeader("utf-8"))
     }
+    fn at_end(&self) -> bool {
+        self.pos == self.b.len()
+    }
     fn end(&self) -> Result<(), CodecError> {
         if self.pos == self.b.len() {
             Ok(())
@@ -227,6 +274,8 @@ impl Manifest {
             w.u64(b.raw_bytes);
             w.u64(b.stored_bytes);
         }
+        w.u32(self.merge.temperature);
+        w.u32(self.merge.scale);
         w.finish()
     }
 
@@ -261,6 +310,14 @@ impl Manifest {
                 stored_bytes: r.u64()?,
             });
         }
+        let merge = if r.at_end() {
+            MergeOptions::default()
+        } else {
+            MergeOptions {
+                temperature: r.u32()?,
+                scale: r.u32()?,
+            }
+        };
         r.end()?;
         Ok(Manifest {
             doc: DocRef { doc, version },
@@ -274,6 +331,7 @@ impl Manifest {
             source_tokens,
             created_ms,
             blocks,
+            merge,
         })
     }
 }
@@ -380,7 +438,24 @@ mod tests {
                     stored_bytes: 80 + i,
                 })
                 .collect(),
+            merge: MergeOptions::new(0.7, 0.9),
         }
+    }
+
+    /// A row written before the merge options existed decodes as the exact merge.
+    #[test]
+    fn rows_without_merge_options_decode_as_exact() {
+        let mut m = manifest();
+        m.merge = MergeOptions::default();
+        let row = m.encode();
+        // Drop the two trailing u32 and re-seal the checksum.
+        let body = &row[..row.len() - CHECKSUM_LEN - 8];
+        let mut old = body.to_vec();
+        old.extend_from_slice(&blake3::hash(body).as_bytes()[..CHECKSUM_LEN]);
+        assert_eq!(Manifest::decode(&old).unwrap(), m);
+        let tempered = manifest();
+        assert_eq!(Manifest::decode(&tempered.encode()).unwrap(), tempered);
+        assert!(!tempered.merge.is_exact() && m.merge.is_exact());
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct DocSpec {
     pub block_size: u32,
     /// Anchor size `a`.
     pub anchor_size: u32,
+    /// How the blocks merge at query time (recorded in the manifest; no part of any
+    /// block key: the KV does not depend on it).
+    pub merge: crate::manifest::MergeOptions,
     /// The document's token ids (kept so blocks can be re-encoded for repair).
     pub source_tokens: Vec<u32>,
     /// Exempt from automatic eviction.
@@ -108,6 +111,7 @@ impl DocSpec {
             dtype: DType::F16,
             block_size: 2048,
             anchor_size: 2048,
+            merge: Default::default(),
             source_tokens: Vec::new(),
             pinned: false,
             ttl_ms: None,
@@ -1855,6 +1859,7 @@ impl Ingest {
             source_tokens: self.spec.source_tokens.len() as u64,
             created_ms: now,
             blocks: std::mem::take(&mut self.blocks),
+            merge: self.spec.merge,
         };
         let state = DocState {
             last_used_ms: now,

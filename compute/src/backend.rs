@@ -387,7 +387,17 @@ fn cpu_answer(
 ) -> Result<Generation> {
     let model = &loaded.model;
     let (n_layers, shape) = (model.config().n_layers, model.head_shape());
-    let shard = CpuShard::new(blocks, shape);
+    let merge = params.merge;
+    if !merge.is_exact() && !shards.is_empty() {
+        return Err(Error::InvalidInput(
+            "a tempered merge needs every context block on the query host (not with shard workers)"
+                .into(),
+        ));
+    }
+    let (tempered, plain): (Vec<_>, Vec<_>) =
+        blocks.into_iter().partition(|b| merge.is_tempered(b.start));
+    let shard = CpuShard::new(plain, shape);
+    let tempered = CpuShard::tempered(tempered, shape, merge);
     let mut all: Vec<&dyn AttentionShard> = Vec::with_capacity(shards.len() + 1);
     if shard.n_tokens() > 0 {
         all.push(&shard);
@@ -395,6 +405,9 @@ fn cpu_answer(
     all.extend(shards.iter().map(|s| s.as_ref()));
     let capacity = query.len() + params.max_tokens;
     let mut attention = QueryAttention::new(all, n_layers, shape, capacity);
+    if tempered.n_tokens() > 0 {
+        attention = attention.with_tempered(vec![&tempered], merge);
+    }
     let context_len = attention.context_len();
     generate(
         model,

@@ -25,6 +25,9 @@ pub struct GenerateParams {
     /// prefill fails with [`Error::Cancelled`], and decoding stops with what it has
     /// ([`StopReason::Cancelled`]).
     pub cancel: Cancel,
+    /// How phase 2 merges the context blocks' partial results (exact unless the document
+    /// asks for APE's tempered merge, issue 14).
+    pub merge: crate::partial::ContextMerge,
 }
 
 /// Why generation ended.

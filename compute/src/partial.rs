@@ -108,6 +108,69 @@ pub fn merge_all<'a>(
     acc
 }
 
+/// How the context blocks' partial results are merged at query time.
+///
+/// Exact by default (`temperature = scale = 1`). Otherwise APE's tempered merge (Yang et
+/// al., arXiv 2502.05431): the context blocks that start at or after `tempered_from`
+/// (every block but the anchor's) are attended at softmax scale `1 / (sqrt(d) T)` and
+/// merged among themselves into `(O_C, L)`; the group then enters the final merge with
+/// `lse = T L + ln S`, while the anchor blocks and the query's own causal part stay
+/// untempered. Why: Star's context blocks were encoded without seeing each other, so
+/// their attention logits are not calibrated against one another; a temperature `T < 1`
+/// sharpens the distribution over them (the needle stands out), and `S` rebalances the
+/// group against the anchor and the query. No extra compute: the same keys are read
+/// once, only the softmax scale and the group's weight change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ContextMerge {
+    pub temperature: f32,
+    pub scale: f32,
+    /// First global position of the tempered group: blocks starting before it (the
+    /// anchor's blocks) are merged untempered.
+    pub tempered_from: usize,
+}
+
+impl ContextMerge {
+    /// The exact merge (Star Attention's phase 2).
+    pub const EXACT: Self = Self {
+        temperature: 1.0,
+        scale: 1.0,
+        tempered_from: 0,
+    };
+
+    /// Whether this is the exact merge (`T = S = 1`): every part merges untempered.
+    pub fn is_exact(&self) -> bool {
+        self.temperature == 1.0 && self.scale == 1.0
+    }
+
+    /// Whether a context block starting at `start` belongs to the tempered group.
+    pub fn is_tempered(&self, start: usize) -> bool {
+        !self.is_exact() && start >= self.tempered_from
+    }
+
+    /// The multiplier of the softmax scale for the tempered group, `1 / T`.
+    pub fn score_scale(&self) -> f32 {
+        1.0 / self.temperature
+    }
+
+    /// Turns the tempered group's merged result (its `lse` is `L`, computed at scale
+    /// `1 / (sqrt(d) T)`) into a part that merges exactly with the untempered parts:
+    /// `lse = T L + ln S` (an empty group stays empty).
+    pub fn weigh_group(&self, group: &mut Attended) {
+        let ln_s = self.scale.ln();
+        for l in &mut group.lse {
+            if *l != f32::NEG_INFINITY {
+                *l = self.temperature * *l + ln_s;
+            }
+        }
+    }
+}
+
+impl Default for ContextMerge {
+    fn default() -> Self {
+        Self::EXACT
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +244,135 @@ mod tests {
         );
         assert!(only.fits(1, SHAPE));
         assert!(!only.fits(2, SHAPE));
+    }
+
+    /// The tempered merge (anchor keys untempered, context keys at scale 1/(sqrt(d) T),
+    /// the context group weighted `e^(T L) S`) against a float64 evaluation of its
+    /// definition, on random inputs through the CPU attention kernel.
+    #[test]
+    fn tempered_merge_matches_a_float64_reference() {
+        use crate::cpu::attention::{KvView, Mask, attention};
+        let shape = HeadShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        let (d, m) = (shape.head_dim, 3);
+        let mut seed = 0x5EED_u64;
+        let mut rand = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        };
+        // Head-major K and V: [n_kv_heads][len][d].
+        let mut keys = |len: usize| -> (Vec<f32>, Vec<f32>) {
+            let n = shape.n_kv_heads * len * d;
+            (
+                (0..n).map(|_| rand()).collect(),
+                (0..n).map(|_| rand()).collect(),
+            )
+        };
+        let (anchor_len, context_len) = (5, 11);
+        let (ka, va) = keys(anchor_len);
+        let (kc, vc) = keys(context_len);
+        let q: Vec<f32> = (0..m * shape.q_width()).map(|_| rand() * 0.7).collect();
+        fn view<'a>(k: &'a [f32], v: &'a [f32], len: usize, d: usize) -> KvView<'a> {
+            KvView {
+                k,
+                v,
+                len,
+                row_stride: d,
+                head_stride: len * d,
+            }
+        }
+        let (ka, va, kc, vc) = (&ka[..], &va[..], &kc[..], &vc[..]);
+        for &(t, s) in &[
+            (0.7f32, 0.9f32),
+            (0.5, 1.0),
+            (1.0, 0.6),
+            (1.3, 2.0),
+            (1.0, 1.0),
+        ] {
+            let merge = ContextMerge {
+                temperature: t,
+                scale: s,
+                tempered_from: anchor_len,
+            };
+            let base = shape.scale();
+            let mut acc = attention(&q, m, view(ka, va, anchor_len, d), shape, Mask::None, base);
+            let mut group = attention(
+                &q,
+                m,
+                view(kc, vc, context_len, d),
+                shape,
+                Mask::None,
+                base * merge.score_scale(),
+            );
+            merge.weigh_group(&mut group);
+            merge_into(&mut acc, &group, m, shape);
+            for h in 0..shape.n_heads {
+                let kv = h / shape.group();
+                for i in 0..m {
+                    let qrow = &q[i * shape.q_width() + h * d..][..d];
+                    let score = |k: &[f32], len: usize, j: usize| -> f64 {
+                        let krow = &k[kv * len * d + j * d..][..d];
+                        qrow.iter()
+                            .zip(krow)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    };
+                    let (t, s) = (t as f64, s as f64);
+                    // Anchor: e^s_j; context group: S (sum_j e^(s_j / T))^T, output O_C.
+                    let mut num = vec![0.0f64; d];
+                    let mut den = 0.0f64;
+                    for j in 0..anchor_len {
+                        let w = score(ka, anchor_len, j).exp();
+                        den += w;
+                        for (c, x) in num.iter_mut().enumerate() {
+                            *x += w * va[kv * anchor_len * d + j * d + c] as f64;
+                        }
+                    }
+                    let mut z = 0.0f64;
+                    let mut oc = vec![0.0f64; d];
+                    for j in 0..context_len {
+                        let w = (score(kc, context_len, j) / t).exp();
+                        z += w;
+                        for (c, x) in oc.iter_mut().enumerate() {
+                            *x += w * vc[kv * context_len * d + j * d + c] as f64;
+                        }
+                    }
+                    let weight = s * z.powf(t);
+                    den += weight;
+                    for c in 0..d {
+                        let want = (num[c] + weight * oc[c] / z) / den;
+                        let got = acc.out[i * shape.q_width() + h * d + c] as f64;
+                        assert!((got - want).abs() < 1e-5, "T={t} S={s}: O {got} vs {want}");
+                    }
+                    let got = acc.lse[h * m + i] as f64;
+                    assert!(
+                        (got - den.ln()).abs() < 1e-5,
+                        "T={t} S={s}: lse {got} vs {}",
+                        den.ln()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_exact_merge_tempers_nothing() {
+        assert!(ContextMerge::default().is_exact());
+        assert!(!ContextMerge::EXACT.is_tempered(0));
+        let m = ContextMerge {
+            temperature: 0.8,
+            scale: 1.0,
+            tempered_from: 16,
+        };
+        assert!(!m.is_tempered(0) && !m.is_tempered(15) && m.is_tempered(16));
+        let mut empty = Attended::empty(1, SHAPE);
+        m.weigh_group(&mut empty);
+        assert!(empty.lse.iter().all(|l| *l == f32::NEG_INFINITY));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use starkv_cache::{BlockStore, DocRef, DocSpec};
+use starkv_cache::{BlockStore, DocRef, DocSpec, MergeOptions};
 use starkv_compute::backend::BlockId;
 use starkv_compute::prompt;
 use starkv_compute::star::StarConfig;
@@ -20,6 +20,8 @@ pub struct IngestRequest {
     pub text: String,
     pub block_size: usize,
     pub anchor_size: usize,
+    /// How the blocks merge at query time (APE's tempered merge unless exact).
+    pub merge: MergeOptions,
     pub pinned: bool,
     pub ttl_ms: Option<u64>,
 }
@@ -50,6 +52,12 @@ impl Service {
         progress: &dyn Fn(usize, usize),
     ) -> ServiceResult<IngestOutcome> {
         if let Some(cluster) = &self.cluster {
+            if !req.merge.is_exact() {
+                return Err(ServiceError::Invalid(
+                    "merge_temperature and merge_scale are not supported with shard workers yet"
+                        .into(),
+                ));
+            }
             return cluster.ingest(self, req, tokens, progress);
         }
         self.ingest_part(req, tokens, None, progress)
@@ -138,6 +146,7 @@ impl Service {
         spec.dtype = crate::cold::kv_dtype(self.backend.stored_half_type());
         spec.block_size = req.block_size as u32;
         spec.anchor_size = req.anchor_size as u32;
+        spec.merge = req.merge;
         spec.source_tokens = tokens.to_vec();
         spec.pinned = req.pinned;
         spec.ttl_ms = req.ttl_ms;
@@ -160,6 +169,7 @@ impl Service {
             text: String::new(),
             block_size: range.len().max(1),
             anchor_size,
+            merge: MergeOptions::default(),
             pinned: false,
             ttl_ms: None,
         };

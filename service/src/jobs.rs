@@ -14,6 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use starkv_cache::MergeOptions;
+
 use crate::{IngestRequest, Service, ServiceError};
 
 /// Where an ingest job is.
@@ -60,6 +62,9 @@ struct Spooled {
     text: String,
     block_size: usize,
     anchor_size: usize,
+    /// APE's merge (absent in entries spooled before it existed: exact).
+    #[serde(default)]
+    merge: Option<(f32, f32)>,
     pinned: bool,
     ttl_ms: Option<u64>,
     submitted_ms: u64,
@@ -131,6 +136,7 @@ impl Jobs {
             text: req.text,
             block_size: req.block_size,
             anchor_size: req.anchor_size,
+            merge: Some((req.merge.temperature(), req.merge.scale())),
             pinned: req.pinned,
             ttl_ms: req.ttl_ms,
             submitted_ms: now_ms(),
@@ -224,6 +230,9 @@ impl Jobs {
                 text: job.text,
                 block_size: job.block_size,
                 anchor_size: job.anchor_size,
+                merge: job
+                    .merge
+                    .map_or_else(Default::default, |(t, s)| MergeOptions::new(t, s)),
                 pinned: job.pinned,
                 ttl_ms: job.ttl_ms,
             };

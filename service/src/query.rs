@@ -4,9 +4,11 @@
 
 use std::time::{Duration, Instant};
 
+use starkv_cache::{Manifest, MergeOptions};
 use starkv_compute::backend::{BlockId, StoredContext};
 use starkv_compute::cancel::Cancel;
 use starkv_compute::generate::{GenerateParams, StopReason};
+use starkv_compute::partial::ContextMerge;
 use starkv_compute::prompt;
 use starkv_compute::sampling::SamplingParams;
 use starkv_compute::star::StarConfig;
@@ -22,6 +24,8 @@ pub struct QueryRequest {
     pub stop: Vec<String>,
     /// Set by the caller to stop the query's work (its client hung up, shutdown).
     pub cancel: Cancel,
+    /// Overrides the document's merge options for this query (`None`: the manifest's).
+    pub merge: Option<MergeOptions>,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +56,12 @@ impl Service {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> ServiceResult<QueryOutcome> {
         if let Some(cluster) = &self.cluster {
+            if req.merge.is_some_and(|m| !m.is_exact()) {
+                return Err(ServiceError::Invalid(
+                    "merge_temperature and merge_scale are not supported with shard workers yet"
+                        .into(),
+                ));
+            }
             return cluster.query(self, doc, tenant, req, on_text);
         }
         let started = Instant::now();
@@ -74,6 +84,7 @@ impl Service {
             sampling: req.sampling.clone(),
             stop: req.stop.clone(),
             cancel: req.cancel.clone(),
+            merge: context_merge(&manifest, req.merge),
         };
         let before_answer = started.elapsed();
         let mut repaired = 0;
@@ -130,5 +141,16 @@ impl Service {
             repaired_blocks: repaired,
             resident_blocks: answer.resident_blocks,
         })
+    }
+}
+
+/// The merge a query over `manifest` runs: the query's override or the document's
+/// options; the anchor's blocks (the first `max(a, b)` tokens) stay untempered.
+fn context_merge(manifest: &Manifest, query: Option<MergeOptions>) -> ContextMerge {
+    let options = query.unwrap_or(manifest.merge);
+    ContextMerge {
+        temperature: options.temperature(),
+        scale: options.scale(),
+        tempered_from: manifest.anchor_size.max(manifest.block_size) as usize,
     }
 }

@@ -30,6 +30,7 @@ fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {
         text: text.into(),
         block_size: 24,
         anchor_size: 24,
+        merge: Default::default(),
         pinned: false,
         ttl_ms: None,
     };
@@ -41,6 +42,7 @@ fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {
         sampling: SamplingParams::greedy(),
         stop: vec![],
         cancel: Default::default(),
+        merge: None,
     };
     let before = service.query("t/cape", "t", &query, &mut |_| true).unwrap();
     assert!(before.answer.contains("3318450"), "{}", before.answer);

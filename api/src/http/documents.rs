@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery};
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
+use starkv_cache::MergeOptions;
 use starkv_service::IngestRequest;
 use starkv_service::jobs::{Job, JobState, SubmitError};
 use starkv_service::limits::seconds_to_ms;
@@ -33,6 +34,43 @@ pub struct CreateDocument {
     /// Ingest even when the document is longer than the model's context_length.
     #[serde(default)]
     allow_beyond_context: bool,
+    /// APE's tempered merge of the context blocks at query time (issue 14).
+    merge_temperature: Option<f32>,
+    merge_scale: Option<f32>,
+}
+
+/// Accepted range of `merge_temperature` (bounds exact in f32 and f64, so the OpenAPI
+/// description and the check agree to the last bit).
+pub const MERGE_TEMPERATURE: std::ops::RangeInclusive<f32> = 0.0625..=4.0;
+/// Accepted range of `merge_scale`.
+pub const MERGE_SCALE: std::ops::RangeInclusive<f32> = 0.015625..=64.0;
+
+/// `merge_temperature` and `merge_scale` of an ingest or a query: `None` when neither is
+/// given (the default applies), else both checked against their ranges (a missing one
+/// is 1).
+pub fn validate_merge(
+    temperature: Option<f32>,
+    scale: Option<f32>,
+) -> Result<Option<MergeOptions>, ApiError> {
+    if temperature.is_none() && scale.is_none() {
+        return Ok(None);
+    }
+    let (t, s) = (temperature.unwrap_or(1.0), scale.unwrap_or(1.0));
+    if !MERGE_TEMPERATURE.contains(&t) {
+        return Err(ApiError::bad_request(format!(
+            "`merge_temperature` must be in {}..={}",
+            MERGE_TEMPERATURE.start(),
+            MERGE_TEMPERATURE.end()
+        )));
+    }
+    if !MERGE_SCALE.contains(&s) {
+        return Err(ApiError::bad_request(format!(
+            "`merge_scale` must be in {}..={}",
+            MERGE_SCALE.start(),
+            MERGE_SCALE.end()
+        )));
+    }
+    Ok(Some(MergeOptions::new(t, s)))
 }
 
 #[derive(Deserialize)]
@@ -96,6 +134,7 @@ pub async fn create(
             "`anchor_size` must be in 1..=block_size, or a multiple of block_size up to 65536",
         ));
     }
+    let merge = validate_merge(body.merge_temperature, body.merge_scale)?.unwrap_or_default();
     let ttl_ms = body
         .ttl_seconds
         .map(|s| seconds_to_ms("ttl_seconds", s))
@@ -127,6 +166,7 @@ pub async fn create(
         text,
         block_size,
         anchor_size,
+        merge,
         pinned: body.pin,
         ttl_ms,
     };

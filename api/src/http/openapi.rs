@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::config::ServerConfig;
 use starkv_service::limits::MAX_SECONDS;
 
-use super::documents::MAX_BLOCK_SIZE;
+use super::documents::{MAX_BLOCK_SIZE, MERGE_SCALE, MERGE_TEMPERATURE};
 
 fn schema(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
@@ -89,6 +89,14 @@ fn schemas(config: &ServerConfig) -> Value {
     let nullable_seconds =
         json!({ "type": "integer", "minimum": 0, "maximum": MAX_SECONDS, "nullable": true });
     let text = json!({ "type": "string", "minLength": 1, "pattern": "\\S" });
+    let merge_temperature = json!({
+        "type": "number", "minimum": MERGE_TEMPERATURE.start(), "maximum": MERGE_TEMPERATURE.end(),
+        "description": "APE's tempered merge (issue 14): the context blocks after the anchor are merged at softmax scale 1/(sqrt(d) T); 1 (with merge_scale 1) is the exact merge"
+    });
+    let merge_scale = json!({
+        "type": "number", "minimum": MERGE_SCALE.start(), "maximum": MERGE_SCALE.end(),
+        "description": "APE's scaling factor S: the tempered group enters the merge with lse T*L + ln S"
+    });
     json!({
         "Error": {
             "type": "object", "required": ["error"],
@@ -113,7 +121,9 @@ fn schemas(config: &ServerConfig) -> Value {
                 "allow_beyond_context": {
                     "type": "boolean",
                     "description": "ingest a document longer than the model's context_length"
-                }
+                },
+                "merge_temperature": merge_temperature.clone(),
+                "merge_scale": merge_scale.clone()
             }
         },
         "Document": {
@@ -188,7 +198,9 @@ fn schemas(config: &ServerConfig) -> Value {
                     "type": "array", "maxItems": 8,
                     "items": { "type": "string", "minLength": 1, "description": "at most 256 bytes" }
                 },
-                "stream": { "type": "boolean" }
+                "stream": { "type": "boolean" },
+                "merge_temperature": merge_temperature,
+                "merge_scale": merge_scale
             }
         },
         "Answer": {

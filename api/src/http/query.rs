@@ -38,6 +38,9 @@ pub struct QueryBody {
     stop: Vec<String>,
     #[serde(default)]
     stream: bool,
+    /// Overrides the document's tempered merge for this query (issue 14).
+    merge_temperature: Option<f32>,
+    merge_scale: Option<f32>,
 }
 
 /// Validated parameters shared with the OpenAI-compatible endpoint.
@@ -105,6 +108,7 @@ pub fn validate_ask(
             sampling,
             stop,
             cancel: Cancel::new(),
+            merge: None,
         },
     })
 }
@@ -267,7 +271,8 @@ pub async fn query(
     body: Result<ApiJson<QueryBody>, ApiError>,
 ) -> Result<Response, ApiError> {
     let ApiJson(b) = body?;
-    let ask = validate_ask(
+    let merge = super::documents::validate_merge(b.merge_temperature, b.merge_scale)?;
+    let mut ask = validate_ask(
         &state,
         &principal,
         &id,
@@ -279,6 +284,7 @@ pub async fn query(
         b.seed,
         b.stop,
     )?;
+    ask.request.merge = merge;
     let mut rx = start_query(&state, ask)?;
     if !b.stream {
         let outcome = finish(rx).await?;

@@ -227,7 +227,8 @@ impl CudaBackend {
         let load = started.elapsed();
         let mut model = self.lock_model()?;
         let capacity = query.len() + params.max_tokens;
-        let mut q = GpuQuery::new(&model, ContextBlocks::Resident(all), capacity)?;
+        let mut q =
+            GpuQuery::new(&model, ContextBlocks::Resident(all), capacity)?.with_merge(params.merge);
         let start = q.context_len();
         let generation = decode(&mut model, &mut q, tokenizer, query, start, params, on_text)?;
         Ok(Answer {
@@ -254,7 +255,8 @@ impl CudaBackend {
         let mut model = self.lock_model()?;
         let context = ContextBlocks::new(&self.gpu, resident, host)?;
         let mut q = GpuQuery::new(&model, context, query.len() + params.max_tokens)?
-            .with_shards(shards.to_vec());
+            .with_shards(shards.to_vec())
+            .with_merge(params.merge);
         let start = q.context_len();
         let generation = match decode(&mut model, &mut q, tokenizer, query, start, params, on_text)
         {

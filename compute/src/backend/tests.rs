@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::*;
 use crate::generate::StopReason;
 use crate::model::LlamaConfig;
+use crate::partial::ContextMerge;
 use crate::quant::GgmlType;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -36,6 +37,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
         cancel: Default::default(),
+        merge: Default::default(),
     }
 }
 
@@ -340,4 +342,67 @@ fn a_cancelled_answer_loads_no_more_blocks() {
     );
     assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
     assert_eq!(loads, 1, "no block is loaded after the cancel");
+}
+
+/// APE's tempered merge on the CPU path (issue 14; its math is checked in
+/// `partial::tests`): it changes nothing when no block lies after the anchor, it changes
+/// the answer's distribution when blocks do (seen in the first step's choice over many
+/// temperatures), and it is refused with shards whose blocks' places are unknown here.
+#[test]
+fn tempered_merge_on_the_cpu_path() {
+    let loaded = tiny();
+    let backend = Backend::cpu();
+    let context = tokens(70, 3);
+    let query = tokens(5, 4);
+    let config = StarConfig::new(16);
+    let blocks: Vec<Arc<BlockKv>> = Phase1::new(&loaded.model, &context, config)
+        .unwrap()
+        .encode_all()
+        .unwrap()
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let keys: Vec<BlockId> = (0..blocks.len()).map(key).collect();
+    let answer = |merge: ContextMerge, shards: &[Arc<dyn AttentionShard>]| {
+        let params = GenerateParams { merge, ..greedy(6) };
+        backend
+            .answer::<Error>(
+                &loaded,
+                &keys,
+                &mut |i| Ok(blocks[i].clone()),
+                shards,
+                &query,
+                &params,
+                &mut |_| true,
+            )
+            .map(|a| a.generation.ids)
+    };
+    let exact = answer(ContextMerge::EXACT, &[]).unwrap();
+    let beyond = ContextMerge {
+        temperature: 0.5,
+        scale: 0.5,
+        tempered_from: context.len(),
+    };
+    assert_eq!(answer(beyond, &[]).unwrap(), exact);
+    let differs = [0.0625f32, 0.25, 0.5, 2.0, 4.0].iter().any(|&t| {
+        let merge = ContextMerge {
+            temperature: t,
+            scale: 0.015625,
+            tempered_from: 16,
+        };
+        answer(merge, &[]).unwrap() != exact
+    });
+    assert!(differs, "no temperature changed the answer");
+    let remote: Arc<dyn AttentionShard> = Arc::new(CpuShard::new(
+        blocks[..1].to_vec(),
+        loaded.model.head_shape(),
+    ));
+    let tempered = ContextMerge {
+        tempered_from: 16,
+        ..beyond
+    };
+    assert!(matches!(
+        answer(tempered, &[remote]),
+        Err(Error::InvalidInput(m)) if m.contains("tempered merge")
+    ));
 }

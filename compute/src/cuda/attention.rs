@@ -241,12 +241,32 @@ impl Gpu {
         out: AttnOut,
         scratch: &mut AttnScratch,
     ) -> Result<()> {
+        let plan = (plan_items, plan_splits, n_splits);
+        self.attention_scaled(k, q, m, nh, nkv, plan, 1.0, out, scratch)
+    }
+
+    /// [`Gpu::attention`] at softmax scale `score_scale / sqrt(d)` (the tempered group of
+    /// a [`crate::partial::ContextMerge`] uses `1 / T`); `plan` is `(items, splits, n)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_scaled(
+        &self,
+        k: &Kernels,
+        q: u64,
+        m: usize,
+        nh: usize,
+        nkv: usize,
+        plan: (u64, u64, usize),
+        score_scale: f32,
+        out: AttnOut,
+        scratch: &mut AttnScratch,
+    ) -> Result<()> {
+        let (plan_items, plan_splits, n_splits) = plan;
         if m == 0 {
             return Ok(());
         }
         let d = k.head_dim;
         let group = nh / nkv;
-        let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+        let scale_log2 = (score_scale as f64 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
         let (m_i, g_i, nh_i) = (m as i32, group as i32, nh as i32);
         if n_splits > 1024 {
             return Err(CudaError::Invalid(format!(
@@ -443,20 +463,35 @@ impl SegmentAttention {
         m: usize,
         out: AttnOut,
     ) -> Result<()> {
-        let (Some(shape), Some(&(items, splits, n))) = (self.shape, self.plans.get(layer)) else {
+        self.attend_scaled(gpu, kernels, layer, q, m, 1.0, out)
+    }
+
+    /// [`SegmentAttention::attend`] at softmax scale `score_scale / sqrt(d)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_scaled(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        layer: usize,
+        q: u64,
+        m: usize,
+        score_scale: f32,
+        out: AttnOut,
+    ) -> Result<()> {
+        let (Some(shape), Some(&plan)) = (self.shape, self.plans.get(layer)) else {
             return Err(CudaError::Invalid(format!(
                 "attention of layer {layer} before it was planned"
             )));
         };
-        gpu.attention(
+        let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
+        gpu.attention_scaled(
             kernels,
             q,
             m,
-            shape.n_heads,
-            shape.n_kv_heads,
-            items,
-            splits,
-            n,
+            nh,
+            nkv,
+            plan,
+            score_scale,
             out,
             &mut self.scratch,
         )

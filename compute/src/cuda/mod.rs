@@ -34,6 +34,7 @@ mod phase1;
 mod phase2;
 mod shard;
 pub mod star;
+mod tempered;
 mod tier;
 
 #[cfg(test)]

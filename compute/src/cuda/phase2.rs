@@ -11,8 +11,9 @@ use super::block::GpuBlock;
 use super::device::{DevBuf, Gpu, PinnedBuf};
 use super::kernels::Kernels;
 use super::model::{CudaLlama, GpuAttention, GpuKvCache};
-use super::{KvDest, Result};
-use crate::partial::{Attended, HeadShape};
+use super::tempered::TemperedGroup;
+use super::{CudaError, KvDest, Result};
+use crate::partial::{Attended, ContextMerge, HeadShape};
 use crate::star::{AttentionShard, BlockKv};
 
 /// Context blocks for a phase-2 query: resident (already on the GPU), streamed from
@@ -189,6 +190,10 @@ pub struct GpuQuery {
     shape: HeadShape,
     n_layers: usize,
     attn: SegmentAttention,
+    /// How the context merges (see [`GpuQuery::with_merge`]); the tempered group's
+    /// planned attention once a tempered block is present.
+    merge: ContextMerge,
+    tempered: Option<TemperedGroup>,
     /// Overrides the automatic split count (tests and benchmarks).
     pub splits: Option<usize>,
 }
@@ -211,8 +216,18 @@ impl GpuQuery {
             shape: model.head_shape(),
             n_layers: model.config().n_layers,
             attn: SegmentAttention::default(),
+            merge: ContextMerge::EXACT,
+            tempered: None,
             splits: None,
         })
+    }
+
+    /// Merges the context blocks with `merge` (APE's tempered merge unless exact): the
+    /// blocks `merge` tempers are attended in a second launch (see [`TemperedGroup`]).
+    /// Not with other shards: their blocks' places in the document are unknown here.
+    pub fn with_merge(mut self, merge: ContextMerge) -> Self {
+        self.merge = merge;
+        self
     }
 
     /// Adds context held by other shards (their blocks follow this GPU's in the
@@ -306,9 +321,25 @@ impl GpuAttention for GpuQuery {
         let splits = self
             .splits
             .unwrap_or_else(|| gpu.choose_splits(m, self.shape, total));
-        let (context, local) = (&self.context, &self.local);
+        let (context, local, merge) = (&self.context, &self.local, self.merge);
+        self.tempered = None;
+        if context.blocks().any(|b| merge.is_tempered(b.start)) {
+            if !self.shards.is_empty() {
+                return Err(CudaError::Invalid(
+                    "a tempered merge needs every context block on the query's GPU".into(),
+                ));
+            }
+            let group = TemperedGroup::new(gpu, merge, self.shape, self.n_layers, splits, |l| {
+                let tempered = context.blocks().filter(|b| merge.is_tempered(b.start));
+                tempered.map(|b| b.segment(l, None)).collect()
+            })?;
+            self.tempered = Some(group);
+        }
         self.attn.plan(gpu, self.shape, self.n_layers, splits, |l| {
-            let mut segs: Vec<Segment> = context.blocks().map(|b| b.segment(l, None)).collect();
+            let mut segs: Vec<Segment> = (context.blocks())
+                .filter(|b| !merge.is_tempered(b.start))
+                .map(|b| b.segment(l, None))
+                .collect();
             segs.push(local.segment(l, offset + m, Some(offset)));
             segs
         })
@@ -329,6 +360,10 @@ impl GpuAttention for GpuQuery {
     ) -> Result<()> {
         if let Some(s) = self.context.streamed_mut() {
             s.wait_layer(gpu, layer)?;
+        }
+        if let Some(group) = &mut self.tempered {
+            let (s, plain) = (self.shape, &mut self.attn);
+            return group.attend(gpu, kernels, s, layer, q, m, plain, out);
         }
         if !self.shards.is_empty() {
             return self.attend_with_shards(gpu, kernels, layer, q, m, out);

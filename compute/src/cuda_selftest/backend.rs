@@ -57,6 +57,7 @@ pub(super) fn checks(
         sampling: SamplingParams::greedy(),
         stop: Vec::new(),
         cancel: Default::default(),
+        merge: Default::default(),
     };
 
     // Phase 1 block by block, as ingest runs it.

@@ -895,6 +895,43 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
         ms(t),
     );
 
+    // APE's tempered merge (issue 14): the GPU's two launches against the CPU's tempered
+    // shard; and it must change the logits, or the option did nothing.
+    let t = Instant::now();
+    let merge = crate::partial::ContextMerge {
+        temperature: 0.6,
+        scale: 0.8,
+        tempered_from: b,
+    };
+    let shape = cpu.head_shape();
+    let (hot, cold): (Vec<_>, Vec<_>) =
+        (cpu_blocks.iter().cloned()).partition(|blk| merge.is_tempered(blk.start));
+    let (cold, hot) = (
+        CpuShard::new(cold, shape),
+        CpuShard::tempered(hot, shape, merge),
+    );
+    let mut qa = QueryAttention::new(vec![&cold], config.n_layers, shape, mq)
+        .with_tempered(vec![&hot], merge);
+    let cpu_tempered = cpu.logits(&cpu.forward(&query, &positions, &mut qa)?);
+    let mut tq =
+        GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), mq)?.with_merge(merge);
+    model.forward(&query, &positions, &mut tq)?;
+    let gpu_tempered = model.logits(mq)?;
+    report.check(
+        &format!("star b={b} tempered merge (T=0.6, S=0.8) logits GPU vs CPU"),
+        "rel",
+        rel(&gpu_tempered, &cpu_tempered),
+        8.0 * u,
+        ms(t),
+    );
+    report.check(
+        "tempered merge changes the logits (CPU)",
+        "unchanged",
+        (rel(&cpu_tempered, &cpu_star) < 1e-3) as u8 as f64,
+        0.0,
+        ms(t),
+    );
+
     // Streamed blocks (pinned staging, copy stream) give the resident result exactly.
     let t = Instant::now();
     let host: Vec<Arc<crate::star::BlockKv>> = gblocks

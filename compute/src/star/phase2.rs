@@ -8,7 +8,7 @@ use super::block::BlockKv;
 use crate::cpu::attention::{Mask, attention, attention_into};
 use crate::error::Result;
 use crate::model::{LayerAttention, LayerKv};
-use crate::partial::{Attended, HeadShape, merge_into};
+use crate::partial::{Attended, ContextMerge, HeadShape, merge_into};
 
 /// The seam between the query host and a group of cached blocks.
 ///
@@ -58,24 +58,34 @@ impl<'a> PendingPartial<'a> {
 pub struct CpuShard {
     blocks: Vec<Arc<BlockKv>>,
     shape: HeadShape,
+    /// The softmax scale, `1 / sqrt(d)`, or `1 / (sqrt(d) T)` for the tempered group of
+    /// [`ContextMerge`].
+    scale: f32,
 }
 
 impl CpuShard {
     pub fn new(blocks: Vec<Arc<BlockKv>>, shape: HeadShape) -> Self {
-        Self { blocks, shape }
+        Self {
+            blocks,
+            shape,
+            scale: shape.scale(),
+        }
+    }
+
+    /// Blocks of the tempered group of `merge`: attended at `1 / (sqrt(d) T)`, their
+    /// `lse` in those units (see [`ContextMerge::weigh_group`]).
+    pub fn tempered(blocks: Vec<Arc<BlockKv>>, shape: HeadShape, merge: ContextMerge) -> Self {
+        Self {
+            blocks,
+            shape,
+            scale: shape.scale() * merge.score_scale(),
+        }
     }
 
     fn compute(&self, layer: usize, q: &[f32], m: usize) -> Attended {
         let mut acc = Attended::empty(m, self.shape);
         for block in &self.blocks {
-            let part = attention(
-                q,
-                m,
-                block.view(layer),
-                self.shape,
-                Mask::None,
-                self.shape.scale(),
-            );
+            let part = attention(q, m, block.view(layer), self.shape, Mask::None, self.scale);
             merge_into(&mut acc, &part, m, self.shape);
         }
         acc
@@ -127,6 +137,10 @@ pub fn merge_pending(
 /// KV, which lives here and only here, attended causally.
 pub struct QueryAttention<'s> {
     shards: Vec<&'s dyn AttentionShard>,
+    /// The tempered group of a [`ContextMerge`] (empty for the exact merge): merged among
+    /// themselves, weighed, then merged with the rest.
+    tempered: Vec<&'s dyn AttentionShard>,
+    merge: ContextMerge,
     local: Vec<LayerKv>,
     shape: HeadShape,
 }
@@ -140,6 +154,8 @@ impl<'s> QueryAttention<'s> {
     ) -> Self {
         Self {
             shards,
+            tempered: Vec::new(),
+            merge: ContextMerge::EXACT,
             local: (0..n_layers)
                 .map(|_| LayerKv::new(shape, capacity))
                 .collect(),
@@ -147,9 +163,26 @@ impl<'s> QueryAttention<'s> {
         }
     }
 
+    /// Adds the tempered group of `merge`: shards that attend at `1 / (sqrt(d) T)` (e.g.
+    /// [`CpuShard::tempered`]); their merged result is weighed by
+    /// [`ContextMerge::weigh_group`] before it joins the untempered parts.
+    pub fn with_tempered(
+        mut self,
+        tempered: Vec<&'s dyn AttentionShard>,
+        merge: ContextMerge,
+    ) -> Self {
+        self.tempered = tempered;
+        self.merge = merge;
+        self
+    }
+
     /// Context tokens over all shards: the first query token's position.
     pub fn context_len(&self) -> usize {
-        self.shards.iter().map(|s| s.n_tokens()).sum()
+        self.shards
+            .iter()
+            .chain(&self.tempered)
+            .map(|s| s.n_tokens())
+            .sum()
     }
 
     /// Query and generated tokens held locally.
@@ -170,6 +203,7 @@ impl LayerAttention for QueryAttention<'_> {
     ) -> Result<()> {
         // Remote shards get the query first, so they work while the local part computes.
         let pending = start_all(&self.shards, layer, q, m)?;
+        let tempered = start_all(&self.tempered, layer, q, m)?;
         let local = &mut self.local[layer];
         let offset = local.len();
         local.append(k, v);
@@ -185,6 +219,12 @@ impl LayerAttention for QueryAttention<'_> {
             &mut acc.lse,
         );
         merge_pending(pending, &mut acc, m, self.shape)?;
+        if !self.tempered.is_empty() {
+            let mut group = Attended::empty(m, self.shape);
+            merge_pending(tempered, &mut group, m, self.shape)?;
+            self.merge.weigh_group(&mut group);
+            merge_into(&mut acc, &group, m, self.shape);
+        }
         out.copy_from_slice(&acc.out);
         Ok(())
     }

@@ -540,6 +540,7 @@ impl Cluster {
             sampling: req.sampling.clone(),
             stop: req.stop.clone(),
             cancel: req.cancel.clone(),
+            merge: Default::default(),
         };
         let shape = service.model().model.head_shape();
         let shards = self.open_shards(&entry, shape)?;

@@ -146,6 +146,7 @@ impl WorkerNode {
             text: String::new(),
             block_size: e.block_size as usize,
             anchor_size: e.anchor_size as usize,
+            merge: Default::default(),
             pinned: false,
             ttl_ms: None,
         };
