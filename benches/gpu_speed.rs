@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench --bench gpu_speed -- [--quick] [--no-torch] [--models smol,8b] [--contexts 8192,32768,131072]
-//!                                   [--variants] [--attention-only]
+//!                                   [--variants] [--attention-only] [--decode-splits]
 //! ```
 //!
 //! Measures, in one run: the roofline (device copy bandwidth, bf16 GEMM rate); phase-1
@@ -42,6 +42,8 @@ struct Opts {
     /// Only the attention kernel rows, on random K/V (no model, no ingest).
     attention_only: bool,
     variants: bool,
+    /// Graph decode at other split counts too.
+    decode_splits: bool,
     torch: bool,
     models: Vec<String>,
     contexts: Vec<usize>,
@@ -52,6 +54,7 @@ fn parse_opts() -> Opts {
         quick: false,
         attention_only: false,
         variants: false,
+        decode_splits: false,
         torch: true,
         models: vec!["smol".into(), "8b".into()],
         contexts: vec![8192, 32768, 131_072],
@@ -63,6 +66,7 @@ fn parse_opts() -> Opts {
             "--quick" => o.quick = true,
             "--no-torch" => o.torch = false,
             "--variants" => o.variants = true,
+            "--decode-splits" => o.decode_splits = true,
             "--attention-only" => o.attention_only = true,
             "--models" => {
                 i += 1;
@@ -292,19 +296,65 @@ fn run(opts: &Opts) -> Result<()> {
             );
             // Phase 2: 30-token question, then greedy decoding.
             let question = toks.take(30, config.vocab);
-            let mut q = GpuQuery::new(&model, ContextBlocks::Resident(blocks.clone()), 30 + 40)?;
+            let n_steps = if opts.quick { 8 } else { 24 };
+            let mut q = GpuQuery::new(
+                &model,
+                ContextBlocks::Resident(blocks.clone()),
+                30 + 2 * n_steps + 2 + 3 * 9,
+            )?;
             let positions: Vec<usize> = (l..l + 30).collect();
             let t = Instant::now();
             model.forward(&question, &positions, &mut q)?;
             let mut next = model.argmax(1)?[0].0;
             let ttft = t.elapsed().as_secs_f64();
+            // Greedy decode, plain launches (forward, then argmax on the GPU), then the
+            // same query's next steps as CUDA graph replays (the first step with a new
+            // graph runs plainly and captures; the median is over the rest).
             let mut steps = Vec::new();
-            for s in 0..(if opts.quick { 8 } else { 24 }) {
+            let mut pos = l + 30;
+            for _ in 0..n_steps {
                 let t = Instant::now();
-                model.forward(&[next], &[l + 30 + s], &mut q)?;
+                model.forward(&[next], &[pos], &mut q)?;
                 next = model.argmax(1)?[0].0;
                 steps.push(t.elapsed().as_secs_f64());
+                pos += 1;
             }
+            let graphs_were = gpu.decode_graphs();
+            gpu.set_decode_graphs(true);
+            let replays0 = model.graph_replays();
+            let mut graph_steps = Vec::new();
+            for _ in 0..n_steps + 1 {
+                let t = Instant::now();
+                next = model.decode_greedy(next, pos, &mut q)?.0;
+                graph_steps.push(t.elapsed().as_secs_f64());
+                pos += 1;
+            }
+            let replays = model.graph_replays() - replays0;
+            graph_steps.remove(0);
+            // With --decode-splits: graph decode at other split counts (the default is
+            // Gpu::choose_splits's), 8 steps each after a capture step.
+            let mut split_rows = Vec::new();
+            if opts.decode_splits {
+                for splits in [16, 64, 128] {
+                    q.splits = Some(splits);
+                    let mut t_steps = Vec::new();
+                    for _ in 0..9 {
+                        let t = Instant::now();
+                        next = model.decode_greedy(next, pos, &mut q)?.0;
+                        t_steps.push(t.elapsed().as_secs_f64());
+                        pos += 1;
+                    }
+                    t_steps.remove(0);
+                    split_rows.push((splits, median(t_steps) * 1e3));
+                }
+                q.splits = None;
+            }
+            gpu.set_decode_graphs(graphs_were);
+            // The decode limit: every weight and the whole KV read once per token, at
+            // the device copy rate.
+            let kv_bytes = (l + 30) * config.n_layers * config.n_kv_heads * config.head_dim * 4;
+            let limit_ms = (model.weight_bytes() + kv_bytes) as f64 / (copy_gbs * 1e9) * 1e3;
+            let auto_splits = gpu.choose_splits(1, shape, l + 30);
             add(
                 format!(
                     "{lab}: phase-2 TTFT, 30-token question, {}K context",
@@ -313,11 +363,31 @@ fn run(opts: &Opts) -> Result<()> {
                 format!("{:.1} ms", ttft * 1e3),
                 "(resident blocks)".into(),
             );
+            let (plain_ms, graph_ms) = (median(steps) * 1e3, median(graph_steps) * 1e3);
             add(
                 format!("{lab}: decode, {}K context", l / 1024),
-                format!("{:.2} ms/token", median(steps) * 1e3),
-                "(median of greedy steps, argmax on the GPU)".into(),
+                format!("{plain_ms:.2} ms/token"),
+                "(median of greedy steps, argmax on the GPU; plain launches)".into(),
             );
+            add(
+                format!("{lab}: decode as a CUDA graph, {}K context", l / 1024),
+                format!("{graph_ms:.2} ms/token"),
+                format!(
+                    "(median of {n_steps} greedy steps, {replays} graph replays, {auto_splits} splits; x{:.2} vs plain launches, same run; bytes/bandwidth limit {limit_ms:.2} ms: {:.0}% of it)",
+                    plain_ms / graph_ms,
+                    limit_ms / graph_ms * 100.0
+                ),
+            );
+            for (splits, ms) in split_rows {
+                add(
+                    format!(
+                        "{lab}: decode as a CUDA graph, {}K context, {splits} splits",
+                        l / 1024
+                    ),
+                    format!("{ms:.2} ms/token"),
+                    "(--decode-splits: median of 8 greedy steps)".into(),
+                );
+            }
             largest = Some((l, blocks));
         }
         let Some((l, blocks)) = largest else { continue };

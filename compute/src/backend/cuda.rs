@@ -363,6 +363,10 @@ fn decode(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
     let mut step = |tokens: &[u32], positions: &[usize]| -> Result<Vec<f32>> {
+        // One token: a decode step (a CUDA graph replay when graphs are on).
+        if let (&[token], &[position]) = (tokens, positions) {
+            return Ok(model.decode_logits(token, position, attention)?);
+        }
         model.forward(tokens, positions, attention)?;
         Ok(model.logits(1)?)
     };

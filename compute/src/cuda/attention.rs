@@ -60,6 +60,20 @@ impl AttnKernels {
     pub const ALL_LONG: [LongKernel; 3] = [LongKernel::Simple, LongKernel::M32, LongKernel::M32N32];
     pub const ALL_DECODE: [DecodeKernel; 2] = [DecodeKernel::W1, DecodeKernel::P1N32];
 
+    /// A number that tells the kernel choices apart (part of a decode graph's key).
+    pub fn code(&self) -> u64 {
+        let long = match self.long {
+            LongKernel::Simple => 0,
+            LongKernel::M32 => 1,
+            LongKernel::M32N32 => 2,
+        };
+        let decode = match self.decode {
+            DecodeKernel::W1 => 0,
+            DecodeKernel::P1N32 => 1,
+        };
+        long * 4 + decode
+    }
+
     pub(super) fn from_env() -> Self {
         let mut k = Self::default();
         match std::env::var("STARKV_ATTN_LONG").as_deref() {
@@ -146,6 +160,15 @@ pub struct AttnPlan {
 impl AttnPlan {
     pub fn n_splits(&self) -> usize {
         self.split_begin.len() - 1
+    }
+
+    /// Adds empty splits up to `n` (an empty split contributes `lse = -inf`, weight 0 in
+    /// the merge): a captured decode graph keeps one grid size while the keys grow.
+    pub fn pad_splits(&mut self, n: usize) {
+        let last = *self.split_begin.last().unwrap_or(&0);
+        while self.n_splits() < n {
+            self.split_begin.push(last);
+        }
     }
 
     /// One split over every segment (one running softmax, direct output), or, when
@@ -289,7 +312,7 @@ impl Gpu {
             let AttnOut::Half(o) = out else {
                 unreachable!()
             };
-            let mut b = self.stream.launch_builder(k.get(name));
+            let mut b = self.exec_stream().launch_builder(k.get(name));
             b.arg(&q)
                 .arg(&m_i)
                 .arg(&g_i)
@@ -310,7 +333,7 @@ impl Gpu {
             scratch.lse.as_ref().unwrap().ptr(),
         );
         {
-            let mut b = self.stream.launch_builder(k.get(name));
+            let mut b = self.exec_stream().launch_builder(k.get(name));
             b.arg(&q)
                 .arg(&m_i)
                 .arg(&g_i)
@@ -328,7 +351,7 @@ impl Gpu {
             AttnOut::F32 { out, lse } => (null, out, lse),
         };
         let (s_i, d_i) = (splits as i32, d as i32);
-        let mut b = self.stream.launch_builder(k.get("attn_merge"));
+        let mut b = self.exec_stream().launch_builder(k.get("attn_merge"));
         b.arg(&oh)
             .arg(&of)
             .arg(&lf)
@@ -388,6 +411,9 @@ pub struct KvDest {
     pub head_stride: i64,
     pub row_stride: i32,
     pub t0: i32,
+    /// When not 0: the device address of an i32 that replaces `t0` (a decode step
+    /// replayed from a CUDA graph reads its row from there).
+    pub t0_dev: u64,
 }
 
 /// Uploads a layer-indexed set of attention plans in one copy; returns per layer the
@@ -450,6 +476,46 @@ impl SegmentAttention {
         self.plans = upload_plans(gpu, &mut self.table, &plans)?;
         self.shape = Some(shape);
         Ok(())
+    }
+
+    /// [`SegmentAttention::plan`] for a captured decode graph: every layer's plan padded
+    /// with empty splits to `*pad_to` splits (one grid size from step to step); when a
+    /// plan needs more, `*pad_to` grows (with headroom) and the graph's key changes.
+    pub fn plan_padded(
+        &mut self,
+        gpu: &Gpu,
+        shape: HeadShape,
+        n_layers: usize,
+        splits: usize,
+        pad_to: &mut usize,
+        mut segments: impl FnMut(usize) -> Vec<Segment>,
+    ) -> Result<()> {
+        let mut plans: Vec<AttnPlan> = (0..n_layers)
+            .map(|l| AttnPlan::new(&segments(l), splits))
+            .collect();
+        let most = plans.iter().map(AttnPlan::n_splits).max().unwrap_or(1);
+        if most > *pad_to {
+            *pad_to = (most + 8).max(2);
+        }
+        for p in &mut plans {
+            p.pad_splits(*pad_to);
+        }
+        self.plans = upload_plans(gpu, &mut self.table, &plans)?;
+        self.shape = Some(shape);
+        Ok(())
+    }
+
+    /// Every device address and launch size the planned launches bake in (the tables,
+    /// the split counts, the split buffers): part of a decode graph's key.
+    pub fn graph_key(&self) -> Vec<u64> {
+        let mut key: Vec<u64> = self
+            .plans
+            .iter()
+            .flat_map(|&(items, splits, n)| [items, splits, n as u64])
+            .collect();
+        key.push(self.scratch.o.as_ref().map_or(0, DevBuf::ptr));
+        key.push(self.scratch.lse.as_ref().map_or(0, DevBuf::ptr));
+        key
     }
 
     /// Attention of `m` tokens' rotated `q` (16-bit `[m][n_heads d]`) over layer

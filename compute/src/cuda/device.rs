@@ -6,11 +6,13 @@
 //! `launch.rs` (element-wise launches) and `attention.rs` (planning and launch).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DevicePtr, result as drv, sys as drv_sys,
+    CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, result as drv, sys as drv_sys,
 };
 
 use super::attention::AttnKernels;
@@ -75,6 +77,28 @@ impl HalfType {
             Self::BF16 => half::bf16::from_f32(x).to_f32(),
         }
     }
+}
+
+/// Bytes of cuBLAS's workspace.
+const BLAS_WORKSPACE: usize = 32 << 20;
+
+/// Gives cuBLAS `workspace` for every later call on `blas`.
+fn set_blas_workspace(blas: &CudaBlas, workspace: &DevBuf) -> Result<()> {
+    // SAFETY: the workspace outlives the handle (both owned by the `Gpu`, the handle
+    // dropped first: fields drop in declaration order).
+    let status = unsafe {
+        blas_sys::cublasSetWorkspace_v2(
+            *blas.handle(),
+            workspace.ptr() as *mut std::ffi::c_void,
+            workspace.bytes(),
+        )
+    };
+    if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Err(CudaError::Cublas(cudarc::cublas::result::CublasError(
+            status,
+        )));
+    }
+    Ok(())
 }
 
 /// A device allocation; `ptr()` is its address for kernels and copies.
@@ -154,7 +178,11 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     /// Host-to-device block loads.
     pub copy_stream: Arc<CudaStream>,
-    blas: Mutex<CudaBlas>,
+    /// cuBLAS, and whether its handle is bound to `graph_stream` (set per call).
+    blas: Mutex<(CudaBlas, bool)>,
+    /// cuBLAS's workspace, given explicitly so that a product captured into a graph never
+    /// makes cuBLAS allocate (32 MiB, its default on Hopper).
+    blas_workspace: DevBuf,
     pub dtype: HalfType,
     pub info: DeviceInfo,
     /// Compiled kernels by head dimension (see `kernels.rs`).
@@ -163,6 +191,15 @@ pub struct Gpu {
     pub(super) arch: &'static str,
     /// Which attention kernels run (see [`AttnKernels`]).
     pub(super) attn: Mutex<AttnKernels>,
+    /// Whether decode steps replay a captured CUDA graph (see
+    /// [`super::CudaLlama::decode_greedy`]); env `STARKV_DECODE_GRAPHS=0` turns it off.
+    decode_graphs: AtomicBool,
+    /// The capture stream of decode graphs: private, so that nothing another thread
+    /// queues meanwhile (a block freed by a tier eviction frees on `stream`) can land in
+    /// a graph. Graphs are launched on `stream`.
+    graph_stream: Arc<CudaStream>,
+    /// The thread capturing on `graph_stream`: its launches go there.
+    capturing: Mutex<Option<ThreadId>>,
 }
 
 impl Gpu {
@@ -195,18 +232,88 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let copy_stream = ctx.new_stream()?;
+        let graph_stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
+        let blas_workspace = {
+            // SAFETY: scratch for cuBLAS only.
+            let buf = unsafe { stream.alloc::<u8>(BLAS_WORKSPACE)? };
+            let ptr = buf.device_ptr(&stream).0;
+            DevBuf {
+                _buf: buf,
+                ptr,
+                bytes: BLAS_WORKSPACE,
+            }
+        };
+        set_blas_workspace(&blas, &blas_workspace)?;
         Ok(Arc::new(Self {
             ctx,
             stream,
             copy_stream,
-            blas: Mutex::new(blas),
+            blas: Mutex::new((blas, false)),
+            blas_workspace,
             dtype,
             info,
             kernels: Mutex::new(HashMap::new()),
             arch,
             attn: Mutex::new(AttnKernels::from_env()),
+            decode_graphs: AtomicBool::new(!matches!(
+                std::env::var("STARKV_DECODE_GRAPHS").as_deref(),
+                Ok("0" | "off" | "false")
+            )),
+            graph_stream,
+            capturing: Mutex::new(None),
         }))
+    }
+
+    /// Turns CUDA-graph decode steps on or off (benchmarks and the selftest compare both;
+    /// a failed capture turns them off for this GPU).
+    pub fn set_decode_graphs(&self, on: bool) {
+        self.decode_graphs.store(on, Ordering::Relaxed);
+    }
+
+    pub fn decode_graphs(&self) -> bool {
+        self.decode_graphs.load(Ordering::Relaxed)
+    }
+
+    /// Whether the calling thread is capturing a graph (see [`Gpu::capture`]).
+    fn captures_here(&self) -> bool {
+        *self.capturing.lock().unwrap() == Some(std::thread::current().id())
+    }
+
+    /// The stream the calling thread's kernels and products go to: the graph stream
+    /// while it captures, else the compute stream.
+    pub(super) fn exec_stream(&self) -> &Arc<CudaStream> {
+        if self.captures_here() {
+            &self.graph_stream
+        } else {
+            &self.stream
+        }
+    }
+
+    /// Captures the kernels and products `launch` queues on this thread as a graph (on
+    /// the private graph stream; nothing runs). `launch` must not allocate, copy or
+    /// synchronise. Launch the result with [`Gpu::launch_graph`].
+    pub fn capture(&self, launch: impl FnOnce() -> Result<()>) -> Result<Option<CudaGraph>> {
+        self.ctx.bind_to_thread()?;
+        self.graph_stream
+            .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        *self.capturing.lock().unwrap() = Some(std::thread::current().id());
+        let launched = launch();
+        *self.capturing.lock().unwrap() = None;
+        let ended = self
+            .graph_stream
+            .end_capture(drv_sys::CUgraphInstantiate_flags(0));
+        launched?;
+        Ok(ended?)
+    }
+
+    /// Queues a captured graph on the compute stream.
+    pub fn launch_graph(&self, graph: &CudaGraph) -> Result<()> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the exec belongs to `graph`, alive for the call; graphs captured by
+        // [`Gpu::capture`] on this context.
+        unsafe { drv::graph::launch(graph.cu_graph_exec(), self.stream.cu_stream())? };
+        Ok(())
     }
 
     pub fn sm_count(&self) -> usize {
@@ -316,7 +423,17 @@ impl Gpu {
         } else {
             dt
         };
-        let blas = self.blas.lock().unwrap();
+        let stream = self.exec_stream().clone();
+        let on_graph = Arc::ptr_eq(&stream, &self.graph_stream);
+        let mut guard = self.blas.lock().unwrap();
+        if guard.1 != on_graph {
+            // SAFETY: the handle is only used under this lock; later calls rebind it.
+            unsafe { guard.0.set_stream(stream)? };
+            // Setting the stream resets the workspace to cuBLAS's own pool.
+            set_blas_workspace(&guard.0, &self.blas_workspace)?;
+            guard.1 = on_graph;
+        }
+        let blas = &guard.0;
         // SAFETY: column-major view of the row-major product: yᵀ[n x m] = w[k x n]ᵀ · xᵀ[k x m];
         // the buffers hold the sizes the shapes say (callers size them).
         unsafe {

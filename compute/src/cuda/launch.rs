@@ -25,7 +25,7 @@ impl Gpu {
         block: u32,
         args: impl FnOnce(&mut LaunchArgs<'a>),
     ) -> Result<()> {
-        let mut b = self.stream.launch_builder(k.get(name));
+        let mut b = self.exec_stream().launch_builder(k.get(name));
         args(&mut b);
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
@@ -137,7 +137,8 @@ impl Gpu {
                 .arg(&p_i)
                 .arg(&dest.head_stride)
                 .arg(&dest.row_stride)
-                .arg(&dest.t0);
+                .arg(&dest.t0)
+                .arg(&dest.t0_dev);
         })
     }
 

@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::CudaGraph;
+
 use super::attention::{AttnOut, KvDest, Segment, SegmentAttention};
 use super::device::{DevBuf, Gpu};
 use super::kernels::Kernels;
@@ -36,6 +38,44 @@ pub trait GpuAttention {
     ) -> Result<()>;
     /// Called after the last layer.
     fn finish(&mut self, m: usize);
+
+    /// [`GpuAttention::begin`] for a decode step replayed from a captured CUDA graph:
+    /// every value that changes from step to step (the KV row, the plans) goes to device
+    /// memory at an address that stays put, and the split count stays fixed while it can.
+    /// Returns false, having done nothing, when this attention cannot run in a graph
+    /// (blocks still streaming in, shards on other devices); the caller then uses
+    /// `begin` and plain launches.
+    fn begin_graph(&mut self, gpu: &Gpu, m: usize) -> Result<bool> {
+        let _ = (gpu, m);
+        Ok(false)
+    }
+
+    /// After [`GpuAttention::begin_graph`]: every address and size the attention's
+    /// launches bake in. A captured graph is replayed only while this key is unchanged.
+    fn graph_key(&self) -> Vec<u64> {
+        Vec::new()
+    }
+}
+
+/// A decode step captured as a CUDA graph, with the key of everything it bakes in.
+struct DecodeGraph {
+    key: Vec<u64>,
+    graph: CudaGraph,
+}
+
+// SAFETY: the graph is only launched or dropped through `&mut CudaLlama` (one thread at a
+// time); CUDA graph execs may be used from any thread when access is serialised.
+unsafe impl Send for DecodeGraph {}
+unsafe impl Sync for DecodeGraph {}
+
+/// Device buffers of a decode step's head, at fixed addresses for graph replay.
+struct DecodeBufs {
+    /// The last hidden state in the 16-bit type.
+    hn: DevBuf,
+    /// f32 logits `[vocab]`.
+    logits: DevBuf,
+    /// The greedy pick: token id (u32) then the logits' log-sum-exp (f32).
+    pick: DevBuf,
 }
 
 struct GpuLayer {
@@ -68,6 +108,9 @@ pub struct CudaLlama {
     scratch: Scratch,
     /// Rows of the last forward pass (the normalised hidden states in scratch).
     last_m: usize,
+    decode: Option<DecodeBufs>,
+    graph: Option<DecodeGraph>,
+    graph_replays: u64,
 }
 
 // Scratch buffer indices.
@@ -128,6 +171,9 @@ impl CudaLlama {
             gpu,
             scratch: Scratch::default(),
             last_m: 0,
+            decode: None,
+            graph: None,
+            graph_replays: 0,
         };
         out.gpu.synchronize()?;
         Ok(out)
@@ -190,6 +236,9 @@ impl CudaLlama {
             gpu,
             scratch: Scratch::default(),
             last_m: 0,
+            decode: None,
+            graph: None,
+            graph_replays: 0,
         };
         out.gpu.synchronize()?;
         Ok(out)
@@ -253,8 +302,10 @@ impl CudaLlama {
             cap * 4,                     // TOK
             cap * c.hidden * 4,          // HID (normalised output, f32)
         ];
-        self.scratch.bufs.clear();
         self.gpu.synchronize()?;
+        self.scratch.bufs.clear();
+        // The captured decode step used the old buffers.
+        self.graph = None;
         for s in sizes {
             self.scratch.bufs.push(self.gpu.alloc(s)?);
         }
@@ -293,14 +344,32 @@ impl CudaLlama {
             self.last_m = 0;
             return Ok(());
         }
-        self.ensure_scratch(m)?;
+        self.prepare(tokens, positions)?;
+        attention.begin(&self.gpu, m)?;
+        self.launch_layers(m, attention)?;
+        attention.finish(m);
+        self.last_m = m;
+        Ok(())
+    }
+
+    /// Sizes the activation buffers and uploads the tokens and their positions.
+    fn prepare(&mut self, tokens: &[u32], positions: &[usize]) -> Result<()> {
+        self.ensure_scratch(tokens.len())?;
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        self.gpu.upload(self.buf(POS), &pos)?;
+        self.gpu.upload(self.buf(TOK), tokens)?;
+        Ok(())
+    }
+
+    /// Queues every launch of a forward pass of `m` prepared tokens (the attention
+    /// planned): embedding, RoPE tables, the blocks, the final norm. Nothing here
+    /// allocates, uploads or synchronises, so a decode step can be captured as a graph.
+    fn launch_layers(&mut self, m: usize, attention: &mut dyn GpuAttention) -> Result<()> {
+        let c = self.config.clone();
         let gpu = self.gpu.clone();
         let k = self.kernels.clone();
         let (h, nh, nkv, d) = (c.hidden, c.n_heads, c.n_kv_heads, c.head_dim);
         let (qw, kvw) = (nh * d, nkv * d);
-        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        gpu.upload(self.buf(POS), &pos)?;
-        gpu.upload(self.buf(TOK), tokens)?;
         gpu.embed(&k, self.buf(X), self.embed.ptr(), self.buf(TOK), m, h)?;
         gpu.rope_table(
             &k,
@@ -311,7 +380,6 @@ impl CudaLlama {
             m,
             self.pairs,
         )?;
-        attention.begin(&gpu, m)?;
         for (li, layer) in self.layers.iter().enumerate() {
             gpu.rms_norm(
                 &k,
@@ -390,7 +458,6 @@ impl CudaLlama {
                 1.0,
             )?;
         }
-        attention.finish(m);
         gpu.rms_norm(
             &k,
             self.buf(HID),
@@ -400,9 +467,168 @@ impl CudaLlama {
             m,
             h,
             c.rms_eps,
-        )?;
-        self.last_m = m;
+        )
+    }
+
+    /// One decode step: `token` at `position` through every block, the LM head and the
+    /// greedy pick, all on the device. When graphs are on ([`Gpu::decode_graphs`]) and
+    /// the attention can be replayed ([`GpuAttention::begin_graph`]), the step's launches
+    /// run as one captured CUDA graph: the first step with a new key runs them plainly
+    /// (sizing every buffer they use: nothing may be allocated during a capture), then
+    /// captures them; later steps with the same key replay the graph. Otherwise plain
+    /// launches. Either way the results match [`CudaLlama::forward`] then
+    /// [`CudaLlama::logits`] / [`CudaLlama::argmax`] (the selftest checks it).
+    fn decode_launch(
+        &mut self,
+        token: u32,
+        position: usize,
+        attention: &mut dyn GpuAttention,
+    ) -> Result<()> {
+        if token as usize >= self.config.vocab {
+            return Err(CudaError::Invalid(format!(
+                "token id {token} is outside the vocabulary ({})",
+                self.config.vocab
+            )));
+        }
+        self.prepare(&[token], &[position])?;
+        self.ensure_decode_bufs()?;
+        let gpu = self.gpu.clone();
+        let graphed = gpu.decode_graphs() && attention.begin_graph(&gpu, 1)?;
+        if !graphed {
+            attention.begin(&gpu, 1)?;
+            self.launch_decode(attention)?;
+        } else {
+            let key = self.graph_key(attention);
+            match &self.graph {
+                Some(g) if g.key == key => {
+                    gpu.launch_graph(&g.graph)?;
+                    self.graph_replays += 1;
+                }
+                _ => {
+                    self.graph = None;
+                    self.launch_decode(attention)?;
+                    let key = self.graph_key(attention);
+                    self.graph = self.capture(attention, key)?;
+                }
+            }
+        }
+        attention.finish(1);
+        self.last_m = 1;
         Ok(())
+    }
+
+    /// The launches of one decode step after the blocks: the LM head on the last hidden
+    /// state and the greedy pick, into the fixed decode buffers.
+    fn launch_decode(&mut self, attention: &mut dyn GpuAttention) -> Result<()> {
+        self.launch_layers(1, attention)?;
+        let c = &self.config;
+        let bufs = self.decode.as_ref().expect("sized by ensure_decode_bufs");
+        self.gpu
+            .to_half(&self.kernels, bufs.hn.ptr(), self.buf(HID), c.hidden)?;
+        self.gpu.gemm(
+            bufs.logits.ptr(),
+            true,
+            bufs.hn.ptr(),
+            self.output.ptr(),
+            1,
+            c.vocab,
+            c.hidden,
+            0.0,
+        )?;
+        let pick = bufs.pick.ptr();
+        self.gpu
+            .argmax(&self.kernels, pick, pick + 4, bufs.logits.ptr(), 1, c.vocab)
+    }
+
+    fn ensure_decode_bufs(&mut self) -> Result<()> {
+        if self.decode.is_none() {
+            let c = &self.config;
+            self.decode = Some(DecodeBufs {
+                hn: self.gpu.alloc(c.hidden * 2)?,
+                logits: self.gpu.alloc(c.vocab * 4)?,
+                pick: self.gpu.alloc(8)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The model's side of a decode graph's key (activation and decode buffers, kernel
+    /// choice) followed by the attention's.
+    fn graph_key(&self, attention: &dyn GpuAttention) -> Vec<u64> {
+        let mut key: Vec<u64> = self.scratch.bufs.iter().map(DevBuf::ptr).collect();
+        if let Some(b) = &self.decode {
+            key.extend([b.hn.ptr(), b.logits.ptr(), b.pick.ptr()]);
+        }
+        key.push(self.gpu.attention_kernels().code());
+        key.push(u64::MAX); // separator
+        key.extend(attention.graph_key());
+        key
+    }
+
+    /// Captures one decode step's launches (already run once plainly with the same key)
+    /// as a graph. A capture the driver refuses turns graphs off for this GPU (the
+    /// step's results, from the plain run, stand).
+    fn capture(
+        &mut self,
+        attention: &mut dyn GpuAttention,
+        key: Vec<u64>,
+    ) -> Result<Option<DecodeGraph>> {
+        let gpu = self.gpu.clone();
+        match gpu.capture(|| self.launch_decode(attention)) {
+            Ok(Some(graph)) => Ok(Some(DecodeGraph { key, graph })),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::warn!(
+                    "CUDA graph capture of a decode step failed ({e}); decoding without graphs"
+                );
+                gpu.set_decode_graphs(false);
+                Ok(None)
+            }
+        }
+    }
+
+    /// [`CudaLlama::decode_launch`], then the greedy pick: the argmax token and the
+    /// log-sum-exp of its logits (what [`CudaLlama::argmax`] returns for one row).
+    pub fn decode_greedy(
+        &mut self,
+        token: u32,
+        position: usize,
+        attention: &mut dyn GpuAttention,
+    ) -> Result<(u32, f32)> {
+        self.decode_launch(token, position, attention)?;
+        self.decode_pick()
+    }
+
+    /// The greedy pick of the last decode step ([`CudaLlama::decode_greedy`] or
+    /// [`CudaLlama::decode_logits`]): argmax token and log-sum-exp.
+    pub fn decode_pick(&self) -> Result<(u32, f32)> {
+        let Some(bufs) = &self.decode else {
+            return Err(CudaError::Invalid("no decode step has run".into()));
+        };
+        let mut pick = [0u32; 2];
+        self.gpu.download(&mut pick, bufs.pick.ptr())?;
+        Ok((pick[0], f32::from_bits(pick[1])))
+    }
+
+    /// Decode steps replayed from a captured graph so far (benchmarks and the selftest
+    /// check that graphs ran).
+    pub fn graph_replays(&self) -> u64 {
+        self.graph_replays
+    }
+
+    /// [`CudaLlama::decode_launch`], then the step's logits `[vocab]` (for samplers on
+    /// the host).
+    pub fn decode_logits(
+        &mut self,
+        token: u32,
+        position: usize,
+        attention: &mut dyn GpuAttention,
+    ) -> Result<Vec<f32>> {
+        self.decode_launch(token, position, attention)?;
+        let mut out = vec![0f32; self.config.vocab];
+        let ptr = self.decode.as_ref().expect("sized").logits.ptr();
+        self.gpu.download(&mut out, ptr)?;
+        Ok(out)
     }
 
     /// The normalised hidden states of the last forward pass, `[m][hidden]`.
@@ -477,6 +703,11 @@ pub struct GpuKvCache {
     capacity: usize,
     shape: HeadShape,
     attn: SegmentAttention,
+    /// Graph mode: the next token's row (`len`) on the device, read by RoPE's K/V write.
+    t0_dev: Option<DevBuf>,
+    graph_mode: bool,
+    /// Splits every plan is padded to in graph mode.
+    graph_splits: usize,
 }
 
 impl GpuKvCache {
@@ -491,6 +722,9 @@ impl GpuKvCache {
             capacity,
             shape,
             attn: SegmentAttention::default(),
+            t0_dev: None,
+            graph_mode: false,
+            graph_splits: 0,
         })
     }
 
@@ -549,14 +783,41 @@ impl GpuKvCache {
     }
 }
 
-impl GpuAttention for GpuKvCache {
-    fn begin(&mut self, gpu: &Gpu, m: usize) -> Result<()> {
+impl GpuKvCache {
+    /// Checks that `m` more tokens fit and sets where their K/V rows go: by value, or
+    /// (`graph`) through the device word [`KvDest::t0_dev`], uploaded here.
+    pub(super) fn begin_rows(&mut self, gpu: &Gpu, m: usize, graph: bool) -> Result<()> {
         if self.len + m > self.capacity {
             return Err(CudaError::Invalid(format!(
                 "GPU KV cache holds {} tokens: {} + {m} do not fit",
                 self.capacity, self.len
             )));
         }
+        self.graph_mode = graph;
+        if graph {
+            if self.t0_dev.is_none() {
+                self.t0_dev = Some(gpu.alloc(4)?);
+            }
+            let word = self.t0_dev.as_ref().map_or(0, DevBuf::ptr);
+            gpu.upload(word, &[self.len as i32])?;
+        }
+        Ok(())
+    }
+
+    /// The KV side of a graph key: the row word and every layer's K/V address.
+    pub(super) fn rows_key(&self) -> Vec<u64> {
+        let mut key = vec![
+            self.t0_dev.as_ref().map_or(0, DevBuf::ptr),
+            self.capacity as u64,
+        ];
+        key.extend(self.layers.iter().flat_map(|(k, v)| [k.ptr(), v.ptr()]));
+        key
+    }
+}
+
+impl GpuAttention for GpuKvCache {
+    fn begin(&mut self, gpu: &Gpu, m: usize) -> Result<()> {
+        self.begin_rows(gpu, m, false)?;
         let splits = gpu.choose_splits(m, self.shape, self.len + m);
         let this = &*self;
         let segments: Vec<Segment> = (0..this.layers.len())
@@ -576,6 +837,10 @@ impl GpuAttention for GpuKvCache {
             head_stride: (self.capacity * self.shape.head_dim) as i64,
             row_stride: self.shape.head_dim as i32,
             t0: self.len as i32,
+            t0_dev: match (&self.t0_dev, self.graph_mode) {
+                (Some(word), true) => word.ptr(),
+                _ => 0,
+            },
         }
     }
 
@@ -594,5 +859,27 @@ impl GpuAttention for GpuKvCache {
 
     fn finish(&mut self, m: usize) {
         self.len += m;
+    }
+
+    fn begin_graph(&mut self, gpu: &Gpu, m: usize) -> Result<bool> {
+        self.begin_rows(gpu, m, true)?;
+        let splits = gpu.choose_splits(m, self.shape, self.len + m);
+        let this = &*self;
+        let segments: Vec<Segment> = (0..this.layers.len())
+            .map(|l| this.segment(l, this.len + m, Some(this.len)))
+            .collect();
+        let mut pad = self.graph_splits;
+        self.attn
+            .plan_padded(gpu, self.shape, segments.len(), splits, &mut pad, |l| {
+                vec![segments[l]]
+            })?;
+        self.graph_splits = pad;
+        Ok(true)
+    }
+
+    fn graph_key(&self) -> Vec<u64> {
+        let mut key = self.rows_key();
+        key.extend(self.attn.graph_key());
+        key
     }
 }

@@ -42,6 +42,7 @@ impl GpuAttention for AnchoredBlock<'_> {
             head_stride: (self.block.len * self.block.shape.head_dim) as i64,
             row_stride: self.block.shape.head_dim as i32,
             t0: 0,
+            t0_dev: 0,
         }
     }
 

@@ -194,6 +194,8 @@ pub struct GpuQuery {
     /// planned attention once a tempered block is present.
     merge: ContextMerge,
     tempered: Option<TemperedGroup>,
+    /// Splits every plan is padded to in graph mode.
+    graph_splits: usize,
     /// Overrides the automatic split count (tests and benchmarks).
     pub splits: Option<usize>,
 }
@@ -218,6 +220,7 @@ impl GpuQuery {
             attn: SegmentAttention::default(),
             merge: ContextMerge::EXACT,
             tempered: None,
+            graph_splits: 0,
             splits: None,
         })
     }
@@ -374,6 +377,42 @@ impl GpuAttention for GpuQuery {
 
     fn finish(&mut self, m: usize) {
         self.local.finish(m);
+    }
+
+    /// Graph mode needs every block resident (no copy events to wait on), no other
+    /// shards (their answers come back through the host) and the exact merge (a tempered
+    /// group merges on the host).
+    fn begin_graph(&mut self, gpu: &Gpu, m: usize) -> Result<bool> {
+        let merge = self.merge;
+        if !self.shards.is_empty()
+            || !matches!(self.context, ContextBlocks::Resident(_))
+            || self.context.blocks().any(|b| merge.is_tempered(b.start))
+        {
+            return Ok(false);
+        }
+        self.tempered = None;
+        self.local.begin_rows(gpu, m, true)?;
+        let offset = self.local.len();
+        let total = self.context_len + offset + m;
+        let splits = self
+            .splits
+            .unwrap_or_else(|| gpu.choose_splits(m, self.shape, total));
+        let (context, local) = (&self.context, &self.local);
+        let mut pad = self.graph_splits;
+        self.attn
+            .plan_padded(gpu, self.shape, self.n_layers, splits, &mut pad, |l| {
+                let mut segs: Vec<Segment> = context.blocks().map(|b| b.segment(l, None)).collect();
+                segs.push(local.segment(l, offset + m, Some(offset)));
+                segs
+            })?;
+        self.graph_splits = pad;
+        Ok(true)
+    }
+
+    fn graph_key(&self) -> Vec<u64> {
+        let mut key = self.local.rows_key();
+        key.extend(self.attn.graph_key());
+        key
     }
 }
 

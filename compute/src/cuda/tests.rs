@@ -161,3 +161,36 @@ fn kernel_sources_declare_every_kernel() {
     assert!(!COMMON_SOURCE.contains("__global__"));
     assert!(!ELEMENTWISE_SOURCE.contains("attn_"));
 }
+
+/// Padding a plan for a captured decode graph adds empty splits only: the items and the
+/// existing split ranges stay, and every added split starts and ends at the last item.
+#[test]
+fn padded_plans_keep_their_splits_and_add_empty_ones() {
+    let seg = |len, causal_offset| Segment {
+        k: 0x1000,
+        v: 0x2000,
+        head_stride: 64 * 1024,
+        row_stride: 64,
+        len,
+        causal_offset,
+    };
+    let plan = AttnPlan::new(&[seg(1000, None), seg(7, Some(6))], 4);
+    let mut padded = plan.clone();
+    padded.pad_splits(plan.n_splits() + 5);
+    assert_eq!(padded.n_splits(), plan.n_splits() + 5);
+    assert_eq!(padded.items.len(), plan.items.len());
+    assert_eq!(
+        &padded.split_begin[..plan.split_begin.len()],
+        &plan.split_begin[..]
+    );
+    let last = *plan.split_begin.last().unwrap();
+    assert!(
+        padded.split_begin[plan.split_begin.len()..]
+            .iter()
+            .all(|&s| s == last)
+    );
+    // Never shrinks.
+    let mut same = plan.clone();
+    same.pad_splits(1);
+    assert_eq!(same.split_begin, plan.split_begin);
+}

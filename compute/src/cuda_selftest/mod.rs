@@ -338,6 +338,7 @@ fn kernel_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> 
             head_stride: d as i64,
             row_stride: (nkv * d) as i32,
             t0: 0,
+            t0_dev: 0,
         };
         gpu.rope_split(
             &k,
@@ -980,7 +981,105 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
         0.0,
         ms(t),
     );
+
+    // Decode steps replayed from a captured CUDA graph vs plain launches, over resident
+    // blocks (phase 2) and over a plain KV cache (generation without a document).
+    let t = Instant::now();
+    let cap = mq + 16;
+    let mut plain_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), cap)?;
+    let mut graph_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), cap)?;
+    let g = graph_vs_plain(gpu, &mut model, &mut plain_q, &mut graph_q, &query, l, 12)?;
+    g.report(report, "star decode", ms(t), u);
+    let t = Instant::now();
+    let (n_layers, shape) = (config.n_layers, model.head_shape());
+    let mut plain_c = GpuKvCache::new(gpu, n_layers, shape, all.len() + 16)?;
+    let mut graph_c = GpuKvCache::new(gpu, n_layers, shape, all.len() + 16)?;
+    let g = graph_vs_plain(gpu, &mut model, &mut plain_c, &mut graph_c, &all, 0, 12)?;
+    g.report(report, "KV-cache decode", ms(t), u);
     Ok(())
+}
+
+/// What [`graph_vs_plain`] measured.
+struct GraphCheck {
+    worst_rel: f64,
+    token_mismatch: usize,
+    pick_mismatch: usize,
+    replays: u64,
+    steps: usize,
+}
+
+impl GraphCheck {
+    /// Logits within 2u (the graph's attention plans carry empty padding splits, which
+    /// change only the merge's f32 summation order), the same greedy tokens, the graph's
+    /// own argmax pick agreeing with its logits, and every step after the first replayed.
+    fn report(&self, report: &mut Report, what: &str, ms: f64, u: f64) {
+        let n = self.steps;
+        report.check(
+            &format!("{what} {n} steps: CUDA graph vs plain logits"),
+            "rel",
+            self.worst_rel,
+            2.0 * u,
+            ms,
+        );
+        report.check(
+            &format!("{what} {n} steps: CUDA graph vs plain tokens"),
+            "mismatch",
+            (self.token_mismatch + self.pick_mismatch) as f64,
+            0.0,
+            ms,
+        );
+        report.check(
+            &format!("{what} {n} steps: steps replayed from the graph"),
+            "missing",
+            (n as u64 - 1).saturating_sub(self.replays) as f64,
+            0.0,
+            ms,
+        );
+    }
+}
+
+/// The same prompt through two attentions, then `steps` decode steps each: `plain` with
+/// graphs off, `graphed` with graphs on, both fed the plain path's greedy token.
+fn graph_vs_plain(
+    gpu: &Gpu,
+    model: &mut CudaLlama,
+    plain: &mut dyn crate::cuda::GpuAttention,
+    graphed: &mut dyn crate::cuda::GpuAttention,
+    prompt: &[u32],
+    start: usize,
+    steps: usize,
+) -> Result<GraphCheck> {
+    let was = gpu.decode_graphs();
+    let positions: Vec<usize> = (start..start + prompt.len()).collect();
+    model.forward(prompt, &positions, plain)?;
+    let mut tok = model.argmax(1)?[0].0;
+    model.forward(prompt, &positions, graphed)?;
+    let replays0 = model.graph_replays();
+    let mut check = GraphCheck {
+        worst_rel: 0.0,
+        token_mismatch: 0,
+        pick_mismatch: 0,
+        replays: 0,
+        steps,
+    };
+    let result = (|| -> Result<()> {
+        for s in 0..steps {
+            let pos = start + prompt.len() + s;
+            gpu.set_decode_graphs(false);
+            let lp = model.decode_logits(tok, pos, plain)?;
+            gpu.set_decode_graphs(true);
+            let lg = model.decode_logits(tok, pos, graphed)?;
+            let (pick, _) = model.decode_pick()?;
+            check.worst_rel = check.worst_rel.max(rel(&lg, &lp));
+            check.token_mismatch += (argmax(&lg) != argmax(&lp)) as usize;
+            check.pick_mismatch += (pick != argmax(&lg)) as usize;
+            tok = argmax(&lp);
+        }
+        Ok(())
+    })();
+    check.replays = model.graph_replays() - replays0;
+    gpu.set_decode_graphs(was);
+    result.map(|()| check)
 }
 
 fn compare_models(

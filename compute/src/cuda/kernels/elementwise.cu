@@ -44,10 +44,13 @@ extern "C" __global__ void rope_table(float* cos_t, float* sin_t, const int* pos
 
 // Splits fused projections qkv f32 [m][(nh + 2 nkv) d] into rotated Q (16-bit, [m][nh d]),
 // rotated K and plain V written to a destination layout: element (kv head h, token t, i)
-// at dst + h * head_stride + (t0 + t) * row_stride + i.
+// at dst + h * head_stride + (t0 + t) * row_stride + i. t0 is read from t0_dev when that
+// is not null (a decode step replayed from a CUDA graph: the row moves every step).
 extern "C" __global__ void rope_split(h16* q, h16* k_dst, h16* v_dst, const float* qkv,
                                       const float* cos_t, const float* sin_t, int nh, int nkv, int d,
-                                      int pairs, long long head_stride, int row_stride, int t0) {
+                                      int pairs, long long head_stride, int row_stride, int t0_arg,
+                                      const int* t0_dev) {
+    const int t0 = t0_dev ? *t0_dev : t0_arg;
     int t = blockIdx.x;
     int width = (nh + 2 * nkv) * d;
     const float* src = qkv + (u64)t * width;
