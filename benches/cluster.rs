@@ -136,6 +136,7 @@ fn measure(
         merge: Default::default(),
         pinned: false,
         ttl_ms: None,
+        kv_dtype: Default::default(),
     };
     let t = Instant::now();
     service.ingest(&req, tokens, &|_, _| {})?;

@@ -176,6 +176,7 @@ fn measure(setup: &Setup<'_>, target: usize) -> Result<Row> {
         merge: Default::default(),
         pinned: false,
         ttl_ms: None,
+        kv_dtype: Default::default(),
     };
     let t = Instant::now();
     service.ingest(&req, context.clone(), &|_, _| {})?;

@@ -6,7 +6,7 @@
 //! offset  size        field
 //! 0       4           magic "SKVB"
 //! 4       2           layout version (1)
-//! 6       1           dtype code (0 f32, 1 f16, 2 bf16)
+//! 6       1           dtype code (0 f32, 1 f16, 2 bf16, 3 int8 with per-row f32 scales)
 //! 7       1           flags: bit 0 = byte-shuffled, bit 1 = zstd (else stored raw)
 //! 8       1           rank r (<= 8)
 //! 9       4*r         shape
@@ -334,11 +334,10 @@ pub fn verify(value: &[u8]) -> Result<(ValueInfo, &[u8]), CodecError> {
     }
     let raw_len = r.u64()?;
     let payload_len = r.u64()?;
-    let numel = shape
-        .iter()
-        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+    let expected = dtype
+        .raw_len(&shape)
         .ok_or(CodecError::BadHeader("shape overflow"))?;
-    if numel.checked_mul(dtype.size() as u64) != Some(raw_len) {
+    if expected as u64 != raw_len {
         return Err(CodecError::BadHeader("raw length does not match shape"));
     }
     let payload =
@@ -363,8 +362,8 @@ pub fn verify(value: &[u8]) -> Result<(ValueInfo, &[u8]), CodecError> {
 /// an error; no partially decoded data ever escapes.
 pub fn decode(value: &[u8]) -> Result<Tensor, CodecError> {
     let (info, payload) = verify(value)?;
-    let n = (info.raw_len as usize) / info.dtype.size();
-    let mut data = TensorData::zeros(info.dtype, n);
+    let n = numel(&info);
+    let mut data = TensorData::zeros(info.dtype, n, crate::tensor::quant_rows(&info.shape));
     let dst = data.as_bytes_mut();
     let elem = info.dtype.size();
     match (info.zstd, info.shuffled) {
@@ -396,13 +395,25 @@ pub fn decode(value: &[u8]) -> Result<Tensor, CodecError> {
 /// Bytes [`decode_payload_into`] writes for a value described by `info` when asked for
 /// elements of `want` (the element count times `want`'s size).
 pub fn decoded_len(info: &ValueInfo, want: DType) -> usize {
-    (info.raw_len as usize / info.dtype.size()) * want.size()
+    if want == info.dtype {
+        info.raw_len as usize
+    } else {
+        numel(info) * want.size()
+    }
+}
+
+/// Elements of a value [`verify`] accepted (its shape's product, which cannot overflow:
+/// verify checked the raw length against it).
+fn numel(info: &ValueInfo) -> usize {
+    info.shape.iter().map(|&d| d as usize).product()
 }
 
 /// Decodes a payload that [`verify`] accepted straight into the caller's buffer (e.g.
 /// page-locked staging for a GPU), as elements of `want`: a copy when `want` is the
 /// stored type, else a conversion (f16 <-> bf16, or f32 narrowed to either; every
-/// conversion rounds to nearest even). `dst` must be [`decoded_len`] bytes.
+/// conversion rounds to nearest even; an 8-bit value is dequantised, e.g. into a GPU's
+/// 16-bit type). Nothing converts *to* an 8-bit type here (quantising is the writer's
+/// choice, see [`Tensor::from_f32`]). `dst` must be [`decoded_len`] bytes.
 ///
 /// Same stored type: a raw value is one `memcpy`, a shuffled one is decompressed into a
 /// thread-local scratch and un-shuffled into `dst`, so a multi-GB read touches each byte
@@ -418,6 +429,11 @@ pub fn decode_payload_into(
     }
     let elem = info.dtype.size();
     let raw = info.raw_len as usize;
+    if want.is_quantized() && want != info.dtype {
+        return Err(CodecError::BadHeader(
+            "a 16- or 32-bit value cannot be read as 8 bits",
+        ));
+    }
     if want == info.dtype {
         return match (info.zstd, info.shuffled) {
             (false, _) => {
@@ -451,9 +467,38 @@ pub fn decode_payload_into(
                 Ok::<_, CodecError>(())
             })?,
         }
-        convert_elements(info.dtype, elements, want, dst);
+        if info.dtype.is_quantized() {
+            dequantize_into(&info.shape, elements, want, dst);
+        } else {
+            convert_elements(info.dtype, elements, want, dst);
+        }
         Ok(())
     })
+}
+
+/// Raw [`DType::I8`] bytes of a tensor of `shape` dequantised into elements of `to`
+/// (f32, f16 or bf16), row by row through an f32 row buffer.
+pub(crate) fn dequantize_into(shape: &[u32], raw: &[u8], to: DType, dst: &mut [u8]) {
+    let rows = crate::tensor::quant_rows(shape);
+    let n: usize = shape.iter().map(|&d| d as usize).product();
+    let row_len = n.checked_div(rows).unwrap_or(0);
+    let mut wide = vec![0f32; row_len];
+    let (scales, q) = raw.split_at(rows * 4);
+    let q: &[i8] = bytemuck::cast_slice(q);
+    let width = row_len * to.size();
+    for r in 0..rows {
+        let b = &scales[r * 4..r * 4 + 4];
+        let s = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        for (w, &v) in wide.iter_mut().zip(&q[r * row_len..(r + 1) * row_len]) {
+            *w = v as f32 * s;
+        }
+        convert_elements(
+            DType::F32,
+            bytemuck::cast_slice(&wide),
+            to,
+            &mut dst[r * width..(r + 1) * width],
+        );
+    }
 }
 
 fn decompress_exact(payload: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
@@ -488,6 +533,7 @@ pub(crate) fn convert_elements(from: DType, src: &[u8], to: DType, dst: &mut [u8
                     *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
+            DType::I8 => unreachable!("8-bit values are dequantised by rows"),
             DType::F16 | DType::BF16 => {
                 let b = &mut bits[..c];
                 bytemuck::cast_slice_mut::<u16, u8>(b).copy_from_slice(s);
@@ -505,6 +551,7 @@ pub(crate) fn convert_elements(from: DType, src: &[u8], to: DType, dst: &mut [u8
                     b.copy_from_slice(&x.to_le_bytes());
                 }
             }
+            DType::I8 => unreachable!("nothing converts to 8 bits"),
             DType::F16 | DType::BF16 => {
                 let b = &mut bits[..c];
                 if to == DType::F16 {
@@ -544,7 +591,7 @@ mod tests {
 
     #[test]
     fn roundtrip_every_dtype_and_mode() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::I8] {
             for cfg in [
                 CodecConfig::default(),
                 CodecConfig {
@@ -571,7 +618,7 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         #[test]
         fn random_tensors_roundtrip_and_flips_are_caught(
-            dtype in 0u8..3,
+            dtype in 0u8..4,
             dims in proptest::collection::vec(1u32..9, 1..5),
             seed in 0u32..1000,
             level in proptest::option::of(-3i32..6),
@@ -594,7 +641,7 @@ mod tests {
 
     #[test]
     fn decode_into_matches_decode_for_every_type_pair() {
-        for stored in [DType::F32, DType::F16, DType::BF16] {
+        for stored in [DType::F32, DType::F16, DType::BF16, DType::I8] {
             for cfg in [
                 CodecConfig::default(),
                 CodecConfig {
@@ -618,6 +665,14 @@ mod tests {
                 }
                 let mut short = vec![0u8; decoded_len(&info, DType::F16) - 2];
                 assert!(decode_payload_into(&info, payload, DType::F16, &mut short).is_err());
+                if stored == DType::I8 {
+                    let mut same = vec![0u8; decoded_len(&info, DType::I8)];
+                    decode_payload_into(&info, payload, DType::I8, &mut same).unwrap();
+                    assert_eq!(same, t.as_bytes());
+                } else {
+                    let mut q = vec![0u8; t.numel() + 4 * 3 * 17 * 2];
+                    assert!(decode_payload_into(&info, payload, DType::I8, &mut q).is_err());
+                }
             }
         }
     }

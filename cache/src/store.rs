@@ -129,6 +129,8 @@ pub struct DocInfo {
     pub tenant: String,
     /// Number of blocks.
     pub blocks: usize,
+    /// Stored element type of its KV.
+    pub dtype: DType,
     /// Stored bytes of its blocks (shared blocks counted in full).
     pub stored_bytes: u64,
     /// Decoded bytes of its blocks.
@@ -1017,6 +1019,7 @@ fn doc_info(e: &DocEntry) -> DocInfo {
         doc: e.manifest.doc.clone(),
         tenant: e.manifest.tenant.clone(),
         blocks: e.manifest.blocks.len(),
+        dtype: e.manifest.dtype,
         stored_bytes: e.manifest.stored_bytes(),
         raw_bytes: e.manifest.raw_bytes(),
         created_ms: e.manifest.created_ms,

@@ -26,14 +26,41 @@ pub enum DType {
     F16 = 1,
     /// bfloat16.
     BF16 = 2,
+    /// Symmetric 8-bit integers with one f32 scale per row of the last dimension
+    /// (`x = q * scale`, `scale = max|row| / 127`): about half the bytes of f16. The
+    /// caller picks the scale granularity through the shape (a KV block stored as
+    /// `[2, heads, tokens * head_dim]` has one scale per block and head). Raw bytes:
+    /// the scales (little-endian f32, one per row), then the elements.
+    I8 = 3,
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element (for [`DType::I8`], without the per-row scales: see
+    /// [`DType::raw_len`]).
     pub const fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::I8 => 1,
+        }
+    }
+
+    /// Whether elements carry per-row scales (an 8-bit type).
+    pub const fn is_quantized(self) -> bool {
+        matches!(self, DType::I8)
+    }
+
+    /// Raw bytes of a tensor of `shape` in this type (elements, plus the per-row scales
+    /// of a quantised type); `None` on overflow.
+    pub fn raw_len(self, shape: &[u32]) -> Option<usize> {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))?;
+        let elements = n.checked_mul(self.size())?;
+        if self.is_quantized() {
+            elements.checked_add(quant_rows(shape).checked_mul(4)?)
+        } else {
+            Some(elements)
         }
     }
 
@@ -48,16 +75,61 @@ impl DType {
             0 => Some(DType::F32),
             1 => Some(DType::F16),
             2 => Some(DType::BF16),
+            3 => Some(DType::I8),
             _ => None,
         }
     }
 
-    /// Lower-case name (`f32`, `f16`, `bf16`).
+    /// Lower-case name (`f32`, `f16`, `bf16`, `int8`).
     pub const fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::I8 => "int8",
+        }
+    }
+}
+
+/// Rows of a quantised tensor: one scale each (a row is the last dimension; a rank-0 or
+/// empty-last-dimension tensor has as many rows as the leading dimensions say).
+pub(crate) fn quant_rows(shape: &[u32]) -> usize {
+    match shape.split_last() {
+        None => 1,
+        Some((_, lead)) => lead.iter().map(|&d| d as usize).product(),
+    }
+}
+
+/// Quantises `row` to symmetric int8 into `q`; returns the scale (`max|x| / 127`, 0 for
+/// an all-zero row). Round to nearest; non-finite inputs saturate.
+pub fn quantize_row_i8(row: &[f32], q: &mut [i8]) -> f32 {
+    let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        q.fill(0);
+        return 0.0;
+    }
+    // The same arithmetic as compute's `kv8::quantize_group`: one quantiser, bit for bit.
+    let scale = amax / 127.0;
+    let inv = 127.0 / amax;
+    for (d, &x) in q.iter_mut().zip(row) {
+        *d = (x * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    scale
+}
+
+/// Dequantised f32 elements of raw [`DType::I8`] bytes (`rows` scales, then the elements,
+/// rows of `row_len`) into `dst`.
+pub(crate) fn dequantize_i8(raw: &[u8], rows: usize, row_len: usize, dst: &mut [f32]) {
+    let (scales, q) = raw.split_at(rows * 4);
+    for (r, (out, qs)) in dst
+        .chunks_mut(row_len.max(1))
+        .zip(q.chunks(row_len.max(1)))
+        .enumerate()
+    {
+        let b = &scales[r * 4..r * 4 + 4];
+        let s = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        for (o, &v) in out.iter_mut().zip(qs) {
+            *o = (v as i8) as f32 * s;
         }
     }
 }
@@ -71,15 +143,28 @@ pub enum TensorData {
     F16(Vec<f16>),
     /// bf16 elements.
     BF16(Vec<bf16>),
+    /// [`DType::I8`]: the raw bytes (per-row f32 scales, then the elements) and the
+    /// element count.
+    I8 {
+        /// Scales (f32, one per row), then the elements.
+        raw: Vec<u8>,
+        /// Element count.
+        numel: usize,
+    },
 }
 
 impl TensorData {
-    /// Zeroed storage of `n` elements.
-    pub fn zeros(dtype: DType, n: usize) -> Self {
+    /// Zeroed storage of `n` elements in `rows` rows (rows matter only for a quantised
+    /// type: one scale each).
+    pub fn zeros(dtype: DType, n: usize, rows: usize) -> Self {
         match dtype {
             DType::F32 => TensorData::F32(vec![0.0; n]),
             DType::F16 => TensorData::F16(vec![f16::ZERO; n]),
             DType::BF16 => TensorData::BF16(vec![bf16::ZERO; n]),
+            DType::I8 => TensorData::I8 {
+                raw: vec![0; n + 4 * rows],
+                numel: n,
+            },
         }
     }
 
@@ -89,6 +174,7 @@ impl TensorData {
             TensorData::F32(_) => DType::F32,
             TensorData::F16(_) => DType::F16,
             TensorData::BF16(_) => DType::BF16,
+            TensorData::I8 { .. } => DType::I8,
         }
     }
 
@@ -98,6 +184,7 @@ impl TensorData {
             TensorData::F32(v) => v.len(),
             TensorData::F16(v) => v.len(),
             TensorData::BF16(v) => v.len(),
+            TensorData::I8 { numel, .. } => *numel,
         }
     }
 
@@ -112,6 +199,7 @@ impl TensorData {
             TensorData::F32(v) => bytemuck::cast_slice(v),
             TensorData::F16(v) => bytemuck::cast_slice(v),
             TensorData::BF16(v) => bytemuck::cast_slice(v),
+            TensorData::I8 { raw, .. } => raw,
         }
     }
 
@@ -121,6 +209,7 @@ impl TensorData {
             TensorData::F32(v) => bytemuck::cast_slice_mut(v),
             TensorData::F16(v) => bytemuck::cast_slice_mut(v),
             TensorData::BF16(v) => bytemuck::cast_slice_mut(v),
+            TensorData::I8 { raw, .. } => raw,
         }
     }
 }
@@ -155,11 +244,20 @@ impl Tensor {
                 data.len()
             )));
         }
+        if data.as_bytes().len() != data.dtype().raw_len(&shape).unwrap_or(usize::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "shape {shape:?} needs {:?} raw bytes of {}, data has {}",
+                data.dtype().raw_len(&shape),
+                data.dtype().name(),
+                data.as_bytes().len()
+            )));
+        }
         Ok(Tensor { shape, data })
     }
 
     /// Converts f32 values (row-major for `shape`) to `dtype`. f16 conversion uses the
-    /// CPU's F16C instructions when present (round to nearest even).
+    /// CPU's F16C instructions when present (round to nearest even); [`DType::I8`]
+    /// quantises each row (last dimension) with its own scale.
     pub fn from_f32(dtype: DType, shape: Vec<u32>, values: &[f32]) -> Result<Self> {
         Self::from_f32_parts(dtype, shape, &[values])
     }
@@ -174,7 +272,27 @@ impl Tensor {
                 "shape {shape:?} has {n} elements, parts have {total}"
             )));
         }
-        let mut data = TensorData::zeros(dtype, n);
+        let rows = quant_rows(&shape);
+        let mut data = TensorData::zeros(dtype, n, rows);
+        if let TensorData::I8 { raw, .. } = &mut data {
+            let values: Vec<f32>;
+            let all: &[f32] = if parts.len() == 1 {
+                parts[0]
+            } else {
+                values = parts.concat();
+                &values
+            };
+            let row_len = n.checked_div(rows).unwrap_or(0);
+            let (scales, q) = raw.split_at_mut(rows * 4);
+            let q: &mut [i8] = bytemuck::cast_slice_mut(q);
+            if row_len > 0 {
+                for (r, (row, qr)) in all.chunks(row_len).zip(q.chunks_mut(row_len)).enumerate() {
+                    let s = quantize_row_i8(row, qr);
+                    scales[r * 4..r * 4 + 4].copy_from_slice(&s.to_le_bytes());
+                }
+            }
+            return Ok(Tensor { shape, data });
+        }
         let mut off = 0;
         for p in parts {
             let r = off..off + p.len();
@@ -182,6 +300,7 @@ impl Tensor {
                 TensorData::F32(v) => v[r].copy_from_slice(p),
                 TensorData::F16(v) => v[r].convert_from_f32_slice(p),
                 TensorData::BF16(v) => v[r].convert_from_f32_slice(p),
+                TensorData::I8 { .. } => unreachable!("quantised above"),
             }
             off += p.len();
         }
@@ -221,9 +340,10 @@ impl Tensor {
         self.data.len()
     }
 
-    /// Size of the element bytes (what "decoded bytes" means in metrics).
+    /// Size of the raw bytes (elements and any scales; what "decoded bytes" means in
+    /// metrics).
     pub fn byte_len(&self) -> usize {
-        self.data.len() * self.dtype().size()
+        self.data.as_bytes().len()
     }
 
     /// Little-endian element bytes.
@@ -231,9 +351,20 @@ impl Tensor {
         self.data.as_bytes()
     }
 
-    /// Widens every element to f32.
+    /// Widens every element to f32 (dequantises an 8-bit tensor).
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
+            TensorData::I8 { raw, numel } => {
+                let rows = quant_rows(&self.shape);
+                let mut out = vec![0.0; *numel];
+                dequantize_i8(
+                    raw,
+                    rows,
+                    numel.checked_div(rows).unwrap_or(0),
+                    &mut out,
+                );
+                out
+            }
             TensorData::F32(v) => v.clone(),
             TensorData::F16(v) => {
                 let mut out = vec![0.0; v.len()];
@@ -256,8 +387,83 @@ impl Tensor {
         }
     }
 
+    /// An 8-bit tensor's per-row scales and elements (row-major, a row being the last
+    /// dimension), if this is one.
+    pub fn as_i8(&self) -> Option<(Vec<f32>, &[i8])> {
+        match &self.data {
+            TensorData::I8 { raw, .. } => {
+                let (scales, q) = raw.split_at(quant_rows(&self.shape) * 4);
+                let scales = scales
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                Some((scales, bytemuck::cast_slice(q)))
+            }
+            _ => None,
+        }
+    }
+
     /// Consumes the tensor and returns shape and storage.
     pub fn into_parts(self) -> (Vec<u32>, TensorData) {
         (self.shape, self.data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Symmetric round-to-nearest int8: every element is within half a step (`scale / 2`,
+    /// `scale = max|row| / 127`) of its input, plus f32 rounding.
+    #[test]
+    fn i8_round_trip_error_is_within_half_a_step() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+        };
+        for (rows, row_len, amp) in [
+            (1usize, 1usize, 1.0f32),
+            (7, 64, 3.0),
+            (33, 128, 40.0),
+            (5, 3, 1e-3),
+        ] {
+            // Rows of different magnitudes, one with an outlier, one all zero.
+            let mut vals: Vec<f32> = (0..rows * row_len).map(|_| next() * amp).collect();
+            if rows > 2 {
+                vals[row_len] = 50.0 * amp;
+                vals[2 * row_len..3 * row_len].fill(0.0);
+            }
+            let t = Tensor::from_f32(DType::I8, vec![rows as u32, row_len as u32], &vals).unwrap();
+            assert_eq!(t.byte_len(), rows * row_len + 4 * rows);
+            let (scales, _) = t.as_i8().unwrap();
+            let back = t.to_f32();
+            for r in 0..rows {
+                let row = &vals[r * row_len..(r + 1) * row_len];
+                let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!((scales[r] - amax / 127.0).abs() <= 1e-6 * amax);
+                for (x, y) in row.iter().zip(&back[r * row_len..(r + 1) * row_len]) {
+                    let bound = scales[r] * 0.5 * (1.0 + 1e-5) + 1e-30;
+                    assert!((x - y).abs() <= bound, "row {r}: {x} -> {y}, bound {bound}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn i8_raw_length_counts_the_scales() {
+        assert_eq!(
+            DType::I8.raw_len(&[2, 3, 5, 8]),
+            Some(2 * 3 * 5 * 8 + 4 * 30)
+        );
+        assert_eq!(DType::I8.raw_len(&[2, 3, 40]), Some(240 + 4 * 6));
+        assert_eq!(DType::F16.raw_len(&[2, 3, 40]), Some(480));
+        let bad = TensorData::I8 {
+            raw: vec![0; 10],
+            numel: 10,
+        };
+        assert!(Tensor::new(vec![2, 5], bad).is_err());
     }
 }

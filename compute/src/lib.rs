@@ -21,6 +21,7 @@ pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod kv8;
 pub mod model;
 pub mod partial;
 pub mod prompt;

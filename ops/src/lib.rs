@@ -179,11 +179,15 @@ pub fn ingest(
     id: &str,
     text: &str,
     block_size: Option<usize>,
+    kv_dtype: Option<&str>,
     progress: bool,
 ) -> OpsResult {
     let mut body = json!({ "id": id, "text": text });
     if let Some(b) = block_size {
         body["block_size"] = json!(b);
+    }
+    if let Some(d) = kv_dtype {
+        body["kv_dtype"] = json!(d);
     }
     target.call("POST", "/v1/documents", Some(&body))?;
     let bar = progress.then(|| {
@@ -320,6 +324,7 @@ pub fn show(target: &Target, id: &str) -> OpsResult {
         "id": id, "state": "ready", "version": info.doc.version, "tokens": tokens, "blocks": info.blocks, "stored_bytes": info.stored_bytes,
         "raw_bytes": info.raw_bytes, "created_ms": info.created_ms, "last_used_ms": info.state.last_used_ms,
         "pinned": info.state.pinned, "ttl_ms": info.state.ttl_ms,
+        "kv_dtype": starkv_service::KvDtype::of_stored(info.dtype).name(), "stored_dtype": info.dtype.name(),
     }))
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use starkv_cache::{BlockStore, DocRef, DocSpec, MergeOptions};
+use starkv_cache::{BlockStore, DType, DocRef, DocSpec, MergeOptions};
 use starkv_compute::backend::BlockId;
 use starkv_compute::prompt;
 use starkv_compute::star::StarConfig;
@@ -24,6 +24,52 @@ pub struct IngestRequest {
     pub merge: MergeOptions,
     pub pinned: bool,
     pub ttl_ms: Option<u64>,
+    /// How the document's KV is stored and held.
+    pub kv_dtype: KvDtype,
+}
+
+/// The precision of a document's KV, chosen per document at ingest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// 16 bits: f16 on a CPU host, the GPU's 16-bit type (bf16) on a GPU host.
+    #[default]
+    F16,
+    /// Symmetric int8 with one f32 scale per token and KV head (about 0.53x the bytes of
+    /// f16 before compression), held and attended in 8 bits on the CPU.
+    Int8,
+}
+
+impl KvDtype {
+    /// Every accepted value, as a request spells it.
+    pub const NAMES: [&'static str; 2] = ["f16", "int8"];
+
+    /// The request's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F16 => "f16",
+            KvDtype::Int8 => "int8",
+        }
+    }
+
+    /// Parses a request's value (`f16`, `int8`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f16" => Some(KvDtype::F16),
+            "int8" => Some(KvDtype::Int8),
+            _ => None,
+        }
+    }
+
+    /// The request's spelling of a stored type (`bf16` on a GPU host is the 16-bit
+    /// choice too).
+    pub fn of_stored(dtype: DType) -> Self {
+        if dtype == DType::I8 {
+            KvDtype::Int8
+        } else {
+            KvDtype::F16
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +103,12 @@ impl Service {
                     "merge_temperature and merge_scale are not supported with shard workers yet"
                         .into(),
                 ));
+            }
+            if req.kv_dtype != KvDtype::F16 {
+                return Err(ServiceError::Invalid(format!(
+                    "kv_dtype {} is not supported with a cluster yet; use f16",
+                    req.kv_dtype.name()
+                )));
             }
             return cluster.ingest(self, req, tokens, progress);
         }
@@ -114,7 +166,13 @@ impl Service {
             if ingest.reuse_block(key, range.start as u64, range.len() as u32) {
                 reused += 1;
             } else {
-                let block = encoder.encode_block_resident(i, key.0)?;
+                // An 8-bit document's blocks are not kept resident as encoded (16 bits
+                // on a GPU): every query then attends to the stored 8-bit values.
+                let block = if spec_dtype == DType::I8 {
+                    encoder.encode_block(i)?
+                } else {
+                    encoder.encode_block_resident(i, key.0)?
+                };
                 ingest.put_block(
                     key,
                     range.start as u64,
@@ -141,9 +199,13 @@ impl Service {
         spec.model_fingerprint = self.model_fingerprint.clone();
         spec.tokenizer_fingerprint = self.model.tokenizer.fingerprint().to_vec();
         spec.kv_layout_version = KV_LAYOUT_VERSION;
-        // The device's 16-bit type on a GPU host (a cold load is then a copy), else f16.
-        // Part of every block key: a coordinator and its workers must agree on it.
-        spec.dtype = crate::cold::kv_dtype(self.backend.stored_half_type());
+        // The device's 16-bit type on a GPU host (a cold load is then a copy), else f16;
+        // or 8 bits when the request asks. Part of every block key: a coordinator and its
+        // workers must agree on it, and 8-bit KV is different KV.
+        spec.dtype = match req.kv_dtype {
+            KvDtype::F16 => crate::cold::kv_dtype(self.backend.stored_half_type()),
+            KvDtype::Int8 => DType::I8,
+        };
         spec.block_size = req.block_size as u32;
         spec.anchor_size = req.anchor_size as u32;
         spec.merge = req.merge;
@@ -172,6 +234,7 @@ impl Service {
             merge: MergeOptions::default(),
             pinned: false,
             ttl_ms: None,
+            kv_dtype: KvDtype::F16,
         };
         let mut spec = self.doc_spec(&req, &[]);
         spec.anchor_size = anchor_size as u32;

@@ -68,6 +68,9 @@ struct Spooled {
     pinned: bool,
     ttl_ms: Option<u64>,
     submitted_ms: u64,
+    /// Absent in a job spooled before 8-bit KV existed: f16.
+    #[serde(default)]
+    kv_dtype: crate::KvDtype,
 }
 
 /// Why a job was not accepted.
@@ -139,6 +142,7 @@ impl Jobs {
             merge: Some((req.merge.temperature(), req.merge.scale())),
             pinned: req.pinned,
             ttl_ms: req.ttl_ms,
+            kv_dtype: req.kv_dtype,
             submitted_ms: now_ms(),
         };
         self.enqueue(spooled, false)
@@ -235,6 +239,7 @@ impl Jobs {
                     .map_or_else(Default::default, |(t, s)| MergeOptions::new(t, s)),
                 pinned: job.pinned,
                 ttl_ms: job.ttl_ms,
+                kv_dtype: job.kv_dtype,
             };
             let progress = |done: usize, total: usize| {
                 self.set_state(

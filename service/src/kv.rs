@@ -1,11 +1,13 @@
-//! The glue between compute's KV blocks ([`BlockKv`], f32, head-major) and the store's
-//! tensors (one per layer, `[2, kv_heads, tokens, head_dim]` in f16), and the cache of
-//! decoded, compute-ready blocks.
+//! The glue between compute's KV blocks ([`BlockKv`], f32 or 8-bit, head-major) and the
+//! store's tensors (one per layer, `[2, kv_heads, tokens, head_dim]` in f16, bf16 or
+//! int8 with one scale per row: per token and KV head), and the cache of decoded,
+//! compute-ready blocks (an 8-bit document's blocks stay in 8 bits there).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use starkv_cache::{BlockKey, DType, Tensor};
+use starkv_compute::kv8::Kv8;
 use starkv_compute::partial::HeadShape;
 use starkv_compute::star::BlockKv;
 
@@ -54,6 +56,9 @@ pub(crate) fn from_tensors(
         )));
     }
     let len = dims[2] as usize;
+    if first.dtype() == DType::I8 {
+        return from_i8_tensors(layers, start, len, shape);
+    }
     let mut block = BlockKv::new(start, len, shape, layers.len());
     for (l, t) in layers.iter().enumerate() {
         let mut values = t.to_f32();
@@ -61,6 +66,38 @@ pub(crate) fn from_tensors(
         block.layers[l] = (values, v);
     }
     Ok(block)
+}
+
+/// An 8-bit block: the stored elements and per-row scales, kept in 8 bits.
+fn from_i8_tensors(
+    layers: &[Arc<Tensor>],
+    start: usize,
+    len: usize,
+    shape: HeadShape,
+) -> ServiceResult<BlockKv> {
+    let half = shape.n_kv_heads * len;
+    let kv8 = layers
+        .iter()
+        .map(|t| {
+            let (scales, q) = t.as_i8().ok_or_else(|| {
+                ServiceError::Conflict("a block mixes 8-bit and 16-bit layers".into())
+            })?;
+            if t.shape() != layers[0].shape() || scales.len() != 2 * half {
+                return Err(ServiceError::Conflict(format!(
+                    "stored 8-bit KV shape {:?} does not fit the model",
+                    t.shape()
+                )));
+            }
+            let (qk, qv) = q.split_at(q.len() / 2);
+            let part = |q: &[i8], s: &[f32]| Kv8 {
+                q: q.to_vec(),
+                scales: s.to_vec(),
+                rows_per_scale: 1,
+            };
+            Ok((part(qk, &scales[..half]), part(qv, &scales[half..])))
+        })
+        .collect::<ServiceResult<Vec<_>>>()?;
+    Ok(BlockKv::quantized(start, len, shape, kv8))
 }
 
 /// A byte-bounded LRU of compute-ready blocks.

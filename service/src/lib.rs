@@ -28,7 +28,7 @@ pub mod scope;
 mod stored;
 
 pub use error::{ServiceError, ServiceResult};
-pub use ingest::{IngestOutcome, IngestRequest};
+pub use ingest::{IngestOutcome, IngestRequest, KvDtype};
 pub use kv::KV_LAYOUT_VERSION;
 pub use query::{QueryOutcome, QueryRequest};
 pub use scope::DedupScope;

@@ -33,6 +33,7 @@ fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {
         merge: Default::default(),
         pinned: false,
         ttl_ms: None,
+        kv_dtype: Default::default(),
     };
     let outcome = service.ingest(&req, tokens, &|_, _| {}).unwrap();
     assert!(outcome.blocks >= 3);

@@ -44,6 +44,10 @@ pub enum OpsCommand {
         /// Tokens per block (default: the server's `block_size`).
         #[arg(long)]
         block_size: Option<usize>,
+        /// KV precision: f16 (the default; bf16 on a GPU host) or int8 (about half the
+        /// bytes).
+        #[arg(long, value_parser = starkv_service::KvDtype::NAMES)]
+        kv_dtype: Option<String>,
     },
     /// Ask a question about a document (needs --server); the answer streams to stdout.
     #[command(after_help = ASK_EXAMPLES)]
@@ -140,6 +144,7 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
             file,
             id,
             block_size,
+            kv_dtype,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -151,7 +156,14 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
                     )
                 })
             });
-            let result = starkv_ops::ingest(&target, &id, &text, block_size, !args.json);
+            let result = starkv_ops::ingest(
+                &target,
+                &id,
+                &text,
+                block_size,
+                kv_dtype.as_deref(),
+                !args.json,
+            );
             (result, View::Ingest)
         }
         OpsCommand::Ask {

@@ -15,9 +15,9 @@ use super::extract::{ApiPath, ApiQuery};
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
 use starkv_cache::MergeOptions;
-use starkv_service::IngestRequest;
 use starkv_service::jobs::{Job, JobState, SubmitError};
 use starkv_service::limits::seconds_to_ms;
+use starkv_service::{IngestRequest, KvDtype};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +37,8 @@ pub struct CreateDocument {
     /// APE's tempered merge of the context blocks at query time (issue 14).
     merge_temperature: Option<f32>,
     merge_scale: Option<f32>,
+    /// KV precision: `f16` (default) or `int8`.
+    kv_dtype: Option<String>,
 }
 
 /// Accepted range of `merge_temperature` (bounds exact in f32 and f64, so the OpenAPI
@@ -135,6 +137,15 @@ pub async fn create(
         ));
     }
     let merge = validate_merge(body.merge_temperature, body.merge_scale)?.unwrap_or_default();
+    let kv_dtype = match body.kv_dtype.as_deref() {
+        None => KvDtype::F16,
+        Some(name) => KvDtype::parse(name).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`kv_dtype` must be one of {}",
+                KvDtype::NAMES.join(", ")
+            ))
+        })?,
+    };
     let ttl_ms = body
         .ttl_seconds
         .map(|s| seconds_to_ms("ttl_seconds", s))
@@ -169,6 +180,7 @@ pub async fn create(
         merge,
         pinned: body.pin,
         ttl_ms,
+        kv_dtype,
     };
     let mut changes = state.jobs.subscribe();
     match state.jobs.submit(req) {
@@ -364,6 +376,8 @@ async fn document_view(
                 "state": "ready",
                 "version": info.doc.version,
                 "blocks": info.blocks,
+                "kv_dtype": KvDtype::of_stored(info.dtype).name(),
+                "stored_dtype": info.dtype.name(),
                 "stored_bytes": info.stored_bytes,
                 "raw_bytes": info.raw_bytes,
                 "created_ms": info.created_ms,

@@ -123,7 +123,11 @@ fn schemas(config: &ServerConfig) -> Value {
                     "description": "ingest a document longer than the model's context_length"
                 },
                 "merge_temperature": merge_temperature.clone(),
-                "merge_scale": merge_scale.clone()
+                "merge_scale": merge_scale.clone(),
+                "kv_dtype": {
+                    "type": "string", "enum": starkv_service::KvDtype::NAMES,
+                    "description": "KV precision: f16 (default; bf16 on a GPU host) or int8 (symmetric, one scale per token and KV head: about half the bytes)"
+                }
             }
         },
         "Document": {
@@ -136,6 +140,8 @@ fn schemas(config: &ServerConfig) -> Value {
                 "reason": { "type": "string" },
                 "version": { "type": "integer", "minimum": 0 },
                 "blocks": { "type": "integer", "minimum": 0 },
+                "kv_dtype": { "type": "string", "enum": starkv_service::KvDtype::NAMES },
+                "stored_dtype": { "type": "string", "enum": ["f16", "bf16", "int8"] },
                 "reused_blocks": { "type": "integer", "minimum": 0 },
                 "tokens": { "type": "integer", "minimum": 0 },
                 "stored_bytes": { "type": "integer", "minimum": 0 },

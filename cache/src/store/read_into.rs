@@ -105,12 +105,18 @@ impl Inner {
             ))
         };
         if let Some(t) = self.hot.get(key, layer) {
-            let n = t.numel() * want.size();
-            if n != dst.len() {
+            let n = if t.dtype() == want {
+                t.byte_len()
+            } else {
+                t.numel() * want.size()
+            };
+            if n != dst.len() || (want.is_quantized() && t.dtype() != want) {
                 return Err(size_error(n));
             }
             if t.dtype() == want {
                 dst.copy_from_slice(t.as_bytes());
+            } else if t.dtype().is_quantized() {
+                codec::dequantize_into(t.shape(), t.as_bytes(), want, dst);
             } else {
                 codec::convert_elements(t.dtype(), t.as_bytes(), want, dst);
             }

@@ -131,7 +131,8 @@ impl CudaBackend {
                 Some(b) => resident.push(b),
                 None => {
                     params.cancel.check()?;
-                    host.push(load(i)?);
+                    // An 8-bit block is widened here: the GPU tier holds 16 bits.
+                    host.push(load(i)?.dequantized());
                     host_keys.push(keys[i]);
                 }
             }
@@ -293,7 +294,7 @@ impl CudaBackend {
             let block = match block {
                 Some(b) => b,
                 None => {
-                    let host = load(i)?;
+                    let host = load(i)?.dequantized();
                     let _model = self.lock_model()?;
                     let up = Arc::new(GpuBlock::upload(&self.gpu, &host).map_err(Error::from)?);
                     self.lock_tier().insert(keys[i], up.clone());

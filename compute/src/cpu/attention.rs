@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::matmul::{Transpose, gemm_f32, gemm_f32_acc};
 use super::ops::exp_shifted_sum;
+use crate::kv8::{Kv8, dequantize_rows};
 pub use crate::partial::{Attended, HeadShape, merge_into};
 
 const Q_TILE: usize = 32;
@@ -33,6 +34,52 @@ pub struct KvView<'a> {
     pub len: usize,
     pub row_stride: usize,
     pub head_stride: usize,
+}
+
+/// Borrowed 8-bit keys and values of one block layer (head-major `[heads][block_len]
+/// [head_dim]` with per-row-group scales, see [`Kv8`]): tokens `first..first + len`.
+#[derive(Clone, Copy)]
+pub struct Kv8View<'a> {
+    pub k: &'a Kv8,
+    pub v: &'a Kv8,
+    pub first: usize,
+    pub len: usize,
+    pub block_len: usize,
+    pub head_dim: usize,
+}
+
+/// Keys and values in the precision they are held in.
+#[derive(Clone, Copy)]
+pub enum KvSource<'a> {
+    F32(KvView<'a>),
+    /// Dequantised one key tile at a time inside the attention loop.
+    I8(Kv8View<'a>),
+}
+
+impl<'a> KvSource<'a> {
+    fn len(&self) -> usize {
+        match self {
+            KvSource::F32(v) => v.len,
+            KvSource::I8(v) => v.len,
+        }
+    }
+
+    /// Tokens `c0..c0 + n` of this source.
+    fn chunk(&self, c0: usize, n: usize) -> Self {
+        match *self {
+            KvSource::F32(kv) => KvSource::F32(KvView {
+                k: &kv.k[c0 * kv.row_stride..],
+                v: &kv.v[c0 * kv.row_stride..],
+                len: n,
+                ..kv
+            }),
+            KvSource::I8(kv) => KvSource::I8(Kv8View {
+                first: kv.first + c0,
+                len: n,
+                ..kv
+            }),
+        }
+    }
 }
 
 /// Which keys a query row may see.
@@ -71,6 +118,22 @@ pub fn attention_into(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    attention_source_into(q, m, KvSource::F32(kv), shape, mask, scale, out, lse)
+}
+
+/// As [`attention_into`] over keys and values in either precision: 8-bit ones are
+/// dequantised one key tile at a time into a per-task scratch of `K_TILE` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_source_into(
+    q: &[f32],
+    m: usize,
+    kv: KvSource<'_>,
+    shape: HeadShape,
+    mask: Mask,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     let d = shape.head_dim;
     assert_eq!(q.len(), m * shape.q_width(), "attention: q shape");
     assert_eq!(out.len(), m * shape.q_width(), "attention: out shape");
@@ -79,18 +142,34 @@ pub fn attention_into(
         shape.n_heads.is_multiple_of(shape.n_kv_heads),
         "attention: heads not a multiple of kv heads"
     );
-    if kv.len > 0 {
-        let last = (shape.n_kv_heads - 1) * kv.head_stride + (kv.len - 1) * kv.row_stride + d;
-        assert!(
-            kv.k.len() >= last && kv.v.len() >= last,
-            "attention: kv view out of bounds"
-        );
+    match kv {
+        KvSource::F32(kv) if kv.len > 0 => {
+            let last = (shape.n_kv_heads - 1) * kv.head_stride + (kv.len - 1) * kv.row_stride + d;
+            assert!(
+                kv.k.len() >= last && kv.v.len() >= last,
+                "attention: kv view out of bounds"
+            );
+        }
+        KvSource::I8(kv) => {
+            let rows = shape.n_kv_heads * kv.block_len;
+            assert!(
+                kv.head_dim == d
+                    && kv.first + kv.len <= kv.block_len
+                    && kv.k.q.len() == rows * d
+                    && kv.v.q.len() == rows * d
+                    && kv.k.scales.len() * kv.k.rows_per_scale >= rows
+                    && kv.v.scales.len() * kv.v.rows_per_scale >= rows,
+                "attention: 8-bit kv view out of bounds"
+            );
+        }
+        _ => {}
     }
+    let kv_len = kv.len();
     let n_tiles = m.div_ceil(Q_TILE);
     // Few query rows over many keys (decoding): (KV head, tile) tasks are too few to keep
     // every thread busy, so the keys are split into chunks attended in parallel and their
     // (O, lse) merged exactly, as flash-decoding does.
-    let n_chunks = kv.len.div_ceil(SPLIT_CHUNK);
+    let n_chunks = kv_len.div_ceil(SPLIT_CHUNK);
     let splittable = match mask {
         Mask::None => true,
         // Every chunk must start at a key row 0 can see, so each chunk's mask is causal
@@ -103,19 +182,25 @@ pub fn attention_into(
             .into_par_iter()
             .map(|c| {
                 let c0 = c * SPLIT_CHUNK;
-                let chunk = KvView {
-                    k: &kv.k[c0 * kv.row_stride..],
-                    v: &kv.v[c0 * kv.row_stride..],
-                    len: SPLIT_CHUNK.min(kv.len - c0),
-                    ..kv
-                };
+                let chunk = kv.chunk(c0, SPLIT_CHUNK.min(kv_len - c0));
                 let chunk_mask = match mask {
                     Mask::None => Mask::None,
                     Mask::Causal { offset } => Mask::Causal {
                         offset: offset - c0,
                     },
                 };
-                attention(q, m, chunk, shape, chunk_mask, scale)
+                let mut part = Attended::empty(m, shape);
+                attention_source_into(
+                    q,
+                    m,
+                    chunk,
+                    shape,
+                    chunk_mask,
+                    scale,
+                    &mut part.out,
+                    &mut part.lse,
+                );
+                part
             })
             .collect();
         let mut acc = Attended::empty(m, shape);
@@ -163,7 +248,7 @@ unsafe fn attend_tile(
     q0: usize,
     rows: usize,
     kv_head: usize,
-    kv: KvView<'_>,
+    kv: KvSource<'_>,
     shape: HeadShape,
     mask: Mask,
     scale: f32,
@@ -171,6 +256,7 @@ unsafe fn attend_tile(
     lse: SyncPtr,
     m: usize,
 ) {
+    let kv_len = kv.len();
     let d = shape.head_dim;
     let qw = shape.q_width();
     let group = shape.group();
@@ -186,23 +272,39 @@ unsafe fn attend_tile(
     }
     // Keys visible to the last row of the tile bound the loop.
     let n_keys = match mask {
-        Mask::None => kv.len,
-        Mask::Causal { offset } => kv.len.min(q0 + rows + offset),
+        Mask::None => kv_len,
+        Mask::Causal { offset } => kv_len.min(q0 + rows + offset),
     };
     let mut acc = vec![0f32; packed * d];
     let mut row_max = vec![f32::NEG_INFINITY; packed];
     let mut row_sum = vec![0f32; packed];
     let mut scores = vec![0f32; packed * K_TILE];
-    let (k_head, v_head) = if n_keys > 0 {
-        (
-            &kv.k[kv_head * kv.head_stride..],
-            &kv.v[kv_head * kv.head_stride..],
-        )
-    } else {
-        (&[][..], &[][..])
+    // An 8-bit source is dequantised tile by tile into this scratch.
+    let mut tile_buf = match kv {
+        KvSource::I8(_) => vec![0f32; K_TILE.min(n_keys) * d],
+        KvSource::F32(_) => Vec::new(),
     };
     for k0 in (0..n_keys).step_by(K_TILE) {
         let kc = K_TILE.min(n_keys - k0);
+        // Keys k0..k0 + kc of this head: a pointer and a row stride.
+        let tile = |which: usize, buf: &mut Vec<f32>| -> (*const f32, usize) {
+            match kv {
+                KvSource::F32(kv) => {
+                    let x = if which == 0 { kv.k } else { kv.v };
+                    (
+                        x[kv_head * kv.head_stride + k0 * kv.row_stride..].as_ptr(),
+                        kv.row_stride,
+                    )
+                }
+                KvSource::I8(kv) => {
+                    let x = if which == 0 { kv.k } else { kv.v };
+                    let first = kv_head * kv.block_len + kv.first + k0;
+                    dequantize_rows(x, d, first, kc, &mut buf[..kc * d]);
+                    (buf.as_ptr(), d)
+                }
+            }
+        };
+        let (k_ptr, k_stride) = tile(0, &mut tile_buf);
         // SAFETY: shapes were checked by the caller; scores holds packed x kc.
         unsafe {
             gemm_f32(
@@ -213,8 +315,8 @@ unsafe fn attend_tile(
                 kc,
                 q_pack.as_ptr(),
                 d,
-                k_head[k0 * kv.row_stride..].as_ptr(),
-                Transpose::Yes(kv.row_stride),
+                k_ptr,
+                Transpose::Yes(k_stride),
             );
         }
         for p in 0..packed {
@@ -249,6 +351,7 @@ unsafe fn attend_tile(
                 }
             }
         }
+        let (v_ptr, v_stride) = tile(1, &mut tile_buf);
         // SAFETY: as above; acc holds packed x d.
         unsafe {
             gemm_f32_acc(
@@ -259,8 +362,8 @@ unsafe fn attend_tile(
                 d,
                 scores.as_ptr(),
                 kc,
-                v_head[k0 * kv.row_stride..].as_ptr(),
-                Transpose::No(kv.row_stride),
+                v_ptr,
+                Transpose::No(v_stride),
             );
         }
     }

@@ -1,6 +1,7 @@
 //! One context block's keys and values, for every layer.
 
-use crate::cpu::attention::{HeadShape, KvView};
+use crate::cpu::attention::{HeadShape, Kv8View, KvSource, KvView};
+use crate::kv8::Kv8;
 
 /// The KV of `len` consecutive context tokens starting at global position `start`.
 /// Per layer, K and V are head-major `[n_kv_heads][len][head_dim]`, K rotated to the
@@ -10,8 +11,12 @@ pub struct BlockKv {
     pub start: usize,
     pub len: usize,
     pub shape: HeadShape,
-    /// `(k, v)` per layer.
+    /// `(k, v)` per layer, f32 (empty for a block held in 8 bits).
     pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// `(k, v)` per layer in 8 bits, for a document stored with 8-bit KV; attended in 8
+    /// bits on the CPU ([`BlockKv::source`]), widened by [`BlockKv::dequantized`] for a
+    /// device that computes in 16 bits.
+    pub kv8: Option<Vec<(Kv8, Kv8)>>,
 }
 
 impl BlockKv {
@@ -22,6 +27,60 @@ impl BlockKv {
             len,
             shape,
             layers: vec![(Vec::new(), Vec::new()); n_layers],
+            kv8: None,
+        }
+    }
+
+    /// A block held in 8 bits: `(k, v)` per layer.
+    pub fn quantized(start: usize, len: usize, shape: HeadShape, layers: Vec<(Kv8, Kv8)>) -> Self {
+        Self {
+            start,
+            len,
+            shape,
+            layers: vec![(Vec::new(), Vec::new()); layers.len()],
+            kv8: Some(layers),
+        }
+    }
+
+    /// Whether this block is held in 8 bits.
+    pub fn is_8bit(&self) -> bool {
+        self.kv8.is_some()
+    }
+
+    /// Layers of this block (either representation).
+    pub fn n_layers(&self) -> usize {
+        self.kv8.as_ref().map_or(self.layers.len(), Vec::len)
+    }
+
+    /// This block with f32 layers: itself when it is f32, else its 8-bit values widened
+    /// (a GPU keeps 16-bit copies in its tier).
+    pub fn dequantized(self: &std::sync::Arc<Self>) -> std::sync::Arc<Self> {
+        let Some(kv8) = &self.kv8 else {
+            return self.clone();
+        };
+        let d = self.shape.head_dim;
+        let mut out = BlockKv::new(self.start, self.len, self.shape, kv8.len());
+        for (l, (k, v)) in kv8.iter().enumerate() {
+            out.layers[l] = (k.dequantize(d), v.dequantize(d));
+        }
+        std::sync::Arc::new(out)
+    }
+
+    /// Layer `layer`'s keys and values as the CPU attention kernel reads them.
+    pub fn source(&self, layer: usize) -> KvSource<'_> {
+        match &self.kv8 {
+            Some(kv8) => {
+                let (k, v) = &kv8[layer];
+                KvSource::I8(Kv8View {
+                    k,
+                    v,
+                    first: 0,
+                    len: self.len,
+                    block_len: self.len,
+                    head_dim: self.shape.head_dim,
+                })
+            }
+            None => KvSource::F32(self.view(layer)),
         }
     }
 
@@ -33,7 +92,9 @@ impl BlockKv {
         );
     }
 
+    /// Layer `layer` of an f32 block (a phase-1 block; see [`BlockKv::source`]).
     pub fn view(&self, layer: usize) -> KvView<'_> {
+        debug_assert!(self.kv8.is_none(), "an 8-bit block has no f32 view");
         let (k, v) = &self.layers[layer];
         KvView {
             k,
@@ -73,15 +134,24 @@ impl BlockKv {
             len: to - from,
             shape: self.shape,
             layers: self.layers.iter().map(|(k, v)| (cut(k), cut(v))).collect(),
+            kv8: None,
         }
     }
 
-    /// Bytes of KV held (f32).
+    /// Bytes of KV held (f32, or the 8-bit elements and their scales).
     pub fn n_bytes(&self) -> usize {
-        self.layers
+        let f32_bytes: usize = self
+            .layers
             .iter()
             .map(|(k, v)| (k.len() + v.len()) * 4)
-            .sum()
+            .sum();
+        let kv8_bytes: usize = self
+            .kv8
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.n_bytes() + v.n_bytes())
+            .sum();
+        f32_bytes + kv8_bytes
     }
 }
 

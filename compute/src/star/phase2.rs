@@ -5,7 +5,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::block::BlockKv;
-use crate::cpu::attention::{Mask, attention, attention_into};
+use crate::cpu::attention::{Mask, attention_into, attention_source_into};
 use crate::error::Result;
 use crate::model::{LayerAttention, LayerKv};
 use crate::partial::{Attended, ContextMerge, HeadShape, merge_into};
@@ -85,7 +85,17 @@ impl CpuShard {
     fn compute(&self, layer: usize, q: &[f32], m: usize) -> Attended {
         let mut acc = Attended::empty(m, self.shape);
         for block in &self.blocks {
-            let part = attention(q, m, block.view(layer), self.shape, Mask::None, self.scale);
+            let mut part = Attended::empty(m, self.shape);
+            attention_source_into(
+                q,
+                m,
+                block.source(layer),
+                self.shape,
+                Mask::None,
+                self.scale,
+                &mut part.out,
+                &mut part.lse,
+            );
             merge_into(&mut acc, &part, m, self.shape);
         }
         acc

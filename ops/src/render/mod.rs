@@ -155,6 +155,16 @@ fn ready_details(doc: &Value, now_ms: u64) -> Vec<(&'static str, String)> {
         blocks.push_str(&format!(" ({reused} reused by the last ingest)"));
     }
     pairs.push(("blocks", blocks));
+    if let Some(kv) = doc.get("kv_dtype").and_then(Value::as_str) {
+        let stored = doc.get("stored_dtype").and_then(Value::as_str);
+        pairs.push((
+            "kv dtype",
+            match stored {
+                Some(s) if s != kv => format!("{kv} (stored as {s})"),
+                _ => kv.to_string(),
+            },
+        ));
+    }
     let stored = u64_field(doc, "stored_bytes");
     let size = match (stored, u64_field(doc, "raw_bytes")) {
         (Some(s), Some(r)) if r > 0 => format!(

@@ -149,6 +149,7 @@ impl WorkerNode {
             merge: Default::default(),
             pinned: false,
             ttl_ms: None,
+            kv_dtype: crate::KvDtype::F16,
         };
         let part: Vec<(usize, Key)> = e.blocks.iter().map(|&(i, k)| (i as usize, k)).collect();
         let outcome = self
