@@ -20,6 +20,7 @@
 //! context), which is mathematically the same computation.
 //!
 //! Usage: `cargo bench --bench star_accuracy -- --depths 11 --lengths 1024,2048,4096,7168`
+//! (`--int8` adds every block size over 8-bit KV, issue 13)
 //! (every option also reads an environment variable, see `--help`).
 
 #[path = "support/machine.rs"]
@@ -41,9 +42,10 @@ use anyhow::Result;
 use clap::Parser;
 use serde_json::json;
 use starkv_compute::generate::{GenerateParams, generate};
+use starkv_compute::kv8::Kv8;
 use starkv_compute::model::{KvCache, Llama};
 use starkv_compute::sampling::SamplingParams;
-use starkv_compute::star::{CpuShard, Phase1, QueryAttention, StarConfig};
+use starkv_compute::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
 use starkv_compute::tokenizer::Tokenizer;
 
 use niah::Task;
@@ -93,6 +95,10 @@ struct Args {
     /// use it to confirm that the shortcut does not change answers).
     #[arg(long, env = "STARKV_NIAH_FULL_REPREFILL")]
     full_reprefill: bool,
+    /// Also run every Star Attention block size over 8-bit KV (`kv_dtype = int8`: one
+    /// scale per token and KV head, attended in 8 bits) from the same phase-1 encoding.
+    #[arg(long, env = "STARKV_NIAH_INT8")]
+    int8: bool,
     /// Also write one JSON line per question (answers, timings) to this file.
     #[arg(long, env = "STARKV_NIAH_JSONL")]
     jsonl: Option<PathBuf>,
@@ -105,9 +111,10 @@ struct Args {
 #[derive(Clone, Copy, Debug)]
 enum Mode {
     Full,
-    /// Star Attention with `b = a = ceil(L / divisor)`.
+    /// Star Attention with `b = a = ceil(L / divisor)`, over 8-bit KV when `int8`.
     Star {
         divisor: usize,
+        int8: bool,
     },
 }
 
@@ -115,7 +122,14 @@ impl Mode {
     fn label(self) -> String {
         match self {
             Mode::Full => "full".into(),
-            Mode::Star { divisor } => format!("star b=L/{divisor}"),
+            Mode::Star {
+                divisor,
+                int8: false,
+            } => format!("star b=L/{divisor}"),
+            Mode::Star {
+                divisor,
+                int8: true,
+            } => format!("star int8 b=L/{divisor}"),
         }
     }
 }
@@ -229,10 +243,27 @@ fn answer_star(
     queries: &[Vec<u32>],
     block_size: usize,
     max_tokens: usize,
+    int8: bool,
 ) -> Result<(Vec<String>, Duration)> {
     let started = Instant::now();
     let (n_layers, shape) = (model.config().n_layers, model.head_shape());
-    let blocks = Phase1::new(model, context, StarConfig::new(block_size))?.encode_all()?;
+    let mut blocks = Phase1::new(model, context, StarConfig::new(block_size))?.encode_all()?;
+    if int8 {
+        // What an int8 document holds: one scale per token and KV head (the store's
+        // quantiser does the same arithmetic, bit for bit).
+        let d = shape.head_dim;
+        blocks = blocks
+            .into_iter()
+            .map(|b| {
+                let layers = b
+                    .layers
+                    .iter()
+                    .map(|(k, v)| (Kv8::quantize(k, d, 1), Kv8::quantize(v, d, 1)))
+                    .collect();
+                BlockKv::quantized(b.start, b.len, b.shape, layers)
+            })
+            .collect();
+    }
     let shard = CpuShard::new(blocks.into_iter().map(Arc::new).collect(), shape);
     let mut answers = Vec::with_capacity(queries.len());
     for query in queries {
@@ -288,8 +319,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let run_started = Instant::now();
     let loaded = prompt::load_default_model()?;
+    let int8_modes: &[bool] = if args.int8 { &[false, true] } else { &[false] };
     let modes: Vec<Mode> = std::iter::once(Mode::Full)
-        .chain(args.divisors.iter().map(|&divisor| Mode::Star { divisor }))
+        .chain(args.divisors.iter().flat_map(|&divisor| {
+            int8_modes
+                .iter()
+                .map(move |&int8| Mode::Star { divisor, int8 })
+        }))
         .collect();
     let depths = depth_grid(args.depths);
     let mut bench = Bench {
@@ -350,12 +386,19 @@ fn accuracy_chart(modes: &[Mode], tally: &Tally) -> plot::Chart {
     }
     for (name, scores) in &totals {
         for (mode, score) in modes.iter().zip(scores) {
-            let x = match mode {
-                Mode::Full => 1.0,
-                Mode::Star { divisor } => *divisor as f64,
+            let (x, series) = match mode {
+                Mode::Full => (1.0, name.to_string()),
+                Mode::Star {
+                    divisor,
+                    int8: false,
+                } => (*divisor as f64, name.to_string()),
+                Mode::Star {
+                    divisor,
+                    int8: true,
+                } => (*divisor as f64, format!("{name}, int8 KV")),
             };
             if let Some(rate) = score.rate() {
-                chart.push(name, x, 100.0 * rate);
+                chart.push(&series, x, 100.0 * rate);
             }
         }
     }
@@ -415,13 +458,14 @@ impl Bench<'_> {
                     max_tokens,
                     self.args.full_reprefill,
                 )?,
-                Mode::Star { divisor } => answer_star(
+                Mode::Star { divisor, int8 } => answer_star(
                     self.model,
                     tokenizer,
                     &context,
                     &queries,
                     context.len().div_ceil(divisor),
                     max_tokens,
+                    int8,
                 )?,
             };
             let mut marks = String::new();

@@ -357,12 +357,7 @@ impl Tensor {
             TensorData::I8 { raw, numel } => {
                 let rows = quant_rows(&self.shape);
                 let mut out = vec![0.0; *numel];
-                dequantize_i8(
-                    raw,
-                    rows,
-                    numel.checked_div(rows).unwrap_or(0),
-                    &mut out,
-                );
+                dequantize_i8(raw, rows, numel.checked_div(rows).unwrap_or(0), &mut out);
                 out
             }
             TensorData::F32(v) => v.clone(),

@@ -152,3 +152,54 @@ impl ReadyBlocks {
         self.bytes = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An int8 document's block goes through the store's quantiser (`Tensor::kv_layer`)
+    /// and comes back as compute's 8-bit block, bit for bit what compute's own quantiser
+    /// gives (the benches quantise with the latter), and within half a step of the f32
+    /// values.
+    #[test]
+    fn int8_blocks_round_trip_through_store_tensors() {
+        let shape = HeadShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 16,
+        };
+        let len = 11;
+        let mut block = BlockKv::new(40, len, shape, 3);
+        let mut x = 0.3f32;
+        for l in 0..3 {
+            let mut next = |n: usize| {
+                (0..n)
+                    .map(|_| {
+                        x = (x * 3.7 + 0.11).fract();
+                        (x - 0.5) * (l + 1) as f32 * 5.0
+                    })
+                    .collect::<Vec<f32>>()
+            };
+            let n = shape.n_kv_heads * len * shape.head_dim;
+            block.layers[l] = (next(n), next(n));
+        }
+        let tensors = to_tensors(&block, DType::I8).unwrap();
+        assert_eq!(tensors[0].dtype(), DType::I8);
+        let layers: Vec<Arc<Tensor>> = tensors.into_iter().map(Arc::new).collect();
+        let back = from_tensors(&layers, 40, shape).unwrap();
+        assert!(back.is_8bit());
+        assert_eq!((back.start, back.len), (40, len));
+        for ((k, v), (k8, v8)) in block.layers.iter().zip(back.kv8.as_ref().unwrap()) {
+            assert_eq!(k8, &Kv8::quantize(k, shape.head_dim, 1));
+            assert_eq!(v8, &Kv8::quantize(v, shape.head_dim, 1));
+            for (a, b) in k.iter().zip(k8.dequantize(shape.head_dim)) {
+                let step = k.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                assert!((a - b).abs() <= step, "{a} {b}");
+            }
+        }
+        // A block mixing 8-bit and 16-bit layers is refused, not misread.
+        let mut mixed = layers.clone();
+        mixed[1] = Arc::new(to_tensors(&block, DType::F16).unwrap().remove(1));
+        assert!(from_tensors(&mixed, 40, shape).is_err());
+    }
+}

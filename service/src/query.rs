@@ -88,7 +88,12 @@ impl Service {
         };
         let before_answer = started.elapsed();
         let mut repaired = 0;
-        let answer = if self.backend.stored_half_type().is_some() {
+        // An 8-bit document on a GPU goes through `answer` below: its blocks are loaded
+        // in 8 bits and widened into the GPU tier (16 bits there, a first step), and never
+        // re-encoded in 16 bits by the cold split, which would mix precisions.
+        let answer = if self.backend.stored_half_type().is_some()
+            && manifest.dtype != starkv_cache::DType::I8
+        {
             // A GPU: missing blocks are read straight into staging and re-encoded at once.
             let config = StarConfig {
                 block_size: manifest.block_size as usize,

@@ -72,9 +72,16 @@ impl<'a> StoredBlocks<'a> {
                 // only some of the document's blocks).
                 let index = block_ref.start as usize / self.manifest.block_size.max(1) as usize;
                 let kv = encoder.encode_block(index)?;
-                service
-                    .store
-                    .repair_block(block_ref.key, &to_tensors(&kv, self.manifest.dtype)?)?;
+                let tensors = to_tensors(&kv, self.manifest.dtype)?;
+                service.store.repair_block(block_ref.key, &tensors)?;
+                // What the store now holds, in the precision it holds it (8 bits for an
+                // int8 document), so a repaired block answers like a loaded one.
+                let kv = if self.manifest.dtype.is_quantized() {
+                    let layers: Vec<Arc<_>> = tensors.into_iter().map(Arc::new).collect();
+                    from_tensors(&layers, block_ref.start as usize, service.shape())?
+                } else {
+                    kv
+                };
                 metrics::counter!("starkv_blocks_repaired_total").increment(1);
                 self.repaired += 1;
                 kv

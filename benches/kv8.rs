@@ -1,0 +1,268 @@
+//! 8-bit KV (issue 13, item 4): what `kv_dtype = int8` costs and saves on the CPU, against
+//! the 16-bit default, in the same run on the same blocks.
+//!
+//! A context is encoded once with Star Attention phase 1 (the default model, a needle
+//! document); then
+//! (a) bytes at rest: every block layer through the store's codec (byte-shuffled zstd,
+//!     the default), as f16 and as int8 (one f32 scale per token and KV head, the
+//!     encoding `kv_dtype = int8` stores);
+//! (b) decode attention: one query row's attention over every context block at every
+//!     layer (what a decode step spends in context attention), blocks held as an f16
+//!     document's are held on the CPU today (f32) against held in 8 bits and dequantised
+//!     one key tile at a time; medians of interleaved repeats;
+//! (c) the first answer token's logits of a few questions about the document: phase 2
+//!     over the 8-bit blocks against over the 16-bit ones (max |difference|, top-1 equal).
+//!
+//! Usage: `cargo bench --bench kv8 -- --context 4096 --block 1024 --repeats 31`.
+
+#[path = "support/machine.rs"]
+mod machine;
+#[allow(dead_code)]
+#[path = "support/niah.rs"]
+mod niah;
+#[path = "support/prompt.rs"]
+mod prompt;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Parser;
+use starkv_cache::codec::{self, CodecConfig};
+use starkv_cache::{DType, Tensor};
+use starkv_compute::kv8::Kv8;
+use starkv_compute::model::Llama;
+use starkv_compute::sampling::argmax;
+use starkv_compute::star::{AttentionShard, BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
+
+#[derive(Parser, Debug)]
+#[command(about = "8-bit KV against 16-bit: bytes at rest, CPU decode attention, logits")]
+struct Args {
+    /// Context tokens (chat head + document).
+    #[arg(long, env = "STARKV_KV8_CONTEXT", default_value_t = 4096)]
+    context: usize,
+    /// Block size (anchor = block).
+    #[arg(long, env = "STARKV_KV8_BLOCK", default_value_t = 1024)]
+    block: usize,
+    /// Repeats of the attention timing; the table shows medians.
+    #[arg(long, env = "STARKV_KV8_REPEATS", default_value_t = 31)]
+    repeats: usize,
+    /// Needles (one question each) for the logits comparison.
+    #[arg(long, env = "STARKV_KV8_QUESTIONS", default_value_t = 4)]
+    questions: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn median(mut s: Vec<f64>) -> f64 {
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// The block as the store keeps an int8 document's block, read back as the service
+/// holds it (the same tensors and the same conversion as `service/src/kv.rs`).
+fn stored_int8(block: &BlockKv) -> Result<(BlockKv, Vec<Tensor>)> {
+    let s = block.shape;
+    let half = s.n_kv_heads * block.len;
+    let mut layers = Vec::new();
+    let mut tensors = Vec::new();
+    for (k, v) in &block.layers {
+        let t = Tensor::kv_layer(
+            DType::I8,
+            s.n_kv_heads as u32,
+            block.len as u32,
+            s.head_dim as u32,
+            k,
+            v,
+        )?;
+        let (scales, q) = t.as_i8().expect("an int8 tensor");
+        let (qk, qv) = q.split_at(q.len() / 2);
+        let part = |q: &[i8], sc: &[f32]| Kv8 {
+            q: q.to_vec(),
+            scales: sc.to_vec(),
+            rows_per_scale: 1,
+        };
+        layers.push((part(qk, &scales[..half]), part(qv, &scales[half..])));
+        tensors.push(t);
+    }
+    Ok((
+        BlockKv::quantized(block.start, block.len, s, layers),
+        tensors,
+    ))
+}
+
+/// The first answer token's logits of `query` over `shard`.
+fn first_logits(
+    model: &Llama,
+    shard: &CpuShard,
+    context: usize,
+    query: &[u32],
+) -> Result<Vec<f32>> {
+    let (n_layers, shape) = (model.config().n_layers, model.head_shape());
+    let mut attention = QueryAttention::new(vec![shard], n_layers, shape, query.len());
+    let positions: Vec<usize> = (context..context + query.len()).collect();
+    let hidden = model.forward(query, &positions, &mut attention)?;
+    let h = model.config().hidden;
+    Ok(model.logits(&hidden[hidden.len() - h..]))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let loaded = prompt::load_default_model()?;
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let head_len = prompt::context_head_len(tokenizer)?;
+    let count_tokens = |s: &str| {
+        tokenizer
+            .encode(s, false)
+            .map_or(usize::MAX, |ids| ids.len())
+    };
+    let case = niah::build_case(
+        niah::seed_of(&[args.context as u64, 8]),
+        niah::Task::MultiKey,
+        0.5,
+        args.context.saturating_sub(head_len),
+        &count_tokens,
+    );
+    let context = prompt::context_ids(tokenizer, &case.document)?;
+    let l = context.len();
+    eprintln!("encoding {l} tokens in blocks of {}", args.block);
+    let blocks = Phase1::new(model, &context, StarConfig::new(args.block))?.encode_all()?;
+
+    // (a) bytes at rest.
+    let cfg = CodecConfig::default();
+    let (mut raw16, mut raw8, mut at_rest16, mut at_rest8) = (0usize, 0usize, 0usize, 0usize);
+    let mut f32_blocks = Vec::new();
+    let mut i8_blocks = Vec::new();
+    for block in blocks {
+        let s = block.shape;
+        for (k, v) in &block.layers {
+            let t = Tensor::kv_layer(
+                DType::F16,
+                s.n_kv_heads as u32,
+                block.len as u32,
+                s.head_dim as u32,
+                k,
+                v,
+            )?;
+            raw16 += t.byte_len();
+            at_rest16 += codec::encode(&t, &cfg).len();
+        }
+        let (b8, tensors) = stored_int8(&block)?;
+        for t in &tensors {
+            raw8 += t.byte_len();
+            at_rest8 += codec::encode(t, &cfg).len();
+        }
+        i8_blocks.push(Arc::new(b8));
+        f32_blocks.push(Arc::new(block));
+    }
+    let held32: usize = f32_blocks.iter().map(|b| b.n_bytes()).sum();
+    let held8: usize = i8_blocks.iter().map(|b| b.n_bytes()).sum();
+    let shape = model.head_shape();
+    let shard32 = CpuShard::new(f32_blocks, shape);
+    let shard8 = CpuShard::new(i8_blocks, shape);
+
+    // (b) decode attention: one query row at every layer, interleaved.
+    let n_layers = model.config().n_layers;
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let q: Vec<f32> = (0..shape.q_width())
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    let mut times = [Vec::new(), Vec::new()];
+    let mut max_out_diff = 0f32;
+    for repeat in 0..args.repeats + 1 {
+        for (which, shard) in [&shard32, &shard8].into_iter().enumerate() {
+            let started = Instant::now();
+            let mut outs = Vec::with_capacity(n_layers);
+            for layer in 0..n_layers {
+                outs.push(shard.attend(layer, &q, 1)?);
+            }
+            let took = started.elapsed().as_secs_f64();
+            if repeat > 0 {
+                times[which].push(took);
+            }
+            if repeat == 0 && which == 1 {
+                for layer in 0..n_layers {
+                    let a = shard32.attend(layer, &q, 1)?;
+                    for (x, y) in a.out.iter().zip(&outs[layer].out) {
+                        max_out_diff = max_out_diff.max((x - y).abs());
+                    }
+                }
+            }
+        }
+    }
+    let (t32, t8) = (median(times[0].clone()), median(times[1].clone()));
+
+    // (c) first-token logits of a few questions.
+    let mut rows = Vec::new();
+    for question in case.questions().iter().take(args.questions) {
+        let query = prompt::query_ids(tokenizer, &question.text)?;
+        let a = first_logits(model, &shard32, l, &query)?;
+        let b = first_logits(model, &shard8, l, &query)?;
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let span = a.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+            - a.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+        rows.push((question.text.clone(), argmax(&a), argmax(&b), diff, span));
+    }
+
+    println!("## 8-bit KV vs 16-bit (SmolLM2-135M-Instruct, CPU)");
+    println!();
+    println!(
+        "{} | {} | context L = {l} tokens, b = a = {}, {n_layers} layers | {} repeats, interleaved",
+        machine::utc_now(),
+        machine::describe(),
+        args.block,
+        args.repeats
+    );
+    println!();
+    println!("| (a) bytes | f16 | int8 | int8 / f16 |");
+    println!("|---|---|---|---|");
+    println!(
+        "| raw (elements + scales) | {raw16} | {raw8} | {:.3} |",
+        raw8 as f64 / raw16 as f64
+    );
+    println!(
+        "| at rest (codec: shuffled zstd-1 + header + CRC) | {at_rest16} | {at_rest8} | {:.3} |",
+        at_rest8 as f64 / at_rest16 as f64
+    );
+    println!(
+        "| held in memory on the CPU (f16 doc: f32) | {held32} | {held8} | {:.3} |",
+        held8 as f64 / held32 as f64
+    );
+    println!();
+    println!(
+        "| (b) decode attention, 1 row x {n_layers} layers over {l} tokens | median | vs 16-bit doc |"
+    );
+    println!("|---|---|---|");
+    println!("| 16-bit doc (held f32) | {:.3} ms | 1.00x |", t32 * 1e3);
+    println!(
+        "| int8 (held 8-bit, tile dequantised) | {:.3} ms | {:.2}x faster |",
+        t8 * 1e3,
+        t32 / t8
+    );
+    println!("| max abs difference of the attention outputs | {max_out_diff:.4} | |");
+    println!();
+    println!(
+        "| (c) question | top-1 16-bit | top-1 int8 | max abs logit difference | logit range |"
+    );
+    println!("|---|---|---|---|---|");
+    for (text, a, b, diff, span) in &rows {
+        println!("| {text} | {a} | {b} | {diff:.3} | {span:.1} |");
+    }
+    Ok(())
+}
