@@ -194,9 +194,9 @@ fn main() -> Result<()> {
                 times[which].push(took);
             }
             if repeat == 0 && which == 1 {
-                for layer in 0..n_layers {
+                for (layer, out8) in outs.iter().enumerate() {
                     let a = shard32.attend(layer, &q, 1)?;
-                    for (x, y) in a.out.iter().zip(&outs[layer].out) {
+                    for (x, y) in a.out.iter().zip(&out8.out) {
                         max_out_diff = max_out_diff.max((x - y).abs());
                     }
                 }
