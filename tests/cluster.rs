@@ -452,3 +452,55 @@ fn local_device_workers_answer_as_one_node_and_keep_their_blocks_across_restarts
     assert_eq!(again["repaired_blocks"], 0, "{again}");
     assert_eq!(server.metric("starkv_cluster_blocks_reencoded_total"), 0.0);
 }
+
+/// Pin, TTL and eviction act on cluster documents (the coordinator's catalog) and free
+/// the workers' stores.
+#[test]
+fn cluster_documents_follow_pin_ttl_and_eviction_rules() {
+    let dir = temp_dir("cluster-lifecycle");
+    let server = Server::start(&dir, &["--device", "cpu", "--devices", "cpu,cpu"]);
+    // Distinct texts: shared blocks would (rightly) outlive one document's eviction.
+    for id in ["kept", "brief", "plain"] {
+        let text = format!("The {id} harbour master logs every ship. The keeper counts gulls.");
+        ingest(&server, id, &text);
+    }
+    let (status, pinned) = server.json("POST", "/v1/documents/kept/pin", None);
+    assert_eq!((status, &pinned["pinned"]), (200, &json!(true)), "{pinned}");
+    let (_, doc) = server.json("GET", "/v1/documents/kept", None);
+    assert_eq!(doc["pinned"], true, "{doc}");
+    let (status, missing) = server.json("POST", "/v1/documents/nothing/pin", None);
+    assert_eq!(status, 404, "{missing}");
+
+    // A one-second TTL: the periodic upkeep removes the idle document.
+    let (status, ttl) = server.json(
+        "POST",
+        "/v1/documents/brief/ttl",
+        Some(json!({ "ttl_seconds": 1 })),
+    );
+    assert_eq!(status, 200, "{ttl}");
+    wait_for("the TTL to expire", Duration::from_secs(30), || {
+        server.json("GET", "/v1/documents/brief", None).0 == 404
+    });
+
+    // Rule eviction skips the pinned document and frees the workers' blocks.
+    let (status, refused) = server.json(
+        "POST",
+        "/v1/admin/evict",
+        Some(json!({ "budget_bytes": 1 })),
+    );
+    assert_eq!(status, 400, "{refused}");
+    let (status, out) = server.json("POST", "/v1/admin/evict", Some(json!({ "lru": 10 })));
+    assert_eq!(status, 200, "{out}");
+    let evicted: Vec<&str> = out["evicted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_str().unwrap())
+        .collect();
+    assert_eq!(evicted, ["default/plain@1"], "{out}");
+    assert!(out["bytes_freed"].as_u64().unwrap() > 0, "{out}");
+    assert!(out["blocks_deleted"].as_u64().unwrap() > 0, "{out}");
+    assert_eq!(server.json("GET", "/v1/documents/plain", None).0, 404);
+    let answer = ask(&server, "kept");
+    assert!(answer["usage"]["generated_tokens"].as_u64().unwrap() > 0);
+}

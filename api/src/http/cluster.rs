@@ -61,7 +61,7 @@ fn cluster_json(cluster: &Cluster) -> Value {
 
 /// A cluster document as `GET /v1/documents/{id}` shows it, with `placement`: every
 /// block's token range and the workers holding it.
-pub fn document_json(id: &str, entry: &DocEntry) -> Value {
+pub fn document_json(id: &str, entry: &DocEntry, last_used_ms: u64) -> Value {
     let placement: Vec<Value> = entry
         .blocks
         .iter()
@@ -84,6 +84,9 @@ pub fn document_json(id: &str, entry: &DocEntry) -> Value {
         "block_size": entry.block_size,
         "anchor_size": entry.anchor_size,
         "created_ms": entry.created_ms,
+        "last_used_ms": last_used_ms,
+        "pinned": entry.pinned,
+        "ttl_ms": entry.ttl_ms,
         "placement": placement,
     })
 }

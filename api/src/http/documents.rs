@@ -351,7 +351,13 @@ async fn document_view(
             (Some(job), _) if !matches!(job.state, JobState::Ready { .. }) => {
                 Ok(job_view(&job, id))
             }
-            (_, Some(entry)) => Ok((StatusCode::OK, super::cluster::document_json(id, &entry))),
+            (_, Some(entry)) => {
+                let last_used_ms = cluster.last_used_ms(&entry);
+                Ok((
+                    StatusCode::OK,
+                    super::cluster::document_json(id, &entry, last_used_ms),
+                ))
+            }
             (_, None) => Err(ApiError::not_found(format!("document {id} not found"))),
         };
     }
@@ -457,6 +463,8 @@ pub async fn list(
                     "version": d.version,
                     "blocks": d.blocks.len(),
                     "tokens": d.tokens.len(),
+                    "pinned": d.pinned,
+                    "last_used_ms": cluster.last_used_ms(d),
                 })
             })
             .collect();
@@ -573,6 +581,12 @@ async fn set_pin(
 ) -> Result<Json<Value>, ApiError> {
     principal.require(Role::Write)?;
     let shown = id.clone();
+    if let Some(cluster) = state.service.cluster().cloned() {
+        validate_id(&id)?;
+        let (sid, tenant) = (store_id(&principal, &id), principal.tenant.clone());
+        blocking(move || Ok(cluster.set_pinned(&sid, &tenant, pinned)?)).await?;
+        return Ok(Json(json!({ "id": shown, "pinned": pinned })));
+    }
     with_doc(&state, &principal, id, move |store, doc| {
         store
             .set_pinned(&doc, pinned)
@@ -603,6 +617,14 @@ pub async fn ttl(
         .ttl_seconds
         .map(|s| seconds_to_ms("ttl_seconds", s))
         .transpose()?;
+    if let Some(cluster) = state.service.cluster().cloned() {
+        validate_id(&id)?;
+        let (sid, tenant) = (store_id(&principal, &id), principal.tenant.clone());
+        blocking(move || Ok(cluster.set_ttl(&sid, &tenant, ttl_ms)?)).await?;
+        return Ok(Json(
+            json!({ "id": shown, "ttl_seconds": body.ttl_seconds }),
+        ));
+    }
     with_doc(&state, &principal, id, move |store, doc| {
         store
             .set_ttl(&doc, ttl_ms)
@@ -695,11 +717,11 @@ pub async fn evict(
     let ApiJson(req) = body?;
     let service = state.service.clone();
     let out = blocking(move || {
-        Ok(starkv_service::admin::evict(
-            service.store(),
-            &req,
-            starkv_service::jobs::now_ms(),
-        )?)
+        let now = starkv_service::jobs::now_ms();
+        Ok(match service.cluster() {
+            Some(cluster) => cluster.evict(&req, now)?,
+            None => starkv_service::admin::evict(service.store(), &req, now)?,
+        })
     })
     .await?;
     for (_, rule) in &out.evicted {

@@ -190,6 +190,11 @@ pub fn spawn_upkeep(state: &AppState) {
                 if let Err(e) = service.store().run_eviction() {
                     tracing::warn!(error = %e, "periodic eviction failed");
                 }
+                if let Some(cluster) = service.cluster()
+                    && let Err(e) = cluster.expire(starkv_service::jobs::now_ms())
+                {
+                    tracing::warn!(error = %e, "expiring cluster documents failed");
+                }
             })
             .await;
         }

@@ -23,6 +23,12 @@ pub struct DocEntry {
     pub anchor_size: usize,
     pub model_fingerprint: String,
     pub created_ms: u64,
+    /// Never evicted by a rule or a TTL (a delete still removes it).
+    #[serde(default)]
+    pub pinned: bool,
+    /// Idle milliseconds after which the document expires (`None`: never).
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
     pub tokens: Vec<u32>,
     pub blocks: Vec<BlockEntry>,
 }
@@ -145,6 +151,8 @@ mod tests {
             anchor_size: 4,
             model_fingerprint: "ab".into(),
             created_ms: 1,
+            pinned: true,
+            ttl_ms: Some(60_000),
             tokens: vec![1, 2, 3, 4, 5],
             blocks: vec![BlockEntry {
                 key: hex(&[0xab; 32]),

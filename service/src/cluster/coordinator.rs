@@ -82,11 +82,16 @@ struct Slot {
 /// A coordinator's view of its workers and documents.
 pub struct Cluster {
     slots: Vec<Slot>,
+    /// When each document was last queried (in memory: after a restart a document's idle
+    /// time counts from the start, so a TTL never expires it early).
+    pub(super) last_used: Mutex<HashMap<String, u64>>,
+    /// When this coordinator opened its catalog.
+    pub(super) opened_ms: u64,
     addresses: Vec<String>,
     replicas: usize,
     call_timeout: Duration,
     encode_timeout: Duration,
-    catalog: Catalog,
+    pub(super) catalog: Catalog,
     /// Serialises placement changes (ingest, recovery): a worker's part of a document is
     /// replaced as a whole, so two concurrent changes must not send it different parts.
     placement_lock: Mutex<()>,
@@ -143,6 +148,8 @@ impl Cluster {
                     }),
                 })
                 .collect(),
+            last_used: Mutex::new(HashMap::new()),
+            opened_ms: now_ms(),
             replicas: config.replicas,
             call_timeout: config.call_timeout,
             encode_timeout: config.encode_timeout,
@@ -265,6 +272,10 @@ impl Cluster {
         if let Some(entry) = removed {
             self.drop_parts(&entry, &[]);
         }
+        self.last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(doc);
         Ok(())
     }
 
@@ -299,7 +310,7 @@ impl Cluster {
         self.addresses.iter().position(|a| a == address)
     }
 
-    fn lock_placement(&self) -> std::sync::MutexGuard<'_, ()> {
+    pub(super) fn lock_placement(&self) -> std::sync::MutexGuard<'_, ()> {
         self.placement_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -438,6 +449,8 @@ impl Cluster {
             anchor_size: a,
             model_fingerprint: hex(service.model_fingerprint()),
             created_ms: now_ms(),
+            pinned: req.pinned,
+            ttl_ms: req.ttl_ms,
             blocks: (0..n)
                 .map(|i| BlockEntry {
                     key: hex(&keys[i]),
@@ -473,7 +486,10 @@ impl Cluster {
 
     /// Tells the holders of `entry`'s blocks, except the workers `keep`, to drop their
     /// parts of the document (best effort).
-    fn drop_parts(&self, entry: &DocEntry, keep: &[usize]) {
+    /// Tells every worker holding blocks of `entry` (except those in `keep`) to drop its
+    /// part, all at once; returns the blocks and bytes they freed. Best effort: a worker
+    /// that is down keeps its part until it is dropped or replaced.
+    pub(super) fn drop_parts(&self, entry: &DocEntry, keep: &[usize]) -> (u64, u64) {
         let mut workers: Vec<usize> = entry
             .blocks
             .iter()
@@ -482,17 +498,32 @@ impl Cluster {
             .collect();
         workers.sort_unstable();
         workers.dedup();
-        for w in workers {
-            let sent = self.send(
-                w,
-                Request::Drop {
-                    doc: entry.doc.clone(),
-                },
-            );
-            if let Err(e) = sent.and_then(|p| p.wait(self.call_timeout)) {
-                tracing::info!(worker = self.addresses[w], error = %e, "could not drop a document part");
+        let sent: Vec<_> = workers
+            .iter()
+            .map(|&w| {
+                let doc = entry.doc.clone();
+                (w, self.send(w, Request::Drop { doc }))
+            })
+            .collect();
+        let (mut blocks, mut bytes) = (0, 0);
+        for (w, sent) in sent {
+            match sent.and_then(|p| p.wait(self.call_timeout)) {
+                Ok(Reply::Dropped {
+                    blocks_deleted,
+                    bytes_freed,
+                }) => {
+                    blocks += blocks_deleted;
+                    bytes += bytes_freed;
+                }
+                Ok(other) => {
+                    tracing::info!(worker = self.addresses[w], reply = ?other, "unexpected answer to a drop")
+                }
+                Err(e) => {
+                    tracing::info!(worker = self.addresses[w], error = %e, "could not drop a document part")
+                }
             }
         }
+        (blocks, bytes)
     }
 
     fn down_summary(&self) -> String {
@@ -528,6 +559,7 @@ impl Cluster {
         let entry = self
             .document(doc, tenant)
             .ok_or_else(|| ServiceError::NotFound(format!("document {doc} not found")))?;
+        self.touch(doc);
         if entry.model_fingerprint != hex(service.model_fingerprint()) {
             return Err(ServiceError::Conflict(format!(
                 "document {doc} was encoded with another model; re-ingest it to query with {}",

@@ -6,6 +6,7 @@
 //! - [`server`]: the worker's TCP listener; [`client`]: the coordinator's persistent
 //!   connection to it; [`wire`]: the binary frames between them.
 //! - [`handle`]: the [`Worker`] trait the coordinator calls, remote or in-process.
+//! - [`lifecycle`]: pin, TTL, eviction and expiry of cluster documents.
 //! - [`local`]: one in-process worker per local device (a multi-GPU host, no remote
 //!   workers).
 //! - [`placement`]: rendezvous hashing of block keys over the workers.
@@ -17,6 +18,7 @@ pub mod catalog;
 pub mod client;
 pub mod coordinator;
 pub mod handle;
+pub mod lifecycle;
 pub mod local;
 pub mod placement;
 pub mod server;

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bumped on any change of a frame's layout; both ends must agree.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame accepted (an encode request carries a document's tokens: 4 bytes each).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -98,7 +98,11 @@ pub enum Reply {
         blocks: u64,
         stored_bytes: u64,
     },
-    Dropped,
+    /// A document's part is gone: what deleting it freed on the worker.
+    Dropped {
+        blocks_deleted: u64,
+        bytes_freed: u64,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -291,7 +295,7 @@ impl Reply {
             Reply::Partial { .. } => R_PARTIAL,
             Reply::Closed => R_CLOSED,
             Reply::Stats { .. } => R_STATS,
-            Reply::Dropped => R_DROPPED,
+            Reply::Dropped { .. } => R_DROPPED,
             Reply::Error { .. } => R_ERROR,
         };
         let mut w = FrameWriter::new(kind, id);
@@ -322,7 +326,14 @@ impl Reply {
                 w.f32s(out);
                 w.f32s(lse);
             }
-            Reply::Closed | Reply::Dropped => {}
+            Reply::Closed => {}
+            Reply::Dropped {
+                blocks_deleted,
+                bytes_freed,
+            } => {
+                w.u64(*blocks_deleted);
+                w.u64(*bytes_freed);
+            }
             Reply::Stats {
                 device,
                 documents,
@@ -375,7 +386,10 @@ impl Reply {
                     blocks: r.u64()?,
                     stored_bytes: r.u64()?,
                 },
-                R_DROPPED => Reply::Dropped,
+                R_DROPPED => Reply::Dropped {
+                    blocks_deleted: r.u64()?,
+                    bytes_freed: r.u64()?,
+                },
                 R_ERROR => Reply::Error {
                     code: ErrorCode::from_code(r.u8()?)
                         .ok_or_else(|| WireError("unknown error code".into()))?,
@@ -661,7 +675,10 @@ mod tests {
                 blocks: 2,
                 stored_bytes: 3,
             },
-            Reply::Dropped,
+            Reply::Dropped {
+                blocks_deleted: 4,
+                bytes_freed: 5,
+            },
             Reply::error(ErrorCode::NotFound, "no such session"),
         ];
         for (i, reply) in replies.into_iter().enumerate() {

@@ -248,7 +248,14 @@ impl WorkerNode {
 
     fn drop_doc(&self, doc: &str) -> ServiceResult<Reply> {
         match self.service.store().delete_doc(doc) {
-            Ok(_) | Err(starkv_cache::Error::NotFound { .. }) => Ok(Reply::Dropped),
+            Ok(report) => Ok(Reply::Dropped {
+                blocks_deleted: report.blocks_deleted,
+                bytes_freed: report.bytes_freed,
+            }),
+            Err(starkv_cache::Error::NotFound { .. }) => Ok(Reply::Dropped {
+                blocks_deleted: 0,
+                bytes_freed: 0,
+            }),
             Err(e) => Err(e.into()),
         }
     }
