@@ -10,7 +10,10 @@
 //! one generating a single token, divided by the extra tokens.
 //!
 //! `cargo bench --bench cluster -- [--tokens 2000] [--block-size 256] [--gen 16]
-//! [--workers 3] [--repeats 3] [--threads N] [--worker-threads 1]`
+//! [--workers 3] [--repeats 3] [--threads N] [--worker-threads 1] [--local-workers 2]`
+//!
+//! A last row runs the same coordinator over `--local-workers` in-process CPU workers
+//! (what `serve --devices` runs), with no sockets.
 
 #[path = "support/stats.rs"]
 #[allow(dead_code)]
@@ -26,7 +29,7 @@ use starkv_cache::{BlockStore, StoreConfig};
 use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 use starkv_compute::sampling::SamplingParams;
-use starkv_service::cluster::{Cluster, ClusterConfig};
+use starkv_service::cluster::{Cluster, ClusterConfig, LocalWorkersConfig, open_local_workers};
 use starkv_service::{IngestRequest, QueryRequest, Service};
 use stats::median;
 
@@ -265,6 +268,45 @@ fn main() -> Result<()> {
         )?);
         drop(coordinator);
         drop(procs);
+    }
+
+    // The same coordinator code over in-process workers (what `serve --devices` runs on
+    // a multi-GPU host), here two on the CPU: no sockets, no second process.
+    let local_workers = get("--local-workers", 2)?;
+    if local_workers > 0 {
+        let devices = vec![starkv_compute::cuda::DeviceChoice::Cpu; local_workers];
+        let workers = open_local_workers(
+            &LocalWorkersConfig {
+                data_dir: scratch.path().join("local"),
+                model_path: model_path.clone(),
+                shards: 2,
+                hot_tier_bytes: 1 << 30,
+                gpu_tier_bytes: None,
+            },
+            &devices,
+        )?;
+        let cluster = Arc::new(Cluster::with_workers(
+            &ClusterConfig {
+                workers: Vec::new(),
+                secret: String::new(),
+                replicas: 1,
+                call_timeout: Duration::from_secs(60),
+                encode_timeout: Duration::from_secs(3600),
+                catalog_dir: scratch.path().join("catalog-local"),
+            },
+            workers,
+        )?);
+        let coordinator = open_service()?.with_cluster(cluster);
+        rows.push(measure(
+            format!("{local_workers} in-process workers"),
+            &coordinator,
+            &text,
+            tokens.clone(),
+            block_size,
+            gen_tokens,
+            repeats,
+            &|| 0,
+        )?);
     }
 
     let base = rows[0].per_token_s;

@@ -4,7 +4,7 @@
 //! the in-process one ([`InProcessWorker`]) answers when waited on. The coordinator's
 //! code is the same for both.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
 use super::wire::{ErrorCode, Reply, Request};
@@ -72,18 +72,63 @@ pub trait Worker: Send + Sync {
 
 /// A worker in this process (one per local device when no remote workers are
 /// configured): the same requests and replies, no socket.
+///
+/// Work starts when a request is sent, as with a remote worker, so the workers of a
+/// host run in parallel: per-layer attends go to the worker's own thread (short, and
+/// serialised on its device anyway; no thread start per layer), encodes and session
+/// opens to a thread each (long; a running encode never holds up a query's layers).
 pub struct InProcessWorker {
     address: String,
     node: Arc<WorkerNode>,
+    attends: Mutex<mpsc::Sender<(Request, mpsc::SyncSender<Reply>)>>,
 }
 
 impl InProcessWorker {
     pub fn new(address: impl Into<String>, node: Arc<WorkerNode>) -> Self {
+        let address = address.into();
+        let (tx, rx) = mpsc::channel::<(Request, mpsc::SyncSender<Reply>)>();
+        let attend_node = node.clone();
+        // Ends when the worker (its sender) is dropped.
+        let spawned = std::thread::Builder::new()
+            .name(format!("starkv-{address}"))
+            .spawn(move || {
+                for (req, reply) in rx {
+                    let _ = reply.send(attend_node.handle(req));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(worker = address, error = %e, "no attend thread: attends will fail");
+        }
         Self {
-            address: address.into(),
+            address,
             node,
+            attends: Mutex::new(tx),
         }
     }
+
+    /// Runs `req` on a new thread; the reply arrives through the returned receiver.
+    fn spawn(&self, req: Request) -> Result<mpsc::Receiver<Reply>, CallError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let node = self.node.clone();
+        std::thread::Builder::new()
+            .name(format!("starkv-{}-job", self.address))
+            .spawn(move || {
+                let _ = tx.send(node.handle(req));
+            })
+            .map_err(|e| CallError::Unreachable(format!("starting a worker thread: {e}")))?;
+        Ok(rx)
+    }
+}
+
+/// Waits for a reply from an in-process worker's thread.
+fn reply_from(rx: mpsc::Receiver<Reply>) -> PendingReply {
+    PendingReply::new(move |timeout| match rx.recv_timeout(timeout) {
+        Ok(reply) => Ok(reply),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(CallError::Timeout(timeout)),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(CallError::Unreachable(
+            "the worker thread stopped without answering".into(),
+        )),
+    })
 }
 
 impl Worker for InProcessWorker {
@@ -92,14 +137,22 @@ impl Worker for InProcessWorker {
     }
 
     fn send(&self, req: Request) -> Result<PendingReply, CallError> {
-        if matches!(req, Request::Close { .. } | Request::Drop { .. }) {
-            // Callers may not wait for these: answer now.
-            let reply = self.node.handle(req);
-            return Ok(PendingReply::new(move |_| Ok(reply)));
+        match req {
+            // Callers may not wait for these, and they are quick: answer now.
+            Request::Close { .. } | Request::Drop { .. } | Request::Stats => {
+                let reply = self.node.handle(req);
+                Ok(PendingReply::new(move |_| Ok(reply)))
+            }
+            Request::Attend { .. } => {
+                let (tx, rx) = mpsc::sync_channel(1);
+                self.attends
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .send((req, tx))
+                    .map_err(|_| CallError::Unreachable("the attend thread stopped".into()))?;
+                Ok(reply_from(rx))
+            }
+            _ => Ok(reply_from(self.spawn(req)?)),
         }
-        let node = self.node.clone();
-        // Answered when waited on: the caller starts every worker first, then waits, so
-        // in-process workers compute in parallel (on the waiting threads).
-        Ok(PendingReply::new(move |_| Ok(node.handle(req))))
     }
 }
