@@ -36,12 +36,29 @@ pub trait AttentionShard: Send + Sync {
 }
 
 /// A partial attention in flight (see [`AttentionShard::start`]).
-pub struct PendingPartial<'a>(Box<dyn FnOnce() -> Result<Attended> + Send + 'a>);
+pub struct PendingPartial<'a> {
+    finish: Box<dyn FnOnce() -> Result<Attended> + Send + 'a>,
+    /// The work runs elsewhere (another process or thread) and `finish` only waits.
+    arriving: bool,
+}
 
 impl<'a> PendingPartial<'a> {
-    /// `finish` produces the answer: it computes it, or waits for it to arrive.
-    pub fn new(finish: impl FnOnce() -> Result<Attended> + Send + 'a) -> Self {
-        Self(Box::new(finish))
+    /// `compute` produces the answer when waited on (a local shard's work).
+    pub fn new(compute: impl FnOnce() -> Result<Attended> + Send + 'a) -> Self {
+        Self {
+            finish: Box::new(compute),
+            arriving: false,
+        }
+    }
+
+    /// Work already running elsewhere: `wait` blocks until its answer arrives. Waited
+    /// on the caller's thread, never on a compute pool's (a pool thread blocked on work
+    /// that itself needs the pool, e.g. an in-process worker's, would deadlock it).
+    pub fn arriving(wait: impl FnOnce() -> Result<Attended> + Send + 'a) -> Self {
+        Self {
+            finish: Box::new(wait),
+            arriving: true,
+        }
     }
 
     /// An answer already at hand.
@@ -50,7 +67,7 @@ impl<'a> PendingPartial<'a> {
     }
 
     pub fn wait(self) -> Result<Attended> {
-        (self.0)()
+        (self.finish)()
     }
 }
 
@@ -123,21 +140,30 @@ pub fn start_all<'a>(
     shards.iter().map(|s| s.start(layer, q, m)).collect()
 }
 
-/// Waits for every started shard (the CPU ones compute in parallel while remote ones
-/// answer) and merges their answers into `acc`. Any shard's failure is the result: a
-/// merge over fewer shards would be a wrong answer.
+/// Waits for every started shard and merges their answers into `acc`: local shards
+/// compute in parallel on the compute pool while remote ones answer, then the remote
+/// answers are collected on this thread. Any shard's failure is the result: a merge
+/// over fewer shards would be a wrong answer.
 pub fn merge_pending(
     pending: Vec<PendingPartial<'_>>,
     acc: &mut Attended,
     m: usize,
     shape: HeadShape,
 ) -> Result<()> {
-    let parts: Vec<Result<Attended>> = if pending.len() <= 1 {
-        pending.into_iter().map(PendingPartial::wait).collect()
+    // Merged in the shards' order whatever finishes first (the same rounding every run).
+    let (arriving, computed): (Vec<_>, Vec<_>) = pending
+        .into_iter()
+        .enumerate()
+        .partition(|(_, p)| p.arriving);
+    let wait = |(i, p): (usize, PendingPartial<'_>)| (i, p.wait());
+    let mut parts: Vec<(usize, Result<Attended>)> = if computed.len() <= 1 {
+        computed.into_iter().map(wait).collect()
     } else {
-        pending.into_par_iter().map(PendingPartial::wait).collect()
+        computed.into_par_iter().map(wait).collect()
     };
-    for part in parts {
+    parts.extend(arriving.into_iter().map(wait));
+    parts.sort_by_key(|&(i, _)| i);
+    for (_, part) in parts {
         merge_into(acc, &part?, m, shape);
     }
     Ok(())

@@ -1016,7 +1016,7 @@ impl AttentionShard for WorkerShard {
                 )
             })
             .collect();
-        Ok(PendingPartial::new(move || {
+        Ok(PendingPartial::arriving(move || {
             let mut acc = Attended::empty(m, self.shape);
             let mut failed = Vec::new();
             for (leg, t0, pending) in sent {
