@@ -4,7 +4,7 @@
 //! A context is encoded once with Star Attention phase 1 (the default model, a needle
 //! document); then
 //! (a) bytes at rest: every block layer through the store's codec (byte-shuffled zstd,
-//!     the default), as f16 and as int8 (one f32 scale per token and KV head, the
+//!     the default), as f16 and as int8 (one f16 scale per token and KV head, the
 //!     encoding `kv_dtype = int8` stores);
 //! (b) decode attention: one query row's attention over every context block at every
 //!     layer (what a decode step spends in context attention), blocks held as an f16

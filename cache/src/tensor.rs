@@ -26,12 +26,13 @@ pub enum DType {
     F16 = 1,
     /// bfloat16.
     BF16 = 2,
-    /// Symmetric 8-bit integers with one f32 scale per row of the last dimension
-    /// (`x = q * scale`, `scale = max|row| / 127`): about half the bytes of f16. The
-    /// caller picks the scale granularity through the shape (a KV block stored as
+    /// Symmetric 8-bit integers with one f16 scale per row of the last dimension
+    /// (`x = q * scale`, `scale = f16(max|row| / 127)`): about half the bytes of f16.
+    /// The caller picks the scale granularity through the shape (a KV block stored as
     /// `[2, heads, tokens * head_dim]` has one scale per block and head). Raw bytes:
-    /// the scales (little-endian f32, one per row), then the elements.
-    I8 = 3,
+    /// the scales (little-endian f16, one per row), then the elements. (Code 3, an
+    /// earlier layout with f32 scales that never left development, is not read.)
+    I8 = 4,
 }
 
 impl DType {
@@ -58,7 +59,7 @@ impl DType {
             .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))?;
         let elements = n.checked_mul(self.size())?;
         if self.is_quantized() {
-            elements.checked_add(quant_rows(shape).checked_mul(4)?)
+            elements.checked_add(quant_rows(shape).checked_mul(SCALE_BYTES)?)
         } else {
             Some(elements)
         }
@@ -75,7 +76,7 @@ impl DType {
             0 => Some(DType::F32),
             1 => Some(DType::F16),
             2 => Some(DType::BF16),
-            3 => Some(DType::I8),
+            4 => Some(DType::I8),
             _ => None,
         }
     }
@@ -100,34 +101,43 @@ pub(crate) fn quant_rows(shape: &[u32]) -> usize {
     }
 }
 
-/// Quantises `row` to symmetric int8 into `q`; returns the scale (`max|x| / 127`, 0 for
-/// an all-zero row). Round to nearest; non-finite inputs saturate.
-pub fn quantize_row_i8(row: &[f32], q: &mut [i8]) -> f32 {
-    let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-    if amax == 0.0 || !amax.is_finite() {
-        q.fill(0);
-        return 0.0;
-    }
+/// Bytes of one row's scale of a [`DType::I8`] tensor (an f16).
+pub const SCALE_BYTES: usize = 2;
+
+/// Quantises `row` to symmetric int8 into `q`; returns the scale, an f16:
+/// `f16(max|x| / 127)` (0 for an all-zero row, or one too small for an f16), and
+/// `q = round(x / scale)` with the rounded scale, clamped to +-127.
+pub fn quantize_row_i8(row: &[f32], q: &mut [i8]) -> f16 {
     // The same arithmetic as compute's `kv8::quantize_group`: one quantiser, bit for bit.
-    let scale = amax / 127.0;
-    let inv = 127.0 / amax;
+    let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = f16::from_f32((amax / 127.0).min(f16::MAX.to_f32()));
+    let s = scale.to_f32();
+    if s == 0.0 || !s.is_finite() {
+        q.fill(0);
+        return f16::ZERO;
+    }
     for (d, &x) in q.iter_mut().zip(row) {
-        *d = (x * inv).round().clamp(-127.0, 127.0) as i8;
+        *d = (x / s).round().clamp(-127.0, 127.0) as i8;
     }
     scale
+}
+
+/// Row `r`'s scale in raw [`DType::I8`] scale bytes.
+#[inline]
+pub(crate) fn scale_at(scales: &[u8], r: usize) -> f32 {
+    f16::from_le_bytes([scales[r * SCALE_BYTES], scales[r * SCALE_BYTES + 1]]).to_f32()
 }
 
 /// Dequantised f32 elements of raw [`DType::I8`] bytes (`rows` scales, then the elements,
 /// rows of `row_len`) into `dst`.
 pub(crate) fn dequantize_i8(raw: &[u8], rows: usize, row_len: usize, dst: &mut [f32]) {
-    let (scales, q) = raw.split_at(rows * 4);
+    let (scales, q) = raw.split_at(rows * SCALE_BYTES);
     for (r, (out, qs)) in dst
         .chunks_mut(row_len.max(1))
         .zip(q.chunks(row_len.max(1)))
         .enumerate()
     {
-        let b = &scales[r * 4..r * 4 + 4];
-        let s = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let s = scale_at(scales, r);
         for (o, &v) in out.iter_mut().zip(qs) {
             *o = (v as i8) as f32 * s;
         }
@@ -143,10 +153,10 @@ pub enum TensorData {
     F16(Vec<f16>),
     /// bf16 elements.
     BF16(Vec<bf16>),
-    /// [`DType::I8`]: the raw bytes (per-row f32 scales, then the elements) and the
+    /// [`DType::I8`]: the raw bytes (per-row f16 scales, then the elements) and the
     /// element count.
     I8 {
-        /// Scales (f32, one per row), then the elements.
+        /// Scales (f16, one per row), then the elements.
         raw: Vec<u8>,
         /// Element count.
         numel: usize,
@@ -162,7 +172,7 @@ impl TensorData {
             DType::F16 => TensorData::F16(vec![f16::ZERO; n]),
             DType::BF16 => TensorData::BF16(vec![bf16::ZERO; n]),
             DType::I8 => TensorData::I8 {
-                raw: vec![0; n + 4 * rows],
+                raw: vec![0; n + SCALE_BYTES * rows],
                 numel: n,
             },
         }
@@ -283,12 +293,13 @@ impl Tensor {
                 &values
             };
             let row_len = n.checked_div(rows).unwrap_or(0);
-            let (scales, q) = raw.split_at_mut(rows * 4);
+            let (scales, q) = raw.split_at_mut(rows * SCALE_BYTES);
             let q: &mut [i8] = bytemuck::cast_slice_mut(q);
             if row_len > 0 {
                 for (r, (row, qr)) in all.chunks(row_len).zip(q.chunks_mut(row_len)).enumerate() {
                     let s = quantize_row_i8(row, qr);
-                    scales[r * 4..r * 4 + 4].copy_from_slice(&s.to_le_bytes());
+                    scales[r * SCALE_BYTES..(r + 1) * SCALE_BYTES]
+                        .copy_from_slice(&s.to_le_bytes());
                 }
             }
             return Ok(Tensor { shape, data });
@@ -387,11 +398,9 @@ impl Tensor {
     pub fn as_i8(&self) -> Option<(Vec<f32>, &[i8])> {
         match &self.data {
             TensorData::I8 { raw, .. } => {
-                let (scales, q) = raw.split_at(quant_rows(&self.shape) * 4);
-                let scales = scales
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
+                let rows = quant_rows(&self.shape);
+                let (scales, q) = raw.split_at(rows * SCALE_BYTES);
+                let scales = (0..rows).map(|r| scale_at(scales, r)).collect();
                 Some((scales, bytemuck::cast_slice(q)))
             }
             _ => None,
@@ -409,7 +418,8 @@ mod tests {
     use super::*;
 
     /// Symmetric round-to-nearest int8: every element is within half a step (`scale / 2`,
-    /// `scale = max|row| / 127`) of its input, plus f32 rounding.
+    /// `scale = f16(max|row| / 127)`) of its input, or of the clamp at 127 when the f16
+    /// rounding made the scale short, plus f32 rounding.
     #[test]
     fn i8_round_trip_error_is_within_half_a_step() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -432,15 +442,19 @@ mod tests {
                 vals[2 * row_len..3 * row_len].fill(0.0);
             }
             let t = Tensor::from_f32(DType::I8, vec![rows as u32, row_len as u32], &vals).unwrap();
-            assert_eq!(t.byte_len(), rows * row_len + 4 * rows);
+            assert_eq!(t.byte_len(), rows * row_len + 2 * rows);
             let (scales, _) = t.as_i8().unwrap();
             let back = t.to_f32();
             for r in 0..rows {
                 let row = &vals[r * row_len..(r + 1) * row_len];
                 let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-                assert!((scales[r] - amax / 127.0).abs() <= 1e-6 * amax);
+                // The scale is an f16: within its rounding (2^-11 relative, or half the
+                // smallest subnormal step) of amax / 127.
+                let exact = amax / 127.0;
+                assert!((scales[r] - exact).abs() <= exact / 2048.0 + 3e-8);
                 for (x, y) in row.iter().zip(&back[r * row_len..(r + 1) * row_len]) {
-                    let bound = scales[r] * 0.5 * (1.0 + 1e-5) + 1e-30;
+                    // Half a step, or the clamp at 127 when the rounded scale is short.
+                    let bound = (0.5 * scales[r]).max(amax - 127.0 * scales[r]) * (1.0 + 1e-5);
                     assert!((x - y).abs() <= bound, "row {r}: {x} -> {y}, bound {bound}");
                 }
             }
@@ -451,9 +465,14 @@ mod tests {
     fn i8_raw_length_counts_the_scales() {
         assert_eq!(
             DType::I8.raw_len(&[2, 3, 5, 8]),
-            Some(2 * 3 * 5 * 8 + 4 * 30)
+            Some(2 * 3 * 5 * 8 + 2 * 30)
         );
-        assert_eq!(DType::I8.raw_len(&[2, 3, 40]), Some(240 + 4 * 6));
+        assert_eq!(DType::I8.raw_len(&[2, 3, 40]), Some(240 + 2 * 6));
+        assert_eq!(
+            DType::from_code(3),
+            None,
+            "the f32-scale layout is not read"
+        );
         assert_eq!(DType::F16.raw_len(&[2, 3, 40]), Some(480));
         let bad = TensorData::I8 {
             raw: vec![0; 10],

@@ -35,7 +35,7 @@ pub enum KvDtype {
     /// 16 bits: f16 on a CPU host, the GPU's 16-bit type (bf16) on a GPU host.
     #[default]
     F16,
-    /// Symmetric int8 with one f32 scale per token and KV head (about 0.53x the bytes of
+    /// Symmetric int8 with one f16 scale per token and KV head (about 0.52x the bytes of
     /// f16 before compression), held and attended in 8 bits on the CPU.
     Int8,
 }
