@@ -223,6 +223,12 @@ impl ServerConfig {
                 "devices (local workers) and workers (remote ones) cannot both be set".into(),
             ));
         }
+        if devices.contains(&DeviceChoice::Cpu) && devices.iter().any(|d| *d != DeviceChoice::Cpu) {
+            // The stored KV type follows the device and is part of every block key.
+            return Err(ConfigError::Invalid(
+                "devices: list only GPUs or only cpu (CPU and GPU workers store KV in different types)".into(),
+            ));
+        }
         if !devices.is_empty() && (self.replicas == 0 || self.replicas > devices.len()) {
             return Err(ConfigError::Invalid(format!(
                 "replicas must be in 1..={} (the number of local devices)",
@@ -348,6 +354,10 @@ mod tests {
         assert!(with(&["cpu", "cpu"], &|c| c.replicas = 3).is_err());
         assert!(with(&["auto"], &|_| {}).is_err(), "auto is not a device");
         assert!(with(&["gpu7x"], &|_| {}).is_err());
+        assert!(
+            with(&["cuda:0", "cpu"], &|_| {}).is_err(),
+            "mixed device types"
+        );
         assert!(
             with(&["cpu"], &|c| {
                 c.workers = vec!["a:1".into()];
