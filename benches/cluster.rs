@@ -137,6 +137,7 @@ fn measure(
         block_size,
         anchor_size: block_size,
         merge: Default::default(),
+        reencode_ratio: 0.0,
         pinned: false,
         ttl_ms: None,
         kv_dtype: Default::default(),

@@ -174,6 +174,7 @@ fn measure(setup: &Setup<'_>, target: usize) -> Result<Row> {
         block_size: setup.block_size,
         anchor_size: setup.block_size,
         merge: Default::default(),
+        reencode_ratio: 0.0,
         pinned: false,
         ttl_ms: None,
         kv_dtype: Default::default(),

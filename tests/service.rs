@@ -424,6 +424,13 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
         ),
         (
             "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"x\", \"reencode_ratio\": 1.5}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
             "/v1/documents/x/query",
             Some(b"{\"question\": \"q\", \"merge_temperature\": 5}".to_vec()),
             &ct,
@@ -527,6 +534,41 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
         let (status, answer) = server.json("POST", "/v1/documents/tempered/query", Some(body));
         assert_eq!(status, 200, "{answer}");
     }
+    // Selective re-encoding of every token after the anchor is full attention's KV: the
+    // same answer as the document ingested as one block.
+    let text = "The harbour master keeps the blue lantern. The baker keeps the copper kettle. \
+                The night nurse keeps the violin case. Who keeps the copper kettle?";
+    let mut answers = Vec::new();
+    for (id, extra) in [
+        ("one-block", json!({"block_size": 4096})),
+        (
+            "re-encoded",
+            json!({"block_size": 8, "reencode_ratio": 1.0}),
+        ),
+        ("plain-star", json!({"block_size": 8})),
+    ] {
+        let mut body = json!({"id": id, "text": text});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
+        assert_eq!(
+            (status, doc["state"].as_str()),
+            (200, Some("ready")),
+            "{doc}"
+        );
+        let (status, answer) = server.json(
+            "POST",
+            &format!("/v1/documents/{id}/query"),
+            Some(json!({"question": "Who keeps the copper kettle?", "max_tokens": 8})),
+        );
+        assert_eq!(status, 200, "{answer}");
+        answers.push(answer["answer"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        answers[1], answers[0],
+        "re-encoded vs one block: {answers:?}"
+    );
     let (status, health) = server.json("GET", "/healthz", None);
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
     // `--device cpu` is the CPU on every machine, and the server says so.

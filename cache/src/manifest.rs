@@ -127,6 +127,9 @@ pub struct Manifest {
     /// How the blocks merge at query time (a trailing field: rows written before it
     /// decode as the exact merge).
     pub merge: MergeOptions,
+    /// Fraction of the tokens after the anchor re-encoded with global attention at
+    /// ingest, in millionths (issue 14; 0: plain Star Attention; a trailing field too).
+    pub reencode_ppm: u32,
 }
 
 impl Manifest {
@@ -276,6 +279,7 @@ impl Manifest {
         }
         w.u32(self.merge.temperature);
         w.u32(self.merge.scale);
+        w.u32(self.reencode_ppm);
         w.finish()
     }
 
@@ -318,6 +322,7 @@ impl Manifest {
                 scale: r.u32()?,
             }
         };
+        let reencode_ppm = if r.at_end() { 0 } else { r.u32()? };
         r.end()?;
         Ok(Manifest {
             doc: DocRef { doc, version },
@@ -332,6 +337,7 @@ impl Manifest {
             created_ms,
             blocks,
             merge,
+            reencode_ppm,
         })
     }
 }
@@ -439,6 +445,7 @@ mod tests {
                 })
                 .collect(),
             merge: MergeOptions::new(0.7, 0.9),
+            reencode_ppm: 100_000,
         }
     }
 
@@ -447,9 +454,10 @@ mod tests {
     fn rows_without_merge_options_decode_as_exact() {
         let mut m = manifest();
         m.merge = MergeOptions::default();
+        m.reencode_ppm = 0;
         let row = m.encode();
-        // Drop the two trailing u32 and re-seal the checksum.
-        let body = &row[..row.len() - CHECKSUM_LEN - 8];
+        // Drop the three trailing u32 and re-seal the checksum.
+        let body = &row[..row.len() - CHECKSUM_LEN - 12];
         let mut old = body.to_vec();
         old.extend_from_slice(&blake3::hash(body).as_bytes()[..CHECKSUM_LEN]);
         assert_eq!(Manifest::decode(&old).unwrap(), m);

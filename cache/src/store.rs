@@ -88,6 +88,9 @@ pub struct DocSpec {
     /// How the blocks merge at query time (recorded in the manifest; no part of any
     /// block key: the KV does not depend on it).
     pub merge: crate::manifest::MergeOptions,
+    /// Re-encoded fraction in millionths (recorded in the manifest; the caller folds it
+    /// into the block keys, since the KV depends on it).
+    pub reencode_ppm: u32,
     /// The document's token ids (kept so blocks can be re-encoded for repair).
     pub source_tokens: Vec<u32>,
     /// Exempt from automatic eviction.
@@ -112,6 +115,7 @@ impl DocSpec {
             block_size: 2048,
             anchor_size: 2048,
             merge: Default::default(),
+            reencode_ppm: 0,
             source_tokens: Vec::new(),
             pinned: false,
             ttl_ms: None,
@@ -1863,6 +1867,7 @@ impl Ingest {
             created_ms: now,
             blocks: std::mem::take(&mut self.blocks),
             merge: self.spec.merge,
+            reencode_ppm: self.spec.reencode_ppm,
         };
         let state = DocState {
             last_used_ms: now,

@@ -22,6 +22,9 @@ pub struct IngestRequest {
     pub anchor_size: usize,
     /// How the blocks merge at query time (APE's tempered merge unless exact).
     pub merge: MergeOptions,
+    /// Fraction (`0..=1`) of the tokens after the anchor re-encoded with global
+    /// attention after phase 1 (issue 14; see [`starkv_compute::star::reencode`]).
+    pub reencode_ratio: f32,
     pub pinned: bool,
     pub ttl_ms: Option<u64>,
     /// How the document's KV is stored and held.
@@ -98,9 +101,9 @@ impl Service {
         progress: &dyn Fn(usize, usize),
     ) -> ServiceResult<IngestOutcome> {
         if let Some(cluster) = &self.cluster {
-            if !req.merge.is_exact() {
+            if !req.merge.is_exact() || req.reencode_ratio > 0.0 {
                 return Err(ServiceError::Invalid(
-                    "merge_temperature and merge_scale are not supported with shard workers yet"
+                    "merge_temperature, merge_scale and reencode_ratio are not supported with shard workers yet"
                         .into(),
                 ));
             }
@@ -151,6 +154,14 @@ impl Service {
                 part.into_iter().map(|(i, k)| (i, Some(k))).collect()
             }
         };
+        if req.reencode_ratio > 0.0 {
+            if part.is_some() {
+                return Err(ServiceError::Invalid(
+                    "a re-encoded document is ingested whole, not in parts".into(),
+                ));
+            }
+            return self.ingest_reencoded(req, &tokens, encoder, ingest, started, progress);
+        }
         let mut reused = 0;
         progress(0, blocks.len());
         for (done, &(i, expected)) in blocks.iter().enumerate() {
@@ -209,6 +220,7 @@ impl Service {
         spec.block_size = req.block_size as u32;
         spec.anchor_size = req.anchor_size as u32;
         spec.merge = req.merge;
+        spec.reencode_ppm = reencode_ppm(req.reencode_ratio);
         spec.source_tokens = tokens.to_vec();
         spec.pinned = req.pinned;
         spec.ttl_ms = req.ttl_ms;
@@ -232,6 +244,7 @@ impl Service {
             block_size: range.len().max(1),
             anchor_size,
             merge: MergeOptions::default(),
+            reencode_ratio: 0.0,
             pinned: false,
             ttl_ms: None,
             kv_dtype: KvDtype::F16,
@@ -242,5 +255,88 @@ impl Service {
         let content =
             BlockStore::block_key(&spec, anchor, &tokens[range.clone()], range.start as u64);
         self.dedup.store_key(tenant, content).0
+    }
+}
+
+/// A re-encode ratio in millionths, as the manifest records it.
+fn reencode_ppm(ratio: f32) -> u32 {
+    (ratio.clamp(0.0, 1.0) as f64 * 1e6).round() as u32
+}
+
+/// What a re-encoded block's key is computed over in place of the anchor tokens: the
+/// whole document and the ratio, since every block's KV now depends on all the tokens
+/// before it. The ratio's marker is no token id (ids are below 2^31), so no plain key
+/// can collide with it.
+fn reencode_key_context(tokens: &[u32], ratio: f32) -> Vec<u32> {
+    let mut context = tokens.to_vec();
+    context.extend([u32::MAX, reencode_ppm(ratio)]);
+    context
+}
+
+impl Service {
+    /// Ingest with selective re-encoding: phase 1 for every block, then the re-encoding
+    /// pass on the CPU model over the whole document, then every block stored (blocks
+    /// already stored under the same keys, i.e. the same document and ratio, are reused).
+    fn ingest_reencoded(
+        &self,
+        req: &IngestRequest,
+        tokens: &[u32],
+        mut encoder: starkv_compute::backend::BlockEncoder<'_>,
+        mut ingest: starkv_cache::Ingest,
+        started: Instant,
+        progress: &dyn Fn(usize, usize),
+    ) -> ServiceResult<IngestOutcome> {
+        let n_blocks = encoder.n_blocks();
+        let key_context = reencode_key_context(tokens, req.reencode_ratio);
+        let mut keys = Vec::with_capacity(n_blocks);
+        let mut reused = vec![false; n_blocks];
+        for (i, was_reused) in reused.iter_mut().enumerate() {
+            let range = encoder.block_range(i);
+            let content =
+                ingest.block_key(&key_context, &tokens[range.clone()], range.start as u64);
+            let key = self.dedup.store_key(&req.tenant, content);
+            *was_reused = ingest.reuse_block(key, range.start as u64, range.len() as u32);
+            keys.push(key);
+        }
+        // Phase 1, the re-encoding pass and the writes count as one step per block each.
+        let total = 3 * n_blocks;
+        progress(0, total);
+        if reused.iter().any(|r| !r) {
+            let mut blocks = Vec::with_capacity(n_blocks);
+            for i in 0..n_blocks {
+                blocks.push(encoder.encode_block(i)?);
+                progress(i + 1, total);
+            }
+            let exact_until = req.anchor_size.max(req.block_size);
+            starkv_compute::star::reencode::reencode(
+                &self.model.model,
+                tokens,
+                &mut blocks,
+                exact_until,
+                req.reencode_ratio,
+            )?;
+            progress(2 * n_blocks, total);
+            let dtype = ingest.spec().dtype;
+            for (i, block) in blocks.iter().enumerate() {
+                if !reused[i] {
+                    let range = encoder.block_range(i);
+                    ingest.put_block(
+                        keys[i],
+                        range.start as u64,
+                        range.len() as u32,
+                        &to_tensors(block, dtype)?,
+                    )?;
+                }
+                progress(2 * n_blocks + i + 1, total);
+            }
+        }
+        let doc = ingest.commit()?;
+        Ok(IngestOutcome {
+            doc,
+            tokens: tokens.len(),
+            blocks: n_blocks,
+            reused_blocks: reused.iter().filter(|&&r| r).count(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 }

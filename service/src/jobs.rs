@@ -65,6 +65,8 @@ struct Spooled {
     /// APE's merge (absent in entries spooled before it existed: exact).
     #[serde(default)]
     merge: Option<(f32, f32)>,
+    #[serde(default)]
+    reencode_ratio: f32,
     pinned: bool,
     ttl_ms: Option<u64>,
     submitted_ms: u64,
@@ -140,6 +142,7 @@ impl Jobs {
             block_size: req.block_size,
             anchor_size: req.anchor_size,
             merge: Some((req.merge.temperature(), req.merge.scale())),
+            reencode_ratio: req.reencode_ratio,
             pinned: req.pinned,
             ttl_ms: req.ttl_ms,
             kv_dtype: req.kv_dtype,
@@ -237,6 +240,7 @@ impl Jobs {
                 merge: job
                     .merge
                     .map_or_else(Default::default, |(t, s)| MergeOptions::new(t, s)),
+                reencode_ratio: job.reencode_ratio,
                 pinned: job.pinned,
                 ttl_ms: job.ttl_ms,
                 kv_dtype: job.kv_dtype,

@@ -90,9 +90,12 @@ impl Service {
         let mut repaired = 0;
         // An 8-bit document on a GPU goes through `answer` below: its blocks are loaded
         // in 8 bits and widened into the GPU tier (16 bits there, a first step), and never
-        // re-encoded in 16 bits by the cold split, which would mix precisions.
+        // re-encoded in 16 bits by the cold split, which would mix precisions. The cold
+        // path's phase-1 re-encoding would also undo a document's selective re-encoding:
+        // such documents load every block too.
         let answer = if self.backend.stored_half_type().is_some()
             && manifest.dtype != starkv_cache::DType::I8
+            && manifest.reencode_ppm == 0
         {
             // A GPU: missing blocks are read straight into staging and re-encoded at once.
             let config = StarConfig {

@@ -31,6 +31,7 @@ fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {
         block_size: 24,
         anchor_size: 24,
         merge: Default::default(),
+        reencode_ratio: 0.0,
         pinned: false,
         ttl_ms: None,
         kv_dtype: Default::default(),

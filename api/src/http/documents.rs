@@ -39,6 +39,8 @@ pub struct CreateDocument {
     merge_scale: Option<f32>,
     /// KV precision: `f16` (default) or `int8`.
     kv_dtype: Option<String>,
+    /// Fraction of the tokens after the anchor re-encoded with global attention.
+    reencode_ratio: Option<f32>,
 }
 
 /// Accepted range of `merge_temperature` (bounds exact in f32 and f64, so the OpenAPI
@@ -146,6 +148,10 @@ pub async fn create(
             ))
         })?,
     };
+    let reencode_ratio = body.reencode_ratio.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&reencode_ratio) {
+        return Err(ApiError::bad_request("`reencode_ratio` must be in 0..=1"));
+    }
     let ttl_ms = body
         .ttl_seconds
         .map(|s| seconds_to_ms("ttl_seconds", s))
@@ -178,6 +184,7 @@ pub async fn create(
         block_size,
         anchor_size,
         merge,
+        reencode_ratio,
         pinned: body.pin,
         ttl_ms,
         kv_dtype,

@@ -127,6 +127,10 @@ fn schemas(config: &ServerConfig) -> Value {
                 "kv_dtype": {
                     "type": "string", "enum": starkv_service::KvDtype::NAMES,
                     "description": "KV precision: f16 (default; bf16 on a GPU host) or int8 (symmetric, one scale per token and KV head: about half the bytes)"
+                },
+                "reencode_ratio": {
+                    "type": "number", "minimum": 0, "maximum": 1,
+                    "description": "fraction of the tokens after the anchor whose KV is recomputed with global attention at ingest (selective re-encoding, issue 14); 0 is plain Star Attention"
                 }
             }
         },

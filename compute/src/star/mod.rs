@@ -14,6 +14,7 @@
 mod block;
 pub mod phase1;
 pub mod phase2;
+pub mod reencode;
 
 pub use block::BlockKv;
 pub use phase1::{Phase1, StarConfig};

@@ -147,6 +147,7 @@ impl WorkerNode {
             block_size: e.block_size as usize,
             anchor_size: e.anchor_size as usize,
             merge: Default::default(),
+            reencode_ratio: 0.0,
             pinned: false,
             ttl_ms: None,
             kv_dtype: crate::KvDtype::F16,
