@@ -911,9 +911,10 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
         CpuShard::new(cold, shape),
         CpuShard::tempered(hot, shape, merge),
     );
-    let mut qa = QueryAttention::new(vec![&cold], config.n_layers, shape, mq)
+    // Its own query attention: `qa` above goes on decoding below.
+    let mut tempered_qa = QueryAttention::new(vec![&cold], config.n_layers, shape, mq)
         .with_tempered(vec![&hot], merge);
-    let cpu_tempered = cpu.logits(&cpu.forward(&query, &positions, &mut qa)?);
+    let cpu_tempered = cpu.logits(&cpu.forward(&query, &positions, &mut tempered_qa)?);
     let mut tq =
         GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), mq)?.with_merge(merge);
     model.forward(&query, &positions, &mut tq)?;
