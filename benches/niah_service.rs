@@ -353,6 +353,22 @@ fn run_case(
 fn main() -> Result<()> {
     let args = Args::parse();
     let started = Instant::now();
+    let (dir, name) = match &args.figure {
+        Some(p) => (
+            p.parent().map_or_else(|| PathBuf::from("."), PathBuf::from),
+            p.file_stem()
+                .map_or("niah_service".into(), |s| s.to_string_lossy().into_owned()),
+        ),
+        None => (plot::figures_dir(), "niah_service".to_string()),
+    };
+    // `--csv X.csv --figure X` would write the chart's CSV over the table's.
+    let chart_csv = dir.join(format!("{name}.csv"));
+    if args.csv.as_ref().is_some_and(|c| *c == chart_csv) {
+        bail!(
+            "--csv {} is also the chart's data file (--figure); pick another name",
+            chart_csv.display()
+        );
+    }
     let configs: Vec<Config> = args
         .configs
         .iter()
@@ -462,14 +478,6 @@ fn main() -> Result<()> {
     if let Some(path) = &args.csv {
         std::fs::write(path, report.csv())?;
     }
-    let (dir, name) = match &args.figure {
-        Some(p) => (
-            p.parent().map_or_else(|| PathBuf::from("."), PathBuf::from),
-            p.file_stem()
-                .map_or("niah_service".into(), |s| s.to_string_lossy().into_owned()),
-        ),
-        None => (plot::figures_dir(), "niah_service".to_string()),
-    };
     let svg = plot::save(&report.chart(), &dir, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!("chart: {}", svg.display());
     Ok(())
