@@ -685,7 +685,7 @@ a       ready       -      12   900 B  2h ago     no      1h
             "id": "report", "state": "ready", "version": 2, "blocks": 4, "stored_bytes": 150_000_000u64,
             "raw_bytes": 180_000_000u64, "created_ms": NOW - 600_000, "last_used_ms": NOW - 180_000,
             "pinned": false, "ttl_ms": 3_600_000, "active_queries": 0, "tokens": 7996,
-            "reused_blocks": 1, "ingest_seconds": 60.54
+            "reused_blocks": 1, "ingest_seconds": 60.54, "kv_dtype": "f16", "stored_dtype": "bf16"
         });
         let expected = "\
 id         report
@@ -693,6 +693,7 @@ state      ready
 version    2
 tokens     7,996
 blocks     4 (1 reused by the last ingest)
+kv dtype   f16 (stored as bf16)
 size       150 MB stored, 180 MB decoded (0.83x)
 created    10m ago
 last used  3m ago
@@ -702,6 +703,13 @@ queries    0 active
 ingest     60.5 s
 ";
         assert_eq!(document_detail(&ready, NOW, Style::PLAIN), expected);
+        let int8 =
+            json!({ "id": "q", "state": "ready", "kv_dtype": "int8", "stored_dtype": "int8" });
+        assert!(
+            document_detail(&int8, NOW, Style::PLAIN).contains("kv dtype   int8\n"),
+            "{}",
+            document_detail(&int8, NOW, Style::PLAIN)
+        );
         let ingesting = json!({ "id": "b", "state": "ingesting", "blocks_done": 2,
                                 "blocks_total": 5, "submitted_ms": NOW - 30_000 });
         assert_eq!(
