@@ -504,3 +504,155 @@ fn cluster_documents_follow_pin_ttl_and_eviction_rules() {
     let answer = ask(&server, "kept");
     assert!(answer["usage"]["generated_tokens"].as_u64().unwrap() > 0);
 }
+
+/// `POST /v1/admin/verify` on a coordinator verifies every worker's store too: a bit
+/// flipped in a local worker's store is reported (with the worker), repaired with
+/// `repair`, and the next verify is clean. `GET /v1/admin/stats` sums the workers.
+#[test]
+fn verify_reaches_every_worker_and_repairs_a_flipped_block() {
+    let dir = temp_dir("cluster-verify");
+    let text = document(None);
+    let args = ["--device", "cpu", "--devices", "cpu,cpu", "--threads", "1"];
+    let server = Server::start(&dir, &args);
+    ingest(&server, "harbour", &text);
+    let want = ask(&server, "harbour");
+    let (status, clean) = server.json("POST", "/v1/admin/verify", Some(json!({})));
+    assert_eq!(status, 200, "{clean}");
+    assert_eq!(clean["corruption_found"], false, "{clean}");
+    let workers = clean["workers"].as_array().expect("per-worker results");
+    assert_eq!(workers.len(), 2, "{clean}");
+    for w in workers {
+        assert_eq!(w["documents"], 1, "each worker holds a part: {clean}");
+        assert_eq!(w["corruption_found"], false, "{clean}");
+        assert!(w["error"].is_null(), "{clean}");
+    }
+
+    // The workers' stores, summed next to the coordinator's own (health checks every 2 s).
+    wait_for("the workers' stats", Duration::from_secs(30), || {
+        let (_, stats) = server.json("GET", "/v1/admin/stats", None);
+        stats["cluster"]["documents"] == 2 && stats["cluster"]["stored_bytes"].as_u64() > Some(0)
+    });
+    let (_, stats) = server.json("GET", "/v1/admin/stats", None);
+    let (_, cluster) = server.json("GET", "/v1/admin/cluster", None);
+    let sum = |field: &str| -> u64 {
+        cluster["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w[field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(stats["cluster"]["workers"], 2, "{stats}");
+    assert_eq!(
+        stats["cluster"]["blocks"],
+        sum("blocks"),
+        "{stats} {cluster}"
+    );
+    assert_eq!(stats["cluster"]["placed_blocks"], sum("placed_blocks"));
+    assert_eq!(
+        stats["documents"], 0,
+        "the coordinator stores no blocks: {stats}"
+    );
+    server.kill();
+
+    // Damage local:1's part while the server is stopped.
+    flip_a_stored_layer(&dir.join("local/1"), "default/harbour");
+    let server = Server::start(&dir, &args);
+    let (status, found) = server.json("POST", "/v1/admin/verify", Some(json!({})));
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["corruption_found"], true, "{found}");
+    let by_address = |report: &Value, address: &str| -> Value {
+        report["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["address"] == address)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {address} in {report}"))
+    };
+    let damaged = by_address(&found, "local:1");
+    assert_eq!(damaged["corruption_found"], true, "{found}");
+    assert_eq!(damaged["corrupt"].as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(by_address(&found, "local:0")["corruption_found"], false);
+    assert_eq!(
+        found["corrupt"],
+        json!([]),
+        "the coordinator's own store is clean"
+    );
+
+    let (status, repaired) =
+        server.json("POST", "/v1/admin/verify", Some(json!({ "repair": true })));
+    assert_eq!(status, 200, "{repaired}");
+    assert_eq!(
+        by_address(&repaired, "local:1")["repaired_blocks"],
+        1,
+        "{repaired}"
+    );
+    let (_, after) = server.json("POST", "/v1/admin/verify", Some(json!({})));
+    assert_eq!(
+        after["corruption_found"], false,
+        "clean after the repair: {after}"
+    );
+    assert_eq!(ask(&server, "harbour")["answer"], want["answer"]);
+}
+
+/// One worker's entry in `GET /v1/admin/cluster`.
+fn worker_status(server: &Server, addr: &str) -> Value {
+    let (_, status) = server.json("GET", "/v1/admin/cluster", None);
+    status["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["address"] == addr).cloned())
+        .unwrap_or_else(|| panic!("no worker {addr} in {status}"))
+}
+
+/// A worker that was down while a document was deleted drops its part of it when it
+/// comes back; the parts the catalog still places on it stay (and answer unchanged).
+#[test]
+fn a_worker_that_comes_back_drops_its_stale_parts() {
+    let dir = temp_dir("cluster-stale");
+    let (mut workers, coordinator) = cluster(&dir, 1);
+    // Distinct texts (no shared blocks), both with blocks on every worker.
+    let gone_text = document(None).replace("harbour", "valley");
+    ingest(&coordinator, "kept", &document(None));
+    ingest(&coordinator, "gone", &gone_text);
+    let addr = workers[0].addr.clone();
+    for id in ["kept", "gone"] {
+        assert!(placement(&coordinator, id).0.contains(&addr), "{id}");
+    }
+    let want = ask(&coordinator, "kept");
+    wait_for(
+        "worker 0 to report both parts",
+        Duration::from_secs(30),
+        || worker_status(&coordinator, &addr)["documents"] == 2,
+    );
+    let before = worker_status(&coordinator, &addr);
+    let bytes_before = before["stored_bytes"].as_u64().unwrap();
+
+    // Delete a document while worker 0 is down: its part there cannot be dropped now.
+    workers.remove(0).kill();
+    let (status, deleted) = coordinator.json("DELETE", "/v1/documents/gone", None);
+    assert_eq!(status, 200, "{deleted}");
+    wait_for("worker 0 to be seen down", Duration::from_secs(30), || {
+        !healthy(&coordinator, &addr)
+    });
+    let _back = WorkerProc::start(&dir.join("worker-0"), &addr);
+    wait_for(
+        "the stale part to be dropped",
+        Duration::from_secs(60),
+        || {
+            let w = worker_status(&coordinator, &addr);
+            w["healthy"] == true && w["documents"] == 1
+        },
+    );
+    let after = worker_status(&coordinator, &addr);
+    assert_eq!(after["stale_parts_dropped"], 1, "{after}");
+    assert!(
+        after["stored_bytes"].as_u64().unwrap() < bytes_before,
+        "{before} -> {after}"
+    );
+    // The part of `kept` stayed: the same answer, nothing re-encoded.
+    let got = ask(&coordinator, "kept");
+    assert_eq!(got["answer"], want["answer"]);
+    assert_eq!(got["repaired_blocks"], 0, "{got}");
+    assert!(placement(&coordinator, "kept").0.contains(&addr));
+}

@@ -122,6 +122,22 @@ pub struct VerifyOutcome {
     /// Whether damage was found (blocks, rows, lost manifests, a repaired or quarantined
     /// instance), repaired or not.
     pub corruption_found: bool,
+    /// In cluster mode, every worker's verify of its own store (damage on any worker sets
+    /// `corruption_found`); absent on a single server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<crate::cluster::WorkerVerify>>,
+}
+
+/// `verify` as a running server does it: its own store, and in cluster mode every
+/// worker's (all at once), with `repair` repairing wherever damage is found.
+pub fn verify_service(service: &Service, repair: bool) -> ServiceResult<VerifyOutcome> {
+    let mut out = verify(service.store(), repair.then_some(service))?;
+    if let Some(cluster) = service.cluster() {
+        let workers = cluster.verify_workers(repair);
+        out.corruption_found |= workers.iter().any(|w| w.corruption_found);
+        out.workers = Some(workers);
+    }
+    Ok(out)
 }
 
 /// Checks every document's rows (meta instance and copies) and reads every stored block;

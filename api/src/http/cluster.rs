@@ -47,6 +47,7 @@ fn cluster_json(cluster: &Cluster) -> Value {
                 "failures": w.health.failures,
                 "last_error": w.health.last_error,
                 "last_seen_ms": w.health.last_seen_ms,
+                "stale_parts_dropped": w.health.stale_parts_dropped,
                 "bytes_sent": w.bytes_sent,
                 "bytes_received": w.bytes_received,
             })
@@ -56,6 +57,23 @@ fn cluster_json(cluster: &Cluster) -> Value {
         "mode": "coordinator",
         "replicas": cluster.replicas(),
         "workers": workers,
+    })
+}
+
+/// The workers' stores summed (from the last health checks), for `GET /v1/admin/stats`:
+/// what the cluster holds beyond the coordinator's own store.
+pub fn totals_json(cluster: &Cluster) -> Value {
+    let workers = cluster.status();
+    let sum = |f: fn(&starkv_service::cluster::WorkerStatus) -> u64| -> u64 {
+        workers.iter().map(f).sum()
+    };
+    json!({
+        "workers": workers.len(),
+        "healthy_workers": workers.iter().filter(|w| w.health.up).count(),
+        "documents": sum(|w| w.health.documents),
+        "blocks": sum(|w| w.health.blocks),
+        "stored_bytes": sum(|w| w.health.stored_bytes),
+        "placed_blocks": sum(|w| w.placed_blocks as u64),
     })
 }
 

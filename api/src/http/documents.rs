@@ -650,7 +650,13 @@ pub async fn stats(
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(Role::Admin)?;
     let service = state.service.clone();
-    let s = blocking(move || Ok(service.store().stats())).await?;
+    let (s, cluster) = blocking(move || {
+        Ok((
+            service.store().stats(),
+            service.cluster().map(|c| super::cluster::totals_json(c)),
+        ))
+    })
+    .await?;
     let backend = state.service.backend();
     let gpu_tier = backend.tier_stats().map(|t| {
         json!({
@@ -662,7 +668,7 @@ pub async fn stats(
             "evictions": t.evictions,
         })
     });
-    Ok(Json(json!({
+    let mut body = json!({
         "device": backend.device_id(),
         "device_detail": backend.selected().to_string(),
         "gpu_tier": gpu_tier,
@@ -682,7 +688,11 @@ pub async fn stats(
         "recoveries": s.recoveries,
         "free_disk_bytes": state.service.store().free_disk_bytes(),
         "ingest_queue_depth": state.jobs.queue_depth(),
-    })))
+    });
+    if let Some(cluster) = cluster {
+        body["cluster"] = cluster;
+    }
+    Ok(Json(body))
 }
 
 pub async fn gc(
@@ -752,13 +762,8 @@ pub async fn verify(
     principal.require(Role::Admin)?;
     let ApiJson(req) = body?;
     let service = state.service.clone();
-    let out = blocking(move || {
-        Ok(starkv_service::admin::verify(
-            service.store(),
-            req.repair.then_some(&*service),
-        )?)
-    })
-    .await?;
+    let out =
+        blocking(move || Ok(starkv_service::admin::verify_service(&service, req.repair)?)).await?;
     Ok(Json(serde_json::to_value(out).expect("reports serialise")))
 }
 

@@ -97,6 +97,32 @@ fn schemas(config: &ServerConfig) -> Value {
         "type": "number", "minimum": MERGE_SCALE.start(), "maximum": MERGE_SCALE.end(),
         "description": "APE's scaling factor S: the tempered group enters the merge with lse T*L + ln S"
     });
+    let cluster_totals = json!({
+        "type": "object",
+        "description": "cluster mode only: the workers' stores summed, from the last health checks (documents counts each worker's part of a document)",
+        "required": ["workers", "healthy_workers", "documents", "blocks", "stored_bytes", "placed_blocks"],
+        "properties": {
+            "workers": { "type": "integer", "minimum": 1 },
+            "healthy_workers": { "type": "integer", "minimum": 0 },
+            "documents": { "type": "integer", "minimum": 0 },
+            "blocks": { "type": "integer", "minimum": 0 },
+            "stored_bytes": { "type": "integer", "minimum": 0 },
+            "placed_blocks": { "type": "integer", "minimum": 0 }
+        }
+    });
+    let worker_verify = json!({
+        "type": "object",
+        "required": ["address", "documents", "corrupt", "repaired_blocks", "corruption_found"],
+        "properties": {
+            "address": { "type": "string" },
+            "documents": { "type": "integer", "minimum": 0 },
+            "corrupt": { "type": "array", "items": { "type": "string" } },
+            "repaired_blocks": { "type": "integer", "minimum": 0 },
+            "corruption_found": { "type": "boolean" },
+            "repair_error": { "type": "string", "nullable": true },
+            "error": { "type": "string", "nullable": true, "description": "why the worker could not be verified (down, timed out)" }
+        }
+    });
     json!({
         "Error": {
             "type": "object", "required": ["error"],
@@ -291,11 +317,17 @@ fn schemas(config: &ServerConfig) -> Value {
             "properties": { "repair": { "type": "boolean" } }
         },
         "Verified": {
-            "type": "object", "required": ["documents", "corrupt", "repaired_blocks"],
+            "type": "object", "required": ["documents", "corrupt", "repaired_blocks", "corruption_found"],
             "properties": {
                 "documents": { "type": "integer", "minimum": 0 },
                 "corrupt": { "type": "array", "items": { "type": "string" } },
-                "repaired_blocks": { "type": "integer", "minimum": 0 }
+                "repaired_blocks": { "type": "integer", "minimum": 0 },
+                "corruption_found": { "type": "boolean" },
+                "workers": {
+                    "type": "array",
+                    "description": "cluster mode only: each worker's verify of its own store",
+                    "items": worker_verify
+                }
             }
         },
         "Collected": {
@@ -306,7 +338,12 @@ fn schemas(config: &ServerConfig) -> Value {
                 "bytes_freed": { "type": "integer", "minimum": 0 }
             }
         },
-        "Stats": { "type": "object", "required": ["device", "documents", "blocks"] },
+        "Stats": {
+            "type": "object", "required": ["device", "documents", "blocks"],
+            "properties": {
+                "cluster": cluster_totals
+            }
+        },
         "Cluster": {
             "type": "object", "required": ["mode", "workers"],
             "properties": {

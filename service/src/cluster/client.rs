@@ -30,6 +30,8 @@ pub struct RemoteWorker {
     conn: Mutex<Option<Arc<Connection>>>,
     sent: AtomicU64,
     received: Arc<AtomicU64>,
+    /// Handshakes completed (each a connection, perhaps to a restarted worker).
+    connections: AtomicU64,
 }
 
 struct Connection {
@@ -77,6 +79,7 @@ impl RemoteWorker {
             conn: Mutex::new(None),
             sent: AtomicU64::new(0),
             received: Arc::default(),
+            connections: AtomicU64::new(0),
         }
     }
 
@@ -89,6 +92,7 @@ impl RemoteWorker {
         }
         *slot = None;
         let conn = Arc::new(self.connect()?);
+        self.connections.fetch_add(1, Ordering::SeqCst);
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -236,5 +240,9 @@ impl Worker for RemoteWorker {
             self.sent.load(Ordering::Relaxed),
             self.received.load(Ordering::Relaxed),
         )
+    }
+
+    fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 }

@@ -61,6 +61,8 @@ pub struct WorkerHealth {
     pub failures: u64,
     pub last_error: Option<String>,
     pub last_seen_ms: Option<u64>,
+    /// Stale document parts dropped on this worker (see [`super::stale`]).
+    pub stale_parts_dropped: u64,
 }
 
 /// One worker as `GET /v1/admin/cluster` shows it.
@@ -77,6 +79,9 @@ pub struct WorkerStatus {
 struct Slot {
     worker: Box<dyn Worker>,
     health: Mutex<WorkerHealth>,
+    /// The connection (see [`Worker::connections`]) on which the worker's stale parts
+    /// were last dropped; `None`: not since it was last seen down (or ever).
+    reconciled: Mutex<Option<u64>>,
 }
 
 /// A coordinator's view of its workers and documents.
@@ -87,14 +92,16 @@ pub struct Cluster {
     pub(super) last_used: Mutex<HashMap<String, u64>>,
     /// When this coordinator opened its catalog.
     pub(super) opened_ms: u64,
-    addresses: Vec<String>,
+    pub(super) addresses: Vec<String>,
     replicas: usize,
-    call_timeout: Duration,
-    encode_timeout: Duration,
+    pub(super) call_timeout: Duration,
+    pub(super) encode_timeout: Duration,
     pub(super) catalog: Catalog,
     /// Serialises placement changes (ingest, recovery): a worker's part of a document is
     /// replaced as a whole, so two concurrent changes must not send it different parts.
     placement_lock: Mutex<()>,
+    /// Documents with an encode in progress (see [`super::stale`]).
+    pub(super) in_flight: super::stale::InFlight,
 }
 
 impl Cluster {
@@ -146,6 +153,7 @@ impl Cluster {
                         up: true,
                         ..WorkerHealth::default()
                     }),
+                    reconciled: Mutex::new(None),
                 })
                 .collect(),
             last_used: Mutex::new(HashMap::new()),
@@ -155,6 +163,7 @@ impl Cluster {
             encode_timeout: config.encode_timeout,
             catalog,
             placement_lock: Mutex::new(()),
+            in_flight: Default::default(),
         })
     }
 
@@ -197,6 +206,34 @@ impl Cluster {
             metrics::counter!("starkv_worker_bytes_total", "worker" => address.clone(), "direction" => "received")
                 .absolute(received);
             metrics::gauge!("starkv_worker_up", "worker" => address).set(self.live(w) as u8 as f64);
+        }
+        for w in 0..self.slots.len() {
+            self.reconcile_if_new(w);
+        }
+    }
+
+    /// Drops worker `w`'s stale parts when it is up on a connection not reconciled yet
+    /// (it came back, restarted, or this coordinator just started).
+    fn reconcile_if_new(&self, w: usize) {
+        let connection = self.slots[w].worker.connections();
+        let done = *self.slots[w]
+            .reconciled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !self.live(w) || done == Some(connection) {
+            return;
+        }
+        match self.reconcile(w) {
+            Ok(out) => {
+                self.health(w).stale_parts_dropped += out.dropped.len() as u64;
+                *self.slots[w]
+                    .reconciled
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(connection);
+            }
+            Err(e) => {
+                tracing::info!(worker = self.addresses[w], error = %e, "could not drop stale parts; trying again at the next health check")
+            }
         }
     }
 
@@ -286,11 +323,11 @@ impl Cluster {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn live(&self, w: usize) -> bool {
+    pub(super) fn live(&self, w: usize) -> bool {
         self.health(w).up
     }
 
-    fn mark_down(&self, w: usize, why: &str) {
+    pub(super) fn mark_down(&self, w: usize, why: &str) {
         let mut h = self.health(w);
         if h.up {
             tracing::warn!(
@@ -301,12 +338,16 @@ impl Cluster {
         }
         h.up = false;
         h.failures += 1;
+        *self.slots[w]
+            .reconciled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         h.last_error = Some(why.to_string());
         metrics::counter!("starkv_worker_failures_total", "worker" => self.addresses[w].clone())
             .increment(1);
     }
 
-    fn index_of(&self, address: &str) -> Option<usize> {
+    pub(super) fn index_of(&self, address: &str) -> Option<usize> {
         self.addresses.iter().position(|a| a == address)
     }
 
@@ -317,14 +358,14 @@ impl Cluster {
     }
 
     /// Sends `req` to worker `w`, counting the call.
-    fn send(&self, w: usize, req: Request) -> Result<PendingReply, CallError> {
+    pub(super) fn send(&self, w: usize, req: Request) -> Result<PendingReply, CallError> {
         self.health(w).calls += 1;
         self.slots[w].worker.send(req)
     }
 
     /// Waits for a reply, recording its latency under `op`; a failure marks the worker
     /// down unless it only lacks data.
-    fn finish(
+    pub(super) fn finish(
         &self,
         w: usize,
         op: &'static str,
@@ -371,6 +412,8 @@ impl Cluster {
             .map(|r| service.block_key(&req.tenant, &tokens, a, r.clone()))
             .collect();
         let _guard = self.lock_placement();
+        // Parts written before the catalog entry is published are not stale.
+        let _encoding = self.begin_encode(&req.id);
         let previous = self.catalog.get(&req.id);
         let mut holders: Vec<Vec<usize>> = vec![Vec::new(); n];
         // Blocks each worker acknowledged (its whole part of the document so far).
@@ -831,6 +874,7 @@ impl WorkerShard {
         if encode.is_empty() {
             return Ok(());
         }
+        let _encoding = cluster.begin_encode(&entry.doc);
         let sent: Vec<_> = encode
             .iter()
             .map(|(&w, added)| {

@@ -68,6 +68,12 @@ pub trait Worker: Send + Sync {
     fn bytes(&self) -> (u64, u64) {
         (0, 0)
     }
+
+    /// Connections established so far: a new one may reach a worker that restarted
+    /// (and missed drops meanwhile). An in-process worker never reconnects.
+    fn connections(&self) -> u64 {
+        0
+    }
 }
 
 /// A worker in this process (one per local device when no remote workers are

@@ -9,6 +9,8 @@
 //! - [`lifecycle`]: pin, TTL, eviction and expiry of cluster documents.
 //! - [`local`]: one in-process worker per local device (a multi-GPU host, no remote
 //!   workers).
+//! - [`stale`]: dropping the parts a worker kept while the catalog moved on (it was down).
+//! - [`verify`]: the operator's verify (and repair) on every worker.
 //! - [`placement`]: rendezvous hashing of block keys over the workers.
 //! - [`catalog`]: the coordinator's documents and where each block lives.
 //! - [`coordinator`]: distributed phase 1 (blocks first, catalog entry last) and phase 2
@@ -22,6 +24,8 @@ pub mod lifecycle;
 pub mod local;
 pub mod placement;
 pub mod server;
+pub mod stale;
+pub mod verify;
 pub mod wire;
 pub mod worker;
 
@@ -29,4 +33,5 @@ pub use catalog::{BlockEntry, DocEntry};
 pub use coordinator::{Cluster, ClusterConfig, WorkerHealth, WorkerStatus};
 pub use handle::{CallError, InProcessWorker, PendingReply, Worker};
 pub use local::{LocalWorkersConfig, local_devices, open_local_workers};
+pub use verify::WorkerVerify;
 pub use worker::WorkerNode;

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bumped on any change of a frame's layout; both ends must agree.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame accepted (an encode request carries a document's tokens: 4 bytes each).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -50,6 +50,12 @@ pub enum Request {
     Stats,
     /// Forgets the worker's part of `doc`.
     Drop { doc: String },
+    /// Reads every stored block of the worker's store (with `repair`, re-encodes the
+    /// damaged ones from the source tokens it keeps) and reports what it found.
+    Verify { repair: bool },
+    /// The documents the worker holds a part of (names and the worker's own versions),
+    /// so the coordinator can drop parts no catalog entry places there any more.
+    List,
 }
 
 /// Blocks of one document for a worker to encode and keep.
@@ -103,10 +109,31 @@ pub enum Reply {
         blocks_deleted: u64,
         bytes_freed: u64,
     },
+    /// What a [`Request::Verify`] found and did on the worker.
+    Verified(VerifyCounts),
+    /// The worker's documents: `(name, version)` of every visible version.
+    Listed {
+        docs: Vec<(String, u64)>,
+    },
     Error {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// A worker's verify result, as the coordinator reports it per worker.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VerifyCounts {
+    /// Document versions checked.
+    pub documents: u64,
+    /// Versions with a damaged or missing block (`doc@version: error`).
+    pub corrupt: Vec<String>,
+    /// Blocks re-encoded from their source tokens (with repair).
+    pub repaired_blocks: u64,
+    /// Any damage found (blocks, rows, lost manifests), repaired or not.
+    pub corruption_found: bool,
+    /// Why a repair failed (empty: it did not).
+    pub repair_error: String,
 }
 
 /// Why a worker refused or failed a request.
@@ -160,6 +187,8 @@ const ATTEND: u8 = 4;
 const CLOSE: u8 = 5;
 const STATS: u8 = 6;
 const DROP: u8 = 7;
+const VERIFY: u8 = 8;
+const LIST: u8 = 9;
 const R_HELLO: u8 = 64;
 const R_ENCODED: u8 = 65;
 const R_OPENED: u8 = 66;
@@ -167,6 +196,8 @@ const R_PARTIAL: u8 = 67;
 const R_CLOSED: u8 = 68;
 const R_STATS: u8 = 69;
 const R_DROPPED: u8 = 70;
+const R_VERIFIED: u8 = 71;
+const R_LISTED: u8 = 72;
 const R_ERROR: u8 = 127;
 
 impl Request {
@@ -211,6 +242,8 @@ impl Request {
             Request::Close { session } => w.u64(*session),
             Request::Stats => {}
             Request::Drop { doc } => w.str(doc),
+            Request::Verify { repair } => w.u8(*repair as u8),
+            Request::List => {}
         }
         w.finish()
     }
@@ -224,6 +257,8 @@ impl Request {
             Request::Close { .. } => CLOSE,
             Request::Stats => STATS,
             Request::Drop { .. } => DROP,
+            Request::Verify { .. } => VERIFY,
+            Request::List => LIST,
         }
     }
 
@@ -276,6 +311,8 @@ impl Request {
                 CLOSE => Request::Close { session: r.u64()? },
                 STATS => Request::Stats,
                 DROP => Request::Drop { doc: r.str()? },
+                VERIFY => Request::Verify { repair: r.bool()? },
+                LIST => Request::List,
                 other => return Err(WireError(format!("unknown request kind {other}"))),
             };
             r.end()?;
@@ -296,6 +333,8 @@ impl Reply {
             Reply::Closed => R_CLOSED,
             Reply::Stats { .. } => R_STATS,
             Reply::Dropped { .. } => R_DROPPED,
+            Reply::Verified(_) => R_VERIFIED,
+            Reply::Listed { .. } => R_LISTED,
             Reply::Error { .. } => R_ERROR,
         };
         let mut w = FrameWriter::new(kind, id);
@@ -345,6 +384,23 @@ impl Reply {
                 w.u64(*blocks);
                 w.u64(*stored_bytes);
             }
+            Reply::Verified(v) => {
+                w.u64(v.documents);
+                w.u32(v.corrupt.len() as u32);
+                for c in &v.corrupt {
+                    w.str(c);
+                }
+                w.u64(v.repaired_blocks);
+                w.u8(v.corruption_found as u8);
+                w.str(&v.repair_error);
+            }
+            Reply::Listed { docs } => {
+                w.u32(docs.len() as u32);
+                for (doc, version) in docs {
+                    w.str(doc);
+                    w.u64(*version);
+                }
+            }
             Reply::Error { code, message } => {
                 w.u8(code.code());
                 w.str(message);
@@ -390,6 +446,27 @@ impl Reply {
                     blocks_deleted: r.u64()?,
                     bytes_freed: r.u64()?,
                 },
+                R_VERIFIED => {
+                    let documents = r.u64()?;
+                    // Each string takes at least its 4-byte length.
+                    let n = r.count(4)?;
+                    let corrupt = (0..n).map(|_| r.str()).collect::<Result<_, _>>()?;
+                    Reply::Verified(VerifyCounts {
+                        documents,
+                        corrupt,
+                        repaired_blocks: r.u64()?,
+                        corruption_found: r.bool()?,
+                        repair_error: r.str()?,
+                    })
+                }
+                R_LISTED => {
+                    // Each entry takes at least a 4-byte length and an 8-byte version.
+                    let n = r.count(4 + 8)?;
+                    let docs = (0..n)
+                        .map(|_| Ok((r.str()?, r.u64()?)))
+                        .collect::<Result<_, WireError>>()?;
+                    Reply::Listed { docs }
+                }
                 R_ERROR => Reply::Error {
                     code: ErrorCode::from_code(r.u8()?)
                         .ok_or_else(|| WireError("unknown error code".into()))?,
@@ -538,6 +615,14 @@ impl<'a> FrameReader<'a> {
         Ok(self.take(1)?[0])
     }
 
+    fn bool(&mut self) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(WireError(format!("{other} is not a boolean"))),
+        }
+    }
+
     fn u32(&mut self) -> Result<u32, WireError> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
@@ -644,6 +729,9 @@ mod tests {
             Request::Drop {
                 doc: "t/doc".into(),
             },
+            Request::Verify { repair: true },
+            Request::Verify { repair: false },
+            Request::List,
         ];
         for (i, req) in requests.into_iter().enumerate() {
             let frame = req.frame(i as u64 + 100);
@@ -679,6 +767,18 @@ mod tests {
                 blocks_deleted: 4,
                 bytes_freed: 5,
             },
+            Reply::Verified(VerifyCounts {
+                documents: 3,
+                corrupt: vec!["t/doc@2: checksum".into(), "t/b@1: missing".into()],
+                repaired_blocks: 2,
+                corruption_found: true,
+                repair_error: "disk full".into(),
+            }),
+            Reply::Verified(VerifyCounts::default()),
+            Reply::Listed {
+                docs: vec![("t/doc".into(), 2), ("u/other".into(), u64::MAX)],
+            },
+            Reply::Listed { docs: vec![] },
             Reply::error(ErrorCode::NotFound, "no such session"),
         ];
         for (i, reply) in replies.into_iter().enumerate() {
@@ -723,5 +823,48 @@ mod tests {
         assert!(check_len(u32::MAX).is_err());
         let mut stream: &[u8] = &[0xff, 0xff, 0xff, 0x7f, 1, 2];
         assert!(read_frame(&mut stream).is_err());
+    }
+
+    #[test]
+    fn malformed_verify_and_list_frames_are_errors_not_panics() {
+        let replies = [
+            Reply::Verified(VerifyCounts {
+                documents: 2,
+                corrupt: vec!["t/d@1: checksum".into(), "t/e@3: missing".into()],
+                repaired_blocks: 1,
+                corruption_found: true,
+                repair_error: String::new(),
+            }),
+            Reply::Listed {
+                docs: vec![("t/d".into(), 1), ("t/e".into(), 3)],
+            },
+        ];
+        for reply in replies {
+            let frame = reply.frame(11);
+            let good = body(&frame).to_vec();
+            for cut in 0..good.len() {
+                assert!(Reply::parse(&good[..cut]).1.is_err(), "truncated at {cut}");
+            }
+            // A forged list count cannot allocate beyond the frame, and no byte value
+            // anywhere panics.
+            for at in 0..good.len() {
+                for value in [0u8, 1, 2, 0x7f, 0xff] {
+                    let mut bad = good.clone();
+                    bad[at] = value;
+                    let _ = Reply::parse(&bad);
+                    let _ = Request::parse(&bad);
+                }
+            }
+            let mut trailing = good.clone();
+            trailing.push(0);
+            assert!(Reply::parse(&trailing).1.is_err());
+        }
+        // A boolean is 0 or 1, nothing else.
+        let frame = Request::Verify { repair: true }.frame(4);
+        let mut bad = body(&frame).to_vec();
+        *bad.last_mut().unwrap() = 2;
+        assert!(Request::parse(&bad).1.is_err());
+        let (id, parsed) = Request::parse(body(&Request::List.frame(9)));
+        assert_eq!((id, parsed), (9, Ok(Request::List)));
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use starkv_cache::DocLease;
 use starkv_compute::star::AttentionShard;
 
-use super::wire::{EncodeRequest, ErrorCode, Key, PROTOCOL_VERSION, Reply, Request};
+use super::wire::{EncodeRequest, ErrorCode, Key, PROTOCOL_VERSION, Reply, Request, VerifyCounts};
 use crate::stored::StoredBlocks;
 use crate::{IngestRequest, Service, ServiceError, ServiceResult};
 
@@ -119,6 +119,8 @@ impl WorkerNode {
             }
             Request::Stats => Ok(self.stats()),
             Request::Drop { doc } => self.drop_doc(&doc),
+            Request::Verify { repair } => self.verify(repair),
+            Request::List => Ok(self.list()),
         };
         result.unwrap_or_else(|e| {
             let code = match &e {
@@ -244,6 +246,32 @@ impl WorkerNode {
             documents: stats.documents,
             blocks: stats.blocks,
             stored_bytes: stats.store_bytes,
+        }
+    }
+
+    /// The operator's verify on this worker's store (with `repair`, the damaged blocks
+    /// are re-encoded from the source tokens each part keeps).
+    fn verify(&self, repair: bool) -> ServiceResult<Reply> {
+        let service = &*self.service;
+        let out = crate::admin::verify(service.store(), repair.then_some(service))?;
+        Ok(Reply::Verified(VerifyCounts {
+            documents: out.documents as u64,
+            corrupt: out.corrupt,
+            repaired_blocks: out.repaired_blocks as u64,
+            corruption_found: out.corruption_found,
+            repair_error: out.repair_error.unwrap_or_default(),
+        }))
+    }
+
+    fn list(&self) -> Reply {
+        Reply::Listed {
+            docs: self
+                .service
+                .store()
+                .list()
+                .into_iter()
+                .map(|d| (d.doc.doc, d.doc.version))
+                .collect(),
         }
     }
 
