@@ -852,11 +852,15 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
     let positions: Vec<usize> = (l..l + mq).collect();
     model.forward(&query, &positions, &mut q)?;
     let star = model.logits(mq)?;
+    // Both sides round to the device's 16-bit type at different points (the block's
+    // stored K/V and the split merge against the full pass's single causal kernel): on
+    // the H200 the difference measured 6.1e-3 and 7.8e-3 (1.6-2.0u) on two seeds, so
+    // 4u; a wrong mask or merge shows as 1e-1 or more.
     report.check(
         "star b>=L == full attention (GPU)",
         "rel",
         rel(&star, &full_q),
-        2.0 * u,
+        4.0 * u,
         ms(t),
     );
 
