@@ -21,6 +21,41 @@ pub struct EvictRequest {
     pub tenant: Option<String>,
 }
 
+impl EvictRequest {
+    /// The documents the `tenant`, `older_than_seconds` and `lru` rules select among
+    /// `docs` (`(last used ms, tenant, document)`, unpinned ones only), each with the
+    /// first rule that selects it; `lru` counts in order of last use, oldest first.
+    /// Shared by the store's eviction and a cluster coordinator's.
+    pub fn select<D>(
+        &self,
+        docs: impl IntoIterator<Item = (u64, String, D)>,
+        now_ms: u64,
+    ) -> ServiceResult<Vec<(D, &'static str)>> {
+        let older_than_ms = self
+            .older_than_seconds
+            .map(|s| crate::limits::seconds_to_ms("older_than_seconds", s))
+            .transpose()?;
+        let mut docs: Vec<_> = docs.into_iter().collect();
+        docs.sort_by_key(|d| d.0);
+        Ok(docs
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, (used, tenant, doc))| {
+                let rule = if self.tenant.as_deref() == Some(tenant.as_str()) {
+                    "tenant"
+                } else if older_than_ms.is_some_and(|age| now_ms.saturating_sub(used) >= age) {
+                    "older_than"
+                } else if self.lru.is_some_and(|n| i < n) {
+                    "lru"
+                } else {
+                    return None;
+                };
+                Some((doc, rule))
+            })
+            .collect())
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EvictOutcome {
     /// `tenant/id@version` of each evicted document, with the rule.
@@ -39,34 +74,13 @@ pub fn evict(store: &BlockStore, req: &EvictRequest, now_ms: u64) -> ServiceResu
             "give at least one rule: budget_bytes, lru, older_than_seconds or tenant".into(),
         ));
     }
-    let older_than_ms = req
-        .older_than_seconds
-        .map(|s| crate::limits::seconds_to_ms("older_than_seconds", s))
-        .transpose()?;
     let mut out = EvictOutcome::default();
-    let mut docs: Vec<_> = store
+    let docs = store
         .list()
         .into_iter()
         .filter(|d| !d.state.pinned)
-        .collect();
-    docs.sort_by_key(|d| d.state.last_used_ms);
-    let mut chosen: Vec<(starkv_cache::DocRef, &'static str)> = Vec::new();
-    for (i, d) in docs.iter().enumerate() {
-        let rule = if req.tenant.as_deref() == Some(d.tenant.as_str()) {
-            Some("tenant")
-        } else if older_than_ms
-            .is_some_and(|age| now_ms.saturating_sub(d.state.last_used_ms) >= age)
-        {
-            Some("older_than")
-        } else if req.lru.is_some_and(|n| i < n) {
-            Some("lru")
-        } else {
-            None
-        };
-        if let Some(rule) = rule {
-            chosen.push((d.doc.clone(), rule));
-        }
-    }
+        .map(|d| (d.state.last_used_ms, d.tenant.clone(), d.doc));
+    let chosen = req.select(docs, now_ms)?;
     for (doc, rule) in chosen {
         let report = store.delete_version(&doc)?;
         out.blocks_deleted += report.blocks_deleted;

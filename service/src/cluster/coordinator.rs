@@ -309,10 +309,7 @@ impl Cluster {
         if let Some(entry) = removed {
             self.drop_parts(&entry, &[]);
         }
-        self.last_used
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(doc);
+        self.lock_last_used().remove(doc);
         Ok(())
     }
 

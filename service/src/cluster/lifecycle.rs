@@ -10,10 +10,7 @@ use crate::{ServiceError, ServiceResult};
 use super::catalog::DocEntry;
 use super::coordinator::Cluster;
 
-/// Why a document was removed, as eviction reports show it.
-const RULE_TENANT: &str = "tenant";
-const RULE_OLDER_THAN: &str = "older_than";
-const RULE_LRU: &str = "lru";
+/// Why a document was removed by expiry, as eviction reports show it.
 const RULE_TTL: &str = "ttl";
 
 impl Cluster {
@@ -55,33 +52,21 @@ impl Cluster {
                 "give at least one rule: lru, older_than_seconds or tenant".into(),
             ));
         }
-        let older_than_ms = req
-            .older_than_seconds
-            .map(|s| crate::limits::seconds_to_ms("older_than_seconds", s))
-            .transpose()?;
-        let mut docs: Vec<(u64, std::sync::Arc<DocEntry>)> = self
+        // Ties in last use go by name, so a run is repeatable.
+        let mut docs: Vec<_> = self
             .catalog
             .list()
             .into_iter()
             .filter(|d| !d.pinned)
-            .map(|d| (self.last_used_ms(&d), d))
             .collect();
-        docs.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.doc.cmp(&b.1.doc)));
-        let chosen = docs.iter().enumerate().filter_map(|(i, (used, d))| {
-            let rule = if req.tenant.as_deref() == Some(d.tenant.as_str()) {
-                RULE_TENANT
-            } else if older_than_ms.is_some_and(|age| now_ms.saturating_sub(*used) >= age) {
-                RULE_OLDER_THAN
-            } else if req.lru.is_some_and(|n| i < n) {
-                RULE_LRU
-            } else {
-                return None;
-            };
-            Some((d, rule))
-        });
+        docs.sort_by(|a, b| a.doc.cmp(&b.doc));
+        let docs = docs
+            .into_iter()
+            .map(|d| (self.last_used_ms(&d), d.tenant.clone(), d));
+        let chosen = req.select(docs, now_ms)?;
         let mut out = EvictOutcome::default();
         for (entry, rule) in chosen {
-            self.remove(entry, rule, &mut out)?;
+            self.remove(&entry, rule, &mut out)?;
         }
         Ok(out)
     }
@@ -142,7 +127,9 @@ impl Cluster {
         Ok(())
     }
 
-    fn lock_last_used(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+    pub(super) fn lock_last_used(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
         self.last_used
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
