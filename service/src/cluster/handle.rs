@@ -4,7 +4,7 @@
 //! the in-process one ([`InProcessWorker`]) answers when waited on. The coordinator's
 //! code is the same for both.
 
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use super::wire::{ErrorCode, Reply, Request};
@@ -86,7 +86,7 @@ pub trait Worker: Send + Sync {
 pub struct InProcessWorker {
     address: String,
     node: Arc<WorkerNode>,
-    attends: Mutex<mpsc::Sender<(Request, mpsc::SyncSender<Reply>)>>,
+    attends: mpsc::Sender<(Request, mpsc::SyncSender<Reply>)>,
 }
 
 impl InProcessWorker {
@@ -108,7 +108,7 @@ impl InProcessWorker {
         Self {
             address,
             node,
-            attends: Mutex::new(tx),
+            attends: tx,
         }
     }
 
@@ -152,8 +152,6 @@ impl Worker for InProcessWorker {
             Request::Attend { .. } => {
                 let (tx, rx) = mpsc::sync_channel(1);
                 self.attends
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
                     .send((req, tx))
                     .map_err(|_| CallError::Unreachable("the attend thread stopped".into()))?;
                 Ok(reply_from(rx))
