@@ -256,7 +256,7 @@ impl CudaBackend {
         let mut model = self.lock_model()?;
         let context = ContextBlocks::new(&self.gpu, resident, host)?;
         let mut q = GpuQuery::new(&model, context, query.len() + params.max_tokens)?
-            .with_shards(shards.to_vec())
+            .with_shards(&self.gpu, shards.to_vec())
             .with_merge(params.merge);
         let start = q.context_len();
         let generation = match decode(&mut model, &mut q, tokenizer, query, start, params, on_text)

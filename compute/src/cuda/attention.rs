@@ -346,11 +346,34 @@ impl Gpu {
                 .arg(&pl);
             unsafe { b.launch(launch)? };
         }
+        self.merge_partials(k, (po, pl), splits, m, nh, out)
+    }
+
+    /// Merges `n` partial results (`parts`: f32 O `[n][m][nh d]` and lse `[n][nh][m]`,
+    /// each over a disjoint key set) exactly into `out`: the split merge of one attention,
+    /// and the merge of a query's own part with same-device shards' parts.
+    pub fn merge_partials(
+        &self,
+        k: &Kernels,
+        parts: (u64, u64),
+        n: usize,
+        m: usize,
+        nh: usize,
+        out: AttnOut,
+    ) -> Result<()> {
+        if n > 1024 {
+            return Err(CudaError::Invalid(format!(
+                "{n} partials to merge (at most 1024)"
+            )));
+        }
+        let (po, pl) = parts;
+        let d = k.head_dim;
+        let null = 0u64;
         let (oh, of, lf) = match out {
             AttnOut::Half(o) => (o, null, null),
             AttnOut::F32 { out, lse } => (null, out, lse),
         };
-        let (s_i, d_i) = (splits as i32, d as i32);
+        let (s_i, m_i, nh_i, d_i) = (n as i32, m as i32, nh as i32, d as i32);
         let mut b = self.exec_stream().launch_builder(k.get("attn_merge"));
         b.arg(&oh)
             .arg(&of)

@@ -11,6 +11,7 @@ use super::block::GpuBlock;
 use super::device::{DevBuf, Gpu, PinnedBuf};
 use super::kernels::Kernels;
 use super::model::{CudaLlama, GpuAttention, GpuKvCache};
+use super::shard::GpuShard;
 use super::tempered::TemperedGroup;
 use super::{CudaError, KvDest, Result};
 use crate::partial::{Attended, ContextMerge, HeadShape};
@@ -184,6 +185,10 @@ impl StreamedBlocks {
 pub struct GpuQuery {
     context: ContextBlocks,
     shards: Vec<Arc<dyn AttentionShard>>,
+    /// The shards reached over the device channel (same CUDA context as the query),
+    /// and the rest, reached through the host.
+    device_shards: Vec<GpuShard>,
+    host_shards: Vec<Arc<dyn AttentionShard>>,
     shard_scratch: ShardMerge,
     local: GpuKvCache,
     context_len: usize,
@@ -206,6 +211,8 @@ impl GpuQuery {
         let context_len = context.blocks().map(|b| b.len).sum();
         Ok(Self {
             shards: Vec::new(),
+            device_shards: Vec::new(),
+            host_shards: Vec::new(),
             shard_scratch: ShardMerge::default(),
             local: GpuKvCache::new(
                 model.gpu(),
@@ -235,10 +242,25 @@ impl GpuQuery {
 
     /// Adds context held by other shards (their blocks follow this GPU's in the
     /// context's token count; order does not matter to the merge).
-    pub fn with_shards(mut self, shards: Vec<Arc<dyn AttentionShard>>) -> Self {
+    ///
+    /// A shard whose blocks are on this GPU in this process ([`AttentionShard::local_gpu`]
+    /// sharing `gpu`'s context: another GPU shard of this device, an in-process worker on
+    /// it) is attended on the query's stream; the others through the host.
+    pub fn with_shards(mut self, gpu: &Gpu, shards: Vec<Arc<dyn AttentionShard>>) -> Self {
         self.context_len += shards.iter().map(|s| s.n_tokens()).sum::<usize>();
+        for shard in &shards {
+            match shard.local_gpu().filter(|g| g.shares_context(gpu)) {
+                Some(g) => self.device_shards.push(g),
+                None => self.host_shards.push(shard.clone()),
+            }
+        }
         self.shards = shards;
         self
+    }
+
+    /// Shards reached over the device channel and through the host (tests, logs).
+    pub fn shard_paths(&self) -> (usize, usize) {
+        (self.device_shards.len(), self.host_shards.len())
     }
 
     /// Context tokens: the first query token's position.
@@ -251,8 +273,11 @@ impl GpuQuery {
         self.local.len()
     }
 
-    /// Layer attention with other shards: Q to the host and to every shard, the local
-    /// kernel's `(O, lse)` in f32, the exact merge on the host, the result back as 16-bit.
+    /// Layer attention with other shards. Every part is an f32 `(O, lse)` in one slot of
+    /// the merge buffers: slot 0 the local kernel's, then each same-device shard's
+    /// (launched on this stream: no copy, no wait), then the host shards' merged on the
+    /// host (Q goes to them first, so they work while the device does); one merge kernel
+    /// writes the 16-bit result.
     fn attend_with_shards(
         &mut self,
         gpu: &Gpu,
@@ -265,38 +290,52 @@ impl GpuQuery {
         let s = self.shape;
         let (qw, nh) = (s.q_width(), s.n_heads);
         let merge = &mut self.shard_scratch;
-        merge.q16.resize(m * qw, 0);
-        merge.q32.resize(m * qw, 0.0);
-        gpu.download(&mut merge.q16, q)?;
-        gpu.dtype.decode(&merge.q16, &mut merge.q32);
-        let shards: Vec<&dyn AttentionShard> = self.shards.iter().map(|s| s.as_ref()).collect();
-        let pending = crate::star::start_all(&shards, layer, &merge.q32, m)?;
+        let host: Vec<&dyn AttentionShard> = self.host_shards.iter().map(|s| s.as_ref()).collect();
+        let pending = if host.is_empty() {
+            Vec::new()
+        } else {
+            merge.q16.resize(m * qw, 0);
+            merge.q32.resize(m * qw, 0.0);
+            gpu.download(&mut merge.q16, q)?;
+            gpu.dtype.decode(&merge.q16, &mut merge.q32);
+            crate::star::start_all(&host, layer, &merge.q32, m)?
+        };
+        let slots = 1 + self.device_shards.len() + usize::from(!host.is_empty());
+        let (o_slot, l_slot) = (m * qw * 4, m * nh * 4);
         let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
             if b.as_ref().is_none_or(|x| x.bytes() < bytes) {
                 *b = Some(gpu.alloc(bytes)?);
             }
             Ok(b.as_ref().map_or(0, DevBuf::ptr))
         };
-        let out32 = grow(&mut merge.out32, m * qw * 4)?;
-        let lse32 = grow(&mut merge.lse32, m * nh * 4)?;
-        self.attn.attend(
-            gpu,
+        let parts_o = grow(&mut merge.out32, slots * o_slot)?;
+        let parts_l = grow(&mut merge.lse32, slots * l_slot)?;
+        let slot = |i: usize| (parts_o + (i * o_slot) as u64, parts_l + (i * l_slot) as u64);
+        let (out0, lse0) = slot(0);
+        let local = AttnOut::F32 {
+            out: out0,
+            lse: lse0,
+        };
+        self.attn.attend(gpu, kernels, layer, q, m, local)?;
+        for (i, shard) in self.device_shards.iter().enumerate() {
+            let (o, l) = slot(1 + i);
+            shard.attend_on(gpu, layer, q, m, o, l)?;
+        }
+        if !host.is_empty() {
+            let mut acc = Attended::empty(m, s);
+            crate::star::merge_pending(pending, &mut acc, m, s)?;
+            let (o, l) = slot(slots - 1);
+            gpu.upload(o, &acc.out)?;
+            gpu.upload(l, &acc.lse)?;
+        }
+        gpu.merge_partials(
             kernels,
-            layer,
-            q,
+            (parts_o, parts_l),
+            slots,
             m,
-            AttnOut::F32 {
-                out: out32,
-                lse: lse32,
-            },
-        )?;
-        let mut acc = Attended::empty(m, s);
-        gpu.download(&mut acc.out, out32)?;
-        gpu.download(&mut acc.lse, lse32)?;
-        crate::star::merge_pending(pending, &mut acc, m, s)?;
-        gpu.upload(out32, &acc.out)?;
-        gpu.to_half(kernels, out, out32, m * qw)?;
-        Ok(())
+            nh,
+            AttnOut::Half(out),
+        )
     }
 
     /// The context blocks, resident once every layer has been attended (in

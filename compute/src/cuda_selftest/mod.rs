@@ -956,6 +956,49 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
         ms(t),
     );
 
+    // The context split three ways (issue 10): the first blocks resident on the query's
+    // GPU, the middle ones a GPU shard of the same context (the device channel: attended
+    // on the query's stream, merged on the device) and the rest a CPU shard (the host
+    // path). Prefill and three decode steps against the all-resident query.
+    let t = Instant::now();
+    let n = gblocks.len();
+    assert!(n >= 3, "the shard check needs three blocks");
+    let (third, two_thirds) = (n / 3, 2 * n / 3);
+    let device_part = GpuShard::new(gpu.clone(), gblocks[third..two_thirds].to_vec(), shape)?;
+    let host_part = CpuShard::new(cpu_blocks[two_thirds..].to_vec(), shape);
+    let shards: Vec<Arc<dyn AttentionShard>> = vec![Arc::new(device_part), Arc::new(host_part)];
+    let local = ContextBlocks::Resident(gblocks[..third].to_vec());
+    let mut split_q = GpuQuery::new(&model, local, mq + 4)?.with_shards(gpu, shards);
+    let mut whole_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), mq + 4)?;
+    report.check(
+        "shards: one device-channel shard and one host shard",
+        "paths",
+        (split_q.shard_paths() != (1, 1)) as u8 as f64,
+        0.0,
+        ms(t),
+    );
+    model.forward(&query, &positions, &mut split_q)?;
+    let mut worst = rel(&model.logits(mq)?, &gpu_star);
+    let mut tok = argmax(&gpu_star[(mq - 1) * vocab..]);
+    model.forward(&query, &positions, &mut whole_q)?;
+    for step in 0..3 {
+        let pos = [l + mq + step];
+        model.forward(&[tok], &pos, &mut whole_q)?;
+        let whole = model.logits(1)?;
+        model.forward(&[tok], &pos, &mut split_q)?;
+        worst = worst.max(rel(&model.logits(1)?, &whole));
+        tok = argmax(&whole);
+    }
+    // The host shard's part is attended in f32 on the CPU from the CPU's phase-1 KV
+    // (8u from the GPU's, checked above): the same 8u.
+    report.check(
+        "resident + device-channel shard + host shard == resident (prefill, 3 decodes)",
+        "rel",
+        worst,
+        8.0 * u,
+        ms(t),
+    );
+
     // Decoding 6 tokens one at a time (split attention over blocks + local) vs CPU. Both
     // are fed the CPU's greedy token (a near-tie may pick another token on the GPU, which
     // is counted separately, not allowed to derail the comparison).

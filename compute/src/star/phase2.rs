@@ -33,6 +33,14 @@ pub trait AttentionShard: Send + Sync {
     fn attend(&self, layer: usize, q: &[f32], m: usize) -> Result<Attended> {
         self.start(layer, q, m)?.wait()
     }
+
+    /// The GPU blocks behind this shard when they live in this process (a GPU of the
+    /// host, or an in-process worker's session): a query on the same device attends them
+    /// on its own stream, with no host round trip (the same-host device channel of
+    /// `docs/cluster.md`). `None`: only [`AttentionShard::start`] reaches the blocks.
+    fn local_gpu(&self) -> Option<crate::cuda::star::GpuShard> {
+        None
+    }
 }
 
 /// A partial attention in flight (see [`AttentionShard::start`]).

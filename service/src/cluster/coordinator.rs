@@ -1084,6 +1084,20 @@ impl AttentionShard for WorkerShard {
     fn n_tokens(&self) -> usize {
         self.n_tokens
     }
+
+    /// An in-process worker's GPU session: the query attends it over the device channel
+    /// when it runs on the same GPU. Only a shard of one leg (no recovery spread it) whose
+    /// worker lives in this process; anything else goes through [`Self::start`].
+    fn local_gpu(&self) -> Option<starkv_compute::cuda::star::GpuShard> {
+        let legs = self.lock();
+        let [leg] = legs.as_slice() else {
+            return None;
+        };
+        let shard = self.cluster.slots[leg.worker]
+            .worker
+            .local_shard(leg.session)?;
+        shard.local_gpu()
+    }
 }
 
 impl Drop for WorkerShard {

@@ -7,6 +7,8 @@
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use starkv_compute::star::AttentionShard;
+
 use super::wire::{ErrorCode, Reply, Request};
 use super::worker::WorkerNode;
 
@@ -74,6 +76,12 @@ pub trait Worker: Send + Sync {
     fn connections(&self) -> u64 {
         0
     }
+
+    /// The shard of an open session when the worker runs in this process (for the
+    /// same-device channel; see [`AttentionShard::local_gpu`]).
+    fn local_shard(&self, _session: u64) -> Option<Arc<dyn AttentionShard>> {
+        None
+    }
 }
 
 /// A worker in this process (one per local device when no remote workers are
@@ -140,6 +148,10 @@ fn reply_from(rx: mpsc::Receiver<Reply>) -> PendingReply {
 impl Worker for InProcessWorker {
     fn address(&self) -> &str {
         &self.address
+    }
+
+    fn local_shard(&self, session: u64) -> Option<Arc<dyn AttentionShard>> {
+        self.node.session_shard(session)
     }
 
     fn send(&self, req: Request) -> Result<PendingReply, CallError> {

@@ -132,6 +132,15 @@ impl WorkerNode {
         })
     }
 
+    /// The shard of open session `session` (an in-process worker's, for the coordinator's
+    /// device channel); touches it like an attend.
+    pub(crate) fn session_shard(&self, session: u64) -> Option<Arc<dyn AttentionShard>> {
+        let mut sessions = self.lock();
+        let s = sessions.get_mut(&session)?;
+        s.last_used = Instant::now();
+        Some(s.shard.clone())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Session>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
