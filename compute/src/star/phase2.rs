@@ -107,21 +107,32 @@ impl CpuShard {
         }
     }
 
+    /// Every block attended at once on the compute pool, merged in block order (the same
+    /// rounding every run). One entry into the pool per call: a shard worker calls this
+    /// from a thread outside the pool, where a block-by-block loop pays the pool's wake-up
+    /// for each block of each layer.
     fn compute(&self, layer: usize, q: &[f32], m: usize) -> Attended {
+        let parts: Vec<Attended> = self
+            .blocks
+            .par_iter()
+            .map(|block| {
+                let mut part = Attended::empty(m, self.shape);
+                attention_source_into(
+                    q,
+                    m,
+                    block.source(layer),
+                    self.shape,
+                    Mask::None,
+                    self.scale,
+                    &mut part.out,
+                    &mut part.lse,
+                );
+                part
+            })
+            .collect();
         let mut acc = Attended::empty(m, self.shape);
-        for block in &self.blocks {
-            let mut part = Attended::empty(m, self.shape);
-            attention_source_into(
-                q,
-                m,
-                block.source(layer),
-                self.shape,
-                Mask::None,
-                self.scale,
-                &mut part.out,
-                &mut part.lse,
-            );
-            merge_into(&mut acc, &part, m, self.shape);
+        for part in &parts {
+            merge_into(&mut acc, part, m, self.shape);
         }
         acc
     }
