@@ -453,6 +453,43 @@ fn local_device_workers_answer_as_one_node_and_keep_their_blocks_across_restarts
     assert_eq!(server.metric("starkv_cluster_blocks_reencoded_total"), 0.0);
 }
 
+/// An 8-bit document over workers: the coordinator picks the stored type and its workers
+/// store that type (a worker that keyed its blocks otherwise would refuse the encode:
+/// the content keys must match; the 16-bit version of the same text is stored beside
+/// it), the document view says so, and the answer is the single node's over the same
+/// 8-bit KV.
+#[test]
+fn an_int8_document_is_stored_in_8_bits_by_the_workers() {
+    let dir = temp_dir("cluster-int8");
+    let text = document(None);
+    let ingest_int8 = |server: &Server| {
+        let (status, doc) = server.json(
+            "POST",
+            "/v1/documents?wait=true",
+            Some(json!({ "id": "harbour8", "text": text, "block_size": BLOCK_SIZE, "kv_dtype": "int8" })),
+        );
+        assert_eq!(status, 200, "{doc}");
+        assert_eq!(doc["state"], "ready", "{doc}");
+        doc
+    };
+    let single = Server::start(&dir.join("single"), &["--device", "cpu"]);
+    ingest_int8(&single);
+    let want = ask(&single, "harbour8");
+    single.kill();
+
+    let args = ["--device", "cpu", "--devices", "cpu,cpu", "--threads", "1"];
+    let server = Server::start(&dir.join("local"), &args);
+    ingest(&server, "harbour", &text);
+    ingest_int8(&server);
+    let (status, view) = server.json("GET", "/v1/documents/harbour8", None);
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["kv_dtype"], "int8", "{view}");
+    assert_eq!(view["stored_dtype"], "int8", "{view}");
+    let (holders, _) = placement(&server, "harbour8");
+    assert_eq!(holders.len(), 2, "blocks on both workers: {holders:?}");
+    assert_eq!(ask(&server, "harbour8")["answer"], want["answer"]);
+}
+
 /// Pin, TTL and eviction act on cluster documents (the coordinator's catalog) and free
 /// the workers' stores.
 #[test]

@@ -107,26 +107,34 @@ impl Service {
                         .into(),
                 ));
             }
-            if req.kv_dtype != KvDtype::F16 {
-                return Err(ServiceError::Invalid(format!(
-                    "kv_dtype {} is not supported with a cluster yet; use f16",
-                    req.kv_dtype.name()
-                )));
-            }
             return cluster.ingest(self, req, tokens, progress);
         }
-        self.ingest_part(req, tokens, None, progress)
+        let dtype = self.stored_dtype(req.kv_dtype);
+        self.ingest_part(req, tokens, None, dtype, progress)
+    }
+
+    /// The stored type of a document's KV asked as `kv_dtype`: 8 bits, or the device's
+    /// 16-bit type on a GPU host (a cold load is then a copy), else f16. Part of every
+    /// block key; a cluster's coordinator picks it once and its workers store that type
+    /// whatever their device (so CPU and GPU workers can hold one document).
+    pub(crate) fn stored_dtype(&self, kv_dtype: KvDtype) -> DType {
+        match kv_dtype {
+            KvDtype::F16 => crate::cold::kv_dtype(self.backend.stored_half_type()),
+            KvDtype::Int8 => DType::I8,
+        }
     }
 
     /// Phase 1 of the blocks `part` of a document (block index and the content key the
-    /// caller computed; `None`: every block), published as this store's version of the
-    /// document. A shard worker keeps its part of a document this way; a key that differs
-    /// from the one computed here (another model or KV layout) is refused.
+    /// caller computed; `None`: every block), stored as `dtype` and published as this
+    /// store's version of the document. A shard worker keeps its part of a document this
+    /// way; a key that differs from the one computed here (another model or KV layout)
+    /// is refused.
     pub(crate) fn ingest_part(
         &self,
         req: &IngestRequest,
         tokens: Vec<u32>,
         part: Option<&[(usize, BlockId)]>,
+        dtype: DType,
         progress: &dyn Fn(usize, usize),
     ) -> ServiceResult<IngestOutcome> {
         let started = Instant::now();
@@ -135,7 +143,7 @@ impl Service {
             anchor_size: req.anchor_size,
         };
         let mut encoder = self.backend.phase1(&self.model.model, &tokens, config)?;
-        let spec = self.doc_spec(req, &tokens);
+        let spec = self.doc_spec(req, &tokens, dtype);
         let spec_dtype = spec.dtype;
         let mut ingest = self.store.begin_ingest(spec)?;
         let anchor_tokens = encoder.anchor_tokens().to_vec();
@@ -205,18 +213,13 @@ impl Service {
 
     /// The store's description of a document: the fingerprints and layout every block
     /// key depends on.
-    fn doc_spec(&self, req: &IngestRequest, tokens: &[u32]) -> DocSpec {
+    fn doc_spec(&self, req: &IngestRequest, tokens: &[u32], dtype: DType) -> DocSpec {
         let mut spec = DocSpec::new(req.id.clone(), req.tenant.clone());
         spec.model_fingerprint = self.model_fingerprint.clone();
         spec.tokenizer_fingerprint = self.model.tokenizer.fingerprint().to_vec();
         spec.kv_layout_version = KV_LAYOUT_VERSION;
-        // The device's 16-bit type on a GPU host (a cold load is then a copy), else f16;
-        // or 8 bits when the request asks. Part of every block key: a coordinator and its
-        // workers must agree on it, and 8-bit KV is different KV.
-        spec.dtype = match req.kv_dtype {
-            KvDtype::F16 => crate::cold::kv_dtype(self.backend.stored_half_type()),
-            KvDtype::Int8 => DType::I8,
-        };
+        // Part of every block key (see `stored_dtype`): 8-bit KV is different KV.
+        spec.dtype = dtype;
         spec.block_size = req.block_size as u32;
         spec.anchor_size = req.anchor_size as u32;
         spec.merge = req.merge;
@@ -227,15 +230,16 @@ impl Service {
         spec
     }
 
-    /// The key of block `range` of `tokens` of `tenant` as this service's store computes
-    /// it (model fingerprint, KV layout, dtype, anchor, block tokens and start, scoped to
-    /// the tenant by [`DedupScope`]).
+    /// The key of block `range` of `tokens` of `tenant`, stored as `dtype`, as this
+    /// service's store computes it (model fingerprint, KV layout, dtype, anchor, block
+    /// tokens and start, scoped to the tenant by [`DedupScope`]).
     pub(crate) fn block_key(
         &self,
         tenant: &str,
         tokens: &[u32],
         anchor_size: usize,
         range: std::ops::Range<usize>,
+        dtype: DType,
     ) -> BlockId {
         let req = IngestRequest {
             id: String::new(),
@@ -249,7 +253,7 @@ impl Service {
             ttl_ms: None,
             kv_dtype: KvDtype::F16,
         };
-        let mut spec = self.doc_spec(&req, &[]);
+        let mut spec = self.doc_spec(&req, &[], dtype);
         spec.anchor_size = anchor_size as u32;
         let anchor = &tokens[..anchor_size.min(tokens.len())];
         let content =

@@ -93,7 +93,7 @@ pub fn document_json(id: &str, entry: &DocEntry, last_used_ms: u64) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut view = json!({
         "id": id,
         "state": "ready",
         "version": entry.version,
@@ -106,5 +106,11 @@ pub fn document_json(id: &str, entry: &DocEntry, last_used_ms: u64) -> Value {
         "pinned": entry.pinned,
         "ttl_ms": entry.ttl_ms,
         "placement": placement,
-    })
+    });
+    // Entries written before the stored type was recorded do not say it.
+    if let Some(dtype) = entry.dtype.and_then(starkv_cache::DType::from_code) {
+        view["kv_dtype"] = json!(starkv_service::KvDtype::of_stored(dtype).name());
+        view["stored_dtype"] = json!(dtype.name());
+    }
+    view
 }

@@ -29,6 +29,11 @@ pub struct DocEntry {
     /// Idle milliseconds after which the document expires (`None`: never).
     #[serde(default)]
     pub ttl_ms: Option<u64>,
+    /// The stored KV type's code ([`starkv_cache::DType::code`]) every block of the
+    /// document is keyed and stored with. `None` in entries written before it was
+    /// recorded: the coordinator's 16-bit default then (see [`DocEntry::dtype`]).
+    #[serde(default)]
+    pub dtype: Option<u8>,
     pub tokens: Vec<u32>,
     pub blocks: Vec<BlockEntry>,
 }
@@ -40,6 +45,15 @@ pub struct BlockEntry {
     pub start: usize,
     pub len: usize,
     pub holders: Vec<String>,
+}
+
+impl DocEntry {
+    /// The document's stored KV type; `default` for an entry that does not record it.
+    pub fn dtype(&self, default: starkv_cache::DType) -> starkv_cache::DType {
+        self.dtype
+            .and_then(starkv_cache::DType::from_code)
+            .unwrap_or(default)
+    }
 }
 
 impl BlockEntry {
@@ -153,6 +167,7 @@ mod tests {
             created_ms: 1,
             pinned: true,
             ttl_ms: Some(60_000),
+            dtype: Some(4),
             tokens: vec![1, 2, 3, 4, 5],
             blocks: vec![BlockEntry {
                 key: hex(&[0xab; 32]),

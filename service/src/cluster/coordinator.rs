@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use starkv_cache::DocRef;
+use starkv_cache::{DType, DocRef};
 use starkv_compute::generate::GenerateParams;
 use starkv_compute::partial::{Attended, HeadShape, merge_into};
 use starkv_compute::prompt;
@@ -401,12 +401,13 @@ impl Cluster {
             return Err(ServiceError::Invalid("the document has no tokens".into()));
         }
         let n = tokens.len().div_ceil(b);
+        let dtype = service.stored_dtype(req.kv_dtype);
         let ranges: Vec<_> = (0..n)
             .map(|i| i * b..((i + 1) * b).min(tokens.len()))
             .collect();
         let keys: Vec<Key> = ranges
             .iter()
-            .map(|r| service.block_key(&req.tenant, &tokens, a, r.clone()))
+            .map(|r| service.block_key(&req.tenant, &tokens, a, r.clone(), dtype))
             .collect();
         let _guard = self.lock_placement();
         // Parts written before the catalog entry is published are not stale.
@@ -455,6 +456,7 @@ impl Cluster {
                         tokens: tokens.clone(),
                         block_size: b as u32,
                         anchor_size: a as u32,
+                        dtype: dtype.code(),
                         blocks: part.iter().map(|&i| (i as u32, keys[i])).collect(),
                     });
                     (w, part, Instant::now(), self.send(w, req))
@@ -491,6 +493,7 @@ impl Cluster {
             created_ms: now_ms(),
             pinned: req.pinned,
             ttl_ms: req.ttl_ms,
+            dtype: Some(dtype.code()),
             blocks: (0..n)
                 .map(|i| BlockEntry {
                     key: hex(&keys[i]),
@@ -615,7 +618,9 @@ impl Cluster {
             merge: Default::default(),
         };
         let shape = service.model().model.head_shape();
-        let shards = self.open_shards(&entry, shape)?;
+        // A recovery re-encodes in the document's stored type.
+        let dtype = entry.dtype(service.stored_dtype(crate::KvDtype::F16));
+        let shards = self.open_shards(&entry, shape, dtype)?;
         let load = started.elapsed();
         let dyn_shards: Vec<Arc<dyn AttentionShard>> = shards
             .iter()
@@ -659,6 +664,7 @@ impl Cluster {
         self: &Arc<Self>,
         entry: &Arc<DocEntry>,
         shape: HeadShape,
+        dtype: DType,
     ) -> ServiceResult<Vec<Arc<WorkerShard>>> {
         let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         let mut orphans = Vec::new();
@@ -689,7 +695,7 @@ impl Cluster {
             .collect();
         let mut shards = Vec::new();
         for (w, blocks, t0, pending) in sent {
-            let shard = WorkerShard::new(self.clone(), entry, shape, blocks.clone());
+            let shard = WorkerShard::new(self.clone(), entry, shape, dtype, blocks.clone());
             match self.finish(w, "open", t0, pending, self.call_timeout) {
                 Ok(Reply::Opened { session, .. }) => shard.lock().push(Leg {
                     worker: w,
@@ -706,7 +712,7 @@ impl Cluster {
             shards.push(Arc::new(shard));
         }
         if !orphans.is_empty() {
-            let shard = WorkerShard::new(self.clone(), entry, shape, orphans.clone());
+            let shard = WorkerShard::new(self.clone(), entry, shape, dtype, orphans.clone());
             let e = CallError::Unreachable("every holder is down".into());
             *shard.lock() = shard.recover(usize::MAX, &orphans, &e)?;
             shards.push(Arc::new(shard));
@@ -729,6 +735,8 @@ struct WorkerShard {
     cluster: Arc<Cluster>,
     doc: String,
     shape: HeadShape,
+    /// The document's stored KV type (a recovery re-encodes in it).
+    dtype: DType,
     n_tokens: usize,
     legs: Mutex<Vec<Leg>>,
     /// Blocks re-encoded on another worker while this shard served.
@@ -739,8 +747,15 @@ struct WorkerShard {
 const MAX_RECOVERIES: usize = 4;
 
 impl WorkerShard {
-    fn new(cluster: Arc<Cluster>, entry: &DocEntry, shape: HeadShape, blocks: Vec<usize>) -> Self {
+    fn new(
+        cluster: Arc<Cluster>,
+        entry: &DocEntry,
+        shape: HeadShape,
+        dtype: DType,
+        blocks: Vec<usize>,
+    ) -> Self {
         Self {
+            dtype,
             n_tokens: blocks.iter().map(|&i| entry.blocks[i].len).sum(),
             cluster,
             doc: entry.doc.clone(),
@@ -888,6 +903,7 @@ impl WorkerShard {
                     tokens: entry.tokens.clone(),
                     block_size: entry.block_size as u32,
                     anchor_size: entry.anchor_size as u32,
+                    dtype: self.dtype.code(),
                     blocks: part
                         .iter()
                         .map(|&i| (i as u32, entry.blocks[i].key_bytes()))

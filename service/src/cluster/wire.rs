@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bumped on any change of a frame's layout; both ends must agree.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame accepted (an encode request carries a document's tokens: 4 bytes each).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -68,6 +68,9 @@ pub struct EncodeRequest {
     pub tokens: Vec<u32>,
     pub block_size: u32,
     pub anchor_size: u32,
+    /// The stored KV type's code ([`starkv_cache::DType::code`]): the coordinator's
+    /// choice for the document, part of every block key, whatever the worker's device.
+    pub dtype: u8,
     /// `(block index, content key)` of every block the worker holds for this document,
     /// including ones it already stores (those are reused, not re-encoded).
     pub blocks: Vec<(u32, Key)>,
@@ -214,6 +217,7 @@ impl Request {
                 w.str(&e.tenant);
                 w.u32(e.block_size);
                 w.u32(e.anchor_size);
+                w.u8(e.dtype);
                 w.u32s(&e.tokens);
                 w.u32(e.blocks.len() as u32);
                 for (i, key) in &e.blocks {
@@ -281,6 +285,7 @@ impl Request {
                     let tenant = r.str()?;
                     let block_size = r.u32()?;
                     let anchor_size = r.u32()?;
+                    let dtype = r.u8()?;
                     let tokens = r.u32s()?;
                     let n = r.count(4 + 32)?;
                     let mut blocks = Vec::with_capacity(n);
@@ -293,6 +298,7 @@ impl Request {
                         tokens,
                         block_size,
                         anchor_size,
+                        dtype,
                         blocks,
                     })
                 }
@@ -712,6 +718,7 @@ mod tests {
                 tokens: vec![1, 2, 3, 70000],
                 block_size: 2,
                 anchor_size: 1,
+                dtype: 1,
                 blocks: vec![(0, [7; 32]), (1, [9; 32])],
             }),
             Request::Open {
@@ -795,6 +802,7 @@ mod tests {
             tokens: vec![1, 2, 3],
             block_size: 2,
             anchor_size: 2,
+            dtype: 4,
             blocks: vec![(1, [0; 32])],
         })
         .frame(5);

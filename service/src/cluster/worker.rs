@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use starkv_cache::DocLease;
+use starkv_cache::{DType, DocLease};
 use starkv_compute::star::AttentionShard;
 
 use super::wire::{EncodeRequest, ErrorCode, Key, PROTOCOL_VERSION, Reply, Request, VerifyCounts};
@@ -161,12 +161,18 @@ impl WorkerNode {
             reencode_ratio: 0.0,
             pinned: false,
             ttl_ms: None,
+            // Informational: the stored type is `dtype` below, the coordinator's choice.
             kv_dtype: crate::KvDtype::F16,
         };
+        let dtype = DType::from_code(e.dtype)
+            .filter(|d| matches!(d, DType::F16 | DType::BF16 | DType::I8))
+            .ok_or_else(|| {
+                ServiceError::Invalid(format!("KV type code {} cannot be stored", e.dtype))
+            })?;
         let part: Vec<(usize, Key)> = e.blocks.iter().map(|&(i, k)| (i as usize, k)).collect();
         let outcome = self
             .service
-            .ingest_part(&req, e.tokens, Some(&part), &|_, _| {})?;
+            .ingest_part(&req, e.tokens, Some(&part), dtype, &|_, _| {})?;
         let stored_bytes = self
             .service
             .store()
