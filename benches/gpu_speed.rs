@@ -300,7 +300,7 @@ fn run(opts: &Opts) -> Result<()> {
             let mut q = GpuQuery::new(
                 &model,
                 ContextBlocks::Resident(blocks.clone()),
-                30 + 2 * n_steps + 2 + 3 * 9,
+                30 + 3 * n_steps + 3 + 3 * 9,
             )?;
             let positions: Vec<usize> = (l..l + 30).collect();
             let t = Instant::now();
@@ -331,6 +331,19 @@ fn run(opts: &Opts) -> Result<()> {
             }
             let replays = model.graph_replays() - replays0;
             graph_steps.remove(0);
+            // The same as a graph through the cuBLAS products and separate element-wise
+            // kernels (STARKV_FUSED_DECODE=0), for the fused one-row kernels' gain.
+            let fused_were = gpu.fused_decode();
+            gpu.set_fused_decode(false);
+            let mut cublas_steps = Vec::new();
+            for _ in 0..n_steps + 1 {
+                let t = Instant::now();
+                next = model.decode_greedy(next, pos, &mut q)?.0;
+                cublas_steps.push(t.elapsed().as_secs_f64());
+                pos += 1;
+            }
+            cublas_steps.remove(0);
+            gpu.set_fused_decode(fused_were);
             // With --decode-splits: graph decode at other split counts (the default is
             // Gpu::choose_splits's), 8 steps each after a capture step.
             let mut split_rows = Vec::new();
@@ -376,6 +389,18 @@ fn run(opts: &Opts) -> Result<()> {
                     "(median of {n_steps} greedy steps, {replays} graph replays, {auto_splits} splits; x{:.2} vs plain launches, same run; bytes/bandwidth limit {limit_ms:.2} ms: {:.0}% of it)",
                     plain_ms / graph_ms,
                     limit_ms / graph_ms * 100.0
+                ),
+            );
+            let cublas_ms = median(cublas_steps) * 1e3;
+            add(
+                format!(
+                    "{lab}: decode as a CUDA graph, cuBLAS products, {}K context",
+                    l / 1024
+                ),
+                format!("{cublas_ms:.2} ms/token"),
+                format!(
+                    "(STARKV_FUSED_DECODE=0: cuBLAS at one row plus separate norm, RoPE, SwiGLU kernels; fused one-row kernels x{:.2} faster, same run)",
+                    cublas_ms / graph_ms
                 ),
             );
             for (splits, ms) in split_rows {

@@ -194,6 +194,10 @@ pub struct Gpu {
     /// Whether decode steps replay a captured CUDA graph (see
     /// [`super::CudaLlama::decode_greedy`]); env `STARKV_DECODE_GRAPHS=0` turns it off.
     decode_graphs: AtomicBool,
+    /// Whether one-token forward passes multiply through the fused one-row kernels of
+    /// `gemv.rs` (norm, RoPE, SwiGLU and residual adds folded in) instead of cuBLAS and
+    /// separate element-wise kernels; env `STARKV_FUSED_DECODE=0` turns it off.
+    fused_decode: AtomicBool,
     /// The capture stream of decode graphs: private, so that nothing another thread
     /// queues meanwhile (a block freed by a tier eviction frees on `stream`) can land in
     /// a graph. Graphs are launched on `stream`.
@@ -260,6 +264,10 @@ impl Gpu {
                 std::env::var("STARKV_DECODE_GRAPHS").as_deref(),
                 Ok("0" | "off" | "false")
             )),
+            fused_decode: AtomicBool::new(!matches!(
+                std::env::var("STARKV_FUSED_DECODE").as_deref(),
+                Ok("0" | "off" | "false")
+            )),
             graph_stream,
             capturing: Mutex::new(None),
         }))
@@ -273,6 +281,16 @@ impl Gpu {
 
     pub fn decode_graphs(&self) -> bool {
         self.decode_graphs.load(Ordering::Relaxed)
+    }
+
+    /// Turns the fused one-row decode kernels on or off (the selftest and the benchmark
+    /// compare them with the cuBLAS path).
+    pub fn set_fused_decode(&self, on: bool) {
+        self.fused_decode.store(on, Ordering::Relaxed);
+    }
+
+    pub fn fused_decode(&self) -> bool {
+        self.fused_decode.load(Ordering::Relaxed)
     }
 
     /// Whether the calling thread is capturing a graph (see [`Gpu::capture`]).

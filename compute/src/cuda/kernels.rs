@@ -1,5 +1,5 @@
-//! The kernel sources and their run-time compilation: NVRTC compiles `elementwise.cu`
-//! and `attention.cu` (each after the shared `common.cuh`) for the device's architecture,
+//! The kernel sources and their run-time compilation: NVRTC compiles `elementwise.cu`,
+//! `attention.cu` and `gemv.cu` (each after the shared `common.cuh`) for the device's architecture,
 //! the 16-bit type and the head dimension, once per head dimension.
 
 use std::collections::HashMap;
@@ -10,6 +10,7 @@ use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::attention::pipe_smem;
 use super::device::{Gpu, HalfType};
+use super::gemv::GEMV_SMEM_MAX;
 use super::{CudaError, Result};
 
 /// What every kernel source shares: types, 16-bit conversions, reductions.
@@ -18,6 +19,10 @@ pub const COMMON_SOURCE: &str = include_str!("kernels/common.cuh");
 pub const ELEMENTWISE_SOURCE: &str = include_str!("kernels/elementwise.cu");
 /// The attention kernels and the split merge.
 pub const ATTENTION_SOURCE: &str = include_str!("kernels/attention.cu");
+
+/// One-row matrix products of decode steps, with their fused norm, RoPE, SwiGLU and
+/// residual epilogues.
+pub const GEMV_SOURCE: &str = include_str!("kernels/gemv.cu");
 
 /// Kernels defined in `elementwise.cu`.
 pub(crate) const ELEMENTWISE_KERNELS: &[&str] = &[
@@ -45,10 +50,14 @@ pub(crate) const ATTENTION_KERNELS: &[&str] = &[
     "attn_merge",
 ];
 
+/// Kernels defined in `gemv.cu`.
+pub(crate) const GEMV_KERNELS: &[&str] = &["gemv_qkv_rope", "gemv_swiglu", "gemv_rows"];
+
 /// The sources NVRTC compiles, by file name, with the kernels each defines.
-pub(crate) const SOURCES: [(&str, &str, &[&str]); 2] = [
+pub(crate) const SOURCES: [(&str, &str, &[&str]); 3] = [
     ("elementwise.cu", ELEMENTWISE_SOURCE, ELEMENTWISE_KERNELS),
     ("attention.cu", ATTENTION_SOURCE, ATTENTION_KERNELS),
+    ("gemv.cu", GEMV_SOURCE, GEMV_KERNELS),
 ];
 
 /// The kernels of one (16-bit type, head dimension) pair.
@@ -104,6 +113,13 @@ impl Gpu {
             funcs[name].set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 most as i32,
+            )?;
+        }
+        // The one-row products stage their input vector in dynamic shared memory.
+        for &name in GEMV_KERNELS {
+            funcs[name].set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                GEMV_SMEM_MAX as i32,
             )?;
         }
         let k = Arc::new(Kernels { head_dim, funcs });

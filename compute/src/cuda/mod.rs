@@ -6,11 +6,13 @@
 //!   buffers. The kernels (`kernels/common.cuh` shared by `kernels/elementwise.cu` and
 //!   `kernels/attention.cu`) are compiled with NVRTC for the device's architecture at
 //!   first use (`kernels.rs`); element-wise launches go through one helper (`launch.rs`),
-//!   attention planning and launch live in `attention.rs` ([`SegmentAttention`]).
+//!   attention planning and launch live in `attention.rs` ([`SegmentAttention`]); the
+//!   one-row products of decode steps, with their norm, RoPE, SwiGLU and residual adds
+//!   folded in, in `gemv.rs` (`kernels/gemv.cu`).
 //! - [`CudaLlama`] holds a model's weights in f16 or bf16 (dequantised from any GGUF type
 //!   on upload, or random on the device) and runs the forward pass: cuBLAS for every
-//!   matrix product (f32 accumulation), own kernels for embedding, RMSNorm, RoPE, SwiGLU,
-//!   attention and greedy sampling.
+//!   matrix product of several rows (f32 accumulation), own kernels for embedding,
+//!   RMSNorm, RoPE, SwiGLU, attention, greedy sampling and one-row (decode) products.
 //! - Attention is one tiled flash-style kernel on the tensor cores (mma.sync m16n8k16,
 //!   online softmax, natural-log lse) over a table of key segments, each unmasked or
 //!   causal with an offset. Phase 1 ([`star::encode_block`]) runs `[anchor | block]` with
@@ -27,6 +29,7 @@ mod attention;
 mod block;
 pub mod cold;
 mod device;
+mod gemv;
 mod kernels;
 mod launch;
 mod model;
@@ -45,7 +48,8 @@ pub use attention::{
     Segment, SegmentAttention, upload_plans,
 };
 pub use device::{DevBuf, Gpu, HalfType, PinnedBuf, TableBuf};
-pub use kernels::{ATTENTION_SOURCE, COMMON_SOURCE, ELEMENTWISE_SOURCE, Kernels};
+pub use gemv::gemv_fits;
+pub use kernels::{ATTENTION_SOURCE, COMMON_SOURCE, ELEMENTWISE_SOURCE, GEMV_SOURCE, Kernels};
 pub use model::{CudaLlama, GpuAttention, GpuKvCache};
 
 use std::fmt;

@@ -4,7 +4,10 @@
 //! RoPE + split (rotated Q, K and V in 16-bit, K/V written straight to where the
 //! attention implementation keeps them) -> attention -> output projection added to the
 //! residual by cuBLAS (beta = 1) -> RMSNorm -> fused gate/up product -> SwiGLU -> down
-//! projection added to the residual. Weights are uploaded once as f16/bf16.
+//! projection added to the residual. Weights are uploaded once as f16/bf16. A one-token
+//! step (decoding) instead runs four fused one-row products per block (`gemv.rs`: QKV
+//! with its norm and RoPE, the output projection into the residual, gate/up with its norm
+//! and SwiGLU, the down projection into the residual) around attention.
 
 use std::sync::Arc;
 
@@ -12,6 +15,7 @@ use cudarc::driver::CudaGraph;
 
 use super::attention::{AttnOut, KvDest, Segment, SegmentAttention};
 use super::device::{DevBuf, Gpu};
+use super::gemv::gemv_fits;
 use super::kernels::Kernels;
 use super::{CudaError, Result};
 use crate::cpu::matmul::Matrix;
@@ -313,6 +317,18 @@ impl CudaLlama {
         Ok(())
     }
 
+    /// Whether a forward pass of `m` tokens runs through the fused one-row kernels
+    /// (`gemv.rs`): one token, [`Gpu::fused_decode`] on, and every product's input
+    /// within what those kernels stage.
+    fn fused(&self, m: usize) -> bool {
+        let c = &self.config;
+        m == 1
+            && self.gpu.fused_decode()
+            && [c.hidden, c.n_heads * c.head_dim, c.ffn]
+                .into_iter()
+                .all(gemv_fits)
+    }
+
     fn buf(&self, i: usize) -> u64 {
         self.scratch.bufs[i].ptr()
     }
@@ -380,6 +396,67 @@ impl CudaLlama {
             m,
             self.pairs,
         )?;
+        if self.fused(m) {
+            for (li, layer) in self.layers.iter().enumerate() {
+                // Four one-row products with their norms, RoPE, SwiGLU and residual adds
+                // folded in (gemv.rs), plus attention.
+                let dest = attention.kv_dest(li);
+                gpu.gemv_qkv_rope(
+                    &k,
+                    self.buf(Q),
+                    &dest,
+                    layer.w_qkv.ptr(),
+                    self.buf(X),
+                    layer.attn_norm.ptr(),
+                    c.rms_eps,
+                    h,
+                    self.buf(COS),
+                    self.buf(SIN),
+                    (nh, nkv, d, self.pairs),
+                )?;
+                attention.attend(&gpu, &k, li, self.buf(Q), m, self.buf(ATT))?;
+                gpu.gemv_rows(
+                    &k,
+                    self.buf(X),
+                    true,
+                    layer.wo.ptr(),
+                    self.buf(ATT),
+                    false,
+                    h,
+                    qw,
+                )?;
+                gpu.gemv_swiglu(
+                    &k,
+                    self.buf(ACT),
+                    layer.w_gu.ptr(),
+                    self.buf(X),
+                    layer.ffn_norm.ptr(),
+                    c.rms_eps,
+                    h,
+                    c.ffn,
+                )?;
+                gpu.gemv_rows(
+                    &k,
+                    self.buf(X),
+                    true,
+                    layer.w_down.ptr(),
+                    self.buf(ACT),
+                    false,
+                    h,
+                    c.ffn,
+                )?;
+            }
+            return gpu.rms_norm(
+                &k,
+                self.buf(HID),
+                true,
+                self.buf(X),
+                self.output_norm.ptr(),
+                m,
+                h,
+                c.rms_eps,
+            );
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             gpu.rms_norm(
                 &k,
@@ -523,18 +600,32 @@ impl CudaLlama {
         self.launch_layers(1, attention)?;
         let c = &self.config;
         let bufs = self.decode.as_ref().expect("sized by ensure_decode_bufs");
-        self.gpu
-            .to_half(&self.kernels, bufs.hn.ptr(), self.buf(HID), c.hidden)?;
-        self.gpu.gemm(
-            bufs.logits.ptr(),
-            true,
-            bufs.hn.ptr(),
-            self.output.ptr(),
-            1,
-            c.vocab,
-            c.hidden,
-            0.0,
-        )?;
+        if self.fused(1) {
+            // The LM head rounds the f32 hidden state to 16-bit while staging it.
+            self.gpu.gemv_rows(
+                &self.kernels,
+                bufs.logits.ptr(),
+                false,
+                self.output.ptr(),
+                self.buf(HID),
+                true,
+                c.vocab,
+                c.hidden,
+            )?;
+        } else {
+            self.gpu
+                .to_half(&self.kernels, bufs.hn.ptr(), self.buf(HID), c.hidden)?;
+            self.gpu.gemm(
+                bufs.logits.ptr(),
+                true,
+                bufs.hn.ptr(),
+                self.output.ptr(),
+                1,
+                c.vocab,
+                c.hidden,
+                0.0,
+            )?;
+        }
         let pick = bufs.pick.ptr();
         self.gpu
             .argmax(&self.kernels, pick, pick + 4, bufs.logits.ptr(), 1, c.vocab)
@@ -560,6 +651,7 @@ impl CudaLlama {
             key.extend([b.hn.ptr(), b.logits.ptr(), b.pick.ptr()]);
         }
         key.push(self.gpu.attention_kernels().code());
+        key.push(self.fused(1) as u64);
         key.push(u64::MAX); // separator
         key.extend(attention.graph_key());
         key

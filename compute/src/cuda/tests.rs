@@ -153,6 +153,7 @@ fn kernel_sources_declare_every_kernel() {
                 source.contains(&format!("void {name}("))
                     || source.contains(&format!("void __launch_bounds__(128) {name}("))
                     || source.contains(&format!("void __launch_bounds__(32) {name}("))
+                    || source.contains(&format!("void __launch_bounds__(GEMV_THREADS) {name}("))
                     || source.contains(&format!("ATTN_PIPE_KERNEL({name},")),
                 "{name} is not defined in {file}"
             );
@@ -160,6 +161,7 @@ fn kernel_sources_declare_every_kernel() {
     }
     assert!(!COMMON_SOURCE.contains("__global__"));
     assert!(!ELEMENTWISE_SOURCE.contains("attn_"));
+    assert!(!GEMV_SOURCE.contains("attn_"));
 }
 
 /// Padding a plan for a captured decode graph adds empty splits only: the items and the

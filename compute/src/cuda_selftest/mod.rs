@@ -17,8 +17,8 @@ use crate::cpu::attention::{KvView, Mask, attention};
 use crate::cpu::ops::{Rope, rms_norm, swiglu};
 use crate::cuda::star::{ContextBlocks, GpuQuery, GpuShard, StreamedBlocks, encode_context};
 use crate::cuda::{
-    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, GpuKvCache, HalfType, KvDest,
-    Segment, TableBuf, upload_plans,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, GpuKvCache, HalfType, Kernels,
+    KvDest, Segment, TableBuf, upload_plans,
 };
 use crate::model::{KvCache, Llama, LlamaConfig};
 use crate::partial::{Attended, HeadShape, merge_into};
@@ -436,6 +436,9 @@ fn kernel_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> 
             ms(t),
         );
 
+        // The fused one-row decode kernels.
+        gemv_checks(gpu, &k, rng, report, u, hidden, (nh, nkv, d))?;
+
         // Greedy sampling support: argmax and log-sum-exp of rows.
         let t = Instant::now();
         let (rows, nv) = (3, 49_152);
@@ -468,6 +471,204 @@ fn kernel_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> 
             "max abs",
             lse_err,
             1e-4,
+            ms(t),
+        );
+    }
+    Ok(())
+}
+
+/// The fused one-row decode kernels (`gemv.cu`) against the CPU on random inputs: RMSNorm
+/// (`cpu::ops`), the products in f64 on the same 16-bit-rounded inputs the kernels
+/// multiply (the normalised vector rounded as the kernels stage it), RoPE (`Rope`), SwiGLU
+/// (`cpu::ops`), residual adds. 16-bit outputs within 0.75u (their own rounding is 0.5u),
+/// f32 outputs within 1e-5 (f32 accumulation order), as for rope+split and cuBLAS.
+fn gemv_checks(
+    gpu: &Arc<Gpu>,
+    k: &Kernels,
+    rng: &mut Rng,
+    report: &mut Report,
+    u: f64,
+    hidden: usize,
+    (nh, nkv, d): (usize, usize, usize),
+) -> Result<()> {
+    let dt = gpu.dtype;
+    let eps = 1e-5f32;
+    let product = |w: &[f32], x: &[f32], rows: usize| -> Vec<f64> {
+        let cols = x.len();
+        (0..rows)
+            .map(|r| {
+                w[r * cols..(r + 1) * cols]
+                    .iter()
+                    .zip(x)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum()
+            })
+            .collect()
+    };
+    let normed = |x: &[f32], w: &[f32]| -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        rms_norm(x, w, eps, &mut out);
+        round_vec(dt, &out)
+    };
+
+    // QKV with RMSNorm and RoPE; K/V land in row 2 of a 4-row cache through the device row
+    // word (as in a replayed decode graph), every other row stays zero.
+    let t = Instant::now();
+    let width = (nh + 2 * nkv) * d;
+    let x = rng.vec(hidden, -3.0, 3.0);
+    let nw = rng.vec(hidden, 0.5, 1.5);
+    let w = round_vec(dt, &rng.vec(width * hidden, -0.1, 0.1));
+    let y = product(&w, &normed(&x, &nw), width);
+    let rope = Rope::new(500_000.0, d, None);
+    let pairs = d / 2;
+    let (cos, sin) = rope.tables(&[rng.below(131_072)]);
+    let part = |a: usize, b: usize| -> Vec<f32> { y[a..b].iter().map(|&v| v as f32).collect() };
+    let mut q_ref = part(0, nh * d);
+    let mut k_ref = part(nh * d, (nh + nkv) * d);
+    let v_ref = part((nh + nkv) * d, width);
+    rope.apply(&mut q_ref, nh, d, &cos, &sin);
+    rope.apply(&mut k_ref, nkv, d, &cos, &sin);
+    let (x_d, nw_d) = (gpu.upload_new(&x)?, gpu.upload_new(&nw)?);
+    let w_d = gpu.upload_new(&to_half(dt, &w))?;
+    let (cos_d, sin_d) = (gpu.upload_new(&cos)?, gpu.upload_new(&sin)?);
+    let q_d = gpu.alloc(nh * d * 2)?;
+    let (kc, vc) = (
+        gpu.alloc_zeros(nkv * 4 * d * 2)?,
+        gpu.alloc_zeros(nkv * 4 * d * 2)?,
+    );
+    let row_word = gpu.upload_new(&[2i32])?;
+    let dest = KvDest {
+        k: kc.ptr(),
+        v: vc.ptr(),
+        head_stride: (4 * d) as i64,
+        row_stride: d as i32,
+        t0: 0,
+        t0_dev: row_word.ptr(),
+    };
+    gpu.gemv_qkv_rope(
+        k,
+        q_d.ptr(),
+        &dest,
+        w_d.ptr(),
+        x_d.ptr(),
+        nw_d.ptr(),
+        eps,
+        hidden,
+        cos_d.ptr(),
+        sin_d.ptr(),
+        (nh, nkv, d, pairs),
+    )?;
+    let mut qh = vec![0u16; nh * d];
+    gpu.download(&mut qh, q_d.ptr())?;
+    let mut cache = [vec![0u16; nkv * 4 * d], vec![0u16; nkv * 4 * d]];
+    gpu.download(&mut cache[0], kc.ptr())?;
+    gpu.download(&mut cache[1], vc.ptr())?;
+    let mut stray = 0usize;
+    let mut rows: [Vec<u16>; 2] = [Vec::new(), Vec::new()];
+    for (c, row) in cache.iter().zip(rows.iter_mut()) {
+        for h in 0..nkv {
+            for r in 0..4 {
+                let vals = &c[(h * 4 + r) * d..(h * 4 + r + 1) * d];
+                if r == 2 {
+                    row.extend_from_slice(vals);
+                } else {
+                    stray += vals.iter().filter(|&&v| v != 0).count();
+                }
+            }
+        }
+    }
+    let e = rel(&from_half(dt, &qh), &q_ref)
+        .max(rel(&from_half(dt, &rows[0]), &k_ref))
+        .max(rel(&from_half(dt, &rows[1]), &v_ref));
+    report.check(
+        &format!("fused one-row norm+QKV+RoPE h={hidden} d={d}"),
+        "rel",
+        e,
+        0.75 * u,
+        ms(t),
+    );
+    report.check(
+        &format!("fused one-row QKV: K/V only in the device row (d={d})"),
+        "stray",
+        stray as f64,
+        0.0,
+        ms(t),
+    );
+
+    // Gate/up with RMSNorm and SwiGLU.
+    let t = Instant::now();
+    let ffn = 4 * hidden;
+    let x = rng.vec(hidden, -3.0, 3.0);
+    let nw = rng.vec(hidden, 0.5, 1.5);
+    let w = round_vec(dt, &rng.vec(2 * ffn * hidden, -0.1, 0.1));
+    let y = product(&w, &normed(&x, &nw), 2 * ffn);
+    let mut gate: Vec<f32> = y[..ffn].iter().map(|&v| v as f32).collect();
+    let up: Vec<f32> = y[ffn..].iter().map(|&v| v as f32).collect();
+    swiglu(&mut gate, &up);
+    let (x_d, nw_d) = (gpu.upload_new(&x)?, gpu.upload_new(&nw)?);
+    let w_d = gpu.upload_new(&to_half(dt, &w))?;
+    let act_d = gpu.alloc(ffn * 2)?;
+    gpu.gemv_swiglu(
+        k,
+        act_d.ptr(),
+        w_d.ptr(),
+        x_d.ptr(),
+        nw_d.ptr(),
+        eps,
+        hidden,
+        ffn,
+    )?;
+    let mut ah = vec![0u16; ffn];
+    gpu.download(&mut ah, act_d.ptr())?;
+    report.check(
+        &format!("fused one-row norm+gate/up+SwiGLU h={hidden} ffn={ffn}"),
+        "rel",
+        rel(&from_half(dt, &ah), &gate),
+        0.75 * u,
+        ms(t),
+    );
+
+    // Residual add (the down projection's shape, an odd row count) and a plain f32
+    // store from an f32 input (the LM head's).
+    for (n, kk, accumulate) in [(hidden + 1, ffn, true), (2 * hidden + 3, hidden, false)] {
+        let t = Instant::now();
+        let w = round_vec(dt, &rng.vec(n * kk, -0.1, 0.1));
+        let x = rng.vec(kk, -2.0, 2.0);
+        let y0 = rng.vec(n, -4.0, 4.0);
+        let want: Vec<f32> = product(&w, &round_vec(dt, &x), n)
+            .iter()
+            .zip(&y0)
+            .map(|(&p, &b)| (p + if accumulate { b as f64 } else { 0.0 }) as f32)
+            .collect();
+        let w_d = gpu.upload_new(&to_half(dt, &w))?;
+        let x_d = if accumulate {
+            gpu.upload_new(&to_half(dt, &x))?
+        } else {
+            gpu.upload_new(&x)?
+        };
+        let y_d = gpu.upload_new(&y0)?;
+        gpu.gemv_rows(
+            k,
+            y_d.ptr(),
+            accumulate,
+            w_d.ptr(),
+            x_d.ptr(),
+            !accumulate,
+            n,
+            kk,
+        )?;
+        let mut got = vec![0f32; n];
+        gpu.download(&mut got, y_d.ptr())?;
+        let what = if accumulate {
+            "residual add, 16-bit in"
+        } else {
+            "f32 in, stored"
+        };
+        report.check(
+            &format!("fused one-row product {n}x{kk} ({what})"),
+            "rel",
+            rel(&got, &want),
+            1e-5,
             ms(t),
         );
     }
@@ -1044,6 +1245,20 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
     let mut graph_c = GpuKvCache::new(gpu, n_layers, shape, all.len() + 16)?;
     let g = graph_vs_plain(gpu, &mut model, &mut plain_c, &mut graph_c, &all, 0, 12)?;
     g.report(report, "KV-cache decode", ms(t), u);
+
+    // The fused one-row decode kernels vs the cuBLAS products with separate norm, RoPE,
+    // SwiGLU and residual kernels, decode steps as a graph, over resident blocks and over
+    // a plain KV cache.
+    let t = Instant::now();
+    let mut cublas_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), cap)?;
+    let mut fused_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), cap)?;
+    let f = fused_vs_cublas(gpu, &mut model, &mut cublas_q, &mut fused_q, &query, l, 12)?;
+    f.report(report, "star decode", ms(t), u);
+    let t = Instant::now();
+    let mut cublas_c = GpuKvCache::new(gpu, n_layers, shape, all.len() + 16)?;
+    let mut fused_c = GpuKvCache::new(gpu, n_layers, shape, all.len() + 16)?;
+    let f = fused_vs_cublas(gpu, &mut model, &mut cublas_c, &mut fused_c, &all, 0, 12)?;
+    f.report(report, "KV-cache decode", ms(t), u);
     Ok(())
 }
 
@@ -1127,6 +1342,77 @@ fn graph_vs_plain(
     })();
     check.replays = model.graph_replays() - replays0;
     gpu.set_decode_graphs(was);
+    result.map(|()| check)
+}
+
+/// What [`fused_vs_cublas`] measured.
+struct FusedCheck {
+    worst_rel: f64,
+    token_mismatch: usize,
+    steps: usize,
+}
+
+impl FusedCheck {
+    /// Logits within 4u (the two paths round Q/K/V and the SwiGLU output to 16-bit from
+    /// f32 sums taken in different orders, so an element may differ by 1u there, and the
+    /// KV rows they write feed later steps) and the same greedy tokens.
+    fn report(&self, report: &mut Report, what: &str, ms: f64, u: f64) {
+        let n = self.steps;
+        report.check(
+            &format!("{what} {n} steps: fused one-row kernels vs cuBLAS logits"),
+            "rel",
+            self.worst_rel,
+            4.0 * u,
+            ms,
+        );
+        report.check(
+            &format!("{what} {n} steps: fused one-row kernels vs cuBLAS tokens"),
+            "mismatch",
+            self.token_mismatch as f64,
+            0.0,
+            ms,
+        );
+    }
+}
+
+/// The same prompt through two attentions, then `steps` decode steps each (CUDA graphs
+/// on): `reference` through cuBLAS and the separate element-wise kernels, `fused` through
+/// the one-row kernels of `gemv.rs`, both fed the reference's greedy token.
+fn fused_vs_cublas(
+    gpu: &Gpu,
+    model: &mut CudaLlama,
+    reference: &mut dyn crate::cuda::GpuAttention,
+    fused: &mut dyn crate::cuda::GpuAttention,
+    prompt: &[u32],
+    start: usize,
+    steps: usize,
+) -> Result<FusedCheck> {
+    let (graphs_were, fused_was) = (gpu.decode_graphs(), gpu.fused_decode());
+    gpu.set_decode_graphs(true);
+    let positions: Vec<usize> = (start..start + prompt.len()).collect();
+    model.forward(prompt, &positions, reference)?;
+    let mut tok = model.argmax(1)?[0].0;
+    model.forward(prompt, &positions, fused)?;
+    let mut check = FusedCheck {
+        worst_rel: 0.0,
+        token_mismatch: 0,
+        steps,
+    };
+    let result = (|| -> Result<()> {
+        for s in 0..steps {
+            let pos = start + prompt.len() + s;
+            gpu.set_fused_decode(false);
+            let lr = model.decode_logits(tok, pos, reference)?;
+            gpu.set_fused_decode(true);
+            let lf = model.decode_logits(tok, pos, fused)?;
+            check.worst_rel = check.worst_rel.max(rel(&lf, &lr));
+            check.token_mismatch += (argmax(&lf) != argmax(&lr)) as usize;
+            tok = argmax(&lr);
+        }
+        Ok(())
+    })();
+    gpu.set_decode_graphs(graphs_were);
+    gpu.set_fused_decode(fused_was);
     result.map(|()| check)
 }
 

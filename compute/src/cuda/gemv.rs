@@ -1,0 +1,169 @@
+//! One-row matrix products for decode steps (`kernels/gemv.cu`): a decode step multiplies
+//! one row by every weight matrix, where cuBLAS runs a small grid per product and the
+//! RMSNorm, RoPE, SwiGLU and residual kernels around it are launches of their own. These
+//! kernels fold them: a layer is four products (QKV with its norm and RoPE, the output
+//! projection into the residual, gate/up with its norm and SwiGLU, the down projection
+//! into the residual) plus attention, instead of ten kernels. Used by the forward pass
+//! for one-token steps while [`Gpu::fused_decode`] is on; prefill keeps cuBLAS.
+
+use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::device::Gpu;
+use super::kernels::Kernels;
+use super::{CudaError, KvDest, Result};
+
+/// Threads per CTA (`GEMV_THREADS` in `gemv.cu`): eight warps, each two rows at a time.
+const THREADS: u32 = 256;
+/// Row pairs one CTA works on at once.
+const UNITS_PER_CTA: usize = (THREADS / 32) as usize;
+/// Most shared memory a product's staged input may take (the kernels' dynamic shared
+/// memory attribute is raised to this in `kernels.rs`): inputs up to 49152 values.
+pub(crate) const GEMV_SMEM_MAX: usize = 96 * 1024;
+
+/// Whether the one-row kernels can multiply inputs of `k` values: 16-byte chunks and the
+/// staged vector within [`GEMV_SMEM_MAX`].
+pub fn gemv_fits(k: usize) -> bool {
+    k > 0 && k.is_multiple_of(8) && k * 2 <= GEMV_SMEM_MAX
+}
+
+impl Gpu {
+    /// Launches one-row product kernel `name` over `units` row pairs (CTAs of eight
+    /// warps, at most four per SM: later units loop) with `k` staged input values.
+    fn launch_gemv<'a>(
+        &'a self,
+        kern: &'a Kernels,
+        name: &str,
+        units: usize,
+        k: usize,
+        args: impl FnOnce(&mut LaunchArgs<'a>),
+    ) -> Result<()> {
+        if !gemv_fits(k) {
+            return Err(CudaError::Invalid(format!(
+                "one-row product over {k} inputs: needs a multiple of 8 up to {}",
+                GEMV_SMEM_MAX / 2
+            )));
+        }
+        let grid = units
+            .div_ceil(UNITS_PER_CTA)
+            .clamp(1, 4 * self.sm_count().max(1));
+        let mut b = self.exec_stream().launch_builder(kern.get(name));
+        args(&mut b);
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (k * 2) as u32,
+        };
+        // SAFETY: every caller pushes the arguments its kernel declares in `gemv.cu`, with
+        // device addresses of buffers sized for the shapes given.
+        unsafe { b.launch(cfg)? };
+        Ok(())
+    }
+
+    /// One decode token's fused Q/K/V: `x` (f32 `[k]`, the residual stream) RMS-normalised
+    /// with `norm_w` (f32 `[k]`), times `w` (16-bit `[(nh + 2 nkv) d][k]`), RoPE from the
+    /// one-row tables `cos`/`sin` (`[pairs]`), Q to `q` (16-bit `[nh d]`) and K/V to
+    /// `dest` (row `t0`, or the device word `t0_dev`): what `rms_norm` + `gemm` +
+    /// `rope_split` compute for one row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_qkv_rope(
+        &self,
+        kern: &Kernels,
+        q: u64,
+        dest: &KvDest,
+        w: u64,
+        x: u64,
+        norm_w: u64,
+        eps: f32,
+        k: usize,
+        cos: u64,
+        sin: u64,
+        (nh, nkv, d, pairs): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        if d % 2 != 0 || pairs > d / 2 {
+            return Err(CudaError::Invalid(format!(
+                "RoPE over {pairs} pairs of a head of {d}"
+            )));
+        }
+        let units = (nh + 2 * nkv) * d / 2;
+        let k_i = k as i32;
+        let (nh_i, nkv_i, d_i, p_i) = (nh as i32, nkv as i32, d as i32, pairs as i32);
+        self.launch_gemv(kern, "gemv_qkv_rope", units, k, |b| {
+            b.arg(&q)
+                .arg(&dest.k)
+                .arg(&dest.v)
+                .arg(&w)
+                .arg(&x)
+                .arg(&norm_w)
+                .arg(&eps)
+                .arg(&k_i)
+                .arg(&cos)
+                .arg(&sin)
+                .arg(&nh_i)
+                .arg(&nkv_i)
+                .arg(&d_i)
+                .arg(&p_i)
+                .arg(&dest.head_stride)
+                .arg(&dest.row_stride)
+                .arg(&dest.t0)
+                .arg(&dest.t0_dev);
+        })
+    }
+
+    /// One decode token's feed-forward input: `x` (f32 `[k]`) RMS-normalised with `norm_w`,
+    /// times `w` (16-bit `[2 ffn][k]`, gate rows then up rows), `act[j] = silu(gate_j) ·
+    /// up_j` (16-bit `[ffn]`): what `rms_norm` + `gemm` + `swiglu` compute for one row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_swiglu(
+        &self,
+        kern: &Kernels,
+        act: u64,
+        w: u64,
+        x: u64,
+        norm_w: u64,
+        eps: f32,
+        k: usize,
+        ffn: usize,
+    ) -> Result<()> {
+        let (k_i, f_i) = (k as i32, ffn as i32);
+        self.launch_gemv(kern, "gemv_swiglu", ffn, k, |b| {
+            b.arg(&act)
+                .arg(&w)
+                .arg(&x)
+                .arg(&norm_w)
+                .arg(&eps)
+                .arg(&k_i)
+                .arg(&f_i);
+        })
+    }
+
+    /// `y[r] (+)= Σᵢ w[r][i] · x[i]` for one row: `w` 16-bit `[n][k]`, `x` 16-bit
+    /// (`x_f32 == false`) or f32 rounded to 16-bit first, `y` f32 `[n]`, added to
+    /// (`accumulate`: a residual add, cuBLAS's beta = 1) or overwritten.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_rows(
+        &self,
+        kern: &Kernels,
+        y: u64,
+        accumulate: bool,
+        w: u64,
+        x: u64,
+        x_f32: bool,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (xh, xf) = if x_f32 { (0u64, x) } else { (x, 0u64) };
+        let (acc, k_i, n_i) = (accumulate as i32, k as i32, n as i32);
+        self.launch_gemv(kern, "gemv_rows", n.div_ceil(2), k, |b| {
+            b.arg(&y)
+                .arg(&acc)
+                .arg(&w)
+                .arg(&xh)
+                .arg(&xf)
+                .arg(&k_i)
+                .arg(&n_i);
+        })
+    }
+}
