@@ -624,6 +624,7 @@ fn attention_rows(
             }
             runs.push((default, format!(" ({}x2 splits)", auto), auto * 2));
         }
+        let mut bf16_secs = None;
         for (kernels, vname, splits) in &runs {
             let (kernels, splits) = (*kernels, (*splits).max(1));
             gpu.set_attention_kernels(kernels);
@@ -646,6 +647,7 @@ fn attention_rows(
                 )?;
                 Ok(())
             })?;
+            bf16_secs.get_or_insert(secs);
             let bytes = (l * nkv * d * 2 * 2) as f64;
             let gbs = bytes / secs / 1e9;
             let sd = tget(&format!("{name}_sdpa_decode_gbs"));
@@ -663,8 +665,94 @@ fn attention_rows(
                 ),
             );
         }
+        if let (Some(b16), Some(first)) = (bf16_secs, blocks.first()) {
+            gpu.set_attention_kernels(default);
+            kv8_decode_rows(gpu, kern, lab, shape, l, first.len, b16, copy_gbs, add)?;
+        }
     }
     gpu.set_attention_kernels(default);
+    Ok(())
+}
+
+/// Decode attention over `l` tokens kept in 8 bits (`kv_dtype = int8`: int8 K/V and one
+/// f16 scale per token and KV head, the 8-bit kernel), at the automatic split count and
+/// twice it, against the 16-bit kernel's time `bf16_secs` from the same run. Bytes are
+/// what the kernel reads: int8 values plus scales.
+#[allow(clippy::too_many_arguments)]
+fn kv8_decode_rows(
+    gpu: &Arc<Gpu>,
+    kern: &Kernels,
+    lab: &str,
+    shape: HeadShape,
+    l: usize,
+    block_len: usize,
+    bf16_secs: f64,
+    copy_gbs: f64,
+    add: &mut Add<'_>,
+) -> Result<()> {
+    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let blocks = (0..l.div_ceil(block_len))
+        .map(|i| {
+            let len = block_len.min(l - i * block_len);
+            let block = GpuBlock::alloc_kv8(gpu, i * block_len, len, shape, 1)?;
+            let seg = block.segment(0, None);
+            // Random bytes for the int8 values and small finite f16 scales: random bf16
+            // values in +-1 read as f16 stay within +-2 (timing does not depend on them).
+            let half_words = (nkv * len * d + 2 * nkv * len) / 2;
+            gpu.fill_uniform_half(kern, seg.k, half_words, 31 + 2 * i as u64, 1.0)?;
+            gpu.fill_uniform_half(kern, seg.v, half_words, 32 + 2 * i as u64, 1.0)?;
+            Ok(block)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let segs: Vec<Segment> = blocks.iter().map(|b| b.segment(0, None)).collect();
+    let q = gpu.alloc(nh * d * 2)?;
+    let o = gpu.alloc(nh * d * 2)?;
+    gpu.fill_uniform_half(kern, q.ptr(), nh * d, 5, 1.0)?;
+    let (mut scratch, mut tb) = (AttnScratch::default(), TableBuf::default());
+    let name = gpu.attention_kernel_name_kv8(nh / nkv, d);
+    let f = kern.get(name);
+    println!(
+        "  {name}: {} registers, {} bytes local memory",
+        f.num_regs().unwrap_or(-1),
+        f.local_size_bytes().unwrap_or(-1)
+    );
+    let auto = gpu.choose_splits(1, shape, l);
+    for (splits, what) in [(auto, ""), (auto * 2, " (x2 splits)")] {
+        let plan = AttnPlan::new(&segs, splits);
+        let n_splits = plan.n_splits();
+        let p = upload_plans(gpu, &mut tb, &[plan])?[0];
+        let secs = time_gpu_batch(gpu, 15, 20, || {
+            gpu.attention_kv8(
+                kern,
+                q.ptr(),
+                1,
+                nh,
+                nkv,
+                p,
+                AttnOut::Half(o.ptr()),
+                &mut scratch,
+            )?;
+            Ok(())
+        })?;
+        let bytes = (l * nkv * (d + 2) * 2) as f64;
+        let gbs = bytes / secs / 1e9;
+        add(
+            format!(
+                "{lab}: decode attention, int8 KV{what} over {}K cached tokens",
+                l / 1024
+            ),
+            format!("{:.3} ms", secs * 1e3),
+            format!(
+                "({:.0} MB read vs {:.0} MB bf16 ({:.3}x); {gbs:.0} GB/s, {:.0}% of copy \
+                 bandwidth; {n_splits} splits; x{:.2} the bf16 kernel's speed)",
+                bytes / 1e6,
+                (l * nkv * d * 4) as f64 / 1e6,
+                bytes / (l * nkv * d * 4) as f64,
+                100.0 * gbs / copy_gbs,
+                bf16_secs / secs
+            ),
+        );
+    }
     Ok(())
 }
 

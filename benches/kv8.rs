@@ -71,6 +71,36 @@ fn median(mut s: Vec<f64>) -> f64 {
     }
 }
 
+/// Byte histograms, for the order-0 entropy (bits per byte) of a byte stream: a bound on
+/// what an entropy coder without context (zstd's literals) can reach.
+struct Histogram([u64; 256]);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self([0; 256])
+    }
+}
+
+impl Histogram {
+    fn add(&mut self, bytes: impl IntoIterator<Item = u8>) {
+        for b in bytes {
+            self.0[b as usize] += 1;
+        }
+    }
+
+    fn bits_per_byte(&self) -> f64 {
+        let n: u64 = self.0.iter().sum();
+        self.0
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| {
+                let p = c as f64 / n as f64;
+                -p * p.log2()
+            })
+            .sum()
+    }
+}
+
 /// The block as the store keeps an int8 document's block, read back as the service
 /// holds it (the same tensors and the same conversion as `service/src/kv.rs`).
 fn stored_int8(block: &BlockKv) -> Result<(BlockKv, Vec<Tensor>)> {
@@ -149,6 +179,16 @@ fn main() -> Result<()> {
     let mut f32_blocks = Vec::new();
     let mut i8_blocks = Vec::new();
     let mut block_scaled = Vec::new();
+    // Why int8 is further from bf16 at rest than from f16: order-0 entropy of the bf16
+    // high bytes (sign, exponent: the shuffle's compressible plane), its low bytes, the
+    // int8 values with per-token and with per-block scales.
+    let (mut hi16, mut lo16, mut tok8, mut blk8) = Default::default();
+    let (hi16, lo16, tok8, blk8): (
+        &mut Histogram,
+        &mut Histogram,
+        &mut Histogram,
+        &mut Histogram,
+    ) = (&mut hi16, &mut lo16, &mut tok8, &mut blk8);
     for block in blocks {
         let s = block.shape;
         let (h, d) = (s.n_kv_heads as u32, s.head_dim as u32);
@@ -157,16 +197,26 @@ fn main() -> Result<()> {
                 let t = Tensor::kv_layer(dtype, h, block.len as u32, d, k, v)?;
                 bytes[i].0 += t.byte_len();
                 bytes[i].1 += codec::encode(&t, &cfg).len();
+                if dtype == DType::BF16 {
+                    lo16.add(t.as_bytes().iter().step_by(2).copied());
+                    hi16.add(t.as_bytes().iter().skip(1).step_by(2).copied());
+                }
             }
             let coarse =
                 Tensor::from_f32_parts(DType::I8, vec![2, h, block.len as u32 * d], &[k, v])?;
             bytes[3].0 += coarse.byte_len();
             bytes[3].1 += codec::encode(&coarse, &cfg).len();
+            if let Some((_, q)) = coarse.as_i8() {
+                blk8.add(q.iter().map(|&x| x as u8));
+            }
         }
         let (b8, tensors) = stored_int8(&block)?;
         for t in &tensors {
             bytes[2].0 += t.byte_len();
             bytes[2].1 += codec::encode(t, &cfg).len();
+            if let Some((_, q)) = t.as_i8() {
+                tok8.add(q.iter().map(|&x| x as u8));
+            }
         }
         let layers = block
             .layers
@@ -281,6 +331,27 @@ fn main() -> Result<()> {
     println!(
         "| held in memory on the CPU: f16 doc (f32) / int8 doc | {held32} | {held8} | {:.3} | |",
         held8 as f64 / held32 as f64
+    );
+    println!();
+    println!(
+        "| (a') order-0 entropy of the bytes (what zstd's literal coding can reach) | bits per byte | bits per value |"
+    );
+    println!("|---|---|---|");
+    let (h, l8) = (hi16.bits_per_byte(), lo16.bits_per_byte());
+    println!("| bf16 high bytes (sign, exponent, 1 mantissa bit) | {h:.2} | |");
+    println!(
+        "| bf16 low bytes (7 mantissa bits) | {l8:.2} | {:.2} (both bytes) |",
+        h + l8
+    );
+    let e_tok = tok8.bits_per_byte();
+    println!(
+        "| int8 values, per-token scales (kv_dtype = int8) | {e_tok:.2} | {e_tok:.2} (+ scales) |"
+    );
+    let e_blk = blk8.bits_per_byte();
+    println!("| int8 values, per-block scales (comparison only) | {e_blk:.2} | {e_blk:.2} |");
+    println!(
+        "| int8 (per token) / bf16 from these entropies | | {:.3} |",
+        e_tok / (h + l8)
     );
     println!();
     println!(

@@ -131,9 +131,20 @@ impl CudaBackend {
                 Some(b) => resident.push(b),
                 None => {
                     params.cancel.check()?;
-                    // An 8-bit block is widened here: the GPU tier holds 16 bits.
-                    host.push(load(i)?.dequantized());
-                    host_keys.push(keys[i]);
+                    let block = load(i)?;
+                    if block.is_8bit() {
+                        // Kept in 8 bits in the tier and attended in 8 bits: uploaded
+                        // now (half the bytes of a 16-bit block), resident from here on.
+                        let up = {
+                            let _model = self.lock_model()?;
+                            Arc::new(GpuBlock::upload(&self.gpu, &block).map_err(Error::from)?)
+                        };
+                        self.lock_tier().insert(keys[i], up.clone());
+                        resident.push(up);
+                    } else {
+                        host.push(block);
+                        host_keys.push(keys[i]);
+                    }
                 }
             }
         }
@@ -294,7 +305,7 @@ impl CudaBackend {
             let block = match block {
                 Some(b) => b,
                 None => {
-                    let host = load(i)?.dequantized();
+                    let host = load(i)?;
                     let _model = self.lock_model()?;
                     let up = Arc::new(GpuBlock::upload(&self.gpu, &host).map_err(Error::from)?);
                     self.lock_tier().insert(keys[i], up.clone());

@@ -16,6 +16,13 @@ pub(super) fn pipe_smem(tiles: usize, head_dim: usize) -> usize {
     tiles * (head_dim + 8) * 2
 }
 
+/// Dynamic shared memory of the 8-bit kernels (see `KV8_STAGE_OFF` in attention.cu): the
+/// 16-bit K and V tiles (64 rows of `head_dim + 8`), the 8-bit staging of the next tile
+/// (K and V, 64 rows of `head_dim` bytes) and 64 f32 scales each for K and V.
+pub(super) fn kv8_smem(head_dim: usize) -> usize {
+    2 * 64 * (head_dim + 8) * 2 + 2 * 64 * head_dim + 2 * 64 * 4
+}
+
 /// The kernel that attends runs of more than 64 rows per KV head (phase 1, prefill).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LongKernel {
@@ -93,7 +100,18 @@ impl AttnKernels {
     /// `(kernel, rows per CTA, threads, dynamic shared memory bytes)` for `rows` rows
     /// per KV head. The 32-row-per-warp kernels hold 128 f32 accumulators per thread at
     /// head_dim 128; above that they would spill, so larger heads use the simple kernel.
-    fn launch(&self, rows: usize, head_dim: usize) -> (&'static str, usize, u32, usize) {
+    /// A plan with 8-bit items (`kv8`) runs the unpipelined kernels' 8-bit variants
+    /// (one warp up to 16 rows, four above): phase 2 over 8-bit blocks, where the
+    /// decode step is what the bytes matter for.
+    fn launch(&self, rows: usize, head_dim: usize, kv8: bool) -> (&'static str, usize, u32, usize) {
+        if kv8 {
+            let smem = kv8_smem(head_dim);
+            return if rows <= 16 {
+                ("attn_fwd_w1_kv8", 16, 32, smem)
+            } else {
+                ("attn_fwd_simple_kv8", 64, 128, smem)
+            };
+        }
         if rows <= 16 {
             return match self.decode {
                 DecodeKernel::W1 => ("attn_fwd_w1", 16, 32, 0),
@@ -131,13 +149,18 @@ pub struct AttnItem {
     pub key_begin: i32,
     pub key_end: i32,
     pub causal_offset: i32,
-    pub pad: [i32; 2],
+    /// 0 for 16-bit K/V; else the byte offset from `k` (and from `v`) to the rows' f16
+    /// scales of an 8-bit segment (see [`Segment::scale_off`]).
+    pub scale_off: i64,
 }
 
 const _: () = assert!(std::mem::size_of::<AttnItem>() == 48);
 
 /// A run of keys for attention: element `(kv head h, key j, i)` at
-/// `k + 2 * (h * head_stride + j * row_stride + i)` bytes (16-bit values).
+/// `k + 2 * (h * head_stride + j * row_stride + i)` bytes (16-bit values), or, for an
+/// 8-bit segment (`scale_off != 0`), the int8 at `k + h * head_stride + j * row_stride
+/// + i` bytes with `row_stride == head_dim`, scaled by the IEEE f16 at `k + scale_off +
+/// 2 * (h * head_stride / row_stride + j)` (the same for `v`).
 #[derive(Debug, Clone, Copy)]
 pub struct Segment {
     pub k: u64,
@@ -147,6 +170,8 @@ pub struct Segment {
     pub len: usize,
     /// `None`: every key visible; `Some(o)`: query token `t` sees keys `j <= t + o`.
     pub causal_offset: Option<usize>,
+    /// 0: 16-bit values; else 8-bit ones with per-row scales this many bytes after them.
+    pub scale_off: i64,
 }
 
 /// How an attention call's keys are split over grid z: items and per-split item ranges.
@@ -160,6 +185,11 @@ pub struct AttnPlan {
 impl AttnPlan {
     pub fn n_splits(&self) -> usize {
         self.split_begin.len() - 1
+    }
+
+    /// Whether any item is 8-bit (the launch then takes the 8-bit kernels).
+    pub fn kv8(&self) -> bool {
+        self.items.iter().any(|i| i.scale_off != 0)
     }
 
     /// Adds empty splits up to `n` (an empty split contributes `lse = -inf`, weight 0 in
@@ -183,7 +213,7 @@ impl AttnPlan {
             key_begin: a as i32,
             key_end: b as i32,
             causal_offset: s.causal_offset.map_or(-1, |o| o as i32),
-            pad: [0; 2],
+            scale_off: s.scale_off,
         };
         let segments: Vec<&Segment> = segments.iter().filter(|s| s.len > 0).collect();
         let mut plan = AttnPlan {
@@ -225,7 +255,12 @@ impl Gpu {
 
     /// The attention kernel [`Gpu::attention`] launches for `rows` rows per KV head.
     pub fn attention_kernel_name(&self, rows: usize, head_dim: usize) -> &'static str {
-        self.attention_kernels().launch(rows, head_dim).0
+        self.attention_kernels().launch(rows, head_dim, false).0
+    }
+
+    /// The attention kernel for `rows` rows per KV head of a plan with 8-bit items.
+    pub fn attention_kernel_name_kv8(&self, rows: usize, head_dim: usize) -> &'static str {
+        self.attention_kernels().launch(rows, head_dim, true).0
     }
 
     /// Splits that keep the GPU busy: about four waves of the 4-warp CTAs (two resident
@@ -234,7 +269,7 @@ impl Gpu {
     pub fn choose_splits(&self, m: usize, shape: HeadShape, total_keys: usize) -> usize {
         let (group, n_kv) = (shape.group(), shape.n_kv_heads);
         let rows = m * group;
-        let (_, per_cta, _, _) = self.attention_kernels().launch(rows, shape.head_dim);
+        let (_, per_cta, _, _) = self.attention_kernels().launch(rows, shape.head_dim, false);
         let (ctas, target) = if rows <= 16 {
             (n_kv, 6 * self.sm_count())
         } else {
@@ -268,6 +303,23 @@ impl Gpu {
         self.attention_scaled(k, q, m, nh, nkv, plan, 1.0, out, scratch)
     }
 
+    /// [`Gpu::attention`] over a plan with 8-bit items ([`AttnPlan::kv8`]; 16-bit items
+    /// may be mixed in).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_kv8(
+        &self,
+        k: &Kernels,
+        q: u64,
+        m: usize,
+        nh: usize,
+        nkv: usize,
+        plan: (u64, u64, usize),
+        out: AttnOut,
+        scratch: &mut AttnScratch,
+    ) -> Result<()> {
+        self.attention_with(k, q, m, nh, nkv, plan, 1.0, true, out, scratch)
+    }
+
     /// [`Gpu::attention`] at softmax scale `score_scale / sqrt(d)` (the tempered group of
     /// a [`crate::partial::ContextMerge`] uses `1 / T`); `plan` is `(items, splits, n)`.
     #[allow(clippy::too_many_arguments)]
@@ -280,6 +332,24 @@ impl Gpu {
         nkv: usize,
         plan: (u64, u64, usize),
         score_scale: f32,
+        out: AttnOut,
+        scratch: &mut AttnScratch,
+    ) -> Result<()> {
+        self.attention_with(k, q, m, nh, nkv, plan, score_scale, false, out, scratch)
+    }
+
+    /// The launch behind [`Gpu::attention_scaled`]; `kv8`: the plan has 8-bit items.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_with(
+        &self,
+        k: &Kernels,
+        q: u64,
+        m: usize,
+        nh: usize,
+        nkv: usize,
+        plan: (u64, u64, usize),
+        score_scale: f32,
+        kv8: bool,
         out: AttnOut,
         scratch: &mut AttnScratch,
     ) -> Result<()> {
@@ -296,7 +366,8 @@ impl Gpu {
                 "{n_splits} attention splits (at most 1024)"
             )));
         }
-        let (name, rows_per_cta, threads, smem) = self.attention_kernels().launch(m * group, d);
+        let (name, rows_per_cta, threads, smem) =
+            self.attention_kernels().launch(m * group, d, kv8);
         let launch = LaunchConfig {
             grid_dim: (
                 ((m * group).div_ceil(rows_per_cta)) as u32,
@@ -477,6 +548,8 @@ pub struct SegmentAttention {
     table: TableBuf,
     /// Per layer: device addresses of the items and split offsets, and the split count.
     plans: Vec<(u64, u64, usize)>,
+    /// Per layer: whether the plan has 8-bit items.
+    kv8: Vec<bool>,
     scratch: AttnScratch,
     shape: Option<HeadShape>,
 }
@@ -496,6 +569,7 @@ impl SegmentAttention {
         let plans: Vec<AttnPlan> = (0..n_layers)
             .map(|l| AttnPlan::new(&segments(l), splits))
             .collect();
+        self.kv8 = plans.iter().map(AttnPlan::kv8).collect();
         self.plans = upload_plans(gpu, &mut self.table, &plans)?;
         self.shape = Some(shape);
         Ok(())
@@ -523,6 +597,7 @@ impl SegmentAttention {
         for p in &mut plans {
             p.pad_splits(*pad_to);
         }
+        self.kv8 = plans.iter().map(AttnPlan::kv8).collect();
         self.plans = upload_plans(gpu, &mut self.table, &plans)?;
         self.shape = Some(shape);
         Ok(())
@@ -536,6 +611,7 @@ impl SegmentAttention {
             .iter()
             .flat_map(|&(items, splits, n)| [items, splits, n as u64])
             .collect();
+        key.extend(self.kv8.iter().map(|&b| b as u64));
         key.push(self.scratch.o.as_ref().map_or(0, DevBuf::ptr));
         key.push(self.scratch.lse.as_ref().map_or(0, DevBuf::ptr));
         key
@@ -573,7 +649,8 @@ impl SegmentAttention {
             )));
         };
         let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
-        gpu.attention_scaled(
+        let kv8 = self.kv8.get(layer).copied().unwrap_or(false);
+        gpu.attention_with(
             kernels,
             q,
             m,
@@ -581,6 +658,7 @@ impl SegmentAttention {
             nkv,
             plan,
             score_scale,
+            kv8,
             out,
             &mut self.scratch,
         )

@@ -1,6 +1,7 @@
 //! One context block's KV resident on a GPU ([`GpuBlock`]): allocation, upload from and
 //! download to a CPU [`BlockKv`], row ranges (the anchor) and its layers as attention
-//! segments.
+//! segments. A block of a document stored with 8-bit KV stays in 8 bits here (half the
+//! tier's bytes, half the bytes a decode step reads): see [`GpuBlock::upload`].
 
 use super::Result;
 use super::attention::Segment;
@@ -9,11 +10,14 @@ use crate::partial::HeadShape;
 use crate::star::BlockKv;
 
 /// One context block's KV on a GPU: per layer K and V head-major `[n_kv][len][d]` in
-/// the GPU's 16-bit type, K rotated at the global positions (as [`BlockKv`]).
+/// the GPU's 16-bit type, K rotated at the global positions (as [`BlockKv`]). An 8-bit
+/// block (`kv8`) holds per layer K and V each as `[n_kv][len][d]` int8 followed by one
+/// IEEE f16 scale per row (`[n_kv][len]`), whatever the store's scale granularity.
 pub struct GpuBlock {
     pub start: usize,
     pub len: usize,
     pub shape: HeadShape,
+    kv8: bool,
     layers: Vec<(DevBuf, DevBuf)>,
 }
 
@@ -33,12 +37,68 @@ impl GpuBlock {
             start,
             len,
             shape,
+            kv8: false,
             layers,
         })
     }
 
-    /// Uploads a CPU block (f32, rounded to the GPU's 16-bit type); synchronous copy.
+    /// An 8-bit block's buffers (contents undefined).
+    pub fn alloc_kv8(
+        gpu: &Gpu,
+        start: usize,
+        len: usize,
+        shape: HeadShape,
+        n_layers: usize,
+    ) -> Result<Self> {
+        let rows = shape.n_kv_heads * len;
+        let bytes = rows * shape.head_dim + 2 * rows;
+        let layers = (0..n_layers)
+            .map(|_| Ok((gpu.alloc(bytes)?, gpu.alloc(bytes)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            start,
+            len,
+            shape,
+            kv8: true,
+            layers,
+        })
+    }
+
+    /// Whether this block is held in 8 bits.
+    pub fn is_8bit(&self) -> bool {
+        self.kv8
+    }
+
+    /// Uploads a CPU block; synchronous copy. An f32 block is rounded to the GPU's
+    /// 16-bit type; an 8-bit one ([`BlockKv::is_8bit`]) stays in 8 bits, its scales
+    /// repeated per row when the store kept one per group of rows.
     pub fn upload(gpu: &Gpu, block: &BlockKv) -> Result<Self> {
+        if let Some(kv8) = &block.kv8 {
+            let out = Self::alloc_kv8(gpu, block.start, block.len, block.shape, kv8.len())?;
+            let rows = block.shape.n_kv_heads * block.len;
+            let mut bytes = Vec::new();
+            for ((k, v), (dk, dv)) in kv8.iter().zip(&out.layers) {
+                for (src, dst) in [(k, dk), (v, dv)] {
+                    if src.q.len() != rows * block.shape.head_dim
+                        || src.scales.len() * src.rows_per_scale < rows
+                    {
+                        return Err(super::CudaError::Invalid(format!(
+                            "an 8-bit block layer of {} values and {} scales for {rows} rows",
+                            src.q.len(),
+                            src.scales.len()
+                        )));
+                    }
+                    bytes.clear();
+                    bytes.extend(src.q.iter().map(|&x| x as u8));
+                    for r in 0..rows {
+                        let s = half::f16::from_f32(src.scales[r / src.rows_per_scale]);
+                        bytes.extend_from_slice(&s.to_bits().to_le_bytes());
+                    }
+                    gpu.upload(dst.ptr(), &bytes)?;
+                }
+            }
+            return Ok(out);
+        }
         let out = Self::alloc(gpu, block.start, block.len, block.shape, block.layers.len())?;
         let mut tmp = Vec::new();
         for (l, (k, v)) in block.layers.iter().enumerate() {
@@ -51,10 +111,36 @@ impl GpuBlock {
         Ok(out)
     }
 
-    /// The block as a CPU [`BlockKv`] (f32), e.g. to write it to the store.
+    /// The block as a CPU [`BlockKv`] (f32, or 8-bit with one scale per row for an
+    /// 8-bit block), e.g. to write it to the store.
     pub fn download(&self, gpu: &Gpu) -> Result<BlockKv> {
-        let mut out = BlockKv::new(self.start, self.len, self.shape, self.layers.len());
         let n = self.shape.n_kv_heads * self.len * self.shape.head_dim;
+        if self.kv8 {
+            let rows = self.shape.n_kv_heads * self.len;
+            let mut bytes = vec![0u8; n + 2 * rows];
+            let mut layers = Vec::with_capacity(self.layers.len());
+            for (k, v) in &self.layers {
+                let mut pair = Vec::with_capacity(2);
+                for buf in [k, v] {
+                    gpu.download(&mut bytes, buf.ptr())?;
+                    let q = bytes[..n].iter().map(|&b| b as i8).collect();
+                    let scales = bytes[n..]
+                        .chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                        .collect();
+                    pair.push(crate::kv8::Kv8 {
+                        q,
+                        scales,
+                        rows_per_scale: 1,
+                    });
+                }
+                let v = pair.pop().unwrap();
+                let k = pair.pop().unwrap();
+                layers.push((k, v));
+            }
+            return Ok(BlockKv::quantized(self.start, self.len, self.shape, layers));
+        }
+        let mut out = BlockKv::new(self.start, self.len, self.shape, self.layers.len());
         let mut tmp = vec![0u16; n];
         for (l, (k, v)) in self.layers.iter().enumerate() {
             let mut kf = vec![0f32; n];
@@ -78,8 +164,22 @@ impl GpuBlock {
     pub fn rows(&self, gpu: &Gpu, range: std::ops::Range<usize>) -> Result<Self> {
         let from = range.start.min(self.len);
         let n = range.end.min(self.len).saturating_sub(from);
-        let out = Self::alloc(gpu, self.start + from, n, self.shape, self.layers.len())?;
         let d = self.shape.head_dim;
+        if self.kv8 {
+            let out = Self::alloc_kv8(gpu, self.start + from, n, self.shape, self.layers.len())?;
+            let (src_sc, dst_sc) = (self.scale_off() as u64, out.scale_off() as u64);
+            for (src, dst) in self.layers.iter().zip(&out.layers) {
+                for (s, t) in [(&src.0, &dst.0), (&src.1, &dst.1)] {
+                    for h in 0..self.shape.n_kv_heads {
+                        let (sr, dr) = ((h * self.len + from) as u64, (h * n) as u64);
+                        gpu.copy_d2d(t.ptr() + dr * d as u64, s.ptr() + sr * d as u64, n * d)?;
+                        gpu.copy_d2d(t.ptr() + dst_sc + 2 * dr, s.ptr() + src_sc + 2 * sr, 2 * n)?;
+                    }
+                }
+            }
+            return Ok(out);
+        }
+        let out = Self::alloc(gpu, self.start + from, n, self.shape, self.layers.len())?;
         for (src, dst) in self.layers.iter().zip(&out.layers) {
             for h in 0..self.shape.n_kv_heads {
                 let so = ((h * self.len + from) * d * 2) as u64;
@@ -101,7 +201,13 @@ impl GpuBlock {
             row_stride: self.shape.head_dim as i32,
             len: self.len,
             causal_offset,
+            scale_off: if self.kv8 { self.scale_off() } else { 0 },
         }
+    }
+
+    /// Bytes from an 8-bit layer buffer's start to its scales.
+    fn scale_off(&self) -> i64 {
+        (self.shape.n_kv_heads * self.len * self.shape.head_dim) as i64
     }
 
     pub fn n_layers(&self) -> usize {
@@ -113,7 +219,13 @@ impl GpuBlock {
         self.layers.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
     }
 
+    /// Layer `layer`'s K and V buffers (16-bit blocks: phase 1 and the cold path write
+    /// them in place).
     pub(super) fn layer_ptrs(&self, layer: usize) -> (u64, u64) {
+        debug_assert!(
+            !self.kv8,
+            "8-bit blocks are written only by GpuBlock::upload"
+        );
         (self.layers[layer].0.ptr(), self.layers[layer].1.ptr())
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, sys as drv_sys};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
-use super::attention::pipe_smem;
+use super::attention::{kv8_smem, pipe_smem};
 use super::device::{Gpu, HalfType};
 use super::gemv::GEMV_SMEM_MAX;
 use super::{CudaError, Result};
@@ -47,6 +47,8 @@ pub(crate) const ATTENTION_KERNELS: &[&str] = &[
     "attn_fwd_m32",
     "attn_fwd_m32n32",
     "attn_fwd_p1n32",
+    "attn_fwd_simple_kv8",
+    "attn_fwd_w1_kv8",
     "attn_merge",
 ];
 
@@ -120,6 +122,12 @@ impl Gpu {
             funcs[name].set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 GEMV_SMEM_MAX as i32,
+            )?;
+        }
+        for name in ["attn_fwd_simple_kv8", "attn_fwd_w1_kv8"] {
+            funcs[name].set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                kv8_smem(head_dim) as i32,
             )?;
         }
         let k = Arc::new(Kernels { head_dim, funcs });

@@ -848,6 +848,7 @@ impl GpuKvCache {
             row_stride: self.shape.head_dim as i32,
             len,
             causal_offset,
+            scale_off: 0,
         }
     }
 

@@ -81,6 +81,11 @@ pub struct StreamedBlocks {
 
 impl StreamedBlocks {
     pub fn new(gpu: &Gpu, sources: Vec<Arc<BlockKv>>) -> Result<Self> {
+        if sources.iter().any(|b| b.is_8bit()) {
+            return Err(CudaError::Invalid(
+                "an 8-bit block is uploaded whole (GpuBlock::upload), not streamed".into(),
+            ));
+        }
         let n_layers = sources.first().map_or(0, |b| b.layers.len());
         let blocks = sources
             .iter()

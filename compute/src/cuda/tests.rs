@@ -59,6 +59,7 @@ fn seg(len: usize, causal: Option<usize>) -> Segment {
         row_stride: 64,
         len,
         causal_offset: causal,
+        scale_off: 0,
     }
 }
 
@@ -175,6 +176,7 @@ fn padded_plans_keep_their_splits_and_add_empty_ones() {
         row_stride: 64,
         len,
         causal_offset,
+        scale_off: 0,
     };
     let plan = AttnPlan::new(&[seg(1000, None), seg(7, Some(6))], 4);
     let mut padded = plan.clone();

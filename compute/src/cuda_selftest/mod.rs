@@ -27,6 +27,7 @@ use crate::sampling::argmax;
 use crate::star::{AttentionShard, CpuShard, Phase1, QueryAttention, StarConfig};
 
 mod backend;
+mod kv8;
 
 type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
@@ -74,6 +75,8 @@ pub fn run(gpu: &Arc<Gpu>, opts: SelftestOptions<'_>) -> Vec<Row> {
     section!("attention", attention_checks(gpu, &mut rng, &mut report, u));
     println!("star on the GPU (random tiny model):");
     section!("star", star_checks(gpu, &mut rng, &mut report, u));
+    println!("8-bit KV: int8 blocks in the GPU tier, 8-bit attention kernels:");
+    section!("int8", kv8::checks(gpu, &mut rng, &mut report, u));
     if let Some((name, model, tokens)) = &opts.model {
         println!("full model logits, GPU vs CPU ({name}):");
         section!(
@@ -723,6 +726,7 @@ fn attention_case(
             row_stride: d as i32,
             len,
             causal_offset: causal,
+            scale_off: 0,
         });
         dev.push((kd, vd));
         host.push((kk, vv, len, causal));

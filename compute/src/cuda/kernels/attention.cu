@@ -20,7 +20,11 @@ struct AttnItem {
     int key_begin;      // keys key_begin..key_end of the segment
     int key_end;
     int causal_offset;  // -1: no mask
-    int pad0, pad1;
+    // 0: 16-bit K/V. Otherwise an 8-bit segment (only the *_kv8 kernels read it): int8
+    // element (h, j, i) at byte k + h * head_stride + j * row_stride + i (row_stride ==
+    // HEAD_DIM), and its row's IEEE f16 scale at byte k + scale_off + 2 * (h * len + j),
+    // len = head_stride / row_stride (the same for v).
+    long long scale_off;
 };
 
 #ifndef HEAD_DIM
@@ -172,18 +176,143 @@ __device__ __forceinline__ void settle(Cursor& c, const AttnItem* items, int it_
     }
 }
 
+// 16 bytes, for vector loads and stores (no CUDA headers here).
+struct __align__(16) u32x4 {
+    u32 x, y, z, w;
+};
+
+// A read-only 16-byte global load.
+__device__ __forceinline__ u32x4 ldg16(const void* p) {
+    u32x4 r;
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ h16 ldg_h16(const h16* p) {
+    h16 r;
+    asm("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
+    return r;
+}
+
+// IEEE half to float, whatever the kernels' 16-bit type (8-bit scales are f16).
+__device__ __forceinline__ float f16_to_f32(h16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Four int8 values (x's bytes) as four 16-bit values (exact: |v| <= 128 fits both 16-bit
+// types): byte + 128 is put in the mantissa of 2^23 (a byte permute) and 2^23 + 128
+// subtracted, all full-rate instructions (int-to-float conversion runs at a quarter rate).
+__device__ __forceinline__ void i8x4_to_h16(u32 x, u32& lo, u32& hi) {
+    const u32 u = x ^ 0x80808080u;
+    const float f0 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - 8388736.f;
+    const float f1 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - 8388736.f;
+    const float f2 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - 8388736.f;
+    const float f3 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - 8388736.f;
+    lo = pack2(f0, f1);
+    hi = pack2(f2, f3);
+}
+
+// The 8-bit kernels' dynamic shared memory (mirrors kv8_smem in attention.rs): the
+// 16-bit K and V tiles the tensor cores read, the staging of the next 8-bit tile (K then
+// V, BN rows of HEAD_DIM bytes each) and the tile's per-key scales (K then V, f32).
+#define KV8_STAGE_OFF (2 * BN * SROW * 2)
+#define KV8_SCALE_OFF (KV8_STAGE_OFF + 2 * BN * HEAD_DIM)
+
+// Starts loading rows j0 .. j0 + BN of KV head kvh of 8-bit item `item` (n valid, the rest
+// zero-filled) into the staging at shared-space address `st` (one commit group), and
+// their scales into this thread's registers (rows threadIdx.x + i * NT).
+template <int NT, int SC>
+__device__ __forceinline__ void stage_i8(u32 st, const AttnItem& item, int kvh, int j0, int n,
+                                         h16 (&ks)[SC], h16 (&vs)[SC]) {
+    constexpr int CPR = HEAD_DIM / 16;  // 16-byte chunks per row
+    const long long hs = kvh * item.head_stride;
+    const char* k8 = (const char*)item.k + hs;
+    const char* v8 = (const char*)item.v + hs;
+    for (int c = threadIdx.x; c < BN * CPR; c += NT) {
+        const int r = c / CPR, col = (c % CPR) * 16;
+        const bool valid = r < n;
+        const long long off = valid ? (long long)(j0 + r) * HEAD_DIM + col : 0;
+        cp_async16(st + (u32)(r * HEAD_DIM + col), k8 + off, valid);
+        cp_async16(st + (u32)(BN * HEAD_DIM + r * HEAD_DIM + col), v8 + off, valid);
+    }
+    cp_commit();
+    const long long sbase = (long long)kvh * (item.head_stride / item.row_stride) + j0;
+    const h16* ksc = (const h16*)((const char*)item.k + item.scale_off) + sbase;
+    const h16* vsc = (const h16*)((const char*)item.v + item.scale_off) + sbase;
+#pragma unroll
+    for (int i = 0; i < SC; i++) {
+        const int r = threadIdx.x + i * NT;
+        const bool valid = r < BN && r < n;
+        ks[i] = valid ? ldg_h16(ksc + r) : (h16)0;
+        vs[i] = valid ? ldg_h16(vsc + r) : (h16)0;
+    }
+}
+
+// The staged 8-bit tile (landed) into the 16-bit tiles sK and sV as its integer values
+// (exact), and its scales into sKs and sVs: the scales are applied to the scores (K) and
+// to P (V), so the dequantisation adds no rounding.
+template <int NT, int SC>
+__device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* st, float* sKs,
+                                           float* sVs, const h16 (&ks)[SC], const h16 (&vs)[SC]) {
+    constexpr int CPR = HEAD_DIM / 16;
+    for (int c = threadIdx.x; c < 2 * BN * CPR; c += NT) {
+        const int kv = c / (BN * CPR), r = (c / CPR) % BN, col = (c % CPR) * 16;
+        const u32x4 x = *(const u32x4*)(st + kv * BN * HEAD_DIM + r * HEAD_DIM + col);
+        u32x4 a, b;
+        i8x4_to_h16(x.x, a.x, a.y);
+        i8x4_to_h16(x.y, a.z, a.w);
+        i8x4_to_h16(x.z, b.x, b.y);
+        i8x4_to_h16(x.w, b.z, b.w);
+        u32x4* d = (u32x4*)((kv ? sV : sK) + r * SROW + col);
+        d[0] = a;
+        d[1] = b;
+    }
+#pragma unroll
+    for (int i = 0; i < SC; i++) {
+        const int r = threadIdx.x + i * NT;
+        if (r < BN) {
+            sKs[r] = f16_to_f32(ks[i]);
+            sVs[r] = f16_to_f32(vs[i]);
+        }
+    }
+}
+
 // Unpipelined: K and V of a tile load together, then Q.K^T, softmax and P.V. Runs 17 to
 // 64 rows (4 warps x 16) and decoding (1 warp, below); at one warp, many small CTAs per
 // SM keep more tile loads in flight than the pipelined one-warp variants (PERF_NOTES.md).
-template <int NW>
+// KV8: items may be 8-bit (scale_off != 0, see AttnItem): each 8-bit tile is staged
+// into shared memory (cp.async, no registers held) while the tile before it is
+// computed, widened in shared memory (stage_i8, unstage_i8), and its scales applied to
+// the scores and to P; 16-bit items take the usual path. Dynamic shared memory.
+template <int NW, bool KV8 = false>
 __device__ __forceinline__ void attn_simple_body(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
-    float* __restrict__ out_f, float* __restrict__ lse_out) {
+    float* __restrict__ out_f, float* __restrict__ lse_out, h16* dyn_smem = nullptr) {
     constexpr int NT = 32 * NW;
     constexpr int ROWS = 16 * NW;
-    __shared__ __align__(16) h16 sK[BN * SROW];
-    __shared__ __align__(16) h16 sV[BN * SROW];
+    h16 *sK, *sV;
+    // Per-key scales of the tile (8-bit items; 1 for 16-bit ones) and the 8-bit staging.
+    float *sKs = nullptr, *sVs = nullptr;
+    const signed char* st8 = nullptr;
+    if constexpr (KV8) {
+        sK = dyn_smem;
+        sV = dyn_smem + BN * SROW;
+        st8 = (const signed char*)dyn_smem + KV8_STAGE_OFF;
+        sKs = (float*)((char*)dyn_smem + KV8_SCALE_OFF);
+        sVs = sKs + BN;
+    } else {
+        __shared__ __align__(16) h16 sK_s[BN * SROW];
+        __shared__ __align__(16) h16 sV_s[BN * SROW];
+        sK = sK_s;
+        sV = sV_s;
+    }
+    constexpr int SC = (BN + NT - 1) / NT;  // scale rows per thread
+    h16 pks[SC], pvs[SC];                   // the staged tile's scales
+    int st_it = -1, st_j0 = 0;              // the staged tile (item, first key)
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tig = lane & 3;
     const int kvh = blockIdx.y, split = blockIdx.z;
@@ -218,6 +347,16 @@ __device__ __forceinline__ void attn_simple_body(
     const int it_begin = split_begin[split], it_end = split_begin[split + 1];
     const int t_first = row0 / group;
     const bool warp_active = row0 + warp * 16 < rows;
+    const u32 st8_a = KV8 ? smem_addr(st8) : 0;
+    if (KV8 && it_begin < it_end && items[it_begin].scale_off != 0) {
+        const AttnItem& f = items[it_begin];
+        if (f.key_begin < f.key_end) {
+            stage_i8<NT, SC>(st8_a, f, kvh, f.key_begin, min(BN, f.key_end - f.key_begin), pks,
+                             pvs);
+            st_it = it_begin;
+            st_j0 = f.key_begin;
+        }
+    }
     for (int it = it_begin; it < it_end; it++) {
         const AttnItem item = items[it];
         const h16* kb = (const h16*)item.k + kvh * item.head_stride;
@@ -226,11 +365,37 @@ __device__ __forceinline__ void attn_simple_body(
         if (item.causal_offset >= 0) kend = min(kend, t_last + item.causal_offset + 1);
         for (int j0 = item.key_begin; j0 < kend; j0 += BN) {
             int n = min(BN, kend - j0);
-            load_rows<NT, BN>(sK_a, kb, item.row_stride, j0, n);
-            cp_commit();
-            load_rows<NT, BN>(sV_a, vb, item.row_stride, j0, n);
-            cp_commit();
-            cp_wait<1>();
+            if (KV8 && item.scale_off != 0) {
+                if (st_it != it || st_j0 != j0) stage_i8<NT, SC>(st8_a, item, kvh, j0, n, pks, pvs);
+                cp_wait<0>();
+                // The staged tile landed for every thread, and every warp is done with
+                // the previous tile's sK and sV (the barrier closing each tile).
+                __syncthreads();
+                unstage_i8<NT, SC>(sK, sV, st8, sKs, sVs, pks, pvs);
+                __syncthreads();
+                // Stage the next tile (this item's, or the next item's first when that
+                // is 8-bit too) while this one is computed.
+                int nit = it, nj0 = j0 + BN;
+                if (nj0 >= kend) {
+                    nit = it + 1;
+                    nj0 = nit < it_end ? items[nit].key_begin : 0;
+                }
+                st_it = -1;
+                if (nit < it_end && items[nit].scale_off != 0 && nj0 < items[nit].key_end) {
+                    stage_i8<NT, SC>(st8_a, items[nit], kvh, nj0, min(BN, items[nit].key_end - nj0),
+                                     pks, pvs);
+                    st_it = nit;
+                    st_j0 = nj0;
+                }
+            } else {
+                load_rows<NT, BN>(sK_a, kb, item.row_stride, j0, n);
+                cp_commit();
+                load_rows<NT, BN>(sV_a, vb, item.row_stride, j0, n);
+                cp_commit();
+                if (KV8)
+                    for (int r = tid; r < BN; r += NT) sKs[r] = sVs[r] = 1.f;
+                cp_wait<1>();
+            }
             __syncthreads();
             float s[BN / 8][4];
 #pragma unroll
@@ -254,6 +419,7 @@ __device__ __forceinline__ void attn_simple_body(
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     float x = s[nt][e] * scale_log2;
+                    if (KV8) x *= sKs[nt * 8 + tig * 2 + (e & 1)];
                     if (need_mask) {
                         int jl = nt * 8 + tig * 2 + (e & 1);
                         int t = e < 2 ? ta : tb;
@@ -293,16 +459,30 @@ __device__ __forceinline__ void attn_simple_body(
                 o[i][2] *= corr_b;
                 o[i][3] *= corr_b;
             }
-            cp_wait<0>();
-            __syncthreads();
+            // V landed (16-bit tiles; an 8-bit tile's V is in sV already, and the wait
+            // would drain the next tile's staging).
+            if (!(KV8 && item.scale_off != 0)) {
+                cp_wait<0>();
+                __syncthreads();
+            }
             if (warp_active) {
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; kk++) {
                     u32 a[4];
-                    a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
-                    a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
-                    a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                    a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                    if (KV8) {
+                        // P times the V rows' scales (keys 16 kk + 2 tig (+1), and + 8).
+                        const int j = kk * 16 + tig * 2;
+                        const float v0 = sVs[j], v1 = sVs[j + 1], v8 = sVs[j + 8], v9 = sVs[j + 9];
+                        a[0] = pack2(s[2 * kk][0] * v0, s[2 * kk][1] * v1);
+                        a[1] = pack2(s[2 * kk][2] * v0, s[2 * kk][3] * v1);
+                        a[2] = pack2(s[2 * kk + 1][0] * v8, s[2 * kk + 1][1] * v9);
+                        a[3] = pack2(s[2 * kk + 1][2] * v8, s[2 * kk + 1][3] * v9);
+                    } else {
+                        a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+                        a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+                        a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                        a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                    }
 #pragma unroll
                     for (int dp = 0; dp < HEAD_DIM / 16; dp++) {
                         u32 b0, b1, b2, b3;
@@ -343,6 +523,26 @@ extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1(
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
     float* __restrict__ out_f, float* __restrict__ lse_out) {
     attn_simple_body<1>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f, lse_out);
+}
+
+// The same two kernels for plans with 8-bit items (issue 13: a block kept in 8 bits in
+// the GPU tier is read in 8 bits, half the bytes of a decode step's context).
+extern "C" __global__ void __launch_bounds__(128) attn_fwd_simple_kv8(
+    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
+    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
+    float* __restrict__ out_f, float* __restrict__ lse_out) {
+    extern __shared__ __align__(16) h16 dyn_smem[];
+    attn_simple_body<4, true>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f,
+                              lse_out, dyn_smem);
+}
+
+extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1_kv8(
+    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
+    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
+    float* __restrict__ out_f, float* __restrict__ lse_out) {
+    extern __shared__ __align__(16) h16 dyn_smem[];
+    attn_simple_body<1, true>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f,
+                              lse_out, dyn_smem);
 }
 
 // Merges n_splits partials (O f32 [split][m][nh d], lse [split][nh][m]) exactly:
