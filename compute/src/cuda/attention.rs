@@ -158,9 +158,9 @@ const _: () = assert!(std::mem::size_of::<AttnItem>() == 48);
 
 /// A run of keys for attention: element `(kv head h, key j, i)` at
 /// `k + 2 * (h * head_stride + j * row_stride + i)` bytes (16-bit values), or, for an
-/// 8-bit segment (`scale_off != 0`), the int8 at `k + h * head_stride + j * row_stride
-/// + i` bytes with `row_stride == head_dim`, scaled by the IEEE f16 at `k + scale_off +
-/// 2 * (h * head_stride / row_stride + j)` (the same for `v`).
+/// 8-bit segment (`scale_off != 0`), the int8 at byte `k + h * head_stride +
+/// j * row_stride + i` with `row_stride == head_dim`, scaled by the IEEE f16 at byte
+/// `k + scale_off + 2 * (h * head_stride / row_stride + j)` (the same for `v`).
 #[derive(Debug, Clone, Copy)]
 pub struct Segment {
     pub k: u64,
