@@ -709,15 +709,23 @@ fn kv8_decode_rows(
     let o = gpu.alloc(nh * d * 2)?;
     gpu.fill_uniform_half(kern, q.ptr(), nh * d, 5, 1.0)?;
     let (mut scratch, mut tb) = (AttnScratch::default(), TableBuf::default());
-    let name = gpu.attention_kernel_name_kv8(nh / nkv, d);
-    let f = kern.get(name);
-    println!(
-        "  {name}: {} registers, {} bytes local memory",
-        f.num_regs().unwrap_or(-1),
-        f.local_size_bytes().unwrap_or(-1)
-    );
     let auto = gpu.choose_splits(1, shape, l);
-    for (splits, what) in [(auto, ""), (auto * 2, " (x2 splits)")] {
+    let default = gpu.attention_kernels();
+    let mut runs = Vec::new();
+    for kv8 in AttnKernels::ALL_KV8 {
+        for (splits, x) in [(auto, ""), (auto * 2, ", x2 splits")] {
+            runs.push((kv8, splits, format!(" ({}-key tiles{x})", kv8.keys())));
+        }
+    }
+    for (kv8, splits, what) in runs {
+        gpu.set_attention_kernels(AttnKernels { kv8, ..default });
+        let name = gpu.attention_kernel_name_kv8(nh / nkv, d);
+        let f = kern.get(name);
+        println!(
+            "  {name}: {} registers, {} bytes local memory",
+            f.num_regs().unwrap_or(-1),
+            f.local_size_bytes().unwrap_or(-1)
+        );
         let plan = AttnPlan::new(&segs, splits);
         let n_splits = plan.n_splits();
         let p = upload_plans(gpu, &mut tb, &[plan])?[0];
@@ -753,6 +761,7 @@ fn kv8_decode_rows(
             ),
         );
     }
+    gpu.set_attention_kernels(default);
     Ok(())
 }
 

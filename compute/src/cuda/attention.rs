@@ -16,11 +16,30 @@ pub(super) fn pipe_smem(tiles: usize, head_dim: usize) -> usize {
     tiles * (head_dim + 8) * 2
 }
 
-/// Dynamic shared memory of the 8-bit kernels (see `KV8_STAGE_OFF` in attention.cu): the
-/// 16-bit K and V tiles (64 rows of `head_dim + 8`), the 8-bit staging of the next tile
-/// (K and V, 64 rows of `head_dim` bytes) and 64 f32 scales each for K and V.
-pub(super) fn kv8_smem(head_dim: usize) -> usize {
-    2 * 64 * (head_dim + 8) * 2 + 2 * 64 * head_dim + 2 * 64 * 4
+/// Dynamic shared memory of the 8-bit kernels with `tile`-key tiles (see `KV8_STAGE_OFF`
+/// in attention.cu): the 16-bit K and V tiles (`tile` rows of `head_dim + 8`), the 8-bit
+/// staging of the next tile (K and V, `tile` rows of `head_dim` bytes) and `tile` f32
+/// scales each for K and V.
+pub(super) fn kv8_smem(tile: usize, head_dim: usize) -> usize {
+    2 * tile * (head_dim + 8) * 2 + 2 * tile * head_dim + 2 * tile * 4
+}
+
+/// The 8-bit kernels' key tile: 32 keys (half the shared memory, so twice the resident
+/// one-warp CTAs per SM: the 64-key tile measured slower, latency-bound at four CTAs per
+/// SM on the H200 at head_dim 128) or 64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kv8Tile {
+    N32,
+    N64,
+}
+
+impl Kv8Tile {
+    pub fn keys(self) -> usize {
+        match self {
+            Kv8Tile::N32 => 32,
+            Kv8Tile::N64 => 64,
+        }
+    }
 }
 
 /// The kernel that attends runs of more than 64 rows per KV head (phase 1, prefill).
@@ -51,6 +70,8 @@ pub enum DecodeKernel {
 pub struct AttnKernels {
     pub long: LongKernel,
     pub decode: DecodeKernel,
+    /// The 8-bit kernels' key tile (plans with 8-bit items).
+    pub kv8: Kv8Tile,
 }
 
 impl Default for AttnKernels {
@@ -58,6 +79,7 @@ impl Default for AttnKernels {
         Self {
             long: LongKernel::M32,
             decode: DecodeKernel::W1,
+            kv8: Kv8Tile::N32,
         }
     }
 }
@@ -66,6 +88,7 @@ impl AttnKernels {
     /// Every kernel the selftest must cover.
     pub const ALL_LONG: [LongKernel; 3] = [LongKernel::Simple, LongKernel::M32, LongKernel::M32N32];
     pub const ALL_DECODE: [DecodeKernel; 2] = [DecodeKernel::W1, DecodeKernel::P1N32];
+    pub const ALL_KV8: [Kv8Tile; 2] = [Kv8Tile::N32, Kv8Tile::N64];
 
     /// A number that tells the kernel choices apart (part of a decode graph's key).
     pub fn code(&self) -> u64 {
@@ -78,7 +101,11 @@ impl AttnKernels {
             DecodeKernel::W1 => 0,
             DecodeKernel::P1N32 => 1,
         };
-        long * 4 + decode
+        let kv8 = match self.kv8 {
+            Kv8Tile::N32 => 0,
+            Kv8Tile::N64 => 1,
+        };
+        kv8 * 16 + long * 4 + decode
     }
 
     pub(super) fn from_env() -> Self {
@@ -94,6 +121,11 @@ impl AttnKernels {
             Ok("p1n32") => k.decode = DecodeKernel::P1N32,
             _ => {}
         }
+        match std::env::var("STARKV_ATTN_KV8").as_deref() {
+            Ok("n32") => k.kv8 = Kv8Tile::N32,
+            Ok("n64") => k.kv8 = Kv8Tile::N64,
+            _ => {}
+        }
         k
     }
 
@@ -105,11 +137,12 @@ impl AttnKernels {
     /// decode step is what the bytes matter for.
     fn launch(&self, rows: usize, head_dim: usize, kv8: bool) -> (&'static str, usize, u32, usize) {
         if kv8 {
-            let smem = kv8_smem(head_dim);
-            return if rows <= 16 {
-                ("attn_fwd_w1_kv8", 16, 32, smem)
-            } else {
-                ("attn_fwd_simple_kv8", 64, 128, smem)
+            let smem = kv8_smem(self.kv8.keys(), head_dim);
+            return match (rows <= 16, self.kv8) {
+                (true, Kv8Tile::N32) => ("attn_fwd_w1_kv8", 16, 32, smem),
+                (false, Kv8Tile::N32) => ("attn_fwd_simple_kv8", 64, 128, smem),
+                (true, Kv8Tile::N64) => ("attn_fwd_w1_kv8_n64", 16, 32, smem),
+                (false, Kv8Tile::N64) => ("attn_fwd_simple_kv8_n64", 64, 128, smem),
             };
         }
         if rows <= 16 {

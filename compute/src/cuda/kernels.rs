@@ -49,6 +49,8 @@ pub(crate) const ATTENTION_KERNELS: &[&str] = &[
     "attn_fwd_p1n32",
     "attn_fwd_simple_kv8",
     "attn_fwd_w1_kv8",
+    "attn_fwd_simple_kv8_n64",
+    "attn_fwd_w1_kv8_n64",
     "attn_merge",
 ];
 
@@ -124,10 +126,15 @@ impl Gpu {
                 GEMV_SMEM_MAX as i32,
             )?;
         }
-        for name in ["attn_fwd_simple_kv8", "attn_fwd_w1_kv8"] {
+        for (name, tile) in [
+            ("attn_fwd_simple_kv8", 32),
+            ("attn_fwd_w1_kv8", 32),
+            ("attn_fwd_simple_kv8_n64", 64),
+            ("attn_fwd_w1_kv8_n64", 64),
+        ] {
             funcs[name].set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                kv8_smem(head_dim) as i32,
+                kv8_smem(tile, head_dim) as i32,
             )?;
         }
         let k = Arc::new(Kernels { head_dim, funcs });

@@ -44,8 +44,8 @@ mod tier;
 mod tests;
 
 pub use attention::{
-    AttnItem, AttnKernels, AttnOut, AttnPlan, AttnScratch, DecodeKernel, KvDest, LongKernel,
-    Segment, SegmentAttention, upload_plans,
+    AttnItem, AttnKernels, AttnOut, AttnPlan, AttnScratch, DecodeKernel, Kv8Tile, KvDest,
+    LongKernel, Segment, SegmentAttention, upload_plans,
 };
 pub use device::{DevBuf, Gpu, HalfType, PinnedBuf, TableBuf};
 pub use gemv::gemv_fits;

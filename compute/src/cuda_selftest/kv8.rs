@@ -19,7 +19,7 @@ use super::{
 use crate::cpu::attention::{KvView, Mask, attention, attention_source_into};
 use crate::cuda::star::{ContextBlocks, GpuBlock, GpuQuery, GpuShard};
 use crate::cuda::{
-    AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, Segment, TableBuf, upload_plans,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, Segment, TableBuf, upload_plans,
 };
 use crate::kv8::Kv8;
 use crate::model::Llama;
@@ -99,9 +99,19 @@ pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64)
         ),
         ("query m=30, 1 split, d=64", smol, 30, &[1000, 100], 30, 1),
     ];
-    for (name, shape, m, lens, local, splits) in cases {
-        mixed_case(gpu, rng, report, u, name, shape, m, lens, local, splits)?;
+    // Both key tiles of the 8-bit kernels run every case.
+    let default = gpu.attention_kernels();
+    for kv8 in AttnKernels::ALL_KV8 {
+        gpu.set_attention_kernels(AttnKernels { kv8, ..default });
+        for (name, shape, m, lens, local, splits) in cases {
+            let r = mixed_case(gpu, rng, report, u, name, shape, m, lens, local, splits);
+            if r.is_err() {
+                gpu.set_attention_kernels(default);
+            }
+            r?;
+        }
     }
+    gpu.set_attention_kernels(default);
     shard_and_round_trip(gpu, rng, report, u, big)?;
     query_checks(gpu, rng, report, u)
 }

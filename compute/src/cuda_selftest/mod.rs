@@ -928,7 +928,11 @@ fn attention_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) 
     let combos = AttnKernels::ALL_LONG
         .iter()
         .zip(AttnKernels::ALL_DECODE.iter().cycle())
-        .map(|(&long, &decode)| AttnKernels { long, decode });
+        .map(|(&long, &decode)| AttnKernels {
+            long,
+            decode,
+            ..default
+        });
     for kernels in combos {
         gpu.set_attention_kernels(kernels);
         let tag = format!("{:?}/{:?}", kernels.long, kernels.decode);

@@ -215,28 +215,29 @@ __device__ __forceinline__ void i8x4_to_h16(u32 x, u32& lo, u32& hi) {
     hi = pack2(f2, f3);
 }
 
-// The 8-bit kernels' dynamic shared memory (mirrors kv8_smem in attention.rs): the
-// 16-bit K and V tiles the tensor cores read, the staging of the next 8-bit tile (K then
-// V, BN rows of HEAD_DIM bytes each) and the tile's per-key scales (K then V, f32).
-#define KV8_STAGE_OFF (2 * BN * SROW * 2)
-#define KV8_SCALE_OFF (KV8_STAGE_OFF + 2 * BN * HEAD_DIM)
+// The 8-bit kernels' dynamic shared memory with TBN-key tiles (mirrors kv8_smem in
+// attention.rs): the 16-bit K and V tiles the tensor cores read, the staging of the next
+// 8-bit tile (K then V, TBN rows of HEAD_DIM bytes each) and the tile's per-key scales
+// (K then V, f32).
+#define KV8_STAGE_OFF(TBN) (2 * (TBN) * SROW * 2)
+#define KV8_SCALE_OFF(TBN) (KV8_STAGE_OFF(TBN) + 2 * (TBN) * HEAD_DIM)
 
-// Starts loading rows j0 .. j0 + BN of KV head kvh of 8-bit item `item` (n valid, the rest
+// Starts loading rows j0 .. j0 + TBN of KV head kvh of 8-bit item `item` (n valid, the rest
 // zero-filled) into the staging at shared-space address `st` (one commit group), and
 // their scales into this thread's registers (rows threadIdx.x + i * NT).
-template <int NT, int SC>
+template <int NT, int TBN, int SC>
 __device__ __forceinline__ void stage_i8(u32 st, const AttnItem& item, int kvh, int j0, int n,
                                          h16 (&ks)[SC], h16 (&vs)[SC]) {
     constexpr int CPR = HEAD_DIM / 16;  // 16-byte chunks per row
     const long long hs = kvh * item.head_stride;
     const char* k8 = (const char*)item.k + hs;
     const char* v8 = (const char*)item.v + hs;
-    for (int c = threadIdx.x; c < BN * CPR; c += NT) {
+    for (int c = threadIdx.x; c < TBN * CPR; c += NT) {
         const int r = c / CPR, col = (c % CPR) * 16;
         const bool valid = r < n;
         const long long off = valid ? (long long)(j0 + r) * HEAD_DIM + col : 0;
         cp_async16(st + (u32)(r * HEAD_DIM + col), k8 + off, valid);
-        cp_async16(st + (u32)(BN * HEAD_DIM + r * HEAD_DIM + col), v8 + off, valid);
+        cp_async16(st + (u32)(TBN * HEAD_DIM + r * HEAD_DIM + col), v8 + off, valid);
     }
     cp_commit();
     const long long sbase = (long long)kvh * (item.head_stride / item.row_stride) + j0;
@@ -245,7 +246,7 @@ __device__ __forceinline__ void stage_i8(u32 st, const AttnItem& item, int kvh, 
 #pragma unroll
     for (int i = 0; i < SC; i++) {
         const int r = threadIdx.x + i * NT;
-        const bool valid = r < BN && r < n;
+        const bool valid = r < TBN && r < n;
         ks[i] = valid ? ldg_h16(ksc + r) : (h16)0;
         vs[i] = valid ? ldg_h16(vsc + r) : (h16)0;
     }
@@ -254,13 +255,13 @@ __device__ __forceinline__ void stage_i8(u32 st, const AttnItem& item, int kvh, 
 // The staged 8-bit tile (landed) into the 16-bit tiles sK and sV as its integer values
 // (exact), and its scales into sKs and sVs: the scales are applied to the scores (K) and
 // to P (V), so the dequantisation adds no rounding.
-template <int NT, int SC>
+template <int NT, int TBN, int SC>
 __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* st, float* sKs,
                                            float* sVs, const h16 (&ks)[SC], const h16 (&vs)[SC]) {
     constexpr int CPR = HEAD_DIM / 16;
-    for (int c = threadIdx.x; c < 2 * BN * CPR; c += NT) {
-        const int kv = c / (BN * CPR), r = (c / CPR) % BN, col = (c % CPR) * 16;
-        const u32x4 x = *(const u32x4*)(st + kv * BN * HEAD_DIM + r * HEAD_DIM + col);
+    for (int c = threadIdx.x; c < 2 * TBN * CPR; c += NT) {
+        const int kv = c / (TBN * CPR), r = (c / CPR) % TBN, col = (c % CPR) * 16;
+        const u32x4 x = *(const u32x4*)(st + kv * TBN * HEAD_DIM + r * HEAD_DIM + col);
         u32x4 a, b;
         i8x4_to_h16(x.x, a.x, a.y);
         i8x4_to_h16(x.y, a.z, a.w);
@@ -273,7 +274,7 @@ __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* 
 #pragma unroll
     for (int i = 0; i < SC; i++) {
         const int r = threadIdx.x + i * NT;
-        if (r < BN) {
+        if (r < TBN) {
             sKs[r] = f16_to_f32(ks[i]);
             sVs[r] = f16_to_f32(vs[i]);
         }
@@ -287,7 +288,7 @@ __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* 
 // into shared memory (cp.async, no registers held) while the tile before it is
 // computed, widened in shared memory (stage_i8, unstage_i8), and its scales applied to
 // the scores and to P; 16-bit items take the usual path. Dynamic shared memory.
-template <int NW, bool KV8 = false>
+template <int NW, bool KV8 = false, int TBN = BN>
 __device__ __forceinline__ void attn_simple_body(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
@@ -300,17 +301,17 @@ __device__ __forceinline__ void attn_simple_body(
     const signed char* st8 = nullptr;
     if constexpr (KV8) {
         sK = dyn_smem;
-        sV = dyn_smem + BN * SROW;
-        st8 = (const signed char*)dyn_smem + KV8_STAGE_OFF;
-        sKs = (float*)((char*)dyn_smem + KV8_SCALE_OFF);
-        sVs = sKs + BN;
+        sV = dyn_smem + TBN * SROW;
+        st8 = (const signed char*)dyn_smem + KV8_STAGE_OFF(TBN);
+        sKs = (float*)((char*)dyn_smem + KV8_SCALE_OFF(TBN));
+        sVs = sKs + TBN;
     } else {
-        __shared__ __align__(16) h16 sK_s[BN * SROW];
-        __shared__ __align__(16) h16 sV_s[BN * SROW];
+        __shared__ __align__(16) h16 sK_s[TBN * SROW];
+        __shared__ __align__(16) h16 sV_s[TBN * SROW];
         sK = sK_s;
         sV = sV_s;
     }
-    constexpr int SC = (BN + NT - 1) / NT;  // scale rows per thread
+    constexpr int SC = (TBN + NT - 1) / NT;  // scale rows per thread
     h16 pks[SC], pvs[SC];                   // the staged tile's scales
     int st_it = -1, st_j0 = 0;              // the staged tile (item, first key)
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -351,7 +352,7 @@ __device__ __forceinline__ void attn_simple_body(
     if (KV8 && it_begin < it_end && items[it_begin].scale_off != 0) {
         const AttnItem& f = items[it_begin];
         if (f.key_begin < f.key_end) {
-            stage_i8<NT, SC>(st8_a, f, kvh, f.key_begin, min(BN, f.key_end - f.key_begin), pks,
+            stage_i8<NT, TBN, SC>(st8_a, f, kvh, f.key_begin, min(TBN, f.key_end - f.key_begin), pks,
                              pvs);
             st_it = it_begin;
             st_j0 = f.key_begin;
@@ -363,46 +364,46 @@ __device__ __forceinline__ void attn_simple_body(
         const h16* vb = (const h16*)item.v + kvh * item.head_stride;
         int kend = item.key_end;
         if (item.causal_offset >= 0) kend = min(kend, t_last + item.causal_offset + 1);
-        for (int j0 = item.key_begin; j0 < kend; j0 += BN) {
-            int n = min(BN, kend - j0);
+        for (int j0 = item.key_begin; j0 < kend; j0 += TBN) {
+            int n = min(TBN, kend - j0);
             if (KV8 && item.scale_off != 0) {
-                if (st_it != it || st_j0 != j0) stage_i8<NT, SC>(st8_a, item, kvh, j0, n, pks, pvs);
+                if (st_it != it || st_j0 != j0) stage_i8<NT, TBN, SC>(st8_a, item, kvh, j0, n, pks, pvs);
                 cp_wait<0>();
                 // The staged tile landed for every thread, and every warp is done with
                 // the previous tile's sK and sV (the barrier closing each tile).
                 __syncthreads();
-                unstage_i8<NT, SC>(sK, sV, st8, sKs, sVs, pks, pvs);
+                unstage_i8<NT, TBN, SC>(sK, sV, st8, sKs, sVs, pks, pvs);
                 __syncthreads();
                 // Stage the next tile (this item's, or the next item's first when that
                 // is 8-bit too) while this one is computed.
-                int nit = it, nj0 = j0 + BN;
+                int nit = it, nj0 = j0 + TBN;
                 if (nj0 >= kend) {
                     nit = it + 1;
                     nj0 = nit < it_end ? items[nit].key_begin : 0;
                 }
                 st_it = -1;
                 if (nit < it_end && items[nit].scale_off != 0 && nj0 < items[nit].key_end) {
-                    stage_i8<NT, SC>(st8_a, items[nit], kvh, nj0, min(BN, items[nit].key_end - nj0),
+                    stage_i8<NT, TBN, SC>(st8_a, items[nit], kvh, nj0, min(TBN, items[nit].key_end - nj0),
                                      pks, pvs);
                     st_it = nit;
                     st_j0 = nj0;
                 }
             } else {
-                load_rows<NT, BN>(sK_a, kb, item.row_stride, j0, n);
+                load_rows<NT, TBN>(sK_a, kb, item.row_stride, j0, n);
                 cp_commit();
-                load_rows<NT, BN>(sV_a, vb, item.row_stride, j0, n);
+                load_rows<NT, TBN>(sV_a, vb, item.row_stride, j0, n);
                 cp_commit();
                 if (KV8)
-                    for (int r = tid; r < BN; r += NT) sKs[r] = sVs[r] = 1.f;
+                    for (int r = tid; r < TBN; r += NT) sKs[r] = sVs[r] = 1.f;
                 cp_wait<1>();
             }
             __syncthreads();
-            float s[BN / 8][4];
+            float s[TBN / 8][4];
 #pragma unroll
-            for (int i = 0; i < BN / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+            for (int i = 0; i < TBN / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
             if (warp_active) {
 #pragma unroll
-                for (int np = 0; np < BN / 16; np++) {
+                for (int np = 0; np < TBN / 16; np++) {
 #pragma unroll
                     for (int kk = 0; kk < NKT; kk++) {
                         u32 b0, b1, b2, b3;
@@ -412,10 +413,10 @@ __device__ __forceinline__ void attn_simple_body(
                     }
                 }
             }
-            const bool need_mask = n < BN || (item.causal_offset >= 0 && j0 + BN - 1 > t_first + item.causal_offset);
+            const bool need_mask = n < TBN || (item.causal_offset >= 0 && j0 + TBN - 1 > t_first + item.causal_offset);
             float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; nt++) {
+            for (int nt = 0; nt < TBN / 8; nt++) {
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     float x = s[nt][e] * scale_log2;
@@ -442,7 +443,7 @@ __device__ __forceinline__ void attn_simple_body(
             m_b = mn_b;
             float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; nt++) {
+            for (int nt = 0; nt < TBN / 8; nt++) {
                 s[nt][0] = fast_exp2(s[nt][0] - base_a);
                 s[nt][1] = fast_exp2(s[nt][1] - base_a);
                 s[nt][2] = fast_exp2(s[nt][2] - base_b);
@@ -467,7 +468,7 @@ __device__ __forceinline__ void attn_simple_body(
             }
             if (warp_active) {
 #pragma unroll
-                for (int kk = 0; kk < BN / 16; kk++) {
+                for (int kk = 0; kk < TBN / 16; kk++) {
                     u32 a[4];
                     if (KV8) {
                         // P times the V rows' scales (keys 16 kk + 2 tig (+1), and + 8).
@@ -527,23 +528,21 @@ extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1(
 
 // The same two kernels for plans with 8-bit items (issue 13: a block kept in 8 bits in
 // the GPU tier is read in 8 bits, half the bytes of a decode step's context).
-extern "C" __global__ void __launch_bounds__(128) attn_fwd_simple_kv8(
-    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
-    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
-    float* __restrict__ out_f, float* __restrict__ lse_out) {
-    extern __shared__ __align__(16) h16 dyn_smem[];
-    attn_simple_body<4, true>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f,
-                              lse_out, dyn_smem);
-}
+#define ATTN_KV8_KERNEL(NAME, NW, TBN)                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * NW) NAME(                                     \
+        const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,    \
+        const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,             \
+        float* __restrict__ out_f, float* __restrict__ lse_out) {                                   \
+        extern __shared__ __align__(16) h16 dyn_smem[];                                             \
+        attn_simple_body<NW, true, TBN>(q, m, group, nh, items, split_begin, scale_log2, out_h,     \
+                                        out_f, lse_out, dyn_smem);                                  \
+    }
 
-extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1_kv8(
-    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
-    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
-    float* __restrict__ out_f, float* __restrict__ lse_out) {
-    extern __shared__ __align__(16) h16 dyn_smem[];
-    attn_simple_body<1, true>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f,
-                              lse_out, dyn_smem);
-}
+// 32-key tiles (the default: twice the resident CTAs of 64-key ones) and 64-key tiles.
+ATTN_KV8_KERNEL(attn_fwd_simple_kv8, 4, 32)
+ATTN_KV8_KERNEL(attn_fwd_w1_kv8, 1, 32)
+ATTN_KV8_KERNEL(attn_fwd_simple_kv8_n64, 4, 64)
+ATTN_KV8_KERNEL(attn_fwd_w1_kv8_n64, 1, 64)
 
 // Merges n_splits partials (O f32 [split][m][nh d], lse [split][nh][m]) exactly:
 // M = max lse_s, lse = M + ln sum exp(lse_s - M), O = sum exp(lse_s - lse) O_s.
