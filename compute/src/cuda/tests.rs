@@ -144,7 +144,7 @@ fn tier_evicts_least_recently_used_within_budget() {
 }
 
 /// Every kernel the launcher loads by name is defined in the source it is loaded from (as
-/// a plain `extern "C"` kernel or through the `ATTN_PIPE_KERNEL` macro): a missing one
+/// a plain `extern "C"` kernel or through the `ATTN_PIPE_KERNEL` or `ATTN_KV8_KERNEL` macro): a missing one
 /// would only show at run time on a GPU. The shared header defines no kernel.
 #[test]
 fn kernel_sources_declare_every_kernel() {
@@ -155,7 +155,8 @@ fn kernel_sources_declare_every_kernel() {
                     || source.contains(&format!("void __launch_bounds__(128) {name}("))
                     || source.contains(&format!("void __launch_bounds__(32) {name}("))
                     || source.contains(&format!("void __launch_bounds__(GEMV_THREADS) {name}("))
-                    || source.contains(&format!("ATTN_PIPE_KERNEL({name},")),
+                    || source.contains(&format!("ATTN_PIPE_KERNEL({name},"))
+                    || source.contains(&format!("ATTN_KV8_KERNEL({name},")),
                 "{name} is not defined in {file}"
             );
         }
@@ -197,4 +198,21 @@ fn padded_plans_keep_their_splits_and_add_empty_ones() {
     let mut same = plan.clone();
     same.pad_splits(1);
     assert_eq!(same.split_begin, plan.split_begin);
+}
+
+/// A plan over an 8-bit segment is marked 8-bit (the launch picks the 8-bit kernels)
+/// and every item cut from it carries its scales' offset; a 16-bit plan is not.
+#[test]
+fn plans_mark_8bit_segments() {
+    let eight = Segment {
+        scale_off: 4096,
+        ..seg(1000, None)
+    };
+    let plan = AttnPlan::new(&[seg(50, Some(3)), eight], 4);
+    assert!(plan.kv8());
+    assert!(plan.items.iter().any(|i| i.scale_off == 4096));
+    for it in &plan.items {
+        assert!(it.scale_off == 0 || (it.scale_off == 4096 && it.causal_offset == -1));
+    }
+    assert!(!AttnPlan::new(&[seg(50, Some(3)), seg(1000, None)], 4).kv8());
 }
