@@ -89,7 +89,7 @@ impl Service {
         let before_answer = started.elapsed();
         let mut repaired = 0;
         // An 8-bit document on a GPU goes through `answer` below: its blocks are loaded
-        // in 8 bits and widened into the GPU tier (16 bits there, a first step), and never
+        // and kept in 8 bits in the GPU tier (attended by the 8-bit kernels), and never
         // re-encoded in 16 bits by the cold split, which would mix precisions. The cold
         // path's phase-1 re-encoding would also undo a document's selective re-encoding:
         // such documents load every block too.

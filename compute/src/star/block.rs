@@ -14,8 +14,8 @@ pub struct BlockKv {
     /// `(k, v)` per layer, f32 (empty for a block held in 8 bits).
     pub layers: Vec<(Vec<f32>, Vec<f32>)>,
     /// `(k, v)` per layer in 8 bits, for a document stored with 8-bit KV; attended in 8
-    /// bits on the CPU ([`BlockKv::source`]), widened by [`BlockKv::dequantized`] for a
-    /// device that computes in 16 bits.
+    /// bits on the CPU ([`BlockKv::source`]) and on a GPU (`GpuBlock::upload` keeps them
+    /// in 8 bits); [`BlockKv::dequantized`] widens them (tests, comparisons).
     pub kv8: Option<Vec<(Kv8, Kv8)>>,
 }
 
@@ -53,7 +53,7 @@ impl BlockKv {
     }
 
     /// This block with f32 layers: itself when it is f32, else its 8-bit values widened
-    /// (a GPU keeps 16-bit copies in its tier).
+    /// (for comparisons: no device path widens an 8-bit block any more).
     pub fn dequantized(self: &std::sync::Arc<Self>) -> std::sync::Arc<Self> {
         let Some(kv8) = &self.kv8 else {
             return self.clone();
