@@ -261,6 +261,39 @@ fn run(opts: &Opts) -> Result<()> {
             t.elapsed().as_secs_f64(),
             model.weight_bytes() as f64 / 1e9
         );
+        // One-row products at the 8B shape's two largest weights (their 235 / 117 MB do
+        // not fit in L2): the fused decode kernel against cuBLAS at one row, GB/s of
+        // weights read, medians of batches of back-to-back calls.
+        if name == "8b" {
+            for (what, n, kk) in [
+                ("gate/up", 2 * config.ffn, config.hidden),
+                ("down", config.hidden, config.ffn),
+            ] {
+                let w = gpu.alloc(n * kk * 2)?;
+                gpu.fill_uniform_half(&kern, w.ptr(), n * kk, 5, 0.05)?;
+                let x = gpu.alloc(kk * 2)?;
+                gpu.fill_uniform_half(&kern, x.ptr(), kk, 6, 1.0)?;
+                let y = gpu.alloc(n * 4)?;
+                let bytes = (n * kk * 2) as f64;
+                let fused = time_gpu_batch(&gpu, 5, 20, || {
+                    Ok(gpu.gemv_rows(&kern, y.ptr(), false, w.ptr(), x.ptr(), false, n, kk)?)
+                })?;
+                let blas = time_gpu_batch(&gpu, 5, 20, || {
+                    Ok(gpu.gemm(y.ptr(), true, x.ptr(), w.ptr(), 1, n, kk, 0.0)?)
+                })?;
+                add(
+                    format!("{lab}: one-row product {what} [{n} x {kk}], fused decode kernel"),
+                    format!("{:.0} GB/s", bytes / fused / 1e9),
+                    format!(
+                        "({:.1} us, {:.0}% of copy bandwidth; cuBLAS at one row {:.0} GB/s, {:.1} us)",
+                        fused * 1e6,
+                        bytes / fused / 1e9 / copy_gbs * 100.0,
+                        bytes / blas / 1e9,
+                        blas * 1e6
+                    ),
+                );
+            }
+        }
         // Warm-up: kernels compiled, cuBLAS heuristics cached.
         let warm = toks.take(1024, config.vocab);
         encode_context(&mut model, &warm, 512, 512)?;

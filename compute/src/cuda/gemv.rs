@@ -6,7 +6,10 @@
 //! into the residual) plus attention, instead of ten kernels. Used by the forward pass
 //! for one-token steps while [`Gpu::fused_decode`] is on; prefill keeps cuBLAS.
 
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use cudarc::driver::sys;
 
 use super::device::Gpu;
 use super::kernels::Kernels;
@@ -26,16 +29,37 @@ pub fn gemv_fits(k: usize) -> bool {
     k > 0 && k.is_multiple_of(8) && k * 2 <= GEMV_SMEM_MAX
 }
 
+/// Whether the one-row products may use programmatic dependent launch (env
+/// `STARKV_GEMV_PDL=0` turns it off, for measurements), read once.
+fn pdl_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        !matches!(
+            std::env::var("STARKV_GEMV_PDL").as_deref(),
+            Ok("0" | "off" | "false")
+        )
+    })
+}
+
+/// The address of one kernel argument, as `cuLaunchKernelEx` takes it.
+fn arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
 impl Gpu {
     /// Launches one-row product kernel `name` over `units` row pairs (CTAs of eight
-    /// warps, at most four per SM: later units loop) with `k` staged input values.
-    fn launch_gemv<'a>(
-        &'a self,
-        kern: &'a Kernels,
+    /// warps, at most four per SM: later units loop) with `k` staged input values;
+    /// `params` are the addresses of the kernel's arguments in order (they must match its
+    /// signature in `gemv.cu`). On sm_90 and later with programmatic dependent launch:
+    /// the kernel may start while the previous one runs and waits for it on the device
+    /// (see `gemv.cu`), which hides its launch and its first weight loads behind it.
+    fn launch_gemv(
+        &self,
+        kern: &Kernels,
         name: &str,
         units: usize,
         k: usize,
-        args: impl FnOnce(&mut LaunchArgs<'a>),
+        params: &mut [*mut c_void],
     ) -> Result<()> {
         if !gemv_fits(k) {
             return Err(CudaError::Invalid(format!(
@@ -46,16 +70,40 @@ impl Gpu {
         let grid = units
             .div_ceil(UNITS_PER_CTA)
             .clamp(1, 4 * self.sm_count().max(1));
-        let mut b = self.exec_stream().launch_builder(kern.get(name));
-        args(&mut b);
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (k * 2) as u32,
+        // SAFETY: an all-zero attribute value is valid (a union of plain integers).
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
         };
-        // SAFETY: every caller pushes the arguments its kernel declares in `gemv.cu`, with
-        // device addresses of buffers sized for the shapes given.
-        unsafe { b.launch(cfg)? };
+        let pdl = self.info.compute_capability.0 >= 9 && pdl_allowed();
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid as u32,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: THREADS,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: (k * 2) as u32,
+            hStream: self.exec_stream().cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        self.ctx.bind_to_thread()?;
+        // SAFETY: `params` holds the addresses of live values, one per argument of the
+        // kernel in `gemv.cu` (every caller below), with device addresses of buffers
+        // sized for the shapes given; the function belongs to this context.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                kern.get(name).cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()?;
+        }
         Ok(())
     }
 
@@ -87,26 +135,27 @@ impl Gpu {
         let units = (nh + 2 * nkv) * d / 2;
         let k_i = k as i32;
         let (nh_i, nkv_i, d_i, p_i) = (nh as i32, nkv as i32, d as i32, pairs as i32);
-        self.launch_gemv(kern, "gemv_qkv_rope", units, k, |b| {
-            b.arg(&q)
-                .arg(&dest.k)
-                .arg(&dest.v)
-                .arg(&w)
-                .arg(&x)
-                .arg(&norm_w)
-                .arg(&eps)
-                .arg(&k_i)
-                .arg(&cos)
-                .arg(&sin)
-                .arg(&nh_i)
-                .arg(&nkv_i)
-                .arg(&d_i)
-                .arg(&p_i)
-                .arg(&dest.head_stride)
-                .arg(&dest.row_stride)
-                .arg(&dest.t0)
-                .arg(&dest.t0_dev);
-        })
+        let mut params = [
+            arg(&q),
+            arg(&dest.k),
+            arg(&dest.v),
+            arg(&w),
+            arg(&x),
+            arg(&norm_w),
+            arg(&eps),
+            arg(&k_i),
+            arg(&cos),
+            arg(&sin),
+            arg(&nh_i),
+            arg(&nkv_i),
+            arg(&d_i),
+            arg(&p_i),
+            arg(&dest.head_stride),
+            arg(&dest.row_stride),
+            arg(&dest.t0),
+            arg(&dest.t0_dev),
+        ];
+        self.launch_gemv(kern, "gemv_qkv_rope", units, k, &mut params)
     }
 
     /// One decode token's feed-forward input: `x` (f32 `[k]`) RMS-normalised with `norm_w`,
@@ -125,15 +174,16 @@ impl Gpu {
         ffn: usize,
     ) -> Result<()> {
         let (k_i, f_i) = (k as i32, ffn as i32);
-        self.launch_gemv(kern, "gemv_swiglu", ffn, k, |b| {
-            b.arg(&act)
-                .arg(&w)
-                .arg(&x)
-                .arg(&norm_w)
-                .arg(&eps)
-                .arg(&k_i)
-                .arg(&f_i);
-        })
+        let mut params = [
+            arg(&act),
+            arg(&w),
+            arg(&x),
+            arg(&norm_w),
+            arg(&eps),
+            arg(&k_i),
+            arg(&f_i),
+        ];
+        self.launch_gemv(kern, "gemv_swiglu", ffn, k, &mut params)
     }
 
     /// `y[r] (+)= Σᵢ w[r][i] · x[i]` for one row: `w` 16-bit `[n][k]`, `x` 16-bit
@@ -156,14 +206,15 @@ impl Gpu {
         }
         let (xh, xf) = if x_f32 { (0u64, x) } else { (x, 0u64) };
         let (acc, k_i, n_i) = (accumulate as i32, k as i32, n as i32);
-        self.launch_gemv(kern, "gemv_rows", n.div_ceil(2), k, |b| {
-            b.arg(&y)
-                .arg(&acc)
-                .arg(&w)
-                .arg(&xh)
-                .arg(&xf)
-                .arg(&k_i)
-                .arg(&n_i);
-        })
+        let mut params = [
+            arg(&y),
+            arg(&acc),
+            arg(&w),
+            arg(&xh),
+            arg(&xf),
+            arg(&k_i),
+            arg(&n_i),
+        ];
+        self.launch_gemv(kern, "gemv_rows", n.div_ceil(2), k, &mut params)
     }
 }

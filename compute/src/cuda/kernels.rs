@@ -92,6 +92,14 @@ impl Gpu {
         if self.dtype == HalfType::BF16 {
             options.push("-DDT_BF16".into());
         }
+        // Measurements only: 16-byte chunks per row in flight in the one-row products.
+        if let Some(n) = std::env::var("STARKV_GEMV_UNROLL")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| (1..=16).contains(n))
+        {
+            options.push(format!("-DGEMV_UNROLL={n}"));
+        }
         let mut funcs = HashMap::new();
         for (file, source, names) in SOURCES {
             // `#line` makes NVRTC's messages name the source file and its own lines.

@@ -18,10 +18,19 @@
 // row ffn + j): every lane streams 16-byte chunks of both rows, GEMV_UNROLL chunks of each
 // in flight, multiplies them with the staged x, and the warp adds its lanes by shuffles.
 // k must be a multiple of 8 (16-byte chunks), checked by the launcher.
+//
+// Programmatic dependent launch (sm_90): the launcher lets each of these kernels start
+// while the kernel before it in the stream is still running. Until griddepcontrol.wait
+// returns (the previous kernel complete, its writes visible) a kernel only triggers its
+// own dependents and prefetches its first rows of weights into L2 (weights never depend
+// on an earlier kernel); every read of activations and every write comes after the wait.
+// Launched without the attribute (or before sm_90) both instructions are no-ops.
 
 #define GEMV_THREADS 256
 #define GEMV_WARPS (GEMV_THREADS / 32)
-#define GEMV_UNROLL 4
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 4  // chunks of each row in flight per lane (env STARKV_GEMV_UNROLL)
+#endif
 
 struct alignas(16) v4 {
     u32 x, y, z, w;
@@ -52,6 +61,32 @@ __device__ __forceinline__ float dot8(const v4& w, const v4& x, float acc) {
     return acc;
 }
 
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Before the wait: lets the next kernel launch, and starts the warp's first unit's rows
+// (k 16-bit values each) on their way into L2, one 128-byte line per lane at a time.
+__device__ __forceinline__ void gemv_prologue(const h16* wa, const h16* wb, bool valid, int k) {
+    pdl_trigger();
+    if (valid) {
+        const int lane = threadIdx.x & 31;
+        for (int off = lane * 64; off < k; off += 32 * 64) {
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(wa + off));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(wb + off));
+        }
+    }
+    pdl_wait();
+}
+
 // The staged input vector, 16-bit, k values (dynamic shared memory of k * 2 bytes).
 extern __shared__ v4 gemv_x[];
 
@@ -76,31 +111,31 @@ __device__ __forceinline__ void gemv_stage(const h16* xh, const float* xf, const
 }
 
 // Dot products of rows wa and wb (16-bit, k = 8 * k8 values each) with the staged x, summed
-// over the warp: every lane returns both sums.
+// over the warp: every lane returns both sums. Each round issues GEMV_UNROLL chunks of
+// both rows before it multiplies any (chunks past the row's end are skipped), so a short
+// row (SmolLM2's 576 values: at most 3 chunks a lane) is one round trip, not one a chunk.
 __device__ __forceinline__ void gemv_pair(const h16* wa, const h16* wb, int k8, float& ya, float& yb) {
     const v4* A = (const v4*)wa;
     const v4* B = (const v4*)wb;
     const int lane = threadIdx.x & 31;
     float a = 0.f, b = 0.f;
-    int c = lane;
-    for (; c + 32 * (GEMV_UNROLL - 1) < k8; c += 32 * GEMV_UNROLL) {
+    for (int c = lane; c < k8; c += 32 * GEMV_UNROLL) {
         v4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
-            ra[u] = ld_weights(A + c + 32 * u);
-            rb[u] = ld_weights(B + c + 32 * u);
+            if (c + 32 * u < k8) {
+                ra[u] = ld_weights(A + c + 32 * u);
+                rb[u] = ld_weights(B + c + 32 * u);
+            }
         }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
-            v4 xv = gemv_x[c + 32 * u];
-            a = dot8(ra[u], xv, a);
-            b = dot8(rb[u], xv, b);
+            if (c + 32 * u < k8) {
+                v4 xv = gemv_x[c + 32 * u];
+                a = dot8(ra[u], xv, a);
+                b = dot8(rb[u], xv, b);
+            }
         }
-    }
-    for (; c < k8; c += 32) {
-        v4 xv = gemv_x[c];
-        a = dot8(ld_weights(A + c), xv, a);
-        b = dot8(ld_weights(B + c), xv, b);
     }
     ya = warp_sum(a);
     yb = warp_sum(b);
@@ -116,10 +151,14 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_qkv_rope(
     h16* q, h16* k_dst, h16* v_dst, const h16* __restrict__ w, const float* x, const float* norm_w,
     float eps, int k, const float* cos_t, const float* sin_t, int nh, int nkv, int d, int pairs,
     long long head_stride, int row_stride, int t0_arg, const int* t0_dev) {
-    gemv_stage(nullptr, x, norm_w, k, eps);
-    const int t0 = t0_dev ? *t0_dev : t0_arg;
     const int units = (nh + 2 * nkv) * d / 2, half_d = d / 2;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    {
+        const int u0 = blockIdx.x * GEMV_WARPS + warp;
+        gemv_prologue(w + (u64)2 * u0 * k, w + (u64)(2 * u0 + 1) * k, u0 < units, k);
+    }
+    gemv_stage(nullptr, x, norm_w, k, eps);
+    const int t0 = t0_dev ? *t0_dev : t0_arg;
     for (int u = blockIdx.x * GEMV_WARPS + warp; u < units; u += gridDim.x * GEMV_WARPS) {
         const int row = 2 * u;
         float a, b;
@@ -147,8 +186,12 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_qkv_rope(
 // (16-bit), as swiglu_h computes it. One unit = gate row j with up row ffn + j.
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_swiglu(
     h16* act, const h16* __restrict__ w, const float* x, const float* norm_w, float eps, int k, int ffn) {
-    gemv_stage(nullptr, x, norm_w, k, eps);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    {
+        const int j0 = blockIdx.x * GEMV_WARPS + warp;
+        gemv_prologue(w + (u64)j0 * k, w + (u64)(ffn + j0) * k, j0 < ffn, k);
+    }
+    gemv_stage(nullptr, x, norm_w, k, eps);
     for (int j = blockIdx.x * GEMV_WARPS + warp; j < ffn; j += gridDim.x * GEMV_WARPS) {
         float g, up;
         gemv_pair(w + (u64)j * k, w + (u64)(ffn + j) * k, k / 8, g, up);
@@ -161,9 +204,13 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_swiglu(
 // = rows 2u and 2u + 1 (a last odd row is paired with itself and written once).
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows(
     float* y, int accumulate, const h16* __restrict__ w, const h16* xh, const float* xf, int k, int n) {
-    gemv_stage(xh, xf, nullptr, k, 0.f);
     const int units = (n + 1) / 2;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    {
+        const int u0 = blockIdx.x * GEMV_WARPS + warp;
+        gemv_prologue(w + (u64)2 * u0 * k, w + (u64)min(2 * u0 + 1, n - 1) * k, u0 < units, k);
+    }
+    gemv_stage(xh, xf, nullptr, k, 0.f);
     for (int u = blockIdx.x * GEMV_WARPS + warp; u < units; u += gridDim.x * GEMV_WARPS) {
         const int ra = 2 * u, rb = min(2 * u + 1, n - 1);
         float a, b;
