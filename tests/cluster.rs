@@ -490,6 +490,51 @@ fn an_int8_document_is_stored_in_8_bits_by_the_workers() {
     assert_eq!(ask(&server, "harbour8")["answer"], want["answer"]);
 }
 
+/// APE's tempered merge over workers: each worker holding blocks after the anchor opens
+/// a session for the tempered group (attended at `1 / T`), the coordinator weighs the
+/// group and merges it with the untempered parts. The answer is the single node's, with
+/// the document's merge and with a query's override.
+#[test]
+fn a_tempered_merge_over_workers_answers_as_one_node() {
+    let dir = temp_dir("cluster-tempered");
+    let text = document(None);
+    let ingest_tempered = |server: &Server| {
+        let body = json!({ "id": "harbour", "text": text, "block_size": BLOCK_SIZE,
+            "merge_temperature": 0.7, "merge_scale": 2.0 });
+        let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
+        assert_eq!(status, 200, "{doc}");
+        assert_eq!(doc["state"], "ready", "{doc}");
+    };
+    let ask_with = |server: &Server, merge: Value| {
+        let mut body = json!({ "question": QUESTION, "max_tokens": MAX_TOKENS, "temperature": 0 });
+        if let (Some(b), Some(m)) = (body.as_object_mut(), merge.as_object()) {
+            b.extend(m.clone());
+        }
+        let (status, answer) = server.json("POST", "/v1/documents/harbour/query", Some(body));
+        assert_eq!(status, 200, "{answer}");
+        answer["answer"].clone()
+    };
+    let override_merge = json!({ "merge_temperature": 1.25, "merge_scale": 1.0 });
+    let single = Server::start(&dir.join("single"), &["--device", "cpu"]);
+    ingest_tempered(&single);
+    let want = ask_with(&single, json!({}));
+    let want_override = ask_with(&single, override_merge.clone());
+    let exact = ask_with(
+        &single,
+        json!({ "merge_temperature": 1.0, "merge_scale": 1.0 }),
+    );
+    single.kill();
+    // Else this test could not tell a tempered merge from an ignored one.
+    assert_ne!(want, exact, "the document's merge changes this answer");
+
+    let args = ["--device", "cpu", "--devices", "cpu,cpu", "--threads", "1"];
+    let server = Server::start(&dir.join("local"), &args);
+    ingest_tempered(&server);
+    assert_eq!(placement(&server, "harbour").0.len(), 2);
+    assert_eq!(ask_with(&server, json!({})), want);
+    assert_eq!(ask_with(&server, override_merge), want_override);
+}
+
 /// Pin, TTL and eviction act on cluster documents (the coordinator's catalog) and free
 /// the workers' stores.
 #[test]

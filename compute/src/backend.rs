@@ -258,20 +258,24 @@ impl Backend {
     }
 
     /// The blocks `keys` on this device as one [`AttentionShard`] (what a shard worker
-    /// serves): on the CPU the loaded blocks themselves; on a GPU the resident copies,
-    /// the others loaded with `load(i)`, uploaded and kept resident.
+    /// serves), attended at softmax scale `score_scale / sqrt(d)` (1, or `1 / T` for the
+    /// tempered group of a [`ContextMerge`]): on the CPU the loaded blocks themselves; on
+    /// a GPU the resident copies, the others loaded with `load(i)`, uploaded and kept
+    /// resident.
     pub fn shard<E: From<Error>>(
         &self,
         loaded: &LoadedModel,
         keys: &[BlockId],
+        score_scale: f32,
         load: &mut dyn FnMut(usize) -> Result<Arc<BlockKv>, E>,
     ) -> Result<Arc<dyn AttentionShard>, E> {
         match &self.device {
             Device::Cpu => {
                 let blocks = (0..keys.len()).map(&mut *load).collect::<Result<_, E>>()?;
-                Ok(Arc::new(CpuShard::new(blocks, loaded.model.head_shape())))
+                let shape = loaded.model.head_shape();
+                Ok(Arc::new(CpuShard::scaled(blocks, shape, score_scale)))
             }
-            Device::Cuda(c) => guarded(|| c.shard(keys, load)),
+            Device::Cuda(c) => guarded(|| c.shard(keys, score_scale, load)),
         }
     }
 
@@ -388,10 +392,14 @@ fn cpu_answer(
     let model = &loaded.model;
     let (n_layers, shape) = (model.config().n_layers, model.head_shape());
     let merge = params.merge;
-    if !merge.is_exact() && !shards.is_empty() {
+    // Shards of workers answer for either group (see `AttentionShard::tempered`).
+    let (remote_tempered, remote_plain): (Vec<_>, Vec<_>) = shards
+        .iter()
+        .map(|s| s.as_ref())
+        .partition(|s| s.tempered());
+    if merge.is_exact() && !remote_tempered.is_empty() {
         return Err(Error::InvalidInput(
-            "a tempered merge needs every context block on the query host (not with shard workers)"
-                .into(),
+            "tempered shards need a tempered merge".into(),
         ));
     }
     let (tempered, plain): (Vec<_>, Vec<_>) =
@@ -402,11 +410,16 @@ fn cpu_answer(
     if shard.n_tokens() > 0 {
         all.push(&shard);
     }
-    all.extend(shards.iter().map(|s| s.as_ref()));
+    all.extend(remote_plain);
+    let mut group: Vec<&dyn AttentionShard> = Vec::with_capacity(remote_tempered.len() + 1);
+    if tempered.n_tokens() > 0 {
+        group.push(&tempered);
+    }
+    group.extend(remote_tempered);
     let capacity = query.len() + params.max_tokens;
     let mut attention = QueryAttention::new(all, n_layers, shape, capacity);
-    if tempered.n_tokens() > 0 {
-        attention = attention.with_tempered(vec![&tempered], merge);
+    if !group.is_empty() {
+        attention = attention.with_tempered(group, merge);
     }
     let context_len = attention.context_len();
     generate(

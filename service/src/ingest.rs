@@ -101,10 +101,11 @@ impl Service {
         progress: &dyn Fn(usize, usize),
     ) -> ServiceResult<IngestOutcome> {
         if let Some(cluster) = &self.cluster {
-            if !req.merge.is_exact() || req.reencode_ratio > 0.0 {
+            // Re-encoding attends over every preceding block of the document: one
+            // host's work, not a worker's part.
+            if req.reencode_ratio > 0.0 {
                 return Err(ServiceError::Invalid(
-                    "merge_temperature, merge_scale and reencode_ratio are not supported with shard workers yet"
-                        .into(),
+                    "reencode_ratio is not supported with shard workers yet".into(),
                 ));
             }
             return cluster.ingest(self, req, tokens, progress);

@@ -56,12 +56,6 @@ impl Service {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> ServiceResult<QueryOutcome> {
         if let Some(cluster) = &self.cluster {
-            if req.merge.is_some_and(|m| !m.is_exact()) {
-                return Err(ServiceError::Invalid(
-                    "merge_temperature and merge_scale are not supported with shard workers yet"
-                        .into(),
-                ));
-            }
             return cluster.query(self, doc, tenant, req, on_text);
         }
         let started = Instant::now();

@@ -293,6 +293,7 @@ impl CudaBackend {
     pub(super) fn shard<E: From<Error>>(
         &self,
         keys: &[BlockId],
+        score_scale: f32,
         load: &mut dyn FnMut(usize) -> Result<Arc<BlockKv>, E>,
     ) -> Result<Arc<dyn AttentionShard>, E> {
         let found: Vec<Option<Arc<GpuBlock>>> = {
@@ -319,7 +320,7 @@ impl CudaBackend {
             return Err(Error::InvalidInput("a shard of no blocks".into()).into());
         };
         let shard = GpuShard::new(self.gpu.clone(), blocks, shape).map_err(Error::from)?;
-        Ok(Arc::new(shard))
+        Ok(Arc::new(shard.with_score_scale(score_scale)))
     }
 
     pub(super) fn answer_document(

@@ -10,6 +10,7 @@ use crate::model::LlamaConfig;
 use crate::partial::ContextMerge;
 use crate::quant::GgmlType;
 use crate::sampling::SamplingParams;
+use crate::star::PendingPartial;
 use crate::tokenizer::Tokenizer;
 
 fn tiny() -> LoadedModel {
@@ -344,10 +345,28 @@ fn a_cancelled_answer_loads_no_more_blocks() {
     assert_eq!(loads, 1, "no block is loaded after the cancel");
 }
 
+/// A shard worker's session for the tempered group, as the coordinator sees it.
+struct TemperedRemote(CpuShard);
+
+impl AttentionShard for TemperedRemote {
+    fn start<'a>(&'a self, layer: usize, q: &'a [f32], m: usize) -> Result<PendingPartial<'a>> {
+        self.0.start(layer, q, m)
+    }
+
+    fn n_tokens(&self) -> usize {
+        self.0.n_tokens()
+    }
+
+    fn tempered(&self) -> bool {
+        true
+    }
+}
+
 /// APE's tempered merge on the CPU path (issue 14; its math is checked in
 /// `partial::tests`): it changes nothing when no block lies after the anchor, it changes
 /// the answer's distribution when blocks do (seen in the first step's choice over many
-/// temperatures), and it is refused with shards whose blocks' places are unknown here.
+/// temperatures), and the tempered group may be held by shards (a cluster's workers
+/// attending at `1 / T`): the same tokens as with every block here.
 #[test]
 fn tempered_merge_on_the_cpu_path() {
     let loaded = tiny();
@@ -363,12 +382,13 @@ fn tempered_merge_on_the_cpu_path() {
         .map(Arc::new)
         .collect();
     let keys: Vec<BlockId> = (0..blocks.len()).map(key).collect();
-    let answer = |merge: ContextMerge, shards: &[Arc<dyn AttentionShard>]| {
+    // `local` blocks here, the others in `shards`.
+    let answer = |merge: ContextMerge, local: usize, shards: &[Arc<dyn AttentionShard>]| {
         let params = GenerateParams { merge, ..greedy(6) };
         backend
             .answer::<Error>(
                 &loaded,
-                &keys,
+                &keys[..local],
                 &mut |i| Ok(blocks[i].clone()),
                 shards,
                 &query,
@@ -377,32 +397,36 @@ fn tempered_merge_on_the_cpu_path() {
             )
             .map(|a| a.generation.ids)
     };
-    let exact = answer(ContextMerge::EXACT, &[]).unwrap();
+    let all = blocks.len();
+    let exact = answer(ContextMerge::EXACT, all, &[]).unwrap();
     let beyond = ContextMerge {
         temperature: 0.5,
         scale: 0.5,
         tempered_from: context.len(),
     };
-    assert_eq!(answer(beyond, &[]).unwrap(), exact);
-    let differs = [0.0625f32, 0.25, 0.5, 2.0, 4.0].iter().any(|&t| {
+    assert_eq!(answer(beyond, all, &[]).unwrap(), exact);
+    let differing = [0.0625f32, 0.25, 0.5, 2.0, 4.0].iter().find_map(|&t| {
         let merge = ContextMerge {
             temperature: t,
             scale: 0.015625,
             tempered_from: 16,
         };
-        answer(merge, &[]).unwrap() != exact
+        (answer(merge, all, &[]).unwrap() != exact).then_some(merge)
     });
-    assert!(differs, "no temperature changed the answer");
-    let remote: Arc<dyn AttentionShard> = Arc::new(CpuShard::new(
-        blocks[..1].to_vec(),
-        loaded.model.head_shape(),
-    ));
-    let tempered = ContextMerge {
-        tempered_from: 16,
-        ..beyond
-    };
+    let merge = differing.expect("no temperature changed the answer");
+    let shape = loaded.model.head_shape();
+    let remote: Arc<dyn AttentionShard> = Arc::new(TemperedRemote(CpuShard::tempered(
+        blocks[1..].to_vec(),
+        shape,
+        merge,
+    )));
+    assert_eq!(
+        answer(merge, 1, std::slice::from_ref(&remote)).unwrap(),
+        answer(merge, all, &[]).unwrap(),
+        "the tempered group on a shard answers as on the query host"
+    );
     assert!(matches!(
-        answer(tempered, &[remote]),
-        Err(Error::InvalidInput(m)) if m.contains("tempered merge")
+        answer(ContextMerge::EXACT, 1, &[remote]),
+        Err(Error::InvalidInput(m)) if m.contains("tempered")
     ));
 }

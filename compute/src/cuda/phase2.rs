@@ -194,6 +194,9 @@ pub struct GpuQuery {
     /// and the rest, reached through the host.
     device_shards: Vec<GpuShard>,
     host_shards: Vec<Arc<dyn AttentionShard>>,
+    /// Shards answering for the tempered group of the merge (through the host: their
+    /// group is weighed there).
+    tempered_shards: Vec<Arc<dyn AttentionShard>>,
     shard_scratch: ShardMerge,
     local: GpuKvCache,
     context_len: usize,
@@ -218,6 +221,7 @@ impl GpuQuery {
             shards: Vec::new(),
             device_shards: Vec::new(),
             host_shards: Vec::new(),
+            tempered_shards: Vec::new(),
             shard_scratch: ShardMerge::default(),
             local: GpuKvCache::new(
                 model.gpu(),
@@ -238,8 +242,8 @@ impl GpuQuery {
     }
 
     /// Merges the context blocks with `merge` (APE's tempered merge unless exact): the
-    /// blocks `merge` tempers are attended in a second launch (see [`TemperedGroup`]).
-    /// Not with other shards: their blocks' places in the document are unknown here.
+    /// blocks `merge` tempers are attended in a second launch (see [`TemperedGroup`]);
+    /// shards say themselves which group they answer for ([`AttentionShard::tempered`]).
     pub fn with_merge(mut self, merge: ContextMerge) -> Self {
         self.merge = merge;
         self
@@ -254,6 +258,10 @@ impl GpuQuery {
     pub fn with_shards(mut self, gpu: &Gpu, shards: Vec<Arc<dyn AttentionShard>>) -> Self {
         self.context_len += shards.iter().map(|s| s.n_tokens()).sum::<usize>();
         for shard in &shards {
+            if shard.tempered() {
+                self.tempered_shards.push(shard.clone());
+                continue;
+            }
             match shard.local_gpu().filter(|g| g.shares_context(gpu)) {
                 Some(g) => self.device_shards.push(g),
                 None => self.host_shards.push(shard.clone()),
@@ -265,7 +273,8 @@ impl GpuQuery {
 
     /// Shards reached over the device channel and through the host (tests, logs).
     pub fn shard_paths(&self) -> (usize, usize) {
-        (self.device_shards.len(), self.host_shards.len())
+        let host = self.host_shards.len() + self.tempered_shards.len();
+        (self.device_shards.len(), host)
     }
 
     /// Context tokens: the first query token's position.
@@ -278,12 +287,14 @@ impl GpuQuery {
         self.local.len()
     }
 
-    /// Layer attention with other shards. Every part is an f32 `(O, lse)` in one slot of
-    /// the merge buffers: slot 0 the local kernel's, then each same-device shard's
-    /// (launched on this stream: no copy, no wait), then the host shards' merged on the
-    /// host (Q goes to them first, so they work while the device does); one merge kernel
-    /// writes the 16-bit result.
-    fn attend_with_shards(
+    /// Layer attention with other shards or a tempered merge. Every part is an f32
+    /// `(O, lse)` in one slot of the merge buffers: slot 0 the local kernel's
+    /// (untempered keys), then each same-device shard's (launched on this stream: no
+    /// copy, no wait), then the untempered host shards' merged on the host, then the
+    /// tempered group (this GPU's tempered blocks and the tempered shards, merged and
+    /// weighed on the host). Host shards get Q first, so they work while the device does;
+    /// one merge kernel writes the 16-bit result.
+    fn attend_parts(
         &mut self,
         gpu: &Gpu,
         kernels: &Kernels,
@@ -296,16 +307,23 @@ impl GpuQuery {
         let (qw, nh) = (s.q_width(), s.n_heads);
         let merge = &mut self.shard_scratch;
         let host: Vec<&dyn AttentionShard> = self.host_shards.iter().map(|s| s.as_ref()).collect();
-        let pending = if host.is_empty() {
-            Vec::new()
+        let tempered: Vec<&dyn AttentionShard> =
+            self.tempered_shards.iter().map(|s| s.as_ref()).collect();
+        let (host_pending, tempered_pending) = if host.is_empty() && tempered.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
             merge.q16.resize(m * qw, 0);
             merge.q32.resize(m * qw, 0.0);
             gpu.download(&mut merge.q16, q)?;
             gpu.dtype.decode(&merge.q16, &mut merge.q32);
-            crate::star::start_all(&host, layer, &merge.q32, m)?
+            (
+                crate::star::start_all(&host, layer, &merge.q32, m)?,
+                crate::star::start_all(&tempered, layer, &merge.q32, m)?,
+            )
         };
-        let slots = 1 + self.device_shards.len() + usize::from(!host.is_empty());
+        let has_group = self.tempered.is_some() || !tempered.is_empty();
+        let slots =
+            1 + self.device_shards.len() + usize::from(!host.is_empty()) + usize::from(has_group);
         let (o_slot, l_slot) = (m * qw * 4, m * nh * 4);
         let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
             if b.as_ref().is_none_or(|x| x.bytes() < bytes) {
@@ -322,16 +340,30 @@ impl GpuQuery {
             lse: lse0,
         };
         self.attn.attend(gpu, kernels, layer, q, m, local)?;
-        for (i, shard) in self.device_shards.iter().enumerate() {
-            let (o, l) = slot(1 + i);
+        let mut next = 1;
+        for shard in &self.device_shards {
+            let (o, l) = slot(next);
             shard.attend_on(gpu, layer, q, m, o, l)?;
+            next += 1;
         }
         if !host.is_empty() {
             let mut acc = Attended::empty(m, s);
-            crate::star::merge_pending(pending, &mut acc, m, s)?;
-            let (o, l) = slot(slots - 1);
+            crate::star::merge_pending(host_pending, &mut acc, m, s)?;
+            let (o, l) = slot(next);
             gpu.upload(o, &acc.out)?;
             gpu.upload(l, &acc.lse)?;
+            next += 1;
+        }
+        if has_group {
+            let mut group = Attended::empty(m, s);
+            if let Some(local_group) = &mut self.tempered {
+                local_group.attend(gpu, kernels, s, layer, q, m, &mut group)?;
+            }
+            crate::star::merge_pending(tempered_pending, &mut group, m, s)?;
+            self.merge.weigh_group(&mut group);
+            let (o, l) = slot(next);
+            gpu.upload(o, &group.out)?;
+            gpu.upload(l, &group.lse)?;
         }
         gpu.merge_partials(
             kernels,
@@ -370,12 +402,12 @@ impl GpuAttention for GpuQuery {
             .unwrap_or_else(|| gpu.choose_splits(m, self.shape, total));
         let (context, local, merge) = (&self.context, &self.local, self.merge);
         self.tempered = None;
+        if !self.tempered_shards.is_empty() && merge.is_exact() {
+            return Err(CudaError::Invalid(
+                "tempered shards need a tempered merge".into(),
+            ));
+        }
         if context.blocks().any(|b| merge.is_tempered(b.start)) {
-            if !self.shards.is_empty() {
-                return Err(CudaError::Invalid(
-                    "a tempered merge needs every context block on the query's GPU".into(),
-                ));
-            }
             let group = TemperedGroup::new(gpu, merge, self.shape, self.n_layers, splits, |l| {
                 let tempered = context.blocks().filter(|b| merge.is_tempered(b.start));
                 tempered.map(|b| b.segment(l, None)).collect()
@@ -408,12 +440,8 @@ impl GpuAttention for GpuQuery {
         if let Some(s) = self.context.streamed_mut() {
             s.wait_layer(gpu, layer)?;
         }
-        if let Some(group) = &mut self.tempered {
-            let (s, plain) = (self.shape, &mut self.attn);
-            return group.attend(gpu, kernels, s, layer, q, m, plain, out);
-        }
-        if !self.shards.is_empty() {
-            return self.attend_with_shards(gpu, kernels, layer, q, m, out);
+        if !self.shards.is_empty() || self.tempered.is_some() {
+            return self.attend_parts(gpu, kernels, layer, q, m, out);
         }
         self.attn
             .attend(gpu, kernels, layer, q, m, AttnOut::Half(out))

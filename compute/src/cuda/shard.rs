@@ -30,6 +30,8 @@ struct ShardInner {
     kernels: Arc<Kernels>,
     blocks: Vec<Arc<GpuBlock>>,
     shape: HeadShape,
+    /// Softmax scale factor: 1, or `1 / T` for the tempered group of a merge.
+    score_scale: f32,
     host: Mutex<HostScratch>,
     device: Mutex<DevicePlans>,
 }
@@ -89,9 +91,34 @@ impl GpuShard {
             kernels,
             blocks,
             shape,
+            score_scale: 1.0,
             host: Mutex::default(),
             device: Mutex::default(),
         })))
+    }
+
+    /// The same blocks attended at softmax scale `score_scale / sqrt(d)` (`1 / T` for the
+    /// tempered group of a [`crate::partial::ContextMerge`]; its `lse` in those units).
+    /// Before the shard is shared (its state is fresh).
+    pub fn with_score_scale(self, score_scale: f32) -> Self {
+        match Arc::try_unwrap(self.0) {
+            Ok(mut inner) => {
+                inner.score_scale = score_scale;
+                Self(Arc::new(inner))
+            }
+            Err(shared) => {
+                let i = &*shared;
+                Self(Arc::new(ShardInner {
+                    gpu: i.gpu.clone(),
+                    kernels: i.kernels.clone(),
+                    blocks: i.blocks.clone(),
+                    shape: i.shape,
+                    score_scale,
+                    host: Mutex::default(),
+                    device: Mutex::default(),
+                }))
+            }
+        }
     }
 
     /// Uploads CPU blocks to `gpu` and serves them.
@@ -147,14 +174,8 @@ impl GpuShard {
         gpu.to_half(&inner.kernels, q16, q32, m * qw)?;
         let splits = self.splits(gpu, m);
         let attn = st.plans.for_splits(gpu, s, &inner.blocks, splits)?;
-        attn.attend(
-            gpu,
-            &inner.kernels,
-            layer,
-            q16,
-            m,
-            AttnOut::F32 { out, lse },
-        )?;
+        let out32 = AttnOut::F32 { out, lse };
+        attn.attend_scaled(gpu, &inner.kernels, layer, q16, m, inner.score_scale, out32)?;
         let mut res = Attended::empty(m, s);
         gpu.download(&mut res.out, out)?;
         gpu.download(&mut res.lse, lse)?;
@@ -190,7 +211,8 @@ impl GpuShard {
         let attn = st
             .plans
             .for_splits(gpu, inner.shape, &inner.blocks, splits)?;
-        attn.attend(gpu, &inner.kernels, layer, q, m, AttnOut::F32 { out, lse })
+        let out32 = AttnOut::F32 { out, lse };
+        attn.attend_scaled(gpu, &inner.kernels, layer, q, m, inner.score_scale, out32)
     }
 }
 

@@ -2,10 +2,11 @@
 //!
 //! The query's untempered keys (the anchor's blocks and its own causal KV) and the
 //! tempered group (every other context block) are attended by two launches of the same
-//! kernel over disjoint key sets, the second at softmax scale `1 / (sqrt(d) T)`; each
-//! writes its f32 `(O, lse)`, and the host weighs the group and merges the two exactly,
-//! as [`super::phase2::GpuQuery`] merges other shards. The keys are read once, as in the
-//! exact merge; the extra cost is one launch and a small round trip per layer.
+//! kernel over disjoint key sets, the second at softmax scale `1 / (sqrt(d) T)`. The
+//! group's f32 `(O, lse)` goes to the host, where the tempered shards of workers join it
+//! and it is weighed; [`super::phase2::GpuQuery`] then merges it with the untempered
+//! parts on the device. The keys are read once, as in the exact merge; the extra cost is
+//! one launch and a small round trip per layer.
 
 use super::Result;
 use super::attention::{AttnOut, Segment, SegmentAttention};
@@ -17,8 +18,7 @@ use crate::partial::{Attended, ContextMerge, HeadShape, merge_into};
 pub(super) struct TemperedGroup {
     merge: ContextMerge,
     attn: SegmentAttention,
-    /// f32 `(O, lse)` of the untempered part, then of the tempered group.
-    plain: (Option<DevBuf>, Option<DevBuf>),
+    /// f32 `(O, lse)` of the tempered group.
     group: (Option<DevBuf>, Option<DevBuf>),
 }
 
@@ -38,14 +38,13 @@ impl TemperedGroup {
         Ok(Self {
             merge,
             attn,
-            plain: (None, None),
             group: (None, None),
         })
     }
 
-    /// Layer `layer`'s attention of `q` (`m` rows): the untempered keys `plain` plans,
-    /// the tempered group, weighed and merged; the result goes to `out` in the GPU's
-    /// 16-bit type.
+    /// The tempered group's attention of `q` (`m` rows) at layer `layer`, at the
+    /// tempered softmax scale, merged into `group` (host memory: the query host adds the
+    /// tempered shards' parts and weighs the group; see [`super::phase2::GpuQuery`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attend(
         &mut self,
@@ -55,8 +54,7 @@ impl TemperedGroup {
         layer: usize,
         q: u64,
         m: usize,
-        plain: &mut SegmentAttention,
-        out: u64,
+        group: &mut Attended,
     ) -> Result<()> {
         let (qw, nh) = (shape.q_width(), shape.n_heads);
         let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
@@ -65,26 +63,17 @@ impl TemperedGroup {
             }
             Ok(b.as_ref().map_or(0, DevBuf::ptr))
         };
-        let (po, pl) = (
-            grow(&mut self.plain.0, m * qw * 4)?,
-            grow(&mut self.plain.1, m * nh * 4)?,
-        );
         let (go, gl) = (
             grow(&mut self.group.0, m * qw * 4)?,
             grow(&mut self.group.1, m * nh * 4)?,
         );
-        let f32_out = |out, lse| AttnOut::F32 { out, lse };
-        plain.attend(gpu, kernels, layer, q, m, f32_out(po, pl))?;
         let scale = self.merge.score_scale();
-        (self.attn).attend_scaled(gpu, kernels, layer, q, m, scale, f32_out(go, gl))?;
-        let (mut acc, mut group) = (Attended::empty(m, shape), Attended::empty(m, shape));
-        gpu.download(&mut acc.out, po)?;
-        gpu.download(&mut acc.lse, pl)?;
-        gpu.download(&mut group.out, go)?;
-        gpu.download(&mut group.lse, gl)?;
-        self.merge.weigh_group(&mut group);
-        merge_into(&mut acc, &group, m, shape);
-        gpu.upload(po, &acc.out)?;
-        gpu.to_half(kernels, out, po, m * qw)
+        let out = AttnOut::F32 { out: go, lse: gl };
+        (self.attn).attend_scaled(gpu, kernels, layer, q, m, scale, out)?;
+        let mut part = Attended::empty(m, shape);
+        gpu.download(&mut part.out, go)?;
+        gpu.download(&mut part.lse, gl)?;
+        merge_into(group, &part, m, shape);
+        Ok(())
     }
 }

@@ -1147,6 +1147,24 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
         ms(t),
     );
 
+    // The tempered group held by a shard (a cluster worker's tempered session, here on
+    // the CPU): merged and weighed on the host, then merged with the GPU's untempered
+    // part on the device. Against the all-resident tempered query above.
+    let t = Instant::now();
+    let group = TemperedShard(CpuShard::tempered(cpu_blocks[1..].to_vec(), shape, merge));
+    let group: Vec<Arc<dyn AttentionShard>> = vec![Arc::new(group)];
+    let mut gq2 = GpuQuery::new(&model, ContextBlocks::Resident(gblocks[..1].to_vec()), mq)?
+        .with_shards(gpu, group)
+        .with_merge(merge);
+    model.forward(&query, &positions, &mut gq2)?;
+    report.check(
+        &format!("star b={b} tempered group on a shard == all resident (GPU)"),
+        "rel",
+        rel(&model.logits(mq)?, &gpu_tempered),
+        8.0 * u,
+        ms(t),
+    );
+
     // Streamed blocks (pinned staging, copy stream) give the resident result exactly.
     let t = Instant::now();
     let host: Vec<Arc<crate::star::BlockKv>> = gblocks
@@ -1541,5 +1559,28 @@ mod tests {
             },
         );
         assert!(print_table(&rows, &gpu, seed));
+    }
+}
+
+/// A shard answering for the tempered group (what a cluster worker's tempered session is
+/// to the query host).
+struct TemperedShard(CpuShard);
+
+impl AttentionShard for TemperedShard {
+    fn start<'a>(
+        &'a self,
+        layer: usize,
+        q: &'a [f32],
+        m: usize,
+    ) -> crate::Result<crate::star::PendingPartial<'a>> {
+        self.0.start(layer, q, m)
+    }
+
+    fn n_tokens(&self) -> usize {
+        self.0.n_tokens()
+    }
+
+    fn tempered(&self) -> bool {
+        true
     }
 }

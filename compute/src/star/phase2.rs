@@ -41,6 +41,13 @@ pub trait AttentionShard: Send + Sync {
     fn local_gpu(&self) -> Option<crate::cuda::star::GpuShard> {
         None
     }
+
+    /// Whether this shard answers for the tempered group of a [`ContextMerge`] (its
+    /// scores at `1 / (sqrt(d) T)`, its `lse` in those units): the query host merges it
+    /// into the group, which is weighed before it joins the untempered parts.
+    fn tempered(&self) -> bool {
+        false
+    }
 }
 
 /// A partial attention in flight (see [`AttentionShard::start`]).
@@ -100,10 +107,16 @@ impl CpuShard {
     /// Blocks of the tempered group of `merge`: attended at `1 / (sqrt(d) T)`, their
     /// `lse` in those units (see [`ContextMerge::weigh_group`]).
     pub fn tempered(blocks: Vec<Arc<BlockKv>>, shape: HeadShape, merge: ContextMerge) -> Self {
+        Self::scaled(blocks, shape, merge.score_scale())
+    }
+
+    /// Blocks attended at softmax scale `score_scale / sqrt(d)` (a shard worker's
+    /// session for the tempered group: `1 / T`).
+    pub fn scaled(blocks: Vec<Arc<BlockKv>>, shape: HeadShape, score_scale: f32) -> Self {
         Self {
             blocks,
             shape,
-            scale: shape.scale() * merge.score_scale(),
+            scale: shape.scale() * score_scale,
         }
     }
 

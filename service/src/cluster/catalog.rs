@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
+use starkv_cache::MergeOptions;
+use starkv_compute::partial::ContextMerge;
 
 use super::wire::Key;
 use crate::jobs::write_durably;
@@ -34,6 +36,9 @@ pub struct DocEntry {
     /// recorded: the coordinator's 16-bit default then (see [`DocEntry::dtype`]).
     #[serde(default)]
     pub dtype: Option<u8>,
+    /// The document's tempered merge (APE; `None`: the exact merge).
+    #[serde(default)]
+    pub merge: Option<TemperedMerge>,
     pub tokens: Vec<u32>,
     pub blocks: Vec<BlockEntry>,
 }
@@ -47,7 +52,39 @@ pub struct BlockEntry {
     pub holders: Vec<String>,
 }
 
+/// A document's tempered merge as the catalog keeps it (see `merge_temperature`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct TemperedMerge {
+    pub temperature: f32,
+    pub scale: f32,
+}
+
+impl From<MergeOptions> for TemperedMerge {
+    fn from(m: MergeOptions) -> Self {
+        Self {
+            temperature: m.temperature(),
+            scale: m.scale(),
+        }
+    }
+}
+
 impl DocEntry {
+    /// How a query merges the context: `query`'s override, else the document's own
+    /// merge; the anchor's blocks (before `max(anchor, block size)`) stay untempered,
+    /// as on a single node.
+    pub fn context_merge(&self, query: Option<MergeOptions>) -> ContextMerge {
+        let (temperature, scale) = match (query, self.merge) {
+            (Some(q), _) => (q.temperature(), q.scale()),
+            (None, Some(m)) => (m.temperature, m.scale),
+            (None, None) => (1.0, 1.0),
+        };
+        ContextMerge {
+            temperature,
+            scale,
+            tempered_from: self.anchor_size.max(self.block_size),
+        }
+    }
+
     /// The document's stored KV type; `default` for an entry that does not record it.
     pub fn dtype(&self, default: starkv_cache::DType) -> starkv_cache::DType {
         self.dtype
@@ -168,6 +205,10 @@ mod tests {
             pinned: true,
             ttl_ms: Some(60_000),
             dtype: Some(4),
+            merge: Some(TemperedMerge {
+                temperature: 1.25,
+                scale: 0.5,
+            }),
             tokens: vec![1, 2, 3, 4, 5],
             blocks: vec![BlockEntry {
                 key: hex(&[0xab; 32]),

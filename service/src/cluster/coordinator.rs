@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use starkv_cache::{DType, DocRef};
 use starkv_compute::generate::GenerateParams;
-use starkv_compute::partial::{Attended, HeadShape, merge_into};
+use starkv_compute::partial::{Attended, ContextMerge, HeadShape, merge_into};
 use starkv_compute::prompt;
 use starkv_compute::star::{AttentionShard, PendingPartial, StarConfig};
 
@@ -494,6 +494,7 @@ impl Cluster {
             pinned: req.pinned,
             ttl_ms: req.ttl_ms,
             dtype: Some(dtype.code()),
+            merge: (!req.merge.is_exact()).then(|| req.merge.into()),
             blocks: (0..n)
                 .map(|i| BlockEntry {
                     key: hex(&keys[i]),
@@ -610,17 +611,18 @@ impl Cluster {
             )));
         }
         let query_ids = prompt::question_query(&service.model().tokenizer, &req.question)?;
+        let merge = entry.context_merge(req.merge);
         let params = GenerateParams {
             max_tokens: req.max_tokens,
             sampling: req.sampling.clone(),
             stop: req.stop.clone(),
             cancel: req.cancel.clone(),
-            merge: Default::default(),
+            merge,
         };
         let shape = service.model().model.head_shape();
         // A recovery re-encodes in the document's stored type.
         let dtype = entry.dtype(service.stored_dtype(crate::KvDtype::F16));
-        let shards = self.open_shards(&entry, shape, dtype)?;
+        let shards = self.open_shards(&entry, shape, dtype, merge)?;
         let load = started.elapsed();
         let dyn_shards: Vec<Arc<dyn AttentionShard>> = shards
             .iter()
@@ -660,65 +662,87 @@ impl Cluster {
 
     /// One shard per worker holding blocks of `entry` (each block from its first live
     /// holder), every session opened at once; failures are recovered before returning.
+    /// With a tempered `merge`, a worker holding blocks of both groups gets a session for
+    /// each (the tempered one at softmax scale `1 / T`).
     fn open_shards(
         self: &Arc<Self>,
         entry: &Arc<DocEntry>,
         shape: HeadShape,
         dtype: DType,
+        merge: ContextMerge,
     ) -> ServiceResult<Vec<Arc<WorkerShard>>> {
-        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        let mut orphans = Vec::new();
+        // (worker or None for blocks every holder of which is down, tempered) -> blocks
+        let mut groups: BTreeMap<(Option<usize>, bool), Vec<usize>> = BTreeMap::new();
         for (i, block) in entry.blocks.iter().enumerate() {
             let holder = block
                 .holders
                 .iter()
                 .filter_map(|h| self.index_of(h))
                 .find(|&w| self.live(w));
-            match holder {
-                Some(w) => groups.entry(w).or_default().push(i),
-                None => orphans.push(i),
-            }
+            let tempered = merge.is_tempered(block.start);
+            groups.entry((holder, tempered)).or_default().push(i);
         }
+        let kind = |tempered: bool| ShardKind {
+            dtype,
+            tempered,
+            score_scale: if tempered { merge.score_scale() } else { 1.0 },
+        };
         let sent: Vec<_> = groups
             .into_iter()
-            .map(|(w, blocks)| {
-                let keys = blocks
-                    .iter()
-                    .map(|&i| entry.blocks[i].key_bytes())
-                    .collect();
-                let req = Request::Open {
-                    doc: entry.doc.clone(),
-                    keys,
-                };
-                (w, blocks, Instant::now(), self.send(w, req))
+            .map(|((w, tempered), blocks)| {
+                let pending = w.map(|w| {
+                    let keys = blocks
+                        .iter()
+                        .map(|&i| entry.blocks[i].key_bytes())
+                        .collect();
+                    let req = Request::Open {
+                        doc: entry.doc.clone(),
+                        keys,
+                        score_scale: kind(tempered).score_scale,
+                    };
+                    (w, Instant::now(), self.send(w, req))
+                });
+                (tempered, blocks, pending)
             })
             .collect();
         let mut shards = Vec::new();
-        for (w, blocks, t0, pending) in sent {
-            let shard = WorkerShard::new(self.clone(), entry, shape, dtype, blocks.clone());
-            match self.finish(w, "open", t0, pending, self.call_timeout) {
-                Ok(Reply::Opened { session, .. }) => shard.lock().push(Leg {
-                    worker: w,
-                    session,
-                    blocks,
-                }),
-                Ok(other) => {
-                    let e = CallError::Protocol(format!("answered {other:?} to open"));
-                    self.mark_down(w, &e.to_string());
-                    *shard.lock() = shard.recover(w, &blocks, &e)?;
+        for (tempered, blocks, pending) in sent {
+            let shard =
+                WorkerShard::new(self.clone(), entry, shape, kind(tempered), blocks.clone());
+            match pending {
+                None => {
+                    let e = CallError::Unreachable("every holder is down".into());
+                    *shard.lock() = shard.recover(usize::MAX, &blocks, &e)?;
                 }
-                Err(e) => *shard.lock() = shard.recover(w, &blocks, &e)?,
+                Some((w, t0, pending)) => {
+                    match self.finish(w, "open", t0, pending, self.call_timeout) {
+                        Ok(Reply::Opened { session, .. }) => shard.lock().push(Leg {
+                            worker: w,
+                            session,
+                            blocks,
+                        }),
+                        Ok(other) => {
+                            let e = CallError::Protocol(format!("answered {other:?} to open"));
+                            self.mark_down(w, &e.to_string());
+                            *shard.lock() = shard.recover(w, &blocks, &e)?;
+                        }
+                        Err(e) => *shard.lock() = shard.recover(w, &blocks, &e)?,
+                    }
+                }
             }
-            shards.push(Arc::new(shard));
-        }
-        if !orphans.is_empty() {
-            let shard = WorkerShard::new(self.clone(), entry, shape, dtype, orphans.clone());
-            let e = CallError::Unreachable("every holder is down".into());
-            *shard.lock() = shard.recover(usize::MAX, &orphans, &e)?;
             shards.push(Arc::new(shard));
         }
         Ok(shards)
     }
+}
+
+/// What a [`WorkerShard`]'s sessions are: the stored type its recoveries re-encode in,
+/// and the merge group it answers for (a tempered one attends at `score_scale / sqrt(d)`).
+#[derive(Debug, Clone, Copy)]
+struct ShardKind {
+    dtype: DType,
+    tempered: bool,
+    score_scale: f32,
 }
 
 /// A session on one worker over some blocks of a document.
@@ -735,8 +759,7 @@ struct WorkerShard {
     cluster: Arc<Cluster>,
     doc: String,
     shape: HeadShape,
-    /// The document's stored KV type (a recovery re-encodes in it).
-    dtype: DType,
+    kind: ShardKind,
     n_tokens: usize,
     legs: Mutex<Vec<Leg>>,
     /// Blocks re-encoded on another worker while this shard served.
@@ -751,11 +774,11 @@ impl WorkerShard {
         cluster: Arc<Cluster>,
         entry: &DocEntry,
         shape: HeadShape,
-        dtype: DType,
+        kind: ShardKind,
         blocks: Vec<usize>,
     ) -> Self {
         Self {
-            dtype,
+            kind,
             n_tokens: blocks.iter().map(|&i| entry.blocks[i].len).sum(),
             cluster,
             doc: entry.doc.clone(),
@@ -903,7 +926,7 @@ impl WorkerShard {
                     tokens: entry.tokens.clone(),
                     block_size: entry.block_size as u32,
                     anchor_size: entry.anchor_size as u32,
-                    dtype: self.dtype.code(),
+                    dtype: self.kind.dtype.code(),
                     blocks: part
                         .iter()
                         .map(|&i| (i as u32, entry.blocks[i].key_bytes()))
@@ -957,6 +980,7 @@ impl WorkerShard {
                 let req = Request::Open {
                     doc: self.doc.clone(),
                     keys,
+                    score_scale: self.kind.score_scale,
                 };
                 (w, blocks.clone(), Instant::now(), cluster.send(w, req))
             })
@@ -1104,6 +1128,10 @@ impl AttentionShard for WorkerShard {
     /// An in-process worker's GPU session: the query attends it over the device channel
     /// when it runs on the same GPU. Only a shard of one leg (no recovery spread it) whose
     /// worker lives in this process; anything else goes through [`Self::start`].
+    fn tempered(&self) -> bool {
+        self.kind.tempered
+    }
+
     fn local_gpu(&self) -> Option<starkv_compute::cuda::star::GpuShard> {
         let legs = self.lock();
         let [leg] = legs.as_slice() else {

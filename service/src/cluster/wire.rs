@@ -36,7 +36,13 @@ pub enum Request {
     Encode(EncodeRequest),
     /// Holds the blocks `keys` of `doc` ready for attention (on the device) and returns
     /// a session for [`Request::Attend`].
-    Open { doc: String, keys: Vec<Key> },
+    /// A session over the blocks `keys`, attended at softmax scale
+    /// `score_scale / sqrt(d)` (1, or `1 / T` for the tempered group of a merge).
+    Open {
+        doc: String,
+        keys: Vec<Key>,
+        score_scale: f32,
+    },
     /// One layer's Q (`[m][n_heads * head_dim]` f32) over a session's blocks.
     Attend {
         session: u64,
@@ -225,12 +231,17 @@ impl Request {
                     w.raw(key);
                 }
             }
-            Request::Open { doc, keys } => {
+            Request::Open {
+                doc,
+                keys,
+                score_scale,
+            } => {
                 w.str(doc);
                 w.u32(keys.len() as u32);
                 for key in keys {
                     w.raw(key);
                 }
+                w.u32(score_scale.to_bits());
             }
             Request::Attend {
                 session,
@@ -306,7 +317,12 @@ impl Request {
                     let doc = r.str()?;
                     let n = r.count(32)?;
                     let keys = (0..n).map(|_| r.key()).collect::<Result<_, _>>()?;
-                    Request::Open { doc, keys }
+                    let score_scale = f32::from_bits(r.u32()?);
+                    Request::Open {
+                        doc,
+                        keys,
+                        score_scale,
+                    }
                 }
                 ATTEND => Request::Attend {
                     session: r.u64()?,
@@ -724,6 +740,7 @@ mod tests {
             Request::Open {
                 doc: "t/doc".into(),
                 keys: vec![[1; 32], [2; 32]],
+                score_scale: 0.8,
             },
             Request::Attend {
                 session: 42,

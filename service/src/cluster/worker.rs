@@ -106,7 +106,11 @@ impl WorkerNode {
         let result = match req {
             Request::Hello { .. } => Ok(self.hello()),
             Request::Encode(e) => self.encode(e),
-            Request::Open { doc, keys } => self.open_session(&doc, &keys),
+            Request::Open {
+                doc,
+                keys,
+                score_scale,
+            } => self.open_session(&doc, &keys, score_scale),
             Request::Attend {
                 session,
                 layer,
@@ -185,9 +189,14 @@ impl WorkerNode {
         })
     }
 
-    fn open_session(&self, doc: &str, keys: &[Key]) -> ServiceResult<Reply> {
+    fn open_session(&self, doc: &str, keys: &[Key], score_scale: f32) -> ServiceResult<Reply> {
         if keys.is_empty() {
             return Err(ServiceError::Invalid("a session needs blocks".into()));
+        }
+        if !(score_scale.is_finite() && score_scale > 0.0) {
+            return Err(ServiceError::Invalid(format!(
+                "a session's score scale must be positive and finite, not {score_scale}"
+            )));
         }
         self.lock()
             .retain(|_, s| s.last_used.elapsed() < SESSION_IDLE);
@@ -213,7 +222,7 @@ impl WorkerNode {
             let mut stored = StoredBlocks::new(service, &lease, &manifest, &tokens[..]);
             service
                 .backend()
-                .shard(service.model(), keys, &mut |i: usize| {
+                .shard(service.model(), keys, score_scale, &mut |i: usize| {
                     stored.load(positions[i])
                 })?
         };
