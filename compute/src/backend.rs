@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, generate};
 use crate::model::{KvCache, Llama};
 use crate::partial::HeadShape;
+use crate::star::reencode::Reencoded;
 use crate::star::{AttentionShard, BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
 
 pub use crate::cuda::cold::{BlockReader, ColdStats};
@@ -182,6 +183,30 @@ impl Backend {
     pub fn forget_resident(&self) {
         if let Device::Cuda(c) = &self.device {
             c.forget_resident();
+        }
+    }
+
+    /// Selective global re-encoding of a document's phase-1 blocks (all of them, in
+    /// order, in host memory), in place: see [`crate::star::reencode`]. On a GPU the pass
+    /// runs there ([`crate::cuda::reencode`]); env `STARKV_REENCODE_DEVICE=cpu` runs it on
+    /// the CPU model instead (A/B runs).
+    pub fn reencode(
+        &self,
+        model: &Llama,
+        tokens: &[u32],
+        blocks: &mut [BlockKv],
+        exact_until: usize,
+        ratio: f32,
+    ) -> Result<Reencoded> {
+        let on_cpu = matches!(
+            std::env::var("STARKV_REENCODE_DEVICE").as_deref(),
+            Ok("cpu")
+        );
+        match &self.device {
+            Device::Cuda(c) if !on_cpu => {
+                guarded(|| c.reencode(tokens, blocks, exact_until, ratio))
+            }
+            _ => crate::star::reencode::reencode(model, tokens, blocks, exact_until, ratio),
         }
     }
 

@@ -280,7 +280,7 @@ fn reencode_key_context(tokens: &[u32], ratio: f32) -> Vec<u32> {
 
 impl Service {
     /// Ingest with selective re-encoding: phase 1 for every block, then the re-encoding
-    /// pass on the CPU model over the whole document, then every block stored (blocks
+    /// pass over the whole document (on the backend's device), then every block stored (blocks
     /// already stored under the same keys, i.e. the same document and ratio, are reused).
     fn ingest_reencoded(
         &self,
@@ -313,7 +313,7 @@ impl Service {
                 progress(i + 1, total);
             }
             let exact_until = req.anchor_size.max(req.block_size);
-            starkv_compute::star::reencode::reencode(
+            self.backend.reencode(
                 &self.model.model,
                 tokens,
                 &mut blocks,

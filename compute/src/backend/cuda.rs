@@ -25,6 +25,7 @@ use crate::cuda::{CudaError, CudaLlama, Gpu, GpuAttention, GpuKvCache, HalfType}
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, generate_with};
 use crate::model::Llama;
+use crate::star::reencode::Reencoded;
 use crate::star::{AttentionShard, BlockKv, StarConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -105,6 +106,25 @@ impl CudaBackend {
             cuda: self,
             anchor: None,
         }
+    }
+
+    /// Selective re-encoding of a document's host blocks on this GPU (see
+    /// [`crate::cuda::reencode`]).
+    pub(super) fn reencode(
+        &self,
+        tokens: &[u32],
+        blocks: &mut [BlockKv],
+        exact_until: usize,
+        ratio: f32,
+    ) -> Result<Reencoded> {
+        let mut model = self.lock_model()?;
+        Ok(crate::cuda::reencode::reencode(
+            &mut model,
+            tokens,
+            blocks,
+            exact_until,
+            ratio,
+        )?)
     }
 
     /// Phase 2: resident blocks from the tier, the others loaded by `load` (without any

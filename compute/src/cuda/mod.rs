@@ -35,6 +35,7 @@ mod launch;
 mod model;
 mod phase1;
 mod phase2;
+pub mod reencode;
 mod shard;
 pub mod star;
 mod tempered;

@@ -28,6 +28,7 @@ use crate::star::{AttentionShard, CpuShard, Phase1, QueryAttention, StarConfig};
 
 mod backend;
 mod kv8;
+mod reencode;
 
 type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
@@ -77,6 +78,8 @@ pub fn run(gpu: &Arc<Gpu>, opts: SelftestOptions<'_>) -> Vec<Row> {
     section!("star", star_checks(gpu, &mut rng, &mut report, u));
     println!("8-bit KV: int8 blocks in the GPU tier, 8-bit attention kernels:");
     section!("int8", kv8::checks(gpu, &mut rng, &mut report, u));
+    println!("selective re-encoding, GPU vs CPU (random tiny model):");
+    section!("reencode", reencode::checks(gpu, &mut rng, &mut report, u));
     if let Some((name, model, tokens)) = &opts.model {
         println!("full model logits, GPU vs CPU ({name}):");
         section!(

@@ -46,6 +46,30 @@ pub fn reencode(
     exact_until: usize,
     ratio: f32,
 ) -> Result<Reencoded> {
+    let (candidates, want) = plan(tokens, blocks, exact_until, ratio)?;
+    let n_layers = model.config().n_layers;
+    if want == 0 || n_layers < 2 {
+        return Ok(Reencoded {
+            tokens: 0,
+            candidates,
+        });
+    }
+    let selected = select(model, tokens, blocks, exact_until, want)?;
+    reencode_positions(model, tokens, blocks, &selected)?;
+    Ok(Reencoded {
+        tokens: selected.len(),
+        candidates,
+    })
+}
+
+/// Checks a re-encoding request (the ratio, and `blocks` covering `tokens` in order) and
+/// returns `(candidates, tokens to re-encode)`; every device's re-encoding starts here.
+pub fn plan(
+    tokens: &[u32],
+    blocks: &[BlockKv],
+    exact_until: usize,
+    ratio: f32,
+) -> Result<(usize, usize)> {
     if !(0.0..=1.0).contains(&ratio) {
         return Err(Error::InvalidInput(format!(
             "re-encode ratio {ratio} is outside 0..=1"
@@ -68,28 +92,92 @@ pub fn reencode(
     }
     let candidates = tokens.len().saturating_sub(exact_until);
     let want = ((candidates as f64) * ratio as f64).ceil() as usize;
-    let n_layers = model.config().n_layers;
-    if want == 0 || n_layers < 2 {
-        return Ok(Reencoded {
-            tokens: 0,
-            candidates,
-        });
+    Ok((candidates, want))
+}
+
+/// Re-encodes the tokens at `positions` (increasing, each after the anchor) with global
+/// attention through every layer, in place in `blocks` (as [`reencode`] does after its
+/// selection).
+pub fn reencode_positions(
+    model: &Llama,
+    tokens: &[u32],
+    blocks: &mut [BlockKv],
+    positions: &[usize],
+) -> Result<()> {
+    plan(tokens, blocks, 0, 0.0)?;
+    check_positions(positions, tokens.len())?;
+    if positions.is_empty() {
+        return Ok(());
     }
     let shape = model.head_shape();
-    let phase1 = DocumentKv::from_blocks(blocks, shape, n_layers);
-    let selected = select(model, tokens, &phase1, exact_until, want)?;
     let mut pass = Reencode {
-        kv: phase1,
-        positions: &selected,
+        kv: DocumentKv::from_blocks(blocks, shape, model.config().n_layers),
+        positions,
         shape,
     };
-    let ids: Vec<u32> = selected.iter().map(|&p| tokens[p]).collect();
-    model.forward(&ids, &selected, &mut pass)?;
-    pass.kv.write_rows(blocks, &selected);
-    Ok(Reencoded {
-        tokens: selected.len(),
-        candidates,
-    })
+    let ids: Vec<u32> = positions.iter().map(|&p| tokens[p]).collect();
+    model.forward(&ids, positions, &mut pass)?;
+    pass.kv.write_rows(blocks, positions);
+    Ok(())
+}
+
+/// Positions must increase strictly and lie in the document.
+pub fn check_positions(positions: &[usize], len: usize) -> Result<()> {
+    let increasing = positions.windows(2).all(|w| w[0] < w[1]);
+    if !increasing || positions.last().is_some_and(|&p| p >= len) {
+        return Err(Error::InvalidInput(format!(
+            "re-encoded positions must increase and lie below {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// Layer `layer`'s K and V of the whole document, token-major `[L][kv_width]`.
+pub fn layer_token_major(
+    blocks: &[BlockKv],
+    layer: usize,
+    shape: HeadShape,
+) -> (Vec<f32>, Vec<f32>) {
+    let (kvw, d) = (shape.kv_width(), shape.head_dim);
+    let len: usize = blocks.iter().map(|b| b.len).sum();
+    let (mut k, mut v) = (vec![0f32; len * kvw], vec![0f32; len * kvw]);
+    for b in blocks {
+        let (bk, bv) = &b.layers[layer];
+        for h in 0..shape.n_kv_heads {
+            for r in 0..b.len {
+                let (src, dst) = ((h * b.len + r) * d, (b.start + r) * kvw + h * d);
+                k[dst..dst + d].copy_from_slice(&bk[src..src + d]);
+                v[dst..dst + d].copy_from_slice(&bv[src..src + d]);
+            }
+        }
+    }
+    (k, v)
+}
+
+/// The `want` positions at `exact_until..` whose layer-1 KV under global attention
+/// (`global`, token-major) differs most from phase 1's (`phase1`, token-major), in
+/// increasing order (ties to the earlier position).
+pub fn most_deviating(
+    global: (&[f32], &[f32]),
+    phase1: (&[f32], &[f32]),
+    kv_width: usize,
+    exact_until: usize,
+    want: usize,
+) -> Vec<usize> {
+    let len = phase1.0.len() / kv_width.max(1);
+    let deviation = |p: usize| -> f64 {
+        let row = p * kv_width..(p + 1) * kv_width;
+        let sq = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
+        };
+        sq(&global.0[row.clone()], &phase1.0[row.clone()])
+            + sq(&global.1[row.clone()], &phase1.1[row])
+    };
+    let mut ranked: Vec<(f64, usize)> = (exact_until..len).map(|p| (deviation(p), p)).collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut chosen: Vec<usize> = ranked.into_iter().take(want).map(|(_, p)| p).collect();
+    chosen.sort_unstable();
+    chosen
 }
 
 /// Every layer's KV of the whole document, token-major `[L][kv_width]`.
@@ -100,23 +188,8 @@ struct DocumentKv {
 
 impl DocumentKv {
     fn from_blocks(blocks: &[BlockKv], shape: HeadShape, n_layers: usize) -> Self {
-        let (kvw, d) = (shape.kv_width(), shape.head_dim);
-        let len: usize = blocks.iter().map(|b| b.len).sum();
         let layers = (0..n_layers)
-            .map(|l| {
-                let (mut k, mut v) = (vec![0f32; len * kvw], vec![0f32; len * kvw]);
-                for b in blocks {
-                    let (bk, bv) = &b.layers[l];
-                    for h in 0..shape.n_kv_heads {
-                        for r in 0..b.len {
-                            let (src, dst) = ((h * b.len + r) * d, (b.start + r) * kvw + h * d);
-                            k[dst..dst + d].copy_from_slice(&bk[src..src + d]);
-                            v[dst..dst + d].copy_from_slice(&bv[src..src + d]);
-                        }
-                    }
-                }
-                (k, v)
-            })
+            .map(|l| layer_token_major(blocks, l, shape))
             .collect();
         Self { layers, shape }
     }
@@ -155,17 +228,32 @@ impl DocumentKv {
 }
 
 /// The `want` positions at `exact_until..` whose layer-1 KV under global attention (one
-/// layer of causal attention over the whole document) differs most from phase 1's, in
-/// increasing order.
-fn select(
+/// layer of causal attention over the whole document) differs most from phase 1's
+/// (`blocks`), in increasing order.
+pub fn select(
     model: &Llama,
     tokens: &[u32],
-    phase1: &DocumentKv,
+    blocks: &[BlockKv],
     exact_until: usize,
     want: usize,
 ) -> Result<Vec<usize>> {
+    let shape = model.head_shape();
+    let (k1, v1) = layer_one(model, tokens)?;
+    let (pk, pv) = layer_token_major(blocks, 1, shape);
+    Ok(most_deviating(
+        (&k1, &v1),
+        (&pk, &pv),
+        shape.kv_width(),
+        exact_until,
+        want,
+    ))
+}
+
+/// Layer 1's K and V of every token (token-major) when layer 0 attends causally over the
+/// whole document: full attention's layer-1 KV.
+pub fn layer_one(model: &Llama, tokens: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
     let mut probe = LayerOneProbe {
-        shape: phase1.shape,
+        shape: model.head_shape(),
         layer_one: None,
     };
     let positions: Vec<usize> = (0..tokens.len()).collect();
@@ -174,23 +262,9 @@ fn select(
         Err(e) => return Err(e),
         Ok(_) => {}
     }
-    let (k1, v1) = probe.layer_one.expect("the model has a layer 1");
-    let (pk, pv) = &phase1.layers[1];
-    let kvw = phase1.shape.kv_width();
-    let deviation = |p: usize| -> f64 {
-        let row = p * kvw..(p + 1) * kvw;
-        let sq = |a: &[f32], b: &[f32]| -> f64 {
-            a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
-        };
-        sq(&k1[row.clone()], &pk[row.clone()]) + sq(&v1[row.clone()], &pv[row])
-    };
-    let mut ranked: Vec<(f64, usize)> = (exact_until..tokens.len())
-        .map(|p| (deviation(p), p))
-        .collect();
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut chosen: Vec<usize> = ranked.into_iter().take(want).map(|(_, p)| p).collect();
-    chosen.sort_unstable();
-    Ok(chosen)
+    probe
+        .layer_one
+        .ok_or_else(|| Error::InvalidInput("the model has no layer 1".into()))
 }
 
 /// Layer 0 with causal attention over the whole document; keeps layer 1's K and V and
@@ -371,5 +445,21 @@ mod tests {
             .unwrap();
         assert!(reencode(&model, &tokens, &mut blocks, 16, 1.5).is_err());
         assert!(reencode(&model, &tokens, &mut blocks[1..], 16, 0.5).is_err());
+        // Positions out of order, repeated or past the end.
+        for bad in [&[20, 18][..], &[20, 20], &[39, 40]] {
+            assert!(reencode_positions(&model, &tokens, &mut blocks, bad).is_err());
+        }
+    }
+
+    #[test]
+    fn the_selection_is_the_most_deviating_tokens_after_the_anchor() {
+        // Two tokens of width 2 after an anchor of one: token 2 deviates most.
+        let phase1 = vec![0f32; 8];
+        let global_k = vec![9.0, 9.0, 0.0, 1.0, 0.0, 3.0, 0.0, 0.0];
+        let global_v = vec![0f32; 8];
+        let picked = most_deviating((&global_k, &global_v), (&phase1, &phase1), 2, 1, 1);
+        assert_eq!(picked, vec![2]);
+        let both = most_deviating((&global_k, &global_v), (&phase1, &phase1), 2, 1, 2);
+        assert_eq!(both, vec![1, 2]);
     }
 }

@@ -1,0 +1,138 @@
+//! Selective global re-encoding (issue 14) on the GPU against the CPU: the layer-1 probe
+//! that selects the tokens, the selection itself, the re-encoding pass over the same
+//! positions, and ratio 1 against full attention's KV.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Report, Result, Rng, ms, rel, tiny_config};
+use crate::cuda::reencode as gpu_re;
+use crate::cuda::{CudaLlama, Gpu};
+use crate::model::Llama;
+use crate::quant::GgmlType;
+use crate::star::reencode as cpu_re;
+use crate::star::{BlockKv, Phase1, StarConfig};
+
+/// Rows `positions` of every layer's K and V, concatenated (f32).
+fn rows(blocks: &[BlockKv], positions: &[usize]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for &p in positions {
+        let b = blocks
+            .iter()
+            .find(|b| (b.start..b.start + b.len).contains(&p))
+            .expect("positions lie in the blocks");
+        let row = b.rows(p - b.start..p - b.start + 1);
+        for (k, v) in &row.layers {
+            out.extend_from_slice(k);
+            out.extend_from_slice(v);
+        }
+    }
+    out
+}
+
+fn all_kv(blocks: &[BlockKv]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for b in blocks {
+        for (k, v) in &b.layers {
+            out.extend_from_slice(k);
+            out.extend_from_slice(v);
+        }
+    }
+    out
+}
+
+pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Result<()> {
+    let config = tiny_config();
+    let cpu = Llama::random(config.clone(), GgmlType::F32, rng.next());
+    let mut model = CudaLlama::upload(gpu.clone(), &cpu)?;
+    let (l, b) = (300usize, 64usize);
+    let tokens: Vec<u32> = (0..l).map(|_| rng.below(config.vocab) as u32).collect();
+    let phase1 = Phase1::new(&cpu, &tokens, StarConfig::new(b))?.encode_all()?;
+    let shape = cpu.head_shape();
+
+    // The probe: layer 1's KV with global attention in layer 0.
+    let t = Instant::now();
+    let (ck, cv) = cpu_re::layer_one(&cpu, &tokens)?;
+    let (gk, gv) = gpu_re::layer_one(&mut model, &tokens)?;
+    report.check(
+        "re-encode: layer-1 KV of the global probe GPU vs CPU",
+        "rel",
+        rel(&gk, &ck).max(rel(&gv, &cv)),
+        8.0 * u,
+        ms(t),
+    );
+
+    // The selection from either probe (the ranking is shared code): rounding may swap
+    // tokens near the cut, a wrong probe or layout picks unrelated ones (~0.75 differ).
+    let want = (l - b).div_ceil(4);
+    let (pk, pv) = cpu_re::layer_token_major(&phase1, 1, shape);
+    let kvw = shape.kv_width();
+    let cpu_sel = cpu_re::most_deviating((&ck, &cv), (&pk, &pv), kvw, b, want);
+    let gpu_sel = cpu_re::most_deviating((&gk, &gv), (&pk, &pv), kvw, b, want);
+    let common = cpu_sel.iter().filter(|p| gpu_sel.contains(p)).count();
+    report.check(
+        "re-encode r=0.25: selection GPU vs CPU",
+        "differ",
+        1.0 - common as f64 / want as f64,
+        0.2,
+        ms(t),
+    );
+
+    // The pass over the same positions, from the same phase-1 blocks.
+    let t = Instant::now();
+    let mut cpu_blocks = phase1.clone();
+    cpu_re::reencode_positions(&cpu, &tokens, &mut cpu_blocks, &cpu_sel)?;
+    let mut gpu_blocks = phase1.clone();
+    gpu_re::reencode_positions(&mut model, &tokens, &mut gpu_blocks, &cpu_sel)?;
+    let (c_rows, g_rows) = (rows(&cpu_blocks, &cpu_sel), rows(&gpu_blocks, &cpu_sel));
+    report.check(
+        &format!("re-encode r=0.25 ({want} tokens): KV GPU vs CPU"),
+        "rel",
+        rel(&g_rows, &c_rows),
+        8.0 * u,
+        ms(t),
+    );
+    let others: Vec<usize> = (0..l).filter(|p| !cpu_sel.contains(p)).collect();
+    report.check(
+        "re-encode r=0.25: other tokens' KV unchanged (GPU)",
+        "max diff",
+        super::max_abs(&rows(&gpu_blocks, &others), &rows(&phase1, &others)),
+        0.0,
+        ms(t),
+    );
+    report.check(
+        "re-encoding changes the selected KV (CPU)",
+        "unchanged",
+        (rel(&c_rows, &rows(&phase1, &cpu_sel)) < 1e-3) as u8 as f64,
+        0.0,
+        ms(t),
+    );
+
+    // Ratio 1, selection included: every token after the anchor re-encoded is full
+    // attention's KV.
+    let t = Instant::now();
+    let mut all = phase1.clone();
+    let done = gpu_re::reencode(&mut model, &tokens, &mut all, b, 1.0)?;
+    let full = Phase1::new(&cpu, &tokens, StarConfig::new(l))?
+        .encode_all()?
+        .remove(0);
+    let full: Vec<BlockKv> = all
+        .iter()
+        .map(|x| full.rows(x.start..x.start + x.len))
+        .collect();
+    report.check(
+        "re-encode r=1 (GPU) vs full attention KV (CPU)",
+        "rel",
+        rel(&all_kv(&all), &all_kv(&full)),
+        8.0 * u,
+        ms(t),
+    );
+    report.check(
+        "re-encode r=1 re-encodes every token after the anchor",
+        "missing",
+        ((l - b) as f64 - done.tokens as f64).abs(),
+        0.0,
+        ms(t),
+    );
+    Ok(())
+}
