@@ -59,7 +59,8 @@ pub struct GenerateArgs {
     /// Star Attention block size in tokens.
     #[arg(long, default_value_t = 2048)]
     block_size: usize,
-    /// Star Attention anchor size in tokens (default: the block size).
+    /// Star Attention anchor size in tokens (default: whole blocks covering a quarter of
+    /// the document, one block for documents of up to 4 blocks).
     #[arg(long)]
     anchor_size: Option<usize>,
     /// System message for --chat (default: the template's own).
@@ -161,9 +162,12 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
             backend.generate_plain(&loaded, &prompt, &params, &mut on_text)?
         }
         AttentionMode::Star => {
-            let config = StarConfig {
-                block_size: args.block_size,
-                anchor_size: args.anchor_size.unwrap_or(args.block_size),
+            let config = match args.anchor_size {
+                Some(anchor_size) => StarConfig {
+                    block_size: args.block_size,
+                    anchor_size,
+                },
+                None => StarConfig::with_default_anchor(args.block_size, context_ids.len()),
             };
             let answer = backend.answer_document(
                 &loaded,

@@ -15,6 +15,7 @@ use super::extract::{ApiPath, ApiQuery};
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
 use starkv_cache::MergeOptions;
+use starkv_compute::star::StarConfig;
 use starkv_service::jobs::{Job, JobState, SubmitError};
 use starkv_service::limits::seconds_to_ms;
 use starkv_service::{IngestRequest, KvDtype};
@@ -116,15 +117,6 @@ pub async fn create(
     }
     let _ = body.metadata;
     let block_size = body.block_size.unwrap_or(state.config.block_size);
-    // A configured default anchor never exceeds a document's own smaller block; an
-    // anchor of several whole blocks is a per-document choice.
-    let anchor_size = body.anchor_size.unwrap_or_else(|| {
-        state
-            .config
-            .anchor_size
-            .unwrap_or(block_size)
-            .min(block_size)
-    });
     if block_size == 0 || block_size > MAX_BLOCK_SIZE {
         return Err(ApiError::bad_request(format!(
             "`block_size` must be in 1..={MAX_BLOCK_SIZE}"
@@ -177,6 +169,15 @@ pub async fn create(
     })
     .await?;
     limits.check_tokens(n_tokens)?;
+    // A configured default anchor never exceeds a document's own smaller block; without
+    // one, whole blocks covering a quarter of the document (`a = b` up to 4 blocks, issue
+    // 14's measured choice for smaller blocks).
+    let anchor_size = body
+        .anchor_size
+        .unwrap_or_else(|| match state.config.anchor_size {
+            Some(a) => a.min(block_size),
+            None => StarConfig::with_default_anchor(block_size, n_tokens).anchor_size,
+        });
     let req = IngestRequest {
         id: id.clone(),
         tenant: principal.tenant.clone(),

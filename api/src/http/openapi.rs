@@ -139,7 +139,7 @@ fn schemas(config: &ServerConfig) -> Value {
                 "block_size": integer(1, MAX_BLOCK_SIZE as u64),
                 "anchor_size": {
                     "type": "integer", "minimum": 1, "maximum": MAX_BLOCK_SIZE,
-                    "description": "at most block_size, or a multiple of block_size"
+                    "description": "at most block_size, or a multiple of block_size; default: the server's anchor_size, else whole blocks covering a quarter of the document (one block for documents of up to 4 blocks)"
                 },
                 "pin": { "type": "boolean" },
                 "ttl_seconds": seconds,
