@@ -357,3 +357,22 @@ pub fn reencode_positions(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::REENCODE_SOURCE;
+
+    /// Every kernel this module loads is declared in its source (a missing one would
+    /// fail only at run time, on a GPU).
+    #[test]
+    fn the_source_declares_both_kernels() {
+        for name in ["reencode_scatter", "reencode_attn"] {
+            let plain = format!("extern \"C\" __global__ void {name}(");
+            let bounded = format!("__launch_bounds__(32 * RE_WARPS) {name}(");
+            assert!(
+                REENCODE_SOURCE.contains(&plain) || REENCODE_SOURCE.contains(&bounded),
+                "{name} is not declared in reencode.cu"
+            );
+        }
+    }
+}
