@@ -1524,6 +1524,29 @@ fn big_model_check(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -
     )
 }
 
+/// A shard answering for the tempered group (what a cluster worker's tempered session is
+/// to the query host).
+struct TemperedShard(CpuShard);
+
+impl AttentionShard for TemperedShard {
+    fn start<'a>(
+        &'a self,
+        layer: usize,
+        q: &'a [f32],
+        m: usize,
+    ) -> crate::Result<crate::star::PendingPartial<'a>> {
+        self.0.start(layer, q, m)
+    }
+
+    fn n_tokens(&self) -> usize {
+        self.0.n_tokens()
+    }
+
+    fn tempered(&self) -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1562,28 +1585,5 @@ mod tests {
             },
         );
         assert!(print_table(&rows, &gpu, seed));
-    }
-}
-
-/// A shard answering for the tempered group (what a cluster worker's tempered session is
-/// to the query host).
-struct TemperedShard(CpuShard);
-
-impl AttentionShard for TemperedShard {
-    fn start<'a>(
-        &'a self,
-        layer: usize,
-        q: &'a [f32],
-        m: usize,
-    ) -> crate::Result<crate::star::PendingPartial<'a>> {
-        self.0.start(layer, q, m)
-    }
-
-    fn n_tokens(&self) -> usize {
-        self.0.n_tokens()
-    }
-
-    fn tempered(&self) -> bool {
-        true
     }
 }
