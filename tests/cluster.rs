@@ -637,8 +637,28 @@ fn verify_reaches_every_worker_and_repairs_a_flipped_block() {
     );
     server.kill();
 
-    // Damage local:1's part while the server is stopped.
+    // Damage local:1's part while the server is stopped: the offline verify of the data
+    // directory finds it in that worker's store (exit 4), the server's own store clean.
     flip_a_stored_layer(&dir.join("local/1"), "default/harbour");
+    let (code, offline) = offline_verify(&dir);
+    assert_eq!(code, Some(4), "{offline}");
+    let local = |report: &Value, address: &str| -> Value {
+        report["workers"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| w["address"] == address).cloned())
+            .unwrap_or_else(|| panic!("no {address} in {report}"))
+    };
+    assert_eq!(
+        local(&offline, "local:1")["corruption_found"],
+        true,
+        "{offline}"
+    );
+    assert_eq!(
+        local(&offline, "local:0")["corruption_found"],
+        false,
+        "{offline}"
+    );
+    assert_eq!(offline["corrupt"], json!([]), "{offline}");
     let server = Server::start(&dir, &args);
     let (status, found) = server.json("POST", "/v1/admin/verify", Some(json!({})));
     assert_eq!(status, 200, "{found}");
@@ -676,6 +696,30 @@ fn verify_reaches_every_worker_and_repairs_a_flipped_block() {
         "clean after the repair: {after}"
     );
     assert_eq!(ask(&server, "harbour")["answer"], want["answer"]);
+    server.kill();
+    let (code, offline) = offline_verify(&dir);
+    assert_eq!(code, Some(0), "clean offline too: {offline}");
+    assert_eq!(
+        offline["workers"].as_array().map(Vec::len),
+        Some(2),
+        "{offline}"
+    );
+}
+
+/// `starkv verify --json` on a stopped server's data directory: exit code and report.
+fn offline_verify(data_dir: &Path) -> (Option<i32>, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_starkv"))
+        .args(["--data-dir", data_dir.to_str().unwrap(), "verify", "--json"])
+        .output()
+        .expect("starkv verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "a JSON report ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), report)
 }
 
 /// One worker's entry in `GET /v1/admin/cluster`.

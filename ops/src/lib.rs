@@ -133,17 +133,20 @@ impl Target {
         let Target::Local { data_dir, tenant } = self else {
             unreachable!("local only")
         };
-        let path = starkv_service::store_dir(data_dir);
-        let shards = count_shards(&path)?;
-        let store = BlockStore::open_rocks(RocksConfig::new(&path, shards), StoreConfig::default())
-            .map_err(|e| {
-                OpsError::Other(format!(
-                    "opening the store at {} (is a server running on it? use --server): {e}",
-                    path.display()
-                ))
-            })?;
-        Ok((store, tenant))
+        Ok((open_store(data_dir)?, tenant))
     }
+}
+
+/// Opens the store under `data_dir` (a server's, or a worker's) while nothing runs on it.
+fn open_store(data_dir: &Path) -> OpsResult<BlockStore> {
+    let path = starkv_service::store_dir(data_dir);
+    let shards = count_shards(&path)?;
+    BlockStore::open_rocks(RocksConfig::new(&path, shards), StoreConfig::default()).map_err(|e| {
+        OpsError::Other(format!(
+            "opening the store at {} (is a server running on it? use --server): {e}",
+            path.display()
+        ))
+    })
 }
 
 fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: &Option<String>) -> ureq::RequestBuilder<B> {
@@ -410,22 +413,14 @@ pub fn verify(target: &Target, repair: bool, model: Option<&Path>) -> OpsResult 
             "/v1/admin/verify",
             Some(&json!({ "repair": repair })),
         )?,
-        Target::Local { .. } => {
-            let (store, _) = target.store()?;
-            let service = match (repair, model) {
-                (true, Some(path)) => {
-                    let loaded = starkv_compute::LoadedModel::open(path)
-                        .map_err(|e| OpsError::Other(e.to_string()))?;
-                    Some(starkv_service::Service::new(
-                        loaded,
-                        path,
-                        store.clone(),
-                        0,
-                    )?)
-                }
-                _ => None,
-            };
-            serde_json::to_value(admin::verify(&store, service.as_ref())?).expect("serialisable")
+        Target::Local { data_dir, .. } => {
+            let mut out = verify_store(&open_store(data_dir)?, repair, model)?;
+            let workers = verify_local_workers(data_dir, repair, model)?;
+            if !workers.is_empty() {
+                out.corruption_found |= workers.iter().any(|w| w.corruption_found);
+                out.workers = Some(workers);
+            }
+            serde_json::to_value(out).expect("serialisable")
         }
     };
     // Exit code 4 whenever damage was found, repaired or not (the README's promise:
@@ -434,6 +429,69 @@ pub fn verify(target: &Target, repair: bool, model: Option<&Path>) -> OpsResult 
         return Err(OpsError::Corrupt(report));
     }
     Ok(report)
+}
+
+/// The offline verify of one store; with `repair` and the model, damaged blocks are
+/// re-encoded from the source tokens its documents keep.
+fn verify_store(
+    store: &BlockStore,
+    repair: bool,
+    model: Option<&Path>,
+) -> OpsResult<admin::VerifyOutcome> {
+    let service = match (repair, model) {
+        (true, Some(path)) => {
+            let loaded = starkv_compute::LoadedModel::open(path)
+                .map_err(|e| OpsError::Other(e.to_string()))?;
+            Some(starkv_service::Service::new(
+                loaded,
+                path,
+                store.clone(),
+                0,
+            )?)
+        }
+        _ => None,
+    };
+    Ok(admin::verify(store, service.as_ref())?)
+}
+
+/// The stores of a stopped server's in-process shard workers (`DATA_DIR/local/<i>/`,
+/// named `local:<i>` as the running server names them), each verified like the
+/// server's own; a store that cannot be opened is reported, not skipped.
+fn verify_local_workers(
+    data_dir: &Path,
+    repair: bool,
+    model: Option<&Path>,
+) -> OpsResult<Vec<starkv_service::cluster::WorkerVerify>> {
+    let mut workers = Vec::new();
+    for index in 0.. {
+        let dir = starkv_service::cluster::local_worker_dir(data_dir, index);
+        if !dir.is_dir() {
+            break;
+        }
+        let address = format!("local:{index}");
+        let verified = open_store(&dir).and_then(|store| verify_store(&store, repair, model));
+        workers.push(match verified {
+            Ok(out) => starkv_service::cluster::WorkerVerify {
+                address,
+                documents: out.documents as u64,
+                corrupt: out.corrupt,
+                repaired_blocks: out.repaired_blocks as u64,
+                corruption_found: out.corruption_found,
+                repair_error: out.repair_error,
+                error: None,
+            },
+            Err(e) => starkv_service::cluster::WorkerVerify {
+                address,
+                documents: 0,
+                corrupt: Vec::new(),
+                repaired_blocks: 0,
+                corruption_found: false,
+                repair_error: None,
+                error: Some(e.to_string()),
+            },
+        });
+    }
+    Ok(workers)
 }
 
 pub fn gc(target: &Target) -> OpsResult {

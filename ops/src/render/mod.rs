@@ -444,8 +444,57 @@ pub fn gc_summary(report: &Value) -> String {
     }
 }
 
-/// `starkv verify`: how many documents were read back, which are corrupt, what was repaired.
+/// `starkv verify`: how many documents were read back, which are corrupt, what was
+/// repaired; then one line per shard worker (a cluster's, or a stopped server's
+/// in-process workers' stores), with its corrupt parts.
 pub fn verify_summary(report: &Value, style: Style) -> String {
+    let mut out = store_verify_summary(report, style);
+    for w in report
+        .get("workers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let address = str_field(w, "address").unwrap_or("-");
+        if let Some(error) = str_field(w, "error") {
+            let line = format!("not verified: {error}");
+            out.push_str(&format!(
+                "worker {address}: {}\n",
+                style.paint(Tone::Bad, &line)
+            ));
+            continue;
+        }
+        let documents = u64_field(w, "documents").unwrap_or(0);
+        let corrupt = w
+            .get("corrupt")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        let repaired = u64_field(w, "repaired_blocks").unwrap_or(0);
+        let parts = format!(
+            "{} {}",
+            human_count(documents),
+            plural(documents as usize, "part", "parts")
+        );
+        let verdict = if corrupt.is_empty() && !w["corruption_found"].as_bool().unwrap_or(false) {
+            style.paint(Tone::Good, "intact")
+        } else {
+            style.paint(Tone::Bad, &format!("{} corrupt", corrupt.len()))
+        };
+        out.push_str(&format!("worker {address}: {parts}, {verdict}"));
+        if repaired > 0 {
+            let fixed = format!("{repaired} blocks repaired");
+            out.push_str(&format!(", {}", style.paint(Tone::Good, &fixed)));
+        }
+        out.push('\n');
+        for c in corrupt {
+            out.push_str(&format!("  {}\n", c.as_str().unwrap_or("-")));
+        }
+    }
+    out
+}
+
+/// The store part of [`verify_summary`].
+fn store_verify_summary(report: &Value, style: Style) -> String {
     let documents = u64_field(report, "documents").unwrap_or(0);
     let corrupt = report
         .get("corrupt")
@@ -816,6 +865,21 @@ recovered  shard-001 repaired
                 Style::PLAIN
             ),
             "verified 1 document: store damage found\n  store recovered: shard 1: quarantined to q and reopened empty (cause: c)\n"
+        );
+        assert_eq!(
+            verify_summary(
+                &json!({ "documents": 0, "corrupt": [], "repaired_blocks": 0, "workers": [
+                    { "address": "local:0", "documents": 2, "corrupt": [], "repaired_blocks": 0,
+                      "corruption_found": false },
+                    { "address": "local:1", "documents": 1, "corrupt": ["t/a@1: checksum"],
+                      "repaired_blocks": 3, "corruption_found": true },
+                    { "address": "10.0.0.5:8701", "documents": 0, "corrupt": [], "repaired_blocks": 0,
+                      "corruption_found": false, "error": "timed out" } ] }),
+                Style::PLAIN
+            ),
+            "verified 0 documents: every block intact\nworker local:0: 2 parts, intact\n\
+             worker local:1: 1 part, 1 corrupt, 3 blocks repaired\n  t/a@1: checksum\n\
+             worker 10.0.0.5:8701: not verified: timed out\n"
         );
         assert_eq!(
             ingest_summary(

@@ -32,6 +32,6 @@ pub mod worker;
 pub use catalog::{BlockEntry, DocEntry};
 pub use coordinator::{Cluster, ClusterConfig, WorkerHealth, WorkerStatus};
 pub use handle::{CallError, InProcessWorker, PendingReply, Worker};
-pub use local::{LocalWorkersConfig, local_devices, open_local_workers};
+pub use local::{LocalWorkersConfig, local_devices, local_worker_dir, open_local_workers};
 pub use verify::WorkerVerify;
 pub use worker::WorkerNode;
