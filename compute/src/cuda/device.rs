@@ -116,6 +116,15 @@ impl DevBuf {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// The address of `buf`, first (re)allocated on `gpu` when it holds fewer than `bytes`
+    /// (scratch reused call after call, grown on demand).
+    pub fn grown(gpu: &Gpu, buf: &mut Option<DevBuf>, bytes: usize) -> Result<u64> {
+        if buf.as_ref().is_none_or(|b| b.bytes < bytes) {
+            *buf = Some(gpu.alloc(bytes)?);
+        }
+        Ok(buf.as_ref().map_or(0, DevBuf::ptr))
+    }
 }
 
 impl std::fmt::Debug for DevBuf {

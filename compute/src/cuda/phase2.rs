@@ -325,12 +325,7 @@ impl GpuQuery {
         let slots =
             1 + self.device_shards.len() + usize::from(!host.is_empty()) + usize::from(has_group);
         let (o_slot, l_slot) = (m * qw * 4, m * nh * 4);
-        let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
-            if b.as_ref().is_none_or(|x| x.bytes() < bytes) {
-                *b = Some(gpu.alloc(bytes)?);
-            }
-            Ok(b.as_ref().map_or(0, DevBuf::ptr))
-        };
+        let grow = |b: &mut Option<DevBuf>, bytes: usize| DevBuf::grown(gpu, b, bytes);
         let parts_o = grow(&mut merge.out32, slots * o_slot)?;
         let parts_l = grow(&mut merge.lse32, slots * l_slot)?;
         let slot = |i: usize| (parts_o + (i * o_slot) as u64, parts_l + (i * l_slot) as u64);

@@ -160,12 +160,7 @@ impl GpuShard {
         let mut st = inner.host.lock().unwrap_or_else(PoisonError::into_inner);
         gpu.ctx.bind_to_thread()?;
         let st = &mut *st;
-        let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
-            if b.as_ref().is_none_or(|x| x.bytes() < bytes) {
-                *b = Some(gpu.alloc(bytes)?);
-            }
-            Ok(b.as_ref().map_or(0, DevBuf::ptr))
-        };
+        let grow = |b: &mut Option<DevBuf>, bytes: usize| DevBuf::grown(gpu, b, bytes);
         let q32 = grow(&mut st.q32, m * qw * 4)?;
         let q16 = grow(&mut st.q16, m * qw * 2)?;
         let out = grow(&mut st.out, m * qw * 4)?;

@@ -57,12 +57,7 @@ impl TemperedGroup {
         group: &mut Attended,
     ) -> Result<()> {
         let (qw, nh) = (shape.q_width(), shape.n_heads);
-        let grow = |b: &mut Option<DevBuf>, bytes: usize| -> Result<u64> {
-            if b.as_ref().is_none_or(|x| x.bytes() < bytes) {
-                *b = Some(gpu.alloc(bytes)?);
-            }
-            Ok(b.as_ref().map_or(0, DevBuf::ptr))
-        };
+        let grow = |b: &mut Option<DevBuf>, bytes: usize| DevBuf::grown(gpu, b, bytes);
         let (go, gl) = (
             grow(&mut self.group.0, m * qw * 4)?,
             grow(&mut self.group.1, m * nh * 4)?,
