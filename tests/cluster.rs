@@ -499,8 +499,10 @@ fn a_tempered_merge_over_workers_answers_as_one_node() {
     let dir = temp_dir("cluster-tempered");
     let text = document(None);
     let ingest_tempered = |server: &Server| {
+        // An anchor of one block (not the default quarter of the document): most of the
+        // document is then in the tempered group, and the merge changes the answer.
         let body = json!({ "id": "harbour", "text": text, "block_size": BLOCK_SIZE,
-            "merge_temperature": 0.7, "merge_scale": 2.0 });
+            "anchor_size": BLOCK_SIZE, "merge_temperature": 0.7, "merge_scale": 2.0 });
         let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
         assert_eq!(status, 200, "{doc}");
         assert_eq!(doc["state"], "ready", "{doc}");
