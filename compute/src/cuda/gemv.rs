@@ -17,8 +17,8 @@ use super::{CudaError, KvDest, Result};
 
 /// Threads per CTA (`GEMV_THREADS` in `gemv.cu`): eight warps, each two rows at a time.
 const THREADS: u32 = 256;
-/// Row pairs one CTA works on at once.
-const UNITS_PER_CTA: usize = (THREADS / 32) as usize;
+/// Warps per CTA.
+const WARPS: usize = (THREADS / 32) as usize;
 /// Most shared memory a product's staged input may take (the kernels' dynamic shared
 /// memory attribute is raised to this in `kernels.rs`): inputs up to 49152 values.
 pub(crate) const GEMV_SMEM_MAX: usize = 96 * 1024;
@@ -47,28 +47,41 @@ fn arg<T>(v: &T) -> *mut c_void {
 }
 
 impl Gpu {
-    /// Launches one-row product kernel `name` over `units` row pairs (CTAs of eight
-    /// warps, at most four per SM: later units loop) with `k` staged input values;
-    /// `params` are the addresses of the kernel's arguments in order (they must match its
-    /// signature in `gemv.cu`). On sm_90 and later with programmatic dependent launch:
-    /// the kernel may start while the previous one runs and waits for it on the device
-    /// (see `gemv.cu`), which hides its launch and its first weight loads behind it.
-    fn launch_gemv(
-        &self,
-        kern: &Kernels,
-        name: &str,
-        units: usize,
-        k: usize,
-        params: &mut [*mut c_void],
-    ) -> Result<()> {
+    /// Warps per unit (row pair) for `units` pairs of rows of `k` values: the fewest
+    /// (1, 2, 4 or 8) that give every SM four CTAs of busy warps, while each warp keeps
+    /// at least two 16-byte chunks per lane and row. Errors when the kernels cannot stage
+    /// `k` values.
+    fn gemv_wpu(&self, units: usize, k: usize) -> Result<usize> {
         if !gemv_fits(k) {
             return Err(CudaError::Invalid(format!(
                 "one-row product over {k} inputs: needs a multiple of 8 up to {}",
                 GEMV_SMEM_MAX / 2
             )));
         }
+        let target = 4 * WARPS * self.sm_count().max(1);
+        let mut wpu = 1;
+        while wpu < WARPS && units * wpu < target && k / 8 >= 64 * (2 * wpu) {
+            wpu *= 2;
+        }
+        Ok(wpu)
+    }
+
+    /// Launches one-row product kernel `name` over `units` row pairs, `wpu` warps each
+    /// (CTAs of eight warps, at most four per SM: later units loop) with `k` staged input
+    /// values; `params` are the addresses of the kernel's arguments in order (they must
+    /// match its signature in `gemv.cu`). On sm_90 and later with programmatic dependent
+    /// launch: the kernel may start while the previous one runs and waits for it on the
+    /// device (see `gemv.cu`), which hides its launch and its first weight loads.
+    fn launch_gemv(
+        &self,
+        kern: &Kernels,
+        name: &str,
+        (units, wpu): (usize, usize),
+        k: usize,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
         let grid = units
-            .div_ceil(UNITS_PER_CTA)
+            .div_ceil(WARPS / wpu)
             .clamp(1, 4 * self.sm_count().max(1));
         // SAFETY: an all-zero attribute value is valid (a union of plain integers).
         let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
@@ -133,7 +146,8 @@ impl Gpu {
             )));
         }
         let units = (nh + 2 * nkv) * d / 2;
-        let k_i = k as i32;
+        let wpu = self.gemv_wpu(units, k)?;
+        let (k_i, wpu_i) = (k as i32, wpu as i32);
         let (nh_i, nkv_i, d_i, p_i) = (nh as i32, nkv as i32, d as i32, pairs as i32);
         let mut params = [
             arg(&q),
@@ -154,8 +168,9 @@ impl Gpu {
             arg(&dest.row_stride),
             arg(&dest.t0),
             arg(&dest.t0_dev),
+            arg(&wpu_i),
         ];
-        self.launch_gemv(kern, "gemv_qkv_rope", units, k, &mut params)
+        self.launch_gemv(kern, "gemv_qkv_rope", (units, wpu), k, &mut params)
     }
 
     /// One decode token's feed-forward input: `x` (f32 `[k]`) RMS-normalised with `norm_w`,
@@ -173,7 +188,8 @@ impl Gpu {
         k: usize,
         ffn: usize,
     ) -> Result<()> {
-        let (k_i, f_i) = (k as i32, ffn as i32);
+        let wpu = self.gemv_wpu(ffn, k)?;
+        let (k_i, f_i, wpu_i) = (k as i32, ffn as i32, wpu as i32);
         let mut params = [
             arg(&act),
             arg(&w),
@@ -182,8 +198,9 @@ impl Gpu {
             arg(&eps),
             arg(&k_i),
             arg(&f_i),
+            arg(&wpu_i),
         ];
-        self.launch_gemv(kern, "gemv_swiglu", ffn, k, &mut params)
+        self.launch_gemv(kern, "gemv_swiglu", (ffn, wpu), k, &mut params)
     }
 
     /// `y[r] (+)= Σᵢ w[r][i] · x[i]` for one row: `w` 16-bit `[n][k]`, `x` 16-bit
@@ -205,7 +222,9 @@ impl Gpu {
             return Ok(());
         }
         let (xh, xf) = if x_f32 { (0u64, x) } else { (x, 0u64) };
-        let (acc, k_i, n_i) = (accumulate as i32, k as i32, n as i32);
+        let units = n.div_ceil(2);
+        let wpu = self.gemv_wpu(units, k)?;
+        let (acc, k_i, n_i, wpu_i) = (accumulate as i32, k as i32, n as i32, wpu as i32);
         let mut params = [
             arg(&y),
             arg(&acc),
@@ -214,7 +233,8 @@ impl Gpu {
             arg(&xf),
             arg(&k_i),
             arg(&n_i),
+            arg(&wpu_i),
         ];
-        self.launch_gemv(kern, "gemv_rows", n.div_ceil(2), k, &mut params)
+        self.launch_gemv(kern, "gemv_rows", (units, wpu), k, &mut params)
     }
 }

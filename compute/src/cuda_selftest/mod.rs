@@ -634,9 +634,14 @@ fn gemv_checks(
         ms(t),
     );
 
-    // Residual add (the down projection's shape, an odd row count) and a plain f32
-    // store from an f32 input (the LM head's).
-    for (n, kk, accumulate) in [(hidden + 1, ffn, true), (2 * hidden + 3, hidden, false)] {
+    // Residual add (the down projection's shape, an odd row count), a plain f32 store
+    // from an f32 input (the LM head's), and few rows over many inputs (the launcher
+    // gives each row pair up to eight warps: at h = 4096 these take 4, 2 and 8).
+    for (n, kk, accumulate) in [
+        (hidden + 1, ffn, true),
+        (2 * hidden + 3, hidden, false),
+        (hidden / 4 + 1, hidden, true),
+    ] {
         let t = Instant::now();
         let w = round_vec(dt, &rng.vec(n * kk, -0.1, 0.1));
         let x = rng.vec(kk, -2.0, 2.0);
@@ -1281,12 +1286,21 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
     let t = Instant::now();
     let mut cublas_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), cap)?;
     let mut fused_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), cap)?;
-    let f = fused_vs_cublas(gpu, &mut model, &mut cublas_q, &mut fused_q, &query, l, 12)?;
+    let f = fused_vs_cublas(
+        gpu,
+        u,
+        &mut model,
+        &mut cublas_q,
+        &mut fused_q,
+        &query,
+        l,
+        12,
+    )?;
     f.report(report, "star decode", ms(t), u);
     let t = Instant::now();
     let mut cublas_c = GpuKvCache::new(gpu, n_layers, shape, all.len() + 16)?;
     let mut fused_c = GpuKvCache::new(gpu, n_layers, shape, all.len() + 16)?;
-    let f = fused_vs_cublas(gpu, &mut model, &mut cublas_c, &mut fused_c, &all, 0, 12)?;
+    let f = fused_vs_cublas(gpu, u, &mut model, &mut cublas_c, &mut fused_c, &all, 0, 12)?;
     f.report(report, "KV-cache decode", ms(t), u);
     Ok(())
 }
@@ -1378,24 +1392,33 @@ fn graph_vs_plain(
 struct FusedCheck {
     worst_rel: f64,
     token_mismatch: usize,
+    /// Steps where the reference's best two logits lie within the logits' tolerance of
+    /// each other: either pick is right there, so they are not compared.
+    near_ties: usize,
     steps: usize,
 }
 
 impl FusedCheck {
     /// Logits within 4u (the two paths round Q/K/V and the SwiGLU output to 16-bit from
     /// f32 sums taken in different orders, so an element may differ by 1u there, and the
-    /// KV rows they write feed later steps) and the same greedy tokens.
+    /// KV rows they write feed later steps; measured 1.0-1.5u) and the same greedy token
+    /// at every step where the reference's top two logits are more than 4u of its
+    /// largest magnitude apart (a near tie may go either way: one seed of the H200 run
+    /// that set this rule picked the other token once in 12 steps with logits at 1.3u).
     fn report(&self, report: &mut Report, what: &str, ms: f64, u: f64) {
-        let n = self.steps;
+        let n = self.steps - self.near_ties;
         report.check(
-            &format!("{what} {n} steps: fused one-row kernels vs cuBLAS logits"),
+            &format!(
+                "{what} {} steps: fused one-row kernels vs cuBLAS logits",
+                self.steps
+            ),
             "rel",
             self.worst_rel,
             4.0 * u,
             ms,
         );
         report.check(
-            &format!("{what} {n} steps: fused one-row kernels vs cuBLAS tokens"),
+            &format!("{what} {n} decisive steps: fused one-row kernels vs cuBLAS tokens"),
             "mismatch",
             self.token_mismatch as f64,
             0.0,
@@ -1407,8 +1430,10 @@ impl FusedCheck {
 /// The same prompt through two attentions, then `steps` decode steps each (CUDA graphs
 /// on): `reference` through cuBLAS and the separate element-wise kernels, `fused` through
 /// the one-row kernels of `gemv.rs`, both fed the reference's greedy token.
+#[allow(clippy::too_many_arguments)]
 fn fused_vs_cublas(
     gpu: &Gpu,
+    u: f64,
     model: &mut CudaLlama,
     reference: &mut dyn crate::cuda::GpuAttention,
     fused: &mut dyn crate::cuda::GpuAttention,
@@ -1425,6 +1450,7 @@ fn fused_vs_cublas(
     let mut check = FusedCheck {
         worst_rel: 0.0,
         token_mismatch: 0,
+        near_ties: 0,
         steps,
     };
     let result = (|| -> Result<()> {
@@ -1435,7 +1461,19 @@ fn fused_vs_cublas(
             gpu.set_fused_decode(true);
             let lf = model.decode_logits(tok, pos, fused)?;
             check.worst_rel = check.worst_rel.max(rel(&lf, &lr));
-            check.token_mismatch += (argmax(&lf) != argmax(&lr)) as usize;
+            let best = argmax(&lr) as usize;
+            let runner_up = lr
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != best)
+                .map(|(_, &v)| v)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let scale = lr.iter().fold(0f32, |m, &v| m.max(v.abs())) as f64;
+            if ((lr[best] - runner_up) as f64) <= 4.0 * u * scale {
+                check.near_ties += 1;
+            } else {
+                check.token_mismatch += (argmax(&lf) != argmax(&lr)) as usize;
+            }
             tok = argmax(&lr);
         }
         Ok(())

@@ -14,9 +14,12 @@
 // Layout of the work: each CTA of GEMV_THREADS threads first stages x in shared memory in
 // the 16-bit type (RMS-normalised on the way when given a norm weight, with the same loop
 // and reduction as rms_norm_h, so the staged vector is the one the cuBLAS path multiplies).
-// Then each warp takes a unit of two rows at a time (adjacent rows, or gate row j with up
-// row ffn + j): every lane streams 16-byte chunks of both rows, GEMV_UNROLL chunks of each
-// in flight, multiplies them with the staged x, and the warp adds its lanes by shuffles.
+// Then the CTA's warps take units of two rows (adjacent rows, or gate row j with up row
+// ffn + j), `wpu` warps per unit (1, 2, 4 or 8; the launcher picks more when there are too
+// few units to keep every SM streaming, as for the 8B shape's down projection: 2048 units
+// over rows of 14336 values): each warp streams every wpu-th 512-byte slice of both rows,
+// GEMV_UNROLL chunks of 16 bytes per lane and row in flight, multiplies them with the
+// staged x, adds its lanes by shuffles, and the unit's warps add up in shared memory.
 // k must be a multiple of 8 (16-byte chunks), checked by the launcher.
 //
 // Programmatic dependent launch (sm_90): the launcher lets each of these kernels start
@@ -28,6 +31,10 @@
 
 #define GEMV_THREADS 256
 #define GEMV_WARPS (GEMV_THREADS / 32)
+// Matrices up to this size have their first rows prefetched into L2 before the wait;
+// larger ones would only push each other's lines out of it (the 8B shape's gate/up
+// projection ran 7% slower with every warp's first rows prefetched).
+#define GEMV_PREFETCH_MAX (24ull << 20)
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 4  // chunks of each row in flight per lane (env STARKV_GEMV_UNROLL)
 #endif
@@ -73,20 +80,6 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Before the wait: lets the next kernel launch, and starts the warp's first unit's rows
-// (k 16-bit values each) on their way into L2, one 128-byte line per lane at a time.
-__device__ __forceinline__ void gemv_prologue(const h16* wa, const h16* wb, bool valid, int k) {
-    pdl_trigger();
-    if (valid) {
-        const int lane = threadIdx.x & 31;
-        for (int off = lane * 64; off < k; off += 32 * 64) {
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(wa + off));
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(wb + off));
-        }
-    }
-    pdl_wait();
-}
-
 // The staged input vector, 16-bit, k values (dynamic shared memory of k * 2 bytes).
 extern __shared__ v4 gemv_x[];
 
@@ -110,28 +103,30 @@ __device__ __forceinline__ void gemv_stage(const h16* xh, const float* xf, const
     __syncthreads();
 }
 
-// Dot products of rows wa and wb (16-bit, k = 8 * k8 values each) with the staged x, summed
-// over the warp: every lane returns both sums. Each round issues GEMV_UNROLL chunks of
-// both rows before it multiplies any (chunks past the row's end are skipped), so a short
-// row (SmolLM2's 576 values: at most 3 chunks a lane) is one round trip, not one a chunk.
-__device__ __forceinline__ void gemv_pair(const h16* wa, const h16* wb, int k8, float& ya, float& yb) {
+// Dot products of rows wa and wb (16-bit, k = 8 * k8 values each) with the staged x, over
+// this warp's slices (`part` of `wpu`: chunks part * 32 + 32 wpu i + lane), summed over
+// the warp: every lane returns both sums. Each round issues GEMV_UNROLL chunks of both
+// rows before it multiplies any (chunks past the row's end are skipped), so a short row
+// (SmolLM2's 576 values: at most 3 chunks a lane) is one round trip, not one a chunk.
+__device__ __forceinline__ void gemv_pair(const h16* wa, const h16* wb, int k8, int part, int wpu,
+                                          float& ya, float& yb) {
     const v4* A = (const v4*)wa;
     const v4* B = (const v4*)wb;
-    const int lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31, step = 32 * wpu;
     float a = 0.f, b = 0.f;
-    for (int c = lane; c < k8; c += 32 * GEMV_UNROLL) {
+    for (int c = part * 32 + lane; c < k8; c += step * GEMV_UNROLL) {
         v4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
-            if (c + 32 * u < k8) {
-                ra[u] = ld_weights(A + c + 32 * u);
-                rb[u] = ld_weights(B + c + 32 * u);
+            if (c + step * u < k8) {
+                ra[u] = ld_weights(A + c + step * u);
+                rb[u] = ld_weights(B + c + step * u);
             }
         }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
-            if (c + 32 * u < k8) {
-                v4 xv = gemv_x[c + 32 * u];
+            if (c + step * u < k8) {
+                v4 xv = gemv_x[c + step * u];
                 a = dot8(ra[u], xv, a);
                 b = dot8(rb[u], xv, b);
             }
@@ -139,6 +134,59 @@ __device__ __forceinline__ void gemv_pair(const h16* wa, const h16* wb, int k8, 
     }
     ya = warp_sum(a);
     yb = warp_sum(b);
+}
+
+// The shared body of the one-row kernels: w [n][k] 16-bit, `units` row pairs (`rows(u, ra,
+// rb)` names them), `wpu` warps per unit. Before the PDL wait: trigger the next kernel and
+// prefetch this warp's part of its first unit into L2 (small matrices only); then stage x
+// (xh, or xf with or without norm_w) and walk the units; `epi(u, a, b)` runs on one
+// thread per unit with both rows' sums. Every warp of a CTA makes the same number of
+// passes (units past the end compute nothing), so the barriers are uniform.
+template <class Rows, class Epi>
+__device__ __forceinline__ void gemv_run(const h16* __restrict__ w, int n, int k, int units, int wpu,
+                                         const h16* xh, const float* xf, const float* norm_w,
+                                         float eps, Rows rows, Epi epi) {
+    __shared__ float red[GEMV_WARPS][2];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int upb = GEMV_WARPS / wpu, group = warp / wpu, part = warp % wpu;
+    pdl_trigger();
+    {
+        const int u0 = blockIdx.x * upb + group;
+        if (u0 < units && (u64)n * k * 2 <= GEMV_PREFETCH_MAX) {
+            int ra, rb;
+            rows(u0, ra, rb);
+            for (int line = part * 32 + lane; line * 64 < k; line += 32 * wpu) {
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (u64)ra * k + line * 64));
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (u64)rb * k + line * 64));
+            }
+        }
+    }
+    pdl_wait();
+    gemv_stage(xh, xf, norm_w, k, eps);
+    for (int base = blockIdx.x * upb; base < units; base += gridDim.x * upb) {
+        const int u = base + group;
+        float a = 0.f, b = 0.f;
+        if (u < units) {
+            int ra, rb;
+            rows(u, ra, rb);
+            gemv_pair(w + (u64)ra * k, w + (u64)rb * k, k / 8, part, wpu, a, b);
+        }
+        if (wpu > 1) {
+            if (lane == 0) {
+                red[warp][0] = a;
+                red[warp][1] = b;
+            }
+            __syncthreads();
+            if (part == 0) {
+                for (int p = 1; p < wpu; p++) {
+                    a += red[warp + p][0];
+                    b += red[warp + p][1];
+                }
+            }
+            __syncthreads();
+        }
+        if (u < units && part == 0 && lane == 0) epi(u, a, b);
+    }
 }
 
 // Fused Q/K/V rows of a decode step: x f32 [k] (the residual stream) RMS-normalised with
@@ -150,78 +198,68 @@ __device__ __forceinline__ void gemv_pair(const h16* wa, const h16* wb, int k8, 
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_qkv_rope(
     h16* q, h16* k_dst, h16* v_dst, const h16* __restrict__ w, const float* x, const float* norm_w,
     float eps, int k, const float* cos_t, const float* sin_t, int nh, int nkv, int d, int pairs,
-    long long head_stride, int row_stride, int t0_arg, const int* t0_dev) {
+    long long head_stride, int row_stride, int t0_arg, const int* t0_dev, int wpu) {
     const int units = (nh + 2 * nkv) * d / 2, half_d = d / 2;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    {
-        const int u0 = blockIdx.x * GEMV_WARPS + warp;
-        gemv_prologue(w + (u64)2 * u0 * k, w + (u64)(2 * u0 + 1) * k, u0 < units, k);
-    }
-    gemv_stage(nullptr, x, norm_w, k, eps);
-    const int t0 = t0_dev ? *t0_dev : t0_arg;
-    for (int u = blockIdx.x * GEMV_WARPS + warp; u < units; u += gridDim.x * GEMV_WARPS) {
-        const int row = 2 * u;
-        float a, b;
-        gemv_pair(w + (u64)row * k, w + (u64)(row + 1) * k, k / 8, a, b);
-        if (lane != 0) continue;
-        const int head = u / half_d, p = u % half_d;
-        float r0 = a, r1 = b;
-        if (head < nh + nkv && p < pairs) {
-            r0 = a * cos_t[p] - b * sin_t[p];
-            r1 = a * sin_t[p] + b * cos_t[p];
-        }
-        const u32 packed = pack2(r0, r1);
-        if (head < nh) {
-            *(u32*)(q + (u64)head * d + 2 * p) = packed;
-        } else if (head < nh + nkv) {
-            *(u32*)(k_dst + (head - nh) * head_stride + (long long)t0 * row_stride + 2 * p) = packed;
-        } else {
-            *(u32*)(v_dst + (head - nh - nkv) * head_stride + (long long)t0 * row_stride + 2 * p) = packed;
-        }
-    }
+    gemv_run(
+        w, 2 * units, k, units, wpu, nullptr, x, norm_w, eps,
+        [](int u, int& ra, int& rb) {
+            ra = 2 * u;
+            rb = 2 * u + 1;
+        },
+        [&](int u, float a, float b) {
+            const int head = u / half_d, p = u % half_d;
+            float r0 = a, r1 = b;
+            if (head < nh + nkv && p < pairs) {
+                r0 = a * cos_t[p] - b * sin_t[p];
+                r1 = a * sin_t[p] + b * cos_t[p];
+            }
+            const u32 packed = pack2(r0, r1);
+            const int t0 = t0_dev ? *t0_dev : t0_arg;
+            if (head < nh) {
+                *(u32*)(q + (u64)head * d + 2 * p) = packed;
+            } else if (head < nh + nkv) {
+                *(u32*)(k_dst + (head - nh) * head_stride + (long long)t0 * row_stride + 2 * p) = packed;
+            } else {
+                *(u32*)(v_dst + (head - nh - nkv) * head_stride + (long long)t0 * row_stride + 2 * p) = packed;
+            }
+        });
 }
 
 // Gate/up rows and SwiGLU of a decode step: x f32 [k] RMS-normalised with norm_w,
 // multiplied by w [2 ffn][k] (gate rows, then up rows); act[j] = silu(gate_j) * up_j
 // (16-bit), as swiglu_h computes it. One unit = gate row j with up row ffn + j.
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_swiglu(
-    h16* act, const h16* __restrict__ w, const float* x, const float* norm_w, float eps, int k, int ffn) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    {
-        const int j0 = blockIdx.x * GEMV_WARPS + warp;
-        gemv_prologue(w + (u64)j0 * k, w + (u64)(ffn + j0) * k, j0 < ffn, k);
-    }
-    gemv_stage(nullptr, x, norm_w, k, eps);
-    for (int j = blockIdx.x * GEMV_WARPS + warp; j < ffn; j += gridDim.x * GEMV_WARPS) {
-        float g, up;
-        gemv_pair(w + (u64)j * k, w + (u64)(ffn + j) * k, k / 8, g, up);
-        if (lane == 0) act[j] = f2h(g / (1.f + __expf(-g)) * up);
-    }
+    h16* act, const h16* __restrict__ w, const float* x, const float* norm_w, float eps, int k, int ffn,
+    int wpu) {
+    gemv_run(
+        w, 2 * ffn, k, ffn, wpu, nullptr, x, norm_w, eps,
+        [=](int j, int& ra, int& rb) {
+            ra = j;
+            rb = ffn + j;
+        },
+        [=](int j, float g, float up) { act[j] = f2h(g / (1.f + __expf(-g)) * up); });
 }
 
 // y[r] (+)= sum_i w[r][i] x[i] for r < n: x 16-bit (xh) or f32 converted to 16-bit (xf,
 // when xh is null), y f32, added to (accumulate != 0: a residual add) or stored. One unit
 // = rows 2u and 2u + 1 (a last odd row is paired with itself and written once).
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows(
-    float* y, int accumulate, const h16* __restrict__ w, const h16* xh, const float* xf, int k, int n) {
-    const int units = (n + 1) / 2;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    {
-        const int u0 = blockIdx.x * GEMV_WARPS + warp;
-        gemv_prologue(w + (u64)2 * u0 * k, w + (u64)min(2 * u0 + 1, n - 1) * k, u0 < units, k);
-    }
-    gemv_stage(xh, xf, nullptr, k, 0.f);
-    for (int u = blockIdx.x * GEMV_WARPS + warp; u < units; u += gridDim.x * GEMV_WARPS) {
-        const int ra = 2 * u, rb = min(2 * u + 1, n - 1);
-        float a, b;
-        gemv_pair(w + (u64)ra * k, w + (u64)rb * k, k / 8, a, b);
-        if (lane != 0) continue;
-        if (accumulate) {
-            y[ra] += a;
-            if (rb != ra) y[rb] += b;
-        } else {
-            y[ra] = a;
-            if (rb != ra) y[rb] = b;
-        }
-    }
+    float* y, int accumulate, const h16* __restrict__ w, const h16* xh, const float* xf, int k, int n,
+    int wpu) {
+    gemv_run(
+        w, n, k, (n + 1) / 2, wpu, xh, xf, nullptr, 0.f,
+        [=](int u, int& ra, int& rb) {
+            ra = 2 * u;
+            rb = min(2 * u + 1, n - 1);
+        },
+        [=](int u, float a, float b) {
+            const int ra = 2 * u, rb = min(2 * u + 1, n - 1);
+            if (accumulate) {
+                y[ra] += a;
+                if (rb != ra) y[rb] += b;
+            } else {
+                y[ra] = a;
+                if (rb != ra) y[rb] = b;
+            }
+        });
 }
