@@ -4,7 +4,8 @@
 //! kernels fold them: a layer is four products (QKV with its norm and RoPE, the output
 //! projection into the residual, gate/up with its norm and SwiGLU, the down projection
 //! into the residual) plus attention's two (split, merge): six kernels instead of ten,
-//! each launched so that it starts while the one before it runs. Used by the forward pass
+//! the products launched so that each starts while the kernel before it runs (Hopper, PDL).
+//! Used by the forward pass
 //! for one-token steps while [`Gpu::fused_decode`] is on; prefill keeps cuBLAS.
 
 use std::ffi::c_void;
