@@ -5,8 +5,8 @@
 //! projection into the residual, gate/up with its norm and SwiGLU, the down projection
 //! into the residual) plus attention's two (split, merge): six kernels instead of ten,
 //! the products launched so that each starts while the kernel before it runs (Hopper, PDL).
-//! Used by the forward pass
-//! for one-token steps while [`Gpu::fused_decode`] is on; prefill keeps cuBLAS.
+//! Used by the forward pass for one-token steps while [`Gpu::fused_decode`] is on;
+//! prefill keeps cuBLAS.
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
