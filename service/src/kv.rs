@@ -37,10 +37,15 @@ pub(crate) fn to_tensors(block: &BlockKv, dtype: DType) -> ServiceResult<Vec<Ten
         .collect()
 }
 
+/// A stored block as compute reads it: 8-bit layers stay in 8 bits; f16 layers stay in
+/// f16 when `keep_f16` (a CPU host: half the memory of f32 and no conversion at load; the
+/// attention kernel widens one key tile at a time), else they and bf16 layers are widened
+/// to f32 (a GPU host uploads them in its own type).
 pub(crate) fn from_tensors(
     layers: &[Arc<Tensor>],
     start: usize,
     shape: HeadShape,
+    keep_f16: bool,
 ) -> ServiceResult<BlockKv> {
     let first = layers
         .first()
@@ -58,6 +63,23 @@ pub(crate) fn from_tensors(
     let len = dims[2] as usize;
     if first.dtype() == DType::I8 {
         return from_i8_tensors(layers, start, len, shape);
+    }
+    if keep_f16 && layers.iter().all(|t| t.as_f16().is_some()) {
+        let kv16 = layers
+            .iter()
+            .map(|t| {
+                let values = t.as_f16().unwrap_or_default();
+                if t.shape() != dims {
+                    return Err(ServiceError::Conflict(format!(
+                        "stored KV layers of shapes {dims:?} and {:?} in one block",
+                        t.shape()
+                    )));
+                }
+                let (k, v) = values.split_at(values.len() / 2);
+                Ok((k.to_vec(), v.to_vec()))
+            })
+            .collect::<ServiceResult<Vec<_>>>()?;
+        return Ok(BlockKv::half(start, len, shape, kv16));
     }
     let mut block = BlockKv::new(start, len, shape, layers.len());
     for (l, t) in layers.iter().enumerate() {
@@ -186,7 +208,7 @@ mod tests {
         let tensors = to_tensors(&block, DType::I8).unwrap();
         assert_eq!(tensors[0].dtype(), DType::I8);
         let layers: Vec<Arc<Tensor>> = tensors.into_iter().map(Arc::new).collect();
-        let back = from_tensors(&layers, 40, shape).unwrap();
+        let back = from_tensors(&layers, 40, shape, false).unwrap();
         assert!(back.is_8bit());
         assert_eq!((back.start, back.len), (40, len));
         for ((k, v), (k8, v8)) in block.layers.iter().zip(back.kv8.as_ref().unwrap()) {
@@ -200,6 +222,18 @@ mod tests {
         // A block mixing 8-bit and 16-bit layers is refused, not misread.
         let mut mixed = layers.clone();
         mixed[1] = Arc::new(to_tensors(&block, DType::F16).unwrap().remove(1));
-        assert!(from_tensors(&mixed, 40, shape).is_err());
+        assert!(from_tensors(&mixed, 40, shape, false).is_err());
+
+        // f16 layers kept in f16 (a CPU host) widen to exactly what the f32 load gives.
+        let f16_layers: Vec<Arc<Tensor>> = to_tensors(&block, DType::F16)
+            .unwrap()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let kept = from_tensors(&f16_layers, 40, shape, true).unwrap();
+        let widened = from_tensors(&f16_layers, 40, shape, false).unwrap();
+        assert!(kept.kv16.is_some() && widened.kv16.is_none());
+        assert_eq!(kept.n_bytes() * 2, widened.n_bytes(), "half the bytes");
+        assert_eq!(Arc::new(kept).dequantized().layers, widened.layers);
     }
 }

@@ -142,6 +142,12 @@ impl Service {
         self.model.model.head_shape()
     }
 
+    /// Whether loaded f16 blocks stay in f16 (the CPU: its attention widens a key tile
+    /// at a time; a GPU uploads blocks in its own 16-bit type from f32).
+    fn keeps_f16_blocks(&self) -> bool {
+        self.backend.stored_half_type().is_none()
+    }
+
     /// Phase 1 of a stored document's source tokens (repairs re-encode from them).
     fn encoder<'a>(
         &'a self,

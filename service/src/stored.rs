@@ -54,7 +54,12 @@ impl<'a> StoredBlocks<'a> {
             return Ok(ready);
         }
         let kv = match self.lease.read_block(i) {
-            Ok(layers) => from_tensors(&layers, block_ref.start as usize, service.shape())?,
+            Ok(layers) => from_tensors(
+                &layers,
+                block_ref.start as usize,
+                service.shape(),
+                service.keeps_f16_blocks(),
+            )?,
             Err(e) if is_corruption(&e) => {
                 tracing::warn!(
                     doc = self.manifest.doc.doc,
@@ -78,7 +83,12 @@ impl<'a> StoredBlocks<'a> {
                 // int8 document), so a repaired block answers like a loaded one.
                 let kv = if self.manifest.dtype.is_quantized() {
                     let layers: Vec<Arc<_>> = tensors.into_iter().map(Arc::new).collect();
-                    from_tensors(&layers, block_ref.start as usize, service.shape())?
+                    from_tensors(
+                        &layers,
+                        block_ref.start as usize,
+                        service.shape(),
+                        service.keeps_f16_blocks(),
+                    )?
                 } else {
                     kv
                 };

@@ -9,6 +9,8 @@
 //! tiles of `K_TILE` with an online softmax (running max and sum), computing scores and
 //! the value update with `gemm`, so memory use is independent of the key count.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::matmul::{Transpose, gemm_f32, gemm_f32_acc};
@@ -48,12 +50,26 @@ pub struct Kv8View<'a> {
     pub head_dim: usize,
 }
 
+/// Borrowed f16 keys and values of one block layer (a block loaded from an f16 store on
+/// a CPU host, kept in the stored precision): the layout of [`KvView`].
+#[derive(Clone, Copy)]
+pub struct Kv16View<'a> {
+    pub k: &'a [f16],
+    pub v: &'a [f16],
+    pub len: usize,
+    pub row_stride: usize,
+    pub head_stride: usize,
+}
+
 /// Keys and values in the precision they are held in.
 #[derive(Clone, Copy)]
 pub enum KvSource<'a> {
     F32(KvView<'a>),
     /// Dequantised one key tile at a time inside the attention loop.
     I8(Kv8View<'a>),
+    /// Widened to f32 one key tile at a time inside the attention loop (half the bytes
+    /// read of f32; exact: every f16 is an f32).
+    F16(Kv16View<'a>),
 }
 
 impl<'a> KvSource<'a> {
@@ -61,6 +77,7 @@ impl<'a> KvSource<'a> {
         match self {
             KvSource::F32(v) => v.len,
             KvSource::I8(v) => v.len,
+            KvSource::F16(v) => v.len,
         }
     }
 
@@ -75,6 +92,12 @@ impl<'a> KvSource<'a> {
             }),
             KvSource::I8(kv) => KvSource::I8(Kv8View {
                 first: kv.first + c0,
+                len: n,
+                ..kv
+            }),
+            KvSource::F16(kv) => KvSource::F16(Kv16View {
+                k: &kv.k[c0 * kv.row_stride..],
+                v: &kv.v[c0 * kv.row_stride..],
                 len: n,
                 ..kv
             }),
@@ -148,6 +171,13 @@ pub fn attention_source_into(
             assert!(
                 kv.k.len() >= last && kv.v.len() >= last,
                 "attention: kv view out of bounds"
+            );
+        }
+        KvSource::F16(kv) if kv.len > 0 => {
+            let last = (shape.n_kv_heads - 1) * kv.head_stride + (kv.len - 1) * kv.row_stride + d;
+            assert!(
+                kv.k.len() >= last && kv.v.len() >= last,
+                "attention: f16 kv view out of bounds"
             );
         }
         KvSource::I8(kv) => {
@@ -281,7 +311,7 @@ unsafe fn attend_tile(
     let mut scores = vec![0f32; packed * K_TILE];
     // An 8-bit source is dequantised tile by tile into this scratch.
     let mut tile_buf = match kv {
-        KvSource::I8(_) => vec![0f32; K_TILE.min(n_keys) * d],
+        KvSource::I8(_) | KvSource::F16(_) => vec![0f32; K_TILE.min(n_keys) * d],
         KvSource::F32(_) => Vec::new(),
     };
     for k0 in (0..n_keys).step_by(K_TILE) {
@@ -300,6 +330,15 @@ unsafe fn attend_tile(
                     let x = if which == 0 { kv.k } else { kv.v };
                     let first = kv_head * kv.block_len + kv.first + k0;
                     dequantize_rows(x, d, first, kc, &mut buf[..kc * d]);
+                    (buf.as_ptr(), d)
+                }
+                KvSource::F16(kv) => {
+                    let x = if which == 0 { kv.k } else { kv.v };
+                    let base = kv_head * kv.head_stride + k0 * kv.row_stride;
+                    for r in 0..kc {
+                        let row = &x[base + r * kv.row_stride..][..d];
+                        row.convert_to_f32_slice(&mut buf[r * d..(r + 1) * d]);
+                    }
                     (buf.as_ptr(), d)
                 }
             }

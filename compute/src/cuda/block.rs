@@ -99,6 +99,10 @@ impl GpuBlock {
             }
             return Ok(out);
         }
+        if block.kv16.is_some() {
+            // An f16 host block (a CPU host's load): widened, then stored in the GPU's type.
+            return Self::upload(gpu, &std::sync::Arc::new(block.clone()).dequantized());
+        }
         let out = Self::alloc(gpu, block.start, block.len, block.shape, block.layers.len())?;
         let mut tmp = Vec::new();
         for (l, (k, v)) in block.layers.iter().enumerate() {

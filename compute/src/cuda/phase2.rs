@@ -86,6 +86,8 @@ impl StreamedBlocks {
                 "an 8-bit block is uploaded whole (GpuBlock::upload), not streamed".into(),
             ));
         }
+        // f16 host blocks (a CPU host's loads) are widened once: staging encodes f32.
+        let sources: Vec<Arc<BlockKv>> = sources.iter().map(BlockKv::dequantized).collect();
         let n_layers = sources.first().map_or(0, |b| b.layers.len());
         let blocks = sources
             .iter()

@@ -1,6 +1,9 @@
 //! One context block's keys and values, for every layer.
 
-use crate::cpu::attention::{HeadShape, Kv8View, KvSource, KvView};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::cpu::attention::{HeadShape, Kv8View, Kv16View, KvSource, KvView};
 use crate::kv8::Kv8;
 
 /// The KV of `len` consecutive context tokens starting at global position `start`.
@@ -17,6 +20,10 @@ pub struct BlockKv {
     /// bits on the CPU ([`BlockKv::source`]) and on a GPU (`GpuBlock::upload` keeps them
     /// in 8 bits); [`BlockKv::dequantized`] widens them (tests, comparisons).
     pub kv8: Option<Vec<(Kv8, Kv8)>>,
+    /// `(k, v)` per layer in f16, for a block loaded from an f16 store on a CPU host: kept
+    /// in the stored precision (half the memory of f32, no conversion at load) and widened
+    /// one key tile at a time by the attention kernel.
+    pub kv16: Option<Vec<(Vec<f16>, Vec<f16>)>>,
 }
 
 impl BlockKv {
@@ -28,6 +35,7 @@ impl BlockKv {
             shape,
             layers: vec![(Vec::new(), Vec::new()); n_layers],
             kv8: None,
+            kv16: None,
         }
     }
 
@@ -39,6 +47,24 @@ impl BlockKv {
             shape,
             layers: vec![(Vec::new(), Vec::new()); layers.len()],
             kv8: Some(layers),
+            kv16: None,
+        }
+    }
+
+    /// A block held in f16: `(k, v)` per layer, head-major like the f32 layers.
+    pub fn half(
+        start: usize,
+        len: usize,
+        shape: HeadShape,
+        layers: Vec<(Vec<f16>, Vec<f16>)>,
+    ) -> Self {
+        Self {
+            start,
+            len,
+            shape,
+            layers: vec![(Vec::new(), Vec::new()); layers.len()],
+            kv8: None,
+            kv16: Some(layers),
         }
     }
 
@@ -49,12 +75,28 @@ impl BlockKv {
 
     /// Layers of this block (either representation).
     pub fn n_layers(&self) -> usize {
-        self.kv8.as_ref().map_or(self.layers.len(), Vec::len)
+        match (&self.kv8, &self.kv16) {
+            (Some(kv8), _) => kv8.len(),
+            (None, Some(kv16)) => kv16.len(),
+            (None, None) => self.layers.len(),
+        }
     }
 
     /// This block with f32 layers: itself when it is f32, else its 8-bit values widened
     /// (for comparisons: no device path widens an 8-bit block any more).
     pub fn dequantized(self: &std::sync::Arc<Self>) -> std::sync::Arc<Self> {
+        if let Some(kv16) = &self.kv16 {
+            let mut out = BlockKv::new(self.start, self.len, self.shape, kv16.len());
+            let widen = |x: &[f16]| {
+                let mut y = vec![0f32; x.len()];
+                x.convert_to_f32_slice(&mut y);
+                y
+            };
+            for (l, (k, v)) in kv16.iter().enumerate() {
+                out.layers[l] = (widen(k), widen(v));
+            }
+            return std::sync::Arc::new(out);
+        }
         let Some(kv8) = &self.kv8 else {
             return self.clone();
         };
@@ -80,7 +122,19 @@ impl BlockKv {
                     head_dim: self.shape.head_dim,
                 })
             }
-            None => KvSource::F32(self.view(layer)),
+            None => match &self.kv16 {
+                Some(kv16) => {
+                    let (k, v) = &kv16[layer];
+                    KvSource::F16(Kv16View {
+                        k,
+                        v,
+                        len: self.len,
+                        row_stride: self.shape.head_dim,
+                        head_stride: self.len * self.shape.head_dim,
+                    })
+                }
+                None => KvSource::F32(self.view(layer)),
+            },
         }
     }
 
@@ -94,7 +148,10 @@ impl BlockKv {
 
     /// Layer `layer` of an f32 block (a phase-1 block; see [`BlockKv::source`]).
     pub fn view(&self, layer: usize) -> KvView<'_> {
-        debug_assert!(self.kv8.is_none(), "an 8-bit block has no f32 view");
+        debug_assert!(
+            self.kv8.is_none() && self.kv16.is_none(),
+            "an 8-bit or f16 block has no f32 view"
+        );
         let (k, v) = &self.layers[layer];
         KvView {
             k,
@@ -115,6 +172,9 @@ impl BlockKv {
     /// own global positions: a block that lies inside an anchor longer than one block is
     /// a row range of the anchor's KV.
     pub fn rows(&self, range: std::ops::Range<usize>) -> BlockKv {
+        if self.kv8.is_some() || self.kv16.is_some() {
+            return std::sync::Arc::new(self.clone()).dequantized().rows(range);
+        }
         let (from, to) = (
             range.start.min(self.len),
             range.end.min(self.len).max(range.start),
@@ -135,10 +195,11 @@ impl BlockKv {
             shape: self.shape,
             layers: self.layers.iter().map(|(k, v)| (cut(k), cut(v))).collect(),
             kv8: None,
+            kv16: None,
         }
     }
 
-    /// Bytes of KV held (f32, or the 8-bit elements and their scales).
+    /// Bytes of KV held (f32, f16, or the 8-bit elements and their scales).
     pub fn n_bytes(&self) -> usize {
         let f32_bytes: usize = self
             .layers
@@ -151,7 +212,13 @@ impl BlockKv {
             .flatten()
             .map(|(k, v)| k.n_bytes() + v.n_bytes())
             .sum();
-        f32_bytes + kv8_bytes
+        let kv16_bytes: usize = self
+            .kv16
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.len() + v.len()) * 2)
+            .sum();
+        f32_bytes + kv8_bytes + kv16_bytes
     }
 }
 
