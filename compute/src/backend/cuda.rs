@@ -339,8 +339,9 @@ impl CudaBackend {
         let Some(shape) = shape else {
             return Err(Error::InvalidInput("a shard of no blocks".into()).into());
         };
-        let shard = GpuShard::new(self.gpu.clone(), blocks, shape).map_err(Error::from)?;
-        Ok(Arc::new(shard.with_score_scale(score_scale)))
+        let shard =
+            GpuShard::scaled(self.gpu.clone(), blocks, shape, score_scale).map_err(Error::from)?;
+        Ok(Arc::new(shard))
     }
 
     pub(super) fn answer_document(

@@ -191,7 +191,6 @@ impl StreamedBlocks {
 /// parts are merged exactly on the host (see [`GpuQuery::with_shards`]).
 pub struct GpuQuery {
     context: ContextBlocks,
-    shards: Vec<Arc<dyn AttentionShard>>,
     /// The shards reached over the device channel (same CUDA context as the query),
     /// and the rest, reached through the host.
     device_shards: Vec<GpuShard>,
@@ -220,7 +219,6 @@ impl GpuQuery {
     pub fn new(model: &CudaLlama, context: ContextBlocks, capacity: usize) -> Result<Self> {
         let context_len = context.blocks().map(|b| b.len).sum();
         Ok(Self {
-            shards: Vec::new(),
             device_shards: Vec::new(),
             host_shards: Vec::new(),
             tempered_shards: Vec::new(),
@@ -259,18 +257,24 @@ impl GpuQuery {
     /// it) is attended on the query's stream; the others through the host.
     pub fn with_shards(mut self, gpu: &Gpu, shards: Vec<Arc<dyn AttentionShard>>) -> Self {
         self.context_len += shards.iter().map(|s| s.n_tokens()).sum::<usize>();
-        for shard in &shards {
+        for shard in shards {
             if shard.tempered() {
-                self.tempered_shards.push(shard.clone());
+                self.tempered_shards.push(shard);
                 continue;
             }
             match shard.local_gpu().filter(|g| g.shares_context(gpu)) {
                 Some(g) => self.device_shards.push(g),
-                None => self.host_shards.push(shard.clone()),
+                None => self.host_shards.push(shard),
             }
         }
-        self.shards = shards;
         self
+    }
+
+    /// Whether any context is held by other shards.
+    fn has_shards(&self) -> bool {
+        !(self.device_shards.is_empty()
+            && self.host_shards.is_empty()
+            && self.tempered_shards.is_empty())
     }
 
     /// Shards reached over the device channel and through the host (tests, logs).
@@ -437,7 +441,7 @@ impl GpuAttention for GpuQuery {
         if let Some(s) = self.context.streamed_mut() {
             s.wait_layer(gpu, layer)?;
         }
-        if !self.shards.is_empty() || self.tempered.is_some() {
+        if self.has_shards() || self.tempered.is_some() {
             return self.attend_parts(gpu, kernels, layer, q, m, out);
         }
         self.attn
@@ -453,7 +457,7 @@ impl GpuAttention for GpuQuery {
     /// group merges on the host).
     fn begin_graph(&mut self, gpu: &Gpu, m: usize) -> Result<bool> {
         let merge = self.merge;
-        if !self.shards.is_empty()
+        if self.has_shards()
             || !matches!(self.context, ContextBlocks::Resident(_))
             || self.context.blocks().any(|b| merge.is_tempered(b.start))
         {

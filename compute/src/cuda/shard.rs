@@ -85,40 +85,27 @@ impl LayerPlans {
 
 impl GpuShard {
     pub fn new(gpu: Arc<Gpu>, blocks: Vec<Arc<GpuBlock>>, shape: HeadShape) -> Result<Self> {
+        Self::scaled(gpu, blocks, shape, 1.0)
+    }
+
+    /// Blocks attended at softmax scale `score_scale / sqrt(d)` (`1 / T` for the tempered
+    /// group of a [`crate::partial::ContextMerge`]; its `lse` in those units).
+    pub fn scaled(
+        gpu: Arc<Gpu>,
+        blocks: Vec<Arc<GpuBlock>>,
+        shape: HeadShape,
+        score_scale: f32,
+    ) -> Result<Self> {
         let kernels = gpu.kernels(shape.head_dim)?;
         Ok(Self(Arc::new(ShardInner {
             gpu,
             kernels,
             blocks,
             shape,
-            score_scale: 1.0,
+            score_scale,
             host: Mutex::default(),
             device: Mutex::default(),
         })))
-    }
-
-    /// The same blocks attended at softmax scale `score_scale / sqrt(d)` (`1 / T` for the
-    /// tempered group of a [`crate::partial::ContextMerge`]; its `lse` in those units).
-    /// Before the shard is shared (its state is fresh).
-    pub fn with_score_scale(self, score_scale: f32) -> Self {
-        match Arc::try_unwrap(self.0) {
-            Ok(mut inner) => {
-                inner.score_scale = score_scale;
-                Self(Arc::new(inner))
-            }
-            Err(shared) => {
-                let i = &*shared;
-                Self(Arc::new(ShardInner {
-                    gpu: i.gpu.clone(),
-                    kernels: i.kernels.clone(),
-                    blocks: i.blocks.clone(),
-                    shape: i.shape,
-                    score_scale,
-                    host: Mutex::default(),
-                    device: Mutex::default(),
-                }))
-            }
-        }
     }
 
     /// Uploads CPU blocks to `gpu` and serves them.
