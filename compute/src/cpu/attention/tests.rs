@@ -251,6 +251,22 @@ fn token_major_of(x: &[f32], t: usize, shape: HeadShape) -> Vec<f32> {
     out
 }
 
+/// `m` query rows over every key of `src`, at the standard scale.
+fn attend_unmasked(q: &[f32], m: usize, src: KvSource<'_>, shape: HeadShape) -> Attended {
+    let mut got = Attended::empty(m, shape);
+    attention_source_into(
+        q,
+        m,
+        src,
+        shape,
+        Mask::None,
+        shape.scale(),
+        &mut got.out,
+        &mut got.lse,
+    );
+    got
+}
+
 /// 8-bit K and V attended in 8 bits: against the f64 reference over the *dequantised*
 /// values the kernel is as exact as the f32 one (1e-4); against the f64 reference over
 /// the values before quantisation, the quantisation error stays within 0.02 (inputs in
@@ -283,17 +299,7 @@ fn attention_over_8bit_kv_matches_f64_references() {
                 block_len: t,
                 head_dim: shape.head_dim,
             });
-            let mut got = Attended::empty(m, shape);
-            attention_source_into(
-                &q,
-                m,
-                src,
-                shape,
-                Mask::None,
-                shape.scale(),
-                &mut got.out,
-                &mut got.lse,
-            );
+            let got = attend_unmasked(&q, m, src, shape);
             let (kd, vd) = (
                 token_major_of(&k8.dequantize(shape.head_dim), t, shape),
                 token_major_of(&v8.dequantize(shape.head_dim), t, shape),
@@ -344,17 +350,7 @@ fn attention_over_f16_kv_matches_the_f64_reference() {
             row_stride: shape.head_dim,
             head_stride: t * shape.head_dim,
         });
-        let mut got = Attended::empty(m, shape);
-        attention_source_into(
-            &q,
-            m,
-            src,
-            shape,
-            Mask::None,
-            shape.scale(),
-            &mut got.out,
-            &mut got.lse,
-        );
+        let got = attend_unmasked(&q, m, src, shape);
         let widen = |x: &[half::f16]| -> Vec<f32> {
             let f: Vec<f32> = x.iter().map(|y| y.to_f32()).collect();
             token_major_of(&f, t, shape)
