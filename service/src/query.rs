@@ -150,9 +150,24 @@ impl Service {
 /// options; the anchor's blocks (the first `max(a, b)` tokens) stay untempered.
 fn context_merge(manifest: &Manifest, query: Option<MergeOptions>) -> ContextMerge {
     let options = query.unwrap_or(manifest.merge);
+    document_merge(
+        options,
+        manifest.anchor_size as usize,
+        manifest.block_size as usize,
+    )
+}
+
+/// How a document's context merges under `options`: the anchor's blocks (before
+/// `max(anchor, block size)`) stay untempered. One rule for a single node's manifest and
+/// a cluster's catalog entry.
+pub(crate) fn document_merge(
+    options: MergeOptions,
+    anchor_size: usize,
+    block_size: usize,
+) -> ContextMerge {
     ContextMerge {
         temperature: options.temperature(),
         scale: options.scale(),
-        tempered_from: manifest.anchor_size.max(manifest.block_size) as usize,
+        tempered_from: anchor_size.max(block_size),
     }
 }

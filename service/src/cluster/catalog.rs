@@ -70,19 +70,12 @@ impl From<MergeOptions> for TemperedMerge {
 
 impl DocEntry {
     /// How a query merges the context: `query`'s override, else the document's own
-    /// merge; the anchor's blocks (before `max(anchor, block size)`) stay untempered,
-    /// as on a single node.
+    /// merge (the single node's rule, [`crate::query::document_merge`]).
     pub fn context_merge(&self, query: Option<MergeOptions>) -> ContextMerge {
-        let (temperature, scale) = match (query, self.merge) {
-            (Some(q), _) => (q.temperature(), q.scale()),
-            (None, Some(m)) => (m.temperature, m.scale),
-            (None, None) => (1.0, 1.0),
-        };
-        ContextMerge {
-            temperature,
-            scale,
-            tempered_from: self.anchor_size.max(self.block_size),
-        }
+        let own = self.merge.map_or_else(MergeOptions::default, |m| {
+            MergeOptions::new(m.temperature, m.scale)
+        });
+        crate::query::document_merge(query.unwrap_or(own), self.anchor_size, self.block_size)
     }
 
     /// The document's stored KV type; `default` for an entry that does not record it.
