@@ -114,6 +114,7 @@ fn query(service: &Service, max_tokens: usize) -> Result<starkv_service::QueryOu
         stop: vec![],
         cancel: Default::default(),
         merge: None,
+        logprobs: None,
     };
     Ok(service.query("bench/doc", "bench", &req, &mut |_| true)?)
 }

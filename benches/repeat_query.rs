@@ -194,6 +194,7 @@ fn measure(setup: &Setup<'_>, target: usize) -> Result<Row> {
         stop: vec![],
         cancel: Default::default(),
         merge: None,
+        logprobs: None,
     };
     let mut cold = Vec::new();
     let mut loads = Vec::new();

@@ -185,6 +185,7 @@ fn params(max_tokens: usize) -> GenerateParams {
         stop: vec![],
         cancel: Default::default(),
         merge: Default::default(),
+        logprobs: None,
     }
 }
 

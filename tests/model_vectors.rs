@@ -157,6 +157,7 @@ fn greedy_continuations_match_llama_cpp_until_a_near_tie() {
             stop: vec![],
             cancel: Default::default(),
             merge: Default::default(),
+            logprobs: None,
         };
         let mut cache = KvCache::new(m.config().n_layers, m.head_shape(), 128);
         let got = generate(

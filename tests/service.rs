@@ -312,6 +312,11 @@ fn ingest_ask_restart_edit_and_delete() {
     );
     assert!(answer["usage"]["cached_context_tokens"].as_u64().unwrap() > 300);
     assert!(server.metric("starkv_blocks_encoded_total") >= blocks as f64);
+    assert!(
+        answer.get("logprobs").is_none(),
+        "only when asked: {answer}"
+    );
+    check_logprobs(&server, &answer);
     server.kill();
 
     // Restart: the answer comes from the store, nothing is encoded again.
@@ -503,6 +508,23 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
             "POST",
             "/v1/documents/x/query",
             Some(b"{\"question\": \"\"}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/documents/x/query",
+            Some(b"{\"question\": \"q\", \"logprobs\": 21}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            Some(
+                b"{\"model\": \"x\", \"messages\": [{\"role\": \"user\", \"content\": \"q\"}], \"top_logprobs\": 2}"
+                    .to_vec(),
+            ),
             &ct,
             400,
         ),
@@ -713,6 +735,38 @@ fn sigkill_during_ingest_never_leaves_a_partial_document() {
 }
 
 /// The official `openai` Python client works unchanged against /v1.
+/// The same greedy question with `logprobs`: the same answer, one entry per generated
+/// token, each the most likely token of its step (greedy) with its alternatives ranked,
+/// and the tokens spelling the answer.
+fn check_logprobs(server: &Server, plain: &Value) {
+    let (status, answer) = server.json(
+        "POST",
+        "/v1/documents/harbour/query",
+        Some(json!({ "question": QUESTION, "max_tokens": 24, "logprobs": 3 })),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["answer"], plain["answer"], "{answer}");
+    let tokens = answer["logprobs"].as_array().expect("logprobs");
+    assert_eq!(
+        tokens.len() as u64,
+        answer["usage"]["generated_tokens"].as_u64().unwrap()
+    );
+    let mut text = String::new();
+    for t in tokens {
+        let top = t["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{t}");
+        assert_eq!(top[0]["id"], t["id"], "greedy takes the most likely: {t}");
+        let lp = |e: &Value| e["logprob"].as_f64().unwrap();
+        assert!(lp(t) <= 0.0 && lp(t) == lp(&top[0]), "{t}");
+        assert!(top.windows(2).all(|w| lp(&w[0]) >= lp(&w[1])), "{t}");
+        let p: f64 = top.iter().map(|e| lp(e).exp()).sum();
+        assert!(p <= 1.0 + 1e-4, "{t}");
+        text.push_str(t["token"].as_str().unwrap());
+    }
+    let said = answer["answer"].as_str().unwrap();
+    assert!(text.starts_with(said), "{text:?} spells {said:?}");
+}
+
 #[test]
 fn openai_python_client_works_unchanged() {
     let dir = temp_dir("openai");
@@ -733,6 +787,12 @@ r = client.chat.completions.create(model="harbour", messages=[{{"role": "user", 
 print("ANSWER:" + r.choices[0].message.content)
 stream = client.chat.completions.create(model="harbour", messages=[{{"role": "user", "content": "{q}"}}], max_tokens=24, stream=True)
 print("STREAM:" + "".join(c.choices[0].delta.content or "" for c in stream))
+r = client.chat.completions.create(model="harbour", messages=[{{"role": "user", "content": "{q}"}}], max_tokens=24, temperature=0, logprobs=True, top_logprobs=2)
+content = r.choices[0].logprobs.content
+assert len(content) == r.usage.completion_tokens, (len(content), r.usage)
+assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.logprob <= 0 for t in content), content
+assert "".join(t.token for t in content).startswith(r.choices[0].message.content), content
+print("LOGPROBS:" + r.choices[0].message.content)
 "#,
         addr = server.addr,
         q = QUESTION
@@ -758,6 +818,11 @@ print("STREAM:" + "".join(c.choices[0].delta.content or "" for c in stream))
         .unwrap();
     assert!(answer.contains("6194027"), "{answer}");
     assert_eq!(answer, streamed, "streamed and whole answers agree");
+    let with_logprobs = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("LOGPROBS:"))
+        .unwrap();
+    assert_eq!(answer, with_logprobs, "logprobs change nothing else");
 }
 
 /// The operator CLI against a running server and against the stopped server's data

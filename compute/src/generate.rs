@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::model::{LayerAttention, Llama};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprob, token_logprob};
 use crate::tokenizer::Tokenizer;
 
 /// What to generate.
@@ -28,6 +28,9 @@ pub struct GenerateParams {
     /// How phase 2 merges the context blocks' partial results (exact unless the document
     /// asks for APE's tempered merge, issue 14).
     pub merge: crate::partial::ContextMerge,
+    /// Report every generated token's log-probability and this many most likely
+    /// alternatives per step ([`crate::sampling::token_logprob`]); `None`: none.
+    pub logprobs: Option<usize>,
 }
 
 /// Why generation ended.
@@ -53,6 +56,8 @@ pub struct Generation {
     pub prefill: Duration,
     /// Time spent on the following tokens.
     pub decode: Duration,
+    /// One per generated id when [`GenerateParams::logprobs`] asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Generates after `prompt` (at positions `start_pos..`), sending each piece of answer
@@ -133,6 +138,7 @@ pub fn generate_with(
     let decode_started = Instant::now();
     let mut stream = TextStream::new(&params.stop);
     let mut ids = Vec::new();
+    let mut logprobs = Vec::new();
     let mut pos = start_pos + prompt.len();
     let stop_reason = loop {
         if ids.len() >= params.max_tokens {
@@ -140,6 +146,9 @@ pub fn generate_with(
         }
         let next = sampler.sample(&logits);
         ids.push(next);
+        if let Some(top) = params.logprobs {
+            logprobs.push(token_logprob(&logits, next, top));
+        }
         if tokenizer.is_end_of_generation(next) {
             break StopReason::EndOfGeneration;
         }
@@ -173,6 +182,7 @@ pub fn generate_with(
         stop_reason,
         prefill,
         decode: decode_started.elapsed(),
+        logprobs,
     })
 }
 

@@ -116,14 +116,59 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// `log p(target)` under `softmax(logits)`, computed stably in f64.
 pub fn log_prob(logits: &[f32], target: u32) -> f64 {
+    logits[target as usize] as f64 - log_sum_exp(logits)
+}
+
+/// `ln sum(exp(logits))`, stably in f64.
+fn log_sum_exp(logits: &[f32]) -> f64 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    logits[target as usize] as f64 - lse
+    max + logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
+/// The most alternatives [`token_logprob`] reports per step (OpenAI's `top_logprobs` cap).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability and the step's most likely tokens, all under the
+/// model's own distribution `softmax(logits)` (before temperature, top-k and top-p, as
+/// OpenAI's `logprobs` reports them): what a client needs to judge how sure an answer
+/// is, and what tells a near-tie (two paths whose rounding differs may pick either
+/// token) from a real disagreement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// `(id, logprob)` of the most likely tokens, most likely first (lowest id first
+    /// among equals, as [`argmax`] picks).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-probability of `id` and of the `top` most likely tokens (at most
+/// [`MAX_TOP_LOGPROBS`]) under `softmax(logits)`.
+pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let lse = log_sum_exp(logits);
+    let logprob = |i: usize| (logits[i] as f64 - lse) as f32;
+    let n = top.min(MAX_TOP_LOGPROBS).min(logits.len());
+    // Keeps the best n in order (n <= 20: an insertion per logit that beats the last).
+    let mut best: Vec<usize> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() == n && l <= logits[best[n - 1]] {
+                continue;
+            }
+            let at = best.partition_point(|&b| logits[b] >= l);
+            best.insert(at, i);
+            best.truncate(n);
+        }
+    }
+    TokenLogprob {
+        id,
+        logprob: logprob(id as usize),
+        top: best.into_iter().map(|i| (i as u32, logprob(i))).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -200,6 +245,41 @@ mod tests {
                 "id {i}: {c} draws, p = {p}"
             );
         }
+    }
+
+    #[test]
+    fn token_logprobs_match_the_softmax_and_rank_the_alternatives() {
+        let l = logits();
+        let t = token_logprob(&l, 2, 3);
+        assert_eq!(t.id, 2);
+        assert!((t.logprob as f64 - log_prob(&l, 2)).abs() < 1e-6);
+        // Ids 1 and 4 tie at 3.0 (the lower id first, as greedy picks), then id 2.
+        let ids: Vec<u32> = t.top.iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, [1, 4, 2]);
+        for &(i, lp) in &t.top {
+            assert!((lp as f64 - log_prob(&l, i)).abs() < 1e-6);
+        }
+        let total: f64 = (0..l.len() as u32).map(|i| log_prob(&l, i).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        // No alternatives asked for, and more than there are tokens.
+        assert!(token_logprob(&l, 0, 0).top.is_empty());
+        assert_eq!(token_logprob(&l, 0, 50).top.len(), l.len());
+        // Random logits over a vocabulary-sized row: the top list is the sorted head.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let big: Vec<f32> = (0..5000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 24) as f32 * 20.0 - 10.0
+            })
+            .collect();
+        let mut order: Vec<u32> = (0..big.len() as u32).collect();
+        order.sort_by(|&a, &b| big[b as usize].total_cmp(&big[a as usize]).then(a.cmp(&b)));
+        let t = token_logprob(&big, order[7], MAX_TOP_LOGPROBS);
+        let ids: Vec<u32> = t.top.iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, order[..MAX_TOP_LOGPROBS]);
+        assert!(t.top.windows(2).all(|w| w[0].1 >= w[1].1));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use starkv_compute::cancel::Cancel;
 use starkv_compute::generate::{GenerateParams, StopReason};
 use starkv_compute::partial::ContextMerge;
 use starkv_compute::prompt;
-use starkv_compute::sampling::SamplingParams;
+use starkv_compute::sampling::{SamplingParams, TokenLogprob};
 use starkv_compute::star::StarConfig;
 
 use crate::stored::StoredBlocks;
@@ -26,6 +26,8 @@ pub struct QueryRequest {
     pub cancel: Cancel,
     /// Overrides the document's merge options for this query (`None`: the manifest's).
     pub merge: Option<MergeOptions>,
+    /// Each generated token's log-probability and this many alternatives (`None`: none).
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +44,8 @@ pub struct QueryOutcome {
     pub repaired_blocks: usize,
     /// Context blocks already resident on the GPU (not loaded; always 0 on the CPU).
     pub resident_blocks: usize,
+    /// One per generated token when [`QueryRequest::logprobs`] asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 impl Service {
@@ -79,6 +83,7 @@ impl Service {
             stop: req.stop.clone(),
             cancel: req.cancel.clone(),
             merge: context_merge(&manifest, req.merge),
+            logprobs: req.logprobs,
         };
         let before_answer = started.elapsed();
         let mut repaired = 0;
@@ -142,6 +147,7 @@ impl Service {
             total: started.elapsed(),
             repaired_blocks: repaired,
             resident_blocks: answer.resident_blocks,
+            logprobs: generation.logprobs,
         })
     }
 }

@@ -45,6 +45,7 @@ fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {
         stop: vec![],
         cancel: Default::default(),
         merge: None,
+        logprobs: None,
     };
     let before = service.query("t/cape", "t", &query, &mut |_| true).unwrap();
     assert!(before.answer.contains("3318450"), "{}", before.answer);

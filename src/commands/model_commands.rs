@@ -135,6 +135,7 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
         stop: args.stop.clone(),
         cancel: Default::default(),
         merge: Default::default(),
+        logprobs: None,
     };
     params.sampling.validate()?;
     let backend = Backend::new(&loaded.model, args.device, None)?;

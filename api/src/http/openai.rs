@@ -14,7 +14,9 @@ use tokio_stream::StreamExt;
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::query::{Piece, finish, start_query, validate_ask};
+use super::query::{
+    Piece, finish, openai_logprobs_json, start_query, validate_ask, validate_logprobs,
+};
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
 use starkv_service::jobs::now_ms;
@@ -33,6 +35,11 @@ pub struct ChatRequest {
     stream: bool,
     /// Alternative to `model`: the document to answer from (`extra_body`).
     document: Option<String>,
+    /// Each generated token's log-probability (`choices[].logprobs.content`)...
+    #[serde(default)]
+    logprobs: bool,
+    /// ... and this many most likely alternatives per token (0..=20; needs `logprobs`).
+    top_logprobs: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +136,24 @@ pub async fn chat_completions(
         req.seed,
         stop,
     )?;
+    let mut ask = ask;
+    ask.request.logprobs = match (req.logprobs, req.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "`top_logprobs` needs `logprobs: true`",
+            ));
+        }
+        (false, None) => None,
+        (true, top) => validate_logprobs("top_logprobs", top.or(Some(0)))?,
+    };
+    let service = state.service.clone();
+    let logprobs = move |o: &starkv_service::QueryOutcome| {
+        if o.logprobs.is_empty() {
+            Value::Null
+        } else {
+            openai_logprobs_json(&service.model().tokenizer, &o.logprobs)
+        }
+    };
     let mut rx = start_query(&state, ask)?;
     let id = format!("chatcmpl-{:x}", now_ms());
     let created = now_ms() / 1000;
@@ -151,6 +176,7 @@ pub async fn chat_completions(
             "choices": [{
                 "index": 0,
                 "message": { "role": "assistant", "content": o.answer },
+                "logprobs": logprobs(&o),
                 "finish_reason": finish_reason,
             }],
             "usage": {
@@ -172,21 +198,29 @@ pub async fn chat_completions(
             retry_after: e.retry_after,
         });
     }
-    let chunk = move |delta: Value, finish: Option<&str>| {
+    // Streamed pieces are text, not tokens (a piece may hold back part of a character):
+    // the tokens' logprobs come whole in the last chunk, beside its finish_reason.
+    let chunk = move |delta: Value, finish: Option<&str>, logprobs: Value| {
         json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
+            "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
         })
         .to_string()
     };
-    let opening = Event::default().data(chunk(json!({ "role": "assistant", "content": "" }), None));
+    let opening = Event::default().data(chunk(
+        json!({ "role": "assistant", "content": "" }),
+        None,
+        Value::Null,
+    ));
     let events = tokio_stream::iter(first)
         .chain(rx)
         .map(move |piece| match piece {
-            Piece::Text(text) => Event::default().data(chunk(json!({ "content": text }), None)),
+            Piece::Text(text) => {
+                Event::default().data(chunk(json!({ "content": text }), None, Value::Null))
+            }
             Piece::Done(result) => {
                 let finish = match result.as_ref() {
                     Ok(o)
@@ -199,7 +233,8 @@ pub async fn chat_completions(
                     }
                     _ => "stop",
                 };
-                Event::default().data(chunk(json!({}), Some(finish)))
+                let lp = result.as_ref().as_ref().map_or(Value::Null, &logprobs);
+                Event::default().data(chunk(json!({}), Some(finish), lp))
             }
         });
     let all = tokio_stream::iter([opening])

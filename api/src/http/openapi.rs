@@ -9,6 +9,7 @@
 use serde_json::{Value, json};
 
 use crate::config::ServerConfig;
+use starkv_compute::sampling::MAX_TOP_LOGPROBS;
 use starkv_service::limits::MAX_SECONDS;
 
 use super::documents::{MAX_BLOCK_SIZE, MERGE_SCALE, MERGE_TEMPERATURE};
@@ -123,6 +124,24 @@ fn schemas(config: &ServerConfig) -> Value {
             "error": { "type": "string", "nullable": true, "description": "why the worker could not be verified (down, timed out)" }
         }
     });
+    // Built apart: one json! literal this deep reaches the macro recursion limit.
+    let token_logprob = json!({
+        "type": "object", "required": ["token", "id", "logprob"],
+        "properties": {
+            "token": { "type": "string" },
+            "id": { "type": "integer", "minimum": 0 },
+            "logprob": { "type": "number", "maximum": 0 }
+        }
+    });
+    let mut generated = token_logprob.clone();
+    generated["required"] = json!(["token", "id", "logprob", "top"]);
+    generated["properties"]["top"] =
+        json!({ "type": "array", "maxItems": MAX_TOP_LOGPROBS, "items": token_logprob });
+    let answer_logprobs = json!({
+        "type": "array",
+        "description": "one per generated token, when the query asked for logprobs",
+        "items": generated
+    });
     json!({
         "Error": {
             "type": "object", "required": ["error"],
@@ -236,7 +255,11 @@ fn schemas(config: &ServerConfig) -> Value {
                 },
                 "stream": { "type": "boolean" },
                 "merge_temperature": merge_temperature,
-                "merge_scale": merge_scale
+                "merge_scale": merge_scale,
+                "logprobs": {
+                    "type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                    "description": "report each generated token's log-probability and this many most likely alternatives (under the model's distribution, before temperature, top-k and top-p)"
+                }
             }
         },
         "Answer": {
@@ -248,7 +271,8 @@ fn schemas(config: &ServerConfig) -> Value {
                 "usage": { "type": "object", "required": ["cached_context_tokens", "query_tokens", "generated_tokens"] },
                 "timings": { "type": "object" },
                 "repaired_blocks": { "type": "integer", "minimum": 0 },
-                "resident_blocks": { "type": "integer", "minimum": 0 }
+                "resident_blocks": { "type": "integer", "minimum": 0 },
+                "logprobs": answer_logprobs
             }
         },
         "ChatCompletion": {
@@ -275,7 +299,9 @@ fn schemas(config: &ServerConfig) -> Value {
                     { "type": "array", "maxItems": 8, "items": { "type": "string", "minLength": 1 } }
                 ] },
                 "stream": { "type": "boolean" },
-                "document": { "type": "string", "nullable": true, "pattern": ID_PATTERN }
+                "document": { "type": "string", "nullable": true, "pattern": ID_PATTERN },
+                "logprobs": { "type": "boolean" },
+                "top_logprobs": { "type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS, "nullable": true, "description": "needs logprobs: true" }
             }
         },
         "ChatCompletionAnswer": {

@@ -13,7 +13,8 @@ use serde_json::json;
 use starkv_compute::cancel::Cancel;
 use starkv_compute::generate::StopReason;
 use starkv_compute::prompt;
-use starkv_compute::sampling::SamplingParams;
+use starkv_compute::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob};
+use starkv_compute::tokenizer::Tokenizer;
 use starkv_service::{Service, ServiceError};
 use tokio_stream::{Stream, StreamExt};
 
@@ -41,6 +42,9 @@ pub struct QueryBody {
     /// Overrides the document's tempered merge for this query (issue 14).
     merge_temperature: Option<f32>,
     merge_scale: Option<f32>,
+    /// Each generated token's log-probability and this many most likely alternatives
+    /// (0..=20) under the model's distribution.
+    logprobs: Option<usize>,
 }
 
 /// Validated parameters shared with the OpenAI-compatible endpoint.
@@ -109,8 +113,58 @@ pub fn validate_ask(
             stop,
             cancel: Cancel::new(),
             merge: None,
+            logprobs: None,
         },
     })
+}
+
+/// `logprobs` (native) or `top_logprobs` (OpenAI): how many alternatives per token.
+pub fn validate_logprobs(name: &str, top: Option<usize>) -> Result<Option<usize>, ApiError> {
+    match top {
+        Some(n) if n > MAX_TOP_LOGPROBS => Err(ApiError::bad_request(format!(
+            "`{name}` must be in 0..={MAX_TOP_LOGPROBS}"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// A token's text as JSON wants it: its bytes, lossily decoded (a token may hold part
+/// of a UTF-8 character; `bytes` in the OpenAI shape keeps them exact).
+fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned()
+}
+
+/// The native answer's `logprobs`: `[{token, id, logprob, top: [{token, id, logprob}]}]`.
+pub fn logprobs_json(tokenizer: &Tokenizer, logprobs: &[TokenLogprob]) -> serde_json::Value {
+    let entry = |id: u32, logprob: f32| json!({ "token": token_text(tokenizer, id), "id": id, "logprob": logprob });
+    logprobs
+        .iter()
+        .map(|t| {
+            let mut e = entry(t.id, t.logprob);
+            e["top"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+            e
+        })
+        .collect()
+}
+
+/// OpenAI's `choices[].logprobs`: `{content: [{token, logprob, bytes, top_logprobs}]}`.
+pub fn openai_logprobs_json(tokenizer: &Tokenizer, logprobs: &[TokenLogprob]) -> serde_json::Value {
+    let entry = |id: u32, logprob: f32| {
+        json!({
+            "token": token_text(tokenizer, id),
+            "logprob": logprob,
+            "bytes": tokenizer.token_bytes(id),
+        })
+    };
+    let content: Vec<serde_json::Value> = logprobs
+        .iter()
+        .map(|t| {
+            let mut e = entry(t.id, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
 }
 
 fn question_too_long(n_tokens: &str, limit: usize) -> ApiError {
@@ -245,8 +299,9 @@ pub async fn finish(mut rx: RunningQuery) -> Result<QueryOutcome, ApiError> {
     Err(ApiError::internal("the query ended without a result"))
 }
 
-pub fn outcome_json(o: &QueryOutcome) -> serde_json::Value {
-    json!({
+/// The native answer; `logprobs` only when the query asked for them.
+pub fn outcome_json(o: &QueryOutcome, tokenizer: &Tokenizer) -> serde_json::Value {
+    let mut body = json!({
         "answer": o.answer,
         "stop_reason": format!("{:?}", o.stop_reason),
         "usage": {
@@ -261,7 +316,11 @@ pub fn outcome_json(o: &QueryOutcome) -> serde_json::Value {
         },
         "repaired_blocks": o.repaired_blocks,
         "resident_blocks": o.resident_blocks,
-    })
+    });
+    if !o.logprobs.is_empty() {
+        body["logprobs"] = logprobs_json(tokenizer, &o.logprobs);
+    }
+    body
 }
 
 pub async fn query(
@@ -285,10 +344,12 @@ pub async fn query(
         b.stop,
     )?;
     ask.request.merge = merge;
+    ask.request.logprobs = validate_logprobs("logprobs", b.logprobs)?;
+    let service = state.service.clone();
     let mut rx = start_query(&state, ask)?;
     if !b.stream {
         let outcome = finish(rx).await?;
-        let mut body = outcome_json(&outcome);
+        let mut body = outcome_json(&outcome, &service.model().tokenizer);
         body["id"] = json!(id);
         return Ok(Json(body).into_response());
     }
@@ -305,7 +366,7 @@ pub async fn query(
         });
     }
     let head = tokio_stream::iter(first);
-    let events = head.chain(rx).map(|piece| {
+    let events = head.chain(rx).map(move |piece| {
         let event = match piece {
             Piece::Text(text) => Event::default()
                 .event("token")
@@ -313,7 +374,7 @@ pub async fn query(
             Piece::Done(result) => match *result {
                 Ok(o) => Event::default()
                     .event("done")
-                    .data(outcome_json(&o).to_string()),
+                    .data(outcome_json(&o, &service.model().tokenizer).to_string()),
                 Err(e) => Event::default()
                     .event("error")
                     .data(json!({ "error": { "code": e.code, "message": e.message } }).to_string()),

@@ -39,6 +39,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
         stop: Vec::new(),
         cancel: Default::default(),
         merge: Default::default(),
+        logprobs: None,
     }
 }
 

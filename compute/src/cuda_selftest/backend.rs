@@ -58,6 +58,7 @@ pub(super) fn checks(
         stop: Vec::new(),
         cancel: Default::default(),
         merge: Default::default(),
+        logprobs: None,
     };
 
     // Phase 1 block by block, as ingest runs it.

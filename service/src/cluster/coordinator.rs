@@ -618,6 +618,7 @@ impl Cluster {
             stop: req.stop.clone(),
             cancel: req.cancel.clone(),
             merge,
+            logprobs: req.logprobs,
         };
         let shape = service.model().model.head_shape();
         // A recovery re-encodes in the document's stored type.
@@ -657,6 +658,7 @@ impl Cluster {
             total: started.elapsed(),
             repaired_blocks: reencoded,
             resident_blocks: 0,
+            logprobs: generation.logprobs,
         })
     }
 
