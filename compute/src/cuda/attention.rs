@@ -3,12 +3,28 @@
 //! [`SegmentAttention`], the one path every attention implementation (phase 1, phase 2,
 //! the plain KV cache, shards) plans and launches through.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::device::{DevBuf, Gpu, TableBuf};
 use super::kernels::Kernels;
+use super::launch::{Dependent, arg};
 use super::{CudaError, Result};
 use crate::partial::HeadShape;
+
+/// The attention kernels launched as programmatic dependents (they call `pdl_wait()`
+/// first: `attn_simple_body`, `attn_pipe_body`; `attn_merge` always is); any other kernel
+/// a plan picks is launched plainly. Checked against `attention.cu` by a test.
+pub(super) const WAIT_FOR_PREDECESSOR: &[&str] = &[
+    "attn_fwd_simple",
+    "attn_fwd_w1",
+    "attn_fwd_simple_kv8",
+    "attn_fwd_w1_kv8",
+    "attn_fwd_simple_kv8_n64",
+    "attn_fwd_w1_kv8_n64",
+    "attn_fwd_m32",
+    "attn_fwd_m32n32",
+    "attn_fwd_p1n32",
+];
 
 /// Head-dim-dependent dynamic shared memory of the pipelined kernels (see attention.cu):
 /// `tiles` rows of `head_dim + 8` 16-bit values.
@@ -412,45 +428,45 @@ impl Gpu {
         };
         let direct = n_splits == 1 && matches!(out, AttnOut::Half(_));
         let null = 0u64;
-        if direct {
+        // One kernel writing the 16-bit output, or splits writing f32 partials that
+        // `attn_merge` reduces.
+        let (out_h, po, pl) = if direct {
             let AttnOut::Half(o) = out else {
                 unreachable!()
             };
-            let mut b = self.exec_stream().launch_builder(k.get(name));
-            b.arg(&q)
-                .arg(&m_i)
-                .arg(&g_i)
-                .arg(&nh_i)
-                .arg(&plan_items)
-                .arg(&plan_splits)
-                .arg(&scale_log2)
-                .arg(&o)
-                .arg(&null)
-                .arg(&null);
-            unsafe { b.launch(launch)? };
+            (o, null, null)
+        } else {
+            let splits = n_splits.max(1);
+            scratch.ensure(self, splits * m * nh * d * 4, splits * nh * m * 4)?;
+            let (po, pl) = (
+                scratch.o.as_ref().unwrap().ptr(),
+                scratch.lse.as_ref().unwrap().ptr(),
+            );
+            (null, po, pl)
+        };
+        let mut params = [
+            arg(&q),
+            arg(&m_i),
+            arg(&g_i),
+            arg(&nh_i),
+            arg(&plan_items),
+            arg(&plan_splits),
+            arg(&scale_log2),
+            arg(&out_h),
+            arg(&po),
+            arg(&pl),
+        ];
+        let family = WAIT_FOR_PREDECESSOR
+            .contains(&name)
+            .then_some(Dependent::Attention);
+        // SAFETY: the arguments of `attn_simple_body`'s and `attn_pipe_body`'s kernels in
+        // order (they share the signature); only kernels that wait with `pdl_wait()` are
+        // launched as dependents.
+        unsafe { self.launch_dependent(k.get(name), launch, &mut params, family)? };
+        if direct {
             return Ok(());
         }
-        let splits = n_splits.max(1);
-        scratch.ensure(self, splits * m * nh * d * 4, splits * nh * m * 4)?;
-        let (po, pl) = (
-            scratch.o.as_ref().unwrap().ptr(),
-            scratch.lse.as_ref().unwrap().ptr(),
-        );
-        {
-            let mut b = self.exec_stream().launch_builder(k.get(name));
-            b.arg(&q)
-                .arg(&m_i)
-                .arg(&g_i)
-                .arg(&nh_i)
-                .arg(&plan_items)
-                .arg(&plan_splits)
-                .arg(&scale_log2)
-                .arg(&null)
-                .arg(&po)
-                .arg(&pl);
-            unsafe { b.launch(launch)? };
-        }
-        self.merge_partials(k, (po, pl), splits, m, nh, out)
+        self.merge_partials(k, (po, pl), n_splits.max(1), m, nh, out)
     }
 
     /// Merges `n` partial results (`parts`: f32 O `[n][m][nh d]` and lse `[n][nh][m]`,
@@ -478,25 +494,34 @@ impl Gpu {
             AttnOut::F32 { out, lse } => (null, out, lse),
         };
         let (s_i, m_i, nh_i, d_i) = (n as i32, m as i32, nh as i32, d as i32);
-        let mut b = self.exec_stream().launch_builder(k.get("attn_merge"));
-        b.arg(&oh)
-            .arg(&of)
-            .arg(&lf)
-            .arg(&po)
-            .arg(&pl)
-            .arg(&s_i)
-            .arg(&m_i)
-            .arg(&nh_i)
-            .arg(&d_i);
+        let mut params = [
+            arg(&oh),
+            arg(&of),
+            arg(&lf),
+            arg(&po),
+            arg(&pl),
+            arg(&s_i),
+            arg(&m_i),
+            arg(&nh_i),
+            arg(&d_i),
+        ];
         // d x G threads, G an even number of split groups (d is a multiple of 16, so the
         // block is whole warps), about 512 threads.
         let groups = ((512 / d) & !1).max(2);
+        let cfg = LaunchConfig {
+            grid_dim: (m as u32, nh as u32, 1),
+            block_dim: ((d * groups) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `attn_merge`'s arguments in order, over partials sized for (n, m, nh,
+        // d); it waits with `pdl_wait()` before reading them.
         unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (m as u32, nh as u32, 1),
-                block_dim: ((d * groups) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            })?
+            self.launch_dependent(
+                k.get("attn_merge"),
+                cfg,
+                &mut params,
+                Some(Dependent::Attention),
+            )?
         };
         Ok(())
     }

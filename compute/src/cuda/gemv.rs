@@ -9,12 +9,12 @@
 //! prefill keeps cuBLAS.
 
 use std::ffi::c_void;
-use std::sync::OnceLock;
 
-use cudarc::driver::sys;
+use cudarc::driver::LaunchConfig;
 
 use super::device::Gpu;
 use super::kernels::Kernels;
+use super::launch::{Dependent, arg};
 use super::{CudaError, KvDest, Result};
 
 /// Threads per CTA (`GEMV_THREADS` in `gemv.cu`): eight warps, each two rows at a time.
@@ -29,23 +29,6 @@ pub(crate) const GEMV_SMEM_MAX: usize = 96 * 1024;
 /// staged vector within [`GEMV_SMEM_MAX`].
 pub fn gemv_fits(k: usize) -> bool {
     k > 0 && k.is_multiple_of(8) && k * 2 <= GEMV_SMEM_MAX
-}
-
-/// Whether the one-row products may use programmatic dependent launch (env
-/// `STARKV_GEMV_PDL=0` turns it off, for measurements), read once.
-fn pdl_allowed() -> bool {
-    static ALLOWED: OnceLock<bool> = OnceLock::new();
-    *ALLOWED.get_or_init(|| {
-        !matches!(
-            std::env::var("STARKV_GEMV_PDL").as_deref(),
-            Ok("0" | "off" | "false")
-        )
-    })
-}
-
-/// The address of one kernel argument, as `cuLaunchKernelEx` takes it.
-fn arg<T>(v: &T) -> *mut c_void {
-    v as *const T as *mut c_void
 }
 
 impl Gpu {
@@ -85,41 +68,15 @@ impl Gpu {
         let grid = units
             .div_ceil(WARPS / wpu)
             .clamp(1, 4 * self.sm_count().max(1));
-        // SAFETY: an all-zero attribute value is valid (a union of plain integers).
-        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-        value.programmaticStreamSerializationAllowed = 1;
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value,
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (k * 2) as u32,
         };
-        let pdl = self.info.compute_capability.0 >= 9 && pdl_allowed();
-        let config = sys::CUlaunchConfig {
-            gridDimX: grid as u32,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: THREADS,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: (k * 2) as u32,
-            hStream: self.exec_stream().cu_stream(),
-            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
-            numAttrs: pdl as u32,
-        };
-        self.ctx.bind_to_thread()?;
         // SAFETY: `params` holds the addresses of live values, one per argument of the
         // kernel in `gemv.cu` (every caller below), with device addresses of buffers
-        // sized for the shapes given; the function belongs to this context.
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &config,
-                kern.get(name).cu_function(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-            .result()?;
-        }
-        Ok(())
+        // sized for the shapes given; every product waits with `pdl_wait()`.
+        unsafe { self.launch_dependent(kern.get(name), cfg, params, Some(Dependent::Products)) }
     }
 
     /// One decode token's fused Q/K/V: `x` (f32 `[k]`, the residual stream) RMS-normalised

@@ -2,11 +2,45 @@
 //! argmax, layout changes), all through [`Gpu::launch_elementwise`]: one place that picks
 //! the kernel, sizes the launch and queues it on the compute stream.
 
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg, sys};
 
 use super::device::Gpu;
 use super::kernels::Kernels;
 use super::{KvDest, Result};
+
+/// The address of one kernel argument, as `cuLaunchKernelEx` takes it.
+pub(super) fn arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
+/// The kernels that may start while the kernel before them in the stream still runs
+/// (programmatic dependent launch, sm_90 and later), each family behind its own switch
+/// for measurements: `STARKV_GEMV_PDL=0` (decode products), `STARKV_ATTN_PDL=0`
+/// (the one-warp attention kernels and the split merge). Every kernel of a family waits
+/// for its predecessor on the device (`pdl_wait` in `common.cuh`) before it reads
+/// anything that one writes; launched without the attribute, the wait is a no-op.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Dependent {
+    Products,
+    Attention,
+}
+
+impl Dependent {
+    fn allowed(self) -> bool {
+        fn read(var: &str) -> bool {
+            !matches!(std::env::var(var).as_deref(), Ok("0" | "off" | "false"))
+        }
+        static PRODUCTS: OnceLock<bool> = OnceLock::new();
+        static ATTENTION: OnceLock<bool> = OnceLock::new();
+        match self {
+            Self::Products => *PRODUCTS.get_or_init(|| read("STARKV_GEMV_PDL")),
+            Self::Attention => *ATTENTION.get_or_init(|| read("STARKV_ATTN_PDL")),
+        }
+    }
+}
 
 /// CTAs of `per` threads covering `n` elements (at least one).
 fn blocks_for(n: usize, per: usize) -> u32 {
@@ -14,6 +48,58 @@ fn blocks_for(n: usize, per: usize) -> u32 {
 }
 
 impl Gpu {
+    /// Launches `func` on the compute stream through `cuLaunchKernelEx`, as a programmatic
+    /// dependent launch when it belongs to a `family` and the device (sm_90 and later)
+    /// and the family's switch allow it:
+    /// the kernel may then start while the previous one runs, which hides its launch.
+    /// `params` are the addresses of the kernel's arguments in order ([`arg`]).
+    ///
+    /// # Safety
+    /// `params` must match the kernel's signature, with device addresses of buffers
+    /// sized for the launch; the kernel must call `pdl_wait()` before it reads anything
+    /// an earlier kernel writes (every kernel launched through this does).
+    pub(super) unsafe fn launch_dependent(
+        &self,
+        func: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+        family: Option<Dependent>,
+    ) -> Result<()> {
+        // SAFETY: an all-zero attribute value is valid (a union of plain integers).
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let pdl = self.info.compute_capability.0 >= 9 && family.is_some_and(Dependent::allowed);
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.exec_stream().cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the caller's contract (above); the function belongs to this context.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
     /// Launches kernel `name` on a 1-D grid of `grid` CTAs of `block` threads (no dynamic
     /// shared memory); `args` pushes the kernel's arguments in order (they must match its
     /// signature in `elementwise.cu`).

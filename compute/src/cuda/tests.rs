@@ -166,6 +166,61 @@ fn kernel_sources_declare_every_kernel() {
     assert!(!GEMV_SOURCE.contains("attn_"));
 }
 
+/// The body of the `__device__`/`__global__` function `name` in `source`: from its
+/// definition to the first line that closes it at column 0.
+fn function_body<'a>(source: &'a str, name: &str) -> &'a str {
+    let at = source
+        .find(&format!(" {name}("))
+        .unwrap_or_else(|| panic!("{name} not found"));
+    let body = &source[at..];
+    &body[..body.find("\n}\n").unwrap_or(body.len())]
+}
+
+/// A kernel launched as a programmatic dependent must wait for the kernel before it
+/// before it reads anything (a missing wait is a race that only shows, sometimes, on a
+/// Hopper GPU): every kernel on the attention allow-list is built on a body that waits
+/// first, as the split merge and every one-row product are.
+#[test]
+fn dependent_kernels_wait_for_their_predecessor() {
+    let waits_first = |body: &str| {
+        let wait = body.find("pdl_wait();").expect("calls pdl_wait");
+        // Nothing is read from global memory before the wait: no `[` indexing a
+        // pointer argument and no load helper ahead of it.
+        let head = &body[..wait];
+        assert!(
+            !head.contains("ldg") && !head.contains("load_") && !head.contains("]="),
+            "reads before pdl_wait: {head}"
+        );
+    };
+    for body in ["attn_simple_body", "attn_pipe_body", "attn_merge"] {
+        waits_first(function_body(ATTENTION_SOURCE, body));
+    }
+    for name in super::attention::WAIT_FOR_PREDECESSOR {
+        let defined_on = |body: &str| {
+            ATTENTION_SOURCE.contains(&format!("ATTN_PIPE_KERNEL({name},"))
+                && body == "attn_pipe_body"
+                || ATTENTION_SOURCE.contains(&format!("ATTN_KV8_KERNEL({name},"))
+                    && body == "attn_simple_body"
+                || ATTENTION_SOURCE.contains(&format!(" {name}("))
+                    && function_body(ATTENTION_SOURCE, name).contains(&format!("{body}<"))
+        };
+        assert!(
+            defined_on("attn_simple_body") || defined_on("attn_pipe_body"),
+            "{name} is launched as a dependent but is not built on a body that waits"
+        );
+    }
+    waits_first(function_body(GEMV_SOURCE, "gemv_run"));
+    for name in ["gemv_qkv_rope", "gemv_swiglu", "gemv_rows"] {
+        assert!(
+            function_body(GEMV_SOURCE, name).contains("gemv_run("),
+            "{name} is launched as a dependent but is not built on gemv_run"
+        );
+    }
+    // The macros' bodies call the waiting bodies.
+    assert!(ATTENTION_SOURCE.contains("attn_pipe_body<NW, MT, TBN>("));
+    assert!(ATTENTION_SOURCE.contains("attn_simple_body<NW, true, TBN>("));
+}
+
 /// Padding a plan for a captured decode graph adds empty splits only: the items and the
 /// existing split ranges stay, and every added split starts and ends at the last item.
 #[test]

@@ -293,6 +293,9 @@ __device__ __forceinline__ void attn_simple_body(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
     float* __restrict__ out_f, float* __restrict__ lse_out, h16* dyn_smem = nullptr) {
+    // Launched as a dependent (decode): Q, the plan and the KV row come from earlier kernels.
+    pdl_trigger();
+    pdl_wait();
     constexpr int NT = 32 * NW;
     constexpr int ROWS = 16 * NW;
     h16 *sK, *sV;
@@ -557,6 +560,9 @@ extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, co
     __shared__ float w[1024];
     __shared__ float red[32];
     __shared__ float part[1024];
+    // Launched as a dependent: the partials come from the attention kernel before it.
+    pdl_trigger();
+    pdl_wait();
     int t = blockIdx.x, head = blockIdx.y;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     float mx = NEG_INF;
@@ -631,6 +637,9 @@ __device__ __forceinline__ void attn_pipe_body(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
     float* __restrict__ out_f, float* __restrict__ lse_out, h16* smem) {
+    // Launched as a dependent: Q, the plan and the KV rows come from earlier kernels.
+    pdl_trigger();
+    pdl_wait();
     constexpr int NT = 32 * NW;
     constexpr int WROWS = 16 * MT;
     constexpr int ROWS = WROWS * NW;

@@ -80,3 +80,22 @@ __device__ float block_sum(float v) {
     float t = lane < nw ? part[lane] : 0.f;
     return warp_sum(t);
 }
+
+// Programmatic dependent launch (sm_90; `Gpu::launch_dependent`): a kernel launched with
+// the attribute may start while the kernel before it in the stream still runs.
+// pdl_trigger lets the kernel after this one start early (it still waits for this one
+// to complete before reading what it writes); pdl_wait blocks until the kernel before
+// this one has completed and its writes are visible. Every kernel launched with the
+// attribute calls pdl_wait before reading anything an earlier kernel writes. Launched
+// without the attribute (or before sm_90) both are no-ops.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}

@@ -68,18 +68,6 @@ __device__ __forceinline__ float dot8(const v4& w, const v4& x, float acc) {
     return acc;
 }
 
-__device__ __forceinline__ void pdl_trigger() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // The staged input vector, 16-bit, k values (dynamic shared memory of k * 2 bytes).
 extern __shared__ v4 gemv_x[];
 
