@@ -503,6 +503,44 @@ impl BlockEncoder<'_> {
         self.encode(i, Some(key))
     }
 
+    /// Every block through phase 1, then selective global re-encoding of the `ratio` of
+    /// the tokens at `exact_until..` (see [`crate::star::reencode`]): the document's
+    /// blocks for the store. On a GPU phase 1's KV stays on the device for the pass and
+    /// the blocks are downloaded once (with `keep`, one key per block, they also stay
+    /// resident); env `STARKV_REENCODE_DEVICE=cpu` runs the pass on the CPU model over
+    /// downloaded blocks instead (A/B runs), and `STARKV_REENCODE_DEVICE=host` runs it on
+    /// the GPU over host blocks (the older path that uploads phase 1's KV again).
+    pub fn encode_reencoded(
+        &mut self,
+        model: &Llama,
+        backend: &Backend,
+        exact_until: usize,
+        ratio: f32,
+        keep: Option<&[BlockId]>,
+    ) -> Result<(Vec<BlockKv>, Reencoded)> {
+        let n = self.n_blocks();
+        if keep.is_some_and(|k| k.len() != n) {
+            return Err(Error::InvalidInput(format!(
+                "{} keys for {n} blocks",
+                keep.map_or(0, <[BlockId]>::len)
+            )));
+        }
+        let on_device = std::env::var("STARKV_REENCODE_DEVICE").is_err();
+        if let (EncoderDevice::Cuda(enc), true) = (&mut self.device, on_device) {
+            let ranges: Vec<Range<usize>> = (0..n).map(|i| self.phase1.block_range(i)).collect();
+            let anchor_len = self.phase1.anchor_tokens().len();
+            let (tokens, anchor_tokens) = (self.tokens, &self.tokens[..anchor_len]);
+            return guarded(|| {
+                enc.encode_reencoded(tokens, &ranges, anchor_tokens, exact_until, ratio, keep)
+            });
+        }
+        let mut blocks = (0..n)
+            .map(|i| self.encode(i, None))
+            .collect::<Result<Vec<_>>>()?;
+        let done = backend.reencode(model, self.tokens, &mut blocks, exact_until, ratio)?;
+        Ok((blocks, done))
+    }
+
     fn encode(&mut self, i: usize, keep: Option<BlockId>) -> Result<BlockKv> {
         if i >= self.n_blocks() {
             return Err(Error::InvalidInput(format!(

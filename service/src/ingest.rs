@@ -307,21 +307,19 @@ impl Service {
         let total = 3 * n_blocks;
         progress(0, total);
         if reused.iter().any(|r| !r) {
-            let mut blocks = Vec::with_capacity(n_blocks);
-            for i in 0..n_blocks {
-                blocks.push(encoder.encode_block(i)?);
-                progress(i + 1, total);
-            }
             let exact_until = req.anchor_size.max(req.block_size);
-            self.backend.reencode(
+            let dtype = ingest.spec().dtype;
+            // 8-bit documents are not kept resident as encoded (as in `ingest_part`).
+            let ids: Vec<BlockId> = keys.iter().map(|k| k.0).collect();
+            let keep = (dtype != DType::I8).then_some(&ids[..]);
+            let (blocks, _) = encoder.encode_reencoded(
                 &self.model.model,
-                tokens,
-                &mut blocks,
+                &self.backend,
                 exact_until,
                 req.reencode_ratio,
+                keep,
             )?;
             progress(2 * n_blocks, total);
-            let dtype = ingest.spec().dtype;
             for (i, block) in blocks.iter().enumerate() {
                 if !reused[i] {
                     let range = encoder.block_range(i);

@@ -425,36 +425,97 @@ impl GpuEncoder<'_> {
         anchor_tokens: &[u32],
         keep: Option<BlockId>,
     ) -> Result<BlockKv> {
-        let gpu = &self.cuda.gpu;
-        let mut model = self.cuda.lock_model()?;
-        // With an anchor of several blocks, the blocks inside it are rows of its KV.
-        let inside_long_anchor =
-            anchor_tokens.len() > range.len() && range.end <= anchor_tokens.len();
-        let block = if inside_long_anchor {
-            if self.anchor.is_none() {
-                self.anchor = Some(encode_block(&mut model, anchor_tokens, 0, None)?);
-            }
-            self.anchor.as_ref().expect("set above").rows(gpu, range)?
-        } else if range.start == 0 {
-            let block = encode_block(&mut model, &tokens[range], 0, None)?;
-            if self.anchor.is_none() {
-                self.anchor = Some(block.prefix(gpu, anchor_tokens.len())?);
-            }
-            block
-        } else {
-            if self.anchor.is_none() {
-                self.anchor = Some(encode_block(&mut model, anchor_tokens, 0, None)?);
-            }
-            let start = range.start;
-            encode_block(&mut model, &tokens[range], start, self.anchor.as_ref())?
-        };
+        let cuda = self.cuda;
+        let gpu = &cuda.gpu;
+        let mut model = cuda.lock_model()?;
+        let block = device_block(&mut model, &mut self.anchor, tokens, range, anchor_tokens)?;
         let host = block.download(gpu)?;
         drop(model);
         if let Some(key) = keep {
-            self.cuda.lock_tier().insert(key, Arc::new(block));
+            cuda.lock_tier().insert(key, Arc::new(block));
         }
         Ok(host)
     }
+
+    /// Phase 1 of every block (`ranges`, in order, covering `tokens`) written into one
+    /// device copy of the document's KV, the selective re-encoding over it on the device
+    /// ([`crate::cuda::reencode::reencode_document`]), and the blocks downloaded once for
+    /// the store; with `keep`, each block also stays resident under its key. Phase 1's KV
+    /// never makes a host round trip.
+    pub(super) fn encode_reencoded(
+        &mut self,
+        tokens: &[u32],
+        ranges: &[Range<usize>],
+        anchor_tokens: &[u32],
+        exact_until: usize,
+        ratio: f32,
+        keep: Option<&[BlockId]>,
+    ) -> Result<(Vec<BlockKv>, Reencoded)> {
+        let cuda = self.cuda;
+        let gpu = &cuda.gpu;
+        let mut model = cuda.lock_model()?;
+        let (shape, n_layers) = (model.head_shape(), model.config().n_layers);
+        let doc = GpuBlock::alloc(gpu, 0, tokens.len(), shape, n_layers)?;
+        for range in ranges {
+            let block = device_block(
+                &mut model,
+                &mut self.anchor,
+                tokens,
+                range.clone(),
+                anchor_tokens,
+            )?;
+            block.copy_into(gpu, &doc)?;
+        }
+        let done =
+            crate::cuda::reencode::reencode_document(&mut model, tokens, &doc, exact_until, ratio)?;
+        let host = doc.download_split(gpu, ranges)?;
+        let resident = match keep {
+            Some(keys) => ranges
+                .iter()
+                .zip(keys)
+                .map(|(r, k)| Ok((*k, Arc::new(doc.rows(gpu, r.clone())?))))
+                .collect::<Result<Vec<_>, CudaError>>()?,
+            None => Vec::new(),
+        };
+        drop(model);
+        let mut tier = cuda.lock_tier();
+        for (key, block) in resident {
+            tier.insert(key, block);
+        }
+        Ok((host, done))
+    }
+}
+
+/// Phase 1 of block `range` on the device (block 0 when it starts at 0), the anchor
+/// encoded once into `anchor` and reused.
+fn device_block(
+    model: &mut CudaLlama,
+    anchor: &mut Option<GpuBlock>,
+    tokens: &[u32],
+    range: Range<usize>,
+    anchor_tokens: &[u32],
+) -> Result<GpuBlock, CudaError> {
+    let gpu = model.gpu().clone();
+    // With an anchor of several blocks, the blocks inside it are rows of its KV.
+    let inside_long_anchor = anchor_tokens.len() > range.len() && range.end <= anchor_tokens.len();
+    if inside_long_anchor {
+        if anchor.is_none() {
+            *anchor = Some(encode_block(model, anchor_tokens, 0, None)?);
+        }
+        return anchor.as_ref().expect("set above").rows(&gpu, range);
+    }
+    if range.start == 0 {
+        let block = encode_block(model, &tokens[range], 0, None)?;
+        if anchor.is_none() {
+            *anchor = Some(block.prefix(&gpu, anchor_tokens.len())?);
+        }
+        return Ok(block);
+    }
+    if anchor.is_none() {
+        *anchor = Some(encode_block(model, anchor_tokens, 0, None)?);
+    }
+    let start = range.start;
+    encode_block(model, &tokens[range], start, anchor.as_ref())
 }
 
 impl Drop for GpuEncoder<'_> {

@@ -431,3 +431,43 @@ fn tempered_merge_on_the_cpu_path() {
         Err(Error::InvalidInput(m)) if m.contains("tempered")
     ));
 }
+
+#[test]
+fn encode_reencoded_is_phase1_then_the_reencoding_pass() {
+    // An anchor of two blocks: the ingest path's blocks equal phase 1's blocks re-encoded
+    // by the pass itself, exactly; r = 0 is phase 1; a key per block or none.
+    let loaded = tiny();
+    let model = &loaded.model;
+    let backend = Backend::cpu();
+    let t = tokens(70, 3);
+    let config = StarConfig {
+        block_size: 12,
+        anchor_size: 24,
+    };
+    let mut enc = backend.phase1(model, &t, config).unwrap();
+    let mut expected = (0..enc.n_blocks())
+        .map(|i| enc.encode_block(i).unwrap())
+        .collect::<Vec<_>>();
+    let phase1 = expected.clone();
+    let want = crate::star::reencode::reencode(model, &t, &mut expected, 24, 0.3).unwrap();
+    assert_eq!((want.tokens, want.candidates), (14, 46));
+    let (got, done) = enc
+        .encode_reencoded(model, &backend, 24, 0.3, None)
+        .unwrap();
+    assert_eq!(done, want);
+    assert_eq!(got, expected);
+    assert_ne!(got, phase1, "r = 0.3 changed nothing");
+    let (none, done) = enc
+        .encode_reencoded(model, &backend, 24, 0.0, None)
+        .unwrap();
+    assert_eq!((none, done.tokens), (phase1, 0));
+    let keys: Vec<BlockId> = (0..enc.n_blocks()).map(key).collect();
+    assert!(
+        enc.encode_reencoded(model, &backend, 24, 0.3, Some(&keys[1..]))
+            .is_err()
+    );
+    let (kept, _) = enc
+        .encode_reencoded(model, &backend, 24, 0.3, Some(&keys))
+        .unwrap();
+    assert_eq!(kept, expected);
+}

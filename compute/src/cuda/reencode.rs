@@ -13,6 +13,11 @@
 //!    dimension.
 //!
 //! The compact buffers hold every layer's new rows at the end; only they are downloaded.
+//!
+//! Two entries: [`reencode`] over host blocks (uploads phase 1's KV of the whole document
+//! first: a round trip of every block, which costs more than the pass on a small model)
+//! and [`reencode_document`] over a document whose phase-1 KV is still on the device
+//! (the ingest path: phase 1 writes into it, the store gets one download of the result).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,6 +26,7 @@ use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::attention::KvDest;
+use super::block::GpuBlock;
 use super::device::{DevBuf, Gpu, HalfType};
 use super::kernels::{COMMON_SOURCE, Kernels};
 use super::model::{CudaLlama, GpuAttention, GpuKvCache};
@@ -179,8 +185,8 @@ fn token_major(x: &[f32], shape: HeadShape, n: usize) -> Vec<f32> {
 /// with a limit per row.
 struct SelectedRows<'a> {
     kernels: &'a ReencodeKernels,
-    /// Per layer: the document's K and V, `[n_kv][len][d]`.
-    doc: &'a [(DevBuf, DevBuf)],
+    /// Per layer: the document's K and V (device pointers), `[n_kv][len][d]`.
+    doc: &'a [(u64, u64)],
     /// Per layer: the selected tokens' new K and V, `[n_kv][m][d]`.
     fresh: &'a [(DevBuf, DevBuf)],
     /// The selected positions (i32, increasing).
@@ -222,8 +228,8 @@ impl GpuAttention for SelectedRows<'_> {
         m: usize,
         out: u64,
     ) -> Result<()> {
-        let ((dk, dv), (fk, fv)) = (&self.doc[layer], &self.fresh[layer]);
-        let (dk, dv, fk, fv) = (dk.ptr(), dv.ptr(), fk.ptr(), fv.ptr());
+        let ((dk, dv), (fk, fv)) = (self.doc[layer], &self.fresh[layer]);
+        let (fk, fv) = (fk.ptr(), fv.ptr());
         let (m_i, len_i) = (m as i32, self.len as i32);
         let shape = self.shape;
         let stream = gpu.exec_stream();
@@ -288,7 +294,6 @@ pub fn reencode_positions(
     let gpu = model.gpu().clone();
     let (shape, n_layers) = (model.head_shape(), model.config().n_layers);
     let (len, m, d) = (tokens.len(), positions.len(), shape.head_dim);
-    let kernels = kernels(&gpu, d)?;
     // Phase 1's KV of the whole document, head-major per layer.
     let doc_bytes = shape.n_kv_heads * len * d * 2;
     let mut host = vec![0f32; shape.n_kv_heads * len * d];
@@ -315,23 +320,8 @@ pub fn reencode_positions(
         }
         doc.push(pair);
     }
-    let fresh_bytes = shape.n_kv_heads * m * d * 2;
-    let fresh = (0..n_layers)
-        .map(|_| Ok((gpu.alloc(fresh_bytes)?, gpu.alloc(fresh_bytes)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let pos_i32: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-    let pos_dev = gpu.upload_new(&pos_i32)?;
-    let ids: Vec<u32> = positions.iter().map(|&p| tokens[p]).collect();
-    let mut pass = SelectedRows {
-        kernels: &kernels,
-        doc: &doc,
-        fresh: &fresh,
-        positions: pos_dev.ptr(),
-        len,
-        m,
-        shape,
-    };
-    model.forward(&ids, positions, &mut pass)?;
+    let ptrs: Vec<(u64, u64)> = doc.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect();
+    let fresh = selected_pass(model, tokens, &ptrs, positions)?;
     // Every layer's new rows, into the blocks.
     let mut tmp = vec![0u16; shape.n_kv_heads * m * d];
     let (mut kf, mut vf) = (vec![0f32; tmp.len()], vec![0f32; tmp.len()]);
@@ -356,6 +346,109 @@ pub fn reencode_positions(
         }
     }
     Ok(())
+}
+
+/// The selected tokens through every layer over the document's KV `doc` (per layer
+/// device pointers, `[n_kv][len][d]`, `len = tokens.len()`): each layer's new rows are
+/// scattered into `doc` before that layer's attention, so afterwards `doc` holds the
+/// re-encoded KV. Returns the compact per-layer copies of the new rows, `[n_kv][m][d]`.
+fn selected_pass(
+    model: &mut CudaLlama,
+    tokens: &[u32],
+    doc: &[(u64, u64)],
+    positions: &[usize],
+) -> Result<Vec<(DevBuf, DevBuf)>> {
+    let gpu = model.gpu().clone();
+    let (shape, n_layers) = (model.head_shape(), model.config().n_layers);
+    let (len, m, d) = (tokens.len(), positions.len(), shape.head_dim);
+    if doc.len() != n_layers {
+        return Err(CudaError::Invalid(format!(
+            "{} document layers for a model of {n_layers}",
+            doc.len()
+        )));
+    }
+    let kernels = kernels(&gpu, d)?;
+    let fresh_bytes = shape.n_kv_heads * m * d * 2;
+    let fresh = (0..n_layers)
+        .map(|_| Ok((gpu.alloc(fresh_bytes)?, gpu.alloc(fresh_bytes)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let pos_i32: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+    let pos_dev = gpu.upload_new(&pos_i32)?;
+    let ids: Vec<u32> = positions.iter().map(|&p| tokens[p]).collect();
+    let mut pass = SelectedRows {
+        kernels: &kernels,
+        doc,
+        fresh: &fresh,
+        positions: pos_dev.ptr(),
+        len,
+        m,
+        shape,
+    };
+    model.forward(&ids, positions, &mut pass)?;
+    Ok(fresh)
+}
+
+/// [`reencode`] over a document whose phase-1 KV is already on the device (`doc`: one
+/// 16-bit block of every token, start 0), in place there: no host copy of phase 1 and no
+/// upload. The ingest path: phase 1 writes its blocks into `doc` on the device, this
+/// pass fixes the selected rows, and the blocks are downloaded once for the store
+/// ([`GpuBlock::download_split`]), as without re-encoding. Selection and pass are those
+/// of [`reencode`] (the same positions and KV from the same phase-1 values).
+pub fn reencode_document(
+    model: &mut CudaLlama,
+    tokens: &[u32],
+    doc: &GpuBlock,
+    exact_until: usize,
+    ratio: f32,
+) -> Result<Reencoded> {
+    if doc.start != 0 || doc.len != tokens.len() || doc.is_8bit() {
+        return Err(CudaError::Invalid(format!(
+            "re-encoding needs the whole document's 16-bit KV ({} of {} tokens)",
+            doc.len,
+            tokens.len()
+        )));
+    }
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(CudaError::Invalid(format!(
+            "re-encode ratio {ratio} is outside 0..=1"
+        )));
+    }
+    let candidates = tokens.len().saturating_sub(exact_until);
+    let want = ((candidates as f64) * ratio as f64).ceil() as usize;
+    let n_layers = model.config().n_layers;
+    if want == 0 || n_layers < 2 {
+        return Ok(Reencoded {
+            tokens: 0,
+            candidates,
+        });
+    }
+    let (gpu, shape) = (model.gpu().clone(), model.head_shape());
+    let (k1, v1) = layer_one(model, tokens)?;
+    let (pk, pv) = doc_layer_token_major(&gpu, doc, 1)?;
+    let selected = most_deviating((&k1, &v1), (&pk, &pv), shape.kv_width(), exact_until, want);
+    let ptrs: Vec<(u64, u64)> = (0..n_layers).map(|l| doc.layer_ptrs(l)).collect();
+    selected_pass(model, tokens, &ptrs, &selected)?;
+    Ok(Reencoded {
+        tokens: selected.len(),
+        candidates,
+    })
+}
+
+/// Layer `layer` of a device block as f32 token-major `[len][kv_width]`.
+fn doc_layer_token_major(gpu: &Gpu, doc: &GpuBlock, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (shape, n) = (doc.shape, doc.len);
+    let (k, v) = doc.layer_ptrs(layer);
+    let mut tmp = vec![0u16; shape.n_kv_heads * n * shape.head_dim];
+    let mut x = vec![0f32; tmp.len()];
+    let mut out = Vec::with_capacity(2);
+    for ptr in [k, v] {
+        gpu.download(&mut tmp, ptr)?;
+        gpu.dtype.decode(&tmp, &mut x);
+        out.push(token_major(&x, shape, n));
+    }
+    let v = out.pop().expect("two");
+    let k = out.pop().expect("two");
+    Ok((k, v))
 }
 
 #[cfg(test)]

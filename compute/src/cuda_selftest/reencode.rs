@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Report, Result, Rng, ms, rel, tiny_config};
+use crate::backend::Backend;
 use crate::cuda::reencode as gpu_re;
 use crate::cuda::{CudaLlama, Gpu};
 use crate::model::Llama;
@@ -132,6 +133,75 @@ pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64)
         "missing",
         ((l - b) as f64 - done.tokens as f64).abs(),
         0.0,
+        ms(t),
+    );
+    ingest_path(gpu, &cpu, &tokens, b, report, u)
+}
+
+/// The ingest path ([`crate::backend::BlockEncoder::encode_reencoded`] on a GPU backend: phase 1 written
+/// into one device copy of the document, re-encoded there, downloaded once), with an
+/// anchor of two blocks: against the GPU pass over host blocks (the same phase-1 values
+/// and selection, so the same KV) at r = 0.25, and against full attention's KV (CPU) at
+/// r = 1.
+fn ingest_path(
+    gpu: &Arc<Gpu>,
+    cpu: &Llama,
+    tokens: &[u32],
+    b: usize,
+    report: &mut Report,
+    u: f64,
+) -> Result<()> {
+    let backend = Backend::on_gpu(gpu.clone(), cpu, Some(64 << 20))?;
+    let config = StarConfig {
+        block_size: b,
+        anchor_size: 2 * b,
+    };
+    let exact_until = 2 * b;
+    let t = Instant::now();
+    let mut enc = backend.phase1(cpu, tokens, config)?;
+    let (dev, done) = enc.encode_reencoded(cpu, &backend, exact_until, 0.25, None)?;
+    let mut enc = backend.phase1(cpu, tokens, config)?;
+    let mut host = (0..enc.n_blocks())
+        .map(|i| enc.encode_block(i))
+        .collect::<crate::error::Result<Vec<_>>>()?;
+    let phase1 = host.clone();
+    let host_done = backend.reencode(cpu, tokens, &mut host, exact_until, 0.25)?;
+    report.check(
+        "re-encode r=0.25, a=2b: KV on the device (ingest) vs over host blocks",
+        "rel",
+        rel(&all_kv(&dev), &all_kv(&host)),
+        u / 8.0,
+        ms(t),
+    );
+    report.check(
+        "re-encode r=0.25, a=2b: same tokens re-encoded (device vs host)",
+        "differ",
+        (done.tokens as f64 - host_done.tokens as f64).abs(),
+        0.0,
+        ms(t),
+    );
+    report.check(
+        "re-encode on the device changes the KV after the anchor",
+        "unchanged",
+        (rel(&all_kv(&dev), &all_kv(&phase1)) < 1e-3) as u8 as f64,
+        0.0,
+        ms(t),
+    );
+    let t = Instant::now();
+    let mut enc = backend.phase1(cpu, tokens, config)?;
+    let (all, _) = enc.encode_reencoded(cpu, &backend, exact_until, 1.0, None)?;
+    let full = Phase1::new(cpu, tokens, StarConfig::new(tokens.len()))?
+        .encode_all()?
+        .remove(0);
+    let full: Vec<BlockKv> = all
+        .iter()
+        .map(|x| full.rows(x.start..x.start + x.len))
+        .collect();
+    report.check(
+        "re-encode r=1, a=2b, on the device (ingest) vs full attention KV (CPU)",
+        "rel",
+        rel(&all_kv(&all), &all_kv(&full)),
+        8.0 * u,
         ms(t),
     );
     Ok(())
