@@ -13,7 +13,9 @@
 //! [--workers 3] [--repeats 3] [--threads N] [--worker-threads 1] [--local-workers 2]`
 //!
 //! A last row runs the same coordinator over `--local-workers` in-process CPU workers
-//! (what `serve --devices` runs), with no sockets.
+//! (what `serve --devices` runs), with no sockets. A second table splits a worker
+//! process's attend call (one per layer and token): round trip, the worker's wait for a
+//! thread, its attention, and the rest (network and both ends' hand-offs).
 
 #[path = "support/stats.rs"]
 #[allow(dead_code)]
@@ -29,7 +31,9 @@ use starkv_cache::{BlockStore, StoreConfig};
 use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 use starkv_compute::sampling::SamplingParams;
-use starkv_service::cluster::{Cluster, ClusterConfig, LocalWorkersConfig, open_local_workers};
+use starkv_service::cluster::{
+    AttendTimes, Cluster, ClusterConfig, LocalWorkersConfig, open_local_workers,
+};
 use starkv_service::{IngestRequest, QueryRequest, Service};
 use stats::median;
 
@@ -229,6 +233,7 @@ fn main() -> Result<()> {
 
     let worker_threads = get("--worker-threads", 1)?;
     let scratch = tempfile::tempdir()?;
+    let mut hops = Vec::new();
     for n in 1..=max_workers {
         let mut addresses = Vec::new();
         let mut procs = Vec::new();
@@ -268,6 +273,14 @@ fn main() -> Result<()> {
             repeats,
             &bytes,
         )?);
+        let mut times = AttendTimes::default();
+        for w in cluster.status() {
+            times.calls += w.attend.calls;
+            times.round_trip_us += w.attend.round_trip_us;
+            times.worker_queued_us += w.attend.worker_queued_us;
+            times.worker_compute_us += w.attend.worker_compute_us;
+        }
+        hops.push((rows.last().expect("a row").name.clone(), times));
         drop(coordinator);
         drop(procs);
     }
@@ -335,6 +348,24 @@ fn main() -> Result<()> {
             r.first_token_s * 1e3,
             r.per_token_s * 1e3,
             (r.per_token_s - base) * 1e3,
+        );
+    }
+    // Where an attend call's time goes (one per layer and generated token, per worker
+    // holding blocks), over every query of the configuration's measurement.
+    println!(
+        "\n| configuration | attend calls | round trip µs | worker waits for a thread µs | worker attention µs | network and hand-offs µs |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, t) in &hops {
+        let (rt, queued, compute) = (
+            t.mean(t.round_trip_us),
+            t.mean(t.worker_queued_us),
+            t.mean(t.worker_compute_us),
+        );
+        println!(
+            "| {name} | {} | {rt:.0} | {queued:.0} | {compute:.0} | {:.0} |",
+            t.calls,
+            rt - queued - compute
         );
     }
     Ok(())

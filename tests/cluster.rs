@@ -190,6 +190,20 @@ fn three_workers_answer_as_one_node_and_survive_a_killed_worker() {
             .all(|w| w["healthy"] == true && w["placed_blocks"].as_u64().unwrap() > 0),
         "{cluster}"
     );
+    // Each worker answered attend calls (one per layer and step), and its own time on
+    // them (waiting for a thread, attention) fits inside the round trip the coordinator
+    // measured (microseconds rounded down on each side, hence the slack).
+    for w in workers_json {
+        let a = &w["attend"];
+        let us = |k: &str| a[k].as_f64().unwrap();
+        assert!(a["calls"].as_u64().unwrap() >= 30, "{w}");
+        assert!(us("mean_worker_compute_us") > 0.0, "{w}");
+        assert!(
+            us("mean_round_trip_us") + 2.0
+                >= us("mean_worker_queued_us") + us("mean_worker_compute_us"),
+            "{w}"
+        );
+    }
 
     // SIGKILL one worker: its blocks are re-encoded on the others and the answer stays
     // the single-node answer.

@@ -50,6 +50,12 @@ fn cluster_json(cluster: &Cluster) -> Value {
                 "stale_parts_dropped": w.health.stale_parts_dropped,
                 "bytes_sent": w.bytes_sent,
                 "bytes_received": w.bytes_received,
+                "attend": {
+                    "calls": w.attend.calls,
+                    "mean_round_trip_us": w.attend.mean(w.attend.round_trip_us),
+                    "mean_worker_queued_us": w.attend.mean(w.attend.worker_queued_us),
+                    "mean_worker_compute_us": w.attend.mean(w.attend.worker_compute_us),
+                },
             })
         })
         .collect();

@@ -11,7 +11,7 @@
 //! to workers that come back; new blocks are placed on them again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use super::catalog::{BlockEntry, Catalog, DocEntry, hex};
 use super::client::RemoteWorker;
 use super::handle::{CallError, PendingReply, Worker};
 use super::placement;
-use super::wire::{EncodeRequest, Key, Reply, Request};
+use super::wire::{EncodeRequest, Key, Reply, Request, WorkerTime};
 use crate::jobs::now_ms;
 use crate::{
     IngestOutcome, IngestRequest, QueryOutcome, QueryRequest, Service, ServiceError, ServiceResult,
@@ -74,6 +74,64 @@ pub struct WorkerStatus {
     pub bytes_received: u64,
     /// Blocks of the catalog's documents placed on this worker.
     pub placed_blocks: usize,
+    /// Where its attend calls (one per layer per query token step) spent their time.
+    pub attend: AttendTimes,
+}
+
+/// Attend calls to one worker since the coordinator started, and their microseconds
+/// summed: the whole round trip (sent until the coordinator took the reply), the
+/// worker's wait for a thread after reading the frame, and its compute. The round trip
+/// less the worker's two is the network and both ends' hand-offs: what a worker adds
+/// per layer beyond the attention itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttendTimes {
+    pub calls: u64,
+    pub round_trip_us: u64,
+    pub worker_queued_us: u64,
+    pub worker_compute_us: u64,
+}
+
+impl AttendTimes {
+    /// Mean microseconds per call of one of the sums (0 before any call).
+    pub fn mean(&self, sum: u64) -> f64 {
+        if self.calls == 0 {
+            0.0
+        } else {
+            sum as f64 / self.calls as f64
+        }
+    }
+}
+
+/// [`AttendTimes`] as it accumulates.
+#[derive(Default)]
+struct AttendClock {
+    calls: AtomicU64,
+    round_trip_us: AtomicU64,
+    worker_queued_us: AtomicU64,
+    worker_compute_us: AtomicU64,
+}
+
+impl AttendClock {
+    fn record(&self, round_trip: Duration, worker: WorkerTime) {
+        let add = |a: &AtomicU64, v: u64| a.fetch_add(v, Ordering::Relaxed);
+        add(&self.calls, 1);
+        add(
+            &self.round_trip_us,
+            u64::from(WorkerTime::micros(round_trip)),
+        );
+        add(&self.worker_queued_us, u64::from(worker.queued_us));
+        add(&self.worker_compute_us, u64::from(worker.compute_us));
+    }
+
+    fn read(&self) -> AttendTimes {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        AttendTimes {
+            calls: get(&self.calls),
+            round_trip_us: get(&self.round_trip_us),
+            worker_queued_us: get(&self.worker_queued_us),
+            worker_compute_us: get(&self.worker_compute_us),
+        }
+    }
 }
 
 struct Slot {
@@ -82,6 +140,7 @@ struct Slot {
     /// The connection (see [`Worker::connections`]) on which the worker's stale parts
     /// were last dropped; `None`: not since it was last seen down (or ever).
     reconciled: Mutex<Option<u64>>,
+    attend: AttendClock,
 }
 
 /// A coordinator's view of its workers and documents.
@@ -154,6 +213,7 @@ impl Cluster {
                         ..WorkerHealth::default()
                     }),
                     reconciled: Mutex::new(None),
+                    attend: AttendClock::default(),
                 })
                 .collect(),
             last_used: Mutex::new(HashMap::new()),
@@ -272,6 +332,7 @@ impl Cluster {
                     bytes_sent,
                     bytes_received,
                     placed_blocks: placed[w],
+                    attend: self.slots[w].attend.read(),
                 }
             })
             .collect()
@@ -803,10 +864,20 @@ impl WorkerShard {
         }
     }
 
-    /// The partial result from one reply, checked against the query's shape.
-    fn partial(&self, reply: Reply, m: usize) -> Result<Attended, CallError> {
+    /// The partial result from worker `w`'s reply to an attend sent at `sent`, checked
+    /// against the query's shape; its timing goes to the worker's [`AttendTimes`].
+    fn partial(
+        &self,
+        w: usize,
+        sent: Instant,
+        reply: Reply,
+        m: usize,
+    ) -> Result<Attended, CallError> {
         match reply {
-            Reply::Partial { out, lse } => {
+            Reply::Partial { out, lse, time } => {
+                self.cluster.slots[w].attend.record(sent.elapsed(), time);
+                metrics::histogram!("starkv_worker_attend_compute_seconds", "worker" => self.cluster.addresses[w].clone())
+                    .record(f64::from(time.compute_us) * 1e-6);
                 let part = Attended { out, lse };
                 if part.fits(m, self.shape) {
                     Ok(part)
@@ -1030,7 +1101,7 @@ impl WorkerShard {
                 let reply = self
                     .cluster
                     .finish(leg.worker, "attend", t0, pending, self.cluster.call_timeout)
-                    .and_then(|r| self.partial(r, m));
+                    .and_then(|r| self.partial(leg.worker, t0, r, m));
                 match reply {
                     Ok(part) => merge_into(acc, &part, m, self.shape),
                     Err(e) => failed.push((leg.clone(), e)),
@@ -1106,7 +1177,7 @@ impl AttentionShard for WorkerShard {
                 let reply = self
                     .cluster
                     .finish(leg.worker, "attend", t0, pending, self.cluster.call_timeout)
-                    .and_then(|r| self.partial(r, m));
+                    .and_then(|r| self.partial(leg.worker, t0, r, m));
                 match reply {
                     Ok(part) => merge_into(&mut acc, &part, m, self.shape),
                     Err(e) => failed.push((leg, e)),

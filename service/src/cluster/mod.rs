@@ -30,7 +30,7 @@ pub mod wire;
 pub mod worker;
 
 pub use catalog::{BlockEntry, DocEntry};
-pub use coordinator::{Cluster, ClusterConfig, WorkerHealth, WorkerStatus};
+pub use coordinator::{AttendTimes, Cluster, ClusterConfig, WorkerHealth, WorkerStatus};
 pub use handle::{CallError, InProcessWorker, PendingReply, Worker};
 pub use local::{LocalWorkersConfig, local_devices, local_worker_dir, open_local_workers};
 pub use verify::WorkerVerify;

@@ -9,12 +9,13 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::wire::{ErrorCode, PROTOCOL_VERSION, Reply, Request, read_frame_async};
+use super::wire::{ErrorCode, PROTOCOL_VERSION, Reply, Request, WorkerTime, read_frame_async};
 use super::worker::WorkerNode;
 
 /// Serves `node` on `listener` until the task is dropped.
@@ -82,6 +83,7 @@ async fn connection(
             Ok(b) => b,
             Err(e) => break Err(e),
         };
+        let read_at = Instant::now();
         let (id, parsed) = Request::parse(&body);
         let req = match parsed {
             Ok(r) => r,
@@ -95,8 +97,16 @@ async fn connection(
             if let Request::Close { session } = &req {
                 opened.lock().expect("session set").remove(session);
             }
-            let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(req)))
-                .unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "the worker panicked"));
+            let taken = Instant::now();
+            let mut reply =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(req)))
+                    .unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "the worker panicked"));
+            if let Reply::Partial { time, .. } = &mut reply {
+                *time = WorkerTime {
+                    queued_us: WorkerTime::micros(taken - read_at),
+                    compute_us: WorkerTime::micros(taken.elapsed()),
+                };
+            }
             if let Reply::Opened { session, .. } = &reply {
                 opened.lock().expect("session set").insert(*session);
             }

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bumped on any change of a frame's layout; both ends must agree.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame accepted (an encode request carries a document's tokens: 4 bytes each).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -82,6 +82,21 @@ pub struct EncodeRequest {
     pub blocks: Vec<(u32, Key)>,
 }
 
+/// A worker's own time on one request, in microseconds (saturating at `u32::MAX`):
+/// from reading the frame to a thread taking it up, and from there to the reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerTime {
+    pub queued_us: u32,
+    pub compute_us: u32,
+}
+
+impl WorkerTime {
+    /// Microseconds of `d`, saturating.
+    pub fn micros(d: std::time::Duration) -> u32 {
+        u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+    }
+}
+
 /// What a worker answers.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
@@ -101,10 +116,13 @@ pub enum Reply {
         session: u64,
         tokens: u64,
     },
-    /// Partial attention: `out` `[m][n_heads * head_dim]`, `lse` `[n_heads][m]`.
+    /// Partial attention: `out` `[m][n_heads * head_dim]`, `lse` `[n_heads][m]`, and
+    /// where the worker's time went (the rest of a round trip is the network and the
+    /// coordinator).
     Partial {
         out: Vec<f32>,
         lse: Vec<f32>,
+        time: WorkerTime,
     },
     Closed,
     Stats {
@@ -383,9 +401,11 @@ impl Reply {
                 w.u64(*session);
                 w.u64(*tokens);
             }
-            Reply::Partial { out, lse } => {
+            Reply::Partial { out, lse, time } => {
                 w.f32s(out);
                 w.f32s(lse);
+                w.u32(time.queued_us);
+                w.u32(time.compute_us);
             }
             Reply::Closed => {}
             Reply::Dropped {
@@ -456,6 +476,10 @@ impl Reply {
                 R_PARTIAL => Reply::Partial {
                     out: r.f32s()?,
                     lse: r.f32s()?,
+                    time: WorkerTime {
+                        queued_us: r.u32()?,
+                        compute_us: r.u32()?,
+                    },
                 },
                 R_CLOSED => Reply::Closed,
                 R_STATS => Reply::Stats {
@@ -779,6 +803,10 @@ mod tests {
             Reply::Partial {
                 out: vec![1.0, 2.0],
                 lse: vec![f32::NEG_INFINITY],
+                time: WorkerTime {
+                    queued_us: 17,
+                    compute_us: u32::MAX,
+                },
             },
             Reply::Closed,
             Reply::Stats {

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use starkv_cache::{DType, DocLease};
 use starkv_compute::star::AttentionShard;
 
-use super::wire::{EncodeRequest, ErrorCode, Key, PROTOCOL_VERSION, Reply, Request, VerifyCounts};
+use super::wire::{
+    EncodeRequest, ErrorCode, Key, PROTOCOL_VERSION, Reply, Request, VerifyCounts, WorkerTime,
+};
 use crate::stored::StoredBlocks;
 use crate::{IngestRequest, Service, ServiceError, ServiceResult};
 
@@ -260,6 +262,8 @@ impl WorkerNode {
         Ok(Reply::Partial {
             out: part.out,
             lse: part.lse,
+            // Filled in by the transport, which sees the whole of the worker's time.
+            time: WorkerTime::default(),
         })
     }
 
