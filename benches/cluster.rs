@@ -293,7 +293,7 @@ fn main() -> Result<()> {
         let workers = open_local_workers(
             &LocalWorkersConfig {
                 data_dir: scratch.path().join("local"),
-                model_path: model_path.clone(),
+                model: starkv_service::ModelFile::open(&model_path)?,
                 shards: 2,
                 hot_tier_bytes: 1 << 30,
                 gpu_tier_bytes: None,

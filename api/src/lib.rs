@@ -43,9 +43,8 @@ pub enum StartError {
 /// per local device (`local_devices`), checked once before the server accepts requests.
 fn open_cluster(
     config: &ServerConfig,
-    model_path: &std::path::Path,
+    model: &starkv_service::ModelFile,
     local_devices: &[starkv_compute::cuda::DeviceChoice],
-    model_fingerprint: &[u8],
 ) -> Result<Arc<starkv_service::cluster::Cluster>, StartError> {
     use starkv_service::cluster::{Cluster, ClusterConfig, LocalWorkersConfig};
     let cluster_config = ClusterConfig {
@@ -67,7 +66,7 @@ fn open_cluster(
         let workers = starkv_service::cluster::open_local_workers(
             &LocalWorkersConfig {
                 data_dir: config.data_dir.clone(),
-                model_path: model_path.to_path_buf(),
+                model: model.clone(),
                 shards: config.shards,
                 hot_tier_bytes: config.hot_tier_bytes,
                 gpu_tier_bytes: config.gpu_tier_bytes,
@@ -76,7 +75,7 @@ fn open_cluster(
         )?;
         Cluster::with_workers(&cluster_config, workers)?
     } else {
-        Cluster::connect(&cluster_config, model_fingerprint)?
+        Cluster::connect(&cluster_config, model.fingerprint())?
     };
     let cluster = Arc::new(cluster);
     cluster.check_health();
@@ -147,12 +146,7 @@ pub async fn serve(
         starkv_service::cluster::local_devices(&config.local_device_choices()?, device);
     if !config.workers.is_empty() || !local_devices.is_empty() {
         let cluster = tokio::task::block_in_place(|| {
-            open_cluster(
-                &config,
-                &model_path,
-                &local_devices,
-                service.model_fingerprint(),
-            )
+            open_cluster(&config, service.model_file(), &local_devices)
         })?;
         cluster.spawn_health_checks(std::time::Duration::from_secs(2));
         // Operators (and scripts) read which workers serve.

@@ -88,7 +88,11 @@ pub struct IngestOutcome {
 impl Service {
     /// Context tokens of a document text (what ingest stores and encodes).
     pub fn document_tokens(&self, text: &str) -> ServiceResult<Vec<u32>> {
-        Ok(prompt::document_context(&self.model.tokenizer, None, text)?)
+        Ok(prompt::document_context(
+            &self.model().tokenizer,
+            None,
+            text,
+        )?)
     }
 
     /// Phase 1: encodes the blocks whose content key is not stored yet, then publishes the
@@ -143,7 +147,7 @@ impl Service {
             block_size: req.block_size,
             anchor_size: req.anchor_size,
         };
-        let mut encoder = self.backend.phase1(&self.model.model, &tokens, config)?;
+        let mut encoder = self.backend.phase1(&self.model().model, &tokens, config)?;
         let spec = self.doc_spec(req, &tokens, dtype);
         let spec_dtype = spec.dtype;
         let mut ingest = self.store.begin_ingest(spec)?;
@@ -216,8 +220,8 @@ impl Service {
     /// key depends on.
     fn doc_spec(&self, req: &IngestRequest, tokens: &[u32], dtype: DType) -> DocSpec {
         let mut spec = DocSpec::new(req.id.clone(), req.tenant.clone());
-        spec.model_fingerprint = self.model_fingerprint.clone();
-        spec.tokenizer_fingerprint = self.model.tokenizer.fingerprint().to_vec();
+        spec.model_fingerprint = self.model_fingerprint().to_vec();
+        spec.tokenizer_fingerprint = self.model().tokenizer.fingerprint().to_vec();
         spec.kv_layout_version = KV_LAYOUT_VERSION;
         // Part of every block key (see `stored_dtype`): 8-bit KV is different KV.
         spec.dtype = dtype;
@@ -313,7 +317,7 @@ impl Service {
             let ids: Vec<BlockId> = keys.iter().map(|k| k.0).collect();
             let keep = (dtype != DType::I8).then_some(&ids[..]);
             let (blocks, _) = encoder.encode_reencoded(
-                &self.model.model,
+                &self.model().model,
                 &self.backend,
                 exact_until,
                 req.reencode_ratio,

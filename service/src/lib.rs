@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod jobs;
 mod kv;
 pub mod limits;
+mod model_file;
 pub mod naming;
 pub mod query;
 pub mod repair;
@@ -30,13 +31,13 @@ mod stored;
 pub use error::{ServiceError, ServiceResult};
 pub use ingest::{IngestOutcome, IngestRequest, KvDtype};
 pub use kv::KV_LAYOUT_VERSION;
+pub use model_file::ModelFile;
 pub use query::{QueryOutcome, QueryRequest};
 pub use scope::DedupScope;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use sha2::{Digest, Sha256};
 use starkv_cache::BlockStore;
 use starkv_compute::LoadedModel;
 use starkv_compute::backend::{Backend, BlockEncoder};
@@ -47,10 +48,8 @@ use kv::ReadyBlocks;
 
 /// The loaded model, the device it runs on and the store, shared by all requests.
 pub struct Service {
-    model: LoadedModel,
+    model: ModelFile,
     backend: Backend,
-    model_id: String,
-    model_fingerprint: Vec<u8>,
     store: BlockStore,
     /// Decoded, compute-ready blocks by content key (the store's own hot tier holds
     /// the f16 tensors; this saves the conversion on repeat queries).
@@ -80,20 +79,26 @@ impl Service {
         store: BlockStore,
         ready_budget_bytes: usize,
     ) -> ServiceResult<Self> {
-        let model_fingerprint = file_fingerprint(model_path)?;
-        let model_id = model_path
-            .file_stem()
-            .map_or("model".into(), |s| s.to_string_lossy().into_owned());
-        Ok(Self {
+        let model = ModelFile::with_loaded(model, model_path)?;
+        Ok(Self::on_model(model, backend, store, ready_budget_bytes))
+    }
+
+    /// A service on `model` (shared with whoever else holds it: a server and its
+    /// in-process workers), run by `backend` (built from `model.model().model`).
+    pub fn on_model(
+        model: ModelFile,
+        backend: Backend,
+        store: BlockStore,
+        ready_budget_bytes: usize,
+    ) -> Self {
+        Self {
             model,
             backend,
-            model_id,
-            model_fingerprint,
             store,
             ready: Mutex::new(ReadyBlocks::new(ready_budget_bytes)),
             cluster: None,
             dedup: DedupScope::default(),
-        })
+        }
     }
 
     /// Shares stored blocks as `scope` says (see [`DedupScope`]; the default is
@@ -118,7 +123,7 @@ impl Service {
 
     /// SHA-256 of the model file (part of every block key).
     pub fn model_fingerprint(&self) -> &[u8] {
-        &self.model_fingerprint
+        self.model.fingerprint()
     }
 
     pub fn store(&self) -> &BlockStore {
@@ -126,10 +131,15 @@ impl Service {
     }
 
     pub fn model_id(&self) -> &str {
-        &self.model_id
+        self.model.id()
     }
 
     pub fn model(&self) -> &LoadedModel {
+        self.model.model()
+    }
+
+    /// The model file, to share with in-process workers.
+    pub fn model_file(&self) -> &ModelFile {
         &self.model
     }
 
@@ -139,7 +149,7 @@ impl Service {
     }
 
     fn shape(&self) -> HeadShape {
-        self.model.model.head_shape()
+        self.model().model.head_shape()
     }
 
     /// Whether loaded f16 blocks stay in f16 (the CPU: its attention widens a key tile
@@ -158,7 +168,7 @@ impl Service {
             block_size: manifest.block_size as usize,
             anchor_size: manifest.anchor_size as usize,
         };
-        Ok(self.backend.phase1(&self.model.model, tokens, config)?)
+        Ok(self.backend.phase1(&self.model().model, tokens, config)?)
     }
 
     /// Drops compute-ready copies (e.g. after eviction), host and GPU-resident; the
@@ -167,23 +177,6 @@ impl Service {
         self.ready.lock().expect("ready-block cache lock").clear();
         self.backend.forget_resident();
     }
-}
-
-/// SHA-256 of the model file: two servers with the same file share stored blocks.
-fn file_fingerprint(path: &Path) -> ServiceResult<Vec<u8>> {
-    use std::io::Read;
-    let io = |e: std::io::Error| ServiceError::Internal(format!("reading {}: {e}", path.display()));
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().to_vec())
 }
 
 /// Paths the server keeps under its data directory.

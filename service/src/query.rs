@@ -68,14 +68,14 @@ impl Service {
         if manifest.tenant != tenant {
             return Err(ServiceError::NotFound(format!("document {doc} not found")));
         }
-        if manifest.model_fingerprint != self.model_fingerprint {
+        if manifest.model_fingerprint != self.model_fingerprint() {
             return Err(ServiceError::Conflict(format!(
                 "document {doc} was encoded with another model; re-ingest it to query with {}",
-                self.model_id
+                self.model_id()
             )));
         }
         let tokens = lease.source_tokens()?;
-        let query_ids = prompt::question_query(&self.model.tokenizer, &req.question)?;
+        let query_ids = prompt::question_query(&self.model().tokenizer, &req.question)?;
         let keys: Vec<BlockId> = manifest.blocks.iter().map(|b| b.key.0).collect();
         let params = GenerateParams {
             max_tokens: req.max_tokens,
@@ -108,7 +108,7 @@ impl Service {
                 reader: &reader,
             };
             let answer = self.backend.answer_stored(
-                &self.model,
+                self.model(),
                 &keys,
                 &stored,
                 &query_ids,
@@ -122,7 +122,7 @@ impl Service {
             let mut stored = StoredBlocks::new(self, &lease, &manifest, &tokens[..]);
             let mut load = |i: usize| stored.load(i);
             let answer = self.backend.answer(
-                &self.model,
+                self.model(),
                 &keys,
                 &mut load,
                 &[],

@@ -13,13 +13,15 @@ use starkv_compute::cuda::{DeviceChoice, Selected};
 
 use super::handle::{InProcessWorker, Worker};
 use super::worker::{WorkerConfig, WorkerNode};
-use crate::{ServiceError, ServiceResult};
+use crate::{ModelFile, ServiceError, ServiceResult};
 
 /// What every local worker shares.
 #[derive(Debug, Clone)]
 pub struct LocalWorkersConfig {
     pub data_dir: PathBuf,
-    pub model_path: PathBuf,
+    /// The server's model, shared by every worker (one copy of the weights in host
+    /// memory; each device gets its own from its backend).
+    pub model: ModelFile,
     /// RocksDB shards of each worker's new store.
     pub shards: usize,
     /// Host memory for decoded blocks, split evenly between the workers.
@@ -58,7 +60,8 @@ pub fn local_worker_dir(data_dir: &Path, index: usize) -> PathBuf {
     data_dir.join("local").join(index.to_string())
 }
 
-/// Opens one worker per entry of `devices` (loading the model onto each), in parallel.
+/// Opens one worker per entry of `devices` (the shared model onto each device), in
+/// parallel.
 pub fn open_local_workers(
     config: &LocalWorkersConfig,
     devices: &[DeviceChoice],
@@ -76,7 +79,7 @@ pub fn open_local_workers(
             let sharing = devices.iter().filter(|&&d| d == device).count() as u64;
             WorkerConfig {
                 data_dir: local_worker_dir(&config.data_dir, i),
-                model_path: config.model_path.clone(),
+                model_path: config.model.path().to_path_buf(),
                 device,
                 shards: config.shards,
                 hot_tier_bytes: (config.hot_tier_bytes / n).max(1),
@@ -87,7 +90,7 @@ pub fn open_local_workers(
     let opened: Vec<ServiceResult<WorkerNode>> = std::thread::scope(|s| {
         let handles: Vec<_> = configs
             .iter()
-            .map(|c| s.spawn(move || WorkerNode::open(c)))
+            .map(|c| s.spawn(move || WorkerNode::open_on(c, config.model.clone())))
             .collect();
         handles
             .into_iter()

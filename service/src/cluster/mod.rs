@@ -34,4 +34,4 @@ pub use coordinator::{AttendTimes, Cluster, ClusterConfig, WorkerHealth, WorkerS
 pub use handle::{CallError, InProcessWorker, PendingReply, Worker};
 pub use local::{LocalWorkersConfig, local_devices, local_worker_dir, open_local_workers};
 pub use verify::WorkerVerify;
-pub use worker::WorkerNode;
+pub use worker::{WorkerConfig, WorkerNode};

@@ -57,9 +57,14 @@ impl WorkerNode {
     /// Loads the model onto the configured device (printing `starkv: device ...` on
     /// stderr) and opens the worker's own store under `data_dir`.
     pub fn open(config: &WorkerConfig) -> ServiceResult<Self> {
-        let model = starkv_compute::LoadedModel::open(&config.model_path)?;
+        Self::open_on(config, crate::ModelFile::open(&config.model_path)?)
+    }
+
+    /// [`WorkerNode::open`] on a model already loaded (`config.model_path` is not read):
+    /// in-process workers share their server's.
+    pub fn open_on(config: &WorkerConfig, model: crate::ModelFile) -> ServiceResult<Self> {
         let backend = starkv_compute::backend::Backend::new(
-            &model.model,
+            &model.model().model,
             config.device,
             config.gpu_tier_bytes.map(|b| b as usize),
         )?;
@@ -71,13 +76,7 @@ impl WorkerNode {
                 ..starkv_cache::StoreConfig::default()
             },
         )?;
-        let service = Service::with_backend(
-            model,
-            backend,
-            &config.model_path,
-            store,
-            config.hot_tier_bytes as usize,
-        )?;
+        let service = Service::on_model(model, backend, store, config.hot_tier_bytes as usize);
         Ok(Self::new(Arc::new(service)))
     }
 
