@@ -868,11 +868,33 @@ fn operator_cli_ingest_ask_evict_and_offline_listing() {
         "--server",
         &url,
     ]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("6194027"), "{said}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("6194027"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        said.contains(" tokens · first token "),
+        "a line of timings: {said}"
     );
+    // With --logprobs: the same answer, then every token with its probability.
+    let out = cli(&[
+        "ask",
+        "harbour",
+        QUESTION,
+        "--max-tokens",
+        "24",
+        "--logprobs",
+        "2",
+        "--server",
+        &url,
+    ]);
+    let sure = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{sure}");
+    assert!(sure.starts_with(said.lines().next().unwrap()), "{sure}");
+    let table: Vec<&str> = sure
+        .lines()
+        .skip_while(|l| !(l.contains("#  TOKEN") && l.ends_with("ALTERNATIVES")))
+        .collect();
+    assert!(table.len() >= 2, "a token table: {sure}");
+    assert!(table[1..].iter().all(|l| l.contains('%')), "{sure}");
     let out = cli(&["ls", "--server", &url, "--json"]);
     let list: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
     assert_eq!(list["total"], 1);

@@ -223,12 +223,15 @@ pub fn ingest(
     }
 }
 
-/// `ask DOC QUESTION`: streams the answer to `out` as it is generated.
+/// `ask DOC QUESTION`: streams the answer to `out` as it is generated; the report is the
+/// server's final event (usage, timings, and each token's log-probability with
+/// `logprobs` runners-up when asked).
 pub fn ask(
     target: &Target,
     id: &str,
     question: &str,
     max_tokens: usize,
+    logprobs: Option<usize>,
     out: &mut dyn std::io::Write,
 ) -> OpsResult {
     let Target::Server { base, key, agent } = target else {
@@ -237,7 +240,10 @@ pub fn ask(
         ));
     };
     let url = format!("{base}/v1/documents/{id}/query");
-    let body = json!({ "question": question, "max_tokens": max_tokens, "stream": true });
+    let mut body = json!({ "question": question, "max_tokens": max_tokens, "stream": true });
+    if let Some(n) = logprobs {
+        body["logprobs"] = json!(n);
+    }
     let auth = key.as_ref().map(|k| format!("Bearer {k}"));
     let mut res = with_auth(agent.post(&url), &auth)
         .send_json(&body)

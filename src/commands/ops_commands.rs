@@ -59,6 +59,9 @@ pub enum OpsCommand {
         /// Most tokens to generate.
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
+        /// After the answer, each token's probability and this many runners-up (0-20).
+        #[arg(long, value_name = "N")]
+        logprobs: Option<usize>,
     },
     /// List documents.
     Ls,
@@ -113,13 +116,14 @@ Examples:
   export STARKV_SERVER=http://127.0.0.1:8700
   starkv ask report \"What is the magic number?\"
   starkv ask report \"Summarise section 2.\" --max-tokens 512
+  starkv ask report \"What is the magic number?\" --logprobs 2   # how sure, token by token
   starkv ask report \"What is the magic number?\" --json   # usage and timings only";
 
 /// How a successful report is shown to a person.
 #[derive(Clone, Copy)]
 enum View {
     Ingest,
-    /// Already streamed to stdout.
+    /// Streamed to stdout; then a line of timings (and the tokens' probabilities).
     Answer,
     Documents,
     Document,
@@ -170,11 +174,12 @@ pub fn run(global: &GlobalArgs, args: OpsArgs, command: OpsCommand) -> Result<Ex
             doc,
             question,
             max_tokens,
+            logprobs,
         } => {
             let mut stdout = std::io::stdout().lock();
             let mut sink = std::io::sink();
             let out: &mut dyn Write = if args.json { &mut sink } else { &mut stdout };
-            let result = starkv_ops::ask(&target, &doc, &question, max_tokens, out);
+            let result = starkv_ops::ask(&target, &doc, &question, max_tokens, logprobs, out);
             if !args.json {
                 println!();
             }
@@ -260,7 +265,7 @@ fn human(view: View, report: &Value, style: Style) -> String {
         .map_or(0, |d| d.as_millis() as u64);
     match view {
         View::Ingest => render::ingest_summary(report),
-        View::Answer => String::new(),
+        View::Answer => render::answer_footer(report, style),
         View::Documents => render::documents_table(report, now, style),
         View::Document => render::document_detail(report, now, style),
         View::Stats => render::stats_report(report, style),

@@ -609,6 +609,24 @@ pub fn change_summary(report: &Value) -> String {
 }
 
 /// `starkv cluster`: one row per shard worker (health, what it holds, traffic).
+/// A worker's mean attend round trip and the share of it spent computing on the
+/// worker, e.g. `1.50 ms (85% computing)`; `-` before any call.
+fn attend_cell(worker: &Value) -> String {
+    let attend = worker.get("attend").unwrap_or(&Value::Null);
+    let mean = |k: &str| attend.get(k).and_then(Value::as_f64);
+    match (u64_field(attend, "calls"), mean("mean_round_trip_us")) {
+        (Some(calls), Some(rt)) if calls > 0 && rt > 0.0 => {
+            let compute = mean("mean_worker_compute_us").unwrap_or(0.0);
+            format!(
+                "{:.2} ms ({:.0}% computing)",
+                rt / 1e3,
+                100.0 * compute / rt
+            )
+        }
+        _ => "-".into(),
+    }
+}
+
 pub fn cluster_table(cluster: &Value, now_ms: u64, style: Style) -> String {
     let workers = cluster
         .get("workers")
@@ -628,6 +646,7 @@ pub fn cluster_table(cluster: &Value, now_ms: u64, style: Style) -> String {
         ("SIZE", Align::Right),
         ("CALLS", Align::Right),
         ("FAILED", Align::Right),
+        ("ATTEND", Align::Right),
         ("SEEN", Align::Left),
     ]);
     for w in workers {
@@ -656,6 +675,7 @@ pub fn cluster_table(cluster: &Value, now_ms: u64, style: Style) -> String {
             ),
             (count("calls"), Tone::Plain),
             (count("failures"), Tone::Plain),
+            (attend_cell(w), Tone::Plain),
             (
                 or_dash(u64_field(w, "last_seen_ms").map(|t| human_ago(t, now_ms))),
                 Tone::Plain,
@@ -676,6 +696,79 @@ pub fn cluster_table(cluster: &Value, now_ms: u64, style: Style) -> String {
             ));
         }
     }
+    out
+}
+
+/// What follows a streamed answer: one quiet line of size and timings and, when the
+/// question asked for log-probabilities, each token with its probability and the
+/// runners-up (how sure the model was, token by token).
+pub fn answer_footer(answer: &Value, style: Style) -> String {
+    let usage = answer.get("usage").unwrap_or(&Value::Null);
+    let timings = answer.get("timings").unwrap_or(&Value::Null);
+    let ms = |k: &str| timings.get(k).and_then(Value::as_f64);
+    let mut facts = Vec::new();
+    if let Some(n) = u64_field(usage, "generated_tokens") {
+        facts.push(format!("{} tokens", human_count(n)));
+        if let (Some(first), Some(total)) = (ms("first_token_ms"), ms("total_ms")) {
+            facts.push(format!("first token {first:.0} ms"));
+            if n > 1 {
+                facts.push(format!("{:.1} ms/token", (total - first) / (n - 1) as f64));
+            }
+        }
+    }
+    if let Some(n) = u64_field(usage, "cached_context_tokens") {
+        facts.push(format!("{} context tokens", human_count(n)));
+    }
+    match u64_field(answer, "repaired_blocks") {
+        Some(n) if n > 0 => facts.push(format!("{n} block(s) repaired")),
+        _ => {}
+    }
+    let mut out = String::new();
+    if !facts.is_empty() {
+        out.push_str(&style.paint(Tone::Quiet, &facts.join(" · ")));
+        out.push('\n');
+    }
+    let Some(tokens) = answer.get("logprobs").and_then(Value::as_array) else {
+        return out;
+    };
+    let percent = |e: &Value| {
+        e.get("logprob")
+            .and_then(Value::as_f64)
+            .map_or("-".into(), |lp| format!("{:.1}%", 100.0 * lp.exp()))
+    };
+    let token = |e: &Value| format!("{:?}", str_field(e, "token").unwrap_or(""));
+    let mut table = Table::new(&[
+        ("#", Align::Right),
+        ("TOKEN", Align::Left),
+        ("P", Align::Right),
+        ("ALTERNATIVES", Align::Left),
+    ]);
+    for (i, t) in tokens.iter().enumerate() {
+        let p = t
+            .get("logprob")
+            .and_then(Value::as_f64)
+            .map_or(0.0, f64::exp);
+        let tone = match p {
+            p if p < 0.5 => Tone::Bad,
+            p if p < 0.9 => Tone::Warn,
+            _ => Tone::Plain,
+        };
+        let others: Vec<String> = t
+            .get("top")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter(|e| e.get("id") != t.get("id"))
+            .map(|e| format!("{} {}", token(e), percent(e)))
+            .collect();
+        table.rows.push(vec![
+            ((i + 1).to_string(), Tone::Quiet),
+            (token(t), Tone::Plain),
+            (percent(t), tone),
+            (others.join(", "), Tone::Quiet),
+        ]);
+    }
+    out.push_str(&table.render(style));
     out
 }
 
@@ -914,13 +1007,44 @@ recovered  shard-001 repaired
     }
 
     #[test]
+    fn answer_footer_with_and_without_logprobs() {
+        let plain = json!({
+            "answer": "It is 42.", "usage": { "generated_tokens": 5, "cached_context_tokens": 8000 },
+            "timings": { "first_token_ms": 120.0, "total_ms": 132.4 }, "repaired_blocks": 0
+        });
+        assert_eq!(
+            answer_footer(&plain, Style::PLAIN),
+            "5 tokens · first token 120 ms · 3.1 ms/token · 8,000 context tokens\n"
+        );
+        let mut sure = plain.clone();
+        sure["logprobs"] = json!([
+            { "token": "It", "id": 7, "logprob": -0.01,
+              "top": [{ "token": "It", "id": 7, "logprob": -0.01 }, { "token": "The", "id": 9, "logprob": -4.8 }] },
+            { "token": " is", "id": 3, "logprob": -0.693,
+              "top": [{ "token": " is", "id": 3, "logprob": -0.693 }, { "token": " was", "id": 4, "logprob": -0.7 }] }
+        ]);
+        let expected = "\
+5 tokens · first token 120 ms · 3.1 ms/token · 8,000 context tokens
+#  TOKEN      P  ALTERNATIVES
+1  \"It\"   99.0%  \"The\" 0.8%
+2  \" is\"  50.0%  \" was\" 49.7%
+";
+        assert_eq!(answer_footer(&sure, Style::PLAIN), expected);
+        // Unsure tokens stand out when coloured.
+        assert!(answer_footer(&sure, Style::new(true, None)).contains("\x1b["));
+        assert_eq!(answer_footer(&json!({}), Style::PLAIN), "");
+    }
+
+    #[test]
     fn cluster_table_of_a_coordinator_and_of_a_single_server() {
         let cluster = json!({
             "mode": "coordinator", "replicas": 2,
             "workers": [
                 { "address": "10.0.0.1:8701", "healthy": true, "device": "cuda:0", "documents": 3,
                   "blocks": 24, "stored_bytes": 1_200_000_000u64, "calls": 1500, "failures": 0,
-                  "last_error": null, "last_seen_ms": NOW - 2_000 },
+                  "last_error": null, "last_seen_ms": NOW - 2_000,
+                  "attend": { "calls": 1200, "mean_round_trip_us": 1500.0,
+                              "mean_worker_queued_us": 40.0, "mean_worker_compute_us": 1275.0 } },
                 { "address": "10.0.0.2:8701", "healthy": false, "device": "cuda:0", "documents": 3,
                   "blocks": 20, "stored_bytes": 1_000_000_000u64, "calls": 1400, "failures": 7,
                   "last_error": "connection refused", "last_seen_ms": NOW - 120_000 }
@@ -928,9 +1052,9 @@ recovered  shard-001 repaired
         });
         let expected = "\
 coordinator, 2 replica(s) per block
-WORKER         HEALTH  DEVICE  DOCS  BLOCKS     SIZE  CALLS  FAILED  SEEN
-10.0.0.1:8701  up      cuda:0     3      24  1.20 GB  1,500       0  just now
-10.0.0.2:8701  down    cuda:0     3      20  1.00 GB  1,400       7  2m ago
+WORKER         HEALTH  DEVICE  DOCS  BLOCKS     SIZE  CALLS  FAILED                   ATTEND  SEEN
+10.0.0.1:8701  up      cuda:0     3      24  1.20 GB  1,500       0  1.50 ms (85% computing)  just now
+10.0.0.2:8701  down    cuda:0     3      20  1.00 GB  1,400       7                        -  2m ago
 10.0.0.2:8701: connection refused
 ";
         assert_eq!(cluster_table(&cluster, NOW, Style::PLAIN), expected);
