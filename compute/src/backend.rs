@@ -504,12 +504,13 @@ impl BlockEncoder<'_> {
     }
 
     /// Every block through phase 1, then selective global re-encoding of the `ratio` of
-    /// the tokens at `exact_until..` (see [`crate::star::reencode`]): the document's
-    /// blocks for the store. On a GPU phase 1's KV stays on the device for the pass and
-    /// the blocks are downloaded once (with `keep`, one key per block, they also stay
-    /// resident); env `STARKV_REENCODE_DEVICE=cpu` runs the pass on the CPU model over
-    /// downloaded blocks instead (A/B runs), and `STARKV_REENCODE_DEVICE=host` runs it on
-    /// the GPU over host blocks (the older path that uploads phase 1's KV again).
+    /// the tokens at `exact_until..` (see [`crate::star::reencode`]); each of the
+    /// document's blocks then goes to `sink(i, block)`, in order (for the store). On a GPU
+    /// phase 1's KV stays on the device for the pass, and the blocks are downloaded one
+    /// at a time (with `keep`, one key per block, they also stay resident); env
+    /// `STARKV_REENCODE_DEVICE=cpu` runs the pass on the CPU model over downloaded blocks
+    /// instead (A/B runs), and `STARKV_REENCODE_DEVICE=host` on the GPU over host blocks
+    /// (the older path, which uploads phase 1's KV again).
     pub fn encode_reencoded(
         &mut self,
         model: &Llama,
@@ -517,7 +518,8 @@ impl BlockEncoder<'_> {
         exact_until: usize,
         ratio: f32,
         keep: Option<&[BlockId]>,
-    ) -> Result<(Vec<BlockKv>, Reencoded)> {
+        sink: &mut dyn FnMut(usize, BlockKv) -> Result<()>,
+    ) -> Result<Reencoded> {
         let n = self.n_blocks();
         if keep.is_some_and(|k| k.len() != n) {
             return Err(Error::InvalidInput(format!(
@@ -531,14 +533,25 @@ impl BlockEncoder<'_> {
             let anchor_len = self.phase1.anchor_tokens().len();
             let (tokens, anchor_tokens) = (self.tokens, &self.tokens[..anchor_len]);
             return guarded(|| {
-                enc.encode_reencoded(tokens, &ranges, anchor_tokens, exact_until, ratio, keep)
+                enc.encode_reencoded(
+                    tokens,
+                    &ranges,
+                    anchor_tokens,
+                    exact_until,
+                    ratio,
+                    keep,
+                    sink,
+                )
             });
         }
         let mut blocks = (0..n)
             .map(|i| self.encode(i, None))
             .collect::<Result<Vec<_>>>()?;
         let done = backend.reencode(model, self.tokens, &mut blocks, exact_until, ratio)?;
-        Ok((blocks, done))
+        for (i, block) in blocks.into_iter().enumerate() {
+            sink(i, block)?;
+        }
+        Ok(done)
     }
 
     fn encode(&mut self, i: usize, keep: Option<BlockId>) -> Result<BlockKv> {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use starkv_cache::{BlockStore, DType, DocRef, DocSpec, MergeOptions};
 use starkv_compute::backend::BlockId;
 use starkv_compute::prompt;
-use starkv_compute::star::StarConfig;
+use starkv_compute::star::{BlockKv, StarConfig};
 
 use crate::kv::{KV_LAYOUT_VERSION, to_tensors};
 use crate::{Service, ServiceError, ServiceResult};
@@ -316,26 +316,40 @@ impl Service {
             // 8-bit documents are not kept resident as encoded (as in `ingest_part`).
             let ids: Vec<BlockId> = keys.iter().map(|k| k.0).collect();
             let keep = (dtype != DType::I8).then_some(&ids[..]);
-            let (blocks, _) = encoder.encode_reencoded(
+            let ranges: Vec<_> = (0..n_blocks).map(|i| encoder.block_range(i)).collect();
+            // Blocks arrive one at a time after the pass; a store error stops the rest.
+            let mut failed: Option<ServiceError> = None;
+            let mut store = |i: usize, block: BlockKv| -> starkv_compute::Result<()> {
+                progress(2 * n_blocks + i, total);
+                let stored = if reused[i] {
+                    Ok(())
+                } else {
+                    to_tensors(&block, dtype).and_then(|t| {
+                        let range = &ranges[i];
+                        ingest
+                            .put_block(keys[i], range.start as u64, range.len() as u32, &t)
+                            .map(drop)
+                            .map_err(ServiceError::from)
+                    })
+                };
+                stored.map_err(|e| {
+                    failed = Some(e);
+                    starkv_compute::Error::Cancelled
+                })
+            };
+            let outcome = encoder.encode_reencoded(
                 &self.model().model,
                 &self.backend,
                 exact_until,
                 req.reencode_ratio,
                 keep,
-            )?;
-            progress(2 * n_blocks, total);
-            for (i, block) in blocks.iter().enumerate() {
-                if !reused[i] {
-                    let range = encoder.block_range(i);
-                    ingest.put_block(
-                        keys[i],
-                        range.start as u64,
-                        range.len() as u32,
-                        &to_tensors(block, dtype)?,
-                    )?;
-                }
-                progress(2 * n_blocks + i + 1, total);
+                &mut store,
+            );
+            if let Some(e) = failed {
+                return Err(e);
             }
+            outcome?;
+            progress(total, total);
         }
         let doc = ingest.commit()?;
         Ok(IngestOutcome {

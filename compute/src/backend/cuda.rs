@@ -439,9 +439,11 @@ impl GpuEncoder<'_> {
 
     /// Phase 1 of every block (`ranges`, in order, covering `tokens`) written into one
     /// device copy of the document's KV, the selective re-encoding over it on the device
-    /// ([`crate::cuda::reencode::reencode_document`]), and the blocks downloaded once for
-    /// the store; with `keep`, each block also stays resident under its key. Phase 1's KV
-    /// never makes a host round trip.
+    /// ([`crate::cuda::reencode::reencode_document`]), then each block cut from it,
+    /// downloaded and handed to `sink` in order, one at a time (the GPU is free between
+    /// blocks, and only one block is in host memory at once); with `keep`, each block also
+    /// stays resident under its key. Phase 1's KV never makes a host round trip.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn encode_reencoded(
         &mut self,
         tokens: &[u32],
@@ -450,39 +452,51 @@ impl GpuEncoder<'_> {
         exact_until: usize,
         ratio: f32,
         keep: Option<&[BlockId]>,
-    ) -> Result<(Vec<BlockKv>, Reencoded)> {
+        sink: &mut dyn FnMut(usize, BlockKv) -> Result<()>,
+    ) -> Result<Reencoded> {
         let cuda = self.cuda;
         let gpu = &cuda.gpu;
-        let mut model = cuda.lock_model()?;
-        let (shape, n_layers) = (model.head_shape(), model.config().n_layers);
-        let doc = GpuBlock::alloc(gpu, 0, tokens.len(), shape, n_layers)?;
-        for range in ranges {
-            let block = device_block(
+        let (doc, done) = {
+            let mut model = cuda.lock_model()?;
+            let (shape, n_layers) = (model.head_shape(), model.config().n_layers);
+            let doc = GpuBlock::alloc(gpu, 0, tokens.len(), shape, n_layers)?;
+            for range in ranges {
+                let block = device_block(
+                    &mut model,
+                    &mut self.anchor,
+                    tokens,
+                    range.clone(),
+                    anchor_tokens,
+                )?;
+                block.copy_into(gpu, &doc)?;
+            }
+            let done = crate::cuda::reencode::reencode_document(
                 &mut model,
-                &mut self.anchor,
                 tokens,
-                range.clone(),
-                anchor_tokens,
+                &doc,
+                exact_until,
+                ratio,
             )?;
-            block.copy_into(gpu, &doc)?;
-        }
-        let done =
-            crate::cuda::reencode::reencode_document(&mut model, tokens, &doc, exact_until, ratio)?;
-        let host = doc.download_split(gpu, ranges)?;
-        let resident = match keep {
-            Some(keys) => ranges
-                .iter()
-                .zip(keys)
-                .map(|(r, k)| Ok((*k, Arc::new(doc.rows(gpu, r.clone())?))))
-                .collect::<Result<Vec<_>, CudaError>>()?,
-            None => Vec::new(),
+            (doc, done)
         };
-        drop(model);
-        let mut tier = cuda.lock_tier();
-        for (key, block) in resident {
-            tier.insert(key, block);
+        for (i, range) in ranges.iter().enumerate() {
+            let (block, host) = {
+                let _model = cuda.lock_model()?;
+                let block = doc.rows(gpu, range.clone())?;
+                let host = block.download(gpu)?;
+                (block, host)
+            };
+            if let Some(key) = keep.and_then(|k| k.get(i)) {
+                cuda.lock_tier().insert(*key, Arc::new(block));
+            } else {
+                let _bound = cuda.lock_model()?;
+                drop(block);
+            }
+            sink(i, host)?;
         }
-        Ok((host, done))
+        let _bound = cuda.lock_model()?;
+        drop(doc);
+        Ok(done)
     }
 }
 

@@ -432,10 +432,28 @@ fn tempered_merge_on_the_cpu_path() {
     ));
 }
 
+/// [`BlockEncoder::encode_reencoded`]'s blocks, checked to arrive in order.
+fn reencoded(
+    enc: &mut BlockEncoder<'_>,
+    model: &Llama,
+    backend: &Backend,
+    ratio: f32,
+    keep: Option<&[BlockId]>,
+) -> Result<(Vec<BlockKv>, Reencoded)> {
+    let mut blocks = Vec::new();
+    let done = enc.encode_reencoded(model, backend, 24, ratio, keep, &mut |i, b| {
+        assert_eq!(i, blocks.len(), "blocks arrive in order");
+        blocks.push(b);
+        Ok(())
+    })?;
+    Ok((blocks, done))
+}
+
 #[test]
 fn encode_reencoded_is_phase1_then_the_reencoding_pass() {
     // An anchor of two blocks: the ingest path's blocks equal phase 1's blocks re-encoded
-    // by the pass itself, exactly; r = 0 is phase 1; a key per block or none.
+    // by the pass itself, exactly; r = 0 is phase 1; a key per block or none; a failing
+    // sink stops the blocks after it.
     let loaded = tiny();
     let model = &loaded.model;
     let backend = Backend::cpu();
@@ -451,23 +469,25 @@ fn encode_reencoded_is_phase1_then_the_reencoding_pass() {
     let phase1 = expected.clone();
     let want = crate::star::reencode::reencode(model, &t, &mut expected, 24, 0.3).unwrap();
     assert_eq!((want.tokens, want.candidates), (14, 46));
-    let (got, done) = enc
-        .encode_reencoded(model, &backend, 24, 0.3, None)
-        .unwrap();
+    let (got, done) = reencoded(&mut enc, model, &backend, 0.3, None).unwrap();
     assert_eq!(done, want);
     assert_eq!(got, expected);
     assert_ne!(got, phase1, "r = 0.3 changed nothing");
-    let (none, done) = enc
-        .encode_reencoded(model, &backend, 24, 0.0, None)
-        .unwrap();
+    let (none, done) = reencoded(&mut enc, model, &backend, 0.0, None).unwrap();
     assert_eq!((none, done.tokens), (phase1, 0));
     let keys: Vec<BlockId> = (0..enc.n_blocks()).map(key).collect();
-    assert!(
-        enc.encode_reencoded(model, &backend, 24, 0.3, Some(&keys[1..]))
-            .is_err()
-    );
-    let (kept, _) = enc
-        .encode_reencoded(model, &backend, 24, 0.3, Some(&keys))
-        .unwrap();
+    assert!(reencoded(&mut enc, model, &backend, 0.3, Some(&keys[1..])).is_err());
+    let (kept, _) = reencoded(&mut enc, model, &backend, 0.3, Some(&keys)).unwrap();
     assert_eq!(kept, expected);
+    let mut seen = 0;
+    let failed = enc.encode_reencoded(model, &backend, 24, 0.3, None, &mut |i, _| {
+        seen += 1;
+        if i == 2 {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    });
+    assert!(matches!(failed, Err(Error::Cancelled)), "{failed:?}");
+    assert_eq!(seen, 3, "blocks after a failed one were still handed over");
 }

@@ -220,58 +220,6 @@ impl GpuBlock {
         Ok(())
     }
 
-    /// The rows `ranges` (relative to this block's start) as CPU blocks: what
-    /// [`GpuBlock::rows`] then [`GpuBlock::download`] give per range, with one download
-    /// per layer and no device copies (a re-encoded document's blocks for the store).
-    pub fn download_split(
-        &self,
-        gpu: &Gpu,
-        ranges: &[std::ops::Range<usize>],
-    ) -> Result<Vec<BlockKv>> {
-        if self.kv8 || ranges.iter().any(|r| r.start > r.end || r.end > self.len) {
-            return Err(super::CudaError::Invalid(format!(
-                "row ranges of a 16-bit block of {} rows",
-                self.len
-            )));
-        }
-        let (d, n_kv) = (self.shape.head_dim, self.shape.n_kv_heads);
-        let mut out: Vec<BlockKv> = ranges
-            .iter()
-            .map(|r| {
-                let mut b = BlockKv::new(self.start + r.start, r.len(), self.shape, 0);
-                b.layers = Vec::with_capacity(self.layers.len());
-                b
-            })
-            .collect();
-        let mut tmp = vec![0u16; n_kv * self.len * d];
-        for (k, v) in &self.layers {
-            let mut pair = [Vec::new(), Vec::new()];
-            for (which, buf) in [k, v].into_iter().enumerate() {
-                gpu.download(&mut tmp, buf.ptr())?;
-                pair[which] = ranges
-                    .iter()
-                    .map(|r| {
-                        let mut x = vec![0f32; n_kv * r.len() * d];
-                        for h in 0..n_kv {
-                            let src = (h * self.len + r.start) * d;
-                            let dst = h * r.len() * d;
-                            gpu.dtype.decode(
-                                &tmp[src..src + r.len() * d],
-                                &mut x[dst..dst + r.len() * d],
-                            );
-                        }
-                        x
-                    })
-                    .collect::<Vec<_>>();
-            }
-            let [ks, vs] = pair;
-            for (b, (kx, vx)) in out.iter_mut().zip(ks.into_iter().zip(vs)) {
-                b.layers.push((kx, vx));
-            }
-        }
-        Ok(out)
-    }
-
     /// Layer `layer` as an attention segment.
     pub fn segment(&self, layer: usize, causal_offset: Option<usize>) -> Segment {
         let (k, v) = &self.layers[layer];

@@ -80,6 +80,10 @@ pub fn run(gpu: &Arc<Gpu>, opts: SelftestOptions<'_>) -> Vec<Row> {
     section!("int8", kv8::checks(gpu, &mut rng, &mut report, u));
     println!("selective re-encoding, GPU vs CPU (random tiny model):");
     section!("reencode", reencode::checks(gpu, &mut rng, &mut report, u));
+    section!(
+        "reencode timings",
+        reencode::timings(gpu, &mut rng, &mut report)
+    );
     if let Some((name, model, tokens)) = &opts.model {
         println!("full model logits, GPU vs CPU ({name}):");
         section!(
