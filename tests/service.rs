@@ -628,6 +628,73 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
 }
 
 #[test]
+fn the_servers_reencode_ratio_is_the_default_of_ingests_that_set_none() {
+    // `reencode_ratio = 1` in the config: an ingest without the field is re-encoded (full
+    // attention's KV, so the one-block answer), one with `reencode_ratio: 0` is not. The
+    // block keys tell them apart: re-encoded keys cover the whole document and the ratio,
+    // so the plain ingest of the same text reuses none of them, a second defaulted one
+    // reuses them all.
+    let dir = temp_dir("reencode-default");
+    let config = dir.join("starkv.toml");
+    std::fs::write(&config, "reencode_ratio = 1.0\n").unwrap();
+    let server = Server::start(&dir, &["--config", config.to_str().unwrap()]);
+    let text = "The harbour master keeps the blue lantern. The baker keeps the copper kettle. \
+                The night nurse keeps the violin case. Who keeps the copper kettle?";
+    let mut answers = Vec::new();
+    let mut reused = Vec::new();
+    for (id, extra) in [
+        ("one-block", json!({"block_size": 4096})),
+        ("defaulted", json!({"block_size": 8})),
+        ("plain", json!({"block_size": 8, "reencode_ratio": 0.0})),
+        ("defaulted-again", json!({"block_size": 8})),
+    ] {
+        let mut body = json!({"id": id, "text": text});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
+        assert_eq!(
+            (status, doc["state"].as_str()),
+            (200, Some("ready")),
+            "{doc}"
+        );
+        reused.push(doc["reused_blocks"].as_u64());
+        let (status, answer) = server.json(
+            "POST",
+            &format!("/v1/documents/{id}/query"),
+            Some(json!({"question": "Who keeps the copper kettle?", "max_tokens": 8})),
+        );
+        assert_eq!(status, 200, "{answer}");
+        answers.push(answer["answer"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        answers[1], answers[0],
+        "defaulted vs one block: {answers:?}"
+    );
+    assert_eq!(
+        reused[2],
+        Some(0),
+        "the plain ingest reused re-encoded blocks: {reused:?}"
+    );
+    let blocks = reused[3].expect("reused_blocks");
+    assert!(
+        blocks >= 4,
+        "the second defaulted ingest reused {blocks} blocks"
+    );
+    // A ratio outside 0..=1 in the config is refused at startup.
+    std::fs::write(&config, "reencode_ratio = 2.0\n").unwrap();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_starkv"))
+        .args(["--data-dir", dir.to_str().unwrap(), "serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("reencode_ratio"), "{stderr}");
+    server.kill();
+}
+
+#[test]
 fn api_keys_roles_and_tenants() {
     let dir = temp_dir("auth");
     let config = dir.join("starkv.toml");
