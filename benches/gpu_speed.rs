@@ -30,8 +30,8 @@ use starkv_compute::cuda::star::{
     ContextBlocks, GpuBlock, GpuQuery, StreamedBlocks, encode_context,
 };
 use starkv_compute::cuda::{
-    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, Kernels, PinnedBuf,
-    Segment, TableBuf, probe, upload_plans,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, Kernels, LongKernel,
+    PinnedBuf, Segment, TableBuf, probe, upload_plans, upload_plans_with_maps,
 };
 use starkv_compute::model::LlamaConfig;
 
@@ -567,8 +567,19 @@ fn attention_rows(
     let mut dec_variants = vec![(default, String::new())];
     if opts.variants {
         for long in AttnKernels::ALL_LONG {
-            if long != default.long {
+            if long != default.long && (!long.is_hopper() || default.hopper) {
                 p1_variants.push((AttnKernels { long, ..default }, format!(" ({long:?})")));
+            }
+        }
+        if default.hopper {
+            // The Hopper kernels with their cp.async producer instead of TMA.
+            for long in [LongKernel::Hopper, LongKernel::HopperV2] {
+                let k = AttnKernels {
+                    long,
+                    tma: false,
+                    ..default
+                };
+                p1_variants.push((k, format!(" ({long:?}, cp.async)")));
             }
         }
         for decode in AttnKernels::ALL_DECODE {
@@ -579,6 +590,11 @@ fn attention_rows(
     }
     let report_kernel = |rows: usize| {
         let name = gpu.attention_kernel_name(rows, d);
+        if name.starts_with("attn_fwd_sm90") {
+            // Compiled apart (kernels.rs); ptxas reports its registers (PERF_NOTES.md).
+            println!("  {name}");
+            return;
+        }
         let f = kern.get(name);
         println!(
             "  {name}: {} registers, {} bytes local memory",
@@ -595,20 +611,20 @@ fn attention_rows(
         gpu.fill_uniform_half(kern, q.ptr(), m * nh * d, 3, 1.0)?;
         let segs = [blocks[0].segment(0, None), blocks[1].segment(0, Some(0))];
         let plan = AttnPlan::new(&segs, 1);
-        let p = upload_plans(gpu, &mut tb, &[plan])?[0];
+        // With tensor maps, as phase 1 uploads its plans (the Hopper kernels' TMA loads).
+        let (p, maps) = upload_plans_with_maps(gpu, &mut tb, &[plan], Some(nkv))?[0];
         for (kernels, vname) in &p1_variants {
             gpu.set_attention_kernels(*kernels);
             report_kernel(m * nh / nkv);
             let secs = time_gpu_batch(gpu, 7, 4, || {
-                gpu.attention(
+                gpu.attention_maps(
                     kern,
                     q.ptr(),
                     m,
                     nh,
                     nkv,
-                    p.0,
-                    p.1,
-                    p.2,
+                    p,
+                    maps,
                     AttnOut::Half(o.ptr()),
                     &mut scratch,
                 )?;

@@ -67,6 +67,34 @@ pub enum LongKernel {
     M32,
     /// 4 warps x 32 rows, two-stage K/V buffers, 32-key tiles.
     M32N32,
+    /// Hopper only (sm_90a, head_dim 128; `attention_sm90.cu`): wgmma, a producer
+    /// warpgroup filling a two-stage K/V ring behind mbarriers, two consumer warpgroups
+    /// of 64 rows, 128-key tiles, each consumer computing the softmax of tile t while
+    /// the tensor cores add tile t - 1's P.V (FlashAttention-3's overlap). The tiles come
+    /// by bulk tensor copies (TMA) when the plan was uploaded with tensor maps (see
+    /// [`SegmentAttention::long_runs`]) and [`AttnKernels::tma`] is on, else by
+    /// cp.async from a producer warpgroup. Elsewhere (or at other head dims)
+    /// [`LongKernel::M32`] runs instead, as for the one below.
+    Hopper,
+    /// [`LongKernel::Hopper`] with the softmax rewritten after reading its SASS (S only
+    /// read, the mask under one branch, the exponentials before the wait for the previous
+    /// P.V): see attention_sm90.cu and PERF_NOTES.md. Not yet run on a GPU when written.
+    HopperV2,
+}
+
+impl LongKernel {
+    /// Whether this is one of the sm_90a kernels.
+    pub fn is_hopper(self) -> bool {
+        matches!(self, LongKernel::Hopper | LongKernel::HopperV2)
+    }
+}
+
+/// Dynamic shared memory of the Hopper kernels with `stages` K/V stages (mirrors
+/// `S9_SMEM` in attention_sm90.cu): the Q tile (128 rows) and the K and V tiles (128
+/// keys) at head_dim 128, two mbarriers a stage, and 1 KiB of slack to align the base to
+/// the 1 KiB swizzle period.
+pub(super) fn sm90_smem(stages: usize) -> usize {
+    2 * 128 * 128 + stages * 2 * 2 * 128 * 128 + 16 * stages + 1024
 }
 
 /// The kernel that attends at most 16 rows per KV head (decoding a token).
@@ -80,14 +108,22 @@ pub enum DecodeKernel {
 
 /// Which kernels [`Gpu::attention`] launches, by rows per KV head (`m * group`): at most
 /// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
-/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|m32|m32n32` and
-/// `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs).
+/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|m32|m32n32|hopper` and
+/// `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs). On a Hopper GPU (compute
+/// capability 9.0) the long kernel defaults to [`LongKernel::Hopper`]; env
+/// `STARKV_ATTN_SM90=0` keeps it off (and uncompiled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnKernels {
     pub long: LongKernel,
     pub decode: DecodeKernel,
     /// The 8-bit kernels' key tile (plans with 8-bit items).
     pub kv8: Kv8Tile,
+    /// Whether the device runs [`LongKernel::Hopper`] (compute capability 9.0 and not
+    /// switched off): without it that choice falls back to [`LongKernel::M32`].
+    pub hopper: bool,
+    /// Whether the Hopper kernels load tiles by TMA where the plan has tensor maps (env
+    /// `STARKV_ATTN_TMA=0`: cp.async always; A/B runs).
+    pub tma: bool,
 }
 
 impl Default for AttnKernels {
@@ -96,13 +132,21 @@ impl Default for AttnKernels {
             long: LongKernel::M32,
             decode: DecodeKernel::W1,
             kv8: Kv8Tile::N32,
+            hopper: false,
+            tma: true,
         }
     }
 }
 
 impl AttnKernels {
     /// Every kernel the selftest must cover.
-    pub const ALL_LONG: [LongKernel; 3] = [LongKernel::Simple, LongKernel::M32, LongKernel::M32N32];
+    pub const ALL_LONG: [LongKernel; 5] = [
+        LongKernel::Simple,
+        LongKernel::M32,
+        LongKernel::M32N32,
+        LongKernel::Hopper,
+        LongKernel::HopperV2,
+    ];
     pub const ALL_DECODE: [DecodeKernel; 2] = [DecodeKernel::W1, DecodeKernel::P1N32];
     pub const ALL_KV8: [Kv8Tile; 2] = [Kv8Tile::N32, Kv8Tile::N64];
 
@@ -112,6 +156,8 @@ impl AttnKernels {
             LongKernel::Simple => 0,
             LongKernel::M32 => 1,
             LongKernel::M32N32 => 2,
+            LongKernel::Hopper => 3,
+            LongKernel::HopperV2 => 4,
         };
         let decode = match self.decode {
             DecodeKernel::W1 => 0,
@@ -121,16 +167,32 @@ impl AttnKernels {
             Kv8Tile::N32 => 0,
             Kv8Tile::N64 => 1,
         };
-        kv8 * 16 + long * 4 + decode
+        (self.tma as u64) * 128 + kv8 * 64 + long * 4 + decode
     }
 
-    pub(super) fn from_env() -> Self {
-        let mut k = Self::default();
+    /// The choice for a device of compute capability `cc`, with the env overrides.
+    pub(super) fn from_env(cc: (i32, i32)) -> Self {
+        let mut k = Self {
+            hopper: cc == (9, 0)
+                && !matches!(
+                    std::env::var("STARKV_ATTN_SM90").as_deref(),
+                    Ok("0" | "off" | "false")
+                ),
+            ..Self::default()
+        };
         match std::env::var("STARKV_ATTN_LONG").as_deref() {
             Ok("simple") => k.long = LongKernel::Simple,
             Ok("m32") => k.long = LongKernel::M32,
             Ok("m32n32") => k.long = LongKernel::M32N32,
+            Ok("hopper") => k.long = LongKernel::Hopper,
+            Ok("hopper-v2") => k.long = LongKernel::HopperV2,
             _ => {}
+        }
+        if matches!(
+            std::env::var("STARKV_ATTN_TMA").as_deref(),
+            Ok("0" | "off" | "false")
+        ) {
+            k.tma = false;
         }
         match std::env::var("STARKV_ATTN_DECODE").as_deref() {
             Ok("w1") => k.decode = DecodeKernel::W1,
@@ -151,7 +213,12 @@ impl AttnKernels {
     /// A plan with 8-bit items (`kv8`) runs the unpipelined kernels' 8-bit variants
     /// (one warp up to 16 rows, four above): phase 2 over 8-bit blocks, where the
     /// decode step is what the bytes matter for.
-    fn launch(&self, rows: usize, head_dim: usize, kv8: bool) -> (&'static str, usize, u32, usize) {
+    pub(super) fn launch(
+        &self,
+        rows: usize,
+        head_dim: usize,
+        kv8: bool,
+    ) -> (&'static str, usize, u32, usize) {
         if kv8 {
             let smem = kv8_smem(self.kv8.keys(), head_dim);
             return match (rows <= 16, self.kv8) {
@@ -168,6 +235,10 @@ impl AttnKernels {
             };
         }
         let long = match self.long {
+            l if l.is_hopper() && (!self.hopper || head_dim != 128) => LongKernel::M32,
+            other => other,
+        };
+        let long = match long {
             LongKernel::M32 | LongKernel::M32N32 if head_dim > 128 => LongKernel::Simple,
             other => other,
         };
@@ -183,6 +254,8 @@ impl AttnKernels {
                 128,
                 pipe_smem(4 * 32 + 128, head_dim),
             ),
+            LongKernel::Hopper => ("attn_fwd_sm90_ov", 128, 384, sm90_smem(2)),
+            LongKernel::HopperV2 => ("attn_fwd_sm90_v2", 128, 384, sm90_smem(2)),
         }
     }
 }
@@ -366,7 +439,25 @@ impl Gpu {
         out: AttnOut,
         scratch: &mut AttnScratch,
     ) -> Result<()> {
-        self.attention_with(k, q, m, nh, nkv, plan, 1.0, true, out, scratch)
+        self.attention_with(k, q, m, nh, nkv, plan, 0, 1.0, true, out, scratch)
+    }
+
+    /// [`Gpu::attention`] over a plan uploaded with its tensor maps (`tmaps`, from
+    /// [`upload_plans_with_maps`]; 0 for none): the Hopper kernels then load by TMA.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_maps(
+        &self,
+        k: &Kernels,
+        q: u64,
+        m: usize,
+        nh: usize,
+        nkv: usize,
+        plan: (u64, u64, usize),
+        tmaps: u64,
+        out: AttnOut,
+        scratch: &mut AttnScratch,
+    ) -> Result<()> {
+        self.attention_with(k, q, m, nh, nkv, plan, tmaps, 1.0, false, out, scratch)
     }
 
     /// [`Gpu::attention`] at softmax scale `score_scale / sqrt(d)` (the tempered group of
@@ -384,10 +475,11 @@ impl Gpu {
         out: AttnOut,
         scratch: &mut AttnScratch,
     ) -> Result<()> {
-        self.attention_with(k, q, m, nh, nkv, plan, score_scale, false, out, scratch)
+        self.attention_with(k, q, m, nh, nkv, plan, 0, score_scale, false, out, scratch)
     }
 
-    /// The launch behind [`Gpu::attention_scaled`]; `kv8`: the plan has 8-bit items.
+    /// The launch behind [`Gpu::attention_scaled`]; `kv8`: the plan has 8-bit items;
+    /// `tmaps`: the plan's tensor maps (0: none).
     #[allow(clippy::too_many_arguments)]
     fn attention_with(
         &self,
@@ -397,6 +489,7 @@ impl Gpu {
         nh: usize,
         nkv: usize,
         plan: (u64, u64, usize),
+        tmaps: u64,
         score_scale: f32,
         kv8: bool,
         out: AttnOut,
@@ -415,8 +508,21 @@ impl Gpu {
                 "{n_splits} attention splits (at most 1024)"
             )));
         }
-        let (name, rows_per_cta, threads, smem) =
-            self.attention_kernels().launch(m * group, d, kv8);
+        let choice = self.attention_kernels();
+        let (name, rows_per_cta, threads, smem) = choice.launch(m * group, d, kv8);
+        // The Hopper kernels' TMA twins take the tensor maps as an 11th parameter.
+        let tma_name = match name {
+            "attn_fwd_sm90_ov" => Some("attn_fwd_sm90_ov_tma"),
+            "attn_fwd_sm90_v2" => Some("attn_fwd_sm90_v2_tma"),
+            _ => None,
+        }
+        .filter(|_| choice.tma && tmaps != 0);
+        let name = tma_name.unwrap_or(name);
+        let func = if name.starts_with("attn_fwd_sm90") {
+            self.sm90_kernel(name)?
+        } else {
+            k.get(name).clone()
+        };
         let launch = LaunchConfig {
             grid_dim: (
                 ((m * group).div_ceil(rows_per_cta)) as u32,
@@ -444,7 +550,7 @@ impl Gpu {
             );
             (null, po, pl)
         };
-        let mut params = [
+        let mut params = vec![
             arg(&q),
             arg(&m_i),
             arg(&g_i),
@@ -456,13 +562,17 @@ impl Gpu {
             arg(&po),
             arg(&pl),
         ];
+        if tma_name.is_some() {
+            params.push(arg(&tmaps));
+        }
         let family = WAIT_FOR_PREDECESSOR
             .contains(&name)
             .then_some(Dependent::Attention);
         // SAFETY: the arguments of `attn_simple_body`'s and `attn_pipe_body`'s kernels in
-        // order (they share the signature); only kernels that wait with `pdl_wait()` are
-        // launched as dependents.
-        unsafe { self.launch_dependent(k.get(name), launch, &mut params, family)? };
+        // order (they share the signature; the Hopper kernels' too, the TMA twins with the
+        // tensor maps last); only kernels that wait with `pdl_wait()` are launched as
+        // dependents.
+        unsafe { self.launch_dependent(&func, launch, &mut params, family)? };
         if direct {
             return Ok(());
         }
@@ -575,8 +685,28 @@ pub fn upload_plans(
     table: &mut TableBuf,
     plans: &[AttnPlan],
 ) -> Result<Vec<(u64, u64, usize)>> {
+    Ok(upload_plans_with_maps(gpu, table, plans, None)?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect())
+}
+
+/// An uploaded plan: the device addresses of its items and split offsets, and its split
+/// count.
+pub type PlanPtrs = (u64, u64, usize);
+
+/// [`upload_plans`], and with `n_kv` given, each plan's tensor maps (K and V per item,
+/// see tma.rs) for the Hopper kernels' TMA loads: per layer also the maps' device
+/// address, 0 where the plan cannot have maps (8-bit items, rows other than 128 values).
+pub fn upload_plans_with_maps(
+    gpu: &Gpu,
+    table: &mut TableBuf,
+    plans: &[AttnPlan],
+    n_kv: Option<usize>,
+) -> Result<Vec<(PlanPtrs, u64)>> {
     let mut bytes: Vec<u8> = Vec::new();
     let mut offsets = Vec::with_capacity(plans.len());
+    let mut map_offsets = Vec::with_capacity(plans.len());
     for p in plans {
         let io = bytes.len();
         bytes.extend_from_slice(bytemuck::cast_slice(&p.items));
@@ -589,11 +719,27 @@ pub fn upload_plans(
             bytes.push(0);
         }
         offsets.push((io, so, p.n_splits()));
+        let maps = n_kv.and_then(|n| super::tma::item_maps(&p.items, n).ok());
+        map_offsets.push(maps.map(|m| {
+            // A tensor map in global memory must be 64-byte aligned (128 in CUDA 13's type).
+            while !bytes.len().is_multiple_of(128) {
+                bytes.push(0);
+            }
+            let mo = bytes.len();
+            bytes.extend_from_slice(&m);
+            mo
+        }));
     }
     let base = table.upload(gpu, &bytes)?;
     Ok(offsets
         .into_iter()
-        .map(|(io, so, n)| (base + io as u64, base + so as u64, n))
+        .zip(map_offsets)
+        .map(|((io, so, n), mo)| {
+            (
+                (base + io as u64, base + so as u64, n),
+                mo.map_or(0, |mo| base + mo as u64),
+            )
+        })
         .collect())
 }
 
@@ -608,11 +754,46 @@ pub struct SegmentAttention {
     plans: Vec<(u64, u64, usize)>,
     /// Per layer: whether the plan has 8-bit items.
     kv8: Vec<bool>,
+    /// Per layer: the plan's tensor maps (0: none).
+    maps: Vec<u64>,
+    /// Whether plans get tensor maps (long query runs on a Hopper GPU).
+    with_maps: bool,
     scratch: AttnScratch,
     shape: Option<HeadShape>,
 }
 
 impl SegmentAttention {
+    /// For long query runs (phase 1): when a Hopper kernel is selected (head_dim 128) the
+    /// plans are uploaded with tensor maps, so that it loads its tiles by TMA.
+    pub fn long_runs() -> Self {
+        Self {
+            with_maps: true,
+            ..Self::default()
+        }
+    }
+
+    /// Uploads `plans` (one per layer) with tensor maps when this attention takes them
+    /// and the device runs the Hopper kernels at this head_dim.
+    fn upload(&mut self, gpu: &Gpu, shape: HeadShape, plans: &[AttnPlan]) -> Result<()> {
+        let kernels = gpu.attention_kernels();
+        let maps = self.with_maps
+            && kernels.hopper
+            && kernels.tma
+            && kernels.long.is_hopper()
+            && shape.head_dim == 128;
+        let up = upload_plans_with_maps(
+            gpu,
+            &mut self.table,
+            plans,
+            maps.then_some(shape.n_kv_heads),
+        )?;
+        self.kv8 = plans.iter().map(AttnPlan::kv8).collect();
+        self.plans = up.iter().map(|&(p, _)| p).collect();
+        self.maps = up.iter().map(|&(_, m)| m).collect();
+        self.shape = Some(shape);
+        Ok(())
+    }
+
     /// Plans `n_layers` layers, layer `l` over the keys `segments(l)`, cut into `splits`
     /// splits (see [`AttnPlan::new`]; [`Gpu::choose_splits`] gives a good count), and
     /// uploads every plan in one copy.
@@ -627,10 +808,7 @@ impl SegmentAttention {
         let plans: Vec<AttnPlan> = (0..n_layers)
             .map(|l| AttnPlan::new(&segments(l), splits))
             .collect();
-        self.kv8 = plans.iter().map(AttnPlan::kv8).collect();
-        self.plans = upload_plans(gpu, &mut self.table, &plans)?;
-        self.shape = Some(shape);
-        Ok(())
+        self.upload(gpu, shape, &plans)
     }
 
     /// [`SegmentAttention::plan`] for a captured decode graph: every layer's plan padded
@@ -655,10 +833,7 @@ impl SegmentAttention {
         for p in &mut plans {
             p.pad_splits(*pad_to);
         }
-        self.kv8 = plans.iter().map(AttnPlan::kv8).collect();
-        self.plans = upload_plans(gpu, &mut self.table, &plans)?;
-        self.shape = Some(shape);
-        Ok(())
+        self.upload(gpu, shape, &plans)
     }
 
     /// Every device address and launch size the planned launches bake in (the tables,
@@ -670,6 +845,7 @@ impl SegmentAttention {
             .flat_map(|&(items, splits, n)| [items, splits, n as u64])
             .collect();
         key.extend(self.kv8.iter().map(|&b| b as u64));
+        key.extend(self.maps.iter().copied());
         key.push(self.scratch.o.as_ref().map_or(0, DevBuf::ptr));
         key.push(self.scratch.lse.as_ref().map_or(0, DevBuf::ptr));
         key
@@ -708,6 +884,7 @@ impl SegmentAttention {
         };
         let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
         let kv8 = self.kv8.get(layer).copied().unwrap_or(false);
+        let maps = self.maps.get(layer).copied().unwrap_or(0);
         gpu.attention_with(
             kernels,
             q,
@@ -715,6 +892,7 @@ impl SegmentAttention {
             nh,
             nkv,
             plan,
+            maps,
             score_scale,
             kv8,
             out,

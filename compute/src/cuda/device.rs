@@ -200,6 +200,8 @@ pub struct Gpu {
     pub(super) arch: &'static str,
     /// Which attention kernels run (see [`AttnKernels`]).
     pub(super) attn: Mutex<AttnKernels>,
+    /// The Hopper attention kernels, compiled on first use (see `kernels.rs`).
+    pub(super) sm90: Mutex<Option<HashMap<&'static str, cudarc::driver::CudaFunction>>>,
     /// Whether decode steps replay a captured CUDA graph (see
     /// [`super::CudaLlama::decode_greedy`]); env `STARKV_DECODE_GRAPHS=0` turns it off.
     decode_graphs: AtomicBool,
@@ -239,6 +241,7 @@ impl Gpu {
                 )));
             }
         };
+        let attn = AttnKernels::from_env(info.compute_capability);
         let ctx = CudaContext::new(ordinal)?;
         // Ordering is explicit (one compute stream, events for the copy stream).
         // SAFETY: no CudaSlice is shared between streams without an event join.
@@ -268,7 +271,8 @@ impl Gpu {
             info,
             kernels: Mutex::new(HashMap::new()),
             arch,
-            attn: Mutex::new(AttnKernels::from_env()),
+            attn: Mutex::new(attn),
+            sm90: Mutex::new(None),
             decode_graphs: AtomicBool::new(!matches!(
                 std::env::var("STARKV_DECODE_GRAPHS").as_deref(),
                 Ok("0" | "off" | "false")

@@ -1,6 +1,10 @@
 //! The kernel sources and their run-time compilation: NVRTC compiles `elementwise.cu`,
-//! `attention.cu` and `gemv.cu` (each after the shared `common.cuh`) for the device's architecture,
-//! the 16-bit type and the head dimension, once per head dimension.
+//! `attention.cu` and `gemv.cu` (each after the shared `common.cuh`; the attention sources
+//! after `attn_common.cuh` too) for the device's architecture, the 16-bit type and the
+//! head dimension, once per head dimension; on a Hopper GPU, on the first launch of a
+//! Hopper attention kernel, also `attention_sm90.cu` (head_dim 128) for `compute_90a`
+//! (wgmma, setmaxnreg: code for 9.0 devices only; compiled apart, and only when used, so
+//! that processes that never run it never pay its compile).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, sys as drv_sys};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
-use super::attention::{kv8_smem, pipe_smem};
+use super::attention::{kv8_smem, pipe_smem, sm90_smem};
 use super::device::{Gpu, HalfType};
 use super::gemv::GEMV_SMEM_MAX;
 use super::{CudaError, Result};
@@ -17,8 +21,12 @@ use super::{CudaError, Result};
 pub const COMMON_SOURCE: &str = include_str!("kernels/common.cuh");
 /// Embedding, RMSNorm, RoPE, SwiGLU, conversions, fills, argmax, layout changes.
 pub const ELEMENTWISE_SOURCE: &str = include_str!("kernels/elementwise.cu");
+/// What the attention sources share: the key items, their walk, the output rows.
+pub const ATTN_COMMON_SOURCE: &str = include_str!("kernels/attn_common.cuh");
 /// The attention kernels and the split merge.
 pub const ATTENTION_SOURCE: &str = include_str!("kernels/attention.cu");
+/// The Hopper (sm_90a) long-run attention kernel, `attn_fwd_sm90`.
+pub const ATTENTION_SM90_SOURCE: &str = include_str!("kernels/attention_sm90.cu");
 
 /// One-row matrix products of decode steps, with their fused norm, RoPE, SwiGLU and
 /// residual epilogues.
@@ -57,11 +65,30 @@ pub(crate) const ATTENTION_KERNELS: &[&str] = &[
 /// Kernels defined in `gemv.cu`.
 pub(crate) const GEMV_KERNELS: &[&str] = &["gemv_qkv_rope", "gemv_swiglu", "gemv_rows"];
 
-/// The sources NVRTC compiles, by file name, with the kernels each defines.
-pub(crate) const SOURCES: [(&str, &str, &[&str]); 3] = [
-    ("elementwise.cu", ELEMENTWISE_SOURCE, ELEMENTWISE_KERNELS),
-    ("attention.cu", ATTENTION_SOURCE, ATTENTION_KERNELS),
-    ("gemv.cu", GEMV_SOURCE, GEMV_KERNELS),
+/// The sources NVRTC compiles, by file name, with the shared text each follows (after
+/// `common.cuh`) and the kernels each defines.
+pub(crate) const SOURCES: [(&str, &str, &str, &[&str]); 3] = [
+    (
+        "elementwise.cu",
+        "",
+        ELEMENTWISE_SOURCE,
+        ELEMENTWISE_KERNELS,
+    ),
+    (
+        "attention.cu",
+        ATTN_COMMON_SOURCE,
+        ATTENTION_SOURCE,
+        ATTENTION_KERNELS,
+    ),
+    ("gemv.cu", "", GEMV_SOURCE, GEMV_KERNELS),
+];
+
+/// The kernels of `attention_sm90.cu` (all with two K/V stages).
+pub(crate) const SM90_KERNELS: [&str; 4] = [
+    "attn_fwd_sm90_ov",
+    "attn_fwd_sm90_ov_tma",
+    "attn_fwd_sm90_v2",
+    "attn_fwd_sm90_v2_tma",
 ];
 
 /// The kernels of one (16-bit type, head dimension) pair.
@@ -88,36 +115,10 @@ impl Gpu {
         if let Some(k) = cache.get(&head_dim) {
             return Ok(k.clone());
         }
-        let mut options = vec![format!("-DHEAD_DIM={head_dim}"), "--std=c++17".into()];
-        if self.dtype == HalfType::BF16 {
-            options.push("-DDT_BF16".into());
-        }
-        // Measurements only: 16-byte chunks per row in flight in the one-row products.
-        if let Some(n) = std::env::var("STARKV_GEMV_UNROLL")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|n| (1..=16).contains(n))
-        {
-            options.push(format!("-DGEMV_UNROLL={n}"));
-        }
+        let options = self.compile_options(head_dim);
         let mut funcs = HashMap::new();
-        for (file, source, names) in SOURCES {
-            // `#line` makes NVRTC's messages name the source file and its own lines.
-            let text = format!("{COMMON_SOURCE}\n#line 1 \"{file}\"\n{source}");
-            let ptx = compile_ptx_with_opts(
-                text,
-                CompileOptions {
-                    arch: Some(self.arch),
-                    options: options.clone(),
-                    name: Some(format!("starkv_{file}")),
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| CudaError::Nvrtc(format!("{file}: {e}")))?;
-            let module = self.ctx.load_module(ptx)?;
-            for &name in names {
-                funcs.insert(name, module.load_function(name)?);
-            }
+        for (file, shared, source, names) in SOURCES {
+            self.compile_into(&mut funcs, file, shared, source, names, self.arch, &options)?;
         }
         // The pipelined kernels take more than the default 48 KB of shared memory.
         let most = pipe_smem(4 * 64 + 128, head_dim);
@@ -148,5 +149,97 @@ impl Gpu {
         let k = Arc::new(Kernels { head_dim, funcs });
         cache.insert(head_dim, k.clone());
         Ok(k)
+    }
+
+    /// The Hopper attention kernel `name` (one of [`SM90_KERNELS`], head_dim 128),
+    /// compiling `attention_sm90.cu` on first use.
+    pub(super) fn sm90_kernel(&self, name: &str) -> Result<CudaFunction> {
+        let mut cache = self.sm90.lock().unwrap();
+        if cache.is_none() {
+            if !self.attention_kernels().hopper {
+                return Err(CudaError::Invalid(
+                    "the Hopper attention kernels need a compute capability 9.0 GPU".into(),
+                ));
+            }
+            let mut funcs = HashMap::new();
+            let options = self.compile_options(128);
+            self.compile_into(
+                &mut funcs,
+                "attention_sm90.cu",
+                ATTN_COMMON_SOURCE,
+                ATTENTION_SM90_SOURCE,
+                &SM90_KERNELS,
+                "compute_90a",
+                &options,
+            )?;
+            for f in funcs.values() {
+                f.set_attribute(
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    sm90_smem(2) as i32,
+                )?;
+            }
+            *cache = Some(funcs);
+        }
+        cache.as_ref().unwrap().get(name).cloned().ok_or_else(|| {
+            CudaError::Invalid(format!("{name} is not a kernel of attention_sm90.cu"))
+        })
+    }
+
+    /// NVRTC options for kernels of `head_dim`: the 16-bit type and the measurement-only
+    /// switches from the environment.
+    fn compile_options(&self, head_dim: usize) -> Vec<String> {
+        let mut options = vec![format!("-DHEAD_DIM={head_dim}"), "--std=c++17".into()];
+        if self.dtype == HalfType::BF16 {
+            options.push("-DDT_BF16".into());
+        }
+        // Measurements only: the Hopper kernels without their loads or their products.
+        if let Some(n) = std::env::var("STARKV_SM90_DIAG")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| (1..=2).contains(n))
+        {
+            options.push(format!("-DS9_DIAG={n}"));
+        }
+        // Measurements only: 16-byte chunks per row in flight in the one-row products.
+        if let Some(n) = std::env::var("STARKV_GEMV_UNROLL")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| (1..=16).contains(n))
+        {
+            options.push(format!("-DGEMV_UNROLL={n}"));
+        }
+        options
+    }
+
+    /// Compiles `source` (after `common.cuh` and `shared`) for `arch` and loads `names`
+    /// from it into `funcs`.
+    #[allow(clippy::too_many_arguments)]
+    fn compile_into(
+        &self,
+        funcs: &mut HashMap<&'static str, CudaFunction>,
+        file: &str,
+        shared: &str,
+        source: &str,
+        names: &[&'static str],
+        arch: &'static str,
+        options: &[String],
+    ) -> Result<()> {
+        // `#line` makes NVRTC's messages name the source file and its own lines.
+        let text = format!("{COMMON_SOURCE}\n{shared}\n#line 1 \"{file}\"\n{source}");
+        let ptx = compile_ptx_with_opts(
+            text,
+            CompileOptions {
+                arch: Some(arch),
+                options: options.to_vec(),
+                name: Some(format!("starkv_{file}")),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| CudaError::Nvrtc(format!("{file}: {e}")))?;
+        let module = self.ctx.load_module(ptx)?;
+        for &name in names {
+            funcs.insert(name, module.load_function(name)?);
+        }
+        Ok(())
     }
 }

@@ -40,13 +40,14 @@ mod shard;
 pub mod star;
 mod tempered;
 mod tier;
+mod tma;
 
 #[cfg(test)]
 mod tests;
 
 pub use attention::{
     AttnItem, AttnKernels, AttnOut, AttnPlan, AttnScratch, DecodeKernel, Kv8Tile, KvDest,
-    LongKernel, Segment, SegmentAttention, upload_plans,
+    LongKernel, PlanPtrs, Segment, SegmentAttention, upload_plans, upload_plans_with_maps,
 };
 pub use device::{DevBuf, Gpu, HalfType, PinnedBuf, TableBuf};
 pub use gemv::gemv_fits;

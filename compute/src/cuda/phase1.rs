@@ -105,7 +105,7 @@ pub fn encode_block_into(
     let mut attention = AnchoredBlock {
         anchor,
         block,
-        attn: SegmentAttention::default(),
+        attn: SegmentAttention::long_runs(),
     };
     model.forward(tokens, &positions, &mut attention)
 }

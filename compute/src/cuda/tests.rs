@@ -148,13 +148,21 @@ fn tier_evicts_least_recently_used_within_budget() {
 /// would only show at run time on a GPU. The shared header defines no kernel.
 #[test]
 fn kernel_sources_declare_every_kernel() {
-    for (file, source, names) in kernels::SOURCES {
+    let sm90: (&str, &str, &str, &[&str]) = (
+        "attention_sm90.cu",
+        kernels::ATTN_COMMON_SOURCE,
+        kernels::ATTENTION_SM90_SOURCE,
+        &kernels::SM90_KERNELS,
+    );
+    for (file, _, source, names) in kernels::SOURCES.into_iter().chain([sm90]) {
         for name in names {
             assert!(
                 source.contains(&format!("void {name}("))
                     || source.contains(&format!("void __launch_bounds__(128) {name}("))
                     || source.contains(&format!("void __launch_bounds__(32) {name}("))
                     || source.contains(&format!("void __launch_bounds__(GEMV_THREADS) {name}("))
+                    || source.contains(&format!("ATTN_SM90_KERNEL({name},"))
+                    || source.contains(&format!("ATTN_SM90_TMA_KERNEL({name},"))
                     || source.contains(&format!("ATTN_PIPE_KERNEL({name},"))
                     || source.contains(&format!("ATTN_KV8_KERNEL({name},")),
                 "{name} is not defined in {file}"
@@ -162,6 +170,7 @@ fn kernel_sources_declare_every_kernel() {
         }
     }
     assert!(!COMMON_SOURCE.contains("__global__"));
+    assert!(!kernels::ATTN_COMMON_SOURCE.contains("__global__"));
     assert!(!ELEMENTWISE_SOURCE.contains("attn_"));
     assert!(!GEMV_SOURCE.contains("attn_"));
 }
@@ -270,4 +279,46 @@ fn plans_mark_8bit_segments() {
         assert!(it.scale_off == 0 || (it.scale_off == 4096 && it.causal_offset == -1));
     }
     assert!(!AttnPlan::new(&[seg(50, Some(3)), seg(1000, None)], 4).kv8());
+}
+
+/// The Hopper kernel runs only where it can: on a device without it, or at a head_dim
+/// other than 128, the same choice launches the mma.sync kernel; and the launch asks for
+/// the shared memory the kernel's layout needs.
+#[test]
+fn hopper_kernel_falls_back_off_hopper() {
+    let on = AttnKernels {
+        long: LongKernel::Hopper,
+        hopper: true,
+        ..AttnKernels::default()
+    };
+    let off = AttnKernels {
+        hopper: false,
+        ..on
+    };
+    assert_eq!(on.launch(4096, 128, false).0, "attn_fwd_sm90_ov");
+    assert_eq!(on.launch(4096, 128, false).1, 128);
+    assert_eq!(on.launch(4096, 128, false).2, 384);
+    assert_eq!(
+        on.launch(4096, 128, false).3,
+        super::attention::sm90_smem(2)
+    );
+    let v2 = AttnKernels {
+        long: LongKernel::HopperV2,
+        ..on
+    };
+    assert_eq!(v2.launch(4096, 128, false).0, "attn_fwd_sm90_v2");
+    assert_eq!(v2.launch(4096, 64, false).0, "attn_fwd_m32");
+    // The tiles and barriers fit the 227 KiB a block may have.
+    assert!(on.launch(4096, 128, false).3 <= 227 * 1024);
+    assert_eq!(on.launch(4096, 64, false).0, "attn_fwd_m32");
+    assert_eq!(off.launch(4096, 128, false).0, "attn_fwd_m32");
+    // Short runs, decoding and 8-bit plans never take it.
+    assert_eq!(on.launch(64, 128, false).0, "attn_fwd_simple");
+    assert_eq!(on.launch(16, 128, false).0, "attn_fwd_w1");
+    assert_eq!(on.launch(4096, 128, true).0, "attn_fwd_simple_kv8");
+    let m32 = AttnKernels {
+        long: LongKernel::M32,
+        ..on
+    };
+    assert_ne!(on.code(), m32.code());
 }

@@ -18,7 +18,7 @@ use crate::cpu::ops::{Rope, rms_norm, swiglu};
 use crate::cuda::star::{ContextBlocks, GpuQuery, GpuShard, StreamedBlocks, encode_context};
 use crate::cuda::{
     AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, GpuKvCache, HalfType, Kernels,
-    KvDest, Segment, TableBuf, upload_plans,
+    KvDest, LongKernel, Segment, TableBuf, upload_plans_with_maps,
 };
 use crate::model::{KvCache, Llama, LlamaConfig};
 use crate::partial::{Attended, HeadShape, merge_into};
@@ -763,19 +763,21 @@ fn attention_case(
     }
     let plan = AttnPlan::new(&segs, splits);
     let mut table = TableBuf::default();
-    let p = upload_plans(gpu, &mut table, std::slice::from_ref(&plan))?[0];
+    // With tensor maps where the Hopper kernels can use them (as phase 1 uploads plans).
+    let maps_for = (d == 128).then_some(nkv);
+    let (p, maps) =
+        upload_plans_with_maps(gpu, &mut table, std::slice::from_ref(&plan), maps_for)?[0];
     let mut scratch = AttnScratch::default();
     let out_d = gpu.alloc(m * nh * d * 4)?;
     let lse_d = gpu.alloc(m * nh * 4)?;
-    gpu.attention(
+    gpu.attention_maps(
         &k,
         q_d.ptr(),
         m,
         nh,
         nkv,
-        p.0,
-        p.1,
-        p.2,
+        p,
+        maps,
         AttnOut::F32 {
             out: out_d.ptr(),
             lse: lse_d.ptr(),
@@ -802,15 +804,14 @@ fn attention_case(
     );
     // The 16-bit output path (what the model uses).
     let oh_d = gpu.alloc(m * nh * d * 2)?;
-    gpu.attention(
+    gpu.attention_maps(
         &k,
         q_d.ptr(),
         m,
         nh,
         nkv,
-        p.0,
-        p.1,
-        p.2,
+        p,
+        maps,
         AttnOut::Half(oh_d.ptr()),
         &mut scratch,
     )?;
@@ -823,6 +824,111 @@ fn attention_case(
         2.5 * u,
         elapsed,
     );
+    Ok(())
+}
+
+/// The Hopper kernel against the mma.sync kernel on phase-1 shapes too large for the CPU
+/// reference to be quick (8B heads, 2K to 4K tokens over an anchor, one split and four):
+/// both are checked against the CPU above; here they must agree with each other to the
+/// 16-bit rounding of P (O rel <= 2u) and lse to 2e-4.
+fn hopper_vs_m32(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Result<()> {
+    let shape = HeadShape {
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+    };
+    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let dt = gpu.dtype;
+    let k = gpu.kernels(d)?;
+    let default = gpu.attention_kernels();
+    for &(m, anchor, splits) in &[
+        (2048usize, 2048usize, 1usize),
+        (4000, 1100, 1),
+        (3001, 2500, 4),
+    ] {
+        let t = Instant::now();
+        let q = gpu.upload_new(&to_half(dt, &rng.vec(m * nh * d, -2.0, 2.0)))?;
+        let mut keep = Vec::new();
+        let mut segs = Vec::new();
+        for (len, causal) in [(anchor, None), (m, Some(0))] {
+            let kd = gpu.upload_new(&to_half(dt, &rng.vec(nkv * len * d, -2.0, 2.0)))?;
+            let vd = gpu.upload_new(&to_half(dt, &rng.vec(nkv * len * d, -2.0, 2.0)))?;
+            segs.push(Segment {
+                k: kd.ptr(),
+                v: vd.ptr(),
+                head_stride: (len * d) as i64,
+                row_stride: d as i32,
+                len,
+                causal_offset: causal,
+                scale_off: 0,
+            });
+            keep.push((kd, vd));
+        }
+        let plan = AttnPlan::new(&segs, splits);
+        let mut table = TableBuf::default();
+        let (p, maps) =
+            upload_plans_with_maps(gpu, &mut table, std::slice::from_ref(&plan), Some(nkv))?[0];
+        if maps == 0 {
+            report.check("tensor maps for a phase-1 plan", "missing", 1.0, 0.0, ms(t));
+        }
+        let mut scratch = AttnScratch::default();
+        let mut results = Vec::new();
+        // (kernel, TMA loads) pairs, then the reference.
+        let hoppers = [
+            (LongKernel::Hopper, true),
+            (LongKernel::Hopper, false),
+            (LongKernel::HopperV2, true),
+            (LongKernel::HopperV2, false),
+        ];
+        for (long, tma) in hoppers.into_iter().chain([(LongKernel::M32, false)]) {
+            gpu.set_attention_kernels(AttnKernels {
+                long,
+                tma,
+                ..default
+            });
+            let out_d = gpu.alloc(m * nh * d * 4)?;
+            let lse_d = gpu.alloc(m * nh * 4)?;
+            gpu.attention_maps(
+                &k,
+                q.ptr(),
+                m,
+                nh,
+                nkv,
+                p,
+                maps,
+                AttnOut::F32 {
+                    out: out_d.ptr(),
+                    lse: lse_d.ptr(),
+                },
+                &mut scratch,
+            )?;
+            let mut got = Attended::empty(m, shape);
+            gpu.download(&mut got.out, out_d.ptr())?;
+            gpu.download(&mut got.lse, lse_d.ptr())?;
+            results.push(got);
+        }
+        gpu.set_attention_kernels(default);
+        let m32 = &results[hoppers.len()];
+        for ((long, tma), got) in hoppers.iter().zip(&results) {
+            let how = if *tma { "TMA" } else { "cp.async" };
+            let name =
+                format!("{long:?} ({how}) vs M32: {m} q over a {anchor}-key anchor + causal");
+            report.check(
+                &format!("{name}: O ({} splits)", plan.n_splits()),
+                "rel",
+                rel(&got.out, &m32.out),
+                2.0 * u,
+                ms(t),
+            );
+            report.check(
+                &format!("{name}: lse"),
+                "max abs",
+                max_abs(&got.lse, &m32.lse),
+                2e-4,
+                ms(t),
+            );
+        }
+    }
     Ok(())
 }
 
@@ -846,7 +952,7 @@ fn attention_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) 
         usize,
         bool,
     );
-    let cases: [Case; 10] = [
+    let cases: [Case; 12] = [
         (
             "phase1 [anchor|block] d=64",
             smol,
@@ -933,27 +1039,66 @@ fn attention_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) 
             2,
             true,
         ),
+        (
+            "phase1 ragged: 600 q over a 777-key anchor, d=128",
+            big,
+            600,
+            &[(777, None), (600, Some(0))],
+            1,
+            false,
+        ),
+        (
+            "phase1 ragged, 3 splits, rising keys, d=128",
+            big,
+            513,
+            &[(1200, None), (513, Some(0))],
+            3,
+            true,
+        ),
     ];
     // Every attention kernel the launcher can choose runs every case: each combination
     // below pairs one long-run kernel with one decode kernel, covering all of them.
     let default = gpu.attention_kernels();
-    let combos = AttnKernels::ALL_LONG
+    // The Hopper kernel where the device runs it (elsewhere it would repeat M32's run).
+    let longs: Vec<LongKernel> = AttnKernels::ALL_LONG
+        .into_iter()
+        .filter(|&l| !l.is_hopper() || default.hopper)
+        .collect();
+    let mut combos: Vec<AttnKernels> = longs
         .iter()
         .zip(AttnKernels::ALL_DECODE.iter().cycle())
         .map(|(&long, &decode)| AttnKernels {
             long,
             decode,
+            tma: true,
+            ..default
+        })
+        .collect();
+    if default.hopper {
+        // The Hopper kernel with its cp.async producer too (TMA above, at d = 128).
+        combos.push(AttnKernels {
+            long: LongKernel::Hopper,
+            tma: false,
             ..default
         });
+    }
     for kernels in combos {
         gpu.set_attention_kernels(kernels);
-        let tag = format!("{:?}/{:?}", kernels.long, kernels.decode);
+        let how = if kernels.long.is_hopper() && !kernels.tma {
+            " cp.async"
+        } else {
+            ""
+        };
+        let tag = format!("{:?}{how}/{:?}", kernels.long, kernels.decode);
         for &(name, shape, m, segments, splits, ramp) in &cases {
             let name = format!("[{tag}] {name}");
             attention_case(gpu, rng, report, u, &name, shape, m, segments, splits, ramp)?;
         }
     }
     gpu.set_attention_kernels(default);
+    if default.hopper {
+        hopper_vs_m32(gpu, rng, report, u)?;
+    }
     // A shard behind the host seam: GPU shard vs CPU shard over the same blocks.
     let t = Instant::now();
     let dt = gpu.dtype;
