@@ -3,7 +3,12 @@
 //! thread count, measured in the same run and printed as a table with the ratio.
 //!
 //! `cargo bench --bench model_speed -- [--sizes 512,2048,8000] [--decode-ctx 8000]
-//! [--decode-steps 32] [--repeats 3] [--threads N] [--no-peer]`
+//! [--decode-steps 32] [--repeats 3] [--threads N] [--kv f16|f32] [--no-peer]
+//! [--attention-only]`
+//!
+//! The decode row is split into the time spent in attention (over the KV cache, `--kv`:
+//! f16 by default, as llama.cpp holds it) and the rest (the quantised weight products,
+//! norms, RoPE, the LM head): the profile that says which one to optimise.
 //!
 //! The peer runs `benches/peers/llama_cpp_speed.py` (needs `pip install llama-cpp-python`,
 //! which compiles llama.cpp: about 40 minutes on 2 cores, once).
@@ -12,12 +17,13 @@
 mod stats;
 
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};
-use starkv_compute::model::KvCache;
+use starkv_compute::model::{KvCache, KvPrecision, LayerAttention};
+use starkv_compute::partial::HeadShape;
 use stats::{median, peer_seconds};
 
 struct Options {
@@ -26,7 +32,9 @@ struct Options {
     decode_steps: usize,
     repeats: usize,
     threads: usize,
+    kv: KvPrecision,
     peer: bool,
+    attention_only: bool,
 }
 
 fn parse_options() -> Result<Options> {
@@ -36,7 +44,9 @@ fn parse_options() -> Result<Options> {
         decode_steps: 32,
         repeats: 3,
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        kv: KvPrecision::F16,
         peer: true,
+        attention_only: false,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -56,7 +66,15 @@ fn parse_options() -> Result<Options> {
             "--decode-steps" => o.decode_steps = value()?.parse()?,
             "--repeats" => o.repeats = value()?.parse()?,
             "--threads" => o.threads = value()?.parse()?,
+            "--kv" => {
+                o.kv = match value()?.as_str() {
+                    "f16" => KvPrecision::F16,
+                    "f32" => KvPrecision::F32,
+                    other => anyhow::bail!("--kv takes f16 or f32, not {other}"),
+                }
+            }
             "--no-peer" => o.peer = false,
+            "--attention-only" => o.attention_only = true,
             other => anyhow::bail!("unknown option {other}"),
         }
     }
@@ -72,6 +90,31 @@ struct Row {
     what: String,
     ours: f64,
     peer: Option<f64>,
+    /// Whether the peer has this row (the decode split is ours alone).
+    compared: bool,
+}
+
+/// A KV cache that adds up the time its attention takes.
+struct TimedCache {
+    cache: KvCache,
+    attention: Duration,
+}
+
+impl LayerAttention for TimedCache {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> starkv_compute::Result<()> {
+        let t = Instant::now();
+        let result = self.cache.attend(layer, q, k, v, m, out);
+        self.attention += t.elapsed();
+        result
+    }
 }
 
 fn main() -> Result<()> {
@@ -83,13 +126,16 @@ fn main() -> Result<()> {
     let loaded = LoadedModel::open(&path)?;
     let model = &loaded.model;
     let (n_layers, shape) = (model.config().n_layers, model.head_shape());
+    if o.attention_only {
+        return attention_only(&o, n_layers, shape);
+    }
     let mut rows = Vec::new();
     for &n in &o.sizes {
         let toks = tokens(n);
         let positions: Vec<usize> = (0..n).collect();
         let mut times = Vec::new();
         for _ in 0..o.repeats {
-            let mut cache = KvCache::new(n_layers, shape, n);
+            let mut cache = KvCache::with_precision(n_layers, shape, n, o.kv);
             let t = Instant::now();
             let hidden = model.forward(&toks, &positions, &mut cache)?;
             let _ = model.logits(&hidden[hidden.len() - model.config().hidden..]);
@@ -99,31 +145,51 @@ fn main() -> Result<()> {
             what: format!("prefill {n} tokens (tok/s)"),
             ours: n as f64 / median(times),
             peer: None,
+            compared: true,
         });
     }
     {
         let toks = tokens(o.decode_ctx + o.decode_steps);
-        let mut cache = KvCache::new(n_layers, shape, toks.len());
+        let mut cache = TimedCache {
+            cache: KvCache::with_precision(n_layers, shape, toks.len(), o.kv),
+            attention: Duration::ZERO,
+        };
         let positions: Vec<usize> = (0..o.decode_ctx).collect();
         model.forward(&toks[..o.decode_ctx], &positions, &mut cache)?;
-        let mut times = Vec::new();
+        let (mut times, mut attention) = (Vec::new(), Vec::new());
         for s in 0..o.decode_steps {
             let p = o.decode_ctx + s;
+            cache.attention = Duration::ZERO;
             let t = Instant::now();
             let hidden = model.forward(&toks[p..p + 1], &[p], &mut cache)?;
             let _ = model.logits(&hidden);
             times.push(t.elapsed().as_secs_f64());
+            attention.push(cache.attention.as_secs_f64());
         }
+        let (step, attn) = (median(times.clone()), median(attention));
         rows.push(Row {
             what: format!("decode after {} tokens (tok/s)", o.decode_ctx),
-            ours: 1.0 / median(times),
+            ours: 1.0 / step,
             peer: None,
+            compared: true,
+        });
+        rows.push(Row {
+            what: "decode step: attention (ms)".into(),
+            ours: attn * 1e3,
+            peer: None,
+            compared: false,
+        });
+        rows.push(Row {
+            what: "decode step: the rest, weight products (ms)".into(),
+            ours: (step - attn) * 1e3,
+            peer: None,
+            compared: false,
         });
     }
     if o.peer {
         match run_peer(&o, &path) {
             Ok(peer) => {
-                for (row, value) in rows.iter_mut().zip(peer) {
+                for (row, value) in rows.iter_mut().filter(|r| r.compared).zip(peer) {
                     row.peer = Some(value);
                 }
             }
@@ -139,8 +205,9 @@ fn main() -> Result<()> {
         })
         .unwrap_or_default();
     println!(
-        "\nmodel_speed: SmolLM2-135M-Instruct Q4_1, {} threads, {cpu}, medians of {} runs",
-        o.threads, o.repeats
+        "\nmodel_speed: SmolLM2-135M-Instruct Q4_1, {} threads, {cpu}, medians of {} runs, \
+         KV cache {:?}",
+        o.threads, o.repeats, o.kv
     );
     println!("| measurement | starkv | llama.cpp | starkv / llama.cpp |");
     println!("|---|---|---|---|");
@@ -189,4 +256,55 @@ fn run_peer(o: &Options, model: &std::path::Path) -> Result<Vec<f64>> {
         });
     }
     Ok(values)
+}
+
+/// Decode attention alone over `decode_ctx` cached tokens of random values, every layer,
+/// with an f32 and an f16 cache (the model's shapes; no weights involved).
+fn attention_only(o: &Options, n_layers: usize, shape: HeadShape) -> Result<()> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut random = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    };
+    let ctx = o.decode_ctx;
+    let (k, v) = (
+        random(ctx * shape.kv_width()),
+        random(ctx * shape.kv_width()),
+    );
+    let q = random(shape.q_width());
+    let (k1, v1) = (random(shape.kv_width()), random(shape.kv_width()));
+    let mut out = vec![0f32; shape.q_width()];
+    println!(
+        "\nmodel_speed --attention-only: decode attention over {ctx} tokens, {n_layers} \
+         layers, {} threads, medians of {} steps",
+        o.threads, o.decode_steps
+    );
+    println!("| KV cache | ms per decode step | speed vs f32 |");
+    println!("|---|---|---|");
+    let mut f32_ms = None;
+    for precision in [KvPrecision::F32, KvPrecision::F16] {
+        let capacity = ctx + o.decode_steps;
+        let mut cache = KvCache::with_precision(n_layers, shape, capacity, precision);
+        for layer in 0..n_layers {
+            cache.layer_mut(layer).append(&k, &v);
+        }
+        let mut times = Vec::new();
+        for _ in 0..o.decode_steps {
+            let t = Instant::now();
+            for layer in 0..n_layers {
+                cache.attend(layer, &q, &k1, &v1, 1, &mut out)?;
+            }
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let ms = median(times) * 1e3;
+        let base = *f32_ms.get_or_insert(ms);
+        println!("| {precision:?} | {ms:.2} | {:.2}x |", base / ms);
+    }
+    Ok(())
 }

@@ -309,13 +309,21 @@ unsafe fn attend_tile(
     let mut row_max = vec![f32::NEG_INFINITY; packed];
     let mut row_sum = vec![0f32; packed];
     let mut scores = vec![0f32; packed * K_TILE];
-    // An 8-bit source is dequantised tile by tile into this scratch.
+    // Few rows over f16 keys (decoding): scores and values straight from the f16 rows.
+    let direct = match kv {
+        KvSource::F16(kv) if f16_rows::supported(packed, d) => Some(kv),
+        _ => None,
+    };
+    // Otherwise an 8-bit or f16 source is widened tile by tile into this scratch.
     let mut tile_buf = match kv {
-        KvSource::I8(_) | KvSource::F16(_) => vec![0f32; K_TILE.min(n_keys) * d],
-        KvSource::F32(_) => Vec::new(),
+        KvSource::I8(_) | KvSource::F16(_) if direct.is_none() => {
+            vec![0f32; K_TILE.min(n_keys) * d]
+        }
+        _ => Vec::new(),
     };
     for k0 in (0..n_keys).step_by(K_TILE) {
         let kc = K_TILE.min(n_keys - k0);
+        let direct_base = direct.map(|kv| (kv, kv_head * kv.head_stride + k0 * kv.row_stride));
         // Keys k0..k0 + kc of this head: a pointer and a row stride.
         let tile = |which: usize, buf: &mut Vec<f32>| -> (*const f32, usize) {
             match kv {
@@ -343,20 +351,32 @@ unsafe fn attend_tile(
                 }
             }
         };
-        let (k_ptr, k_stride) = tile(0, &mut tile_buf);
-        // SAFETY: shapes were checked by the caller; scores holds packed x kc.
-        unsafe {
-            gemm_f32(
+        if let Some((kv, base)) = direct_base {
+            f16_rows::scores(
+                &q_pack,
                 packed,
-                kc,
                 d,
-                scores.as_mut_ptr(),
+                &kv.k[base..],
+                kv.row_stride,
                 kc,
-                q_pack.as_ptr(),
-                d,
-                k_ptr,
-                Transpose::Yes(k_stride),
+                &mut scores,
             );
+        } else {
+            let (k_ptr, k_stride) = tile(0, &mut tile_buf);
+            // SAFETY: shapes were checked by the caller; scores holds packed x kc.
+            unsafe {
+                gemm_f32(
+                    packed,
+                    kc,
+                    d,
+                    scores.as_mut_ptr(),
+                    kc,
+                    q_pack.as_ptr(),
+                    d,
+                    k_ptr,
+                    Transpose::Yes(k_stride),
+                );
+            }
         }
         for p in 0..packed {
             let r = p % rows;
@@ -389,6 +409,18 @@ unsafe fn attend_tile(
                     *a *= correction;
                 }
             }
+        }
+        if let Some((kv, base)) = direct_base {
+            f16_rows::accumulate(
+                &scores,
+                packed,
+                kc,
+                &kv.v[base..],
+                kv.row_stride,
+                d,
+                &mut acc,
+            );
+            continue;
         }
         let (v_ptr, v_stride) = tile(1, &mut tile_buf);
         // SAFETY: as above; acc holds packed x d.
@@ -424,6 +456,8 @@ unsafe fn attend_tile(
         }
     }
 }
+
+mod f16_rows;
 
 #[cfg(test)]
 mod tests;

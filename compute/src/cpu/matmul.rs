@@ -88,41 +88,53 @@ impl Matrix {
         if m <= SMALL_M {
             return self.matvec(x, m, y_ptr);
         }
-        for m0 in (0..m).step_by(M_CHUNK) {
-            let mb = M_CHUNK.min(m - m0);
+        // Tasks over (activation chunk, weight-row chunk) pairs, so that every thread has
+        // work even when a matrix has few rows (576 on SmolLM2: 9 chunks of 64 rows would
+        // leave most of 16 threads idle).
+        let m_chunks = m.div_ceil(M_CHUNK);
+        let rc = rows_per_task(n, m_chunks, ROW_CHUNK);
+        let r_chunks = n.div_ceil(rc);
+        (0..m_chunks * r_chunks).into_par_iter().for_each(|task| {
+            let (m0, r0) = ((task / r_chunks) * M_CHUNK, (task % r_chunks) * rc);
+            let (mb, rn) = (M_CHUNK.min(m - m0), rc.min(n - r0));
             let x_chunk = &x[m0 * k..(m0 + mb) * k];
-            (0..n.div_ceil(ROW_CHUNK))
-                .into_par_iter()
-                .for_each(|chunk| {
-                    let r0 = chunk * ROW_CHUNK;
-                    let rc = ROW_CHUNK.min(n - r0);
-                    with_scratch(rc * k, |w| {
-                        let rb = self.row_bytes();
-                        dequantize(
-                            self.dtype,
-                            &self.bytes.as_slice()[r0 * rb..(r0 + rc) * rb],
-                            w,
-                        );
-                        // SAFETY: tasks write disjoint column ranges [r0, r0 + rc) of rows
-                        // m0..m0 + mb of `y`, which outlives the parallel loop.
-                        unsafe {
-                            let dst = y_ptr.get().add(m0 * n + r0);
-                            gemm_f32(
-                                mb,
-                                rc,
-                                k,
-                                dst,
-                                n,
-                                x_chunk.as_ptr(),
-                                k,
-                                w.as_ptr(),
-                                Transpose::Yes(k),
-                            );
-                        }
-                    });
-                });
-        }
+            with_scratch(rn * k, |w| {
+                let rb = self.row_bytes();
+                dequantize(
+                    self.dtype,
+                    &self.bytes.as_slice()[r0 * rb..(r0 + rn) * rb],
+                    w,
+                );
+                // SAFETY: tasks write disjoint blocks (rows m0..m0 + mb, columns
+                // r0..r0 + rn) of `y`, which outlives the parallel loop.
+                unsafe {
+                    let dst = y_ptr.get().add(m0 * n + r0);
+                    gemm_f32(
+                        mb,
+                        rn,
+                        k,
+                        dst,
+                        n,
+                        x_chunk.as_ptr(),
+                        k,
+                        w.as_ptr(),
+                        Transpose::Yes(k),
+                    );
+                }
+            });
+        });
     }
+}
+
+/// Weight rows per task: `max_rows`, halved (down to 16) until there are at least four
+/// tasks per thread over `n` rows and `m_chunks` activation chunks.
+fn rows_per_task(n: usize, m_chunks: usize, max_rows: usize) -> usize {
+    let want = 4 * rayon::current_num_threads();
+    let mut rows = max_rows;
+    while rows > 16 && m_chunks * n.div_ceil(rows) < want {
+        rows /= 2;
+    }
+    rows
 }
 
 impl Matrix {
@@ -133,19 +145,18 @@ impl Matrix {
         let (k, n, rb) = (self.cols, self.rows, self.row_bytes());
         let data = self.bytes.as_slice();
         let sums: Vec<Vec<f32>> = x.chunks_exact(k).map(qdot::block_sums).collect();
-        (0..n.div_ceil(ROW_CHUNK))
-            .into_par_iter()
-            .for_each(|chunk| {
-                let r0 = chunk * ROW_CHUNK;
-                for r in r0..(r0 + ROW_CHUNK).min(n) {
-                    let row = &data[r * rb..(r + 1) * rb];
-                    for i in 0..m {
-                        let value = dot_row(self.dtype, row, &x[i * k..(i + 1) * k], &sums[i]);
-                        // SAFETY: each task writes only its own rows' columns r of `y`.
-                        unsafe { *y.get().add(i * n + r) = value };
-                    }
+        let rc = rows_per_task(n, 1, ROW_CHUNK);
+        (0..n.div_ceil(rc)).into_par_iter().for_each(|chunk| {
+            let r0 = chunk * rc;
+            for r in r0..(r0 + rc).min(n) {
+                let row = &data[r * rb..(r + 1) * rb];
+                for i in 0..m {
+                    let value = dot_row(self.dtype, row, &x[i * k..(i + 1) * k], &sums[i]);
+                    // SAFETY: each task writes only its own rows' columns r of `y`.
+                    unsafe { *y.get().add(i * n + r) = value };
                 }
-            });
+            }
+        });
     }
 }
 

@@ -20,7 +20,7 @@ use crate::cuda::{
     AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, GpuKvCache, HalfType, Kernels,
     KvDest, LongKernel, Segment, TableBuf, upload_plans_with_maps,
 };
-use crate::model::{KvCache, Llama, LlamaConfig};
+use crate::model::{KvCache, KvPrecision, Llama, LlamaConfig};
 use crate::partial::{Attended, HeadShape, merge_into};
 use crate::quant::GgmlType;
 use crate::sampling::argmax;
@@ -1171,7 +1171,13 @@ fn gpu_full_logits(model: &mut CudaLlama, tokens: &[u32]) -> Result<Vec<f32>> {
 }
 
 fn cpu_full_logits(model: &Llama, tokens: &[u32]) -> Result<Vec<f32>> {
-    let mut cache = KvCache::new(model.config().n_layers, model.head_shape(), tokens.len());
+    // The f32 cache: the CPU reference keeps the projections exact.
+    let mut cache = KvCache::with_precision(
+        model.config().n_layers,
+        model.head_shape(),
+        tokens.len(),
+        KvPrecision::F32,
+    );
     let positions: Vec<usize> = (0..tokens.len()).collect();
     let hidden = model.forward(tokens, &positions, &mut cache)?;
     Ok(model.logits(&hidden))

@@ -5,7 +5,7 @@ pub mod kv;
 pub mod llama;
 
 pub use config::LlamaConfig;
-pub use kv::{KvCache, LayerKv};
+pub use kv::{KvCache, KvPrecision, LayerKv};
 pub use llama::{LayerAttention, LayerWeights, Llama};
 
 #[cfg(test)]

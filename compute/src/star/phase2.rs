@@ -5,9 +5,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::block::BlockKv;
-use crate::cpu::attention::{Mask, attention_into, attention_source_into};
+use crate::cpu::attention::{Mask, attention_source_into};
 use crate::error::Result;
-use crate::model::{LayerAttention, LayerKv};
+use crate::model::{KvPrecision, LayerAttention, LayerKv};
 use crate::partial::{Attended, ContextMerge, HeadShape, merge_into};
 
 /// The seam between the query host and a group of cached blocks.
@@ -244,6 +244,19 @@ impl<'s> QueryAttention<'s> {
         self
     }
 
+    /// Holds the query's own KV in `precision` (f16 by default, like a [`KvCache`]; f32
+    /// for exactness checks). Call before the first forward pass.
+    ///
+    /// [`KvCache`]: crate::model::KvCache
+    pub fn with_precision(mut self, precision: KvPrecision) -> Self {
+        self.local = self
+            .local
+            .iter()
+            .map(|l| LayerKv::with_precision(self.shape, l.capacity(), precision))
+            .collect();
+        self
+    }
+
     /// Context tokens over all shards: the first query token's position.
     pub fn context_len(&self) -> usize {
         self.shards
@@ -276,7 +289,7 @@ impl LayerAttention for QueryAttention<'_> {
         let offset = local.len();
         local.append(k, v);
         let mut acc = Attended::empty(m, self.shape);
-        attention_into(
+        attention_source_into(
             q,
             m,
             local.view(),

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::cpu::attention::{Attended, HeadShape, Mask, attention, attention_into, merge_into};
+use crate::cpu::attention::{
+    Attended, HeadShape, Mask, attention, attention_source_into, merge_into,
+};
 use crate::error::Result;
-use crate::model::{KvCache, LayerAttention, LayerKv, Llama, LlamaConfig};
+use crate::model::{KvCache, KvPrecision, LayerAttention, LayerKv, Llama, LlamaConfig};
 use crate::quant::GgmlType;
 
 fn tiny_model() -> Llama {
@@ -23,7 +25,12 @@ fn tokens(n: usize, salt: usize) -> Vec<u32> {
 /// `context ++ query`.
 fn full_attention_logits(model: &Llama, context: &[u32], query: &[u32]) -> Vec<f32> {
     let all: Vec<u32> = context.iter().chain(query).copied().collect();
-    let mut cache = KvCache::new(model.config().n_layers, model.head_shape(), all.len());
+    let mut cache = KvCache::with_precision(
+        model.config().n_layers,
+        model.head_shape(),
+        all.len(),
+        KvPrecision::F32,
+    );
     let hidden = model
         .forward(&all, &(0..all.len()).collect::<Vec<_>>(), &mut cache)
         .unwrap();
@@ -53,7 +60,12 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// The context's KV from a full-attention prefill, cut into blocks at `cuts`.
 fn full_attention_blocks(model: &Llama, context: &[u32], cuts: &[usize]) -> Vec<Arc<BlockKv>> {
     let c = model.config();
-    let mut cache = KvCache::new(c.n_layers, model.head_shape(), context.len());
+    let mut cache = KvCache::with_precision(
+        c.n_layers,
+        model.head_shape(),
+        context.len(),
+        KvPrecision::F32,
+    );
     model
         .forward(context, &(0..context.len()).collect::<Vec<_>>(), &mut cache)
         .unwrap();
@@ -98,7 +110,8 @@ fn star_with_a_single_block_is_full_attention() {
             .collect();
         assert_eq!(blocks.len(), 1);
         let shard = CpuShard::new(blocks, model.head_shape());
-        let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16);
+        let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16)
+            .with_precision(KvPrecision::F32);
         let got = query_logits(&model, context.len(), &query, &mut attn);
         let diff = max_diff(&got, &want);
         assert!(diff < 1e-4, "b = {block_size}: max |logit diff| {diff}");
@@ -127,7 +140,7 @@ fn phase2_over_exact_kv_equals_full_attention_for_any_sharding() {
             .collect();
         let refs: Vec<&dyn AttentionShard> =
             shards.iter().map(|s| s as &dyn AttentionShard).collect();
-        let mut attn = QueryAttention::new(refs, 3, shape, 4);
+        let mut attn = QueryAttention::new(refs, 3, shape, 4).with_precision(KvPrecision::F32);
         assert_eq!(attn.context_len(), context.len());
         // The query in two pieces (prefill, then token by token) like generation does.
         let mut got = query_logits(&model, context.len(), &query[..8], &mut attn);
@@ -172,7 +185,7 @@ fn shard_order_does_not_change_the_result() {
             .collect();
         let refs: Vec<&dyn AttentionShard> =
             shards.iter().map(|s| s as &dyn AttentionShard).collect();
-        let mut attn = QueryAttention::new(refs, 3, shape, 8);
+        let mut attn = QueryAttention::new(refs, 3, shape, 8).with_precision(KvPrecision::F32);
         query_logits(&model, context.len(), &query, &mut attn)
     };
     let a = run(&[0, 1, 2, 3, 4]);
@@ -214,7 +227,7 @@ impl LayerAttention for DuplicatingQueryKv {
             let offset = local[layer].len();
             local[layer].append(k, v);
             let mut part = Attended::empty(m, self.shape);
-            attention_into(
+            attention_source_into(
                 q,
                 m,
                 local[layer].view(),
@@ -241,7 +254,11 @@ fn duplicated_query_kv_across_shards_is_caught() {
     let want = full_attention_logits(&model, &context, &query);
     let blocks = full_attention_blocks(&model, &context, &[60]);
     let shape = model.head_shape();
-    let fresh = || (0..3).map(|_| LayerKv::new(shape, 16)).collect::<Vec<_>>();
+    let fresh = || {
+        (0..3)
+            .map(|_| LayerKv::with_precision(shape, 16, KvPrecision::F32))
+            .collect::<Vec<_>>()
+    };
     let mut buggy = DuplicatingQueryKv {
         shards: vec![
             (vec![blocks[0].clone()], fresh()),
@@ -261,7 +278,8 @@ fn duplicated_query_kv_across_shards_is_caught() {
         CpuShard::new(vec![blocks[0].clone()], shape),
         CpuShard::new(vec![blocks[1].clone()], shape),
     ];
-    let mut good = QueryAttention::new(vec![&shards[0], &shards[1]], 3, shape, 16);
+    let mut good = QueryAttention::new(vec![&shards[0], &shards[1]], 3, shape, 16)
+        .with_precision(KvPrecision::F32);
     let good_diff = max_diff(
         &query_logits(&model, context.len(), &query, &mut good),
         &want,
@@ -344,7 +362,7 @@ fn block_positions_follow_the_design_including_the_gap() {
             .chain(&context[range.clone()])
             .copied()
             .collect();
-        let mut cache = KvCache::new(3, model.head_shape(), seq.len());
+        let mut cache = KvCache::with_precision(3, model.head_shape(), seq.len(), KvPrecision::F32);
         model
             .forward(&seq, &phase1.sequence_positions(i), &mut cache)
             .unwrap();
@@ -469,7 +487,8 @@ fn an_anchor_of_whole_blocks_is_a_causal_prefix_seen_by_every_later_block() {
         .map(Arc::new)
         .collect();
     let shard = CpuShard::new(blocks, model.head_shape());
-    let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16);
+    let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16)
+        .with_precision(KvPrecision::F32);
     let got = query_logits(&model, context.len(), &query, &mut attn);
     let diff = max_diff(&got, &full_attention_logits(&model, &context, &query));
     assert!(diff < 1e-4, "max |logit diff| {diff}");
@@ -534,7 +553,7 @@ fn every_shard_starts_before_any_is_awaited_and_a_failure_is_an_error() {
         })
         .collect();
     let refs: Vec<&dyn AttentionShard> = shards.iter().map(|s| s as &dyn AttentionShard).collect();
-    let mut attn = QueryAttention::new(refs, 3, shape, 8);
+    let mut attn = QueryAttention::new(refs, 3, shape, 8).with_precision(KvPrecision::F32);
     let got = query_logits(&model, context.len(), &query, &mut attn);
     assert!(max_diff(&got, &want) < 1e-4);
     let log = log.into_inner().unwrap();
@@ -558,7 +577,8 @@ fn every_shard_starts_before_any_is_awaited_and_a_failure_is_an_error() {
         fail_at_layer: Some(2),
     };
     let healthy = CpuShard::new(vec![blocks[0].clone(), blocks[2].clone()], shape);
-    let mut attn = QueryAttention::new(vec![&healthy, &failing], 3, shape, 8);
+    let mut attn =
+        QueryAttention::new(vec![&healthy, &failing], 3, shape, 8).with_precision(KvPrecision::F32);
     let positions: Vec<usize> = (context.len()..context.len() + query.len()).collect();
     let err = model.forward(&query, &positions, &mut attn).unwrap_err();
     assert!(

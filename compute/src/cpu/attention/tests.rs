@@ -318,45 +318,74 @@ fn attention_over_8bit_kv_matches_f64_references() {
     }
 }
 
-/// f16 K and V (a block loaded from an f16 store on a CPU host), widened one key tile at
-/// a time: against the f64 reference over the same f16 values the kernel is as exact as
-/// the f32 one (1e-4), on decode-sized and prefill-sized queries, one key tile and many
-/// (the split path too).
+/// f16 K and V (a block loaded from an f16 store on a CPU host, or an f16 KV cache):
+/// against the f64 reference over the same f16 values the kernel is as exact as the f32
+/// one (1e-4), on decode-sized queries (the direct f16 path: 1 to 8 packed rows, head
+/// sizes that are and are not multiples of 16) and prefill-sized ones (the widened-tile
+/// path), one key tile and many (the split path too), unmasked and causal.
 #[test]
 fn attention_over_f16_kv_matches_the_f64_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(16);
-    let shape = HeadShape {
-        n_heads: 6,
-        n_kv_heads: 2,
-        head_dim: 32,
-    };
-    for (m, t) in [(1usize, 1usize), (1, 1100), (3, 700), (40, 300), (70, 513)] {
-        let q = random(m * shape.q_width(), &mut rng);
-        let (k, v) = (
-            random(t * shape.kv_width(), &mut rng),
-            random(t * shape.kv_width(), &mut rng),
-        );
-        let half = |x: &[f32]| -> Vec<half::f16> {
-            head_major(x, t, t, shape)
-                .iter()
-                .map(|&y| half::f16::from_f32(y))
-                .collect()
+    let shapes = [(6, 2, 32), (8, 1, 40), (4, 2, 40), (2, 2, 24)];
+    for (n_heads, n_kv_heads, head_dim) in shapes {
+        let shape = HeadShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
         };
-        let (kh, vh) = (half(&k), half(&v));
-        let src = KvSource::F16(Kv16View {
-            k: &kh,
-            v: &vh,
-            len: t,
-            row_stride: shape.head_dim,
-            head_stride: t * shape.head_dim,
-        });
-        let got = attend_unmasked(&q, m, src, shape);
-        let widen = |x: &[half::f16]| -> Vec<f32> {
-            let f: Vec<f32> = x.iter().map(|y| y.to_f32()).collect();
-            token_major_of(&f, t, shape)
-        };
-        let (kd, vd) = (widen(&kh), widen(&vh));
-        let exact = reference(&q, m, &kd, &vd, t, shape, Mask::None, shape.scale() as f64);
-        assert_close(&got, &exact, 1e-4, &format!("f16 m={m} t={t}"));
+        for (m, t) in [
+            (1usize, 1usize),
+            (1, 1100),
+            (2, 300),
+            (3, 700),
+            (40, 300),
+            (70, 513),
+        ] {
+            let q = random(m * shape.q_width(), &mut rng);
+            let (k, v) = (
+                random(t * shape.kv_width(), &mut rng),
+                random(t * shape.kv_width(), &mut rng),
+            );
+            let half = |x: &[f32]| -> Vec<half::f16> {
+                head_major(x, t, t, shape)
+                    .iter()
+                    .map(|&y| half::f16::from_f32(y))
+                    .collect()
+            };
+            let (kh, vh) = (half(&k), half(&v));
+            let src = KvSource::F16(Kv16View {
+                k: &kh,
+                v: &vh,
+                len: t,
+                row_stride: shape.head_dim,
+                head_stride: t * shape.head_dim,
+            });
+            let widen = |x: &[half::f16]| -> Vec<f32> {
+                let f: Vec<f32> = x.iter().map(|y| y.to_f32()).collect();
+                token_major_of(&f, t, shape)
+            };
+            let (kd, vd) = (widen(&kh), widen(&vh));
+            let offset = t.saturating_sub(m);
+            for mask in [Mask::None, Mask::Causal { offset }] {
+                let mut got = Attended::empty(m, shape);
+                attention_source_into(
+                    &q,
+                    m,
+                    src,
+                    shape,
+                    mask,
+                    shape.scale(),
+                    &mut got.out,
+                    &mut got.lse,
+                );
+                let exact = reference(&q, m, &kd, &vd, t, shape, mask, shape.scale() as f64);
+                assert_close(
+                    &got,
+                    &exact,
+                    1e-4,
+                    &format!("f16 {shape:?} m={m} t={t} {mask:?}"),
+                );
+            }
+        }
     }
 }
