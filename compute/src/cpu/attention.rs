@@ -208,9 +208,19 @@ pub fn attention_source_into(
     };
     if shape.n_kv_heads * n_tiles < 2 * rayon::current_num_threads() && n_chunks >= 2 && splittable
     {
-        let parts: Vec<Attended> = (0..n_chunks)
+        // One task per (chunk, KV head, query tile), flat (no nested parallel loops):
+        // each writes its own partial result, merged exactly in chunk order.
+        let tasks_per_chunk = shape.n_kv_heads * n_tiles;
+        let mut parts: Vec<Attended> = (0..n_chunks).map(|_| Attended::empty(m, shape)).collect();
+        let ptrs: Vec<(SyncPtr, SyncPtr)> = parts
+            .iter_mut()
+            .map(|p| (SyncPtr(p.out.as_mut_ptr()), SyncPtr(p.lse.as_mut_ptr())))
+            .collect();
+        (0..n_chunks * tasks_per_chunk)
             .into_par_iter()
-            .map(|c| {
+            .for_each(|task| {
+                let (c, rest) = (task / tasks_per_chunk, task % tasks_per_chunk);
+                let (kv_head, tile) = (rest / n_tiles, rest % n_tiles);
                 let c0 = c * SPLIT_CHUNK;
                 let chunk = kv.chunk(c0, SPLIT_CHUNK.min(kv_len - c0));
                 let chunk_mask = match mask {
@@ -219,20 +229,17 @@ pub fn attention_source_into(
                         offset: offset - c0,
                     },
                 };
-                let mut part = Attended::empty(m, shape);
-                attention_source_into(
-                    q,
-                    m,
-                    chunk,
-                    shape,
-                    chunk_mask,
-                    scale,
-                    &mut part.out,
-                    &mut part.lse,
-                );
-                part
-            })
-            .collect();
+                let q0 = tile * Q_TILE;
+                let rows = Q_TILE.min(m - q0);
+                let (out_c, lse_c) = ptrs[c];
+                // SAFETY: each task owns rows q0..q0 + rows of the query heads of
+                // `kv_head` in chunk c's partial result, which outlives the loop.
+                unsafe {
+                    attend_tile(
+                        q, q0, rows, kv_head, chunk, shape, chunk_mask, scale, out_c, lse_c, m,
+                    )
+                };
+            });
         let mut acc = Attended::empty(m, shape);
         for part in &parts {
             merge_into(&mut acc, part, m, shape);

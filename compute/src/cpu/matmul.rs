@@ -142,22 +142,55 @@ impl Matrix {
     /// dotted with every activation row straight from its encoding, without a scratch
     /// copy; decoding is bound by weight bytes, so fewer bytes is what matters.
     fn matvec(&self, x: &[f32], m: usize, y: SyncPtr) {
-        let (k, n, rb) = (self.cols, self.rows, self.row_bytes());
-        let data = self.bytes.as_slice();
-        let sums: Vec<Vec<f32>> = x.chunks_exact(k).map(qdot::block_sums).collect();
-        let rc = rows_per_task(n, 1, ROW_CHUNK);
-        (0..n.div_ceil(rc)).into_par_iter().for_each(|chunk| {
-            let r0 = chunk * rc;
-            for r in r0..(r0 + rc).min(n) {
-                let row = &data[r * rb..(r + 1) * rb];
-                for i in 0..m {
-                    let value = dot_row(self.dtype, row, &x[i * k..(i + 1) * k], &sums[i]);
-                    // SAFETY: each task writes only its own rows' columns r of `y`.
-                    unsafe { *y.get().add(i * n + r) = value };
-                }
-            }
-        });
+        matvecs(&[(self, y)], x, m);
     }
+}
+
+/// `y_i = x W_i^T` for several matrices of the same input width, overwriting each `y_i`:
+/// with few activation rows (decoding) as one parallel loop over all their rows, so a
+/// decode step forks once for Q, K and V (and once for gate and up) instead of per matrix.
+pub fn matmul_t_many(products: &mut [(&Matrix, &mut [f32])], x: &[f32], m: usize) {
+    if m > SMALL_M {
+        for (w, y) in products.iter_mut() {
+            w.matmul_t(x, m, y);
+        }
+        return;
+    }
+    let targets: Vec<(&Matrix, SyncPtr)> = products
+        .iter_mut()
+        .map(|(w, y)| {
+            assert_eq!(x.len(), m * w.cols, "matmul_t_many: x shape");
+            assert_eq!(y.len(), m * w.rows, "matmul_t_many: y shape");
+            (*w, SyncPtr(y.as_mut_ptr()))
+        })
+        .collect();
+    matvecs(&targets, x, m);
+}
+
+/// The direct path of [`Matrix::matvec`] over several matrices sharing `x`: tasks of a
+/// few rows of one matrix each.
+fn matvecs(targets: &[(&Matrix, SyncPtr)], x: &[f32], m: usize) {
+    let k = targets[0].0.cols;
+    let sums: Vec<Vec<f32>> = x.chunks_exact(k).map(qdot::block_sums).collect();
+    let total: usize = targets.iter().map(|(w, _)| w.rows).sum();
+    let rc = rows_per_task(total, 1, ROW_CHUNK);
+    let tasks: Vec<(usize, usize)> = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(t, (w, _))| (0..w.rows).step_by(rc).map(move |r0| (t, r0)))
+        .collect();
+    tasks.par_iter().for_each(|&(t, r0)| {
+        let (w, y) = targets[t];
+        let (n, rb, data) = (w.rows, w.row_bytes(), w.bytes.as_slice());
+        for r in r0..(r0 + rc).min(n) {
+            let row = &data[r * rb..(r + 1) * rb];
+            for i in 0..m {
+                let value = dot_row(w.dtype, row, &x[i * k..(i + 1) * k], &sums[i]);
+                // SAFETY: each task writes only its own rows' columns r of its `y`.
+                unsafe { *y.get().add(i * n + r) = value };
+            }
+        }
+    });
 }
 
 /// Activation rows up to which products take the direct dot-product path.
@@ -434,6 +467,62 @@ mod tests {
                     (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
                     "({m},{n},{k}): {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    /// Several matrices of one input width (different row counts, encodings whose rows
+    /// split into tasks unevenly) in one call: each output equals the f64 reference.
+    #[test]
+    fn many_products_in_one_loop_match_the_f64_reference() {
+        let k = 96;
+        let encode = |dtype: GgmlType, n: usize, seed: usize| {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| (((i + seed) * 7919) % 997) as f32 / 498.0 - 1.0)
+                .collect();
+            let matrix = Matrix::new(
+                dtype,
+                n,
+                k,
+                SharedBytes::from_vec(encode_float(dtype, &w).unwrap()),
+            );
+            let dense = matrix.to_f32();
+            (matrix, dense)
+        };
+        let shapes = [
+            (GgmlType::F32, 70),
+            (GgmlType::F16, 5),
+            (GgmlType::F32, 130),
+        ];
+        let mats: Vec<(Matrix, Vec<f32>)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(dtype, n))| encode(dtype, n, i))
+            .collect();
+        for m in [1usize, 3, 9] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            let mut ys: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|(w, _)| vec![f32::NAN; m * w.rows()])
+                .collect();
+            {
+                let mut products: Vec<(&Matrix, &mut [f32])> = mats
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|((w, _), y)| (w, y.as_mut_slice()))
+                    .collect();
+                matmul_t_many(&mut products, &x, m);
+            }
+            for ((w, dense), y) in mats.iter().zip(&ys) {
+                let want = naive(&x, dense, m, w.rows(), k);
+                for (a, b) in y.iter().zip(&want) {
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "m={m}: {a} vs {b}"
+                    );
+                }
             }
         }
     }

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::LlamaConfig;
 use crate::cpu::attention::HeadShape;
-use crate::cpu::matmul::Matrix;
+use crate::cpu::matmul::{Matrix, matmul_t_many};
 use crate::cpu::ops::{Rope, rms_norm, swiglu};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, SharedBytes};
@@ -276,9 +276,15 @@ impl Llama {
                 return Err(Error::Cancelled);
             }
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut xn);
-            layer.wq.matmul_t(&xn, m, &mut q);
-            layer.wk.matmul_t(&xn, m, &mut k);
-            layer.wv.matmul_t(&xn, m, &mut v);
+            matmul_t_many(
+                &mut [
+                    (&layer.wq, &mut q),
+                    (&layer.wk, &mut k),
+                    (&layer.wv, &mut v),
+                ],
+                &xn,
+                m,
+            );
             self.rope.apply(&mut q, c.n_heads, c.head_dim, &cos, &sin);
             self.rope
                 .apply(&mut k, c.n_kv_heads, c.head_dim, &cos, &sin);
@@ -286,8 +292,11 @@ impl Llama {
             layer.wo.matmul_t(&attn, m, &mut proj);
             add_in_place(&mut x, &proj);
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
-            layer.w_gate.matmul_t(&xn, m, &mut gate);
-            layer.w_up.matmul_t(&xn, m, &mut up);
+            matmul_t_many(
+                &mut [(&layer.w_gate, &mut gate), (&layer.w_up, &mut up)],
+                &xn,
+                m,
+            );
             swiglu(&mut gate, &up);
             layer.w_down.matmul_t(&gate, m, &mut proj);
             add_in_place(&mut x, &proj);
