@@ -10,7 +10,7 @@
 mod read_into;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::clock::{Clock, SystemClock};
@@ -1691,10 +1691,58 @@ impl DocLease {
 
     /// Every layer of one block.
     pub fn read_block(&self, block: usize) -> Result<Vec<Arc<Tensor>>> {
+        self.read_block_on(block, 1)
+    }
+
+    /// Every layer of one block, up to `threads` layers read, verified and decoded at
+    /// once (each on its own thread): a cold query on a CPU host reads whole blocks, and
+    /// one thread decompresses far slower than the disk and page cache deliver. Same
+    /// guarantees as [`DocLease::read_layer`]; the first failure (in layer order among
+    /// those read) is returned.
+    pub fn read_block_on(&self, block: usize, threads: usize) -> Result<Vec<Arc<Tensor>>> {
         let b = self.block(block, 0)?;
-        (0..b.layers)
-            .map(|l| self.inner.read_layer(&b.key, l))
-            .collect()
+        let (key, layers) = (b.key, b.layers);
+        let threads = threads.clamp(1, layers.max(1) as usize);
+        if threads == 1 {
+            return (0..layers)
+                .map(|l| self.inner.read_layer(&key, l))
+                .collect();
+        }
+        let next = AtomicU16::new(0);
+        let read: Mutex<Vec<(u16, Result<Arc<Tensor>>)>> = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    loop {
+                        let l = next.fetch_add(1, Ordering::Relaxed);
+                        if l >= layers {
+                            return;
+                        }
+                        let result = self.inner.read_layer(&key, l);
+                        let failed = result.is_err();
+                        if let Ok(mut read) = read.lock() {
+                            read.push((l, result));
+                        }
+                        if failed {
+                            // The others finish their layer; no new ones start.
+                            next.store(layers, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut read = read
+            .into_inner()
+            .map_err(|_| Error::InvalidArgument("a read worker panicked".into()))?;
+        read.sort_by_key(|(l, _)| *l);
+        // The first failure in layer order, else every layer (all were read).
+        let tensors: Result<Vec<Arc<Tensor>>> = read.into_iter().map(|(_, r)| r).collect();
+        let tensors = tensors?;
+        if tensors.len() != layers as usize {
+            return Err(Error::InvalidArgument("a read worker stopped early".into()));
+        }
+        Ok(tensors)
     }
 
     /// Layer `layer` of every block, in document order (phase 2 streams layer by

@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use starkv_cache::{BlockKey, DType, Tensor};
 use starkv_compute::kv8::Kv8;
 use starkv_compute::partial::HeadShape;
@@ -65,8 +67,9 @@ pub(crate) fn from_tensors(
         return from_i8_tensors(layers, start, len, shape);
     }
     if keep_f16 && layers.iter().all(|t| t.as_f16().is_some()) {
+        // Copied out of the tensors on every thread (a block is ~50 MB at 2K tokens).
         let kv16 = layers
-            .iter()
+            .par_iter()
             .map(|t| {
                 let values = t.as_f16().unwrap_or_default();
                 if t.shape() != dims {

@@ -128,3 +128,56 @@ fn a_corrupt_or_missing_layer_fails_the_read_and_marks_the_block() {
         assert!(dst0 == expect0);
     }
 }
+
+/// `DocLease::read_block_on` (the CPU cold path): on several threads, the same tensors
+/// as one thread, layer order kept; a corrupt layer fails the read as `Corrupt` naming
+/// that layer, and marks the block for repair.
+#[test]
+fn reading_a_block_on_several_threads_equals_one_thread_and_reports_corruption() {
+    for kind in KINDS {
+        let e = env(kind, test_config());
+        let r = ingest(&e.store, "a", "t", 0, 2);
+        let lease = e.store.open_version(&r).unwrap();
+        for i in 0..lease.num_blocks() {
+            let one = lease.read_block_on(i, 1).unwrap();
+            for threads in [2, 3, 64] {
+                e.store.clear_hot_tier();
+                let many = lease.read_block_on(i, threads).unwrap();
+                assert_eq!(one.len(), many.len());
+                for (a, b) in one.iter().zip(&many) {
+                    assert!(a.as_bytes() == b.as_bytes() && a.shape() == b.shape());
+                }
+            }
+        }
+        let block = lease.manifest().blocks[1].clone();
+        let shard = block.key.shard(3);
+        let lk = layer_key(&block.key, 2);
+        let mut value = None;
+        e.store
+            .engine()
+            .get(Target::Shard(shard), Space::Layers, &lk, &mut |v| {
+                value = v.map(<[u8]>::to_vec)
+            })
+            .unwrap();
+        let mut bad = value.unwrap();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x10;
+        let mut b = Batch::default();
+        b.put(Space::Layers, lk, bad);
+        e.store
+            .engine()
+            .write(Target::Shard(shard), b, false)
+            .unwrap();
+        e.store.clear_hot_tier();
+        match lease.read_block_on(1, 4) {
+            Err(Error::Corrupt {
+                block: k, layer, ..
+            }) => assert_eq!((k, layer), (block.key, 2)),
+            other => panic!(
+                "{kind:?}: expected Corrupt, got {:?}",
+                other.map(|t| t.len())
+            ),
+        }
+        assert_eq!(e.store.repair_queue()[0].block, block.key);
+    }
+}
