@@ -154,6 +154,8 @@ mod x86 {
     }
 
     /// See [`super::accumulate`]; `P` packed rows, `d` a multiple of 8.
+    // `p` indexes two accumulator arrays and the weights together.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn accumulate<const P: usize>(
         w: &[f32],
