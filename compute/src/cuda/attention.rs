@@ -78,7 +78,9 @@ pub enum LongKernel {
     Hopper,
     /// [`LongKernel::Hopper`] with the softmax rewritten after reading its SASS (S only
     /// read, the mask under one branch, the exponentials before the wait for the previous
-    /// P.V): see attention_sm90.cu and PERF_NOTES.md. Not yet run on a GPU when written.
+    /// P.V): see attention_sm90.cu and PERF_NOTES.md. The default on a Hopper GPU at
+    /// head_dim 128: 445 TFLOP/s on the 8B phase-1 shape against M32's 345 (H200,
+    /// 2026-12-02, same run), and the selftest's every attention case within tolerance.
     HopperV2,
 }
 
@@ -108,10 +110,11 @@ pub enum DecodeKernel {
 
 /// Which kernels [`Gpu::attention`] launches, by rows per KV head (`m * group`): at most
 /// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
-/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|m32|m32n32|hopper` and
-/// `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs). On a Hopper GPU (compute
-/// capability 9.0) the long kernel defaults to [`LongKernel::Hopper`]; env
-/// `STARKV_ATTN_SM90=0` keeps it off (and uncompiled).
+/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|m32|m32n32|hopper|hopper-v2`
+/// and `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs). On a Hopper GPU (compute
+/// capability 9.0) the long kernel defaults to [`LongKernel::HopperV2`] (at head_dim 128;
+/// [`LongKernel::M32`] at other head dims); env `STARKV_ATTN_SM90=0` keeps it off (and
+/// uncompiled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnKernels {
     pub long: LongKernel,
@@ -172,12 +175,18 @@ impl AttnKernels {
 
     /// The choice for a device of compute capability `cc`, with the env overrides.
     pub(super) fn from_env(cc: (i32, i32)) -> Self {
+        let hopper = cc == (9, 0)
+            && !matches!(
+                std::env::var("STARKV_ATTN_SM90").as_deref(),
+                Ok("0" | "off" | "false")
+            );
         let mut k = Self {
-            hopper: cc == (9, 0)
-                && !matches!(
-                    std::env::var("STARKV_ATTN_SM90").as_deref(),
-                    Ok("0" | "off" | "false")
-                ),
+            hopper,
+            long: if hopper {
+                LongKernel::HopperV2
+            } else {
+                LongKernel::M32
+            },
             ..Self::default()
         };
         match std::env::var("STARKV_ATTN_LONG").as_deref() {

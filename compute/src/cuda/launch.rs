@@ -18,10 +18,12 @@ pub(super) fn arg<T>(v: &T) -> *mut c_void {
 
 /// The kernels that may start while the kernel before them in the stream still runs
 /// (programmatic dependent launch, sm_90 and later), each family behind its own switch
-/// for measurements: `STARKV_GEMV_PDL=0` (decode products), `STARKV_ATTN_PDL=0`
-/// (the one-warp attention kernels and the split merge). Every kernel of a family waits
-/// for its predecessor on the device (`pdl_wait` in `common.cuh`) before it reads
-/// anything that one writes; launched without the attribute, the wait is a no-op.
+/// for measurements: the decode products (on; `STARKV_GEMV_PDL=0` turns it off) and the
+/// attention kernels with the split merge (off; `STARKV_ATTN_PDL=1` turns it on: it made
+/// SmolLM2's graph decode at 8K slower on the H200, 1.17 against 0.98-1.00 ms/token,
+/// 2026-12-02). Every kernel of a family waits for its predecessor on the device
+/// (`pdl_wait` in `common.cuh`) before it reads anything that one writes; launched
+/// without the attribute, the wait is a no-op.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Dependent {
     Products,
@@ -30,14 +32,18 @@ pub(super) enum Dependent {
 
 impl Dependent {
     fn allowed(self) -> bool {
-        fn read(var: &str) -> bool {
-            !matches!(std::env::var(var).as_deref(), Ok("0" | "off" | "false"))
+        fn read(var: &str, default: bool) -> bool {
+            match std::env::var(var).as_deref() {
+                Ok("0" | "off" | "false") => false,
+                Ok("1" | "on" | "true") => true,
+                _ => default,
+            }
         }
         static PRODUCTS: OnceLock<bool> = OnceLock::new();
         static ATTENTION: OnceLock<bool> = OnceLock::new();
         match self {
-            Self::Products => *PRODUCTS.get_or_init(|| read("STARKV_GEMV_PDL")),
-            Self::Attention => *ATTENTION.get_or_init(|| read("STARKV_ATTN_PDL")),
+            Self::Products => *PRODUCTS.get_or_init(|| read("STARKV_GEMV_PDL", true)),
+            Self::Attention => *ATTENTION.get_or_init(|| read("STARKV_ATTN_PDL", false)),
         }
     }
 }
