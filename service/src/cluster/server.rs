@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 use super::wire::{ErrorCode, PROTOCOL_VERSION, Reply, Request, WorkerTime, read_frame_async};
 use super::worker::WorkerNode;
@@ -69,31 +68,36 @@ async fn connection(
     }
     writer.write_all(&node.hello().frame(id)).await?;
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let write_task = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if writer.write_all(&frame).await.is_err() {
-                break;
-            }
-        }
-    });
+    // A reply is written by the thread that computed it (a blocking thread drives the
+    // write itself: no hand-off to a writer task per reply, which cost a wake-up per
+    // layer and worker), whole frames at a time under the lock, in completion order.
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let runtime = tokio::runtime::Handle::current();
     let opened: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let mut handlers = tokio::task::JoinSet::new();
     let result = loop {
         let body = match read_frame_async(&mut reader).await {
             Ok(b) => b,
             Err(e) => break Err(e),
         };
         let read_at = Instant::now();
+        while handlers.try_join_next().is_some() {}
         let (id, parsed) = Request::parse(&body);
         let req = match parsed {
             Ok(r) => r,
             Err(e) => {
-                let _ = tx.send(Reply::error(ErrorCode::BadRequest, e.to_string()).frame(id));
+                let frame = Reply::error(ErrorCode::BadRequest, e.to_string()).frame(id);
+                let _ = writer.lock().await.write_all(&frame).await;
                 continue;
             }
         };
-        let (node, tx, opened) = (node.clone(), tx.clone(), opened.clone());
-        tokio::task::spawn_blocking(move || {
+        let (node, writer, runtime, opened) = (
+            node.clone(),
+            writer.clone(),
+            runtime.clone(),
+            opened.clone(),
+        );
+        handlers.spawn_blocking(move || {
             if let Request::Close { session } = &req {
                 opened.lock().expect("session set").remove(session);
             }
@@ -110,11 +114,14 @@ async fn connection(
             if let Reply::Opened { session, .. } = &reply {
                 opened.lock().expect("session set").insert(*session);
             }
-            let _ = tx.send(reply.frame(id));
+            let frame = reply.frame(id);
+            // A failed write means the connection is gone: its reader ends the loop.
+            let _ = runtime.block_on(async { writer.lock().await.write_all(&frame).await });
         });
     };
-    drop(tx);
-    let _ = write_task.await;
+    // Every request read has been answered (or its write failed) before the sessions
+    // this connection opened are closed: an open still running would otherwise leave one.
+    while handlers.join_next().await.is_some() {}
     let sessions: Vec<u64> = opened.lock().expect("session set").drain().collect();
     for session in sessions {
         node.handle(Request::Close { session });
