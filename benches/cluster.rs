@@ -7,7 +7,10 @@
 //! the cluster adds to it; bytes moved per generated token (Q out, partial O and lse
 //! back) against the document's KV bytes (what moving the KV to the query would cost).
 //! Per-token figures are the difference between a query generating `--gen` tokens and
-//! one generating a single token, divided by the extra tokens.
+//! one generating a single token, divided by the extra tokens. Every configuration is set
+//! up and ingested first, then measured in `--repeats` rounds that query each in turn, so
+//! a drifting host lands on all alike; "added" is the median of the per-round differences
+//! with the single node.
 //!
 //! `cargo bench --bench cluster -- [--tokens 2000] [--block-size 256] [--gen 16]
 //! [--workers 3] [--repeats 3] [--threads N] [--worker-threads 1] [--local-workers 2]`
@@ -101,12 +104,15 @@ fn start_worker(
     anyhow::bail!("the worker exited before listening")
 }
 
-/// One configuration's measurements (medians over the repeats).
+/// One configuration's measurements (medians over the rounds).
 struct Row {
     name: String,
     ingest_s: f64,
     first_token_s: f64,
     per_token_s: f64,
+    /// Median over the rounds of (this configuration's per-token time - the single
+    /// node's in the same round).
+    added_s: f64,
     bytes_per_token: Option<f64>,
 }
 
@@ -123,56 +129,108 @@ fn query(service: &Service, max_tokens: usize) -> Result<starkv_service::QueryOu
     Ok(service.query("bench/doc", "bench", &req, &mut |_| true)?)
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Ingest once, then `repeats` pairs of (1-token, `gen`-token) queries.
-fn measure(
+/// A configuration under test: a service (one node, or a coordinator) and what it
+/// needs alive (its worker processes).
+struct Config {
     name: String,
-    service: &Service,
-    text: &str,
-    tokens: Vec<u32>,
-    block_size: usize,
-    gen_tokens: usize,
-    repeats: usize,
-    bytes: &dyn Fn() -> u64,
-) -> Result<Row> {
-    let req = IngestRequest {
-        id: "bench/doc".into(),
-        tenant: "bench".into(),
-        text: text.into(),
-        block_size,
-        anchor_size: block_size,
-        merge: Default::default(),
-        reencode_ratio: 0.0,
-        pinned: false,
-        ttl_ms: None,
-        kv_dtype: Default::default(),
-    };
-    let t = Instant::now();
-    service.ingest(&req, tokens, &|_, _| {})?;
-    let ingest_s = t.elapsed().as_secs_f64();
-    query(service, 1)?; // warm-up: blocks into memory everywhere
-    let (mut first, mut per_token, mut per_token_bytes) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..repeats {
-        let b0 = bytes();
-        let one = query(service, 1)?;
-        let b1 = bytes();
-        let many = query(service, gen_tokens)?;
-        let b2 = bytes();
+    service: Service,
+    cluster: Option<Arc<Cluster>>,
+    _workers: Vec<WorkerProc>,
+    ingest_s: f64,
+    first: Vec<f64>,
+    per_token: Vec<f64>,
+    per_token_bytes: Vec<f64>,
+}
+
+impl Config {
+    fn new(
+        name: String,
+        service: Service,
+        cluster: Option<Arc<Cluster>>,
+        workers: Vec<WorkerProc>,
+    ) -> Self {
+        Self {
+            name,
+            service,
+            cluster,
+            _workers: workers,
+            ingest_s: 0.0,
+            first: Vec::new(),
+            per_token: Vec::new(),
+            per_token_bytes: Vec::new(),
+        }
+    }
+
+    /// Bytes sent to and received from its workers so far.
+    fn bytes(&self) -> u64 {
+        self.cluster.as_ref().map_or(0, |c| {
+            c.status()
+                .iter()
+                .map(|w| w.bytes_sent + w.bytes_received)
+                .sum()
+        })
+    }
+
+    /// Ingests the document (timed) and warms every tier with one query.
+    fn ingest(&mut self, text: &str, tokens: Vec<u32>, block_size: usize) -> Result<()> {
+        let req = IngestRequest {
+            id: "bench/doc".into(),
+            tenant: "bench".into(),
+            text: text.into(),
+            block_size,
+            anchor_size: block_size,
+            merge: Default::default(),
+            reencode_ratio: 0.0,
+            pinned: false,
+            ttl_ms: None,
+            kv_dtype: Default::default(),
+        };
+        let t = Instant::now();
+        self.service.ingest(&req, tokens, &|_, _| {})?;
+        self.ingest_s = t.elapsed().as_secs_f64();
+        query(&self.service, 1)?;
+        Ok(())
+    }
+
+    /// One round: a 1-token and a `gen_tokens`-token query.
+    fn sample(&mut self, gen_tokens: usize) -> Result<()> {
+        let b0 = self.bytes();
+        let one = query(&self.service, 1)?;
+        let b1 = self.bytes();
+        let many = query(&self.service, gen_tokens)?;
+        let b2 = self.bytes();
         let extra = many
             .generated_tokens
             .saturating_sub(one.generated_tokens)
             .max(1) as f64;
-        first.push(one.first_token.as_secs_f64());
-        per_token.push((many.total.as_secs_f64() - one.total.as_secs_f64()).max(0.0) / extra);
-        per_token_bytes.push(((b2 - b1) as f64 - (b1 - b0) as f64).max(0.0) / extra);
+        self.first.push(one.first_token.as_secs_f64());
+        self.per_token
+            .push((many.total.as_secs_f64() - one.total.as_secs_f64()).max(0.0) / extra);
+        self.per_token_bytes
+            .push(((b2 - b1) as f64 - (b1 - b0) as f64).max(0.0) / extra);
+        Ok(())
     }
-    Ok(Row {
-        name,
-        ingest_s,
-        first_token_s: median(first),
-        per_token_s: median(per_token),
-        bytes_per_token: (bytes() > 0).then(|| median(per_token_bytes)),
-    })
+
+    /// The row, against `base` (the single node's per-token times, round by round).
+    fn row(&self, base: &[f64]) -> Row {
+        let added = self
+            .per_token
+            .iter()
+            .zip(base)
+            .map(|(t, b)| t - b)
+            .collect();
+        Row {
+            name: self.name.clone(),
+            ingest_s: self.ingest_s,
+            first_token_s: median(self.first.clone()),
+            per_token_s: median(self.per_token.clone()),
+            added_s: median(added),
+            bytes_per_token: self
+                .cluster
+                .as_ref()
+                .map(|_| median(self.per_token_bytes.clone())),
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -219,21 +277,14 @@ fn main() -> Result<()> {
     }
     let c = single.model().model.config();
     let kv_bytes = tokens.len() * c.n_layers * 2 * c.n_kv_heads * c.head_dim * 2;
-    let mut rows = vec![measure(
-        "single node".into(),
-        &single,
-        &text,
-        tokens.clone(),
-        block_size,
-        gen_tokens,
-        repeats,
-        &|| 0,
-    )?];
-    drop(single);
-
+    // Every configuration is set up and ingested first, then measured in rounds, each
+    // round querying every configuration once in turn: a drift of the host (other load,
+    // clocks) lands on all of them alike, and each configuration's added time is the
+    // median of its per-round differences with the single node (paired), not the
+    // difference of medians taken minutes apart.
+    let mut configs = vec![Config::new("single node".into(), single, None, Vec::new())];
     let worker_threads = get("--worker-threads", 1)?;
     let scratch = tempfile::tempdir()?;
-    let mut hops = Vec::new();
     for n in 1..=max_workers {
         let mut addresses = Vec::new();
         let mut procs = Vec::new();
@@ -255,38 +306,16 @@ fn main() -> Result<()> {
             },
             coordinator.model_fingerprint(),
         )?);
-        let coordinator = coordinator.with_cluster(cluster.clone());
-        let bytes = || {
-            cluster
-                .status()
-                .iter()
-                .map(|w| w.bytes_sent + w.bytes_received)
-                .sum()
-        };
-        rows.push(measure(
+        configs.push(Config::new(
             format!("coordinator + {n} worker{}", if n > 1 { "s" } else { "" }),
-            &coordinator,
-            &text,
-            tokens.clone(),
-            block_size,
-            gen_tokens,
-            repeats,
-            &bytes,
-        )?);
-        let mut times = AttendTimes::default();
-        for w in cluster.status() {
-            times.calls += w.attend.calls;
-            times.round_trip_us += w.attend.round_trip_us;
-            times.worker_queued_us += w.attend.worker_queued_us;
-            times.worker_compute_us += w.attend.worker_compute_us;
-        }
-        hops.push((rows.last().expect("a row").name.clone(), times));
-        drop(coordinator);
-        drop(procs);
+            coordinator.with_cluster(cluster.clone()),
+            Some(cluster),
+            procs,
+        ));
     }
 
     // The same coordinator code over in-process workers (what `serve --devices` runs on
-    // a multi-GPU host), here two on the CPU: no sockets, no second process.
+    // a multi-GPU host), here on the CPU: no sockets, no second process.
     let local_workers = get("--local-workers", 2)?;
     if local_workers > 0 {
         let devices = vec![starkv_compute::cuda::DeviceChoice::Cpu; local_workers];
@@ -311,22 +340,44 @@ fn main() -> Result<()> {
             },
             workers,
         )?);
-        let coordinator = open_service()?.with_cluster(cluster);
-        rows.push(measure(
-            format!("{local_workers} in-process workers"),
-            &coordinator,
-            &text,
-            tokens.clone(),
-            block_size,
-            gen_tokens,
-            repeats,
-            &|| 0,
-        )?);
+        // No sockets: nothing to count in bytes.
+        configs.push(Config::new(
+            format!(
+                "{local_workers} in-process worker{}",
+                if local_workers > 1 { "s" } else { "" }
+            ),
+            open_service()?.with_cluster(cluster),
+            None,
+            Vec::new(),
+        ));
     }
+    for c in &mut configs {
+        c.ingest(&text, tokens.clone(), block_size)?;
+    }
+    for _ in 0..repeats {
+        for c in &mut configs {
+            c.sample(gen_tokens)?;
+        }
+    }
+    let base = configs[0].per_token.clone();
+    let rows: Vec<Row> = configs.iter().map(|c| c.row(&base)).collect();
+    let hops: Vec<(String, AttendTimes)> = configs
+        .iter()
+        .filter_map(|c| {
+            let cluster = c.cluster.as_ref()?;
+            let mut times = AttendTimes::default();
+            for w in cluster.status() {
+                times.calls += w.attend.calls;
+                times.round_trip_us += w.attend.round_trip_us;
+                times.worker_queued_us += w.attend.worker_queued_us;
+                times.worker_compute_us += w.attend.worker_compute_us;
+            }
+            Some((c.name.clone(), times))
+        })
+        .collect();
 
-    let base = rows[0].per_token_s;
     println!(
-        "\ncluster: {} context tokens, block size {block_size}, {gen_tokens} generated tokens, {threads} threads here, {worker_threads} per worker process, loopback TCP, medians of {repeats}; document KV {:.1} MB (f16)",
+        "\ncluster: {} context tokens, block size {block_size}, {gen_tokens} generated tokens, {threads} threads here, {worker_threads} per worker process, loopback TCP, medians of {repeats} rounds (each round queries every configuration in turn; added = median of the per-round differences with the single node); document KV {:.1} MB (f16)",
         tokens.len(),
         kv_bytes as f64 / 1e6
     );
@@ -347,7 +398,7 @@ fn main() -> Result<()> {
             r.ingest_s,
             r.first_token_s * 1e3,
             r.per_token_s * 1e3,
-            (r.per_token_s - base) * 1e3,
+            r.added_s * 1e3,
         );
     }
     // Where an attend call's time goes (one per layer and generated token, per worker
