@@ -768,25 +768,7 @@ fn attention_case(
     let (p, maps) =
         upload_plans_with_maps(gpu, &mut table, std::slice::from_ref(&plan), maps_for)?[0];
     let mut scratch = AttnScratch::default();
-    let out_d = gpu.alloc(m * nh * d * 4)?;
-    let lse_d = gpu.alloc(m * nh * 4)?;
-    gpu.attention_maps(
-        &k,
-        q_d.ptr(),
-        m,
-        nh,
-        nkv,
-        p,
-        maps,
-        AttnOut::F32 {
-            out: out_d.ptr(),
-            lse: lse_d.ptr(),
-        },
-        &mut scratch,
-    )?;
-    let mut got = Attended::empty(m, shape);
-    gpu.download(&mut got.out, out_d.ptr())?;
-    gpu.download(&mut got.lse, lse_d.ptr())?;
+    let got = attend_f32(gpu, &k, q_d.ptr(), m, shape, (p, maps), &mut scratch)?;
     let elapsed = ms(t);
     report.check(
         &format!("{name}: O ({} splits)", plan.n_splits()),
@@ -825,6 +807,32 @@ fn attention_case(
         elapsed,
     );
     Ok(())
+}
+
+/// `q` (on the device, `m` rows) attended over an uploaded plan and its tensor maps
+/// (`plan`: `(plan, maps)` as `upload_plans_with_maps` gives them), the f32 output and
+/// lse downloaded.
+fn attend_f32(
+    gpu: &Arc<Gpu>,
+    k: &Kernels,
+    q: u64,
+    m: usize,
+    shape: HeadShape,
+    (p, maps): ((u64, u64, usize), u64),
+    scratch: &mut AttnScratch,
+) -> Result<Attended> {
+    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let out_d = gpu.alloc(m * nh * d * 4)?;
+    let lse_d = gpu.alloc(m * nh * 4)?;
+    let out = AttnOut::F32 {
+        out: out_d.ptr(),
+        lse: lse_d.ptr(),
+    };
+    gpu.attention_maps(k, q, m, nh, nkv, p, maps, out, scratch)?;
+    let mut got = Attended::empty(m, shape);
+    gpu.download(&mut got.out, out_d.ptr())?;
+    gpu.download(&mut got.lse, lse_d.ptr())?;
+    Ok(got)
 }
 
 /// The Hopper kernel against the mma.sync kernel on phase-1 shapes too large for the CPU
@@ -886,26 +894,15 @@ fn hopper_vs_m32(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> 
                 tma,
                 ..default
             });
-            let out_d = gpu.alloc(m * nh * d * 4)?;
-            let lse_d = gpu.alloc(m * nh * 4)?;
-            gpu.attention_maps(
+            results.push(attend_f32(
+                gpu,
                 &k,
                 q.ptr(),
                 m,
-                nh,
-                nkv,
-                p,
-                maps,
-                AttnOut::F32 {
-                    out: out_d.ptr(),
-                    lse: lse_d.ptr(),
-                },
+                shape,
+                (p, maps),
                 &mut scratch,
-            )?;
-            let mut got = Attended::empty(m, shape);
-            gpu.download(&mut got.out, out_d.ptr())?;
-            gpu.download(&mut got.lse, lse_d.ptr())?;
-            results.push(got);
+            )?);
         }
         gpu.set_attention_kernels(default);
         let m32 = &results[hoppers.len()];
