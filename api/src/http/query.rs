@@ -134,36 +134,43 @@ fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
     String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned()
 }
 
-/// The native answer's `logprobs`: `[{token, id, logprob, top: [{token, id, logprob}]}]`.
-pub fn logprobs_json(tokenizer: &Tokenizer, logprobs: &[TokenLogprob]) -> serde_json::Value {
-    let entry = |id: u32, logprob: f32| json!({ "token": token_text(tokenizer, id), "id": id, "logprob": logprob });
+/// One JSON object per generated token: `entry(id, logprob)` for the token, with its
+/// alternatives under `top_key` in the same shape. The native and the OpenAI answers
+/// differ only in those two.
+fn logprob_entries(
+    logprobs: &[TokenLogprob],
+    top_key: &str,
+    entry: impl Fn(u32, f32) -> serde_json::Value,
+) -> Vec<serde_json::Value> {
     logprobs
         .iter()
         .map(|t| {
             let mut e = entry(t.id, t.logprob);
-            e["top"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+            e[top_key] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
             e
         })
         .collect()
 }
 
+/// The native answer's `logprobs`: `[{token, id, logprob, top: [{token, id, logprob}]}]`.
+pub fn logprobs_json(tokenizer: &Tokenizer, logprobs: &[TokenLogprob]) -> serde_json::Value {
+    logprob_entries(
+        logprobs,
+        "top",
+        |id, logprob| json!({ "token": token_text(tokenizer, id), "id": id, "logprob": logprob }),
+    )
+    .into()
+}
+
 /// OpenAI's `choices[].logprobs`: `{content: [{token, logprob, bytes, top_logprobs}]}`.
 pub fn openai_logprobs_json(tokenizer: &Tokenizer, logprobs: &[TokenLogprob]) -> serde_json::Value {
-    let entry = |id: u32, logprob: f32| {
+    let content = logprob_entries(logprobs, "top_logprobs", |id, logprob| {
         json!({
             "token": token_text(tokenizer, id),
             "logprob": logprob,
             "bytes": tokenizer.token_bytes(id),
         })
-    };
-    let content: Vec<serde_json::Value> = logprobs
-        .iter()
-        .map(|t| {
-            let mut e = entry(t.id, t.logprob);
-            e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
-            e
-        })
-        .collect();
+    });
     json!({ "content": content })
 }
 
