@@ -88,9 +88,11 @@ pub trait Worker: Send + Sync {
 /// configured): the same requests and replies, no socket.
 ///
 /// Work starts when a request is sent, as with a remote worker, so the workers of a
-/// host run in parallel: per-layer attends go to the worker's own thread (short, and
-/// serialised on its device anyway; no thread start per layer), encodes and session
-/// opens to a thread each (long; a running encode never holds up a query's layers).
+/// host run in parallel: a GPU worker's per-layer attends go to its own thread (short,
+/// and serialised on its device anyway; no thread start per layer), encodes and session
+/// opens to a thread each (long; a running encode never holds up a query's layers). A
+/// CPU worker's attends are the exception: they run when waited on, on the waiting
+/// thread, since every CPU worker of the process shares one compute pool anyway.
 pub struct InProcessWorker {
     address: String,
     node: Arc<WorkerNode>,
@@ -160,6 +162,13 @@ impl Worker for InProcessWorker {
             Request::Close { .. } | Request::Drop { .. } | Request::Stats => {
                 let reply = self.node.handle(req);
                 Ok(PendingReply::new(move |_| Ok(reply)))
+            }
+            // A CPU worker shares this process's compute pool: its attend runs on the
+            // waiting thread (the query's), like a single node's blocks, with no hand-off
+            // to the attend thread and back (two wake-ups per layer).
+            Request::Attend { .. } if self.node.attends_on_cpu() => {
+                let node = self.node.clone();
+                Ok(PendingReply::new(move |_| Ok(node.handle(req))))
             }
             Request::Attend { .. } => {
                 let (tx, rx) = mpsc::sync_channel(1);

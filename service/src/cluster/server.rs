@@ -1,5 +1,6 @@
-//! The worker's listener: one task per coordinator connection, requests answered on
-//! blocking threads (model, store), replies written in completion order.
+//! The worker's listener: one task per coordinator connection; attends answered on the
+//! compute pool (CPU) or the reader's thread (GPU), everything else on blocking threads
+//! (model, store); replies written in completion order.
 //!
 //! A connection must open with [`Request::Hello`] carrying [`PROTOCOL_VERSION`] and the
 //! cluster's shared secret; otherwise it gets one error reply and is closed. A frame
@@ -68,20 +69,21 @@ async fn connection(
     }
     writer.write_all(&node.hello().frame(id)).await?;
 
-    // A reply is written by the thread that computed it (a blocking thread drives the
-    // write itself: no hand-off to a writer task per reply, which cost a wake-up per
-    // layer and worker), whole frames at a time under the lock, in completion order.
+    // A reply is written by the thread that computed it (no hand-off to a writer task
+    // per reply, which cost a wake-up per layer and worker), whole frames at a time under
+    // the lock, in completion order.
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
     let runtime = tokio::runtime::Handle::current();
     let opened: Arc<Mutex<HashSet<u64>>> = Arc::default();
-    let mut handlers = tokio::task::JoinSet::new();
+    // Every job holds a clone; `recv` returns `None` once the last one has finished.
+    let (in_flight, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    let runner = Runner::for_node(&node, &runtime);
     let result = loop {
         let body = match read_frame_async(&mut reader).await {
             Ok(b) => b,
             Err(e) => break Err(e),
         };
         let read_at = Instant::now();
-        while handlers.try_join_next().is_some() {}
         let (id, parsed) = Request::parse(&body);
         let req = match parsed {
             Ok(r) => r,
@@ -91,37 +93,39 @@ async fn connection(
                 continue;
             }
         };
-        let (node, writer, runtime, opened) = (
-            node.clone(),
-            writer.clone(),
-            runtime.clone(),
-            opened.clone(),
-        );
-        handlers.spawn_blocking(move || {
-            if let Request::Close { session } = &req {
-                opened.lock().expect("session set").remove(session);
+        let is_attend = matches!(req, Request::Attend { .. });
+        let answer = {
+            let (node, opened) = (node.clone(), opened.clone());
+            move || answer(&node, &opened, req, read_at).frame(id)
+        };
+        match (is_attend, runner) {
+            (true, Runner::Inline) => {
+                let frame = tokio::task::block_in_place(answer);
+                // A failed write means the connection is gone: the next read ends the loop.
+                let _ = writer.lock().await.write_all(&frame).await;
             }
-            let taken = Instant::now();
-            let mut reply =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(req)))
-                    .unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "the worker panicked"));
-            if let Reply::Partial { time, .. } = &mut reply {
-                *time = WorkerTime {
-                    queued_us: WorkerTime::micros(taken - read_at),
-                    compute_us: WorkerTime::micros(taken.elapsed()),
-                };
+            (true, Runner::ComputePool) => {
+                let (writer, runtime, done) = (writer.clone(), runtime.clone(), in_flight.clone());
+                rayon::spawn(move || {
+                    let frame = answer();
+                    let _ = runtime.block_on(async { writer.lock().await.write_all(&frame).await });
+                    drop(done);
+                });
             }
-            if let Reply::Opened { session, .. } = &reply {
-                opened.lock().expect("session set").insert(*session);
+            _ => {
+                let (writer, runtime, done) = (writer.clone(), runtime.clone(), in_flight.clone());
+                runtime.clone().spawn_blocking(move || {
+                    let frame = answer();
+                    let _ = runtime.block_on(async { writer.lock().await.write_all(&frame).await });
+                    drop(done);
+                });
             }
-            let frame = reply.frame(id);
-            // A failed write means the connection is gone: its reader ends the loop.
-            let _ = runtime.block_on(async { writer.lock().await.write_all(&frame).await });
-        });
+        }
     };
     // Every request read has been answered (or its write failed) before the sessions
     // this connection opened are closed: an open still running would otherwise leave one.
-    while handlers.join_next().await.is_some() {}
+    drop(in_flight);
+    let _ = all_done.recv().await;
     let sessions: Vec<u64> = opened.lock().expect("session set").drain().collect();
     for session in sessions {
         node.handle(Request::Close { session });
@@ -130,6 +134,62 @@ async fn connection(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
         other => other,
     }
+}
+
+/// Where a connection's attends run. An attend is the hot path (one per layer, worker
+/// and generated token, ~30 per token), and every hand-off between threads costs a
+/// wake-up (tens of µs on an idle core of a virtual machine), so attends skip the
+/// blocking pool that every other (long) request goes to.
+#[derive(Debug, Clone, Copy)]
+enum Runner {
+    /// A CPU worker: straight onto the compute pool, whose thread attends (its parallel
+    /// loop runs inside the pool, no second entry) and writes the reply itself. Attends
+    /// of concurrent queries run side by side, as before.
+    ComputePool,
+    /// A GPU worker: on the reader's own thread. One device runs a connection's attends
+    /// one after the other anyway; the next frame is read when this one is answered.
+    Inline,
+    /// No multi-threaded runtime to lend the reader's thread: the blocking pool.
+    Blocking,
+}
+
+impl Runner {
+    fn for_node(node: &WorkerNode, runtime: &tokio::runtime::Handle) -> Self {
+        if node.attends_on_cpu() {
+            Runner::ComputePool
+        } else if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            Runner::Inline
+        } else {
+            Runner::Blocking
+        }
+    }
+}
+
+/// Answers one request read at `read_at`, panics included (an error reply); an attend's
+/// reply carries the worker's own time, and the connection's set of open sessions
+/// follows opens and closes.
+fn answer(
+    node: &WorkerNode,
+    opened: &Mutex<HashSet<u64>>,
+    req: Request,
+    read_at: Instant,
+) -> Reply {
+    if let Request::Close { session } = &req {
+        opened.lock().expect("session set").remove(session);
+    }
+    let taken = Instant::now();
+    let mut reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(req)))
+        .unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "the worker panicked"));
+    if let Reply::Partial { time, .. } = &mut reply {
+        *time = WorkerTime {
+            queued_us: WorkerTime::micros(taken - read_at),
+            compute_us: WorkerTime::micros(taken.elapsed()),
+        };
+    }
+    if let Reply::Opened { session, .. } = &reply {
+        opened.lock().expect("session set").insert(*session);
+    }
+    reply
 }
 
 /// Compares secrets without an early exit on the first differing byte.

@@ -92,6 +92,15 @@ impl WorkerNode {
         &self.service
     }
 
+    /// Whether this worker attends on CPU threads (its blocks in host memory, its
+    /// attention on the process's compute pool) rather than on a GPU.
+    pub fn attends_on_cpu(&self) -> bool {
+        matches!(
+            self.service.backend().selected(),
+            starkv_compute::cuda::Selected::Cpu { .. }
+        )
+    }
+
     /// The handshake's answer (the secret is checked by the transport).
     pub fn hello(&self) -> Reply {
         Reply::Hello {
