@@ -1,25 +1,29 @@
 //! The coordinator's connection to a remote worker: one persistent TCP connection
-//! (TCP_NODELAY), requests numbered and written as they come, replies matched by id on a
-//! reader thread, so every layer's Q of every query is in flight at once.
+//! (TCP_NODELAY), requests numbered and written as they come, replies matched by id, so
+//! every layer's Q of every query is in flight at once.
 //!
 //! Blocking on purpose: the coordinator's callers (the forward pass, ingest threads)
 //! are blocking threads, and a blocking socket costs them no hop through an async
-//! runtime per layer. A broken connection fails every call waiting on it and is
+//! runtime per layer. There is no reader thread either: a caller waiting for its reply
+//! reads the socket itself when no other caller is reading, handing on the replies it
+//! reads for others, so a reply reaches its caller with one wake-up (the socket's)
+//! instead of two (a reader thread's, then the caller's); that is one per layer, worker
+//! and generated token. A broken connection fails every call waiting on it and is
 //! re-established (with a fresh handshake) by the next call, so a worker that comes
 //! back is used again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
+use std::mem::MaybeUninit;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{RecvTimeoutError, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::handle::{CallError, PendingReply, Worker};
 use super::wire::{PROTOCOL_VERSION, Reply, Request, read_frame};
 
-type Waiters = Mutex<HashMap<u64, SyncSender<Result<Reply, CallError>>>>;
+type Delivered = Result<Reply, CallError>;
 
 /// A worker at `host:port`.
 pub struct RemoteWorker {
@@ -35,31 +39,194 @@ pub struct RemoteWorker {
 }
 
 struct Connection {
+    address: String,
     writer: Mutex<TcpStream>,
-    waiters: Arc<Waiters>,
+    /// The read half, used by one waiting caller at a time ([`Inbox::reading`]).
+    reader: Mutex<TcpStream>,
+    inbox: Mutex<Inbox>,
+    /// Signalled when a reply is handed on, the reading is given up, or the connection
+    /// broke.
+    changed: Condvar,
     next_id: AtomicU64,
-    broken: Arc<AtomicBool>,
+    broken: AtomicBool,
+    received: Arc<AtomicU64>,
+}
+
+/// What waiting callers share.
+#[derive(Default)]
+struct Inbox {
+    /// Calls sent and still waited for.
+    waiting: HashSet<u64>,
+    /// Replies read by another caller, not yet collected.
+    ready: HashMap<u64, Delivered>,
+    /// A caller is reading the socket.
+    reading: bool,
+    /// Why the connection broke, once it has.
+    broken: Option<String>,
+}
+
+/// How a caller's turn at reading the socket ended.
+enum Read {
+    Mine(Delivered),
+    TimedOut,
+    Broken,
 }
 
 impl Connection {
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Marks the connection dead and fails every waiting call.
     fn fail(&self, why: &str) {
         self.broken.store(true, Ordering::SeqCst);
         if let Ok(w) = self.writer.lock() {
+            // Also ends a read in progress on the other half.
             let _ = w.shutdown(std::net::Shutdown::Both);
         }
-        fail_all(&self.waiters, why);
+        let mut inbox = self.inbox();
+        inbox.broken.get_or_insert_with(|| why.to_string());
+        self.changed.notify_all();
+    }
+
+    /// Whether the worker closed its end while nobody was reading (it stopped, or
+    /// restarted): a peek that never blocks, so the next call reconnects at once.
+    fn closed_by_peer(&self) -> bool {
+        let Ok(reader) = self.reader.try_lock() else {
+            return false; // a caller is reading: it sees the close itself
+        };
+        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+        match socket2::SockRef::from(&*reader)
+            .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+
+    /// Registers call `id` before its request is written.
+    fn expect(&self, id: u64) -> Result<(), CallError> {
+        let mut inbox = self.inbox();
+        if let Some(why) = &inbox.broken {
+            return Err(CallError::Unreachable(why.clone()));
+        }
+        inbox.waiting.insert(id);
+        Ok(())
+    }
+
+    /// Gives up call `id` (answered, failed or dropped): a late reply is discarded.
+    fn forget(&self, id: u64) {
+        let mut inbox = self.inbox();
+        inbox.waiting.remove(&id);
+        inbox.ready.remove(&id);
+    }
+
+    /// The reply to call `id`, read by this caller or handed on by another one. A call
+    /// not answered within `timeout` fails the whole connection: a worker that does not
+    /// answer in time is treated as failed, so nothing else waits on it either.
+    fn wait(&self, id: u64, timeout: Duration) -> Delivered {
+        let deadline = Instant::now() + timeout;
+        let mut inbox = self.inbox();
+        loop {
+            if let Some(reply) = inbox.ready.remove(&id) {
+                return reply;
+            }
+            if let Some(why) = &inbox.broken {
+                return Err(CallError::Unreachable(why.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(inbox);
+                self.fail("timed out");
+                return Err(CallError::Timeout(timeout));
+            }
+            if inbox.reading {
+                inbox = self
+                    .changed
+                    .wait_timeout(inbox, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
+            inbox.reading = true;
+            drop(inbox);
+            let read = self.read_until(id, deadline);
+            inbox = self.inbox();
+            inbox.reading = false;
+            // Another caller may take over the reading.
+            self.changed.notify_all();
+            match read {
+                Read::Mine(reply) => return reply,
+                Read::TimedOut => {
+                    // A frame may have been cut short: the stream is out of step.
+                    drop(inbox);
+                    self.fail("timed out");
+                    return Err(CallError::Timeout(timeout));
+                }
+                Read::Broken => {}
+            }
+        }
+    }
+
+    /// Reads frames until call `id`'s reply, handing on the others' replies.
+    fn read_until(&self, id: u64, deadline: Instant) -> Read {
+        let mut reader = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Read::TimedOut;
+            }
+            if let Err(e) = reader.set_read_timeout(Some(left)) {
+                self.fail(&format!("{}: {e}", self.address));
+                return Read::Broken;
+            }
+            let body = match read_frame(&mut *reader) {
+                Ok(body) => body,
+                Err(e) if is_timeout(&e) => return Read::TimedOut,
+                Err(e) => {
+                    self.fail(&format!("{}: {e}", self.address));
+                    return Read::Broken;
+                }
+            };
+            self.received
+                .fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
+            let (rid, reply) = Reply::parse(&body);
+            let reply = reply.map_err(|e| CallError::Protocol(e.to_string()));
+            if rid == id {
+                return Read::Mine(reply);
+            }
+            let mut inbox = self.inbox();
+            if inbox.waiting.contains(&rid) {
+                inbox.ready.insert(rid, reply);
+                self.changed.notify_all();
+            }
+        }
     }
 }
 
-fn fail_all(waiters: &Waiters, why: &str) {
-    let drained: Vec<_> = waiters
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .drain()
-        .collect();
-    for (_, tx) in drained {
-        let _ = tx.try_send(Err(CallError::Unreachable(why.to_string())));
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// A call in flight; forgotten by its connection when dropped, waited on or not.
+struct Call {
+    conn: Arc<Connection>,
+    id: u64,
+}
+
+impl Call {
+    fn wait(&self, timeout: Duration) -> Delivered {
+        self.conn.wait(self.id, timeout)
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.conn.forget(self.id);
     }
 }
 
@@ -85,10 +252,11 @@ impl RemoteWorker {
 
     fn connection(&self) -> Result<Arc<Connection>, CallError> {
         let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = slot.as_ref()
-            && !c.broken.load(Ordering::SeqCst)
-        {
-            return Ok(c.clone());
+        if let Some(c) = slot.as_ref() {
+            if !c.broken.load(Ordering::SeqCst) && !c.closed_by_peer() {
+                return Ok(c.clone());
+            }
+            c.fail(&format!("{}: connection closed", self.address));
         }
         *slot = None;
         let conn = Arc::new(self.connect()?);
@@ -141,38 +309,16 @@ impl RemoteWorker {
             Ok(other) => return Err(CallError::Protocol(format!("handshake answered {other:?}"))),
             Err(e) => return Err(CallError::Protocol(e.to_string())),
         }
-        stream.set_read_timeout(None).map_err(unreachable)?;
-        let mut reader = stream.try_clone().map_err(unreachable)?;
-        let waiters: Arc<Waiters> = Arc::default();
-        let broken = Arc::new(AtomicBool::new(false));
-        let (w, b, received) = (waiters.clone(), broken.clone(), self.received.clone());
-        let address = self.address.clone();
-        std::thread::Builder::new()
-            .name(format!("starkv-worker-{address}"))
-            .spawn(move || {
-                loop {
-                    let body = match read_frame(&mut reader) {
-                        Ok(body) => body,
-                        Err(e) => {
-                            b.store(true, Ordering::SeqCst);
-                            fail_all(&w, &format!("{address}: {e}"));
-                            return;
-                        }
-                    };
-                    received.fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
-                    let (id, reply) = Reply::parse(&body);
-                    let waiter = w.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-                    if let Some(tx) = waiter {
-                        let _ = tx.try_send(reply.map_err(|e| CallError::Protocol(e.to_string())));
-                    }
-                }
-            })
-            .map_err(unreachable)?;
+        let reader = stream.try_clone().map_err(unreachable)?;
         Ok(Connection {
+            address: self.address.clone(),
             writer: Mutex::new(stream),
-            waiters,
+            reader: Mutex::new(reader),
+            inbox: Mutex::default(),
+            changed: Condvar::new(),
             next_id: AtomicU64::new(1),
-            broken,
+            broken: AtomicBool::new(false),
+            received: self.received.clone(),
         })
     }
 }
@@ -185,54 +331,21 @@ impl Worker for RemoteWorker {
     fn send(&self, req: Request) -> Result<PendingReply, CallError> {
         let conn = self.connection()?;
         let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = sync_channel(1);
-        conn.waiters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, tx);
+        conn.expect(id)?;
+        let call = Call { conn, id };
         let frame = req.frame(id);
-        let written = conn
+        let written = call
+            .conn
             .writer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .write_all(&frame);
         if let Err(e) = written {
-            conn.fail(&format!("{}: {e}", self.address));
+            call.conn.fail(&format!("{}: {e}", self.address));
             return Err(CallError::Unreachable(format!("{}: {e}", self.address)));
         }
         self.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
-        // The reader may have failed every waiter just before this one was registered.
-        if conn.broken.load(Ordering::SeqCst)
-            && conn
-                .waiters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id)
-                .is_some()
-        {
-            return Err(CallError::Unreachable(format!(
-                "{}: connection closed",
-                self.address
-            )));
-        }
-        Ok(PendingReply::new(move |timeout| {
-            match rx.recv_timeout(timeout) {
-                Ok(reply) => reply,
-                Err(RecvTimeoutError::Timeout) => {
-                    // A worker that does not answer in time is treated as failed: the
-                    // connection is dropped so nothing else waits on it either.
-                    conn.waiters
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&id);
-                    conn.fail("timed out");
-                    Err(CallError::Timeout(timeout))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    Err(CallError::Unreachable("connection closed".into()))
-                }
-            }
-        }))
+        Ok(PendingReply::new(move |timeout| call.wait(timeout)))
     }
 
     fn bytes(&self) -> (u64, u64) {
@@ -244,5 +357,161 @@ impl Worker for RemoteWorker {
 
     fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::cluster::wire::ErrorCode;
+
+    const FINGERPRINT: &[u8] = b"model";
+
+    /// Accepts one connection and answers its handshake.
+    fn accept(listener: &TcpListener) -> TcpStream {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let (id, hello) = Request::parse(&read_frame(&mut stream).expect("hello"));
+        assert!(matches!(hello, Ok(Request::Hello { .. })));
+        let reply = Reply::Hello {
+            version: PROTOCOL_VERSION,
+            device: "cpu".into(),
+            model_fingerprint: FINGERPRINT.to_vec(),
+        };
+        stream.write_all(&reply.frame(id)).expect("hello reply");
+        stream
+    }
+
+    /// Answers a `Drop` request with an error naming its document, so a caller can tell
+    /// whose reply it got.
+    fn answer(stream: &mut TcpStream, id: u64, req: Request) {
+        let Request::Drop { doc } = req else {
+            panic!("unexpected {req:?}")
+        };
+        stream
+            .write_all(&Reply::error(ErrorCode::NotFound, doc).frame(id))
+            .expect("reply");
+    }
+
+    fn call(worker: &RemoteWorker, doc: &str) -> Result<Reply, CallError> {
+        worker
+            .send(Request::Drop { doc: doc.into() })?
+            .wait(Duration::from_secs(20))
+    }
+
+    fn refused_with(result: Result<Reply, CallError>) -> String {
+        match result {
+            Err(CallError::Refused { message, .. }) => message,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn concurrent_calls_answered_out_of_order_each_get_their_own_reply() {
+        const CALLS: usize = 8;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let server = std::thread::spawn(move || {
+            let mut stream = accept(&listener);
+            // Every request is read before any is answered, then answered last first:
+            // each reply but the last is read by a caller other than its own.
+            let requests: Vec<(u64, Request)> = (0..CALLS)
+                .map(|_| {
+                    let (id, req) = Request::parse(&read_frame(&mut stream).expect("request"));
+                    (id, req.expect("parses"))
+                })
+                .collect();
+            for (id, req) in requests.into_iter().rev() {
+                answer(&mut stream, id, req);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let worker = RemoteWorker::new(&address, b"secret", FINGERPRINT, Duration::from_secs(5));
+        std::thread::scope(|s| {
+            for i in 0..CALLS {
+                let worker = &worker;
+                s.spawn(move || {
+                    let doc = format!("doc-{i}");
+                    assert_eq!(refused_with(call(worker, &doc)), doc);
+                });
+            }
+        });
+        server.join().expect("server");
+        assert_eq!(worker.connections(), 1);
+        let conn = worker
+            .conn
+            .lock()
+            .expect("slot")
+            .clone()
+            .expect("connected");
+        let inbox = conn.inbox();
+        assert!(inbox.waiting.is_empty() && inbox.ready.is_empty());
+    }
+
+    #[test]
+    fn a_connection_the_worker_closed_is_replaced_before_the_next_call() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let mut stream = accept(&listener);
+                let (id, req) = Request::parse(&read_frame(&mut stream).expect("request"));
+                answer(&mut stream, id, req.expect("parses"));
+                drop(stream); // a worker that stops after answering
+                closed_tx.send(()).expect("signal");
+            }
+        });
+        let worker = RemoteWorker::new(&address, b"secret", FINGERPRINT, Duration::from_secs(5));
+        assert_eq!(refused_with(call(&worker, "first")), "first");
+        closed_rx.recv().expect("closed");
+        // Nobody was reading when the worker closed: the next call sees it anyway and
+        // reconnects instead of failing on the dead connection.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !worker
+            .conn
+            .lock()
+            .expect("slot")
+            .as_ref()
+            .is_some_and(|c| c.closed_by_peer())
+        {
+            assert!(Instant::now() < deadline, "the close never arrived");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(refused_with(call(&worker, "second")), "second");
+        assert_eq!(worker.connections(), 2);
+        server.join().expect("server");
+    }
+
+    #[test]
+    fn a_call_not_answered_in_time_fails_the_connection_and_every_waiter() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let server = std::thread::spawn(move || {
+            let mut stream = accept(&listener);
+            // Reads both requests, answers none, and waits for the coordinator to hang up.
+            for _ in 0..2 {
+                read_frame(&mut stream).expect("request");
+            }
+            assert!(read_frame(&mut stream).is_err());
+        });
+        let worker = RemoteWorker::new(&address, b"secret", FINGERPRINT, Duration::from_secs(5));
+        let slow = worker
+            .send(Request::Drop { doc: "a".into() })
+            .expect("sent");
+        let patient = worker
+            .send(Request::Drop { doc: "b".into() })
+            .expect("sent");
+        let waiter = std::thread::spawn(move || patient.wait(Duration::from_secs(60)));
+        assert!(matches!(
+            slow.wait(Duration::from_millis(200)),
+            Err(CallError::Timeout(_))
+        ));
+        assert!(matches!(
+            waiter.join().expect("waiter"),
+            Err(CallError::Unreachable(_))
+        ));
+        server.join().expect("server");
     }
 }
