@@ -165,6 +165,11 @@ impl PinnedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u16, self.bytes / 2) }
     }
 
+    pub fn as_f32_mut(&mut self) -> &mut [f32] {
+        // SAFETY: the allocation holds `bytes` bytes and is page-aligned.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut f32, self.bytes / 4) }
+    }
+
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr
     }
@@ -412,6 +417,31 @@ impl Gpu {
         unsafe {
             let s = std::slice::from_raw_parts(src.as_ptr(), bytes);
             drv::memcpy_htod_async(dst, s, self.stream.cu_stream())?;
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` from `src` into a pinned buffer at byte `offset` on the compute
+    /// stream, without waiting: synchronise before reading the buffer.
+    pub fn download_pinned(
+        &self,
+        dst: &mut PinnedBuf,
+        offset: usize,
+        src: u64,
+        bytes: usize,
+    ) -> Result<()> {
+        if offset + bytes > dst.bytes() {
+            return Err(CudaError::Invalid(format!(
+                "{bytes} bytes at {offset} do not fit a pinned buffer of {}",
+                dst.bytes()
+            )));
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the range lies inside the pinned allocation (checked above); src holds
+        // at least `bytes` bytes.
+        unsafe {
+            let d = std::slice::from_raw_parts_mut(dst.ptr.add(offset), bytes);
+            drv::memcpy_dtoh_async(d, src, self.stream.cu_stream())?;
         }
         Ok(())
     }

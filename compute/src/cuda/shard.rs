@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::Result;
 use super::attention::{AttnOut, SegmentAttention};
 use super::block::GpuBlock;
-use super::device::{DevBuf, Gpu};
+use super::device::{DevBuf, Gpu, PinnedBuf};
 use super::kernels::Kernels;
 use crate::partial::{Attended, HeadShape};
 use crate::star::{AttentionShard, BlockKv, PendingPartial};
@@ -39,6 +39,11 @@ struct ShardInner {
 /// Buffers of the host path, reused call after call.
 #[derive(Default)]
 struct HostScratch {
+    /// Page-locked `[q | out | lse]` in f32: Q goes up and `(O, lse)` come down
+    /// asynchronously, so a call waits on its stream once (pageable copies would each
+    /// wait, and on a GPU shared by several processes every wait can cost a context
+    /// switch).
+    staging: Option<PinnedBuf>,
     q32: Option<DevBuf>,
     q16: Option<DevBuf>,
     out: Option<DevBuf>,
@@ -152,15 +157,26 @@ impl GpuShard {
         let q16 = grow(&mut st.q16, m * qw * 2)?;
         let out = grow(&mut st.out, m * qw * 4)?;
         let lse = grow(&mut st.lse, m * nh * 4)?;
-        gpu.upload(q32, q)?;
-        gpu.to_half(&inner.kernels, q16, q32, m * qw)?;
+        let (n_out, n_lse) = (m * qw, m * nh);
+        let staged = (2 * n_out + n_lse) * 4;
+        if st.staging.as_ref().is_none_or(|p| p.bytes() < staged) {
+            st.staging = Some(PinnedBuf::new(gpu, staged.next_power_of_two())?);
+        }
+        let staging = st.staging.as_mut().expect("sized above");
+        staging.as_f32_mut()[..n_out].copy_from_slice(q);
+        gpu.upload_pinned(q32, staging, n_out * 4)?;
+        gpu.to_half(&inner.kernels, q16, q32, n_out)?;
         let splits = self.splits(gpu, m);
         let attn = st.plans.for_splits(gpu, s, &inner.blocks, splits)?;
         let out32 = AttnOut::F32 { out, lse };
         attn.attend_scaled(gpu, &inner.kernels, layer, q16, m, inner.score_scale, out32)?;
+        gpu.download_pinned(staging, n_out * 4, out, n_out * 4)?;
+        gpu.download_pinned(staging, 2 * n_out * 4, lse, n_lse * 4)?;
+        gpu.synchronize()?;
+        let staged = &staging.as_f32_mut()[n_out..];
         let mut res = Attended::empty(m, s);
-        gpu.download(&mut res.out, out)?;
-        gpu.download(&mut res.lse, lse)?;
+        res.out.copy_from_slice(&staged[..n_out]);
+        res.lse.copy_from_slice(&staged[n_out..n_out + n_lse]);
         Ok(res)
     }
 
