@@ -177,6 +177,17 @@ fn three_workers_answer_as_one_node_and_survive_a_killed_worker() {
 
     let got = ask(&coordinator, "harbour");
     assert_eq!(got["answer"], want["answer"], "cluster vs single node");
+    // Concurrent queries share each worker's connection, whose replies are read by
+    // whichever waiting caller holds the socket and handed on: each gets its own.
+    std::thread::scope(|s| {
+        let queries: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| ask(&coordinator, "harbour")))
+            .collect();
+        for q in queries {
+            let answer = q.join().expect("query thread");
+            assert_eq!(answer["answer"], want["answer"], "concurrent query");
+        }
+    });
     assert_eq!(
         got["usage"]["cached_context_tokens"],
         want["usage"]["cached_context_tokens"]
