@@ -3,27 +3,41 @@
 //! intervals, so that a few points of difference can be told from noise.
 //!
 //! Why through the service: the numbers must describe what users get (the service's
-//! prompt, store round trip, device and merge), and a server on a GPU host answers the
-//! several hundred questions per mode this needs in about a minute. Full attention is a
-//! document ingested as ONE block (`block_size` >= L), which is exactly full attention
-//! (DESIGN.md §1), so both sides run the same code path.
+//! prompt, store round trip, device and merge). Full attention is a document ingested as
+//! ONE block (`block_size` >= L), which is exactly full attention (DESIGN.md §1), so both
+//! sides run the same code path.
 //!
 //! A configuration is `full` or `L/<d>` (block size `ceil(L / d)`), optionally followed
 //! by `:key=value` ingest fields passed through as JSON (`Nb` means N times the block
-//! size), e.g. `L/16:anchor_size=2b`. Cases are generated (support/niah.rs) over the
-//! grid of lengths x depths, sweep after sweep with new seeds, until every task has at
-//! least `--min-questions` questions; every configuration answers the same questions, so
-//! ratios are paired. Intervals: Wilson 95% for an accuracy, paired bootstrap 95% (2000
-//! resamples of the questions) for a star/full ratio.
+//! size), e.g. `L/16:anchor_size=2b` or `L/8:kv_dtype=int8`. Cases are generated
+//! (support/niah.rs) over the grid of lengths x depths, sweep after sweep with new seeds,
+//! until every task has at least `--min-questions` questions; every configuration answers
+//! the same questions, so comparisons are paired. Intervals: Wilson 95% for an accuracy,
+//! paired bootstrap 95% (2000 resamples of the questions) for a star/full ratio and for
+//! the difference of two configurations (`--compare`).
+//!
+//! Throughput: a server ingests one document at a time (its ingest worker), and on a
+//! small model the ingest is mostly the store's work, so several servers on one GPU
+//! (`--server A,B,...`, each with its own data directory) answer several times as many
+//! questions per minute; a case is ingested, asked and deleted on one server.
+//! `--later-configs` are answered only after every case of `--configs` (a bounded run
+//! fills the main comparison first); a comparison uses the questions both sides answered.
 //!
 //!     starkv serve --device cuda --listen 127.0.0.1:8700 &   # any device, any host
 //!     cargo bench --bench niah_service -- --server http://127.0.0.1:8700 \
-//!         --configs full,L/4,L/8,L/16 --min-questions 200 --csv accuracy.csv --svg accuracy.svg
+//!         --configs full,L/4,L/8,L/16 --min-questions 200 --csv accuracy.csv
+//!
+//! The chart (accuracy relative to full attention against ingest time relative to full
+//! attention's) takes its x-axis from this run's ingest times, or with `--cost-csv` from
+//! the CSV of a separate run that ingested one document at a time (`--concurrency 1`),
+//! which measures the cost without the contention of a throughput run.
 
 #[path = "support/machine.rs"]
 mod machine;
 #[path = "support/niah.rs"]
 mod niah;
+#[path = "support/paired.rs"]
+mod paired;
 #[path = "support/plot.rs"]
 mod plot;
 #[allow(dead_code)] // shared with star_accuracy, which also builds query ids itself
@@ -41,14 +55,21 @@ use clap::Parser;
 use serde_json::{Value, json};
 use starkv_compute::tokenizer::Tokenizer;
 
-use niah::{Question, SplitMix64, Task};
+use niah::{Question, Task};
+use paired::{answered, paired, paired_difference, paired_ratio, percent, rate, wilson};
 
 #[derive(Parser, Debug)]
 #[command(about = "Needle-in-a-haystack accuracy through a running starkv server")]
 struct Args {
-    /// Base URL of a running `starkv serve`.
-    #[arg(long, env = "STARKV_SERVER", default_value = "http://127.0.0.1:8700")]
-    server: String,
+    /// Base URLs of running `starkv serve` processes (comma-separated): the cases are
+    /// shared among them (each with its own data directory; one GPU may serve several).
+    #[arg(
+        long,
+        env = "STARKV_SERVER",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8700"
+    )]
+    server: Vec<String>,
     /// Bearer key, when the server has keys configured (write role).
     #[arg(long, env = "STARKV_API_KEY")]
     api_key: Option<String>,
@@ -68,6 +89,14 @@ struct Args {
     /// Configurations (see the module docs); the first must be `full`.
     #[arg(long, value_delimiter = ',', default_values_t = ["full".to_string(), "L/4".into(), "L/8".into(), "L/16".into()])]
     configs: Vec<String>,
+    /// Configurations answered after every case of `--configs` has been answered in all
+    /// of those (what a time-limited run may leave short).
+    #[arg(long, value_delimiter = ',')]
+    later_configs: Vec<String>,
+    /// Paired differences to report, `A~B` (configuration labels): accuracy of A minus
+    /// accuracy of B in points over the questions both answered.
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<String>,
     /// Minimum questions per task (whole sweeps over lengths x depths are added until
     /// every task has this many).
     #[arg(long, default_value_t = 200)]
@@ -75,23 +104,37 @@ struct Args {
     /// Greedy tokens per answer (multi-value answers hold four 7-digit numbers).
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
-    /// Stop starting new cases after this many seconds and report what was answered in
-    /// every configuration (a bounded run on a lent GPU).
+    /// Stop starting new cases after this many seconds and report what was answered
+    /// (a bounded run on a lent GPU).
     #[arg(long)]
     deadline_seconds: Option<f64>,
-    /// Cases in flight at once (the server queues ingests and bounds queries itself).
+    /// Cases in flight at once, over all servers (each server queues ingests and bounds
+    /// queries itself).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// Failed cases (an ingest or query error) tolerated before the run stops starting
+    /// new ones; the report covers what was answered, and the exit status is non-zero.
+    #[arg(long, default_value_t = 3)]
+    max_failures: usize,
     /// One JSON line per question and configuration.
     #[arg(long)]
     jsonl: Option<PathBuf>,
     /// Accuracy and ingest time per configuration, with intervals.
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// The `--csv` of a run that measured ingest cost (one document in flight): the
+    /// chart's x-axis is then its ingest time per configuration relative to its `full`.
+    #[arg(long)]
+    cost_csv: Option<PathBuf>,
     /// Where the chart (accuracy against ingest time) goes, as NAME.csv and NAME.svg
     /// (default: `STARKV_FIGURES_DIR` or target/figures, name `niah_service`).
     #[arg(long)]
     figure: Option<PathBuf>,
+    /// The chart's title and note (default: generic ones naming this run).
+    #[arg(long)]
+    figure_title: Option<String>,
+    #[arg(long)]
+    figure_note: Option<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -132,6 +175,11 @@ impl Config {
         })
     }
 
+    /// The ingest options after the block size (`""` for none), the chart's line name.
+    fn options(&self) -> &str {
+        self.label.split_once(':').map_or("", |(_, o)| o)
+    }
+
     /// The ingest body for a context of `context_len` tokens.
     fn ingest_body(&self, id: &str, text: &str, context_len: usize) -> Result<Value> {
         // 65536 is the service's largest block: one block is full attention for any
@@ -167,7 +215,9 @@ struct Case {
 }
 
 /// Cases over lengths x depths, sweep after sweep (new seeds), until each task has at
-/// least `min_questions` questions.
+/// least `min_questions` questions. The cases of a sweep are built on every core (each
+/// measures its sentences with the tokenizer, which on a lent GPU host would otherwise
+/// hold the servers idle for tens of seconds).
 fn build_cases(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Case>> {
     let head_len = prompt::context_head_len(tokenizer)?;
     let count_tokens = |s: &str| {
@@ -179,6 +229,12 @@ fn build_cases(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Case>> {
         0 | 1 => vec![0.5],
         n => (0..n).map(|i| i as f64 / (n - 1) as f64).collect(),
     };
+    let grid: Vec<(usize, f64)> = args
+        .lengths
+        .iter()
+        .flat_map(|&l| depths.iter().map(move |&d| (l, d)))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Built per task, then dealt round-robin (one case of each task in turn), so that a
     // run cut short by `--deadline-seconds` covers every task evenly.
     let mut per_task: Vec<Vec<Case>> = Vec::new();
@@ -187,29 +243,38 @@ fn build_cases(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Case>> {
         let mut questions = 0;
         let mut seed = 0u64;
         while questions < args.min_questions {
-            for &length in &args.lengths {
-                for &depth in &depths {
-                    let case_seed = niah::seed_of(&[
-                        length as u64,
-                        (depth * 1000.0).round() as u64,
-                        seed,
-                        task as u64,
-                    ]);
-                    let budget = length.saturating_sub(head_len);
-                    let case = niah::build_case(case_seed, task, depth, budget, &count_tokens);
-                    let context_len = prompt::context_ids(tokenizer, &case.document)?.len();
-                    let qs = case.questions();
-                    questions += qs.len();
-                    cases.push(Case {
-                        index: 0, // set once the tasks are interleaved
-                        task,
-                        length,
-                        context_len,
-                        document: case.document,
-                        questions: qs,
-                    });
-                }
-            }
+            let build = |&(length, depth): &(usize, f64)| -> Result<Case> {
+                let case_seed = niah::seed_of(&[
+                    length as u64,
+                    (depth * 1000.0).round() as u64,
+                    seed,
+                    task as u64,
+                ]);
+                let budget = length.saturating_sub(head_len);
+                let case = niah::build_case(case_seed, task, depth, budget, &count_tokens);
+                let context_len = prompt::context_ids(tokenizer, &case.document)?.len();
+                Ok(Case {
+                    index: 0, // set once the tasks are interleaved
+                    task,
+                    length,
+                    context_len,
+                    questions: case.questions(),
+                    document: case.document,
+                })
+            };
+            let chunk = grid.len().div_ceil(threads).max(1);
+            let sweep: Vec<Case> = std::thread::scope(|s| {
+                let handles: Vec<_> = grid
+                    .chunks(chunk)
+                    .map(|part| s.spawn(move || part.iter().map(build).collect::<Vec<_>>()))
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("case builder panicked"))
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            questions += sweep.iter().map(|c| c.questions.len()).sum::<usize>();
+            cases.extend(sweep);
             seed += 1;
         }
         per_task.push(cases);
@@ -293,28 +358,19 @@ impl Client {
     }
 }
 
-/// The outcome of one question in one configuration.
-#[derive(Debug, Clone)]
-struct Outcome {
-    case: usize,
-    question: usize,
-    config: usize,
-    correct: bool,
-}
-
-/// What the run measured: every question's outcome and each configuration's ingest time.
-#[derive(Default)]
-struct Results {
-    outcomes: Vec<Outcome>,
-    /// Seconds of ingest per configuration (summed over cases, as the server reports).
-    ingest_seconds: BTreeMap<usize, f64>,
-}
-
 /// One question's answer in one configuration.
 struct Answered {
     question: usize,
     correct: bool,
     answer: String,
+}
+
+/// What the run measured, per (case, configuration): each question's outcome and the
+/// ingest seconds the server reported.
+#[derive(Default)]
+struct Results {
+    correct: BTreeMap<(usize, usize, usize), bool>,
+    ingest_seconds: BTreeMap<(usize, usize), f64>,
 }
 
 /// Ingests `case` in `config`, asks every question, deletes the document; returns the
@@ -372,12 +428,23 @@ fn main() -> Result<()> {
     let configs: Vec<Config> = args
         .configs
         .iter()
+        .chain(&args.later_configs)
         .map(|s| Config::parse(s))
         .collect::<Result<_>>()?;
     anyhow::ensure!(
         configs.first().is_some_and(|c| c.divisor.is_none()),
         "the first configuration must be `full` (ratios are against it)"
     );
+    for (i, c) in configs.iter().enumerate() {
+        anyhow::ensure!(
+            configs[..i].iter().all(|o| o.label != c.label),
+            "configuration {:?} is listed twice",
+            c.label
+        );
+    }
+    let compare = parse_compare(&args.compare, &configs)?;
+    let costs = args.cost_csv.as_ref().map(read_cost_csv).transpose()?;
+    anyhow::ensure!(!args.server.is_empty(), "--server: no server given");
     let loaded = match &args.model {
         Some(p) => starkv_compute::LoadedModel::open(p)?,
         None => prompt::load_default_model()?,
@@ -385,27 +452,45 @@ fn main() -> Result<()> {
     let cases = build_cases(&args, &loaded.tokenizer)?;
     let n_questions: usize = cases.iter().map(|c| c.questions.len()).sum();
     eprintln!(
-        "{} cases, {n_questions} questions per configuration, {} configurations",
+        "{} cases, {n_questions} questions per configuration, {} configurations ({} later), {} servers ({:.1} s)",
         cases.len(),
-        configs.len()
+        configs.len(),
+        args.later_configs.len(),
+        args.server.len(),
+        started.elapsed().as_secs_f64()
     );
-    let client = Client::new(&args.server, args.api_key.as_deref());
+    let clients: Vec<Client> = args
+        .server
+        .iter()
+        .map(|s| Client::new(s, args.api_key.as_deref()))
+        .collect();
     let results = Mutex::new(Results::default());
     let jsonl = Mutex::new(args.jsonl.as_ref().map(std::fs::File::create).transpose()?);
     let next = Mutex::new(0usize);
     // Case-major, so that a run stopped by `--deadline-seconds` has answered the same
-    // questions in every configuration (the report keeps only complete questions).
+    // questions in every configuration; the later configurations after all the others.
+    let n_main = args.configs.len();
     let work: Vec<(usize, usize)> = (0..cases.len())
-        .flat_map(|i| (0..configs.len()).map(move |c| (c, i)))
+        .flat_map(|i| (0..n_main).map(move |c| (c, i)))
+        .chain((0..cases.len()).flat_map(|i| (n_main..configs.len()).map(move |c| (c, i))))
         .collect();
     let deadline = args
         .deadline_seconds
         .map(|s| started + Duration::from_secs_f64(s));
-    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let answers_total = n_questions * configs.len();
     std::thread::scope(|s| {
-        for _ in 0..args.concurrency.max(1) {
-            s.spawn(|| {
+        for t in 0..args.concurrency.max(1) {
+            let client = &clients[t % clients.len()];
+            let (next, work, cases, configs, args) = (&next, &work, &cases, &configs, &args);
+            let (results, jsonl, failures) = (&results, &jsonl, &failures);
+            s.spawn(move || {
                 loop {
+                    if failures.lock().unwrap().len() >= args.max_failures.max(1)
+                        || deadline.is_some_and(|d| Instant::now() >= d)
+                    {
+                        break;
+                    }
                     let item = {
                         let mut n = next.lock().unwrap();
                         let item = work.get(*n).copied();
@@ -413,275 +498,448 @@ fn main() -> Result<()> {
                         item
                     };
                     let Some((ci, i)) = item else { break };
-                    if first_error.lock().unwrap().is_some()
-                        || deadline.is_some_and(|d| Instant::now() >= d)
-                    {
-                        break;
-                    }
                     let case = &cases[i];
-                    match run_case(&client, &args, case, ci, &configs[ci]) {
+                    match run_case(client, args, case, ci, &configs[ci]) {
                         Ok((answers, seconds)) => {
                             let mut r = results.lock().unwrap();
-                            *r.ingest_seconds.entry(ci).or_default() += seconds;
-                            for Answered {
-                                question: qi,
-                                correct: ok,
-                                answer,
-                            } in answers
-                            {
-                                r.outcomes.push(Outcome {
-                                    case: i,
-                                    question: qi,
-                                    config: ci,
-                                    correct: ok,
-                                });
+                            r.ingest_seconds.insert((i, ci), seconds);
+                            for a in answers {
+                                r.correct.insert((i, a.question, ci), a.correct);
                                 if let Some(f) = jsonl.lock().unwrap().as_mut() {
-                                    let q = &case.questions[qi];
+                                    let q = &case.questions[a.question];
                                     let line = json!({
                                         "config": configs[ci].label, "task": case.task.name(),
+                                        "case": i, "question_index": a.question,
                                         "length": case.length, "context_tokens": case.context_len,
                                         "depth": q.depth, "question": q.text,
-                                        "expected": q.expected, "answer": answer, "correct": ok,
+                                        "expected": q.expected, "answer": a.answer,
+                                        "correct": a.correct, "ingest_seconds": seconds,
                                     });
                                     let _ = writeln!(f, "{line}");
                                 }
                             }
-                            let done = r.outcomes.len();
-                            if done % 100 < case.questions.len() {
+                            let done = r.correct.len();
+                            if done % 200 < case.questions.len() {
                                 eprintln!(
-                                    "{done}/{} answers ({:.0} s)",
-                                    n_questions * configs.len(),
+                                    "{done}/{answers_total} answers ({:.0} s)",
                                     started.elapsed().as_secs_f64()
                                 );
                             }
                         }
                         Err(e) => {
-                            first_error.lock().unwrap().get_or_insert(e);
+                            let what = format!("case {i} in {}: {e:#}", configs[ci].label);
+                            eprintln!("FAILED {what}");
+                            failures.lock().unwrap().push(what);
                         }
                     }
                 }
             });
         }
     });
-    if let Some(e) = first_error.into_inner().unwrap() {
-        return Err(e);
-    }
     let results = results.into_inner().unwrap();
+    let failures = failures.into_inner().unwrap();
     let report = Report::new(&cases, &configs, &results);
-    let answered = report.complete_questions();
-    if answered < n_questions {
+    let least = report.least_answered();
+    if least < n_questions {
         eprintln!(
-            "stopped at the deadline: {answered} of {n_questions} questions answered in every configuration"
+            "stopped early: the least-answered configuration answered {least} of {n_questions} questions"
         );
     }
-    println!("{}", report.markdown(&args, started.elapsed(), answered));
+    println!(
+        "{}",
+        report.markdown(&args, started.elapsed(), &compare, costs.as_ref())
+    );
     if let Some(path) = &args.csv {
         std::fs::write(path, report.csv())?;
     }
-    let svg = plot::save(&report.chart(), &dir, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
-    eprintln!("chart: {}", svg.display());
+    let chart = report.chart(&args, costs.as_ref());
+    if chart.series.iter().any(|s| s.name == "full attention") {
+        let svg = plot::save(&chart, &dir, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!("chart: {}", svg.display());
+    } else {
+        eprintln!("chart: nothing answered, none drawn");
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} cases failed (the report covers the others); first: {}",
+            failures.len(),
+            failures[0]
+        );
+    }
     Ok(())
 }
 
-/// Paired outcomes per task: `correct[config][question]` over the same questions.
+/// `A~B` pairs of configuration indices; a pair naming a configuration this run does not
+/// have is left out with a warning (a script may trim its configurations to fit a
+/// lent GPU's time without editing the pairs).
+fn parse_compare(specs: &[String], configs: &[Config]) -> Result<Vec<(usize, usize)>> {
+    let index = |label: &str| configs.iter().position(|c| c.label == label);
+    let mut pairs = Vec::new();
+    for spec in specs {
+        let (a, b) = spec
+            .split_once('~')
+            .with_context(|| format!("--compare {spec:?}: expected A~B"))?;
+        match (index(a), index(b)) {
+            (Some(a), Some(b)) => pairs.push((a, b)),
+            _ => eprintln!("--compare {spec:?}: not both configurations of this run (left out)"),
+        }
+    }
+    Ok(pairs)
+}
+
+/// Ingest seconds per configuration label from a cost run's `--csv` (its `all` rows).
+fn read_cost_csv(path: &PathBuf) -> Result<BTreeMap<String, f64>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells.len() == 10 && cells[1] == "all" {
+            let seconds: f64 = cells[9]
+                .parse()
+                .with_context(|| format!("{}: bad ingest seconds in {line:?}", path.display()))?;
+            out.insert(cells[0].to_string(), seconds);
+        }
+    }
+    anyhow::ensure!(
+        out.contains_key("full"),
+        "{}: no `full,all,...` row (not a niah_service --csv?)",
+        path.display()
+    );
+    Ok(out)
+}
+
+/// Outcomes per task in a fixed question order: `marks[config][question]`, `None` where
+/// that configuration did not answer (a run cut short, a failed case).
+type Marks = Vec<Vec<Option<bool>>>;
+
 struct Report<'a> {
     configs: &'a [Config],
-    by_task: BTreeMap<Task, Vec<Vec<bool>>>,
-    by_task_length: BTreeMap<(Task, usize), Vec<Vec<bool>>>,
-    ingest_seconds: Vec<f64>,
+    by_task: BTreeMap<Task, Marks>,
+    by_task_length: BTreeMap<(Task, usize), Marks>,
+    /// Per configuration: ingest seconds summed over the cases that it and `full` both
+    /// ingested, and `full`'s over the same cases.
+    ingest_vs_full: Vec<(f64, f64)>,
 }
 
 impl<'a> Report<'a> {
     fn new(cases: &[Case], configs: &'a [Config], results: &Results) -> Self {
-        // Questions in a fixed order (case, question), so index j means the same
-        // question in every configuration.
-        let mut table: BTreeMap<(usize, usize), Vec<Option<bool>>> = BTreeMap::new();
-        for o in &results.outcomes {
-            table
-                .entry((o.case, o.question))
-                .or_insert_with(|| vec![None; configs.len()])[o.config] = Some(o.correct);
-        }
-        let mut by_task: BTreeMap<Task, Vec<Vec<bool>>> = BTreeMap::new();
-        let mut by_task_length: BTreeMap<(Task, usize), Vec<Vec<bool>>> = BTreeMap::new();
-        for ((case, _), marks) in &table {
-            let Some(marks) = marks.iter().copied().collect::<Option<Vec<bool>>>() else {
+        let mut by_task: BTreeMap<Task, Marks> = BTreeMap::new();
+        let mut by_task_length: BTreeMap<(Task, usize), Marks> = BTreeMap::new();
+        for (i, case) in cases.iter().enumerate() {
+            let touched = (0..configs.len()).any(|c| results.ingest_seconds.contains_key(&(i, c)));
+            if !touched {
                 continue;
-            };
-            let c = &cases[*case];
-            for target in [
-                by_task
-                    .entry(c.task)
-                    .or_insert_with(|| vec![Vec::new(); configs.len()]),
-                by_task_length
-                    .entry((c.task, c.length))
-                    .or_insert_with(|| vec![Vec::new(); configs.len()]),
-            ] {
-                for (col, &m) in target.iter_mut().zip(&marks) {
-                    col.push(m);
+            }
+            for qi in 0..case.questions.len() {
+                for target in [
+                    by_task
+                        .entry(case.task)
+                        .or_insert_with(|| vec![Vec::new(); configs.len()]),
+                    by_task_length
+                        .entry((case.task, case.length))
+                        .or_insert_with(|| vec![Vec::new(); configs.len()]),
+                ] {
+                    for (c, col) in target.iter_mut().enumerate() {
+                        col.push(results.correct.get(&(i, qi, c)).copied());
+                    }
                 }
             }
         }
+        let ingest_vs_full = (0..configs.len())
+            .map(|c| {
+                results
+                    .ingest_seconds
+                    .iter()
+                    .filter(|((_, ci), _)| *ci == c)
+                    .filter_map(|(&(i, _), &s)| {
+                        results.ingest_seconds.get(&(i, 0)).map(|&f| (s, f))
+                    })
+                    .fold((0.0, 0.0), |(a, b), (s, f)| (a + s, b + f))
+            })
+            .collect();
         Self {
             configs,
             by_task,
             by_task_length,
-            ingest_seconds: (0..configs.len())
-                .map(|c| results.ingest_seconds.get(&c).copied().unwrap_or(f64::NAN))
-                .collect(),
+            ingest_vs_full,
         }
     }
 
-    /// Questions answered in every configuration.
-    fn complete_questions(&self) -> usize {
-        self.by_task.values().map(|cols| cols[0].len()).sum()
+    /// Questions answered by the configuration that answered fewest.
+    fn least_answered(&self) -> usize {
+        (0..self.configs.len())
+            .map(|c| {
+                self.by_task
+                    .values()
+                    .map(|cols| cols[c].iter().flatten().count())
+                    .sum::<usize>()
+            })
+            .min()
+            .unwrap_or(0)
     }
 
-    fn markdown(&self, args: &Args, took: Duration, n_questions: usize) -> String {
+    /// Every task's marks, then all tasks together.
+    fn rows(&self) -> Vec<(String, Marks)> {
+        let mut all: Marks = vec![Vec::new(); self.configs.len()];
+        let mut rows = Vec::new();
+        for (task, cols) in &self.by_task {
+            rows.push((task.name().to_string(), cols.clone()));
+            for (a, c) in all.iter_mut().zip(cols) {
+                a.extend(c);
+            }
+        }
+        rows.push(("all".to_string(), all));
+        rows
+    }
+
+    fn markdown(
+        &self,
+        args: &Args,
+        took: Duration,
+        compare: &[(usize, usize)],
+        costs: Option<&BTreeMap<String, f64>>,
+    ) -> String {
+        let counts: Vec<String> = self
+            .by_task
+            .iter()
+            .map(|(t, cols)| {
+                let n: Vec<usize> = cols.iter().map(|c| c.iter().flatten().count()).collect();
+                let (lo, hi) = (n.iter().min().unwrap_or(&0), n.iter().max().unwrap_or(&0));
+                if lo == hi {
+                    format!("{} {lo}", t.name())
+                } else {
+                    format!("{} {lo}-{hi}", t.name())
+                }
+            })
+            .collect();
         let mut out = vec![
             format!(
-                "## NIAH accuracy through the service ({} | {} | {:.1} min | {n_questions} questions per configuration | lengths {:?} | {} depths | greedy, {} tokens)",
+                "## NIAH accuracy through the service ({} | {} | {:.1} min | {} server(s) | questions per configuration: {} | lengths {:?} | {} depths | greedy, {} tokens)",
                 machine::utc_now(),
                 machine::describe(),
                 took.as_secs_f64() / 60.0,
+                args.server.len(),
+                counts.join(", "),
                 args.lengths,
                 args.depths,
                 args.max_tokens
             ),
             String::new(),
-            "Accuracy with its Wilson 95% interval; ratio to full attention with a paired bootstrap 95% interval.".into(),
+            "Accuracy with its Wilson 95% interval; ratio to full attention over the questions both answered, with a paired bootstrap 95% interval.".into(),
             String::new(),
         ];
         let labels: Vec<&str> = self.configs.iter().map(|c| c.label.as_str()).collect();
-        out.push(format!("| task | questions | {} |", labels.join(" | ")));
-        out.push(format!("|---|---|{}", "---|".repeat(labels.len())));
-        let mut all: Vec<Vec<bool>> = vec![Vec::new(); self.configs.len()];
-        for (task, cols) in &self.by_task {
-            out.push(self.row(task.name(), cols));
-            for (a, c) in all.iter_mut().zip(cols) {
-                a.extend(c);
-            }
+        out.push(format!("| task | {} |", labels.join(" | ")));
+        out.push(format!("|---|{}", "---|".repeat(labels.len())));
+        for (name, cols) in self.rows() {
+            let name = if name == "all" {
+                "**all**".into()
+            } else {
+                name
+            };
+            out.push(self.row(&name, &cols));
         }
-        out.push(self.row("**all**", &all));
-        let full_ingest = self.ingest_seconds[0];
         out.push(format!(
-            "| ingest seconds (sum) | | {} |",
-            self.ingest_seconds
+            "| ingest time / full (this run, the cases both ingested) | {} |",
+            self.ingest_vs_full
                 .iter()
-                .map(|s| format!("{s:.2} ({:.2}x full)", s / full_ingest))
+                .map(|&(s, f)| format!("{:.2} ({s:.1} s)", s / f))
                 .collect::<Vec<_>>()
                 .join(" | ")
         ));
+        if let Some(costs) = costs {
+            out.push(format!(
+                "| ingest time / full (cost run) | {} |",
+                self.configs
+                    .iter()
+                    .map(|c| cost_ratio(costs, &c.label)
+                        .map_or("n/a".to_string(), |r| format!("{r:.2}")))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ));
+        }
+        if !compare.is_empty() {
+            out.push(String::new());
+            out.push(
+                "Paired differences (accuracy of A minus B, points, over the questions both answered; paired bootstrap 95%):"
+                    .into(),
+            );
+            out.push(String::new());
+            let rows = self.rows();
+            out.push(format!(
+                "| A - B | {} |",
+                rows.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ));
+            out.push(format!("|---|{}", "---|".repeat(rows.len())));
+            for &(a, b) in compare {
+                let cells: Vec<String> = rows
+                    .iter()
+                    .map(|(_, cols)| {
+                        let (x, y) = paired(&cols[a], &cols[b]);
+                        match paired_difference(&x, &y) {
+                            Some((d, lo, hi)) => {
+                                format!("{d:+.1} [{lo:+.1}, {hi:+.1}] (n {})", x.len())
+                            }
+                            None => "n/a".into(),
+                        }
+                    })
+                    .collect();
+                out.push(format!(
+                    "| {} - {} | {} |",
+                    self.configs[a].label,
+                    self.configs[b].label,
+                    cells.join(" | ")
+                ));
+            }
+        }
         out.push(String::new());
         out.push("By context length (accuracy):".into());
         out.push(String::new());
-        out.push(format!(
-            "| task | length | questions | {} |",
-            labels.join(" | ")
-        ));
-        out.push(format!("|---|---|---|{}", "---|".repeat(labels.len())));
+        out.push(format!("| task | length | {} |", labels.join(" | ")));
+        out.push(format!("|---|---|{}", "---|".repeat(labels.len())));
         for ((task, length), cols) in &self.by_task_length {
-            let cells: Vec<String> = cols.iter().map(|c| percent(c)).collect();
+            let cells: Vec<String> = cols.iter().map(|c| percent(&answered(c))).collect();
             out.push(format!(
-                "| {} | {length} | {} | {} |",
+                "| {} | {length} | {} |",
                 task.name(),
-                cols[0].len(),
                 cells.join(" | ")
             ));
         }
         out.join("\n")
     }
 
-    fn row(&self, name: &str, cols: &[Vec<bool>]) -> String {
+    fn row(&self, name: &str, cols: &Marks) -> String {
         let cells: Vec<String> = cols
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let (lo, hi) = wilson(c);
-                let acc = format!("{} [{:.1}, {:.1}]", percent(c), 100.0 * lo, 100.0 * hi);
+                let marks = answered(c);
+                if marks.is_empty() {
+                    return "not answered".to_string();
+                }
+                let (lo, hi) = wilson(&marks);
+                let acc = format!("{} [{:.1}, {:.1}]", percent(&marks), 100.0 * lo, 100.0 * hi);
                 if i == 0 {
                     return acc;
                 }
-                match paired_ratio(c, &cols[0]) {
+                let (star, full) = paired(c, &cols[0]);
+                match paired_ratio(&star, &full) {
                     Some((r, lo, hi)) => format!("{acc}; {r:.3} [{lo:.3}, {hi:.3}]"),
                     None => format!("{acc}; n/a"),
                 }
             })
             .collect();
-        format!("| {name} | {} | {} |", cols[0].len(), cells.join(" | "))
+        format!("| {name} | {} |", cells.join(" | "))
     }
 
-    /// Accuracy on single and multi-key needles (what the goal is stated on)
-    /// against ingest time relative to full attention: one line per ingest option, its
-    /// points the block sizes, so the trade-off reads off one picture.
-    fn chart(&self) -> plot::Chart {
+    /// Accuracy relative to full attention's on the same questions (single and multi-key
+    /// needles, what the goal is stated on) against ingest time relative to full
+    /// attention's: one line per set of ingest options, its points the block sizes from
+    /// small to large, so the trade-off reads off one picture.
+    fn chart(&self, args: &Args, costs: Option<&BTreeMap<String, f64>>) -> plot::Chart {
         let mut chart = plot::Chart::lines(
-            "Needle accuracy against ingest cost (single + multi-key needles)",
-            "ingest time / full-attention prefill",
-            "accuracy",
+            args.figure_title.as_deref().unwrap_or(
+                "Needle accuracy relative to full attention against ingest time (single + multi-key)",
+            ),
+            match costs {
+                Some(_) => "ingest time / full attention's (cost run: one document at a time)",
+                None => "ingest time / full attention's (this run)",
+            },
+            "accuracy / full attention's on the same questions",
         );
         chart.y_unit = plot::Unit::Percent;
-        chart.note = format!(
-            "{} questions per configuration; points left to right: smaller blocks to larger (L/16 ... L/4), full = one block",
+        chart.dashed = vec!["goal".into()];
+        let goal_tasks = |t: &Task| *t != Task::MultiValue;
+        let marks_of = |c: usize| -> Vec<Option<bool>> {
             self.by_task
                 .iter()
-                .filter(|(t, _)| **t != Task::MultiValue)
-                .map(|(_, c)| c[0].len())
-                .sum::<usize>()
-        );
-        let full = self.ingest_seconds[0];
-        let mut points: Vec<(String, f64, f64)> = Vec::new();
-        for (i, config) in self.configs.iter().enumerate() {
-            let marks: Vec<bool> = self
-                .by_task
-                .iter()
-                .filter(|(t, _)| **t != Task::MultiValue)
-                .flat_map(|(_, cols)| cols[i].iter().copied())
-                .collect();
-            if marks.is_empty() {
-                continue;
+                .filter(|(t, _)| goal_tasks(t))
+                .flat_map(|(_, cols)| cols[c].iter().copied())
+                .collect()
+        };
+        let full = marks_of(0);
+        let x_of = |c: usize| match costs {
+            Some(costs) => cost_ratio(costs, &self.configs[c].label),
+            None => {
+                let (s, f) = self.ingest_vs_full[c];
+                (f > 0.0).then(|| s / f)
             }
+        };
+        let mut points: Vec<(String, usize, f64, f64)> = Vec::new();
+        let mut sizes = Vec::new();
+        for (i, config) in self.configs.iter().enumerate() {
+            let (star, base) = paired(&marks_of(i), &full);
+            let Some((ratio, _, _)) = paired_ratio(&star, &base) else {
+                continue;
+            };
+            let Some(x) = x_of(i) else {
+                eprintln!("chart: no ingest time for {} (left out)", config.label);
+                continue;
+            };
+            sizes.push(star.len());
             let family = match config.divisor {
                 None => "full attention".to_string(),
-                Some(_) => match config.label.split_once(':') {
-                    Some((_, options)) => options.replace(':', ", "),
-                    None => "star, anchor = block".to_string(),
-                },
+                Some(_) if config.options().is_empty() => "default options".to_string(),
+                Some(_) => config.options().replace(':', ", "),
             };
-            points.push((family, self.ingest_seconds[i] / full, 100.0 * rate(&marks)));
+            // Larger divisors (smaller blocks) first along each line.
+            let order = usize::MAX - config.divisor.unwrap_or(1);
+            points.push((family, order, x, 100.0 * ratio));
         }
-        points.sort_by(|a, b| a.1.total_cmp(&b.1));
-        for (family, x, y) in points {
+        let (lo, hi) = (
+            points.iter().map(|p| p.2).fold(f64::INFINITY, f64::min),
+            points.iter().map(|p| p.2).fold(f64::NEG_INFINITY, f64::max),
+        );
+        if lo.is_finite() {
+            chart.push("goal (95% of full)", (lo - 0.05).max(0.0), 95.0);
+            chart.push("goal (95% of full)", hi + 0.05, 95.0);
+        }
+        points.sort_by_key(|p| p.1);
+        for (family, _, x, y) in points {
             chart.push(&family, x, y);
         }
+        let mut divisors: Vec<usize> = self.configs.iter().filter_map(|c| c.divisor).collect();
+        divisors.sort_unstable_by(|a, b| b.cmp(a));
+        divisors.dedup();
+        let labels: Vec<String> = divisors.iter().map(|d| format!("L/{d}")).collect();
+        chart.note = args.figure_note.clone().unwrap_or_else(|| {
+            format!(
+                "{} single + multi-key questions per configuration; points along a line: block sizes {} (smallest first)",
+                match (sizes.iter().min(), sizes.iter().max()) {
+                    (Some(a), Some(b)) if a != b => format!("{a}-{b}"),
+                    (Some(a), _) => a.to_string(),
+                    _ => "no".into(),
+                },
+                labels.join(", ")
+            )
+        });
         chart
     }
 
-    /// `config,task,questions,accuracy,lo,hi,ratio,ratio_lo,ratio_hi,ingest_seconds`.
+    /// `config,task,questions,accuracy,lo,hi,ratio,ratio_lo,ratio_hi,ingest_seconds`
+    /// (ratio over the questions answered by both; ingest seconds summed over the cases
+    /// this configuration ingested).
     fn csv(&self) -> String {
         let mut lines = vec![
             "config,task,questions,accuracy,lo,hi,ratio,ratio_lo,ratio_hi,ingest_seconds"
                 .to_string(),
         ];
-        let mut all: Vec<Vec<bool>> = vec![Vec::new(); self.configs.len()];
-        let mut rows: Vec<(String, Vec<Vec<bool>>)> = Vec::new();
-        for (task, cols) in &self.by_task {
-            rows.push((task.name().into(), cols.clone()));
-            for (a, c) in all.iter_mut().zip(cols) {
-                a.extend(c);
-            }
-        }
-        rows.push(("all".into(), all));
-        for (task, cols) in &rows {
+        for (task, cols) in &self.rows() {
             for (i, c) in cols.iter().enumerate() {
-                let (lo, hi) = wilson(c);
+                let marks = answered(c);
+                let (lo, hi) = wilson(&marks);
+                let (star, full) = paired(c, &cols[0]);
                 let (r, rlo, rhi) =
-                    paired_ratio(c, &cols[0]).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+                    paired_ratio(&star, &full).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
                 lines.push(format!(
                     "{},{task},{},{:.4},{lo:.4},{hi:.4},{r:.4},{rlo:.4},{rhi:.4},{:.3}",
                     self.configs[i].label,
-                    c.len(),
-                    rate(c),
-                    self.ingest_seconds[i]
+                    marks.len(),
+                    rate(&marks),
+                    self.ingest_vs_full[i].0
                 ));
             }
         }
@@ -689,53 +947,7 @@ impl<'a> Report<'a> {
     }
 }
 
-fn rate(marks: &[bool]) -> f64 {
-    marks.iter().filter(|&&m| m).count() as f64 / marks.len().max(1) as f64
-}
-
-fn percent(marks: &[bool]) -> String {
-    format!(
-        "{:.1}% ({}/{})",
-        100.0 * rate(marks),
-        marks.iter().filter(|&&m| m).count(),
-        marks.len()
-    )
-}
-
-/// Wilson score interval at 95% for a proportion (sound near 0% and 100%, unlike the
-/// normal approximation).
-fn wilson(marks: &[bool]) -> (f64, f64) {
-    let n = marks.len() as f64;
-    if n == 0.0 {
-        return (f64::NAN, f64::NAN);
-    }
-    let z = 1.959_964;
-    let p = rate(marks);
-    let centre = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
-    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / (1.0 + z * z / n);
-    ((centre - half).max(0.0), (centre + half).min(1.0))
-}
-
-/// `rate(star) / rate(full)` over the same questions, with a paired bootstrap 95%
-/// interval (questions resampled together, so the correlation between modes counts).
-fn paired_ratio(star: &[bool], full: &[bool]) -> Option<(f64, f64, f64)> {
-    let n = star.len();
-    if n == 0 || n != full.len() || rate(full) == 0.0 {
-        return None;
-    }
-    let mut rng = SplitMix64::new(0xB007_57A9);
-    let mut ratios: Vec<f64> = (0..2000)
-        .filter_map(|_| {
-            let (mut s, mut f) = (0usize, 0usize);
-            for _ in 0..n {
-                let j = rng.below(n);
-                s += usize::from(star[j]);
-                f += usize::from(full[j]);
-            }
-            (f > 0).then(|| s as f64 / f as f64)
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
-    Some((rate(star) / rate(full), at(0.025), at(0.975)))
+/// A configuration's ingest time relative to `full` in a cost run.
+fn cost_ratio(costs: &BTreeMap<String, f64>, label: &str) -> Option<f64> {
+    Some(costs.get(label)? / costs.get("full")?)
 }

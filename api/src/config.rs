@@ -62,10 +62,11 @@ pub struct ServerConfig {
     /// Default anchor size (`None`: the block size).
     pub anchor_size: Option<usize>,
     /// Default `reencode_ratio` for ingests that do not set one (`None`: 0, off).
-    /// Selective re-encoding (issue 14) buys accuracy at small blocks for ingest time
-    /// (README: 0.05 measured best on the H200 at 8 and 16 blocks per document), but its
-    /// block keys cover the whole document (no reuse across documents or on re-ingest of
-    /// an edited one). A cluster's coordinator ignores it: shard workers do not re-encode.
+    /// Selective re-encoding (issue 14) costs ingest time, and its block keys cover the
+    /// whole document (no reuse across documents or on re-ingest of an edited one); at
+    /// 0.05 it bought no measurable accuracy on the H200 at 8 and 16 blocks per document
+    /// (README, 616 paired needle questions), hence off by default. A cluster's
+    /// coordinator ignores it: shard workers do not re-encode.
     pub reencode_ratio: Option<f32>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
