@@ -2,6 +2,7 @@
 //!
 //! Model tests run the real default model, fetched once into the target directory.
 
+mod bench_stats;
 mod cli;
 mod cluster;
 mod hardening;

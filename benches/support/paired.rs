@@ -2,10 +2,23 @@
 //! interval, and a paired bootstrap interval on the ratio or difference of two
 //! configurations' accuracies over the same questions.
 
-use crate::niah::SplitMix64;
-
 /// Bootstrap resamples behind every paired interval.
 const RESAMPLES: usize = 2000;
+
+/// The resampling stream: splitmix64 with a fixed seed (the needle cases' generator, so
+/// the module needs nothing else and an interval is the same in every run and release).
+struct Resampler(u64);
+
+impl Resampler {
+    /// An index in `0..n` (`n > 0`; the modulo bias is far below the bootstrap's noise).
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
 
 pub fn rate(marks: &[bool]) -> f64 {
     marks.iter().filter(|&&m| m).count() as f64 / marks.len().max(1) as f64
@@ -63,7 +76,7 @@ fn paired_bootstrap(
     }
     let count = |m: &[bool]| m.iter().filter(|&&x| x).count();
     let point = stat(count(a), count(b), n)?;
-    let mut rng = SplitMix64::new(0xB007_57A9);
+    let mut rng = Resampler(0xB007_57A9);
     let mut values: Vec<f64> = (0..RESAMPLES)
         .filter_map(|_| {
             let (mut sa, mut sb) = (0usize, 0usize);
