@@ -30,8 +30,8 @@ use starkv_compute::cuda::star::{
     ContextBlocks, GpuBlock, GpuQuery, StreamedBlocks, encode_context,
 };
 use starkv_compute::cuda::{
-    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, Kernels, LongKernel,
-    PinnedBuf, Segment, TableBuf, probe, upload_plans, upload_plans_with_maps,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, Kernels, PinnedBuf,
+    Segment, TableBuf, probe, upload_plans, upload_plans_with_maps,
 };
 use starkv_compute::model::LlamaConfig;
 
@@ -573,7 +573,7 @@ fn attention_rows(
         }
         if default.hopper {
             // The Hopper kernels with their cp.async producer instead of TMA.
-            for long in [LongKernel::Hopper, LongKernel::HopperV2] {
+            for long in AttnKernels::ALL_LONG.into_iter().filter(|l| l.is_hopper()) {
                 let k = AttnKernels {
                     long,
                     tma: false,

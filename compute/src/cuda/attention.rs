@@ -70,33 +70,54 @@ pub enum LongKernel {
     /// Hopper only (sm_90a, head_dim 128; `attention_sm90.cu`): wgmma, a producer
     /// warpgroup filling a two-stage K/V ring behind mbarriers, two consumer warpgroups
     /// of 64 rows, 128-key tiles, each consumer computing the softmax of tile t while
-    /// the tensor cores add tile t - 1's P.V (FlashAttention-3's overlap). The tiles come
-    /// by bulk tensor copies (TMA) when the plan was uploaded with tensor maps (see
-    /// [`SegmentAttention::long_runs`]) and [`AttnKernels::tma`] is on, else by
-    /// cp.async from a producer warpgroup. Elsewhere (or at other head dims)
-    /// [`LongKernel::M32`] runs instead, as for the one below.
-    Hopper,
-    /// [`LongKernel::Hopper`] with the softmax rewritten after reading its SASS (S only
-    /// read, the mask under one branch, the exponentials before the wait for the previous
-    /// P.V): see attention_sm90.cu and PERF_NOTES.md. The default on a Hopper GPU at
-    /// head_dim 128: 445 TFLOP/s on the 8B phase-1 shape against M32's 345 (H200,
-    /// 2026-12-02, same run), and the selftest's every attention case within tolerance.
+    /// the tensor cores add tile t - 1's P.V (FlashAttention-3's intra-warpgroup
+    /// overlap), the two consumers running freely. The tiles come by bulk tensor copies
+    /// (TMA) when the plan was uploaded with tensor maps (see
+    /// [`SegmentAttention::long_runs`]) and [`AttnKernels::tma`] is on, else by cp.async
+    /// from the producer warpgroup. Elsewhere (or at other head dims) [`LongKernel::M32`]
+    /// runs instead, as for the two below. 445 TFLOP/s on the 8B phase-1 shape (H200,
+    /// 2026-12-02 06:03 UTC; the default until the two below).
     HopperV2,
+    /// [`LongKernel::HopperV2`] with FlashAttention-3's inter-warpgroup ping-pong: the
+    /// two consumers take turns at issuing their products (named barriers), so that one's
+    /// softmax runs under the other's products.
+    HopperPingPong,
+    /// [`LongKernel::HopperPingPong`] with 176-key tiles (FlashAttention-3's tile at
+    /// head_dim 128): the exponentials written over S, packed into P after the previous
+    /// P.V (the registers for S, P, the next P and O do not fit at 176 keys).
+    HopperPingPong176,
 }
 
 impl LongKernel {
     /// Whether this is one of the sm_90a kernels.
     pub fn is_hopper(self) -> bool {
-        matches!(self, LongKernel::Hopper | LongKernel::HopperV2)
+        matches!(
+            self,
+            LongKernel::HopperV2 | LongKernel::HopperPingPong | LongKernel::HopperPingPong176
+        )
+    }
+
+    /// Keys per tile of a Hopper kernel (they load their tiles in boxes of this many
+    /// keys: see tma.rs).
+    pub fn hopper_keys(self) -> usize {
+        match self {
+            LongKernel::HopperPingPong176 => 176,
+            _ => 128,
+        }
     }
 }
 
-/// Dynamic shared memory of the Hopper kernels with `stages` K/V stages (mirrors
-/// `S9_SMEM` in attention_sm90.cu): the Q tile (128 rows) and the K and V tiles (128
-/// keys) at head_dim 128, two mbarriers a stage, and 1 KiB of slack to align the base to
-/// the 1 KiB swizzle period.
-pub(super) fn sm90_smem(stages: usize) -> usize {
-    2 * 128 * 128 + stages * 2 * 2 * 128 * 128 + 16 * stages + 1024
+/// The long-run kernel on a Hopper GPU at head_dim 128: the fastest of the three on the
+/// 8B phase-1 shape (README, "Phase-1 attention on Hopper tensor cores").
+pub const HOPPER_DEFAULT: LongKernel = LongKernel::HopperPingPong176;
+
+/// Dynamic shared memory of the Hopper kernels with `keys`-key tiles (mirrors
+/// `s9_bar` and the slack in attention_sm90.cu): the Q tile (128 rows) and two stages of
+/// K and V tiles at head_dim 128, two mbarriers a stage, and 1 KiB of slack to align the
+/// base to the 1 KiB swizzle period.
+pub(super) fn sm90_smem(keys: usize) -> usize {
+    const STAGES: usize = 2;
+    2 * 128 * 128 + STAGES * 2 * 2 * keys * 128 + 16 * STAGES + 1024
 }
 
 /// The kernel that attends at most 16 rows per KV head (decoding a token).
@@ -110,18 +131,19 @@ pub enum DecodeKernel {
 
 /// Which kernels [`Gpu::attention`] launches, by rows per KV head (`m * group`): at most
 /// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
-/// the measurements in PERF_NOTES.md; env `STARKV_ATTN_LONG=simple|m32|m32n32|hopper|hopper-v2`
-/// and `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs). On a Hopper GPU (compute
-/// capability 9.0) the long kernel defaults to [`LongKernel::HopperV2`] (at head_dim 128;
-/// [`LongKernel::M32`] at other head dims); env `STARKV_ATTN_SM90=0` keeps it off (and
-/// uncompiled).
+/// the measurements in PERF_NOTES.md and the README; env
+/// `STARKV_ATTN_LONG=simple|m32|m32n32|hopper-v2|hopper-pp|hopper-pp176` (`hopper`: the
+/// Hopper default) and `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs). On a
+/// Hopper GPU (compute capability 9.0) the long kernel defaults to [`HOPPER_DEFAULT`]
+/// (at head_dim 128; [`LongKernel::M32`] at other head dims); env `STARKV_ATTN_SM90=0`
+/// keeps it off (and uncompiled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnKernels {
     pub long: LongKernel,
     pub decode: DecodeKernel,
     /// The 8-bit kernels' key tile (plans with 8-bit items).
     pub kv8: Kv8Tile,
-    /// Whether the device runs [`LongKernel::Hopper`] (compute capability 9.0 and not
+    /// Whether the device runs the Hopper kernels (compute capability 9.0 and not
     /// switched off): without it that choice falls back to [`LongKernel::M32`].
     pub hopper: bool,
     /// Whether the Hopper kernels load tiles by TMA where the plan has tensor maps (env
@@ -143,12 +165,13 @@ impl Default for AttnKernels {
 
 impl AttnKernels {
     /// Every kernel the selftest must cover.
-    pub const ALL_LONG: [LongKernel; 5] = [
+    pub const ALL_LONG: [LongKernel; 6] = [
         LongKernel::Simple,
         LongKernel::M32,
         LongKernel::M32N32,
-        LongKernel::Hopper,
         LongKernel::HopperV2,
+        LongKernel::HopperPingPong,
+        LongKernel::HopperPingPong176,
     ];
     pub const ALL_DECODE: [DecodeKernel; 2] = [DecodeKernel::W1, DecodeKernel::P1N32];
     pub const ALL_KV8: [Kv8Tile; 2] = [Kv8Tile::N32, Kv8Tile::N64];
@@ -159,8 +182,9 @@ impl AttnKernels {
             LongKernel::Simple => 0,
             LongKernel::M32 => 1,
             LongKernel::M32N32 => 2,
-            LongKernel::Hopper => 3,
             LongKernel::HopperV2 => 4,
+            LongKernel::HopperPingPong => 5,
+            LongKernel::HopperPingPong176 => 6,
         };
         let decode = match self.decode {
             DecodeKernel::W1 => 0,
@@ -183,7 +207,7 @@ impl AttnKernels {
         let mut k = Self {
             hopper,
             long: if hopper {
-                LongKernel::HopperV2
+                HOPPER_DEFAULT
             } else {
                 LongKernel::M32
             },
@@ -193,8 +217,10 @@ impl AttnKernels {
             Ok("simple") => k.long = LongKernel::Simple,
             Ok("m32") => k.long = LongKernel::M32,
             Ok("m32n32") => k.long = LongKernel::M32N32,
-            Ok("hopper") => k.long = LongKernel::Hopper,
+            Ok("hopper") => k.long = HOPPER_DEFAULT,
             Ok("hopper-v2") => k.long = LongKernel::HopperV2,
+            Ok("hopper-pp") => k.long = LongKernel::HopperPingPong,
+            Ok("hopper-pp176") => k.long = LongKernel::HopperPingPong176,
             _ => {}
         }
         if matches!(
@@ -263,8 +289,9 @@ impl AttnKernels {
                 128,
                 pipe_smem(4 * 32 + 128, head_dim),
             ),
-            LongKernel::Hopper => ("attn_fwd_sm90_ov", 128, 384, sm90_smem(2)),
-            LongKernel::HopperV2 => ("attn_fwd_sm90_v2", 128, 384, sm90_smem(2)),
+            LongKernel::HopperV2 => ("attn_fwd_sm90_v2", 128, 384, sm90_smem(128)),
+            LongKernel::HopperPingPong => ("attn_fwd_sm90_pp", 128, 384, sm90_smem(128)),
+            LongKernel::HopperPingPong176 => ("attn_fwd_sm90_pp176", 128, 384, sm90_smem(176)),
         }
     }
 }
@@ -521,8 +548,9 @@ impl Gpu {
         let (name, rows_per_cta, threads, smem) = choice.launch(m * group, d, kv8);
         // The Hopper kernels' TMA twins take the tensor maps as an 11th parameter.
         let tma_name = match name {
-            "attn_fwd_sm90_ov" => Some("attn_fwd_sm90_ov_tma"),
             "attn_fwd_sm90_v2" => Some("attn_fwd_sm90_v2_tma"),
+            "attn_fwd_sm90_pp" => Some("attn_fwd_sm90_pp_tma"),
+            "attn_fwd_sm90_pp176" => Some("attn_fwd_sm90_pp176_tma"),
             _ => None,
         }
         .filter(|_| choice.tma && tmaps != 0);

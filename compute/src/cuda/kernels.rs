@@ -83,12 +83,14 @@ pub(crate) const SOURCES: [(&str, &str, &str, &[&str]); 3] = [
     ("gemv.cu", "", GEMV_SOURCE, GEMV_KERNELS),
 ];
 
-/// The kernels of `attention_sm90.cu` (all with two K/V stages).
-pub(crate) const SM90_KERNELS: [&str; 4] = [
-    "attn_fwd_sm90_ov",
-    "attn_fwd_sm90_ov_tma",
+/// The kernels of `attention_sm90.cu` (all with two K/V stages; `_pp176`: 176-key tiles).
+pub(crate) const SM90_KERNELS: [&str; 6] = [
     "attn_fwd_sm90_v2",
     "attn_fwd_sm90_v2_tma",
+    "attn_fwd_sm90_pp",
+    "attn_fwd_sm90_pp_tma",
+    "attn_fwd_sm90_pp176",
+    "attn_fwd_sm90_pp176_tma",
 ];
 
 /// The kernels of one (16-bit type, head dimension) pair.
@@ -172,10 +174,15 @@ impl Gpu {
                 "compute_90a",
                 &options,
             )?;
-            for f in funcs.values() {
+            for (name, f) in &funcs {
+                let keys = if name.starts_with("attn_fwd_sm90_pp176") {
+                    176
+                } else {
+                    128
+                };
                 f.set_attribute(
                     drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    sm90_smem(2) as i32,
+                    sm90_smem(keys) as i32,
                 )?;
             }
             *cache = Some(funcs);

@@ -144,7 +144,8 @@ fn tier_evicts_least_recently_used_within_budget() {
 }
 
 /// Every kernel the launcher loads by name is defined in the source it is loaded from (as
-/// a plain `extern "C"` kernel or through the `ATTN_PIPE_KERNEL` or `ATTN_KV8_KERNEL` macro): a missing one
+/// a plain `extern "C"` kernel or through the `ATTN_PIPE_KERNEL`, `ATTN_KV8_KERNEL` or
+/// `ATTN_SM90_KERNELS` macro, the last defining NAME and NAME_tma): a missing one
 /// would only show at run time on a GPU. The shared header defines no kernel.
 #[test]
 fn kernel_sources_declare_every_kernel() {
@@ -161,8 +162,10 @@ fn kernel_sources_declare_every_kernel() {
                     || source.contains(&format!("void __launch_bounds__(128) {name}("))
                     || source.contains(&format!("void __launch_bounds__(32) {name}("))
                     || source.contains(&format!("void __launch_bounds__(GEMV_THREADS) {name}("))
-                    || source.contains(&format!("ATTN_SM90_KERNEL({name},"))
-                    || source.contains(&format!("ATTN_SM90_TMA_KERNEL({name},"))
+                    || source.contains(&format!("ATTN_SM90_KERNELS({name},"))
+                    || name.strip_suffix("_tma").is_some_and(|base| {
+                        source.contains(&format!("ATTN_SM90_KERNELS({base},"))
+                    })
                     || source.contains(&format!("ATTN_PIPE_KERNEL({name},"))
                     || source.contains(&format!("ATTN_KV8_KERNEL({name},")),
                 "{name} is not defined in {file}"
@@ -287,7 +290,7 @@ fn plans_mark_8bit_segments() {
 #[test]
 fn hopper_kernel_falls_back_off_hopper() {
     let on = AttnKernels {
-        long: LongKernel::Hopper,
+        long: LongKernel::HopperV2,
         hopper: true,
         ..AttnKernels::default()
     };
@@ -295,21 +298,29 @@ fn hopper_kernel_falls_back_off_hopper() {
         hopper: false,
         ..on
     };
-    assert_eq!(on.launch(4096, 128, false).0, "attn_fwd_sm90_ov");
+    assert_eq!(on.launch(4096, 128, false).0, "attn_fwd_sm90_v2");
     assert_eq!(on.launch(4096, 128, false).1, 128);
     assert_eq!(on.launch(4096, 128, false).2, 384);
     assert_eq!(
         on.launch(4096, 128, false).3,
-        super::attention::sm90_smem(2)
+        super::attention::sm90_smem(128)
     );
-    let v2 = AttnKernels {
-        long: LongKernel::HopperV2,
-        ..on
-    };
-    assert_eq!(v2.launch(4096, 128, false).0, "attn_fwd_sm90_v2");
-    assert_eq!(v2.launch(4096, 64, false).0, "attn_fwd_m32");
-    // The tiles and barriers fit the 227 KiB a block may have.
-    assert!(on.launch(4096, 128, false).3 <= 227 * 1024);
+    for (long, name, keys) in [
+        (LongKernel::HopperPingPong, "attn_fwd_sm90_pp", 128),
+        (LongKernel::HopperPingPong176, "attn_fwd_sm90_pp176", 176),
+    ] {
+        let k = AttnKernels { long, ..on };
+        assert_eq!(k.launch(4096, 128, false).0, name);
+        assert_eq!(long.hopper_keys(), keys);
+        assert_eq!(
+            k.launch(4096, 128, false).3,
+            super::attention::sm90_smem(keys)
+        );
+        assert_eq!(k.launch(4096, 64, false).0, "attn_fwd_m32");
+        assert_ne!(k.code(), on.code());
+    }
+    // The tiles and barriers fit the 227 KiB a block may have, at either tile size.
+    assert!(super::attention::sm90_smem(176) <= 227 * 1024);
     assert_eq!(on.launch(4096, 64, false).0, "attn_fwd_m32");
     assert_eq!(off.launch(4096, 128, false).0, "attn_fwd_m32");
     // Short runs, decoding and 8-bit plans never take it.

@@ -883,10 +883,12 @@ fn hopper_vs_m32(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> 
         let mut results = Vec::new();
         // (kernel, TMA loads) pairs, then the reference.
         let hoppers = [
-            (LongKernel::Hopper, true),
-            (LongKernel::Hopper, false),
             (LongKernel::HopperV2, true),
             (LongKernel::HopperV2, false),
+            (LongKernel::HopperPingPong, true),
+            (LongKernel::HopperPingPong, false),
+            (LongKernel::HopperPingPong176, true),
+            (LongKernel::HopperPingPong176, false),
         ];
         for (long, tma) in hoppers.into_iter().chain([(LongKernel::M32, false)]) {
             gpu.set_attention_kernels(AttnKernels {
@@ -1072,12 +1074,14 @@ fn attention_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) 
         })
         .collect();
     if default.hopper {
-        // The Hopper kernel with its cp.async producer too (TMA above, at d = 128).
-        combos.push(AttnKernels {
-            long: LongKernel::Hopper,
-            tma: false,
-            ..default
-        });
+        // The Hopper kernels with their cp.async producer too (TMA above, at d = 128).
+        for long in longs.iter().copied().filter(|l| l.is_hopper()) {
+            combos.push(AttnKernels {
+                long,
+                tma: false,
+                ..default
+            });
+        }
     }
     for kernels in combos {
         gpu.set_attention_kernels(kernels);

@@ -6,21 +6,27 @@
 // - wgmma (warpgroup MMA): S = Q.K^T with both operands read from shared memory through
 //   matrix descriptors, O += P.V with P in registers (the S accumulator layout of a
 //   16-key slice is the A-fragment layout, so P never touches shared memory);
-// - warp specialisation as in FlashAttention-3: warpgroup 0 is the producer (40
-//   registers after setmaxnreg) filling a two-stage K/V ring, each stage behind a "full"
-//   and an "empty" mbarrier: one thread issuing bulk tensor copies (TMA, the `_tma`
-//   kernels, through per-item tensor maps: tma.rs) or 128 threads issuing cp.async whose
-//   completion arrives on the barrier (cp.async.mbarrier.arrive.noinc); warpgroups 1 and
-//   2 are consumers (232 registers), 64 query rows each, computing the softmax of tile t
-//   while the tensor cores add P(t-1).V(t-1) (FlashAttention-3's intra-warpgroup overlap);
+// - warp specialisation as in FlashAttention-3: warpgroup 0 is the producer filling a
+//   two-stage K/V ring, each stage behind a "full" and an "empty" mbarrier: one thread
+//   issuing bulk tensor copies (TMA, the `_tma` kernels, through per-item tensor maps:
+//   tma.rs) or 128 threads issuing cp.async whose completion arrives on the barrier
+//   (cp.async.mbarrier.arrive.noinc); warpgroups 1 and 2 are consumers, 64 query rows
+//   each, each computing the softmax of tile t while the tensor cores add
+//   P(t-1).V(t-1) (FlashAttention-3's intra-warpgroup overlap);
+// - PINGPONG (FlashAttention-3's inter-warpgroup schedule): two named barriers hand the
+//   tensor cores from one consumer warpgroup to the other, so that each issues its two
+//   products of a tile only after the other has issued its own: the products of the
+//   two alternate on the tensor cores and one's softmax runs under the other's products
+//   (without it both tend to reach their softmax at once, and the tensor cores idle);
+// - setmaxnreg: the producer gives registers back (24 with TMA, 40 with cp.async) so
+//   that each consumer thread can hold S, P, the next P and O (240 or 232);
 // - shared-memory tiles in the 128-byte swizzled layout wgmma reads (the one TMA writes):
 //   a tile of R rows x 128 dims is two halves of R rows x 128 bytes (64 dims), and the
 //   16-byte chunk c of row r sits at r * 128 + ((c ^ (r % 8)) * 16) in its half.
 //
 // Rows are (token, query head) pairs of one KV head as in attention.cu; a CTA holds 128
-// of them (S9_BM) and walks its split's keys in 128-key tiles (S9_BN), heaviest CTAs
-// first. Measured on the H200 (PERF_NOTES.md): correct, but slower than attn_fwd_m32; the
-// V2 kernels are the rewrite of the softmax that the first version's SASS called for.
+// of them (S9_BM) and walks its split's keys in tiles of BN keys (128 or 176), heaviest
+// CTAs first. Measurements: PERF_NOTES.md and the README ("Phase-1 attention on Hopper").
 
 #if HEAD_DIM != 128
 #error "attention_sm90.cu is written for head_dim 128"
@@ -31,18 +37,25 @@
 #define S9_DIAG 0
 #endif
 
-#define S9_BM 128                     // query rows per CTA (two consumer warpgroups)
-#define S9_BN 128                     // keys per tile
-#define S9_QHALF (S9_BM * 128)        // bytes of one 64-dim half of the Q tile
-#define S9_HALF (S9_BN * 128)         // bytes of one 64-dim half of a K or V tile
-#define S9_TILE (2 * S9_HALF)         // one K or V tile
-#define S9_KV(s) (2 * S9_QHALF + (s) * 2 * S9_TILE)  // K of stage s; its V follows
-// NS-stage ring: mbarriers full[NS] then empty[NS] after the tiles.
-#define S9_BAR(NS) (2 * S9_QHALF + (NS) * 2 * S9_TILE)
-// Dynamic shared memory the launch asks for (mirrors sm90_smem in attention.rs): the
-// tiles, the barriers, and slack to align the base to 1024 bytes (the swizzle repeats
-// every 1024 bytes, and wgmma and the copies agree on it only from an aligned base).
-#define S9_SMEM(NS) (S9_BAR(NS) + 16 * (NS) + 1024)
+#define S9_BM 128               // query rows per CTA (two consumer warpgroups)
+#define S9_QHALF (S9_BM * 128)  // bytes of one 64-dim half of the Q tile
+#define S9_NS 2                 // stages in the K/V ring
+// Shared-memory layout for BN-key tiles (mirrors sm90_smem in attention.rs): the Q
+// tile, then per stage a K tile and its V tile (each two halves of BN rows x 128 bytes),
+// then the mbarriers full[S9_NS] and empty[S9_NS], then 1024 bytes of slack to align the
+// base to 1024 (the swizzle repeats every 1024 bytes, and wgmma and the copies agree on
+// it only from an aligned base).
+__host__ __device__ constexpr u32 s9_half(int bn) { return (u32)bn * 128; }
+__host__ __device__ constexpr u32 s9_tile(int bn) { return 2 * s9_half(bn); }
+__host__ __device__ constexpr u32 s9_kv(int bn, int s) { return 2 * S9_QHALF + (u32)s * 2 * s9_tile(bn); }
+__host__ __device__ constexpr u32 s9_bar(int bn) { return s9_kv(bn, S9_NS); }
+// Named barriers: 1 and 2 order each consumer warpgroup's Q tile; 3 + w is consumer w's
+// turn at the tensor cores (PINGPONG).
+#define S9_BAR_Q 1
+#define S9_BAR_TURN 3
+// Bytes per item in the tensor-map table (mirrors tma.rs): K and V maps with 128-key
+// boxes, then K and V maps with 176-key boxes.
+#define ITEM_MAP_BYTES 512
 
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
@@ -103,11 +116,20 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 
 // Keeps the compiler from moving reads or writes of an accumulator across a wgmma wait.
-__device__ __forceinline__ void reg_fence(float (&d)[16][4]) {
+template <int R>
+__device__ __forceinline__ void reg_fence(float (&d)[R][4]) {
 #pragma unroll
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < R; i++)
 #pragma unroll
         for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+// Named barrier `id` over `n` threads: wait for all of them, or only count this warp in.
+__device__ __forceinline__ void named_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
 // A shared-memory matrix descriptor for the 128-byte swizzle: start address, leading
@@ -118,135 +140,61 @@ __device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo) {
            (1ull << 62);
 }
 
-// S (+)= A . B^T over one 16-deep step: A (64 x 16, K-major) and B (128 x 16, K-major)
+// The accumulator operands of an m64nNk16 wgmma: N / 2 f32 registers per thread, as
+// d[N / 8][4].
+#define S9_F4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define S9_F16(i) S9_F4(i), S9_F4(i + 1), S9_F4(i + 2), S9_F4(i + 3)
+// m64n128k16: 64 accumulator registers per thread.
+#define S9_ACC128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define S9_OUT128 S9_F16(0), S9_F16(4), S9_F16(8), S9_F16(12)
+// m64n176k16: 88 accumulator registers per thread.
+#define S9_ACC176 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}"
+#define S9_OUT176 S9_F16(0), S9_F16(4), S9_F16(8), S9_F16(12), S9_F16(16), S9_F4(20), S9_F4(21)
+
+// S (+)= A . B^T over one 16-deep step: A (64 x 16, K-major) and B (N x 16, K-major)
 // from shared memory through descriptors; `accumulate` = 0 overwrites D.
-__device__ __forceinline__ void wgmma_ss(float (&d)[16][4], u64 da, u64 db, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
-          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
-          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
-          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
-          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
-          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
-          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "l"(da), "l"(db), "r"(accumulate));
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], u64 da, u64 db, int accumulate);
+template <>
+__device__ __forceinline__ void wgmma_ss<128>(float (&d)[16][4], u64 da, u64 db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " " S9_ACC128
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : S9_OUT128
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<176>(float (&d)[22][4], u64 da, u64 db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n176k16.f32." MMA_TYPE "." MMA_TYPE " " S9_ACC176
+                 ", %88, %89, p, 1, 1, 0, 0;\n}\n"
+                 : S9_OUT176
+                 : "l"(da), "l"(db), "r"(accumulate));
 }
 
 // D += A . B over one 16-deep step: A (64 x 16) in registers (the m16n8k16 A-fragment
 // layout per warp), B (16 x 128, N-major: rows of keys, columns of head dims) from shared
 // memory through a descriptor.
 __device__ __forceinline__ void wgmma_rs(float (&d)[16][4], const u32 (&a)[4], u64 db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
-          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
-          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
-          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
-          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
-          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
-          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " " S9_ACC128
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : S9_OUT128
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
-// The online softmax of one S tile (this thread's rows a = ra and b = ra + 8): masks keys
-// past `n` and, for causal items, past each row's token; folds the tile's row maxima into
-// the running max `mr` (log2 units) with the deferred rescale of attention.cu (the max
-// moves only when a row's max grows by more than 8, so that most tiles skip rescaling O);
-// adds the tile's exponentials to `lr` and packs them as 16-bit A fragments `pf` (the S
-// accumulator of 16 keys is the A-fragment layout of P.V). Returns whether O must be
-// multiplied by `corr` (per row) before the tile's P.V is added.
-__device__ __forceinline__ bool softmax_tile(float (&sacc)[16][4], u32 (&pf)[8][4], float (&mr)[2],
-                                             float (&lr)[2], float (&corr)[2], bool need_mask,
-                                             int n, int causal, int j0, int ra, int group, int tig,
-                                             float scale_log2) {
-    constexpr float RESCALE_SLACK = 8.f;
-    float mx_a = NEG_INF, mx_b = NEG_INF;
-    const int ta = ra / group, tb = (ra + 8) / group;
-#pragma unroll
-    for (int nt = 0; nt < 16; nt++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float x = sacc[nt][e];
-            if (need_mask) {
-                const int jl = nt * 8 + tig * 2 + (e & 1);
-                const int t = e < 2 ? ta : tb;
-                const bool ok = jl < n && (causal < 0 || j0 + jl <= t + causal);
-                x = ok ? x : NEG_INF;
-                sacc[nt][e] = x;
-            }
-            if (e < 2) mx_a = fmaxf(mx_a, x); else mx_b = fmaxf(mx_b, x);
-        }
-    }
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-    mx_a *= scale_log2;  // scale_log2 > 0: the max commutes with the scaling
-    mx_b *= scale_log2;
-    const bool grow = mx_a > mr[0] + RESCALE_SLACK || mx_b > mr[1] + RESCALE_SLACK;
-    const bool rescale = __any_sync(0xffffffffu, grow);
-    if (rescale) {
-        const float mn_a = fmaxf(mr[0], mx_a), mn_b = fmaxf(mr[1], mx_b);
-        corr[0] = mn_a == NEG_INF ? 1.f : fast_exp2(mr[0] - mn_a);
-        corr[1] = mn_b == NEG_INF ? 1.f : fast_exp2(mr[1] - mn_b);
-        mr[0] = mn_a;
-        mr[1] = mn_b;
-        lr[0] *= corr[0];
-        lr[1] *= corr[1];
-    }
-    // exp2(s * scale - max) as one FMA; rows that saw no key yet have max -inf.
-    const float nb_a = mr[0] == NEG_INF ? 0.f : -mr[0];
-    const float nb_b = mr[1] == NEG_INF ? 0.f : -mr[1];
-    float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 16; nt++) {
-        const float p0 = fast_exp2(fmaf(sacc[nt][0], scale_log2, nb_a));
-        const float p1 = fast_exp2(fmaf(sacc[nt][1], scale_log2, nb_a));
-        const float p2 = fast_exp2(fmaf(sacc[nt][2], scale_log2, nb_b));
-        const float p3 = fast_exp2(fmaf(sacc[nt][3], scale_log2, nb_b));
-        sum_a += p0 + p1;
-        sum_b += p2 + p3;
-        // Slice nt / 2: (row a, keys +0..7), (row b, +0..7), (row a, +8..15), (row b, +8..15).
-        pf[nt >> 1][(nt & 1) * 2 + 0] = pack2(p0, p1);
-        pf[nt >> 1][(nt & 1) * 2 + 1] = pack2(p2, p3);
-    }
-    lr[0] += sum_a;
-    lr[1] += sum_b;
-    return rescale;
-}
-
-// softmax_tile with what the first version's SASS showed costly moved out, for the
-// overlapped schedule: S is only read (never written: the compiler makes any write to a
-// wgmma accumulator register wait for every product in flight, which put the wait for
-// P(t-1).V(t-1) before the exponentials and serialised them), the mask is applied as the
-// values are read under one branch (the per-element `if (need_mask)` compiled to 64
-// taken branches a tile, each re-dividing the row by the group size), and the rows'
-// tokens `ta`, `tb` come precomputed.
-template <bool MASK>
-__device__ __forceinline__ float masked(const float (&sacc)[16][4], int nt, int e, int lim_a,
+// The online softmax of one S tile of NT * 8 keys (this thread's rows a and b = a + 8),
+// S only read: the compiler makes any write to a wgmma accumulator register wait for
+// every product in flight, which would put the wait for P(t-1).V(t-1) before the
+// exponentials and serialise them. Keys at or past `lim_a` (`lim_b`) are masked for row
+// a (b) when MASK, as the values are read (one branch per tile, not per element). Folds
+// the tile's row maxima into the running max `mr` (log2 units) with deferred rescaling
+// (the max moves only when a row's max grows by more than 8, so that most tiles skip
+// rescaling O); adds the tile's exponentials to `lr` and packs them as 16-bit A fragments
+// `pn` (the S accumulator of 16 keys is the A-fragment layout of P.V). Returns whether O
+// must be multiplied by `corr` (per row) before the tile's P.V is added.
+template <int NT, bool MASK>
+__device__ __forceinline__ float masked(const float (&sacc)[NT][4], int nt, int e, int lim_a,
                                         int lim_b, int tig) {
     const float x = sacc[nt][e];
     if (!MASK) return x;
@@ -254,22 +202,22 @@ __device__ __forceinline__ float masked(const float (&sacc)[16][4], int nt, int 
     return jl < (e < 2 ? lim_a : lim_b) ? x : NEG_INF;
 }
 
-template <bool MASK>
-__device__ __forceinline__ bool softmax_tile3(const float (&sacc)[16][4], u32 (&pn)[8][4],
-                                              float (&mr)[2], float (&lr)[2], float (&corr)[2],
-                                              int lim_a, int lim_b, int tig, float scale_log2) {
+template <int NT, bool MASK, bool INPLACE>
+__device__ __forceinline__ bool softmax_tile(float (&sacc)[NT][4], u32 (&pn)[NT / 2][4],
+                                             float (&mr)[2], float (&lr)[2], float (&corr)[2],
+                                             int lim_a, int lim_b, int tig, float scale_log2) {
     constexpr float RESCALE_SLACK = 8.f;
     float mx_a = NEG_INF, mx_b = NEG_INF, mx_c = NEG_INF, mx_d = NEG_INF;
 #pragma unroll
-    for (int nt = 0; nt < 16; nt += 2) {
-        mx_a = fmaxf(mx_a, fmaxf(masked<MASK>(sacc, nt, 0, lim_a, lim_b, tig),
-                                 masked<MASK>(sacc, nt, 1, lim_a, lim_b, tig)));
-        mx_b = fmaxf(mx_b, fmaxf(masked<MASK>(sacc, nt, 2, lim_a, lim_b, tig),
-                                 masked<MASK>(sacc, nt, 3, lim_a, lim_b, tig)));
-        mx_c = fmaxf(mx_c, fmaxf(masked<MASK>(sacc, nt + 1, 0, lim_a, lim_b, tig),
-                                 masked<MASK>(sacc, nt + 1, 1, lim_a, lim_b, tig)));
-        mx_d = fmaxf(mx_d, fmaxf(masked<MASK>(sacc, nt + 1, 2, lim_a, lim_b, tig),
-                                 masked<MASK>(sacc, nt + 1, 3, lim_a, lim_b, tig)));
+    for (int nt = 0; nt < NT; nt += 2) {
+        mx_a = fmaxf(mx_a, fmaxf(masked<NT, MASK>(sacc, nt, 0, lim_a, lim_b, tig),
+                                 masked<NT, MASK>(sacc, nt, 1, lim_a, lim_b, tig)));
+        mx_b = fmaxf(mx_b, fmaxf(masked<NT, MASK>(sacc, nt, 2, lim_a, lim_b, tig),
+                                 masked<NT, MASK>(sacc, nt, 3, lim_a, lim_b, tig)));
+        mx_c = fmaxf(mx_c, fmaxf(masked<NT, MASK>(sacc, nt + 1, 0, lim_a, lim_b, tig),
+                                 masked<NT, MASK>(sacc, nt + 1, 1, lim_a, lim_b, tig)));
+        mx_d = fmaxf(mx_d, fmaxf(masked<NT, MASK>(sacc, nt + 1, 2, lim_a, lim_b, tig),
+                                 masked<NT, MASK>(sacc, nt + 1, 3, lim_a, lim_b, tig)));
     }
     mx_a = fmaxf(mx_a, mx_c);
     mx_b = fmaxf(mx_b, mx_d);
@@ -290,16 +238,17 @@ __device__ __forceinline__ bool softmax_tile3(const float (&sacc)[16][4], u32 (&
         lr[0] *= corr[0];
         lr[1] *= corr[1];
     }
+    // exp2(s * scale - max) as one FMA; rows that saw no key yet have max -inf.
     const float nb_a = mr[0] == NEG_INF ? 0.f : -mr[0];
     const float nb_b = mr[1] == NEG_INF ? 0.f : -mr[1];
     float sum_a = 0.f, sum_b = 0.f, sum_c = 0.f, sum_d = 0.f;
 #pragma unroll
-    for (int nt = 0; nt < 16; nt++) {
+    for (int nt = 0; nt < NT; nt++) {
         // exp2(-inf) = 0 for masked keys.
-        const float p0 = fast_exp2(fmaf(masked<MASK>(sacc, nt, 0, lim_a, lim_b, tig), scale_log2, nb_a));
-        const float p1 = fast_exp2(fmaf(masked<MASK>(sacc, nt, 1, lim_a, lim_b, tig), scale_log2, nb_a));
-        const float p2 = fast_exp2(fmaf(masked<MASK>(sacc, nt, 2, lim_a, lim_b, tig), scale_log2, nb_b));
-        const float p3 = fast_exp2(fmaf(masked<MASK>(sacc, nt, 3, lim_a, lim_b, tig), scale_log2, nb_b));
+        const float p0 = fast_exp2(fmaf(masked<NT, MASK>(sacc, nt, 0, lim_a, lim_b, tig), scale_log2, nb_a));
+        const float p1 = fast_exp2(fmaf(masked<NT, MASK>(sacc, nt, 1, lim_a, lim_b, tig), scale_log2, nb_a));
+        const float p2 = fast_exp2(fmaf(masked<NT, MASK>(sacc, nt, 2, lim_a, lim_b, tig), scale_log2, nb_b));
+        const float p3 = fast_exp2(fmaf(masked<NT, MASK>(sacc, nt, 3, lim_a, lim_b, tig), scale_log2, nb_b));
         if (nt & 1) {
             sum_c += p0 + p1;
             sum_d += p2 + p3;
@@ -307,8 +256,16 @@ __device__ __forceinline__ bool softmax_tile3(const float (&sacc)[16][4], u32 (&
             sum_a += p0 + p1;
             sum_b += p2 + p3;
         }
-        pn[nt >> 1][(nt & 1) * 2 + 0] = pack2(p0, p1);
-        pn[nt >> 1][(nt & 1) * 2 + 1] = pack2(p2, p3);
+        if (INPLACE) {
+            sacc[nt][0] = p0;
+            sacc[nt][1] = p1;
+            sacc[nt][2] = p2;
+            sacc[nt][3] = p3;
+        } else {
+            // Slice nt / 2: (row a, keys +0..7), (row b, +0..7), (row a, +8..15), (row b, +8..15).
+            pn[nt >> 1][(nt & 1) * 2 + 0] = pack2(p0, p1);
+            pn[nt >> 1][(nt & 1) * 2 + 1] = pack2(p2, p3);
+        }
     }
     lr[0] += sum_a + sum_c;
     lr[1] += sum_b + sum_d;
@@ -328,62 +285,63 @@ __device__ __forceinline__ void scale_rows(float (&o)[16][4], const float (&corr
 // Uses (without redefining) values, so that they are computed before this point and
 // their registers stay theirs until it: a redefinition of a wgmma operand register by
 // other code while a product is in flight makes the compiler serialise every wgmma.
-__device__ __forceinline__ void keep_f(const float (&d)[16][4]) {
+template <int R>
+__device__ __forceinline__ void keep_f(const float (&d)[R][4]) {
 #pragma unroll
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < R; i++)
 #pragma unroll
         for (int e = 0; e < 4; e++) asm volatile("" ::"f"(d[i][e]) : "memory");
 }
-__device__ __forceinline__ void keep_u(const u32 (&a)[8][4]) {
+template <int R>
+__device__ __forceinline__ void keep_u(const u32 (&a)[R][4]) {
 #pragma unroll
-    for (int i = 0; i < 8; i++)
+    for (int i = 0; i < R; i++)
 #pragma unroll
         for (int e = 0; e < 4; e++) asm volatile("" ::"r"(a[i][e]) : "memory");
 }
-
-__device__ __forceinline__ void reg_fence_u(u32 (&a)[8][4]) {
+template <int R>
+__device__ __forceinline__ void reg_fence_u(u32 (&a)[R][4]) {
 #pragma unroll
-    for (int i = 0; i < 8; i++)
+    for (int i = 0; i < R; i++)
 #pragma unroll
         for (int e = 0; e < 4; e++) asm volatile("" : "+r"(a[i][e])::"memory");
 }
 
-// S = Q.K^T of the K tile at `k_at`: 8 steps of 16 dims (4 in each 64-dim half, 32 bytes
-// apart); committed as one wgmma group, not waited for.
-__device__ __forceinline__ void issue_qk(float (&sacc)[16][4], u32 q_at, u32 k_at) {
+// S = Q.K^T of the BN-key K tile at `k_at`: 8 steps of 16 dims (4 in each 64-dim half,
+// 32 bytes apart); committed as one wgmma group, not waited for.
+template <int BN>
+__device__ __forceinline__ void issue_qk(float (&sacc)[BN / 8][4], u32 q_at, u32 k_at) {
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < HEAD_DIM / 16; k++)
-        wgmma_ss(sacc, sw128_desc(q_at + (k >> 2) * S9_QHALF + (k & 3) * 32, 16),
-                 sw128_desc(k_at + (k >> 2) * S9_HALF + (k & 3) * 32, 16), k > 0);
+        wgmma_ss<BN>(sacc, sw128_desc(q_at + (k >> 2) * S9_QHALF + (k & 3) * 32, 16),
+                     sw128_desc(k_at + (k >> 2) * s9_half(BN) + (k & 3) * 32, 16), k > 0);
     wgmma_commit();
 }
 
-// O += P.V of the V tile at `v_at`: 8 steps of 16 keys; V is N-major (rows of keys,
-// 64-dim column blocks S9_HALF apart), a 16-key step is two 8-row groups (2048 bytes).
-// Committed as one wgmma group, not waited for.
-__device__ __forceinline__ void issue_pv(float (&o)[16][4], const u32 (&pf)[8][4], u32 v_at) {
+// O += P.V of the BN-key V tile at `v_at`: BN / 16 steps of 16 keys; V is N-major (rows
+// of keys, 64-dim column blocks s9_half(BN) apart), a 16-key step is two 8-row groups
+// (2048 bytes). Committed as one wgmma group, not waited for.
+template <int BN>
+__device__ __forceinline__ void issue_pv(float (&o)[16][4], const u32 (&pf)[BN / 16][4], u32 v_at) {
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < S9_BN / 16; kk++) wgmma_rs(o, pf[kk], sw128_desc(v_at + kk * 2048, S9_HALF));
+    for (int kk = 0; kk < BN / 16; kk++) wgmma_rs(o, pf[kk], sw128_desc(v_at + kk * 2048, s9_half(BN)));
     wgmma_commit();
 }
 
-// The kernel: NS stages in the K/V ring; OVERLAP: each consumer issues S(t) = Q.K(t)^T
-// and O += P(t-1).V(t-1) back to back and computes the softmax of S(t) while the second
-// product runs (FlashAttention-3's intra-warpgroup pipelining); otherwise S, softmax and
-// P.V follow one another (the two consumer warpgroups still overlap each other).
+// The kernel body, BN keys a tile. Each consumer issues S(t) = Q.K(t)^T and O +=
+// P(t-1).V(t-1) back to back and computes the softmax of S(t) while the second product
+// runs (FlashAttention-3's intra-warpgroup overlap); PINGPONG: the two consumers take
+// turns at issuing (see the top of the file). The wait for P(t-1).V(t-1) comes after
+// the last exponential of S(t): S is only read, P(t) goes to `pn` (kept, keep_u, before
+// the wait), and S stays S's until after it (keep_f; ptxas would otherwise serialise the
+// products, warning C7513).
 // TMA: one producer thread loads each tile with four bulk tensor copies (the copy engine
-// writes the 128-byte swizzle itself) through the tensor maps at `tmaps` (item i's K map
-// at byte 256 i, its V map 128 bytes later: see tma.rs); otherwise the producer
-// warpgroup copies 16 bytes a thread with cp.async.
-// V2 (not yet run on a GPU when written): softmax_tile3, and the P fragments of tile t
-// used (keep_u) before the wait for P(t-1).V(t-1) and S kept (keep_f) until after it. The
-// first version's SASS had that wait before the exponentials (the softmax wrote S's
-// registers, and the compiler makes such a write wait for every product in flight), so
-// the softmax never overlapped the product it was meant to hide; V2's SASS has the wait
-// after the last exponential, no serialised wgmma (ptxas C7513) and 215 registers.
-template <int NS, bool OVERLAP, bool TMA, bool V2 = false>
+// writes the 128-byte swizzle itself) through the tensor maps at `tmaps` (item i's maps
+// at byte ITEM_MAP_BYTES * i, those with BN-key boxes first or second: see tma.rs);
+// otherwise the producer warpgroup copies 16 bytes a thread with cp.async.
+template <int BN, bool PINGPONG, bool TMA>
 __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m, int group, int nh,
                                                const AttnItem* __restrict__ items,
                                                const int* __restrict__ split_begin,
@@ -391,9 +349,12 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
                                                float* __restrict__ out_f,
                                                float* __restrict__ lse_out, const char* tmaps,
                                                unsigned char* smem) {
+    constexpr int NT = BN / 8;  // 8-key column tiles of S
+    constexpr bool INPLACE = BN > 128;
+    constexpr u32 HALF = s9_half(BN), TILE = s9_tile(BN);
     const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
-    const u32 bar = base + S9_BAR(NS);  // full[s] at bar + 8 s, empty[s] at bar + 8 (NS + s)
-    const u32 empty = bar + 8 * NS;
+    const u32 bar = base + s9_bar(BN);  // full[s] at bar + 8 s, empty[s] at bar + 8 (NS + s)
+    const u32 empty = bar + 8 * S9_NS;
     const int tid = threadIdx.x, wg = tid >> 7;
     const int kvh = blockIdx.y, split = blockIdx.z;
     const int rows = m * group;
@@ -403,7 +364,7 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
     const int it_end = split_begin[split + 1];
     if (tid == 0) {
 #pragma unroll
-        for (int s = 0; s < NS; s++) {
+        for (int s = 0; s < S9_NS; s++) {
             mbar_init(bar + 8 * s, TMA ? 1 : 128);
             mbar_init(empty + 8 * s, 256);
         }
@@ -416,80 +377,69 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
     c.kend = 0;
     settle(c, items, it_end, t_last);
 
-    if (TMA && wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-        if (tid == 0) {
-            int s = 0, phase = 0;
-            for (int i = 0; c.it < it_end; i++) {
-                if (i >= NS) mbar_wait(empty + 8 * s, phase ^ 1);
-                const u64 mk = (u64)(tmaps + (u64)c.it * 256), mv = mk + 128;
-                const u32 full = bar + 8 * s, dk = base + S9_KV(s);
-                if (S9_DIAG == 1 && i >= NS) {
-                    mbar_arrive(full);
-                    c.j0 += S9_BN;
-                    settle(c, items, it_end, t_last);
-                    if (++s == NS) {
-                        s = 0;
-                        phase ^= 1;
-                    }
-                    continue;
-                }
-                mbar_expect_tx(full, 2 * S9_TILE);
-                tma_load_3d(dk, mk, 0, c.j0, kvh, full);
-                tma_load_3d(dk + S9_HALF, mk, 64, c.j0, kvh, full);
-                tma_load_3d(dk + S9_TILE, mv, 0, c.j0, kvh, full);
-                tma_load_3d(dk + S9_TILE + S9_HALF, mv, 64, c.j0, kvh, full);
-                c.j0 += S9_BN;
-                settle(c, items, it_end, t_last);
-                if (++s == NS) {
-                    s = 0;
-                    phase ^= 1;
-                }
-            }
+    if (wg == 0) {
+        if (TMA) {
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+        } else {
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         }
-        return;
-    }
-    if (!TMA && wg == 0) {
-        // Producer: thread pt copies 16-byte chunk ch of rows r0, r0 + 8, ... of each K
-        // and V tile; every row it writes has r % 8 == r0, so its swizzled column is fixed.
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        // Producer. cp.async: thread pt copies 16-byte chunk ch of rows r0, r0 + 8, ...
+        // of each K and V tile; every row it writes has r % 8 == r0, so its swizzled
+        // column is fixed. TMA: thread 0 alone.
+        if (TMA && tid != 0) return;
         const int ch = tid & 15, r0 = tid >> 4;
-        const u32 dst0 = (u32)((ch >> 3) * S9_HALF + r0 * 128 + (((ch & 7) ^ r0) << 4));
+        const u32 dst0 = (u32)((ch >> 3) * HALF + r0 * 128 + (((ch & 7) ^ r0) << 4));
         int s = 0, phase = 0;  // stage of tile i, and the number of times it wrapped (mod 2)
         for (int i = 0; c.it < it_end; i++) {
             // Stage s is free once both consumer warpgroups are done with tile i - NS.
-            if (i >= NS) mbar_wait(empty + 8 * s, phase ^ 1);
-            const AttnItem& it = items[c.it];
-            const long long hs = kvh * it.head_stride;
-            const int n = min(S9_BN, c.kend - c.j0);
-            const long long off = hs + (long long)(c.j0 + r0) * it.row_stride + ch * 8;
-            const h16* gk = (const h16*)it.k + off;
-            const h16* gv = (const h16*)it.v + off;
-            const long long step = 8LL * it.row_stride;
-            const u32 dk = base + S9_KV(s) + dst0, dv = dk + S9_TILE;
+            if (i >= S9_NS) mbar_wait(empty + 8 * s, phase ^ 1);
+            const u32 full = bar + 8 * s, dk = base + s9_kv(BN, s);
+            if (S9_DIAG == 1 && i >= S9_NS) {
+                if (TMA) mbar_arrive(full); else cp_async_arrive(full);
+            } else if (TMA) {
+                const u64 mk = (u64)(tmaps + (u64)c.it * ITEM_MAP_BYTES + (BN == 128 ? 0 : 256));
+                const u64 mv = mk + 128;
+                mbar_expect_tx(full, 2 * TILE);
+                tma_load_3d(dk, mk, 0, c.j0, kvh, full);
+                tma_load_3d(dk + HALF, mk, 64, c.j0, kvh, full);
+                tma_load_3d(dk + TILE, mv, 0, c.j0, kvh, full);
+                tma_load_3d(dk + TILE + HALF, mv, 64, c.j0, kvh, full);
+            } else {
+                const AttnItem& it = items[c.it];
+                const long long hs = kvh * it.head_stride;
+                const int n = min(BN, c.kend - c.j0);
+                const long long off = hs + (long long)(c.j0 + r0) * it.row_stride + ch * 8;
+                const h16* gk = (const h16*)it.k + off;
+                const h16* gv = (const h16*)it.v + off;
+                const long long step = 8LL * it.row_stride;
+                const u32 dst = dk + dst0;
 #pragma unroll
-            for (int r = 0; r < S9_BN / 8; r++) {
-                if (S9_DIAG == 1 && i >= NS) break;
-                const bool valid = r0 + 8 * r < n;
-                cp_async16(dk + r * 1024, valid ? (const void*)gk : (const void*)it.k, valid);
-                cp_async16(dv + r * 1024, valid ? (const void*)gv : (const void*)it.v, valid);
-                gk += step;
-                gv += step;
+                for (int r = 0; r < BN / 8; r++) {
+                    const bool valid = r0 + 8 * r < n;
+                    cp_async16(dst + r * 1024, valid ? (const void*)gk : (const void*)it.k, valid);
+                    cp_async16(dst + TILE + r * 1024, valid ? (const void*)gv : (const void*)it.v, valid);
+                    gk += step;
+                    gv += step;
+                }
+                cp_async_arrive(full);
             }
-            cp_async_arrive(bar + 8 * s);
-            c.j0 += S9_BN;
+            c.j0 += BN;
             settle(c, items, it_end, t_last);
-            if (++s == NS) {
+            if (++s == S9_NS) {
                 s = 0;
                 phase ^= 1;
             }
         }
-        asm volatile("cp.async.wait_all;" ::: "memory");
+        if (!TMA) asm volatile("cp.async.wait_all;" ::: "memory");
         return;
     }
 
     // Consumers: warpgroup cw (0 or 1) owns rows row0 + 64 cw .. + 63.
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    if (TMA) {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    }
     const int cw = wg - 1, wt = tid & 127;
     const int warp = wt >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     {
@@ -508,111 +458,106 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         fence_proxy_async();
-        asm volatile("bar.sync %0, 128;" ::"r"(1 + cw) : "memory");
+        named_sync(S9_BAR_Q + cw, 128);
     }
     const u32 q_at = base + (u32)(cw * 64 * 128);
     const int ra = row0 + cw * 64 + warp * 16 + g;  // this thread's rows: ra, ra + 8
     const int ta = ra / group, tb = (ra + 8) / group;  // and their tokens
 
-    float o[16][4];
-#pragma unroll
-    for (int i = 0; i < 16; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float o[16][4];  // defined after the first tile's products (below)
     float mr[2] = {NEG_INF, NEG_INF}, lr[2] = {0.f, 0.f}, corr[2] = {1.f, 1.f};
-    float sacc[16][4];
+    float sacc[NT][4];
 #pragma unroll
-    for (int i = 0; i < 16; i++) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
-    u32 pf[8][4];
+    for (int i = 0; i < NT; i++) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+    // P of the tile whose P.V is still to be added. The first tile's iteration adds an
+    // undefined P times V (of its own stage) and then zeroes O, instead of branching
+    // around the product: with the P.V issue behind a branch, the hand-over between the
+    // issues and the waits made ptxas serialise every product (C7514), and so did P
+    // zeroed beforehand (C7513). The extra product is one of ~100 per CTA.
+    u32 pf[NT / 2][4];
+#pragma unroll
+    for (int i = 0; i < NT / 2; i++)
+        asm volatile("" : "=r"(pf[i][0]), "=r"(pf[i][1]), "=r"(pf[i][2]), "=r"(pf[i][3]));
 
+    // Consumer 0 takes the first turn; each turn ends with a hand-over to the other.
+    if (PINGPONG && cw == 0) named_arrive(S9_BAR_TURN, 256);
     int s = 0, phase = 0;
-    if constexpr (!OVERLAP) {
-        while (c.it < it_end) {
-            const int j0 = c.j0, n = min(S9_BN, c.kend - j0);
-            const int causal = items[c.it].causal_offset;
-            const u32 k_at = base + S9_KV(s);
-            mbar_wait(bar + 8 * s, phase);
-            if (!TMA) fence_proxy_async();
-            issue_qk(sacc, q_at, k_at);
-            wgmma_wait<0>();
-            reg_fence(sacc);
-            const bool need_mask = n < S9_BN || (causal >= 0 && j0 + S9_BN - 1 > t_first + causal);
-            if (softmax_tile(sacc, pf, mr, lr, corr, need_mask, n, causal, j0, ra, group, tig, scale_log2))
-                scale_rows(o, corr);
-            issue_pv(o, pf, k_at + S9_TILE);
-            wgmma_wait<0>();
-            reg_fence(o);
+    int prev = -1;  // the stage whose P.V is still to be added (P in pf)
+    while (c.it < it_end) {
+        const int j0 = c.j0, n = min(BN, c.kend - j0);
+        const int causal = items[c.it].causal_offset;
+        const u32 k_at = base + s9_kv(BN, s);
+        mbar_wait(bar + 8 * s, phase);
+        if (!TMA) fence_proxy_async();
+        if (S9_DIAG == 2) {
             mbar_arrive(empty + 8 * s);
-            c.j0 = j0 + S9_BN;
+            c.j0 = j0 + BN;
             settle(c, items, it_end, t_last);
-            if (++s == NS) {
+            if (++s == S9_NS) {
                 s = 0;
                 phase ^= 1;
             }
+            continue;
         }
-    } else {
-        int prev = -1;  // the stage whose P.V is still to be added (P in pf)
-        while (c.it < it_end) {
-            const int j0 = c.j0, n = min(S9_BN, c.kend - j0);
-            const int causal = items[c.it].causal_offset;
-            const u32 k_at = base + S9_KV(s);
-            mbar_wait(bar + 8 * s, phase);
-            if (!TMA) fence_proxy_async();
-            if (S9_DIAG == 2) {
-                mbar_arrive(empty + 8 * s);
-                c.j0 = j0 + S9_BN;
-                settle(c, items, it_end, t_last);
-                if (++s == NS) {
-                    s = 0;
-                    phase ^= 1;
-                }
-                continue;
-            }
-            issue_qk(sacc, q_at, k_at);
-            if (prev >= 0) issue_pv(o, pf, base + S9_KV(prev) + S9_TILE);
-            // S(t) is done when at most the P.V group is still pending.
-            if (prev >= 0) wgmma_wait<1>(); else wgmma_wait<0>();
-            reg_fence(sacc);
-            const bool need_mask = n < S9_BN || (causal >= 0 && j0 + S9_BN - 1 > t_first + causal);
-            u32 pn[8][4];
-            bool rescale;
-            if constexpr (V2) {
-                // Keys j0 + jl visible to token t: jl < n and, causal, j0 + jl <= t + causal.
-                const int lim_a = causal < 0 ? n : min(n, ta + causal - j0 + 1);
-                const int lim_b = causal < 0 ? n : min(n, tb + causal - j0 + 1);
-                rescale = need_mask
-                              ? softmax_tile3<true>(sacc, pn, mr, lr, corr, lim_a, lim_b, tig, scale_log2)
-                              : softmax_tile3<false>(sacc, pn, mr, lr, corr, lim_a, lim_b, tig, scale_log2);
-                keep_u(pn);  // the exponentials before the wait below, not after it
-            } else {
-                rescale = softmax_tile(sacc, pn, mr, lr, corr, need_mask, n, causal, j0, ra, group,
-                                       tig, scale_log2);
-            }
-            wgmma_wait<0>();
-            reg_fence(o);
-            reg_fence_u(pf);
-            // S's registers stay S's until here (no temporary of the softmax reuses one:
-            // writing a wgmma accumulator register waits for every product in flight).
-            if constexpr (V2) keep_f(sacc);
-            if (prev >= 0) mbar_arrive(empty + 8 * prev);
-            if (rescale) scale_rows(o, corr);
+        if (PINGPONG) named_sync(S9_BAR_TURN + cw, 256);
+        issue_qk<BN>(sacc, q_at, k_at);
+        issue_pv<BN>(o, pf, base + s9_kv(BN, prev < 0 ? s : prev) + TILE);
+        if (PINGPONG) named_arrive(S9_BAR_TURN + (cw ^ 1), 256);
+        // S(t) is done when at most the P.V group is still pending.
+        wgmma_wait<1>();
+        reg_fence(sacc);
+        const bool need_mask = n < BN || (causal >= 0 && j0 + BN - 1 > t_first + causal);
+        // Keys j0 + jl visible to token t: jl < n and, causal, j0 + jl <= t + causal.
+        const int lim_a = causal < 0 ? n : min(n, ta + causal - j0 + 1);
+        const int lim_b = causal < 0 ? n : min(n, tb + causal - j0 + 1);
+        u32 pn[NT / 2][4];
+        const bool rescale =
+            need_mask ? softmax_tile<NT, true, INPLACE>(sacc, pn, mr, lr, corr, lim_a, lim_b, tig, scale_log2)
+                      : softmax_tile<NT, false, INPLACE>(sacc, pn, mr, lr, corr, lim_a, lim_b, tig, scale_log2);
+        if (INPLACE) {
+            keep_f(sacc);
+        } else {
+            keep_u(pn);  // the exponentials before the wait below, not after it
+        }
+        wgmma_wait<0>();
+        reg_fence(o);
+        reg_fence_u(pf);
+        if (INPLACE) {
 #pragma unroll
-            for (int kk = 0; kk < 8; kk++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) pf[kk][e] = pn[kk][e];
-            prev = s;
-            c.j0 = j0 + S9_BN;
-            settle(c, items, it_end, t_last);
-            if (++s == NS) {
-                s = 0;
-                phase ^= 1;
+            for (int nt = 0; nt < NT; nt++) {
+                pn[nt >> 1][(nt & 1) * 2 + 0] = pack2(sacc[nt][0], sacc[nt][1]);
+                pn[nt >> 1][(nt & 1) * 2 + 1] = pack2(sacc[nt][2], sacc[nt][3]);
             }
+        } else {
+            keep_f(sacc);  // S's registers stay S's until here
         }
         if (prev >= 0) {
-            issue_pv(o, pf, base + S9_KV(prev) + S9_TILE);
-            wgmma_wait<0>();
-            reg_fence(o);
             mbar_arrive(empty + 8 * prev);
+            if (rescale) scale_rows(o, corr);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 16; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < NT / 2; kk++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) pf[kk][e] = pn[kk][e];
+        prev = s;
+        c.j0 = j0 + BN;
+        settle(c, items, it_end, t_last);
+        if (++s == S9_NS) {
+            s = 0;
+            phase ^= 1;
         }
     }
+    if (prev >= 0) {
+        issue_pv<BN>(o, pf, base + s9_kv(BN, prev) + TILE);
+        wgmma_wait<0>();
+        reg_fence(o);
+        mbar_arrive(empty + 8 * prev);
+    }
+    // Consumer 1's last hand-over, so that no arrival is left on a named barrier.
+    if (PINGPONG && cw == 0) named_sync(S9_BAR_TURN, 256);
 
 #pragma unroll
     for (int half = 0; half < 2; half++) {
@@ -625,33 +570,31 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
     }
 }
 
-#define ATTN_SM90_KERNEL(NAME, NS, OVERLAP, V2)                                                    \
+// One configuration, as two kernels: NAME loads by cp.async, NAME_tma by TMA (one extra
+// parameter: the items' tensor maps).
+#define ATTN_SM90_KERNELS(NAME, BN, PINGPONG)                                                      \
     extern "C" __global__ void __launch_bounds__(384, 1)                                           \
         NAME(const h16* __restrict__ q, int m, int group, int nh,                                  \
              const AttnItem* __restrict__ items, const int* __restrict__ split_begin,              \
              float scale_log2, h16* __restrict__ out_h, float* __restrict__ out_f,                 \
              float* __restrict__ lse_out) {                                                        \
         extern __shared__ __align__(1024) unsigned char s9_smem[];                                 \
-        attn_sm90_body<NS, OVERLAP, false, V2>(q, m, group, nh, items, split_begin, scale_log2,    \
-                                               out_h, out_f, lse_out, nullptr, s9_smem);           \
-    }
-
-// The same with the K/V tiles loaded by the copy engine (one extra parameter: the items'
-// tensor maps).
-#define ATTN_SM90_TMA_KERNEL(NAME, NS, OVERLAP, V2)                                                \
+        attn_sm90_body<BN, PINGPONG, false>(q, m, group, nh, items, split_begin, scale_log2,       \
+                                            out_h, out_f, lse_out, nullptr, s9_smem);              \
+    }                                                                                              \
     extern "C" __global__ void __launch_bounds__(384, 1)                                           \
-        NAME(const h16* __restrict__ q, int m, int group, int nh,                                  \
-             const AttnItem* __restrict__ items, const int* __restrict__ split_begin,              \
-             float scale_log2, h16* __restrict__ out_h, float* __restrict__ out_f,                 \
-             float* __restrict__ lse_out, const char* __restrict__ tmaps) {                        \
+        NAME##_tma(const h16* __restrict__ q, int m, int group, int nh,                            \
+                   const AttnItem* __restrict__ items, const int* __restrict__ split_begin,        \
+                   float scale_log2, h16* __restrict__ out_h, float* __restrict__ out_f,           \
+                   float* __restrict__ lse_out, const char* __restrict__ tmaps) {                  \
         extern __shared__ __align__(1024) unsigned char s9_smem[];                                 \
-        attn_sm90_body<NS, OVERLAP, true, V2>(q, m, group, nh, items, split_begin, scale_log2,     \
-                                              out_h, out_f, lse_out, tmaps, s9_smem);              \
+        attn_sm90_body<BN, PINGPONG, true>(q, m, group, nh, items, split_begin, scale_log2,        \
+                                           out_h, out_f, lse_out, tmaps, s9_smem);                 \
     }
 
-// FlashAttention-3's intra-warpgroup overlap, two stages, with cp.async or TMA loads
-// (measured, PERF_NOTES.md); V2 of the same (not yet measured).
-ATTN_SM90_KERNEL(attn_fwd_sm90_ov, 2, true, false)
-ATTN_SM90_TMA_KERNEL(attn_fwd_sm90_ov_tma, 2, true, false)
-ATTN_SM90_KERNEL(attn_fwd_sm90_v2, 2, true, true)
-ATTN_SM90_TMA_KERNEL(attn_fwd_sm90_v2_tma, 2, true, true)
+// The configurations (measured: README, "Phase-1 attention on Hopper"): 128-key tiles
+// with the consumers overlapping freely (the previous default), with ping-pong, and
+// 176-key tiles with ping-pong.
+ATTN_SM90_KERNELS(attn_fwd_sm90_v2, 128, false)
+ATTN_SM90_KERNELS(attn_fwd_sm90_pp, 128, true)
+ATTN_SM90_KERNELS(attn_fwd_sm90_pp176, 176, true)
