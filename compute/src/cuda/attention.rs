@@ -75,16 +75,18 @@ pub enum LongKernel {
     /// (TMA) when the plan was uploaded with tensor maps (see
     /// [`SegmentAttention::long_runs`]) and [`AttnKernels::tma`] is on, else by cp.async
     /// from the producer warpgroup. Elsewhere (or at other head dims) [`LongKernel::M32`]
-    /// runs instead, as for the two below. 445 TFLOP/s on the 8B phase-1 shape (H200,
-    /// 2026-12-02 06:03 UTC; the default until the two below).
+    /// runs instead, as for the two below. K and V have their own mbarriers, so that K(t)
+    /// is freed as soon as S(t) is done and the next loads overlap the softmax. 541-554
+    /// TFLOP/s on the 8B phase-1 shape (H200, 2026-12-02 08:30 UTC).
     HopperV2,
     /// [`LongKernel::HopperV2`] with FlashAttention-3's inter-warpgroup ping-pong: the
     /// two consumers take turns at issuing their products (named barriers), so that one's
-    /// softmax runs under the other's products.
+    /// softmax runs under the other's products. 524-530 TFLOP/s at 128-key tiles.
     HopperPingPong,
     /// [`LongKernel::HopperPingPong`] with 176-key tiles (FlashAttention-3's tile at
     /// head_dim 128): the exponentials written over S, packed into P after the previous
-    /// P.V (the registers for S, P, the next P and O do not fit at 176 keys).
+    /// P.V (the registers for S, P, the next P and O do not fit at 176 keys). The default
+    /// ([`HOPPER_DEFAULT`]): 589-625 TFLOP/s (mma.sync M32: 344).
     HopperPingPong176,
 }
 
@@ -113,11 +115,11 @@ pub const HOPPER_DEFAULT: LongKernel = LongKernel::HopperPingPong176;
 
 /// Dynamic shared memory of the Hopper kernels with `keys`-key tiles (mirrors
 /// `s9_bar` and the slack in attention_sm90.cu): the Q tile (128 rows) and two stages of
-/// K and V tiles at head_dim 128, two mbarriers a stage, and 1 KiB of slack to align the
+/// K and V tiles at head_dim 128, four mbarriers a stage, and 1 KiB of slack to align the
 /// base to the 1 KiB swizzle period.
 pub(super) fn sm90_smem(keys: usize) -> usize {
     const STAGES: usize = 2;
-    2 * 128 * 128 + STAGES * 2 * 2 * keys * 128 + 16 * STAGES + 1024
+    2 * 128 * 128 + STAGES * 2 * 2 * keys * 128 + 32 * STAGES + 1024
 }
 
 /// The kernel that attends at most 16 rows per KV head (decoding a token).

@@ -42,9 +42,9 @@
 #define S9_NS 2                 // stages in the K/V ring
 // Shared-memory layout for BN-key tiles (mirrors sm90_smem in attention.rs): the Q
 // tile, then per stage a K tile and its V tile (each two halves of BN rows x 128 bytes),
-// then the mbarriers full[S9_NS] and empty[S9_NS], then 1024 bytes of slack to align the
-// base to 1024 (the swizzle repeats every 1024 bytes, and wgmma and the copies agree on
-// it only from an aligned base).
+// then four mbarriers a stage (K full, V full, K free, V free), then 1024 bytes of slack
+// to align the base to 1024 (the swizzle repeats every 1024 bytes, and wgmma and the
+// copies agree on it only from an aligned base).
 __host__ __device__ constexpr u32 s9_half(int bn) { return (u32)bn * 128; }
 __host__ __device__ constexpr u32 s9_tile(int bn) { return 2 * s9_half(bn); }
 __host__ __device__ constexpr u32 s9_kv(int bn, int s) { return 2 * S9_QHALF + (u32)s * 2 * s9_tile(bn); }
@@ -335,8 +335,13 @@ __device__ __forceinline__ void issue_pv(float (&o)[16][4], const u32 (&pf)[BN /
 // runs (FlashAttention-3's intra-warpgroup overlap); PINGPONG: the two consumers take
 // turns at issuing (see the top of the file). The wait for P(t-1).V(t-1) comes after
 // the last exponential of S(t): S is only read, P(t) goes to `pn` (kept, keep_u, before
-// the wait), and S stays S's until after it (keep_f; ptxas would otherwise serialise the
-// products, warning C7513).
+// the wait; at 176 keys S is overwritten by its exponentials and packed after the wait),
+// and S stays S's until after it (keep_f; ptxas would otherwise serialise the products,
+// warning C7513).
+// K and V have their own barriers (as in FlashAttention-3): K(t) is released as soon as
+// S(t) is done, mid-iteration, so that the producer loads K(t + 2) while the tensor
+// cores still add P(t-1).V(t-1); with one barrier per K+V stage the next tile's load
+// could start only when an iteration ended, and every iteration waited for it.
 // TMA: one producer thread loads each tile with four bulk tensor copies (the copy engine
 // writes the 128-byte swizzle itself) through the tensor maps at `tmaps` (item i's maps
 // at byte ITEM_MAP_BYTES * i, those with BN-key boxes first or second: see tma.rs);
@@ -353,8 +358,9 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
     constexpr bool INPLACE = BN > 128;
     constexpr u32 HALF = s9_half(BN), TILE = s9_tile(BN);
     const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
-    const u32 bar = base + s9_bar(BN);  // full[s] at bar + 8 s, empty[s] at bar + 8 (NS + s)
-    const u32 empty = bar + 8 * S9_NS;
+    // mbarriers of stage s: K landed, V landed, K free, V free.
+    const u32 full_k = base + s9_bar(BN), full_v = full_k + 8 * S9_NS;
+    const u32 free_k = full_v + 8 * S9_NS, free_v = free_k + 8 * S9_NS;
     const int tid = threadIdx.x, wg = tid >> 7;
     const int kvh = blockIdx.y, split = blockIdx.z;
     const int rows = m * group;
@@ -365,8 +371,10 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < S9_NS; s++) {
-            mbar_init(bar + 8 * s, TMA ? 1 : 128);
-            mbar_init(empty + 8 * s, 256);
+            mbar_init(full_k + 8 * s, TMA ? 1 : 128);
+            mbar_init(full_v + 8 * s, TMA ? 1 : 128);
+            mbar_init(free_k + 8 * s, 256);
+            mbar_init(free_v + 8 * s, 256);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -391,37 +399,37 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
         const u32 dst0 = (u32)((ch >> 3) * HALF + r0 * 128 + (((ch & 7) ^ r0) << 4));
         int s = 0, phase = 0;  // stage of tile i, and the number of times it wrapped (mod 2)
         for (int i = 0; c.it < it_end; i++) {
-            // Stage s is free once both consumer warpgroups are done with tile i - NS.
-            if (i >= S9_NS) mbar_wait(empty + 8 * s, phase ^ 1);
-            const u32 full = bar + 8 * s, dk = base + s9_kv(BN, s);
-            if (S9_DIAG == 1 && i >= S9_NS) {
-                if (TMA) mbar_arrive(full); else cp_async_arrive(full);
-            } else if (TMA) {
-                const u64 mk = (u64)(tmaps + (u64)c.it * ITEM_MAP_BYTES + (BN == 128 ? 0 : 256));
-                const u64 mv = mk + 128;
-                mbar_expect_tx(full, 2 * TILE);
-                tma_load_3d(dk, mk, 0, c.j0, kvh, full);
-                tma_load_3d(dk + HALF, mk, 64, c.j0, kvh, full);
-                tma_load_3d(dk + TILE, mv, 0, c.j0, kvh, full);
-                tma_load_3d(dk + TILE + HALF, mv, 64, c.j0, kvh, full);
-            } else {
-                const AttnItem& it = items[c.it];
-                const long long hs = kvh * it.head_stride;
-                const int n = min(BN, c.kend - c.j0);
-                const long long off = hs + (long long)(c.j0 + r0) * it.row_stride + ch * 8;
-                const h16* gk = (const h16*)it.k + off;
-                const h16* gv = (const h16*)it.v + off;
-                const long long step = 8LL * it.row_stride;
-                const u32 dst = dk + dst0;
+            const u32 dk = base + s9_kv(BN, s), dv = dk + TILE;
+            const bool diag = S9_DIAG == 1 && i >= S9_NS;  // measurements: no loads
+            const AttnItem& it = items[c.it];
+            const int n = min(BN, c.kend - c.j0);
+            const long long off =
+                kvh * it.head_stride + (long long)(c.j0 + r0) * it.row_stride + ch * 8;
+            const long long step = 8LL * it.row_stride;
+            const u64 map = (u64)(tmaps + (u64)c.it * ITEM_MAP_BYTES + (BN == 128 ? 0 : 256));
+            // K, then V, each into its half of stage s once both consumers freed it
+            // (the K of tile i - NS early, its V at the end of the iteration after).
 #pragma unroll
-                for (int r = 0; r < BN / 8; r++) {
-                    const bool valid = r0 + 8 * r < n;
-                    cp_async16(dst + r * 1024, valid ? (const void*)gk : (const void*)it.k, valid);
-                    cp_async16(dst + TILE + r * 1024, valid ? (const void*)gv : (const void*)it.v, valid);
-                    gk += step;
-                    gv += step;
+            for (int kv = 0; kv < 2; kv++) {
+                const u32 full = (kv ? full_v : full_k) + 8 * s, dst = kv ? dv : dk;
+                if (i >= S9_NS) mbar_wait((kv ? free_v : free_k) + 8 * s, phase ^ 1);
+                if (diag) {
+                    if (TMA) mbar_arrive(full); else cp_async_arrive(full);
+                } else if (TMA) {
+                    mbar_expect_tx(full, TILE);
+                    tma_load_3d(dst, map + kv * 128, 0, c.j0, kvh, full);
+                    tma_load_3d(dst + HALF, map + kv * 128, 64, c.j0, kvh, full);
+                } else {
+                    const h16* src = (const h16*)(kv ? it.v : it.k);
+                    const h16* g = src + off;
+#pragma unroll
+                    for (int r = 0; r < BN / 8; r++) {
+                        const bool valid = r0 + 8 * r < n;
+                        cp_async16(dst + dst0 + r * 1024, valid ? (const void*)g : (const void*)src, valid);
+                        g += step;
+                    }
+                    cp_async_arrive(full);
                 }
-                cp_async_arrive(full);
             }
             c.j0 += BN;
             settle(c, items, it_end, t_last);
@@ -464,7 +472,10 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
     const int ra = row0 + cw * 64 + warp * 16 + g;  // this thread's rows: ra, ra + 8
     const int ta = ra / group, tb = (ra + 8) / group;  // and their tokens
 
-    float o[16][4];  // defined after the first tile's products (below)
+    // O is zero for a CTA without keys (its rows' lse is -inf).
+    float o[16][4];
+#pragma unroll
+    for (int i = 0; i < 16; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float mr[2] = {NEG_INF, NEG_INF}, lr[2] = {0.f, 0.f}, corr[2] = {1.f, 1.f};
     float sacc[NT][4];
 #pragma unroll
@@ -481,16 +492,21 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
 
     // Consumer 0 takes the first turn; each turn ends with a hand-over to the other.
     if (PINGPONG && cw == 0) named_arrive(S9_BAR_TURN, 256);
-    int s = 0, phase = 0;
-    int prev = -1;  // the stage whose P.V is still to be added (P in pf)
+    int s = 0, phase = 0;           // the stage of tile t, and its wraps (mod 2)
+    int prev = -1, prev_phase = 0;  // those of tile t - 1, whose P.V is still to be added
     while (c.it < it_end) {
         const int j0 = c.j0, n = min(BN, c.kend - j0);
         const int causal = items[c.it].causal_offset;
         const u32 k_at = base + s9_kv(BN, s);
-        mbar_wait(bar + 8 * s, phase);
+        // The V read next: tile t - 1's, or for the first tile its own (see pf).
+        const int vs = prev < 0 ? s : prev, vphase = prev < 0 ? phase : prev_phase;
+        mbar_wait(full_k + 8 * s, phase);
+        mbar_wait(full_v + 8 * vs, vphase);
         if (!TMA) fence_proxy_async();
-        if (S9_DIAG == 2) {
-            mbar_arrive(empty + 8 * s);
+        if (S9_DIAG == 2) {  // measurements: the loads alone
+            mbar_wait(full_v + 8 * s, phase);
+            mbar_arrive(free_k + 8 * s);
+            mbar_arrive(free_v + 8 * s);
             c.j0 = j0 + BN;
             settle(c, items, it_end, t_last);
             if (++s == S9_NS) {
@@ -501,11 +517,12 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
         }
         if (PINGPONG) named_sync(S9_BAR_TURN + cw, 256);
         issue_qk<BN>(sacc, q_at, k_at);
-        issue_pv<BN>(o, pf, base + s9_kv(BN, prev < 0 ? s : prev) + TILE);
+        issue_pv<BN>(o, pf, base + s9_kv(BN, vs) + TILE);
         if (PINGPONG) named_arrive(S9_BAR_TURN + (cw ^ 1), 256);
-        // S(t) is done when at most the P.V group is still pending.
+        // S(t) is done when at most the P.V group is still pending: K(t) is free.
         wgmma_wait<1>();
         reg_fence(sacc);
+        mbar_arrive(free_k + 8 * s);
         const bool need_mask = n < BN || (causal >= 0 && j0 + BN - 1 > t_first + causal);
         // Keys j0 + jl visible to token t: jl < n and, causal, j0 + jl <= t + causal.
         const int lim_a = causal < 0 ? n : min(n, ta + causal - j0 + 1);
@@ -532,7 +549,7 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
             keep_f(sacc);  // S's registers stay S's until here
         }
         if (prev >= 0) {
-            mbar_arrive(empty + 8 * prev);
+            mbar_arrive(free_v + 8 * prev);
             if (rescale) scale_rows(o, corr);
         } else {
 #pragma unroll
@@ -543,6 +560,7 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
 #pragma unroll
             for (int e = 0; e < 4; e++) pf[kk][e] = pn[kk][e];
         prev = s;
+        prev_phase = phase;
         c.j0 = j0 + BN;
         settle(c, items, it_end, t_last);
         if (++s == S9_NS) {
@@ -554,7 +572,7 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
         issue_pv<BN>(o, pf, base + s9_kv(BN, prev) + TILE);
         wgmma_wait<0>();
         reg_fence(o);
-        mbar_arrive(empty + 8 * prev);
+        mbar_arrive(free_v + 8 * prev);
     }
     // Consumer 1's last hand-over, so that no arrival is left on a named barrier.
     if (PINGPONG && cw == 0) named_sync(S9_BAR_TURN, 256);
