@@ -30,7 +30,9 @@
 //! The chart (accuracy relative to full attention against ingest time relative to full
 //! attention's) takes its x-axis from this run's ingest times, or with `--cost-csv` from
 //! the CSV of a separate run that ingested one document at a time (`--concurrency 1`),
-//! which measures the cost without the contention of a throughput run.
+//! which measures the cost without the contention of a throughput run. `--replay
+//! RUN.jsonl` asks no server: it reports from an earlier run's answers (other pairs,
+//! another cost run), with the same numbers that run printed.
 
 #[path = "support/machine.rs"]
 mod machine;
@@ -119,6 +121,11 @@ struct Args {
     /// One JSON line per question and configuration.
     #[arg(long)]
     jsonl: Option<PathBuf>,
+    /// Ask no server: report (tables, `--compare`, chart) from the `--jsonl` of an earlier
+    /// run, e.g. with other pairs or another cost run; its lines of configurations not
+    /// named by `--configs`/`--later-configs` are left out.
+    #[arg(long, conflicts_with = "jsonl")]
+    replay: Option<PathBuf>,
     /// Accuracy and ingest time per configuration, with intervals.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -444,12 +451,63 @@ fn main() -> Result<()> {
     }
     let compare = parse_compare(&args.compare, &configs)?;
     let costs = args.cost_csv.as_ref().map(read_cost_csv).transpose()?;
-    anyhow::ensure!(!args.server.is_empty(), "--server: no server given");
-    let loaded = match &args.model {
-        Some(p) => starkv_compute::LoadedModel::open(p)?,
-        None => prompt::load_default_model()?,
+    let (cases, results, failures) = match &args.replay {
+        Some(path) => {
+            let (cases, results) = replay(path, &configs)?;
+            (cases, results, Vec::new())
+        }
+        None => {
+            anyhow::ensure!(!args.server.is_empty(), "--server: no server given");
+            let loaded = match &args.model {
+                Some(p) => starkv_compute::LoadedModel::open(p)?,
+                None => prompt::load_default_model()?,
+            };
+            let cases = build_cases(&args, &loaded.tokenizer)?;
+            let (results, failures) = ask(&args, &cases, &configs, started)?;
+            (cases, results, failures)
+        }
     };
-    let cases = build_cases(&args, &loaded.tokenizer)?;
+    let n_questions: usize = cases.iter().map(|c| c.questions.len()).sum();
+    let report = Report::new(&cases, &configs, &results);
+    let least = report.least_answered();
+    if least < n_questions {
+        eprintln!(
+            "stopped early: the least-answered configuration answered {least} of {n_questions} questions"
+        );
+    }
+    println!(
+        "{}",
+        report.markdown(&args, started.elapsed(), &compare, costs.as_ref())
+    );
+    if let Some(path) = &args.csv {
+        std::fs::write(path, report.csv())?;
+    }
+    let chart = report.chart(&args, costs.as_ref());
+    if chart.series.iter().any(|s| s.name == "full attention") {
+        let svg = plot::save(&chart, &dir, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!("chart: {}", svg.display());
+    } else {
+        eprintln!("chart: nothing answered, none drawn");
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} cases failed (the report covers the others); first: {}",
+            failures.len(),
+            failures[0]
+        );
+    }
+    Ok(())
+}
+
+/// Asks every case in every configuration of the servers (case-major, later
+/// configurations last) until done or the deadline; returns the outcomes and the failed
+/// cases.
+fn ask(
+    args: &Args,
+    cases: &[Case],
+    configs: &[Config],
+    started: Instant,
+) -> Result<(Results, Vec<String>)> {
     let n_questions: usize = cases.iter().map(|c| c.questions.len()).sum();
     eprintln!(
         "{} cases, {n_questions} questions per configuration, {} configurations ({} later), {} servers ({:.1} s)",
@@ -482,7 +540,8 @@ fn main() -> Result<()> {
     std::thread::scope(|s| {
         for t in 0..args.concurrency.max(1) {
             let client = &clients[t % clients.len()];
-            let (next, work, cases, configs, args) = (&next, &work, &cases, &configs, &args);
+            let next = &next;
+            let work = &work;
             let (results, jsonl, failures) = (&results, &jsonl, &failures);
             s.spawn(move || {
                 loop {
@@ -536,37 +595,81 @@ fn main() -> Result<()> {
             });
         }
     });
-    let results = results.into_inner().unwrap();
-    let failures = failures.into_inner().unwrap();
-    let report = Report::new(&cases, &configs, &results);
-    let least = report.least_answered();
-    if least < n_questions {
-        eprintln!(
-            "stopped early: the least-answered configuration answered {least} of {n_questions} questions"
-        );
+    Ok((
+        results.into_inner().unwrap(),
+        failures.into_inner().unwrap(),
+    ))
+}
+
+/// Cases and outcomes from an earlier run's `--jsonl` (the cases carry only what the
+/// report needs: task, length and questions).
+fn replay(path: &PathBuf, configs: &[Config]) -> Result<(Vec<Case>, Results)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let mut cases: Vec<Case> = Vec::new();
+    let mut results = Results::default();
+    for (n, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
+        let field = |k: &str| {
+            v.get(k).with_context(|| {
+                format!(
+                    "{}:{}: no {k:?} (a --jsonl of this bench?)",
+                    path.display(),
+                    n + 1
+                )
+            })
+        };
+        let Some(ci) = configs
+            .iter()
+            .position(|c| Some(c.label.as_str()) == v["config"].as_str())
+        else {
+            continue;
+        };
+        let case = field("case")?.as_u64().context("case")? as usize;
+        let qi = field("question_index")?
+            .as_u64()
+            .context("question_index")? as usize;
+        let task =
+            <Task as clap::ValueEnum>::from_str(field("task")?.as_str().unwrap_or(""), false)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
+        while cases.len() <= case {
+            cases.push(Case {
+                index: cases.len(),
+                task,
+                length: 0,
+                context_len: 0,
+                document: String::new(),
+                questions: Vec::new(),
+            });
+        }
+        let c = &mut cases[case];
+        c.task = task;
+        c.length = field("length")?.as_u64().unwrap_or(0) as usize;
+        c.context_len = v["context_tokens"].as_u64().unwrap_or(0) as usize;
+        while c.questions.len() <= qi {
+            c.questions.push(Question {
+                text: String::new(),
+                expected: Vec::new(),
+                depth: f64::NAN,
+            });
+        }
+        c.questions[qi] = Question {
+            text: v["question"].as_str().unwrap_or_default().to_string(),
+            expected: serde_json::from_value(v["expected"].clone()).unwrap_or_default(),
+            depth: v["depth"].as_f64().unwrap_or(f64::NAN),
+        };
+        let correct = field("correct")?.as_bool().context("correct")?;
+        results.correct.insert((case, qi, ci), correct);
+        results
+            .ingest_seconds
+            .insert((case, ci), v["ingest_seconds"].as_f64().unwrap_or(f64::NAN));
     }
-    println!(
-        "{}",
-        report.markdown(&args, started.elapsed(), &compare, costs.as_ref())
+    anyhow::ensure!(
+        !results.correct.is_empty(),
+        "{}: no line of this run's configurations",
+        path.display()
     );
-    if let Some(path) = &args.csv {
-        std::fs::write(path, report.csv())?;
-    }
-    let chart = report.chart(&args, costs.as_ref());
-    if chart.series.iter().any(|s| s.name == "full attention") {
-        let svg = plot::save(&chart, &dir, &name).map_err(|e| anyhow::anyhow!("{e}"))?;
-        eprintln!("chart: {}", svg.display());
-    } else {
-        eprintln!("chart: nothing answered, none drawn");
-    }
-    if !failures.is_empty() {
-        bail!(
-            "{} cases failed (the report covers the others); first: {}",
-            failures.len(),
-            failures[0]
-        );
-    }
-    Ok(())
+    Ok((cases, results))
 }
 
 /// `A~B` pairs of configuration indices; a pair naming a configuration this run does not
@@ -714,11 +817,14 @@ impl<'a> Report<'a> {
             .collect();
         let mut out = vec![
             format!(
-                "## NIAH accuracy through the service ({} | {} | {:.1} min | {} server(s) | questions per configuration: {} | lengths {:?} | {} depths | greedy, {} tokens)",
+                "## NIAH accuracy through the service ({} | {} | {:.1} min | {} | questions per configuration: {} | lengths {:?} | {} depths | greedy, {} tokens)",
                 machine::utc_now(),
                 machine::describe(),
                 took.as_secs_f64() / 60.0,
-                args.server.len(),
+                match &args.replay {
+                    Some(p) => format!("replayed from {}", p.display()),
+                    None => format!("{} server(s)", args.server.len()),
+                },
                 counts.join(", "),
                 args.lengths,
                 args.depths,
@@ -761,7 +867,7 @@ impl<'a> Report<'a> {
         if !compare.is_empty() {
             out.push(String::new());
             out.push(
-                "Paired differences (accuracy of A minus B, points, over the questions both answered; paired bootstrap 95%):"
+                "Paired differences (accuracy of A minus B, points, over the questions both answered; paired bootstrap 95%; the questions only one of them answered right):"
                     .into(),
             );
             out.push(String::new());
@@ -781,7 +887,16 @@ impl<'a> Report<'a> {
                         let (x, y) = paired(&cols[a], &cols[b]);
                         match paired_difference(&x, &y) {
                             Some((d, lo, hi)) => {
-                                format!("{d:+.1} [{lo:+.1}, {hi:+.1}] (n {})", x.len())
+                                // The discordant pairs are all the difference is made of.
+                                let only = |p: &[bool], q: &[bool]| {
+                                    p.iter().zip(q).filter(|&(&p, &q)| p && !q).count()
+                                };
+                                format!(
+                                    "{d:+.1} [{lo:+.1}, {hi:+.1}] (n {}; only A right {}, only B right {})",
+                                    x.len(),
+                                    only(&x, &y),
+                                    only(&y, &x)
+                                )
                             }
                             None => "n/a".into(),
                         }
