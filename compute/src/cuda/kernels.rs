@@ -83,14 +83,13 @@ pub(crate) const SOURCES: [(&str, &str, &str, &[&str]); 3] = [
     ("gemv.cu", "", GEMV_SOURCE, GEMV_KERNELS),
 ];
 
-/// The kernels of `attention_sm90.cu` (all with two K/V stages; `_pp176`: 176-key tiles).
-pub(crate) const SM90_KERNELS: [&str; 6] = [
-    "attn_fwd_sm90_v2",
-    "attn_fwd_sm90_v2_tma",
-    "attn_fwd_sm90_pp",
-    "attn_fwd_sm90_pp_tma",
-    "attn_fwd_sm90_pp176",
-    "attn_fwd_sm90_pp176_tma",
+/// The configurations of `attention_sm90.cu` (all with two K/V stages), each compiled
+/// apart on its first use: its `S9_ONLY` number, its cp.async and TMA kernels, and its
+/// keys per tile.
+pub(crate) const SM90_CONFIGS: [(u32, &str, &str, usize); 3] = [
+    (1, "attn_fwd_sm90_v2", "attn_fwd_sm90_v2_tma", 128),
+    (2, "attn_fwd_sm90_pp", "attn_fwd_sm90_pp_tma", 128),
+    (3, "attn_fwd_sm90_pp176", "attn_fwd_sm90_pp176_tma", 176),
 ];
 
 /// The kernels of one (16-bit type, head dimension) pair.
@@ -153,42 +152,47 @@ impl Gpu {
         Ok(k)
     }
 
-    /// The Hopper attention kernel `name` (one of [`SM90_KERNELS`], head_dim 128),
-    /// compiling `attention_sm90.cu` on first use.
+    /// The Hopper attention kernel `name` (one of [`SM90_CONFIGS`], head_dim 128),
+    /// compiling its configuration of `attention_sm90.cu` on first use (only that one:
+    /// NVRTC takes ~2 s per configuration).
     pub(super) fn sm90_kernel(&self, name: &str) -> Result<CudaFunction> {
         let mut cache = self.sm90.lock().unwrap();
-        if cache.is_none() {
-            if !self.attention_kernels().hopper {
-                return Err(CudaError::Invalid(
-                    "the Hopper attention kernels need a compute capability 9.0 GPU".into(),
-                ));
-            }
-            let mut funcs = HashMap::new();
-            let options = self.compile_options(128);
-            self.compile_into(
-                &mut funcs,
-                "attention_sm90.cu",
-                ATTN_COMMON_SOURCE,
-                ATTENTION_SM90_SOURCE,
-                &SM90_KERNELS,
-                "compute_90a",
-                &options,
-            )?;
-            for (name, f) in &funcs {
-                let keys = if name.starts_with("attn_fwd_sm90_pp176") {
-                    176
-                } else {
-                    128
-                };
-                f.set_attribute(
-                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    sm90_smem(keys) as i32,
-                )?;
-            }
-            *cache = Some(funcs);
+        let funcs = cache.get_or_insert_with(HashMap::new);
+        if let Some(f) = funcs.get(name) {
+            return Ok(f.clone());
         }
-        cache.as_ref().unwrap().get(name).cloned().ok_or_else(|| {
-            CudaError::Invalid(format!("{name} is not a kernel of attention_sm90.cu"))
+        if !self.attention_kernels().hopper {
+            return Err(CudaError::Invalid(
+                "the Hopper attention kernels need a compute capability 9.0 GPU".into(),
+            ));
+        }
+        let &(only, plain, tma, keys) = SM90_CONFIGS
+            .iter()
+            .find(|c| c.1 == name || c.2 == name)
+            .ok_or_else(|| {
+                CudaError::Invalid(format!("{name} is not a kernel of attention_sm90.cu"))
+            })?;
+        let mut options = self.compile_options(128);
+        options.push(format!("-DS9_ONLY={only}"));
+        let mut compiled = HashMap::new();
+        self.compile_into(
+            &mut compiled,
+            "attention_sm90.cu",
+            ATTN_COMMON_SOURCE,
+            ATTENTION_SM90_SOURCE,
+            &[plain, tma],
+            "compute_90a",
+            &options,
+        )?;
+        for f in compiled.values() {
+            f.set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                sm90_smem(keys) as i32,
+            )?;
+        }
+        funcs.extend(compiled);
+        funcs.get(name).cloned().ok_or_else(|| {
+            CudaError::Invalid(format!("{name} was not loaded from attention_sm90.cu"))
         })
     }
 

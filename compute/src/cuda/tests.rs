@@ -149,11 +149,15 @@ fn tier_evicts_least_recently_used_within_budget() {
 /// would only show at run time on a GPU. The shared header defines no kernel.
 #[test]
 fn kernel_sources_declare_every_kernel() {
+    let sm90_names: Vec<&str> = kernels::SM90_CONFIGS
+        .iter()
+        .flat_map(|&(_, plain, tma, _)| [plain, tma])
+        .collect();
     let sm90: (&str, &str, &str, &[&str]) = (
         "attention_sm90.cu",
         kernels::ATTN_COMMON_SOURCE,
         kernels::ATTENTION_SM90_SOURCE,
-        &kernels::SM90_KERNELS,
+        &sm90_names,
     );
     for (file, _, source, names) in kernels::SOURCES.into_iter().chain([sm90]) {
         for name in names {
@@ -171,6 +175,16 @@ fn kernel_sources_declare_every_kernel() {
                 "{name} is not defined in {file}"
             );
         }
+    }
+    // Each Hopper configuration compiles alone (S9_ONLY) with its own tile size.
+    for (only, plain, tma, keys) in kernels::SM90_CONFIGS {
+        assert_eq!(tma, format!("{plain}_tma"));
+        let block =
+            format!("#if S9_ONLY == 0 || S9_ONLY == {only}\nATTN_SM90_KERNELS({plain}, {keys}, ");
+        assert!(
+            kernels::ATTENTION_SM90_SOURCE.contains(&block),
+            "{plain} is not configuration {only} with {keys}-key tiles"
+        );
     }
     assert!(!COMMON_SOURCE.contains("__global__"));
     assert!(!kernels::ATTN_COMMON_SOURCE.contains("__global__"));

@@ -611,8 +611,18 @@ __device__ __forceinline__ void attn_sm90_body(const h16* __restrict__ q, int m,
     }
 
 // The configurations (measured: README, "Phase-1 attention on Hopper"): 128-key tiles
-// with the consumers overlapping freely (the previous default), with ping-pong, and
-// 176-key tiles with ping-pong.
+// with the consumers overlapping freely, with ping-pong, and 176-key tiles with ping-pong
+// (the default). S9_ONLY = n (set by kernels.rs, SM90_CONFIGS) instantiates only the
+// n-th, so that a process compiles the one it launches (NVRTC takes ~2 s for each).
+#ifndef S9_ONLY
+#define S9_ONLY 0
+#endif
+#if S9_ONLY == 0 || S9_ONLY == 1
 ATTN_SM90_KERNELS(attn_fwd_sm90_v2, 128, false)
+#endif
+#if S9_ONLY == 0 || S9_ONLY == 2
 ATTN_SM90_KERNELS(attn_fwd_sm90_pp, 128, true)
+#endif
+#if S9_ONLY == 0 || S9_ONLY == 3
 ATTN_SM90_KERNELS(attn_fwd_sm90_pp176, 176, true)
+#endif
