@@ -4,14 +4,19 @@
 //!
 //! `cargo bench --bench model_speed -- [--sizes 512,2048,8000] [--decode-ctx 8000]
 //! [--decode-steps 32] [--repeats 3] [--threads N] [--kv f16|f32] [--no-peer]
-//! [--attention-only]`
+//! [--peer-flash-attn off,on] [--attention-only]`
+//!
+//! When the decode context is the last prefill size, the decode steps continue after the
+//! last prefill of it (both sides), so the context is not prefilled a second time.
 //!
 //! The decode row is split into the time spent in attention (over the KV cache, `--kv`:
 //! f16 by default, as llama.cpp holds it) and the rest (the quantised weight products,
 //! norms, RoPE, the LM head): the profile that says which one to optimise.
 //!
 //! The peer runs `benches/peers/llama_cpp_speed.py` (needs `pip install llama-cpp-python`,
-//! which compiles llama.cpp: about 40 minutes on 2 cores, once).
+//! which compiles llama.cpp: about 40 minutes on 2 cores, once), once per flash-attention
+//! setting in `--peer-flash-attn` (default `off,on`: llama-cpp-python's default is off,
+//! llama.cpp's own `auto` turns it on for a CPU); each row compares with the faster one.
 
 #[path = "support/stats.rs"]
 mod stats;
@@ -34,6 +39,7 @@ struct Options {
     threads: usize,
     kv: KvPrecision,
     peer: bool,
+    peer_flash_attn: String,
     attention_only: bool,
 }
 
@@ -46,6 +52,7 @@ fn parse_options() -> Result<Options> {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         kv: KvPrecision::F16,
         peer: true,
+        peer_flash_attn: "off,on".into(),
         attention_only: false,
     };
     let args: Vec<String> = std::env::args()
@@ -74,6 +81,7 @@ fn parse_options() -> Result<Options> {
                 }
             }
             "--no-peer" => o.peer = false,
+            "--peer-flash-attn" => o.peer_flash_attn = value()?,
             "--attention-only" => o.attention_only = true,
             other => anyhow::bail!("unknown option {other}"),
         }
@@ -89,7 +97,8 @@ fn tokens(n: usize) -> Vec<u32> {
 struct Row {
     what: String,
     ours: f64,
-    peer: Option<f64>,
+    /// The peer's best value and the flash-attention setting that gave it.
+    peer: Option<(f64, String)>,
     /// Whether the peer has this row (the decode split is ours alone).
     compared: bool,
 }
@@ -115,6 +124,10 @@ impl LayerAttention for TimedCache {
         self.attention += t.elapsed();
         result
     }
+
+    fn computes_only(&self) -> bool {
+        self.cache.computes_only()
+    }
 }
 
 fn main() -> Result<()> {
@@ -130,16 +143,27 @@ fn main() -> Result<()> {
         return attention_only(&o, n_layers, shape);
     }
     let mut rows = Vec::new();
-    for &n in &o.sizes {
+    // Decode continues after the last prefill when that prefilled the decode context.
+    let continue_decode = o.sizes.last() == Some(&o.decode_ctx);
+    let total = o.decode_ctx + o.decode_steps;
+    let mut decode_cache = None;
+    for (i, &n) in o.sizes.iter().enumerate() {
         let toks = tokens(n);
         let positions: Vec<usize> = (0..n).collect();
         let mut times = Vec::new();
-        for _ in 0..o.repeats {
-            let mut cache = KvCache::with_precision(n_layers, shape, n, o.kv);
+        for r in 0..o.repeats {
+            let keep = continue_decode && i + 1 == o.sizes.len() && r + 1 == o.repeats;
+            let mut cache = TimedCache {
+                cache: KvCache::with_precision(n_layers, shape, if keep { total } else { n }, o.kv),
+                attention: Duration::ZERO,
+            };
             let t = Instant::now();
             let hidden = model.forward(&toks, &positions, &mut cache)?;
             let _ = model.logits(&hidden[hidden.len() - model.config().hidden..]);
             times.push(t.elapsed().as_secs_f64());
+            if keep {
+                decode_cache = Some(cache);
+            }
         }
         rows.push(Row {
             what: format!("prefill {n} tokens (tok/s)"),
@@ -149,13 +173,19 @@ fn main() -> Result<()> {
         });
     }
     {
-        let toks = tokens(o.decode_ctx + o.decode_steps);
-        let mut cache = TimedCache {
-            cache: KvCache::with_precision(n_layers, shape, toks.len(), o.kv),
-            attention: Duration::ZERO,
+        let toks = tokens(total);
+        let mut cache = match decode_cache {
+            Some(cache) => cache,
+            None => {
+                let mut cache = TimedCache {
+                    cache: KvCache::with_precision(n_layers, shape, total, o.kv),
+                    attention: Duration::ZERO,
+                };
+                let positions: Vec<usize> = (0..o.decode_ctx).collect();
+                model.forward(&toks[..o.decode_ctx], &positions, &mut cache)?;
+                cache
+            }
         };
-        let positions: Vec<usize> = (0..o.decode_ctx).collect();
-        model.forward(&toks[..o.decode_ctx], &positions, &mut cache)?;
         let (mut times, mut attention) = (Vec::new(), Vec::new());
         for s in 0..o.decode_steps {
             let p = o.decode_ctx + s;
@@ -186,11 +216,21 @@ fn main() -> Result<()> {
             compared: false,
         });
     }
+    let mut peer_detail = Vec::new();
     if o.peer {
         match run_peer(&o, &path) {
             Ok(peer) => {
-                for (row, value) in rows.iter_mut().filter(|r| r.compared).zip(peer) {
-                    row.peer = Some(value);
+                for (row, values) in rows.iter_mut().filter(|r| r.compared).zip(peer) {
+                    peer_detail.push(format!(
+                        "{}: {}",
+                        row.what,
+                        values
+                            .iter()
+                            .map(|(v, fa)| format!("flash-attn {fa} {v:.1}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                    row.peer = values.into_iter().max_by(|a, b| a.0.total_cmp(&b.0));
                 }
             }
             Err(e) => eprintln!("llama.cpp peer not measured: {e:#}"),
@@ -209,20 +249,29 @@ fn main() -> Result<()> {
          KV cache {:?}",
         o.threads, o.repeats, o.kv
     );
-    println!("| measurement | starkv | llama.cpp | starkv / llama.cpp |");
+    println!(
+        "| measurement | starkv | llama.cpp (faster flash-attn setting) | starkv / llama.cpp |"
+    );
     println!("|---|---|---|---|");
     for r in rows {
-        let (peer, ratio) = match r.peer {
-            Some(p) => (format!("{p:.1}"), format!("{:.2}x", r.ours / p)),
+        let (peer, ratio) = match &r.peer {
+            Some((p, fa)) => (
+                format!("{p:.1} (flash-attn {fa})"),
+                format!("{:.2}x", r.ours / p),
+            ),
             None => ("n/a".into(), "n/a".into()),
         };
         println!("| {} | {:.1} | {peer} | {ratio} |", r.what, r.ours);
     }
+    if !peer_detail.is_empty() {
+        println!("\nllama.cpp, each setting: {}", peer_detail.join("; "));
+    }
     Ok(())
 }
 
-/// Peer throughputs in the same order as our rows.
-fn run_peer(o: &Options, model: &std::path::Path) -> Result<Vec<f64>> {
+/// Peer throughputs in the same order as our rows, each with every flash-attention
+/// setting measured (value, setting).
+fn run_peer(o: &Options, model: &std::path::Path) -> Result<Vec<Vec<(f64, String)>>> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/benches/peers/llama_cpp_speed.py"
@@ -237,24 +286,47 @@ fn run_peer(o: &Options, model: &std::path::Path) -> Result<Vec<f64>> {
         "--decode".to_string(),
         o.decode_ctx.to_string(),
         o.decode_steps.to_string(),
+        "--flash-attn".to_string(),
+        o.peer_flash_attn.clone(),
     ]);
     let out = cmd.output().context("running python3")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(info) = stderr.lines().find(|l| l.contains("CPU :")) {
+        eprintln!("llama.cpp system info: {info}");
+    }
     anyhow::ensure!(
         out.status.success(),
-        "peer failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "peer failed ({}): {stderr}",
+        out.status
     );
-    let mut values = Vec::new();
+    // Rows in our order: each prefill size, then decode.
+    let keys: Vec<(&str, usize)> = o
+        .sizes
+        .iter()
+        .map(|&n| ("prefill", n))
+        .chain([("decode", o.decode_ctx)])
+        .collect();
+    let mut values = vec![Vec::new(); keys.len()];
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
         let secs = peer_seconds(&v).context("seconds")?;
-        let n = v["tokens"].as_u64().context("tokens")? as f64;
-        values.push(if v["what"] == "prefill" {
-            n / median(secs)
+        let n = v["tokens"].as_u64().context("tokens")? as usize;
+        let what = v["what"].as_str().context("what")?;
+        let fa = v["flash_attn"].as_str().unwrap_or("off").to_string();
+        let value = if what == "prefill" {
+            n as f64 / median(secs)
         } else {
             1.0 / median(secs)
-        });
+        };
+        if let Some(i) = keys.iter().position(|&k| k == (what, n)) {
+            values[i].push((value, fa));
+        }
     }
+    anyhow::ensure!(
+        values.iter().all(|v| !v.is_empty()),
+        "peer printed no value for some rows: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(values)
 }
 

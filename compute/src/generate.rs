@@ -109,6 +109,10 @@ impl LayerAttention for Cancellable<'_> {
     fn cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }
+
+    fn computes_only(&self) -> bool {
+        self.inner.computes_only()
+    }
 }
 
 /// One forward pass of new tokens at their positions, returning the last token's logits.

@@ -14,7 +14,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::matmul::{Transpose, gemm_f32, gemm_f32_acc};
-use super::ops::exp_shifted_sum;
+use super::ops::{exp_shifted_sum, scale_mask_max};
 use crate::kv8::{Kv8, dequantize_rows};
 pub use crate::partial::{Attended, HeadShape, merge_into};
 
@@ -392,15 +392,7 @@ unsafe fn attend_tile(
                 Mask::None => kc,
                 Mask::Causal { offset } => (q0 + r + offset + 1).saturating_sub(k0).min(kc),
             };
-            let mut tile_max = f32::NEG_INFINITY;
-            for (j, v) in s.iter_mut().enumerate() {
-                *v = if j < visible {
-                    *v * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                tile_max = tile_max.max(*v);
-            }
+            let tile_max = scale_mask_max(s, visible, scale);
             let new_max = row_max[p].max(tile_max);
             if new_max == f32::NEG_INFINITY {
                 // Nothing visible yet: keep the zero accumulator, zero this row's weights.

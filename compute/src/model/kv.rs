@@ -288,4 +288,8 @@ impl LayerAttention for KvCache {
         );
         Ok(())
     }
+
+    fn computes_only(&self) -> bool {
+        true
+    }
 }

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use super::config::LlamaConfig;
 use crate::cpu::attention::HeadShape;
 use crate::cpu::matmul::{Matrix, matmul_t_many};
-use crate::cpu::ops::{Rope, rms_norm, swiglu};
+use crate::cpu::ops::{Rope, add_rows, rms_norm_rows, swiglu_rows};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, SharedBytes};
 use crate::quant::{GgmlType, encode_float};
@@ -38,6 +38,17 @@ pub trait LayerAttention: Send {
     /// Whether the forward pass should stop before its next layer (the caller cancelled:
     /// see [`crate::cancel::Cancel`]); it then fails with [`Error::Cancelled`].
     fn cancelled(&self) -> bool {
+        false
+    }
+
+    /// Whether `attend` only computes, here and on the rayon pool, and never waits for
+    /// another thread, process or device. The forward pass then runs on a pool thread, so
+    /// each of its parallel loops (five per layer) forks and joins inside the pool
+    /// instead of handing its work to the pool and sleeping until it is done: two thread
+    /// wake-ups per loop, which at 16 threads cost a decode step more than its products.
+    /// An `attend` that waits must answer `false` (the default): on a pool thread it could
+    /// wait for work queued behind itself (see [`crate::star::PendingPartial::arriving`]).
+    fn computes_only(&self) -> bool {
         false
     }
 }
@@ -246,6 +257,20 @@ impl Llama {
         positions: &[usize],
         attention: &mut dyn LayerAttention,
     ) -> Result<Vec<f32>> {
+        if attention.computes_only() {
+            on_pool(|| self.forward_here(tokens, positions, attention))
+        } else {
+            self.forward_here(tokens, positions, attention)
+        }
+    }
+
+    /// [`Llama::forward`] on the calling thread.
+    fn forward_here(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        attention: &mut dyn LayerAttention,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let m = tokens.len();
         if positions.len() != m {
@@ -275,7 +300,7 @@ impl Llama {
             if attention.cancelled() {
                 return Err(Error::Cancelled);
             }
-            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut xn);
+            rms_norm_rows(&x, &layer.attn_norm, c.rms_eps, &mut xn);
             matmul_t_many(
                 &mut [
                     (&layer.wq, &mut q),
@@ -290,18 +315,18 @@ impl Llama {
                 .apply(&mut k, c.n_kv_heads, c.head_dim, &cos, &sin);
             attention.attend(li, &q, &k, &v, m, &mut attn)?;
             layer.wo.matmul_t(&attn, m, &mut proj);
-            add_in_place(&mut x, &proj);
-            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
+            add_rows(&mut x, &proj, h);
+            rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
             matmul_t_many(
                 &mut [(&layer.w_gate, &mut gate), (&layer.w_up, &mut up)],
                 &xn,
                 m,
             );
-            swiglu(&mut gate, &up);
+            swiglu_rows(&mut gate, &up, c.ffn);
             layer.w_down.matmul_t(&gate, m, &mut proj);
-            add_in_place(&mut x, &proj);
+            add_rows(&mut x, &proj, h);
         }
-        rms_norm(&x.clone(), &self.output_norm, c.rms_eps, &mut x);
+        rms_norm_rows(&x.clone(), &self.output_norm, c.rms_eps, &mut x);
         Ok(x)
     }
 
@@ -365,10 +390,4 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let mut result = None;
     rayon::scope(|_| result = Some(f()));
     result.expect("the scope ran the closure")
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
 }

@@ -226,6 +226,10 @@ impl LayerAttention for AnchoredBlock<'_> {
         self.block.set_layer_from_rows(layer, k, v);
         Ok(())
     }
+
+    fn computes_only(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,14 @@ pub trait AttentionShard: Send + Sync {
     fn tempered(&self) -> bool {
         false
     }
+
+    /// Whether [`AttentionShard::start`] only returns work computed when waited on, on
+    /// this host's CPU and its rayon pool (never waiting for another thread, process or
+    /// device): a query over such shards alone may run its forward pass on the pool (see
+    /// [`LayerAttention::computes_only`]).
+    fn computes_here(&self) -> bool {
+        false
+    }
 }
 
 /// A partial attention in flight (see [`AttentionShard::start`]).
@@ -158,6 +166,10 @@ impl AttentionShard for CpuShard {
 
     fn n_tokens(&self) -> usize {
         self.blocks.iter().map(|b| b.len).sum()
+    }
+
+    fn computes_here(&self) -> bool {
+        true
     }
 }
 
@@ -308,5 +320,12 @@ impl LayerAttention for QueryAttention<'_> {
         }
         out.copy_from_slice(&acc.out);
         Ok(())
+    }
+
+    fn computes_only(&self) -> bool {
+        self.shards
+            .iter()
+            .chain(&self.tempered)
+            .all(|s| s.computes_here())
     }
 }
