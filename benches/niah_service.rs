@@ -719,6 +719,9 @@ struct Report<'a> {
     configs: &'a [Config],
     by_task: BTreeMap<Task, Marks>,
     by_task_length: BTreeMap<(Task, usize), Marks>,
+    /// By the asked needle's depth, in fifths of the document (0 = 0-20%, ..., 4 =
+    /// 80-100%); a multi-key question counts at its own needle's depth.
+    by_task_depth: BTreeMap<(Task, usize), Marks>,
     /// Per configuration: ingest seconds summed over the cases that it and `full` both
     /// ingested, and `full`'s over the same cases.
     ingest_vs_full: Vec<(f64, f64)>,
@@ -728,18 +731,27 @@ impl<'a> Report<'a> {
     fn new(cases: &[Case], configs: &'a [Config], results: &Results) -> Self {
         let mut by_task: BTreeMap<Task, Marks> = BTreeMap::new();
         let mut by_task_length: BTreeMap<(Task, usize), Marks> = BTreeMap::new();
+        let mut by_task_depth: BTreeMap<(Task, usize), Marks> = BTreeMap::new();
         for (i, case) in cases.iter().enumerate() {
             let touched = (0..configs.len()).any(|c| results.ingest_seconds.contains_key(&(i, c)));
             if !touched {
                 continue;
             }
-            for qi in 0..case.questions.len() {
+            for (qi, q) in case.questions.iter().enumerate() {
+                let fifth = if q.depth.is_finite() {
+                    ((q.depth.clamp(0.0, 1.0) * 5.0) as usize).min(4)
+                } else {
+                    usize::MAX
+                };
                 for target in [
                     by_task
                         .entry(case.task)
                         .or_insert_with(|| vec![Vec::new(); configs.len()]),
                     by_task_length
                         .entry((case.task, case.length))
+                        .or_insert_with(|| vec![Vec::new(); configs.len()]),
+                    by_task_depth
+                        .entry((case.task, fifth))
                         .or_insert_with(|| vec![Vec::new(); configs.len()]),
                 ] {
                     for (c, col) in target.iter_mut().enumerate() {
@@ -764,6 +776,7 @@ impl<'a> Report<'a> {
             configs,
             by_task,
             by_task_length,
+            by_task_depth,
             ingest_vs_full,
         }
     }
@@ -919,6 +932,23 @@ impl<'a> Report<'a> {
             let cells: Vec<String> = cols.iter().map(|c| percent(&answered(c))).collect();
             out.push(format!(
                 "| {} | {length} | {} |",
+                task.name(),
+                cells.join(" | ")
+            ));
+        }
+        out.push(String::new());
+        out.push("By depth of the asked needle (accuracy):".into());
+        out.push(String::new());
+        out.push(format!("| task | depth | {} |", labels.join(" | ")));
+        out.push(format!("|---|---|{}", "---|".repeat(labels.len())));
+        for ((task, fifth), cols) in &self.by_task_depth {
+            let depth = match fifth {
+                0..=4 => format!("{}-{}%", 20 * fifth, 20 * fifth + 20),
+                _ => "unknown".into(),
+            };
+            let cells: Vec<String> = cols.iter().map(|c| percent(&answered(c))).collect();
+            out.push(format!(
+                "| {} | {depth} | {} |",
                 task.name(),
                 cells.join(" | ")
             ));
