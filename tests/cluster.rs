@@ -515,6 +515,50 @@ fn an_int8_document_is_stored_in_8_bits_by_the_workers() {
     assert_eq!(ask(&server, "harbour8")["answer"], want["answer"]);
 }
 
+/// Selective global re-encoding over workers: each worker holding blocks computes the
+/// whole document (phase 1 and the pass; a re-encoded block depends on every block
+/// before it) and keeps its part under the whole-document keys. The answer is the single
+/// node's, and a worker that dies is replaced by a re-encode that re-encodes alike.
+#[test]
+fn a_reencoded_document_over_workers_answers_as_one_node() {
+    let dir = temp_dir("cluster-reencode");
+    let text = document(None);
+    let ingest_reencoded = |server: &Server| {
+        let (status, doc) = server.json(
+            "POST",
+            "/v1/documents?wait=true",
+            Some(json!({ "id": "harbour-re", "text": text, "block_size": BLOCK_SIZE, "reencode_ratio": 0.1 })),
+        );
+        assert_eq!(status, 200, "{doc}");
+        assert_eq!(doc["state"], "ready", "{doc}");
+        doc
+    };
+    let single = Server::start(&dir.join("single"), &["--device", "cpu"]);
+    ingest_reencoded(&single);
+    let want = ask(&single, "harbour-re");
+    single.kill();
+
+    let (mut workers, coordinator) = cluster(&dir, 1);
+    ingest_reencoded(&coordinator);
+    let (holders, _) = placement(&coordinator, "harbour-re");
+    assert_eq!(holders.len(), 3, "blocks on every worker: {holders:?}");
+    assert_eq!(ask(&coordinator, "harbour-re")["answer"], want["answer"]);
+
+    // Wait until the health checks mark it down: its blocks then have no live holder when
+    // the query starts, and are re-encoded (whole document, as at ingest) elsewhere.
+    let killed = workers.remove(0).kill();
+    wait_for(
+        "the killed worker to be marked down",
+        Duration::from_secs(60),
+        || !healthy(&coordinator, &killed),
+    );
+    let again = ask(&coordinator, "harbour-re");
+    assert_eq!(again["answer"], want["answer"], "after a worker died");
+    assert!(again["repaired_blocks"].as_u64().unwrap() > 0, "{again}");
+    let (holders, _) = placement(&coordinator, "harbour-re");
+    assert!(!holders.contains(&killed), "placement updated: {holders:?}");
+}
+
 /// APE's tempered merge over workers: each worker holding blocks after the anchor opens
 /// a session for the tempered group (attended at `1 / T`), the coordinator weighs the
 /// group and merges it with the untempered parts. The answer is the single node's, with

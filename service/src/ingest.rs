@@ -105,13 +105,6 @@ impl Service {
         progress: &dyn Fn(usize, usize),
     ) -> ServiceResult<IngestOutcome> {
         if let Some(cluster) = &self.cluster {
-            // Re-encoding attends over every preceding block of the document: one
-            // host's work, not a worker's part.
-            if req.reencode_ratio > 0.0 {
-                return Err(ServiceError::Invalid(
-                    "reencode_ratio is not supported with shard workers yet".into(),
-                ));
-            }
             return cluster.ingest(self, req, tokens, progress);
         }
         let dtype = self.stored_dtype(req.kv_dtype);
@@ -168,12 +161,8 @@ impl Service {
             }
         };
         if req.reencode_ratio > 0.0 {
-            if part.is_some() {
-                return Err(ServiceError::Invalid(
-                    "a re-encoded document is ingested whole, not in parts".into(),
-                ));
-            }
-            return self.ingest_reencoded(req, &tokens, encoder, ingest, started, progress);
+            return self
+                .ingest_reencoded(req, &tokens, &blocks, encoder, ingest, started, progress);
         }
         let mut reused = 0;
         progress(0, blocks.len());
@@ -237,12 +226,14 @@ impl Service {
 
     /// The key of block `range` of `tokens` of `tenant`, stored as `dtype`, as this
     /// service's store computes it (model fingerprint, KV layout, dtype, anchor, block
-    /// tokens and start, scoped to the tenant by [`DedupScope`]).
+    /// tokens and start, scoped to the tenant by [`DedupScope`]; for a document
+    /// re-encoded at `reencode_ratio` > 0, the whole document in place of the anchor).
     pub(crate) fn block_key(
         &self,
         tenant: &str,
         tokens: &[u32],
         anchor_size: usize,
+        reencode_ratio: f32,
         range: std::ops::Range<usize>,
         dtype: DType,
     ) -> BlockId {
@@ -260,15 +251,19 @@ impl Service {
         };
         let mut spec = self.doc_spec(&req, &[], dtype);
         spec.anchor_size = anchor_size as u32;
-        let anchor = &tokens[..anchor_size.min(tokens.len())];
+        let context = if reencode_ratio > 0.0 {
+            reencode_key_context(tokens, reencode_ratio)
+        } else {
+            tokens[..anchor_size.min(tokens.len())].to_vec()
+        };
         let content =
-            BlockStore::block_key(&spec, anchor, &tokens[range.clone()], range.start as u64);
+            BlockStore::block_key(&spec, &context, &tokens[range.clone()], range.start as u64);
         self.dedup.store_key(tenant, content).0
     }
 }
 
 /// A re-encode ratio in millionths, as the manifest records it.
-fn reencode_ppm(ratio: f32) -> u32 {
+pub(crate) fn reencode_ppm(ratio: f32) -> u32 {
     (ratio.clamp(0.0, 1.0) as f64 * 1e6).round() as u32
 }
 
@@ -284,44 +279,61 @@ fn reencode_key_context(tokens: &[u32], ratio: f32) -> Vec<u32> {
 
 impl Service {
     /// Ingest with selective re-encoding: phase 1 for every block, then the re-encoding
-    /// pass over the whole document (on the backend's device), then every block stored (blocks
-    /// already stored under the same keys, i.e. the same document and ratio, are reused).
+    /// pass over the whole document (on the backend's device), then the blocks `part`
+    /// (index and, from a coordinator, the expected key) stored; blocks already stored
+    /// under the same keys (the same document and ratio) are reused. A shard worker
+    /// computes the whole document this way and keeps its part: every re-encoded block
+    /// depends on all the blocks before it.
+    #[allow(clippy::too_many_arguments)]
     fn ingest_reencoded(
         &self,
         req: &IngestRequest,
         tokens: &[u32],
+        part: &[(usize, Option<BlockId>)],
         mut encoder: starkv_compute::backend::BlockEncoder<'_>,
         mut ingest: starkv_cache::Ingest,
         started: Instant,
         progress: &dyn Fn(usize, usize),
     ) -> ServiceResult<IngestOutcome> {
         let n_blocks = encoder.n_blocks();
+        let whole = part.len() == n_blocks;
         let key_context = reencode_key_context(tokens, req.reencode_ratio);
         let mut keys = Vec::with_capacity(n_blocks);
+        // Blocks kept here: computed and stored unless already stored.
+        let mut kept = vec![false; n_blocks];
         let mut reused = vec![false; n_blocks];
-        for (i, was_reused) in reused.iter_mut().enumerate() {
+        for i in 0..n_blocks {
             let range = encoder.block_range(i);
             let content =
                 ingest.block_key(&key_context, &tokens[range.clone()], range.start as u64);
-            let key = self.dedup.store_key(&req.tenant, content);
-            *was_reused = ingest.reuse_block(key, range.start as u64, range.len() as u32);
-            keys.push(key);
+            keys.push(self.dedup.store_key(&req.tenant, content));
+        }
+        for &(i, expected) in part {
+            if expected.is_some_and(|k| k != keys[i].0) {
+                return Err(ServiceError::Conflict(format!(
+                    "block {i}: the content key differs from the coordinator's (another model file or KV layout)"
+                )));
+            }
+            let range = encoder.block_range(i);
+            kept[i] = true;
+            reused[i] = ingest.reuse_block(keys[i], range.start as u64, range.len() as u32);
         }
         // Phase 1, the re-encoding pass and the writes count as one step per block each.
         let total = 3 * n_blocks;
         progress(0, total);
-        if reused.iter().any(|r| !r) {
+        if (0..n_blocks).any(|i| kept[i] && !reused[i]) {
             let exact_until = req.anchor_size.max(req.block_size);
             let dtype = ingest.spec().dtype;
-            // 8-bit documents are not kept resident as encoded (as in `ingest_part`).
+            // 8-bit documents are not kept resident as encoded (as in `ingest_part`), nor
+            // is a worker's part (the other blocks are not its own).
             let ids: Vec<BlockId> = keys.iter().map(|k| k.0).collect();
-            let keep = (dtype != DType::I8).then_some(&ids[..]);
+            let keep = (dtype != DType::I8 && whole).then_some(&ids[..]);
             let ranges: Vec<_> = (0..n_blocks).map(|i| encoder.block_range(i)).collect();
             // Blocks arrive one at a time after the pass; a store error stops the rest.
             let mut failed: Option<ServiceError> = None;
             let mut store = |i: usize, block: BlockKv| -> starkv_compute::Result<()> {
                 progress(2 * n_blocks + i, total);
-                let stored = if reused[i] {
+                let stored = if reused[i] || !kept[i] {
                     Ok(())
                 } else {
                     to_tensors(&block, dtype).and_then(|t| {
@@ -355,7 +367,7 @@ impl Service {
         Ok(IngestOutcome {
             doc,
             tokens: tokens.len(),
-            blocks: n_blocks,
+            blocks: part.len(),
             reused_blocks: reused.iter().filter(|&&r| r).count(),
             seconds: started.elapsed().as_secs_f64(),
         })

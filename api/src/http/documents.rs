@@ -140,13 +140,10 @@ pub async fn create(
             ))
         })?,
     };
-    // The server's default applies to a single host only (shard workers do not re-encode).
     let reencode_ratio = body
         .reencode_ratio
-        .unwrap_or_else(|| match state.service.cluster() {
-            None => state.config.reencode_ratio.unwrap_or(0.0),
-            Some(_) => 0.0,
-        });
+        .or(state.config.reencode_ratio)
+        .unwrap_or(0.0);
     if !(0.0..=1.0).contains(&reencode_ratio) {
         return Err(ApiError::bad_request("`reencode_ratio` must be in 0..=1"));
     }

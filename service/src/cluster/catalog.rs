@@ -39,6 +39,10 @@ pub struct DocEntry {
     /// The document's tempered merge (APE; `None`: the exact merge).
     #[serde(default)]
     pub merge: Option<TemperedMerge>,
+    /// Selective global re-encoding at ingest, in millionths of the tokens (0: off; the
+    /// default of entries written before it existed). A recovery re-encodes likewise.
+    #[serde(default)]
+    pub reencode_ppm: u32,
     pub tokens: Vec<u32>,
     pub blocks: Vec<BlockEntry>,
 }
@@ -202,6 +206,7 @@ mod tests {
                 temperature: 1.25,
                 scale: 0.5,
             }),
+            reencode_ppm: 0,
             tokens: vec![1, 2, 3, 4, 5],
             blocks: vec![BlockEntry {
                 key: hex(&[0xab; 32]),

@@ -463,12 +463,16 @@ impl Cluster {
         }
         let n = tokens.len().div_ceil(b);
         let dtype = service.stored_dtype(req.kv_dtype);
+        let reencode_ppm = crate::ingest::reencode_ppm(req.reencode_ratio);
         let ranges: Vec<_> = (0..n)
             .map(|i| i * b..((i + 1) * b).min(tokens.len()))
             .collect();
         let keys: Vec<Key> = ranges
             .iter()
-            .map(|r| service.block_key(&req.tenant, &tokens, a, r.clone(), dtype))
+            .map(|r| {
+                let ratio = req.reencode_ratio;
+                service.block_key(&req.tenant, &tokens, a, ratio, r.clone(), dtype)
+            })
             .collect();
         let _guard = self.lock_placement();
         // Parts written before the catalog entry is published are not stale.
@@ -519,6 +523,7 @@ impl Cluster {
                         anchor_size: a as u32,
                         dtype: dtype.code(),
                         blocks: part.iter().map(|&i| (i as u32, keys[i])).collect(),
+                        reencode_ppm,
                     });
                     (w, part, Instant::now(), self.send(w, req))
                 })
@@ -556,6 +561,7 @@ impl Cluster {
             ttl_ms: req.ttl_ms,
             dtype: Some(dtype.code()),
             merge: (!req.merge.is_exact()).then(|| req.merge.into()),
+            reencode_ppm,
             blocks: (0..n)
                 .map(|i| BlockEntry {
                     key: hex(&keys[i]),
@@ -1004,6 +1010,7 @@ impl WorkerShard {
                         .iter()
                         .map(|&i| (i as u32, entry.blocks[i].key_bytes()))
                         .collect(),
+                    reencode_ppm: entry.reencode_ppm,
                 });
                 (w, Instant::now(), cluster.send(w, req))
             })
@@ -1025,8 +1032,15 @@ impl WorkerShard {
         for (&w, added) in encode {
             for &i in added {
                 let holders = &mut updated.blocks[i].holders;
-                if !lost_data && let Some(f) = &failed_address {
-                    holders.retain(|h| h != f);
+                if !lost_data {
+                    // The failed worker goes, and so does any other holder that is down
+                    // (a block whose every holder was down at the query's start): the
+                    // catalog says where a block is served from, and a worker that comes
+                    // back drops the parts it no longer holds.
+                    holders.retain(|h| {
+                        Some(h) != failed_address.as_ref()
+                            && cluster.index_of(h).is_some_and(|w| cluster.live(w))
+                    });
                 }
                 if !holders.contains(&cluster.addresses[w]) {
                     holders.push(cluster.addresses[w].clone());

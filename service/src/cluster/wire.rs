@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bumped on any change of a frame's layout; both ends must agree.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame accepted (an encode request carries a document's tokens: 4 bytes each).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -80,6 +80,10 @@ pub struct EncodeRequest {
     /// `(block index, content key)` of every block the worker holds for this document,
     /// including ones it already stores (those are reused, not re-encoded).
     pub blocks: Vec<(u32, Key)>,
+    /// Selective global re-encoding after phase 1, in millionths of the tokens (0: off).
+    /// A re-encoded block depends on every block before it, so the worker computes the
+    /// whole document and keeps its part.
+    pub reencode_ppm: u32,
 }
 
 /// A worker's own time on one request, in microseconds (saturating at `u32::MAX`):
@@ -242,6 +246,7 @@ impl Request {
                 w.u32(e.block_size);
                 w.u32(e.anchor_size);
                 w.u8(e.dtype);
+                w.u32(e.reencode_ppm);
                 w.u32s(&e.tokens);
                 w.u32(e.blocks.len() as u32);
                 for (i, key) in &e.blocks {
@@ -315,6 +320,7 @@ impl Request {
                     let block_size = r.u32()?;
                     let anchor_size = r.u32()?;
                     let dtype = r.u8()?;
+                    let reencode_ppm = r.u32()?;
                     let tokens = r.u32s()?;
                     let n = r.count(4 + 32)?;
                     let mut blocks = Vec::with_capacity(n);
@@ -329,6 +335,7 @@ impl Request {
                         anchor_size,
                         dtype,
                         blocks,
+                        reencode_ppm,
                     })
                 }
                 OPEN => {
@@ -760,6 +767,7 @@ mod tests {
                 anchor_size: 1,
                 dtype: 1,
                 blocks: vec![(0, [7; 32]), (1, [9; 32])],
+                reencode_ppm: 50_000,
             }),
             Request::Open {
                 doc: "t/doc".into(),
@@ -849,6 +857,7 @@ mod tests {
             anchor_size: 2,
             dtype: 4,
             blocks: vec![(1, [0; 32])],
+            reencode_ppm: 0,
         })
         .frame(5);
         let good = body(&good).to_vec();

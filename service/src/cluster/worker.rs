@@ -172,7 +172,7 @@ impl WorkerNode {
             block_size: e.block_size as usize,
             anchor_size: e.anchor_size as usize,
             merge: Default::default(),
-            reencode_ratio: 0.0,
+            reencode_ratio: (f64::from(e.reencode_ppm) * 1e-6) as f32,
             pinned: false,
             ttl_ms: None,
             // Informational: the stored type is `dtype` below, the coordinator's choice.
