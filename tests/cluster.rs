@@ -352,17 +352,22 @@ fn a_worker_refuses_a_coordinator_without_the_secret_and_bad_frames() {
 /// Flips one byte in the middle of layer 7 of the first block a stopped worker holds of
 /// `doc`, writing the damaged value back through the store's engine.
 fn flip_a_stored_layer(worker_dir: &Path, doc: &str) {
+    flip_a_stored_block_layer(worker_dir, doc, 0);
+}
+
+/// Flips one byte in the middle of layer 7 of block `index` (in manifest order) of `doc`
+/// in the stopped store under `data_dir`, writing the damaged value back through the
+/// store's engine.
+pub(crate) fn flip_a_stored_block_layer(data_dir: &Path, doc: &str, index: usize) {
     use starkv_cache::engine::{Batch, Space, Target, layer_key};
     use starkv_cache::{BlockStore, RocksConfig, StoreConfig};
     let store = BlockStore::open_rocks(
-        RocksConfig::new(worker_dir.join("store"), 4),
+        RocksConfig::new(data_dir.join("store"), 4),
         StoreConfig::default(),
     )
-    .expect("opening the stopped worker's store");
-    let lease = store
-        .open_doc(doc)
-        .expect("the worker holds a part of the document");
-    let block = lease.manifest().blocks[0].clone();
+    .expect("opening the stopped store");
+    let lease = store.open_doc(doc).expect("the store holds the document");
+    let block = lease.manifest().blocks[index].clone();
     drop(lease);
     let shard = block.key.shard(store.engine().shards());
     let key = layer_key(&block.key, 7);

@@ -214,6 +214,59 @@ fn store_faults_verify_repair_exits_4_and_recovers() {
     assert_eq!(server.metric("starkv_blocks_repaired_total"), 0.0);
 }
 
+/// The last block's layer 7 of `doc` in the stopped store under `dir`, decoded, and that
+/// block's index.
+fn stored_layer(dir: &Path, doc: &str) -> (Vec<f32>, usize) {
+    use starkv_cache::{BlockStore, RocksConfig, StoreConfig};
+    let store = BlockStore::open_rocks(
+        RocksConfig::new(dir.join("store"), 4),
+        StoreConfig::default(),
+    )
+    .expect("opening the stopped store");
+    let lease = store.open_doc(doc).expect("the store holds the document");
+    let last = lease.manifest().blocks.len() - 1;
+    let layer = lease
+        .read_layer_uncached(last, 7)
+        .expect("a readable layer");
+    (layer.to_f32(), last)
+}
+
+/// A damaged block of a selectively re-encoded document is repaired with the KV its key
+/// names (phase 1 and the re-encoding pass over the whole document), not with phase 1's
+/// KV alone: the repaired layer equals the ingested one. With `reencode_ratio` 1 every
+/// token after the anchor is re-encoded, so phase 1's KV of the last block differs.
+#[test]
+fn store_faults_a_reencoded_block_is_repaired_as_it_was_encoded() {
+    let dir = temp_dir("repair-reencoded");
+    let server = Server::start(&dir, &[]);
+    let (status, doc) = server.json(
+        "POST",
+        "/v1/documents?wait=true",
+        Some(json!({ "id": "harbour", "text": document(None), "block_size": 96, "reencode_ratio": 1.0 })),
+    );
+    assert_eq!(status, 200, "{doc}");
+    let before = ask(&server);
+    server.kill();
+    let (ingested, last) = stored_layer(&dir, "default/harbour");
+    crate::cluster::flip_a_stored_block_layer(&dir, "default/harbour", last);
+
+    let out = cli(&dir, &["verify", "--repair", "--json"]);
+    assert_eq!(out.status.code(), Some(4), "{}", shown(&out));
+    let (repaired, _) = stored_layer(&dir, "default/harbour");
+    let scale = ingested.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = ingested
+        .iter()
+        .zip(&repaired)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    // The same computation on the same machine: equal up to f16 rounding at most.
+    assert!(
+        worst <= 1e-3 * scale,
+        "repaired layer differs from the ingested one by {worst} (values up to {scale})"
+    );
+    let server = Server::start(&dir, &[]);
+    assert_eq!(ask(&server)["answer"], before["answer"]);
+}
+
 /// A data directory on a 64 MB tmpfs: under the free-space floor an ingest answers 507
 /// with the JSON error body; with a lower floor documents ingest, DELETE + gc give the
 /// space back on disk, and the server restarts on the same directory.

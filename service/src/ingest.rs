@@ -262,6 +262,13 @@ impl Service {
     }
 }
 
+/// The ratio a re-encode ratio in millionths stands for: what an ingest re-encodes with
+/// (not the caller's own f32), so that a worker given the millionths and a repair
+/// reading them from the manifest select the same tokens.
+pub(crate) fn reencode_ratio_of(ppm: u32) -> f32 {
+    (f64::from(ppm) * 1e-6) as f32
+}
+
 /// A re-encode ratio in millionths, as the manifest records it.
 pub(crate) fn reencode_ppm(ratio: f32) -> u32 {
     (ratio.clamp(0.0, 1.0) as f64 * 1e6).round() as u32
@@ -353,7 +360,7 @@ impl Service {
                 &self.model().model,
                 &self.backend,
                 exact_until,
-                req.reencode_ratio,
+                reencode_ratio_of(reencode_ppm(req.reencode_ratio)),
                 keep,
                 &mut store,
             );

@@ -172,7 +172,7 @@ impl WorkerNode {
             block_size: e.block_size as usize,
             anchor_size: e.anchor_size as usize,
             merge: Default::default(),
-            reencode_ratio: (f64::from(e.reencode_ppm) * 1e-6) as f32,
+            reencode_ratio: crate::ingest::reencode_ratio_of(e.reencode_ppm),
             pinned: false,
             ttl_ms: None,
             // Informational: the stored type is `dtype` below, the coordinator's choice.
