@@ -49,9 +49,13 @@ pub trait AttentionShard: Send + Sync {
         false
     }
 
-    /// Whether [`AttentionShard::start`] only returns work computed when waited on, on
-    /// this host's CPU and its rayon pool (never waiting for another thread, process or
-    /// device): a query over such shards alone may run its forward pass on the pool (see
+    /// Whether a thread of this process's rayon pool may wait on this shard: its answer
+    /// is either computed when waited on, on this host's CPU and the pool, or comes from
+    /// another process that needs nothing of this one's pool (a remote shard worker whose
+    /// reply the waiting thread reads itself). Never true when the answer may come from
+    /// work queued on this process's pool or threads (an in-process worker's thread or
+    /// device): a pool thread waiting on it could wait behind itself. A query over such
+    /// shards alone may run its forward pass on the pool (see
     /// [`LayerAttention::computes_only`]).
     fn computes_here(&self) -> bool {
         false

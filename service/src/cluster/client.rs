@@ -348,6 +348,11 @@ impl Worker for RemoteWorker {
         Ok(PendingReply::new(move |timeout| call.wait(timeout)))
     }
 
+    /// Another process does the work, and the waiting caller reads its own reply.
+    fn waits_off_pool(&self) -> bool {
+        true
+    }
+
     fn bytes(&self) -> (u64, u64) {
         (
             self.sent.load(Ordering::Relaxed),

@@ -1219,6 +1219,14 @@ impl AttentionShard for WorkerShard {
         self.kind.tempered
     }
 
+    /// When every worker of the cluster is remote, a query may wait for its attends on a
+    /// pool thread and so run its forward pass inside the pool (each of its parallel loops
+    /// then forks there instead of waking the pool and sleeping: ~150 hand-offs per
+    /// decode step). Every worker, not just this shard's: a recovery may encode anywhere.
+    fn computes_here(&self) -> bool {
+        self.cluster.slots.iter().all(|s| s.worker.waits_off_pool())
+    }
+
     fn local_gpu(&self) -> Option<starkv_compute::cuda::star::GpuShard> {
         let legs = self.lock();
         let [leg] = legs.as_slice() else {

@@ -77,6 +77,15 @@ pub trait Worker: Send + Sync {
         0
     }
 
+    /// Whether a thread of this process's compute pool may wait for this worker's
+    /// replies: the worker's work runs in another process and the waiting thread reads the
+    /// reply itself, so no work queued on this process's pool or threads stands between
+    /// the wait and its answer (see [`AttentionShard::computes_here`]). An in-process
+    /// worker's encodes and GPU attends run on threads of this process: not such a worker.
+    fn waits_off_pool(&self) -> bool {
+        false
+    }
+
     /// The shard of an open session when the worker runs in this process (for the
     /// same-device channel; see [`AttentionShard::local_gpu`]).
     fn local_shard(&self, _session: u64) -> Option<Arc<dyn AttentionShard>> {
