@@ -22,9 +22,11 @@ pub const KV_LAYOUT_VERSION: u32 = 1;
 /// One tensor per layer: `[2, kv_heads, tokens, head_dim]`, K then V, stored as `dtype`.
 pub(crate) fn to_tensors(block: &BlockKv, dtype: DType) -> ServiceResult<Vec<Tensor>> {
     let s = block.shape;
+    // Layers in parallel: quantising to 8 bits (a scale per token and head) one layer
+    // after another made an int8 ingest ~1.6x a bf16 one on the H200 host.
     block
         .layers
-        .iter()
+        .par_iter()
         .map(|(k, v)| {
             Tensor::kv_layer(
                 dtype,
