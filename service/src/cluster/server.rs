@@ -93,33 +93,29 @@ async fn connection(
                 continue;
             }
         };
-        let is_attend = matches!(req, Request::Attend { .. });
+        let attend_runner = matches!(req, Request::Attend { .. }).then_some(runner);
         let answer = {
             let (node, opened) = (node.clone(), opened.clone());
             move || answer(&node, &opened, req, read_at).frame(id)
         };
-        match (is_attend, runner) {
-            (true, Runner::Inline) => {
-                let frame = tokio::task::block_in_place(answer);
-                // A failed write means the connection is gone: the next read ends the loop.
-                let _ = writer.lock().await.write_all(&frame).await;
+        if let Some(Runner::Inline) = attend_runner {
+            let frame = tokio::task::block_in_place(answer);
+            // A failed write means the connection is gone: the next read ends the loop.
+            let _ = writer.lock().await.write_all(&frame).await;
+            continue;
+        }
+        let job = {
+            let (writer, runtime, done) = (writer.clone(), runtime.clone(), in_flight.clone());
+            move || {
+                let frame = answer();
+                let _ = runtime.block_on(async { writer.lock().await.write_all(&frame).await });
+                drop(done);
             }
-            (true, Runner::ComputePool) => {
-                let (writer, runtime, done) = (writer.clone(), runtime.clone(), in_flight.clone());
-                rayon::spawn(move || {
-                    let frame = answer();
-                    let _ = runtime.block_on(async { writer.lock().await.write_all(&frame).await });
-                    drop(done);
-                });
-            }
-            _ => {
-                let (writer, runtime, done) = (writer.clone(), runtime.clone(), in_flight.clone());
-                runtime.clone().spawn_blocking(move || {
-                    let frame = answer();
-                    let _ = runtime.block_on(async { writer.lock().await.write_all(&frame).await });
-                    drop(done);
-                });
-            }
+        };
+        if let Some(Runner::ComputePool) = attend_runner {
+            rayon::spawn(job);
+        } else {
+            runtime.spawn_blocking(job);
         }
     };
     // Every request read has been answered (or its write failed) before the sessions
