@@ -41,6 +41,11 @@ fn reference_logits(model: &Llama, tokens: &[u32]) -> Vec<f64> {
         .map(|&t| f(&w.embed[t as usize * h..(t as usize + 1) * h]))
         .collect();
     let (qw, kvw) = (c.n_heads * d, c.n_kv_heads * d);
+    let shape = crate::cpu::attention::HeadShape {
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: d,
+    };
     for l in &w.layers {
         let normed: Vec<Vec<f64>> = xs.iter().map(|x| norm(x, &l[0])).collect();
         let mut qs: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&l[1], qw, h, x)).collect();
@@ -51,25 +56,7 @@ fn reference_logits(model: &Llama, tokens: &[u32]) -> Vec<f64> {
             rope(&mut ks[t], t);
         }
         for t in 0..n {
-            let mut attn = vec![0f64; qw];
-            for hd in 0..c.n_heads {
-                let kh = hd / (c.n_heads / c.n_kv_heads);
-                let scores: Vec<f64> = (0..=t)
-                    .map(|j| {
-                        (0..d)
-                            .map(|i| qs[t][hd * d + i] * ks[j][kh * d + i])
-                            .sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
-                    .collect();
-                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
-                for (j, s) in scores.iter().enumerate() {
-                    for i in 0..d {
-                        attn[hd * d + i] += (s - mx).exp() / z * vs[j][kh * d + i];
-                    }
-                }
-            }
+            let attn = causal_reference(&qs[t], 1, &ks[..=t], &vs[..=t], shape);
             let o = matvec(&l[4], h, qw, &attn);
             xs[t].iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let x2 = norm(&xs[t], &l[5]);
@@ -150,7 +137,7 @@ fn f16_cache_forward_stays_within_the_rounding_budget() {
 /// f64 causal attention of the rows `q` (`[m][n_heads * d]`, at positions `offset..`)
 /// over every key and value so far (token-major f64 rows).
 fn causal_reference(
-    q: &[f32],
+    q: &[f64],
     m: usize,
     k: &[Vec<f64>],
     v: &[Vec<f64>],
@@ -165,7 +152,7 @@ fn causal_reference(
             let scores: Vec<f64> = (0..=offset + i)
                 .map(|j| {
                     (0..d)
-                        .map(|c| q[i * qw + h * d + c] as f64 * k[j][kh * d + c])
+                        .map(|c| q[i * qw + h * d + c] * k[j][kh * d + c])
                         .sum::<f64>()
                         / (d as f64).sqrt()
                 })
@@ -220,7 +207,8 @@ fn f16_cache_attention_matches_the_f64_reference() {
             vs.extend(round(&v));
             let mut out = vec![0f32; m * shape.q_width()];
             cache.attend(1, &q, &k, &v, m, &mut out).unwrap();
-            let want = causal_reference(&q, m, &ks, &vs, shape);
+            let q64: Vec<f64> = q.iter().map(|&x| f64::from(x)).collect();
+            let want = causal_reference(&q64, m, &ks, &vs, shape);
             for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                 assert!(
                     (*a as f64 - b).abs() < 1e-4,
