@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,6 @@ struct Connection {
     /// broke.
     changed: Condvar,
     next_id: AtomicU64,
-    broken: AtomicBool,
     received: Arc<AtomicU64>,
 }
 
@@ -79,14 +78,13 @@ impl Connection {
 
     /// Marks the connection dead and fails every waiting call.
     fn fail(&self, why: &str) {
-        self.broken.store(true, Ordering::SeqCst);
+        // The first reason stands (the shutdown below makes a reader fail too).
+        self.inbox().broken.get_or_insert_with(|| why.to_string());
+        self.changed.notify_all();
         if let Ok(w) = self.writer.lock() {
             // Also ends a read in progress on the other half.
             let _ = w.shutdown(std::net::Shutdown::Both);
         }
-        let mut inbox = self.inbox();
-        inbox.broken.get_or_insert_with(|| why.to_string());
-        self.changed.notify_all();
     }
 
     /// Whether the worker closed its end while nobody was reading (it stopped, or
@@ -253,7 +251,7 @@ impl RemoteWorker {
     fn connection(&self) -> Result<Arc<Connection>, CallError> {
         let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = slot.as_ref() {
-            if !c.broken.load(Ordering::SeqCst) && !c.closed_by_peer() {
+            if c.inbox().broken.is_none() && !c.closed_by_peer() {
                 return Ok(c.clone());
             }
             c.fail(&format!("{}: connection closed", self.address));
@@ -317,7 +315,6 @@ impl RemoteWorker {
             inbox: Mutex::default(),
             changed: Condvar::new(),
             next_id: AtomicU64::new(1),
-            broken: AtomicBool::new(false),
             received: self.received.clone(),
         })
     }
