@@ -1,8 +1,10 @@
 //! Repair: re-encoding blocks that failed verification from their document's stored
 //! source tokens.
 
+use starkv_compute::star::BlockKv;
+
 use crate::kv::to_tensors;
-use crate::{Service, ServiceResult};
+use crate::{Service, ServiceError, ServiceResult};
 
 impl Service {
     /// Re-encodes every block the store has marked for repair (a failed checksum) from
@@ -17,9 +19,9 @@ impl Service {
             let manifest = lease.manifest().clone();
             let tokens = lease.source_tokens()?;
             let i = block_ref.start as usize / manifest.block_size as usize;
-            let kv = self.recompute_block(&tokens, &manifest, i)?;
+            let kv = self.recompute_blocks(&tokens, &manifest, &[i])?;
             self.store
-                .repair_block(item.block, &to_tensors(&kv, manifest.dtype)?)?;
+                .repair_block(item.block, &to_tensors(&kv[0], manifest.dtype)?)?;
             metrics::counter!("starkv_blocks_repaired_total").increment(1);
             repaired += 1;
         }
@@ -28,24 +30,28 @@ impl Service {
 }
 
 impl Service {
-    /// Block `i` of a stored document, computed again from its source tokens exactly as
-    /// its ingest computed it: phase 1, or for a selectively re-encoded document phase 1
-    /// and the re-encoding pass over the whole document (every re-encoded block depends
-    /// on all the blocks before it; a phase-1 block would not be the KV its key names).
-    /// That pass costs a whole document's encode per repaired block: repairs are rare.
-    pub(crate) fn recompute_block(
+    /// Blocks `wanted` of a stored document, in that order, computed again from its
+    /// source tokens exactly as its ingest computed them: phase 1 (one encoder, the
+    /// anchor computed once), or for a selectively re-encoded document phase 1 and one
+    /// re-encoding pass over the whole document (every re-encoded block depends on all
+    /// the blocks before it; a phase-1 block would not be the KV its key names). That
+    /// pass costs a whole document's encode: repairs are rare.
+    pub(crate) fn recompute_blocks(
         &self,
         tokens: &[u32],
         manifest: &starkv_cache::Manifest,
-        i: usize,
-    ) -> ServiceResult<starkv_compute::star::BlockKv> {
+        wanted: &[usize],
+    ) -> ServiceResult<Vec<BlockKv>> {
         let mut encoder = self.encoder(tokens, manifest)?;
         if manifest.reencode_ppm == 0 {
-            return Ok(encoder.encode_block(i)?);
+            return wanted
+                .iter()
+                .map(|&i| Ok(encoder.encode_block(i)?))
+                .collect();
         }
         let exact_until = (manifest.anchor_size.max(manifest.block_size)) as usize;
         let ratio = crate::ingest::reencode_ratio_of(manifest.reencode_ppm);
-        let mut found = None;
+        let mut found: Vec<Option<BlockKv>> = vec![None; wanted.len()];
         encoder.encode_reencoded(
             &self.model().model,
             &self.backend,
@@ -53,15 +59,21 @@ impl Service {
             ratio,
             None,
             &mut |j, block| {
-                if j == i {
-                    found = Some(block);
+                if let Some(slot) = wanted.iter().position(|&i| i == j) {
+                    found[slot] = Some(block);
                 }
                 Ok(())
             },
         )?;
-        found.ok_or_else(|| {
-            crate::ServiceError::Internal(format!("the re-encoding pass produced no block {i}"))
-        })
+        wanted
+            .iter()
+            .zip(found)
+            .map(|(i, block)| {
+                block.ok_or_else(|| {
+                    ServiceError::Internal(format!("the re-encoding pass produced no block {i}"))
+                })
+            })
+            .collect()
     }
 }
 
@@ -80,12 +92,15 @@ impl Service {
         };
         for (i, why) in &cold.failed_reads {
             tracing::warn!(doc = %manifest.doc.doc, block = i, error = %why, "repairing an unreadable block from its source tokens");
-            let kv = self.recompute_block(tokens, manifest, *i)?;
+        }
+        let wanted: Vec<usize> = cold.failed_reads.iter().map(|&(i, _)| i).collect();
+        let blocks = self.recompute_blocks(tokens, manifest, &wanted)?;
+        for (&i, kv) in wanted.iter().zip(&blocks) {
             self.store
-                .repair_block(manifest.blocks[*i].key, &to_tensors(&kv, manifest.dtype)?)?;
+                .repair_block(manifest.blocks[i].key, &to_tensors(kv, manifest.dtype)?)?;
             metrics::counter!("starkv_blocks_repaired_total").increment(1);
         }
-        Ok(cold.failed_reads.len())
+        Ok(wanted.len())
     }
 }
 
