@@ -13,7 +13,12 @@
 //! with the single node.
 //!
 //! `cargo bench --bench cluster -- [--tokens 2000] [--block-size 256] [--gen 16]
-//! [--workers 3] [--repeats 3] [--threads N] [--worker-threads 1] [--local-workers 2]`
+//! [--workers 3] [--repeats 3] [--threads N] [--worker-threads 1] [--local-workers 2]
+//! [--spin-us auto|US[,US...]]`
+//!
+//! `--spin-us` lists socket-polling budgets (`starkv_service::cluster::spin`): each
+//! worker count is measured once per budget, the coordinator and its workers polling
+//! alike, so the rows compare them in the same run.
 //!
 //! A last row runs the same coordinator over `--local-workers` in-process CPU workers
 //! (what `serve --devices` runs), with no sockets. A second table splits a worker
@@ -35,7 +40,7 @@ use starkv_compute::LoadedModel;
 use starkv_compute::fetch::{default_data_dir, ensure_default_model};
 use starkv_compute::sampling::SamplingParams;
 use starkv_service::cluster::{
-    AttendTimes, Cluster, ClusterConfig, LocalWorkersConfig, open_local_workers,
+    AttendTimes, Cluster, ClusterConfig, LocalWorkersConfig, SpinBudget, open_local_workers,
 };
 use starkv_service::{IngestRequest, QueryRequest, Service};
 use stats::median;
@@ -76,6 +81,7 @@ fn start_worker(
     model: &std::path::Path,
     dir: &std::path::Path,
     threads: usize,
+    spin: SpinBudget,
 ) -> Result<(WorkerProc, String)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_starkv"))
         .arg("--data-dir")
@@ -90,6 +96,8 @@ fn start_worker(
             SECRET,
             "--device",
             "cpu",
+            "--spin-us",
+            &spin.micros().to_string(),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -285,33 +293,59 @@ fn main() -> Result<()> {
     let mut configs = vec![Config::new("single node".into(), single, None, Vec::new())];
     let worker_threads = get("--worker-threads", 1)?;
     let scratch = tempfile::tempdir()?;
+    // Each worker count once per socket-polling budget (both ends poll alike).
+    let spins: Vec<SpinBudget> = match args.iter().position(|a| a == "--spin-us") {
+        Some(i) => args
+            .get(i + 1)
+            .context("missing value")?
+            .split(',')
+            .map(|v| -> Result<SpinBudget> {
+                Ok(match v {
+                    "auto" => SpinBudget::resolve(None),
+                    us => SpinBudget::from_micros(us.parse()?),
+                })
+            })
+            .collect::<Result<_>>()?,
+        None => vec![SpinBudget::resolve(None)],
+    };
     for n in 1..=max_workers {
-        let mut addresses = Vec::new();
-        let mut procs = Vec::new();
-        for i in 0..n {
-            let dir = scratch.path().join(format!("run-{n}-worker-{i}"));
-            let (proc, addr) = start_worker(&model_path, &dir, worker_threads)?;
-            procs.push(proc);
-            addresses.push(addr);
+        for &spin in &spins {
+            let mut addresses = Vec::new();
+            let mut procs = Vec::new();
+            for i in 0..n {
+                let dir = scratch
+                    .path()
+                    .join(format!("run-{n}-{}-worker-{i}", spin.micros()));
+                let (proc, addr) = start_worker(&model_path, &dir, worker_threads, spin)?;
+                procs.push(proc);
+                addresses.push(addr);
+            }
+            let coordinator = open_service()?;
+            let cluster = Arc::new(Cluster::connect(
+                &ClusterConfig {
+                    workers: addresses,
+                    secret: SECRET.into(),
+                    replicas: 1,
+                    call_timeout: Duration::from_secs(60),
+                    encode_timeout: Duration::from_secs(3600),
+                    catalog_dir: scratch
+                        .path()
+                        .join(format!("catalog-{n}-{}", spin.micros())),
+                    spin,
+                },
+                coordinator.model_fingerprint(),
+            )?);
+            configs.push(Config::new(
+                format!(
+                    "coordinator + {n} worker{}, polling {} µs",
+                    if n > 1 { "s" } else { "" },
+                    spin.micros()
+                ),
+                coordinator.with_cluster(cluster.clone()),
+                Some(cluster),
+                procs,
+            ));
         }
-        let coordinator = open_service()?;
-        let cluster = Arc::new(Cluster::connect(
-            &ClusterConfig {
-                workers: addresses,
-                secret: SECRET.into(),
-                replicas: 1,
-                call_timeout: Duration::from_secs(60),
-                encode_timeout: Duration::from_secs(3600),
-                catalog_dir: scratch.path().join(format!("catalog-{n}")),
-            },
-            coordinator.model_fingerprint(),
-        )?);
-        configs.push(Config::new(
-            format!("coordinator + {n} worker{}", if n > 1 { "s" } else { "" }),
-            coordinator.with_cluster(cluster.clone()),
-            Some(cluster),
-            procs,
-        ));
     }
 
     // The same coordinator code over in-process workers (what `serve --devices` runs on
@@ -337,6 +371,7 @@ fn main() -> Result<()> {
                 call_timeout: Duration::from_secs(60),
                 encode_timeout: Duration::from_secs(3600),
                 catalog_dir: scratch.path().join("catalog-local"),
+                spin: SpinBudget::OFF,
             },
             workers,
         )?);

@@ -29,6 +29,11 @@ struct WorkerProc {
 impl WorkerProc {
     /// Starts a worker on `addr` (`127.0.0.1:0` for any port) with its own data dir.
     fn start(dir: &Path, addr: &str) -> WorkerProc {
+        Self::start_with(dir, addr, &[])
+    }
+
+    /// [`WorkerProc::start`] with more `starkv worker` arguments.
+    fn start_with(dir: &Path, addr: &str, extra: &[&str]) -> WorkerProc {
         let model = model_path();
         let mut child = Command::new(env!("CARGO_BIN_EXE_starkv"))
             .args([
@@ -46,6 +51,7 @@ impl WorkerProc {
                 "--device",
                 "cpu",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -76,8 +82,26 @@ fn cluster(dir: &Path, replicas: u32) -> (Vec<WorkerProc>, Server) {
 
 /// [`cluster`] with the coordinator's per-call timeout `timeout_ms`.
 fn cluster_with_timeout(dir: &Path, replicas: u32, timeout_ms: &str) -> (Vec<WorkerProc>, Server) {
+    cluster_with(dir, replicas, timeout_ms, None)
+}
+
+/// [`cluster_with_timeout`], every process polling its sockets for `spin_us` µs when
+/// set (else their default: off on small hosts like CI's).
+fn cluster_with(
+    dir: &Path,
+    replicas: u32,
+    timeout_ms: &str,
+    spin_us: Option<&str>,
+) -> (Vec<WorkerProc>, Server) {
+    let worker_spin: Vec<&str> = spin_us.map_or(vec![], |us| vec!["--spin-us", us]);
     let workers: Vec<WorkerProc> = (0..3)
-        .map(|i| WorkerProc::start(&dir.join(format!("worker-{i}")), "127.0.0.1:0"))
+        .map(|i| {
+            WorkerProc::start_with(
+                &dir.join(format!("worker-{i}")),
+                "127.0.0.1:0",
+                &worker_spin,
+            )
+        })
         .collect();
     let list = workers
         .iter()
@@ -85,21 +109,22 @@ fn cluster_with_timeout(dir: &Path, replicas: u32, timeout_ms: &str) -> (Vec<Wor
         .collect::<Vec<_>>()
         .join(",");
     let replicas = replicas.to_string();
-    let coordinator = Server::start(
-        &dir.join("coordinator"),
-        &[
-            "--device",
-            "cpu",
-            "--workers",
-            &list,
-            "--cluster-secret",
-            SECRET,
-            "--replicas",
-            &replicas,
-            "--worker-timeout-ms",
-            timeout_ms,
-        ],
-    );
+    let mut args = vec![
+        "--device",
+        "cpu",
+        "--workers",
+        &list,
+        "--cluster-secret",
+        SECRET,
+        "--replicas",
+        &replicas,
+        "--worker-timeout-ms",
+        timeout_ms,
+    ];
+    if let Some(us) = spin_us {
+        args.extend(["--cluster-spin-us", us]);
+    }
+    let coordinator = Server::start(&dir.join("coordinator"), &args);
     (workers, coordinator)
 }
 
@@ -168,7 +193,9 @@ fn three_workers_answer_as_one_node_and_survive_a_killed_worker() {
     let text = document(None);
     let want = single_node_answer(&dir, "harbour", &text);
 
-    let (mut workers, coordinator) = cluster(&dir, 1);
+    // Every process polls its sockets before sleeping (a worker also hands its attends to
+    // a polling pool thread): the latency paths, exercised even on a small host.
+    let (mut workers, coordinator) = cluster_with(&dir, 1, "20000", Some("400"));
     let doc = ingest(&coordinator, "harbour", &text);
     let (holders, n_blocks) = placement(&coordinator, "harbour");
     assert!(n_blocks >= 30, "{doc}");
@@ -342,6 +369,13 @@ fn a_worker_refuses_a_coordinator_without_the_secret_and_bad_frames() {
     let mut reply = Vec::new();
     let _ = raw.read_to_end(&mut reply);
     assert!(reply.is_empty());
+    // A handshake longer than 64 KiB (a valid frame length otherwise): closed unread.
+    let mut raw = std::net::TcpStream::connect(&worker.addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    raw.write_all(&(1u32 << 20).to_le_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let _ = raw.read_to_end(&mut reply);
+    assert!(reply.is_empty(), "no answer to an oversized handshake");
     assert!(
         TcpListener::bind(&worker.addr).is_err(),
         "the worker still listens"

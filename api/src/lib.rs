@@ -54,6 +54,7 @@ fn open_cluster(
         call_timeout: std::time::Duration::from_millis(config.worker_timeout_ms),
         encode_timeout: std::time::Duration::from_secs(config.worker_encode_timeout_secs),
         catalog_dir: config.data_dir.join("cluster"),
+        spin: starkv_service::cluster::SpinBudget::resolve(config.cluster_spin_us),
     };
     let cluster = if config.workers.is_empty() {
         if config.replicas > local_devices.len() {

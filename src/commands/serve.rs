@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Longest wait for a worker's per-layer answer, in milliseconds.
     #[arg(long, env = "STARKV_WORKER_TIMEOUT_MS")]
     worker_timeout_ms: Option<u64>,
+    /// Microseconds a query polls a worker's socket before sleeping on it (0: never;
+    /// default 2000 on hosts with 4+ hardware threads, else 0).
+    #[arg(long, env = "STARKV_CLUSTER_SPIN_US")]
+    cluster_spin_us: Option<u64>,
 }
 
 pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
@@ -96,6 +100,9 @@ pub fn run(global: &GlobalArgs, args: ServeArgs) -> Result<ExitCode> {
     }
     if let Some(t) = args.worker_timeout_ms {
         config.worker_timeout_ms = t;
+    }
+    if args.cluster_spin_us.is_some() {
+        config.cluster_spin_us = args.cluster_spin_us;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

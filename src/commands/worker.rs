@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use starkv_compute::cuda::DeviceChoice;
+use starkv_service::cluster::SpinBudget;
 use starkv_service::cluster::server::serve_worker;
 use starkv_service::cluster::worker::{WorkerConfig, WorkerNode};
 
@@ -34,6 +35,10 @@ pub struct WorkerArgs {
     /// Byte budget of the GPU-resident block tier (default: half the free device memory).
     #[arg(long)]
     gpu_tier_bytes: Option<u64>,
+    /// Microseconds a connection polls its socket for the next request before sleeping
+    /// on it (0: never; default 2000 on hosts with 4+ hardware threads, else 0).
+    #[arg(long, env = "STARKV_CLUSTER_SPIN_US")]
+    spin_us: Option<u64>,
 }
 
 pub fn run(global: &GlobalArgs, args: WorkerArgs) -> Result<ExitCode> {
@@ -61,7 +66,7 @@ pub fn run(global: &GlobalArgs, args: WorkerArgs) -> Result<ExitCode> {
         println!("starkv worker listening on {}", listener.local_addr()?);
         let secret = Arc::new(args.secret.into_bytes());
         tokio::select! {
-            () = serve_worker(listener, node, secret) => {}
+            () = serve_worker(listener, node, secret, SpinBudget::resolve(args.spin_us)) => {}
             _ = tokio::signal::ctrl_c() => {}
         }
         anyhow::Ok(())

@@ -21,6 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::handle::{CallError, PendingReply, Worker};
+use super::spin::SpinBudget;
 use super::wire::{PROTOCOL_VERSION, Reply, Request, read_frame};
 
 type Delivered = Result<Reply, CallError>;
@@ -31,6 +32,7 @@ pub struct RemoteWorker {
     secret: Vec<u8>,
     model_fingerprint: Vec<u8>,
     connect_timeout: Duration,
+    spin: SpinBudget,
     conn: Mutex<Option<Arc<Connection>>>,
     sent: AtomicU64,
     received: Arc<AtomicU64>,
@@ -40,6 +42,7 @@ pub struct RemoteWorker {
 
 struct Connection {
     address: String,
+    spin: SpinBudget,
     writer: Mutex<TcpStream>,
     /// The read half, used by one waiting caller at a time ([`Inbox::reading`]).
     reader: Mutex<TcpStream>,
@@ -171,6 +174,9 @@ impl Connection {
     fn read_until(&self, id: u64, deadline: Instant) -> Read {
         let mut reader = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
+            // Poll first: the reply usually comes within the budget, and is then taken
+            // without the scheduler's wake-up.
+            self.spin.wait_readable(&reader, Some(deadline));
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Read::TimedOut;
@@ -230,17 +236,20 @@ impl Drop for Call {
 
 impl RemoteWorker {
     /// `model_fingerprint`: the coordinator's; a worker running another model is refused.
+    /// A caller waiting for a reply polls the socket for `spin` before sleeping on it.
     pub fn new(
         address: impl Into<String>,
         secret: &[u8],
         model_fingerprint: &[u8],
         connect_timeout: Duration,
+        spin: SpinBudget,
     ) -> Self {
         Self {
             address: address.into(),
             secret: secret.to_vec(),
             model_fingerprint: model_fingerprint.to_vec(),
             connect_timeout,
+            spin,
             conn: Mutex::new(None),
             sent: AtomicU64::new(0),
             received: Arc::default(),
@@ -310,6 +319,7 @@ impl RemoteWorker {
         let reader = stream.try_clone().map_err(unreachable)?;
         Ok(Connection {
             address: self.address.clone(),
+            spin: self.spin,
             writer: Mutex::new(stream),
             reader: Mutex::new(reader),
             inbox: Mutex::default(),
@@ -411,6 +421,13 @@ mod tests {
 
     #[test]
     fn concurrent_calls_answered_out_of_order_each_get_their_own_reply() {
+        // Sleeping readers, and readers that poll their socket first.
+        for spin in [SpinBudget::OFF, SpinBudget::from_micros(3_000)] {
+            concurrent_calls_with(spin);
+        }
+    }
+
+    fn concurrent_calls_with(spin: SpinBudget) {
         const CALLS: usize = 8;
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address").to_string();
@@ -429,7 +446,13 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
-        let worker = RemoteWorker::new(&address, b"secret", FINGERPRINT, Duration::from_secs(5));
+        let worker = RemoteWorker::new(
+            &address,
+            b"secret",
+            FINGERPRINT,
+            Duration::from_secs(5),
+            spin,
+        );
         std::thread::scope(|s| {
             for i in 0..CALLS {
                 let worker = &worker;
@@ -465,7 +488,13 @@ mod tests {
                 closed_tx.send(()).expect("signal");
             }
         });
-        let worker = RemoteWorker::new(&address, b"secret", FINGERPRINT, Duration::from_secs(5));
+        let worker = RemoteWorker::new(
+            &address,
+            b"secret",
+            FINGERPRINT,
+            Duration::from_secs(5),
+            SpinBudget::OFF,
+        );
         assert_eq!(refused_with(call(&worker, "first")), "first");
         closed_rx.recv().expect("closed");
         // Nobody was reading when the worker closed: the next call sees it anyway and
@@ -498,7 +527,13 @@ mod tests {
             }
             assert!(read_frame(&mut stream).is_err());
         });
-        let worker = RemoteWorker::new(&address, b"secret", FINGERPRINT, Duration::from_secs(5));
+        let worker = RemoteWorker::new(
+            &address,
+            b"secret",
+            FINGERPRINT,
+            Duration::from_secs(5),
+            SpinBudget::OFF,
+        );
         let slow = worker
             .send(Request::Drop { doc: "a".into() })
             .expect("sent");

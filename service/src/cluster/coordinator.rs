@@ -47,6 +47,9 @@ pub struct ClusterConfig {
     pub encode_timeout: Duration,
     /// Where the catalog (documents, placement) lives.
     pub catalog_dir: std::path::PathBuf,
+    /// How long a query waiting for a remote worker's reply polls the socket before it
+    /// sleeps (see [`super::spin`]).
+    pub spin: super::spin::SpinBudget,
 }
 
 /// What the health check and the calls learned about a worker.
@@ -177,6 +180,7 @@ impl Cluster {
                     config.secret.as_bytes(),
                     model_fingerprint,
                     connect_timeout,
+                    config.spin,
                 )) as Box<dyn Worker>
             })
             .collect();

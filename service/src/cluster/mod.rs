@@ -5,6 +5,8 @@
 //!   its own store and answers per-layer partial attention over them.
 //! - [`server`]: the worker's TCP listener; [`client`]: the coordinator's persistent
 //!   connection to it; [`wire`]: the binary frames between them.
+//! - [`spin`]: polling a socket before sleeping on it (both ends' per-layer waits);
+//!   `handoff`: a CPU worker's attends passed to a pool thread still polling for them.
 //! - [`handle`]: the [`Worker`] trait the coordinator calls, remote or in-process.
 //! - [`lifecycle`]: pin, TTL, eviction and expiry of cluster documents.
 //! - [`local`]: one in-process worker per local device (a multi-GPU host, no remote
@@ -20,10 +22,12 @@ pub mod catalog;
 pub mod client;
 pub mod coordinator;
 pub mod handle;
+mod handoff;
 pub mod lifecycle;
 pub mod local;
 pub mod placement;
 pub mod server;
+pub mod spin;
 pub mod stale;
 pub mod verify;
 pub mod wire;
@@ -33,5 +37,6 @@ pub use catalog::{BlockEntry, DocEntry};
 pub use coordinator::{AttendTimes, Cluster, ClusterConfig, WorkerHealth, WorkerStatus};
 pub use handle::{CallError, InProcessWorker, PendingReply, Worker};
 pub use local::{LocalWorkersConfig, local_devices, local_worker_dir, open_local_workers};
+pub use spin::SpinBudget;
 pub use verify::WorkerVerify;
 pub use worker::{WorkerConfig, WorkerNode};

@@ -1,6 +1,7 @@
-//! The worker's listener: one task per coordinator connection; attends answered on the
-//! compute pool (CPU) or the reader's thread (GPU), everything else on blocking threads
-//! (model, store); replies written in completion order.
+//! The worker's listener: one thread per coordinator connection, reading frames with
+//! blocking reads (polled first, [`super::spin`]); attends answered on the compute pool
+//! (CPU) or the connection's thread (GPU), everything else on blocking threads (model,
+//! store); replies written in completion order by the threads that computed them.
 //!
 //! A connection must open with [`Request::Hello`] carrying [`PROTOCOL_VERSION`] and the
 //! cluster's shared secret; otherwise it gets one error reply and is closed. A frame
@@ -9,51 +10,87 @@
 //! nothing after it can be trusted. Sessions a connection opened are closed with it.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
-use super::wire::{ErrorCode, PROTOCOL_VERSION, Reply, Request, WorkerTime, read_frame_async};
+use super::handoff::PoolHandoff;
+use super::spin::SpinBudget;
+use super::wire::{
+    ErrorCode, PROTOCOL_VERSION, Reply, Request, WorkerTime, read_frame, read_frame_within,
+};
 use super::worker::WorkerNode;
 
-/// Serves `node` on `listener` until the task is dropped.
-pub async fn serve_worker(listener: TcpListener, node: Arc<WorkerNode>, secret: Arc<Vec<u8>>) {
+/// Longest wait for a new connection's handshake, and the largest handshake frame read
+/// (a peer that has not shown the secret gets no large allocation or idle thread).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_MAX_BYTES: usize = 64 << 10;
+
+/// Serves `node` on `listener` until the task is dropped. Each connection runs on a
+/// thread of its own (blocking reads, polled for `spin` first: see [`super::spin`]);
+/// the listener only accepts.
+pub async fn serve_worker(
+    listener: TcpListener,
+    node: Arc<WorkerNode>,
+    secret: Arc<Vec<u8>>,
+    spin: SpinBudget,
+) {
+    let runtime = tokio::runtime::Handle::current();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "worker: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let (node, secret) = (node.clone(), secret.clone());
-        tokio::spawn(async move {
-            if let Err(e) = connection(stream, node, secret).await {
-                tracing::info!(%peer, error = %e, "worker: connection ended");
+        let stream = match stream.into_std().and_then(|s| {
+            s.set_nonblocking(false)?;
+            Ok(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "worker: connection not usable");
+                continue;
             }
-        });
+        };
+        let (node, secret, runtime) = (node.clone(), secret.clone(), runtime.clone());
+        let spawned = std::thread::Builder::new()
+            .name("starkv-worker-conn".into())
+            .spawn(move || {
+                if let Err(e) = connection(stream, &node, &secret, spin, &runtime) {
+                    tracing::info!(%peer, error = %e, "worker: connection ended");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(%peer, error = %e, "worker: no thread for a connection");
+        }
     }
 }
 
-async fn connection(
+fn connection(
     stream: TcpStream,
-    node: Arc<WorkerNode>,
-    secret: Arc<Vec<u8>>,
+    node: &Arc<WorkerNode>,
+    secret: &[u8],
+    spin: SpinBudget,
+    runtime: &tokio::runtime::Handle,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = stream.into_split();
-    // Handshake: the first frame, checked before anything else is read.
-    let body = read_frame_async(&mut reader).await?;
+    // Handshake: the first frame, small and within a time limit, checked before anything
+    // else is read.
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let body = read_frame_within(&mut &stream, HANDSHAKE_MAX_BYTES)?;
     let (id, hello) = Request::parse(&body);
     let refusal = match hello {
         Ok(Request::Hello { version, .. }) if version != PROTOCOL_VERSION => Some(Reply::error(
             ErrorCode::Version,
             format!("protocol version {version}; this worker speaks {PROTOCOL_VERSION}"),
         )),
-        Ok(Request::Hello { secret: given, .. }) if !same_secret(&given, &secret) => Some(
+        Ok(Request::Hello { secret: given, .. }) if !same_secret(&given, secret) => Some(
             Reply::error(ErrorCode::Unauthorized, "wrong cluster secret"),
         ),
         Ok(Request::Hello { .. }) => None,
@@ -64,22 +101,24 @@ async fn connection(
         Err(e) => Some(Reply::error(ErrorCode::BadRequest, e.to_string())),
     };
     if let Some(refusal) = refusal {
-        writer.write_all(&refusal.frame(id)).await?;
+        (&stream).write_all(&refusal.frame(id))?;
         return Ok(());
     }
-    writer.write_all(&node.hello().frame(id)).await?;
+    (&stream).write_all(&node.hello().frame(id))?;
+    stream.set_read_timeout(None)?;
 
-    // A reply is written by the thread that computed it (no hand-off to a writer task
-    // per reply, which cost a wake-up per layer and worker), whole frames at a time under
-    // the lock, in completion order.
-    let writer = Arc::new(tokio::sync::Mutex::new(writer));
-    let runtime = tokio::runtime::Handle::current();
+    // A reply is written by the thread that computed it (no hand-off to a writer per
+    // reply, which cost a wake-up per layer and worker), whole frames at a time under the
+    // lock, in completion order.
+    let writer = Arc::new(Mutex::new(stream.try_clone()?));
     let opened: Arc<Mutex<HashSet<u64>>> = Arc::default();
-    // Every job holds a clone; `recv` returns `None` once the last one has finished.
-    let (in_flight, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
-    let runner = Runner::for_node(&node, &runtime);
+    // Every job holds a sender; `recv` fails once the last one has finished.
+    let (in_flight, all_done) = std::sync::mpsc::channel::<()>();
+    let runner = Runner::for_node(node);
+    let pool = PoolHandoff::new(spin);
     let result = loop {
-        let body = match read_frame_async(&mut reader).await {
+        spin.wait_readable(&stream, None);
+        let body = match read_frame(&mut &stream) {
             Ok(b) => b,
             Err(e) => break Err(e),
         };
@@ -89,7 +128,7 @@ async fn connection(
             Ok(r) => r,
             Err(e) => {
                 let frame = Reply::error(ErrorCode::BadRequest, e.to_string()).frame(id);
-                let _ = writer.lock().await.write_all(&frame).await;
+                write_reply(&writer, &frame);
                 continue;
             }
         };
@@ -99,29 +138,27 @@ async fn connection(
             move || answer(&node, &opened, req, read_at).frame(id)
         };
         if let Some(Runner::Inline) = attend_runner {
-            let frame = tokio::task::block_in_place(answer);
-            // A failed write means the connection is gone: the next read ends the loop.
-            let _ = writer.lock().await.write_all(&frame).await;
+            write_reply(&writer, &answer());
             continue;
         }
         let job = {
-            let (writer, runtime, done) = (writer.clone(), runtime.clone(), in_flight.clone());
+            let (writer, done) = (writer.clone(), in_flight.clone());
             move || {
-                let frame = answer();
-                let _ = runtime.block_on(async { writer.lock().await.write_all(&frame).await });
+                write_reply(&writer, &answer());
                 drop(done);
             }
         };
         if let Some(Runner::ComputePool) = attend_runner {
-            rayon::spawn(job);
+            pool.submit(Box::new(job));
         } else {
-            runtime.spawn_blocking(job);
+            // Long requests (encode, open, verify): the runtime's bounded blocking pool.
+            drop(runtime.spawn_blocking(job));
         }
     };
     // Every request read has been answered (or its write failed) before the sessions
     // this connection opened are closed: an open still running would otherwise leave one.
     drop(in_flight);
-    let _ = all_done.recv().await;
+    let _ = all_done.recv();
     let sessions: Vec<u64> = opened.lock().expect("session set").drain().collect();
     for session in sessions {
         node.handle(Request::Close { session });
@@ -132,6 +169,15 @@ async fn connection(
     }
 }
 
+/// Writes one whole reply frame. A failed write means the connection is gone: the
+/// connection's next read ends its loop.
+fn write_reply(writer: &Mutex<TcpStream>, frame: &[u8]) {
+    let _ = writer
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .write_all(frame);
+}
+
 /// Where a connection's attends run. An attend is the hot path (one per layer, worker
 /// and generated token, ~30 per token), and every hand-off between threads costs a
 /// wake-up (tens of µs on an idle core of a virtual machine), so attends skip the
@@ -139,24 +185,22 @@ async fn connection(
 #[derive(Debug, Clone, Copy)]
 enum Runner {
     /// A CPU worker: straight onto the compute pool, whose thread attends (its parallel
-    /// loop runs inside the pool, no second entry) and writes the reply itself. Attends
-    /// of concurrent queries run side by side, as before.
+    /// loop runs inside the pool, no second entry) and writes the reply itself, handed
+    /// to the pool thread that answered the previous attend while it still polls for the
+    /// next ([`PoolHandoff`]). Attends of concurrent queries run side by side.
     ComputePool,
-    /// A GPU worker: on the reader's own thread. One device runs a connection's attends
-    /// one after the other anyway; the next frame is read when this one is answered.
+    /// A GPU worker: on the connection's own thread. One device runs a connection's
+    /// attends one after the other anyway; the next frame is read when this one is
+    /// answered.
     Inline,
-    /// No multi-threaded runtime to lend the reader's thread: the blocking pool.
-    Blocking,
 }
 
 impl Runner {
-    fn for_node(node: &WorkerNode, runtime: &tokio::runtime::Handle) -> Self {
+    fn for_node(node: &WorkerNode) -> Self {
         if node.attends_on_cpu() {
             Runner::ComputePool
-        } else if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            Runner::Inline
         } else {
-            Runner::Blocking
+            Runner::Inline
         }
     }
 }

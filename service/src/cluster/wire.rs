@@ -12,8 +12,6 @@
 
 use std::io::{Read, Write};
 
-use tokio::io::{AsyncRead, AsyncReadExt};
-
 /// Bumped on any change of a frame's layout; both ends must agree.
 pub const PROTOCOL_VERSION: u32 = 6;
 
@@ -554,30 +552,26 @@ fn header(body: &[u8]) -> Result<(u8, u64, FrameReader<'_>), WireError> {
 
 /// Reads one frame body (after its length prefix) from a blocking stream.
 pub fn read_frame(stream: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    read_frame_within(stream, MAX_FRAME_BYTES)
+}
+
+/// [`read_frame`] refusing frames longer than `max` bytes before allocating them: a
+/// connection that has not yet shown the cluster secret may send only a handshake.
+pub fn read_frame_within(stream: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;
-    let len = check_len(u32::from_le_bytes(len))?;
+    let len = check_len(u32::from_le_bytes(len), max)?;
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body)?;
     Ok(body)
 }
 
-/// Reads one frame body (after its length prefix) from an async stream.
-pub async fn read_frame_async(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await?;
-    let len = check_len(u32::from_le_bytes(len))?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    Ok(body)
-}
-
-fn check_len(len: u32) -> std::io::Result<usize> {
+fn check_len(len: u32, max: usize) -> std::io::Result<usize> {
     let len = len as usize;
-    if !(HEADER_BYTES..=MAX_FRAME_BYTES).contains(&len) {
+    if !(HEADER_BYTES..=max).contains(&len) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("frame length {len} outside {HEADER_BYTES}..={MAX_FRAME_BYTES}"),
+            format!("frame length {len} outside {HEADER_BYTES}..={max}"),
         ));
     }
     Ok(len)
@@ -881,8 +875,10 @@ mod tests {
         let (id, parsed) = Request::parse(&[200, 9, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(id, 9);
         assert!(parsed.is_err());
-        assert!(check_len(3).is_err());
-        assert!(check_len(u32::MAX).is_err());
+        assert!(check_len(3, MAX_FRAME_BYTES).is_err());
+        assert!(check_len(u32::MAX, MAX_FRAME_BYTES).is_err());
+        assert!(check_len(4097, 4096).is_err());
+        assert_eq!(check_len(4096, 4096).ok(), Some(4096));
         let mut stream: &[u8] = &[0xff, 0xff, 0xff, 0x7f, 1, 2];
         assert!(read_frame(&mut stream).is_err());
     }
