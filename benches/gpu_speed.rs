@@ -33,6 +33,7 @@ use starkv_compute::cuda::{
     AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, Kernels, PinnedBuf,
     Segment, TableBuf, probe, upload_plans, upload_plans_with_maps,
 };
+use starkv_compute::kv8::Kv8Format;
 use starkv_compute::model::LlamaConfig;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -723,10 +724,10 @@ fn attention_rows(
     Ok(())
 }
 
-/// Decode attention over `l` tokens kept in 8 bits (`kv_dtype = int8`: int8 K/V and one
-/// f16 scale per token and KV head, the 8-bit kernel), at the automatic split count and
-/// twice it, against the 16-bit kernel's time `bf16_secs` from the same run. Bytes are
-/// what the kernel reads: int8 values plus scales.
+/// Decode attention over `l` tokens kept in 8 bits (`kv_dtype = int8` and `fp8`: int8 or
+/// e4m3 K/V and one f16 scale per token and KV head, the 8-bit kernel), at the automatic
+/// split count and twice it, against the 16-bit kernel's time `bf16_secs` from the same
+/// run. Bytes are what the kernel reads: 8-bit values plus scales.
 #[allow(clippy::too_many_arguments)]
 fn kv8_decode_rows(
     gpu: &Arc<Gpu>,
@@ -739,14 +740,41 @@ fn kv8_decode_rows(
     copy_gbs: f64,
     add: &mut Add<'_>,
 ) -> Result<()> {
+    for format in [Kv8Format::Int8, Kv8Format::Fp8] {
+        kv8_decode_format(
+            gpu, kern, lab, shape, l, block_len, bf16_secs, copy_gbs, add, format,
+        )?;
+    }
+    Ok(())
+}
+
+/// [`kv8_decode_rows`] for one 8-bit format.
+#[allow(clippy::too_many_arguments)]
+fn kv8_decode_format(
+    gpu: &Arc<Gpu>,
+    kern: &Kernels,
+    lab: &str,
+    shape: HeadShape,
+    l: usize,
+    block_len: usize,
+    bf16_secs: f64,
+    copy_gbs: f64,
+    add: &mut Add<'_>,
+    format: Kv8Format,
+) -> Result<()> {
+    let fname = match format {
+        Kv8Format::Int8 => "int8",
+        Kv8Format::Fp8 => "fp8",
+    };
     let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
     let blocks = (0..l.div_ceil(block_len))
         .map(|i| {
             let len = block_len.min(l - i * block_len);
-            let block = GpuBlock::alloc_kv8(gpu, i * block_len, len, shape, 1)?;
+            let block = GpuBlock::alloc_kv8(gpu, i * block_len, len, shape, 1, format)?;
             let seg = block.segment(0, None);
-            // Random bytes for the int8 values and small finite f16 scales: random bf16
-            // values in +-1 read as f16 stay within +-2 (timing does not depend on them).
+            // Random bytes for the 8-bit values (fp8: NaN codes too, which the quantiser
+            // never writes; the arithmetic's speed does not depend on them) and small
+            // finite f16 scales: random bf16 values in +-1 read as f16 stay within +-2.
             let half_words = (nkv * len * d + 2 * nkv * len) / 2;
             gpu.fill_uniform_half(kern, seg.k, half_words, 31 + 2 * i as u64, 1.0)?;
             gpu.fill_uniform_half(kern, seg.v, half_words, 32 + 2 * i as u64, 1.0)?;
@@ -795,7 +823,7 @@ fn kv8_decode_rows(
         let gbs = bytes / secs / 1e9;
         add(
             format!(
-                "{lab}: decode attention, int8 KV{what} over {}K cached tokens",
+                "{lab}: decode attention, {fname} KV{what} over {}K cached tokens",
                 l / 1024
             ),
             format!("{:.3} ms", secs * 1e3),

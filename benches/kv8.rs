@@ -1,5 +1,5 @@
-//! 8-bit KV (issue 13, item 4): what `kv_dtype = int8` costs and saves on the CPU, against
-//! the 16-bit default, in the same run on the same blocks.
+//! 8-bit KV (issue 13, item 4): what `kv_dtype = int8` and `kv_dtype = fp8` cost and save
+//! on the CPU, against the 16-bit default, in the same run on the same blocks.
 //!
 //! A context is encoded once with Star Attention phase 1 (the default model, a needle
 //! document); then
@@ -14,8 +14,9 @@
 //!     over the 8-bit blocks against over the f32 ones a CPU holds for a 16-bit document
 //!     (max |difference|, top-1 equal).
 //!
-//! (a) and (c) also show bf16 (what a GPU host stores) and int8 with one scale per block
-//! and head (fewer bytes, more error), to show what the per-token choice buys.
+//! (a) and (c) also show bf16 (what a GPU host stores) and int8 and fp8 (e4m3) with one
+//! scale per block and head (fewer bytes; more error for int8), to show what the
+//! per-token choice buys for each.
 //!
 //! Usage: `cargo bench --bench kv8 -- --context 4096 --block 1024 --repeats 31`.
 
@@ -34,7 +35,7 @@ use anyhow::Result;
 use clap::Parser;
 use starkv_cache::codec::{self, CodecConfig};
 use starkv_cache::{DType, Tensor};
-use starkv_compute::kv8::Kv8;
+use starkv_compute::kv8::{Kv8, Kv8Format};
 use starkv_compute::model::Llama;
 use starkv_compute::sampling::argmax;
 use starkv_compute::star::{AttentionShard, BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
@@ -101,28 +102,35 @@ impl Histogram {
     }
 }
 
-/// The block as the store keeps an int8 document's block, read back as the service
-/// holds it (the same tensors and the same conversion as `service/src/kv.rs`).
-fn stored_int8(block: &BlockKv) -> Result<(BlockKv, Vec<Tensor>)> {
+/// The block as the store keeps an int8 (or fp8: `dtype`) document's block, read back as
+/// the service holds it (the same tensors and the same conversion as `service/src/kv.rs`).
+fn stored_8bit(block: &BlockKv, dtype: DType) -> Result<(BlockKv, Vec<Tensor>)> {
     let s = block.shape;
     let half = s.n_kv_heads * block.len;
+    let format = if dtype == DType::F8 {
+        Kv8Format::Fp8
+    } else {
+        Kv8Format::Int8
+    };
     let mut layers = Vec::new();
     let mut tensors = Vec::new();
     for (k, v) in &block.layers {
         let t = Tensor::kv_layer(
-            DType::I8,
+            dtype,
             s.n_kv_heads as u32,
             block.len as u32,
             s.head_dim as u32,
             k,
             v,
         )?;
-        let (scales, q) = t.as_i8().expect("an int8 tensor");
+        let (scales, q) = t.as_8bit().expect("an 8-bit tensor");
+        let q: &[i8] = bytemuck::cast_slice(q);
         let (qk, qv) = q.split_at(q.len() / 2);
         let part = |q: &[i8], sc: &[f32]| Kv8 {
             q: q.to_vec(),
             scales: sc.to_vec(),
             rows_per_scale: 1,
+            format,
         };
         layers.push((part(qk, &scales[..half]), part(qv, &scales[half..])));
         tensors.push(t);
@@ -174,11 +182,15 @@ fn main() -> Result<()> {
     let cfg = CodecConfig::default();
     // (raw, at rest) of: f16 (a CPU host's default), bf16 (a GPU host's), int8 with one
     // scale per token and head (what `kv_dtype = int8` stores), int8 with one scale per
-    // block and head (the coarser alternative, measured for comparison only).
-    let mut bytes = [(0usize, 0usize); 4];
+    // block and head (the coarser alternative, measured for comparison only), and the
+    // same two for fp8 e4m3 (per token and head: what `kv_dtype = fp8` stores).
+    let mut bytes = [(0usize, 0usize); 6];
     let mut f32_blocks = Vec::new();
     let mut i8_blocks = Vec::new();
     let mut block_scaled = Vec::new();
+    let mut f8_blocks = Vec::new();
+    let mut f8_block_scaled = Vec::new();
+    let (mut tokf8, mut blkf8) = (Histogram::default(), Histogram::default());
     // Why int8 is further from bf16 at rest than from f16: order-0 entropy of the bf16
     // high bytes (sign, exponent: the shuffle's compressible plane), its low bytes, the
     // int8 values with per-token and with per-block scales.
@@ -209,8 +221,41 @@ fn main() -> Result<()> {
             if let Some((_, q)) = coarse.as_i8() {
                 blk8.add(q.iter().map(|&x| x as u8));
             }
+            let coarse =
+                Tensor::from_f32_parts(DType::F8, vec![2, h, block.len as u32 * d], &[k, v])?;
+            bytes[5].0 += coarse.byte_len();
+            bytes[5].1 += codec::encode(&coarse, &cfg).len();
+            if let Some((_, q)) = coarse.as_8bit() {
+                blkf8.add(q.iter().copied());
+            }
         }
-        let (b8, tensors) = stored_int8(&block)?;
+        let (f8, tensors) = stored_8bit(&block, DType::F8)?;
+        for t in &tensors {
+            bytes[4].0 += t.byte_len();
+            bytes[4].1 += codec::encode(t, &cfg).len();
+            if let Some((_, q)) = t.as_8bit() {
+                tokf8.add(q.iter().copied());
+            }
+        }
+        f8_blocks.push(Arc::new(f8));
+        let layers = block
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                let d = s.head_dim;
+                (
+                    Kv8::quantize_as(Kv8Format::Fp8, k, d, block.len),
+                    Kv8::quantize_as(Kv8Format::Fp8, v, d, block.len),
+                )
+            })
+            .collect();
+        f8_block_scaled.push(Arc::new(BlockKv::quantized(
+            block.start,
+            block.len,
+            s,
+            layers,
+        )));
+        let (b8, tensors) = stored_8bit(&block, DType::I8)?;
         for t in &tensors {
             bytes[2].0 += t.byte_len();
             bytes[2].1 += codec::encode(t, &cfg).len();
@@ -244,6 +289,8 @@ fn main() -> Result<()> {
     let shard32 = CpuShard::new(f32_blocks, shape);
     let shard8 = CpuShard::new(i8_blocks, shape);
     let shard8_block = CpuShard::new(block_scaled, shape);
+    let shard_f8 = CpuShard::new(f8_blocks, shape);
+    let shard_f8_block = CpuShard::new(f8_block_scaled, shape);
 
     // (b) decode attention: one query row at every layer, interleaved.
     let n_layers = model.config().n_layers;
@@ -256,10 +303,10 @@ fn main() -> Result<()> {
             (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
         })
         .collect();
-    let mut times = [Vec::new(), Vec::new()];
-    let mut max_out_diff = 0f32;
+    let mut times = [Vec::new(), Vec::new(), Vec::new()];
+    let mut max_out_diff = [0f32; 3];
     for repeat in 0..args.repeats + 1 {
-        for (which, shard) in [&shard32, &shard8].into_iter().enumerate() {
+        for (which, shard) in [&shard32, &shard8, &shard_f8].into_iter().enumerate() {
             let started = Instant::now();
             let mut outs = Vec::with_capacity(n_layers);
             for layer in 0..n_layers {
@@ -269,17 +316,21 @@ fn main() -> Result<()> {
             if repeat > 0 {
                 times[which].push(took);
             }
-            if repeat == 0 && which == 1 {
+            if repeat == 0 && which > 0 {
                 for (layer, out8) in outs.iter().enumerate() {
                     let a = shard32.attend(layer, &q, 1)?;
                     for (x, y) in a.out.iter().zip(&out8.out) {
-                        max_out_diff = max_out_diff.max((x - y).abs());
+                        max_out_diff[which] = max_out_diff[which].max((x - y).abs());
                     }
                 }
             }
         }
     }
-    let (t32, t8) = (median(times[0].clone()), median(times[1].clone()));
+    let (t32, t8, tf8) = (
+        median(times[0].clone()),
+        median(times[1].clone()),
+        median(times[2].clone()),
+    );
 
     // (c) first-token logits of a few questions.
     let mut rows = Vec::new();
@@ -288,13 +339,15 @@ fn main() -> Result<()> {
         let a = first_logits(model, &shard32, l, &query)?;
         let b = first_logits(model, &shard8, l, &query)?;
         let c = first_logits(model, &shard8_block, l, &query)?;
+        let e = first_logits(model, &shard_f8, l, &query)?;
+        let f = first_logits(model, &shard_f8_block, l, &query)?;
         let diff = |b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         let span = a.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
             - a.iter().fold(f32::INFINITY, |m, &x| m.min(x));
         rows.push((
             question.text.clone(),
-            [argmax(&a), argmax(&b), argmax(&c)],
-            [diff(&b), diff(&c)],
+            [argmax(&a), argmax(&b), argmax(&c), argmax(&e), argmax(&f)],
+            [diff(&b), diff(&c), diff(&e), diff(&f)],
             span,
         ));
     }
@@ -318,6 +371,8 @@ fn main() -> Result<()> {
         "bf16 (GPU host default)",
         "int8, f16 scale per token and head (kv_dtype = int8)",
         "int8, f16 scale per block and head (comparison only)",
+        "fp8 e4m3, f16 scale per token and head (kv_dtype = fp8)",
+        "fp8 e4m3, f16 scale per block and head (comparison only)",
     ]
     .iter()
     .zip(bytes)
@@ -349,6 +404,11 @@ fn main() -> Result<()> {
     );
     let e_blk = blk8.bits_per_byte();
     println!("| int8 values, per-block scales (comparison only) | {e_blk:.2} | {e_blk:.2} |");
+    let (e_tf8, e_bf8) = (tokf8.bits_per_byte(), blkf8.bits_per_byte());
+    println!(
+        "| fp8 values, per-token scales (kv_dtype = fp8) | {e_tf8:.2} | {e_tf8:.2} (+ scales) |"
+    );
+    println!("| fp8 values, per-block scales (comparison only) | {e_bf8:.2} | {e_bf8:.2} |");
     println!(
         "| int8 (per token) / bf16 from these entropies | | {:.3} |",
         e_tok / (h + l8)
@@ -364,16 +424,24 @@ fn main() -> Result<()> {
         t8 * 1e3,
         t32 / t8
     );
-    println!("| max abs difference of the attention outputs | {max_out_diff:.4} | |");
+    println!(
+        "| fp8 (held 8-bit, tile dequantised) | {:.3} ms | {:.2}x faster |",
+        tf8 * 1e3,
+        t32 / tf8
+    );
+    println!(
+        "| max abs difference of the attention outputs: int8 / fp8 | {:.4} / {:.4} | |",
+        max_out_diff[1], max_out_diff[2]
+    );
     println!();
     println!(
-        "| (c) question | top-1: f32 / int8 per token / int8 per block | max abs logit difference vs f32: per token / per block | logit range |"
+        "| (c) question | top-1: f32 / int8 per token / int8 per block / fp8 per token / fp8 per block | max abs logit difference vs f32: int8 per token / per block / fp8 per token / per block | logit range |"
     );
     println!("|---|---|---|---|");
     for (text, top, diff, span) in &rows {
         println!(
-            "| {text} | {} / {} / {} | {:.3} / {:.3} | {span:.1} |",
-            top[0], top[1], top[2], diff[0], diff[1]
+            "| {text} | {} / {} / {} / {} / {} | {:.3} / {:.3} / {:.3} / {:.3} | {span:.1} |",
+            top[0], top[1], top[2], top[3], top[4], diff[0], diff[1], diff[2], diff[3]
         );
     }
     Ok(())

@@ -517,41 +517,51 @@ fn local_device_workers_answer_as_one_node_and_keep_their_blocks_across_restarts
     assert_eq!(server.metric("starkv_cluster_blocks_reencoded_total"), 0.0);
 }
 
-/// An 8-bit document over workers: the coordinator picks the stored type and its workers
-/// store that type (a worker that keyed its blocks otherwise would refuse the encode:
-/// the content keys must match; the 16-bit version of the same text is stored beside
-/// it), the document view says so, and the answer is the single node's over the same
-/// 8-bit KV.
+/// An 8-bit document over workers (int8 and fp8): the coordinator picks the stored type
+/// and its workers store that type (a worker that keyed its blocks otherwise would refuse
+/// the encode: the content keys must match; the 16-bit version of the same text is stored
+/// beside it), the document view says so, and the answer is the single node's over the
+/// same 8-bit KV.
 #[test]
 fn an_int8_document_is_stored_in_8_bits_by_the_workers() {
     let dir = temp_dir("cluster-int8");
     let text = document(None);
-    let ingest_int8 = |server: &Server| {
+    let kinds = [("harbour8", "int8"), ("harbourf8", "fp8")];
+    let ingest_8bit = |server: &Server, id: &str, dtype: &str| {
         let (status, doc) = server.json(
             "POST",
             "/v1/documents?wait=true",
-            Some(json!({ "id": "harbour8", "text": text, "block_size": BLOCK_SIZE, "kv_dtype": "int8" })),
+            Some(json!({ "id": id, "text": text, "block_size": BLOCK_SIZE, "kv_dtype": dtype })),
         );
         assert_eq!(status, 200, "{doc}");
         assert_eq!(doc["state"], "ready", "{doc}");
         doc
     };
     let single = Server::start(&dir.join("single"), &["--device", "cpu"]);
-    ingest_int8(&single);
-    let want = ask(&single, "harbour8");
+    let mut want = Vec::new();
+    for (id, dtype) in kinds {
+        ingest_8bit(&single, id, dtype);
+        want.push(ask(&single, id));
+    }
     single.kill();
 
     let args = ["--device", "cpu", "--devices", "cpu,cpu", "--threads", "1"];
     let server = Server::start(&dir.join("local"), &args);
     ingest(&server, "harbour", &text);
-    ingest_int8(&server);
-    let (status, view) = server.json("GET", "/v1/documents/harbour8", None);
-    assert_eq!(status, 200, "{view}");
-    assert_eq!(view["kv_dtype"], "int8", "{view}");
-    assert_eq!(view["stored_dtype"], "int8", "{view}");
-    let (holders, _) = placement(&server, "harbour8");
-    assert_eq!(holders.len(), 2, "blocks on both workers: {holders:?}");
-    assert_eq!(ask(&server, "harbour8")["answer"], want["answer"]);
+    for ((id, dtype), want) in kinds.into_iter().zip(want) {
+        ingest_8bit(&server, id, dtype);
+        let (status, view) = server.json("GET", &format!("/v1/documents/{id}"), None);
+        assert_eq!(status, 200, "{view}");
+        assert_eq!(view["kv_dtype"], dtype, "{view}");
+        assert_eq!(view["stored_dtype"], dtype, "{view}");
+        let (holders, _) = placement(&server, id);
+        assert_eq!(
+            holders.len(),
+            2,
+            "{dtype}: blocks on both workers: {holders:?}"
+        );
+        assert_eq!(ask(&server, id)["answer"], want["answer"], "{dtype}");
+    }
 }
 
 /// Selective global re-encoding over workers: each worker holding blocks computes the

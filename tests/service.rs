@@ -1208,10 +1208,10 @@ fn ingest_over_the_queue_limit_gets_429_and_loses_nothing_acknowledged() {
     assert_eq!(doc["state"], "ready", "{doc}");
 }
 
-/// `kv_dtype: int8` (issue 13): the document is stored in 8 bits (at most 0.55x the
-/// stored bytes of the same document in f16, by the store's own numbers), shows its
+/// `kv_dtype: int8` and `fp8` (issue 13): the document is stored in 8 bits (at most 0.55x
+/// the stored bytes of the same document in f16, by the store's own numbers), shows its
 /// precision, and answers through the service. What is asserted of the answer is what was
-/// measured to hold: on this needle prompt the 8-bit document's greedy answer is the f16
+/// measured to hold: on this needle prompt each 8-bit document's greedy answer is the f16
 /// one (same needle, same text), in a fresh process too (from the store).
 #[test]
 fn int8_kv_document_is_half_the_bytes_and_answers_like_f16() {
@@ -1219,7 +1219,11 @@ fn int8_kv_document_is_half_the_bytes_and_answers_like_f16() {
     let server = Server::start(&dir, &[]);
     let mut answers = Vec::new();
     let mut stored = Vec::new();
-    for (id, dtype) in [("harbour16", "f16"), ("harbour8", "int8")] {
+    for (id, dtype) in [
+        ("harbour16", "f16"),
+        ("harbour8", "int8"),
+        ("harbourf8", "fp8"),
+    ] {
         let (status, doc) = server.json(
             "POST",
             "/v1/documents?wait=true",
@@ -1241,14 +1245,21 @@ fn int8_kv_document_is_half_the_bytes_and_answers_like_f16() {
         server.json("GET", "/v1/documents/harbour8", None).1["stored_dtype"],
         "int8"
     );
-    let ratio = stored[1] as f64 / stored[0] as f64;
-    eprintln!("int8/f16 stored bytes: {ratio:.3} ({stored:?})");
-    assert!(
-        ratio <= 0.55,
-        "int8 stores {ratio:.3}x the f16 bytes ({stored:?})"
+    assert_eq!(
+        server.json("GET", "/v1/documents/harbourf8", None).1["stored_dtype"],
+        "fp8"
     );
+    for (i, name) in [(1, "int8"), (2, "fp8")] {
+        let ratio = stored[i] as f64 / stored[0] as f64;
+        eprintln!("{name}/f16 stored bytes: {ratio:.3} ({stored:?})");
+        assert!(
+            ratio <= 0.55,
+            "{name} stores {ratio:.3}x the f16 bytes ({stored:?})"
+        );
+    }
     assert!(answers[0].contains("6194027"), "{answers:?}");
     assert_eq!(answers[1], answers[0], "greedy answers, int8 vs f16");
+    assert_eq!(answers[2], answers[0], "greedy answers, fp8 vs f16");
 
     // Bad values are a JSON 4xx (400 for an unknown name, 422 for a non-string, as for
     // every field), nothing is ingested.
@@ -1283,4 +1294,11 @@ fn int8_kv_document_is_half_the_bytes_and_answers_like_f16() {
     );
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["answer"], answers[1].as_str());
+    let (status, again) = server.json(
+        "POST",
+        "/v1/documents/harbourf8/query",
+        Some(json!({ "question": QUESTION, "max_tokens": 24 })),
+    );
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["answer"], answers[2].as_str());
 }

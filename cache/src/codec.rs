@@ -6,7 +6,8 @@
 //! offset  size        field
 //! 0       4           magic "SKVB"
 //! 4       2           layout version (1)
-//! 6       1           dtype code (0 f32, 1 f16, 2 bf16, 4 int8 with per-row f16 scales)
+//! 6       1           dtype code (0 f32, 1 f16, 2 bf16, 4 int8 or 5 fp8 e4m3, both
+//!                     with per-row f16 scales)
 //! 7       1           flags: bit 0 = byte-shuffled, bit 1 = zstd (else stored raw)
 //! 8       1           rank r (<= 8)
 //! 9       4*r         shape
@@ -468,7 +469,7 @@ pub fn decode_payload_into(
             })?,
         }
         if info.dtype.is_quantized() {
-            dequantize_into(&info.shape, elements, want, dst);
+            dequantize_into(info.dtype, &info.shape, elements, want, dst);
         } else {
             convert_elements(info.dtype, elements, want, dst);
         }
@@ -476,21 +477,19 @@ pub fn decode_payload_into(
     })
 }
 
-/// Raw [`DType::I8`] bytes of a tensor of `shape` dequantised into elements of `to`
-/// (f32, f16 or bf16), row by row through an f32 row buffer.
-pub(crate) fn dequantize_into(shape: &[u32], raw: &[u8], to: DType, dst: &mut [u8]) {
+/// Raw 8-bit bytes ([`DType::I8`] or [`DType::F8`], `from`) of a tensor of `shape`
+/// dequantised into elements of `to` (f32, f16 or bf16), row by row through an f32 row
+/// buffer.
+pub(crate) fn dequantize_into(from: DType, shape: &[u32], raw: &[u8], to: DType, dst: &mut [u8]) {
     let rows = crate::tensor::quant_rows(shape);
     let n: usize = shape.iter().map(|&d| d as usize).product();
     let row_len = n.checked_div(rows).unwrap_or(0);
     let mut wide = vec![0f32; row_len];
     let (scales, q) = raw.split_at(rows * crate::tensor::SCALE_BYTES);
-    let q: &[i8] = bytemuck::cast_slice(q);
     let width = row_len * to.size();
     for r in 0..rows {
         let s = crate::tensor::scale_at(scales, r);
-        for (w, &v) in wide.iter_mut().zip(&q[r * row_len..(r + 1) * row_len]) {
-            *w = v as f32 * s;
-        }
+        crate::tensor::dequantize_row(from, &q[r * row_len..(r + 1) * row_len], s, &mut wide);
         convert_elements(
             DType::F32,
             bytemuck::cast_slice(&wide),
@@ -532,7 +531,7 @@ pub(crate) fn convert_elements(from: DType, src: &[u8], to: DType, dst: &mut [u8
                     *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            DType::I8 => unreachable!("8-bit values are dequantised by rows"),
+            DType::I8 | DType::F8 => unreachable!("8-bit values are dequantised by rows"),
             DType::F16 | DType::BF16 => {
                 let b = &mut bits[..c];
                 bytemuck::cast_slice_mut::<u16, u8>(b).copy_from_slice(s);
@@ -550,7 +549,7 @@ pub(crate) fn convert_elements(from: DType, src: &[u8], to: DType, dst: &mut [u8
                     b.copy_from_slice(&x.to_le_bytes());
                 }
             }
-            DType::I8 => unreachable!("nothing converts to 8 bits"),
+            DType::I8 | DType::F8 => unreachable!("nothing converts to 8 bits"),
             DType::F16 | DType::BF16 => {
                 let b = &mut bits[..c];
                 if to == DType::F16 {
@@ -590,7 +589,7 @@ mod tests {
 
     #[test]
     fn roundtrip_every_dtype_and_mode() {
-        for dtype in [DType::F32, DType::F16, DType::BF16, DType::I8] {
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::I8, DType::F8] {
             for cfg in [
                 CodecConfig::default(),
                 CodecConfig {
@@ -617,7 +616,7 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         #[test]
         fn random_tensors_roundtrip_and_flips_are_caught(
-            dtype in proptest::sample::select(vec![0u8, 1, 2, 4]),
+            dtype in proptest::sample::select(vec![0u8, 1, 2, 4, 5]),
             dims in proptest::collection::vec(1u32..9, 1..5),
             seed in 0u32..1000,
             level in proptest::option::of(-3i32..6),
@@ -640,7 +639,7 @@ mod tests {
 
     #[test]
     fn decode_into_matches_decode_for_every_type_pair() {
-        for stored in [DType::F32, DType::F16, DType::BF16, DType::I8] {
+        for stored in [DType::F32, DType::F16, DType::BF16, DType::I8, DType::F8] {
             for cfg in [
                 CodecConfig::default(),
                 CodecConfig {
@@ -664,10 +663,18 @@ mod tests {
                 }
                 let mut short = vec![0u8; decoded_len(&info, DType::F16) - 2];
                 assert!(decode_payload_into(&info, payload, DType::F16, &mut short).is_err());
-                if stored == DType::I8 {
-                    let mut same = vec![0u8; decoded_len(&info, DType::I8)];
-                    decode_payload_into(&info, payload, DType::I8, &mut same).unwrap();
+                if stored.is_quantized() {
+                    let mut same = vec![0u8; decoded_len(&info, stored)];
+                    decode_payload_into(&info, payload, stored, &mut same).unwrap();
                     assert_eq!(same, t.as_bytes());
+                    // int8 bytes are not read as fp8, nor fp8 as int8.
+                    let other = if stored == DType::I8 {
+                        DType::F8
+                    } else {
+                        DType::I8
+                    };
+                    let mut q = vec![0u8; decoded_len(&info, other)];
+                    assert!(decode_payload_into(&info, payload, other, &mut q).is_err());
                 } else {
                     let mut q = vec![0u8; t.numel() + 2 * 3 * 17 * 2];
                     assert!(decode_payload_into(&info, payload, DType::I8, &mut q).is_err());

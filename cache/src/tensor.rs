@@ -33,6 +33,12 @@ pub enum DType {
     /// the scales (little-endian f16, one per row), then the elements. (Code 3, an
     /// earlier layout with f32 scales that never left development, is not read.)
     I8 = 4,
+    /// OCP FP8 E4M3 ("e4m3fn": 4 exponent bits, 3 mantissa bits, largest finite 448, no
+    /// infinities) with one f16 scale per row of the last dimension, laid out like
+    /// [`DType::I8`] (scales, then one byte per element): `x = e4m3(q) * scale`,
+    /// `scale = f16(max|row| / 448)`, each element rounded to the nearest e4m3 value
+    /// (ties to even, saturating at +-448).
+    F8 = 5,
 }
 
 impl DType {
@@ -42,13 +48,13 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::I8 => 1,
+            DType::I8 | DType::F8 => 1,
         }
     }
 
     /// Whether elements carry per-row scales (an 8-bit type).
     pub const fn is_quantized(self) -> bool {
-        matches!(self, DType::I8)
+        matches!(self, DType::I8 | DType::F8)
     }
 
     /// Raw bytes of a tensor of `shape` in this type (elements, plus the per-row scales
@@ -77,17 +83,19 @@ impl DType {
             1 => Some(DType::F16),
             2 => Some(DType::BF16),
             4 => Some(DType::I8),
+            5 => Some(DType::F8),
             _ => None,
         }
     }
 
-    /// Lower-case name (`f32`, `f16`, `bf16`, `int8`).
+    /// Lower-case name (`f32`, `f16`, `bf16`, `int8`, `fp8`).
     pub const fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::I8 => "int8",
+            DType::F8 => "fp8",
         }
     }
 }
@@ -101,7 +109,7 @@ pub(crate) fn quant_rows(shape: &[u32]) -> usize {
     }
 }
 
-/// Bytes of one row's scale of a [`DType::I8`] tensor (an f16).
+/// Bytes of one row's scale of an 8-bit ([`DType::I8`], [`DType::F8`]) tensor (an f16).
 pub const SCALE_BYTES: usize = 2;
 
 /// Quantises `row` to symmetric int8 into `q`; returns the scale, an f16:
@@ -122,24 +130,77 @@ pub fn quantize_row_i8(row: &[f32], q: &mut [i8]) -> f16 {
     scale
 }
 
-/// Row `r`'s scale in raw [`DType::I8`] scale bytes.
+/// The largest finite e4m3 value (`0x7e`): an fp8 row's largest magnitude maps to it.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// Every e4m3 code's value (`0x7f` and `0xff`, the NaNs, read as 0: the quantiser never
+/// writes them).
+pub(crate) static E4M3_VALUES: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut i = 0;
+    while i < 256 {
+        if i & 0x7f != 0x7f {
+            t[i] = float8::F8E4M3::from_bits(i as u8).to_f32();
+        }
+        i += 1;
+    }
+    t
+};
+
+/// Quantises `row` to e4m3 codes into `q`; returns the scale, an f16:
+/// `f16(max|x| / 448)` (0 for an all-zero row, or one too small for an f16), and
+/// `q = e4m3(x / scale)` with the rounded scale (round to nearest even, saturating at
+/// +-448 where the f16 rounding made the scale short).
+pub fn quantize_row_f8(row: &[f32], q: &mut [u8]) -> f16 {
+    // The same arithmetic as compute's `kv8::quantize_group_fp8`: one quantiser.
+    let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = f16::from_f32((amax / E4M3_MAX).min(f16::MAX.to_f32()));
+    let s = scale.to_f32();
+    if s == 0.0 || !s.is_finite() {
+        q.fill(0);
+        return f16::ZERO;
+    }
+    for (d, &x) in q.iter_mut().zip(row) {
+        *d = float8::F8E4M3::from_f32(x / s).to_bits();
+    }
+    scale
+}
+
+/// Row `r`'s scale in raw 8-bit scale bytes.
 #[inline]
 pub(crate) fn scale_at(scales: &[u8], r: usize) -> f32 {
     f16::from_le_bytes([scales[r * SCALE_BYTES], scales[r * SCALE_BYTES + 1]]).to_f32()
 }
 
-/// Dequantised f32 elements of raw [`DType::I8`] bytes (`rows` scales, then the elements,
-/// rows of `row_len`) into `dst`.
-pub(crate) fn dequantize_i8(raw: &[u8], rows: usize, row_len: usize, dst: &mut [f32]) {
+/// Dequantised f32 elements of raw 8-bit bytes of `dtype` (`rows` scales, then the
+/// elements, rows of `row_len`) into `dst`.
+pub(crate) fn dequantize_q8(
+    dtype: DType,
+    raw: &[u8],
+    rows: usize,
+    row_len: usize,
+    dst: &mut [f32],
+) {
     let (scales, q) = raw.split_at(rows * SCALE_BYTES);
     for (r, (out, qs)) in dst
         .chunks_mut(row_len.max(1))
         .zip(q.chunks(row_len.max(1)))
         .enumerate()
     {
-        let s = scale_at(scales, r);
-        for (o, &v) in out.iter_mut().zip(qs) {
-            *o = (v as i8) as f32 * s;
+        dequantize_row(dtype, qs, scale_at(scales, r), out);
+    }
+}
+
+/// One row of 8-bit codes of `dtype` times `scale` into `out`.
+#[inline]
+pub(crate) fn dequantize_row(dtype: DType, q: &[u8], scale: f32, out: &mut [f32]) {
+    if dtype == DType::F8 {
+        for (o, &v) in out.iter_mut().zip(q) {
+            *o = E4M3_VALUES[v as usize] * scale;
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(q) {
+            *o = (v as i8) as f32 * scale;
         }
     }
 }
@@ -161,6 +222,13 @@ pub enum TensorData {
         /// Element count.
         numel: usize,
     },
+    /// [`DType::F8`]: laid out as [`TensorData::I8`], e4m3 codes for elements.
+    F8 {
+        /// Scales (f16, one per row), then the elements.
+        raw: Vec<u8>,
+        /// Element count.
+        numel: usize,
+    },
 }
 
 impl TensorData {
@@ -175,6 +243,10 @@ impl TensorData {
                 raw: vec![0; n + SCALE_BYTES * rows],
                 numel: n,
             },
+            DType::F8 => TensorData::F8 {
+                raw: vec![0; n + SCALE_BYTES * rows],
+                numel: n,
+            },
         }
     }
 
@@ -185,6 +257,7 @@ impl TensorData {
             TensorData::F16(_) => DType::F16,
             TensorData::BF16(_) => DType::BF16,
             TensorData::I8 { .. } => DType::I8,
+            TensorData::F8 { .. } => DType::F8,
         }
     }
 
@@ -194,7 +267,7 @@ impl TensorData {
             TensorData::F32(v) => v.len(),
             TensorData::F16(v) => v.len(),
             TensorData::BF16(v) => v.len(),
-            TensorData::I8 { numel, .. } => *numel,
+            TensorData::I8 { numel, .. } | TensorData::F8 { numel, .. } => *numel,
         }
     }
 
@@ -209,7 +282,7 @@ impl TensorData {
             TensorData::F32(v) => bytemuck::cast_slice(v),
             TensorData::F16(v) => bytemuck::cast_slice(v),
             TensorData::BF16(v) => bytemuck::cast_slice(v),
-            TensorData::I8 { raw, .. } => raw,
+            TensorData::I8 { raw, .. } | TensorData::F8 { raw, .. } => raw,
         }
     }
 
@@ -219,7 +292,7 @@ impl TensorData {
             TensorData::F32(v) => bytemuck::cast_slice_mut(v),
             TensorData::F16(v) => bytemuck::cast_slice_mut(v),
             TensorData::BF16(v) => bytemuck::cast_slice_mut(v),
-            TensorData::I8 { raw, .. } => raw,
+            TensorData::I8 { raw, .. } | TensorData::F8 { raw, .. } => raw,
         }
     }
 }
@@ -284,7 +357,7 @@ impl Tensor {
         }
         let rows = quant_rows(&shape);
         let mut data = TensorData::zeros(dtype, n, rows);
-        if let TensorData::I8 { raw, .. } = &mut data {
+        if let TensorData::I8 { raw, .. } | TensorData::F8 { raw, .. } = &mut data {
             let values: Vec<f32>;
             let all: &[f32] = if parts.len() == 1 {
                 parts[0]
@@ -294,10 +367,13 @@ impl Tensor {
             };
             let row_len = n.checked_div(rows).unwrap_or(0);
             let (scales, q) = raw.split_at_mut(rows * SCALE_BYTES);
-            let q: &mut [i8] = bytemuck::cast_slice_mut(q);
             if row_len > 0 {
                 for (r, (row, qr)) in all.chunks(row_len).zip(q.chunks_mut(row_len)).enumerate() {
-                    let s = quantize_row_i8(row, qr);
+                    let s = if dtype == DType::F8 {
+                        quantize_row_f8(row, qr)
+                    } else {
+                        quantize_row_i8(row, bytemuck::cast_slice_mut(qr))
+                    };
                     scales[r * SCALE_BYTES..(r + 1) * SCALE_BYTES]
                         .copy_from_slice(&s.to_le_bytes());
                 }
@@ -311,7 +387,7 @@ impl Tensor {
                 TensorData::F32(v) => v[r].copy_from_slice(p),
                 TensorData::F16(v) => v[r].convert_from_f32_slice(p),
                 TensorData::BF16(v) => v[r].convert_from_f32_slice(p),
-                TensorData::I8 { .. } => unreachable!("quantised above"),
+                TensorData::I8 { .. } | TensorData::F8 { .. } => unreachable!("quantised above"),
             }
             off += p.len();
         }
@@ -365,10 +441,11 @@ impl Tensor {
     /// Widens every element to f32 (dequantises an 8-bit tensor).
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
-            TensorData::I8 { raw, numel } => {
+            TensorData::I8 { raw, numel } | TensorData::F8 { raw, numel } => {
                 let rows = quant_rows(&self.shape);
                 let mut out = vec![0.0; *numel];
-                dequantize_i8(raw, rows, numel.checked_div(rows).unwrap_or(0), &mut out);
+                let row_len = numel.checked_div(rows).unwrap_or(0);
+                dequantize_q8(self.dtype(), raw, rows, row_len, &mut out);
                 out
             }
             TensorData::F32(v) => v.clone(),
@@ -393,15 +470,26 @@ impl Tensor {
         }
     }
 
-    /// An 8-bit tensor's per-row scales and elements (row-major, a row being the last
+    /// An int8 tensor's per-row scales and elements (row-major, a row being the last
     /// dimension), if this is one.
     pub fn as_i8(&self) -> Option<(Vec<f32>, &[i8])> {
         match &self.data {
-            TensorData::I8 { raw, .. } => {
+            TensorData::I8 { .. } => self
+                .as_8bit()
+                .map(|(scales, q)| (scales, bytemuck::cast_slice(q))),
+            _ => None,
+        }
+    }
+
+    /// An 8-bit tensor's ([`DType::is_quantized`]: int8 or fp8) per-row scales and
+    /// element bytes, if this is one.
+    pub fn as_8bit(&self) -> Option<(Vec<f32>, &[u8])> {
+        match &self.data {
+            TensorData::I8 { raw, .. } | TensorData::F8 { raw, .. } => {
                 let rows = quant_rows(&self.shape);
                 let (scales, q) = raw.split_at(rows * SCALE_BYTES);
                 let scales = (0..rows).map(|r| scale_at(scales, r)).collect();
-                Some((scales, bytemuck::cast_slice(q)))
+                Some((scales, q))
             }
             _ => None,
         }
@@ -461,6 +549,145 @@ mod tests {
         }
     }
 
+    /// An e4m3 code's value from its bits by the format's definition (bias 7, subnormals
+    /// at exponent 0, `0x7f`/`0xff` NaN), in f64: the reference the conversions are
+    /// checked against.
+    fn e4m3_reference(code: u8) -> f64 {
+        let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+        let (e, m) = (((code >> 3) & 0xf) as i32, (code & 7) as f64);
+        if e == 0 {
+            sign * m / 8.0 * 2f64.powi(-6)
+        } else {
+            sign * (1.0 + m / 8.0) * 2f64.powi(e - 7)
+        }
+    }
+
+    /// Every one of the 256 codes: the table holds the reference value (the NaNs read as
+    /// 0), and encoding a finite value gives its code back (`-0` as `0x80`).
+    #[test]
+    fn every_e4m3_code_round_trips() {
+        for code in 0..=255u8 {
+            if code & 0x7f == 0x7f {
+                assert_eq!(E4M3_VALUES[code as usize], 0.0);
+                continue;
+            }
+            let x = e4m3_reference(code);
+            assert_eq!(E4M3_VALUES[code as usize] as f64, x, "{code:#04x}");
+            assert_eq!(
+                float8::F8E4M3::from_f32(x as f32).to_bits(),
+                code,
+                "{code:#04x}"
+            );
+        }
+        assert_eq!(E4M3_VALUES[0x7e], E4M3_MAX);
+    }
+
+    /// The encoder against a float64 reference on random inputs: the nearest finite e4m3
+    /// value, ties to the even code (mantissa bit 0 clear), and saturation to +-448 above
+    /// it (e4m3fn has no infinities). Inputs cover the subnormals, the normal range, the
+    /// ties exactly and values past 448.
+    #[test]
+    fn e4m3_rounds_to_nearest_even_and_saturates() {
+        let finite: Vec<(f64, u8)> = (0..=255u8)
+            .filter(|c| c & 0x7f != 0x7f)
+            .map(|c| (e4m3_reference(c), c))
+            .collect();
+        let reference = |x: f64| -> u8 {
+            if x.abs() >= 448.0 {
+                return if x < 0.0 { 0xfe } else { 0x7e };
+            }
+            let mut best = (f64::INFINITY, 0u8);
+            for &(v, c) in &finite {
+                if (v == 0.0) && (c == 0x80) != (x.is_sign_negative()) {
+                    continue; // zero keeps the input's sign
+                }
+                let d = (v - x).abs();
+                if d < best.0 || (d == best.0 && c & 1 == 0) {
+                    best = (d, c);
+                }
+            }
+            best.1
+        };
+        let mut state = 0x853c_49e6_748f_ea9bu64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut inputs: Vec<f32> = Vec::new();
+        for _ in 0..200_000 {
+            let r = next();
+            // Log-uniform magnitude over 2^-12 .. 2^10, random sign.
+            let mag = 2f64.powf(((r >> 11) as f64 / (1u64 << 53) as f64) * 22.0 - 12.0);
+            inputs.push(if r & 1 == 0 { mag } else { -mag } as f32);
+        }
+        // Midpoints between neighbours (exact ties in f32) and the saturation edge.
+        for w in finite.windows(2) {
+            inputs.push(((w[0].0 + w[1].0) / 2.0) as f32);
+        }
+        inputs.extend([
+            448.0, 449.0, 464.0, 465.0, 1e6, -1e6, -448.0, 0.0, -0.0, 1e-30,
+        ]);
+        for x in inputs {
+            let got = float8::F8E4M3::from_f32(x).to_bits();
+            assert_eq!(got, reference(x as f64), "{x:e}: {got:#04x}");
+        }
+    }
+
+    /// fp8 rows: an f16 scale `max|row| / 448`; each element within half an e4m3 step of
+    /// its input (relative 2^-4 in the normal range, `2^-10 * scale` among subnormals),
+    /// no NaN code written, and a nonzero element at least
+    /// the smallest subnormal step never read as zero.
+    #[test]
+    fn f8_round_trip_error_is_within_half_a_step() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+        };
+        for (rows, row_len, amp) in [
+            (1usize, 1usize, 1.0f32),
+            (7, 64, 3.0),
+            (33, 128, 40.0),
+            (5, 3, 1e-3),
+        ] {
+            let mut vals: Vec<f32> = (0..rows * row_len)
+                .map(|_| {
+                    let x = next();
+                    // Magnitudes over several octaves, as K and V rows have.
+                    x * amp * 2f32.powi((next().abs() * 12.0) as i32 - 10)
+                })
+                .collect();
+            if rows > 2 {
+                vals[row_len] = 50.0 * amp;
+                vals[2 * row_len..3 * row_len].fill(0.0);
+            }
+            let t = Tensor::from_f32(DType::F8, vec![rows as u32, row_len as u32], &vals).unwrap();
+            assert_eq!(t.byte_len(), rows * row_len + 2 * rows);
+            let (scales, q) = t.as_8bit().unwrap();
+            assert!(q.iter().all(|&c| c & 0x7f != 0x7f), "no NaN codes");
+            let back = t.to_f32();
+            for r in 0..rows {
+                let row = &vals[r * row_len..(r + 1) * row_len];
+                let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let exact = amax / E4M3_MAX;
+                assert!((scales[r] - exact).abs() <= exact / 2048.0 + 3e-8);
+                let s = scales[r];
+                for (x, y) in row.iter().zip(&back[r * row_len..(r + 1) * row_len]) {
+                    let bound = (x.abs() / 16.0).max(s / 1024.0) * (1.0 + 1e-5)
+                        + (amax - E4M3_MAX * s).max(0.0);
+                    assert!((x - y).abs() <= bound, "row {r}: {x} -> {y}, bound {bound}");
+                    if x.abs() > s / 512.0 * (1.0 + 1e-5) {
+                        assert!(*y != 0.0, "row {r}: {x} read as 0 (scale {s})");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn i8_raw_length_counts_the_scales() {
         assert_eq!(
@@ -468,6 +695,8 @@ mod tests {
             Some(2 * 3 * 5 * 8 + 2 * 30)
         );
         assert_eq!(DType::I8.raw_len(&[2, 3, 40]), Some(240 + 2 * 6));
+        assert_eq!(DType::F8.raw_len(&[2, 3, 40]), Some(240 + 2 * 6));
+        assert_eq!(DType::from_code(5), Some(DType::F8));
         assert_eq!(
             DType::from_code(3),
             None,

@@ -1,6 +1,6 @@
 //! The glue between compute's KV blocks ([`BlockKv`], f32 or 8-bit, head-major) and the
-//! store's tensors (one per layer, `[2, kv_heads, tokens, head_dim]` in f16, bf16 or
-//! int8 with one scale per row: per token and KV head), and the cache of decoded,
+//! store's tensors (one per layer, `[2, kv_heads, tokens, head_dim]` in f16, bf16, or
+//! int8 or fp8 e4m3 with one scale per row: per token and KV head), and the cache of decoded,
 //! compute-ready blocks (an 8-bit document's blocks stay in 8 bits there).
 
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use starkv_cache::{BlockKey, DType, Tensor};
-use starkv_compute::kv8::Kv8;
+use starkv_compute::kv8::{Kv8, Kv8Format};
 use starkv_compute::partial::HeadShape;
 use starkv_compute::star::BlockKv;
 
@@ -65,8 +65,8 @@ pub(crate) fn from_tensors(
         )));
     }
     let len = dims[2] as usize;
-    if first.dtype() == DType::I8 {
-        return from_i8_tensors(layers, start, len, shape);
+    if first.dtype().is_quantized() {
+        return from_8bit_tensors(layers, start, len, shape);
     }
     if keep_f16 && layers.iter().all(|t| t.as_f16().is_some()) {
         // Copied out of the tensors on every thread (a block is ~50 MB at 2K tokens).
@@ -95,20 +95,27 @@ pub(crate) fn from_tensors(
     Ok(block)
 }
 
-/// An 8-bit block: the stored elements and per-row scales, kept in 8 bits.
-fn from_i8_tensors(
+/// An 8-bit block (int8 or fp8): the stored elements and per-row scales, kept in 8 bits.
+fn from_8bit_tensors(
     layers: &[Arc<Tensor>],
     start: usize,
     len: usize,
     shape: HeadShape,
 ) -> ServiceResult<BlockKv> {
     let half = shape.n_kv_heads * len;
+    let dtype = layers[0].dtype();
+    let format = if dtype == DType::F8 {
+        Kv8Format::Fp8
+    } else {
+        Kv8Format::Int8
+    };
     let kv8 = layers
         .iter()
         .map(|t| {
-            let (scales, q) = t.as_i8().ok_or_else(|| {
-                ServiceError::Conflict("a block mixes 8-bit and 16-bit layers".into())
+            let (scales, q) = t.as_8bit().filter(|_| t.dtype() == dtype).ok_or_else(|| {
+                ServiceError::Conflict("a block mixes layers of different types".into())
             })?;
+            let q: &[i8] = bytemuck::cast_slice(q);
             if t.shape() != layers[0].shape() || scales.len() != 2 * half {
                 return Err(ServiceError::Conflict(format!(
                     "stored 8-bit KV shape {:?} does not fit the model",
@@ -120,6 +127,7 @@ fn from_i8_tensors(
                 q: q.to_vec(),
                 scales: s.to_vec(),
                 rows_per_scale: 1,
+                format,
             };
             Ok((part(qk, &scales[..half]), part(qv, &scales[half..])))
         })
@@ -227,6 +235,24 @@ mod tests {
         // A block mixing 8-bit and 16-bit layers is refused, not misread.
         let mut mixed = layers.clone();
         mixed[1] = Arc::new(to_tensors(&block, DType::F16).unwrap().remove(1));
+        assert!(from_tensors(&mixed, 40, shape, false).is_err());
+
+        // fp8: the store's quantiser and compute's give the same codes and scales; a
+        // block mixing int8 and fp8 layers is refused too.
+        let f8: Vec<Arc<Tensor>> = to_tensors(&block, DType::F8)
+            .unwrap()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        assert_eq!(f8[0].dtype(), DType::F8);
+        let back8 = from_tensors(&f8, 40, shape, false).unwrap();
+        for ((k, v), (k8, v8)) in block.layers.iter().zip(back8.kv8.as_ref().unwrap()) {
+            let d = shape.head_dim;
+            assert_eq!(k8, &Kv8::quantize_as(Kv8Format::Fp8, k, d, 1));
+            assert_eq!(v8, &Kv8::quantize_as(Kv8Format::Fp8, v, d, 1));
+        }
+        let mut mixed = f8.clone();
+        mixed[2] = layers[2].clone();
         assert!(from_tensors(&mixed, 40, shape, false).is_err());
 
         // f16 layers kept in f16 (a CPU host) widen to exactly what the f32 load gives.

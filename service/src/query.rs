@@ -93,7 +93,7 @@ impl Service {
         // path's phase-1 re-encoding would also undo a document's selective re-encoding:
         // such documents load every block too.
         let answer = if self.backend.stored_half_type().is_some()
-            && manifest.dtype != starkv_cache::DType::I8
+            && !manifest.dtype.is_quantized()
             && manifest.reencode_ppm == 0
         {
             // A GPU: missing blocks are read straight into staging and re-encoded at once.

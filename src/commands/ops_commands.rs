@@ -44,8 +44,8 @@ pub enum OpsCommand {
         /// Tokens per block (default: the server's `block_size`).
         #[arg(long)]
         block_size: Option<usize>,
-        /// KV precision: f16 (the default; bf16 on a GPU host) or int8 (about half the
-        /// bytes).
+        /// KV precision: f16 (the default; bf16 on a GPU host), int8 or fp8 (e4m3; each
+        /// about half the bytes).
         #[arg(long, value_parser = starkv_service::KvDtype::NAMES)]
         kv_dtype: Option<String>,
     },

@@ -38,7 +38,7 @@ pub struct CreateDocument {
     /// APE's tempered merge of the context blocks at query time (issue 14).
     merge_temperature: Option<f32>,
     merge_scale: Option<f32>,
-    /// KV precision: `f16` (default) or `int8`.
+    /// KV precision: `f16` (default), `int8` or `fp8`.
     kv_dtype: Option<String>,
     /// Fraction of the tokens after the anchor re-encoded with global attention.
     reencode_ratio: Option<f32>,

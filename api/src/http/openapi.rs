@@ -171,7 +171,7 @@ fn schemas(config: &ServerConfig) -> Value {
                 "merge_scale": merge_scale.clone(),
                 "kv_dtype": {
                     "type": "string", "enum": starkv_service::KvDtype::NAMES,
-                    "description": "KV precision: f16 (default; bf16 on a GPU host) or int8 (symmetric, one scale per token and KV head: about half the bytes)"
+                    "description": "KV precision: f16 (default; bf16 on a GPU host), int8 (symmetric, one scale per token and KV head: about half the bytes) or fp8 (OCP FP8 E4M3, one scale per token and KV head: about half the bytes)"
                 },
                 "reencode_ratio": {
                     "type": "number", "minimum": 0, "maximum": 1,
@@ -190,7 +190,7 @@ fn schemas(config: &ServerConfig) -> Value {
                 "version": { "type": "integer", "minimum": 0 },
                 "blocks": { "type": "integer", "minimum": 0 },
                 "kv_dtype": { "type": "string", "enum": starkv_service::KvDtype::NAMES },
-                "stored_dtype": { "type": "string", "enum": ["f16", "bf16", "int8"] },
+                "stored_dtype": { "type": "string", "enum": ["f16", "bf16", "int8", "fp8"] },
                 "reused_blocks": { "type": "integer", "minimum": 0 },
                 "tokens": { "type": "integer", "minimum": 0 },
                 "stored_bytes": { "type": "integer", "minimum": 0 },

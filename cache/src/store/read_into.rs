@@ -116,7 +116,7 @@ impl Inner {
             if t.dtype() == want {
                 dst.copy_from_slice(t.as_bytes());
             } else if t.dtype().is_quantized() {
-                codec::dequantize_into(t.shape(), t.as_bytes(), want, dst);
+                codec::dequantize_into(t.dtype(), t.shape(), t.as_bytes(), want, dst);
             } else {
                 codec::convert_elements(t.dtype(), t.as_bytes(), want, dst);
             }

@@ -310,7 +310,8 @@ pub struct AttnItem {
     pub key_end: i32,
     pub causal_offset: i32,
     /// 0 for 16-bit K/V; else the byte offset from `k` (and from `v`) to the rows' f16
-    /// scales of an 8-bit segment (see [`Segment::scale_off`]).
+    /// scales of an 8-bit segment, plus 1 when its values are fp8 e4m3 rather than int8
+    /// (see [`Segment::scale_off`]).
     pub scale_off: i64,
 }
 
@@ -318,9 +319,10 @@ const _: () = assert!(std::mem::size_of::<AttnItem>() == 48);
 
 /// A run of keys for attention: element `(kv head h, key j, i)` at
 /// `k + 2 * (h * head_stride + j * row_stride + i)` bytes (16-bit values), or, for an
-/// 8-bit segment (`scale_off != 0`), the int8 at byte `k + h * head_stride +
-/// j * row_stride + i` with `row_stride == head_dim`, scaled by the IEEE f16 at byte
-/// `k + scale_off + 2 * (h * head_stride / row_stride + j)` (the same for `v`).
+/// 8-bit segment (`scale_off != 0`), the int8 (or, when `scale_off` is odd, the fp8
+/// e4m3 code) at byte `k + h * head_stride + j * row_stride + i` with
+/// `row_stride == head_dim`, scaled by the IEEE f16 at byte
+/// `k + (scale_off & !1) + 2 * (h * head_stride / row_stride + j)` (the same for `v`).
 #[derive(Debug, Clone, Copy)]
 pub struct Segment {
     pub k: u64,
@@ -330,7 +332,8 @@ pub struct Segment {
     pub len: usize,
     /// `None`: every key visible; `Some(o)`: query token `t` sees keys `j <= t + o`.
     pub causal_offset: Option<usize>,
-    /// 0: 16-bit values; else 8-bit ones with per-row scales this many bytes after them.
+    /// 0: 16-bit values; else 8-bit ones with per-row scales this many bytes after them
+    /// (an even count), plus 1 for fp8 e4m3 values (int8 otherwise).
     pub scale_off: i64,
 }
 

@@ -6,18 +6,20 @@
 use super::Result;
 use super::attention::Segment;
 use super::device::{DevBuf, Gpu};
+use crate::kv8::Kv8Format;
 use crate::partial::HeadShape;
 use crate::star::BlockKv;
 
 /// One context block's KV on a GPU: per layer K and V head-major `[n_kv][len][d]` in
 /// the GPU's 16-bit type, K rotated at the global positions (as [`BlockKv`]). An 8-bit
-/// block (`kv8`) holds per layer K and V each as `[n_kv][len][d]` int8 followed by one
-/// IEEE f16 scale per row (`[n_kv][len]`), whatever the store's scale granularity.
+/// block (`kv8`: its format, int8 or fp8 e4m3) holds per layer K and V each as
+/// `[n_kv][len][d]` 8-bit values followed by one IEEE f16 scale per row (`[n_kv][len]`),
+/// whatever the store's scale granularity.
 pub struct GpuBlock {
     pub start: usize,
     pub len: usize,
     pub shape: HeadShape,
-    kv8: bool,
+    kv8: Option<Kv8Format>,
     layers: Vec<(DevBuf, DevBuf)>,
 }
 
@@ -37,18 +39,19 @@ impl GpuBlock {
             start,
             len,
             shape,
-            kv8: false,
+            kv8: None,
             layers,
         })
     }
 
-    /// An 8-bit block's buffers (contents undefined).
+    /// An 8-bit block's buffers (contents undefined), values of `format`.
     pub fn alloc_kv8(
         gpu: &Gpu,
         start: usize,
         len: usize,
         shape: HeadShape,
         n_layers: usize,
+        format: Kv8Format,
     ) -> Result<Self> {
         let rows = shape.n_kv_heads * len;
         let bytes = rows * shape.head_dim + 2 * rows;
@@ -59,13 +62,18 @@ impl GpuBlock {
             start,
             len,
             shape,
-            kv8: true,
+            kv8: Some(format),
             layers,
         })
     }
 
     /// Whether this block is held in 8 bits.
     pub fn is_8bit(&self) -> bool {
+        self.kv8.is_some()
+    }
+
+    /// The 8-bit format of an 8-bit block.
+    pub fn kv8_format(&self) -> Option<Kv8Format> {
         self.kv8
     }
 
@@ -74,17 +82,20 @@ impl GpuBlock {
     /// repeated per row when the store kept one per group of rows.
     pub fn upload(gpu: &Gpu, block: &BlockKv) -> Result<Self> {
         if let Some(kv8) = &block.kv8 {
-            let out = Self::alloc_kv8(gpu, block.start, block.len, block.shape, kv8.len())?;
+            let format = kv8.first().map_or(Kv8Format::Int8, |(k, _)| k.format);
+            let out = Self::alloc_kv8(gpu, block.start, block.len, block.shape, kv8.len(), format)?;
             let rows = block.shape.n_kv_heads * block.len;
             let mut bytes = Vec::new();
             for ((k, v), (dk, dv)) in kv8.iter().zip(&out.layers) {
                 for (src, dst) in [(k, dk), (v, dv)] {
                     if src.q.len() != rows * block.shape.head_dim
                         || src.scales.len() * src.rows_per_scale < rows
+                        || src.format != format
                     {
                         return Err(super::CudaError::Invalid(format!(
-                            "an 8-bit block layer of {} values and {} scales for {rows} rows",
+                            "an 8-bit block layer of {} {:?} values and {} scales for {rows} rows of {format:?}",
                             src.q.len(),
+                            src.format,
                             src.scales.len()
                         )));
                     }
@@ -119,7 +130,7 @@ impl GpuBlock {
     /// 8-bit block), e.g. to write it to the store.
     pub fn download(&self, gpu: &Gpu) -> Result<BlockKv> {
         let n = self.shape.n_kv_heads * self.len * self.shape.head_dim;
-        if self.kv8 {
+        if let Some(format) = self.kv8 {
             let rows = self.shape.n_kv_heads * self.len;
             let mut bytes = vec![0u8; n + 2 * rows];
             let mut layers = Vec::with_capacity(self.layers.len());
@@ -136,6 +147,7 @@ impl GpuBlock {
                         q,
                         scales,
                         rows_per_scale: 1,
+                        format,
                     });
                 }
                 let v = pair.pop().unwrap();
@@ -169,8 +181,15 @@ impl GpuBlock {
         let from = range.start.min(self.len);
         let n = range.end.min(self.len).saturating_sub(from);
         let d = self.shape.head_dim;
-        if self.kv8 {
-            let out = Self::alloc_kv8(gpu, self.start + from, n, self.shape, self.layers.len())?;
+        if let Some(format) = self.kv8 {
+            let out = Self::alloc_kv8(
+                gpu,
+                self.start + from,
+                n,
+                self.shape,
+                self.layers.len(),
+                format,
+            )?;
             let (src_sc, dst_sc) = (self.scale_off() as u64, out.scale_off() as u64);
             for (src, dst) in self.layers.iter().zip(&out.layers) {
                 for (s, t) in [(&src.0, &dst.0), (&src.1, &dst.1)] {
@@ -199,7 +218,7 @@ impl GpuBlock {
     /// e.g. the whole document for re-encoding on the device). 16-bit blocks only.
     pub fn copy_into(&self, gpu: &Gpu, dst: &GpuBlock) -> Result<()> {
         let inside = self.start >= dst.start && self.start + self.len <= dst.start + dst.len;
-        if self.kv8 || dst.kv8 || !inside || self.shape != dst.shape {
+        if self.kv8.is_some() || dst.kv8.is_some() || !inside || self.shape != dst.shape {
             return Err(super::CudaError::Invalid(format!(
                 "block {}..{} does not fit 16-bit block {}..{}",
                 self.start,
@@ -230,7 +249,12 @@ impl GpuBlock {
             row_stride: self.shape.head_dim as i32,
             len: self.len,
             causal_offset,
-            scale_off: if self.kv8 { self.scale_off() } else { 0 },
+            // The low bit of an 8-bit segment's (even) scale offset marks fp8 values.
+            scale_off: match self.kv8 {
+                None => 0,
+                Some(Kv8Format::Int8) => self.scale_off(),
+                Some(Kv8Format::Fp8) => self.scale_off() | 1,
+            },
         }
     }
 
@@ -252,7 +276,7 @@ impl GpuBlock {
     /// them in place).
     pub(super) fn layer_ptrs(&self, layer: usize) -> (u64, u64) {
         debug_assert!(
-            !self.kv8,
+            self.kv8.is_none(),
             "8-bit blocks are written only by GpuBlock::upload"
         );
         (self.layers[layer].0.ptr(), self.layers[layer].1.ptr())

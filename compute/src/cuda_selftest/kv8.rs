@@ -1,7 +1,10 @@
 //! 8-bit KV on the GPU (issue 13): blocks kept in 8 bits in the tier and attended by the
-//! `*_kv8` kernels, against the CPU backend's 8-bit attention (the same int8 values and
-//! f16 scales, dequantised exactly in f32) and against the 16-bit kernel on the
-//! dequantised values, on random inputs.
+//! `*_kv8` kernels, against the CPU backend's 8-bit attention (the same int8 or fp8 e4m3
+//! values and f16 scales, dequantised exactly in f32) and against the 16-bit kernel on
+//! the dequantised values, on random inputs. Every check runs for int8 and for fp8; the
+//! fp8 plans of the multi-block cases hold one int8 block too (the format is per item).
+//! The kernels widen either format exactly (int8 and e4m3 values are exact in both
+//! 16-bit types), so the tolerances are the same for both.
 //!
 //! Tolerances: the 8-bit kernels apply K's scales to the scores in f32 and fold V's into
 //! P before P is rounded to 16 bits, so they round exactly where the 16-bit kernel does:
@@ -21,7 +24,7 @@ use crate::cuda::star::{ContextBlocks, GpuBlock, GpuQuery, GpuShard};
 use crate::cuda::{
     AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, Segment, TableBuf, upload_plans,
 };
-use crate::kv8::Kv8;
+use crate::kv8::{Kv8, Kv8Format};
 use crate::model::Llama;
 use crate::partial::{Attended, HeadShape, merge_into};
 use crate::quant::GgmlType;
@@ -30,12 +33,15 @@ use crate::star::{AttentionShard, BlockKv, CpuShard, Phase1, QueryAttention, Sta
 /// Random 8-bit blocks of `lens` tokens, `n_layers` layers: values uniform in +-2 times a
 /// per-row factor in [0.05, 3] (so the rows' scales differ by up to 60x), quantised with
 /// one scale per row, except the block at index 1, with one scale per head (the store's
-/// coarser granularity, expanded per row at upload).
+/// coarser granularity, expanded per row at upload), in `format`; with `mix`, the block at
+/// index 2 is int8 whatever `format` (a plan mixing formats).
 fn random_blocks(
     rng: &mut Rng,
     shape: HeadShape,
     lens: &[usize],
     n_layers: usize,
+    format: Kv8Format,
+    mix: bool,
 ) -> Vec<Arc<BlockKv>> {
     let d = shape.head_dim;
     let mut start = 0;
@@ -48,7 +54,12 @@ fn random_blocks(
                 let f = rng.uniform(0.05, 3.0);
                 row.iter_mut().for_each(|v| *v *= f);
             }
-            Kv8::quantize(&x, d, rows_per_scale)
+            let f = if mix && bi == 2 {
+                Kv8Format::Int8
+            } else {
+                format
+            };
+            Kv8::quantize_as(f, &x, d, rows_per_scale)
         };
         let layers = (0..n_layers).map(|_| (one(), one())).collect();
         out.push(Arc::new(BlockKv::quantized(start, len, shape, layers)));
@@ -99,21 +110,34 @@ pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64)
         ),
         ("query m=30, 1 split, d=64", smol, 30, &[1000, 100], 30, 1),
     ];
-    // Both key tiles of the 8-bit kernels run every case.
+    // Both key tiles of the 8-bit kernels run every case, for both formats.
     let default = gpu.attention_kernels();
-    for kv8 in AttnKernels::ALL_KV8 {
-        gpu.set_attention_kernels(AttnKernels { kv8, ..default });
-        for (name, shape, m, lens, local, splits) in cases {
-            let r = mixed_case(gpu, rng, report, u, name, shape, m, lens, local, splits);
-            if r.is_err() {
-                gpu.set_attention_kernels(default);
+    for format in [Kv8Format::Int8, Kv8Format::Fp8] {
+        for kv8 in AttnKernels::ALL_KV8 {
+            gpu.set_attention_kernels(AttnKernels { kv8, ..default });
+            for (name, shape, m, lens, local, splits) in cases {
+                let r = mixed_case(
+                    gpu, rng, report, u, format, name, shape, m, lens, local, splits,
+                );
+                if r.is_err() {
+                    gpu.set_attention_kernels(default);
+                }
+                r?;
             }
-            r?;
         }
+        gpu.set_attention_kernels(default);
+        shard_and_round_trip(gpu, rng, report, u, big, format)?;
+        query_checks(gpu, rng, report, u, format)?;
     }
-    gpu.set_attention_kernels(default);
-    shard_and_round_trip(gpu, rng, report, u, big)?;
-    query_checks(gpu, rng, report, u)
+    Ok(())
+}
+
+/// How the checks name a format.
+fn format_name(format: Kv8Format) -> &'static str {
+    match format {
+        Kv8Format::Int8 => "int8",
+        Kv8Format::Fp8 => "fp8",
+    }
 }
 
 /// 8-bit blocks plus a 16-bit causal segment (a query's own KV) in one plan: the 8-bit
@@ -125,6 +149,7 @@ fn mixed_case(
     rng: &mut Rng,
     report: &mut Report,
     u: f64,
+    format: Kv8Format,
     name: &str,
     shape: HeadShape,
     m: usize,
@@ -139,7 +164,8 @@ fn mixed_case(
     let scale = 1.0 / (d as f32).sqrt();
     let q = round_vec(dt, &rng.vec(m * nh * d, -2.0, 2.0));
     let q_d = gpu.upload_new(&to_half(dt, &q))?;
-    let blocks = random_blocks(rng, shape, lens, 1);
+    let blocks = random_blocks(rng, shape, lens, 1, format, true);
+    let fname = format_name(format);
     let dev: Vec<GpuBlock> = blocks
         .iter()
         .map(|b| GpuBlock::upload(gpu, b))
@@ -205,17 +231,17 @@ fn mixed_case(
     gpu.download(&mut got.out, out_d.ptr())?;
     gpu.download(&mut got.lse, lse_d.ptr())?;
     let kernel = gpu.attention_kernel_name_kv8(m * nh / nkv, d);
-    let name = format!("int8 [{kernel}] {name}");
+    let name = format!("{fname} [{kernel}] {name}");
     let n = plan.n_splits();
     report.check(
-        &format!("{name}: O vs CPU int8 ({n} splits)"),
+        &format!("{name}: O vs CPU {fname} ({n} splits)"),
         "rel",
         rel(&got.out, &want.out),
         2.0 * u,
         ms(t),
     );
     report.check(
-        &format!("{name}: lse vs CPU int8"),
+        &format!("{name}: lse vs CPU {fname}"),
         "max abs",
         max_abs(&got.lse, &want.lse),
         2e-4,
@@ -235,7 +261,7 @@ fn mixed_case(
     let mut oh = vec![0u16; m * nh * d];
     gpu.download(&mut oh, oh_d.ptr())?;
     report.check(
-        &format!("{name}: O {} out vs CPU int8", dt.name()),
+        &format!("{name}: O {} out vs CPU {fname}", dt.name()),
         "rel",
         rel(&from_half(dt, &oh), &want.out),
         2.5 * u,
@@ -255,10 +281,12 @@ fn shard_and_round_trip(
     report: &mut Report,
     u: f64,
     shape: HeadShape,
+    format: Kv8Format,
 ) -> Result<()> {
     let t = Instant::now();
     let dt = gpu.dtype;
-    let blocks = random_blocks(rng, shape, &[700, 512, 33], 2);
+    let fname = format_name(format);
+    let blocks = random_blocks(rng, shape, &[700, 512, 33], 2, format, false);
     let cpu = CpuShard::new(blocks.clone(), shape);
     let gpu8 = GpuShard::from_cpu_blocks(gpu.clone(), &blocks, shape)?;
     let wide: Vec<Arc<BlockKv>> = blocks.iter().map(|b| b.dequantized()).collect();
@@ -268,16 +296,16 @@ fn shard_and_round_trip(
         let want = cpu.attend(1, &q, m)?;
         let got = AttentionShard::attend(&gpu8, 1, &q, m)?;
         let w16 = AttentionShard::attend(&gpu16, 1, &q, m)?;
-        let tag = format!("int8 GpuShard (m={m}, d=128)");
+        let tag = format!("{fname} GpuShard (m={m}, d=128)");
         report.check(
-            &format!("{tag} vs CpuShard int8: O"),
+            &format!("{tag} vs CpuShard {fname}: O"),
             "rel",
             rel(&got.out, &want.out),
             2.0 * u,
             ms(t),
         );
         report.check(
-            &format!("{tag} vs CpuShard int8: lse"),
+            &format!("{tag} vs CpuShard {fname}: lse"),
             "max abs",
             max_abs(&got.lse, &want.lse),
             2e-4,
@@ -304,7 +332,7 @@ fn shard_and_round_trip(
     let up = GpuBlock::upload(gpu, b)?;
     let ratio = up.n_bytes() as f64 / GpuBlock::upload(gpu, &wide[0])?.n_bytes() as f64;
     report.check(
-        "int8 GPU block bytes / 16-bit block bytes (d=128)",
+        &format!("{fname} GPU block bytes / 16-bit block bytes (d=128)"),
         "ratio",
         ratio,
         0.5 + 1.0 / 128.0,
@@ -326,8 +354,15 @@ fn shard_and_round_trip(
             .collect();
         diff += (rk.dequantize(d) != want) as usize;
     }
+    diff += (up.kv8_format() != Some(format)) as usize;
+    diff += back
+        .kv8
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|(k, v)| k.format != format || v.format != format) as usize;
     report.check(
-        "int8 GPU block download and row range == uploaded",
+        &format!("{fname} GPU block download and row range == uploaded"),
         "mismatch",
         diff as f64,
         0.0,
@@ -339,8 +374,15 @@ fn shard_and_round_trip(
 /// Phase 2 of the random tiny model over 8-bit blocks: the CPU's blocks from phase 1,
 /// quantised, answered on the CPU (8-bit attention) and on the GPU (8-bit tier and
 /// kernels), then decode steps, and decode steps replayed from a CUDA graph.
-fn query_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Result<()> {
+fn query_checks(
+    gpu: &Arc<Gpu>,
+    rng: &mut Rng,
+    report: &mut Report,
+    u: f64,
+    format: Kv8Format,
+) -> Result<()> {
     let t = Instant::now();
+    let fname = format_name(format);
     let config = tiny_config();
     let cpu = Llama::random(config.clone(), GgmlType::F32, rng.next());
     let mut model = CudaLlama::upload(gpu.clone(), &cpu)?;
@@ -357,7 +399,12 @@ fn query_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> R
             let layers = blk
                 .layers
                 .iter()
-                .map(|(k, v)| (Kv8::quantize(k, d, 1), Kv8::quantize(v, d, 1)))
+                .map(|(k, v)| {
+                    (
+                        Kv8::quantize_as(format, k, d, 1),
+                        Kv8::quantize_as(format, v, d, 1),
+                    )
+                })
                 .collect();
             Arc::new(BlockKv::quantized(blk.start, blk.len, shape, layers))
         })
@@ -374,7 +421,7 @@ fn query_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> R
     model.forward(&query, &positions, &mut gq)?;
     let gpu_logits = model.logits(mq)?;
     report.check(
-        &format!("int8 blocks: star b={b} query logits GPU vs CPU"),
+        &format!("{fname} blocks: star b={b} query logits GPU vs CPU"),
         "rel",
         rel(&gpu_logits, &cpu_logits),
         8.0 * u,
@@ -390,7 +437,7 @@ fn query_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> R
         tok = crate::sampling::argmax(&lc);
     }
     report.check(
-        "int8 blocks: star decode 6 steps: logits GPU vs CPU",
+        &format!("{fname} blocks: star decode 6 steps: logits GPU vs CPU"),
         "rel",
         worst,
         8.0 * u,
@@ -401,6 +448,6 @@ fn query_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> R
     let mut plain_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), cap)?;
     let mut graph_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks), cap)?;
     let g = graph_vs_plain(gpu, &mut model, &mut plain_q, &mut graph_q, &query, l, 12)?;
-    g.report(report, "int8 blocks: star decode", ms(t), u);
+    g.report(report, &format!("{fname} blocks: star decode"), ms(t), u);
     Ok(())
 }

@@ -76,7 +76,7 @@ pub fn run(gpu: &Arc<Gpu>, opts: SelftestOptions<'_>) -> Vec<Row> {
     section!("attention", attention_checks(gpu, &mut rng, &mut report, u));
     println!("star on the GPU (random tiny model):");
     section!("star", star_checks(gpu, &mut rng, &mut report, u));
-    println!("8-bit KV: int8 blocks in the GPU tier, 8-bit attention kernels:");
+    println!("8-bit KV: int8 and fp8 blocks in the GPU tier, 8-bit attention kernels:");
     section!("int8", kv8::checks(gpu, &mut rng, &mut report, u));
     println!("selective re-encoding, GPU vs CPU (random tiny model):");
     section!("reencode", reencode::checks(gpu, &mut rng, &mut report, u));

@@ -852,6 +852,8 @@ ingest     60.5 s
             "{}",
             document_detail(&int8, NOW, Style::PLAIN)
         );
+        let fp8 = json!({ "id": "q", "state": "ready", "kv_dtype": "fp8", "stored_dtype": "fp8" });
+        assert!(document_detail(&fp8, NOW, Style::PLAIN).contains("kv dtype   fp8\n"));
         let ingesting = json!({ "id": "b", "state": "ingesting", "blocks_done": 2,
                                 "blocks_total": 5, "submitted_ms": NOW - 30_000 });
         assert_eq!(

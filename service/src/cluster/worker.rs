@@ -179,7 +179,7 @@ impl WorkerNode {
             kv_dtype: crate::KvDtype::F16,
         };
         let dtype = DType::from_code(e.dtype)
-            .filter(|d| matches!(d, DType::F16 | DType::BF16 | DType::I8))
+            .filter(|d| matches!(d, DType::F16 | DType::BF16 | DType::I8 | DType::F8))
             .ok_or_else(|| {
                 ServiceError::Invalid(format!("KV type code {} cannot be stored", e.dtype))
             })?;

@@ -133,6 +133,49 @@ __device__ __forceinline__ void i8x4_to_h16(u32 x, u32& lo, u32& hi) {
     hi = pack2(f2, f3);
 }
 
+// Four OCP FP8 E4M3 values (x's bytes, e4m3fn: no infinities, codes 0x7f/0xff NaN and
+// never written) as four 16-bit values (exact: every e4m3 value is an f16 and a bf16
+// value). sm_89 and newer convert pairs in hardware (cvt.rn.f16x2.e4m3x2, then f16 ->
+// f32 -> bf16 for a bf16 build, exact); older GPUs place the code's bits in an f16
+// (sign at bit 15, exponent and mantissa at bits 7..14: the e4m3 value / 256 exactly,
+// subnormals included) and scale by 256 in f32.
+__device__ __forceinline__ u32 e4m3x2_to_h16x2(u32 pair) {
+#if __CUDA_ARCH__ >= 890
+    u32 h;
+    asm("{.reg .b16 lo;\n"
+        " cvt.u16.u32 lo, %1;\n"
+        " cvt.rn.f16x2.e4m3x2 %0, lo;}"
+        : "=r"(h) : "r"(pair));
+#ifdef DT_BF16
+    float f0, f1;
+    asm("{.reg .b16 l, h;\n"
+        " mov.b32 {l, h}, %2;\n"
+        " cvt.f32.f16 %0, l;\n"
+        " cvt.f32.f16 %1, h;}"
+        : "=f"(f0), "=f"(f1) : "r"(h));
+    return pack2(f0, f1);
+#else
+    return h;
+#endif
+#else
+    // Byte 0 of `pair` to bits 8..15, byte 1 to bits 24..31.
+    const u32 t = __byte_perm(pair, 0u, 0x1404);
+    const u32 h = (t & 0x80008000u) | ((t >> 1) & 0x3f803f80u);
+    float f0, f1;
+    asm("{.reg .b16 l, h;\n"
+        " mov.b32 {l, h}, %2;\n"
+        " cvt.f32.f16 %0, l;\n"
+        " cvt.f32.f16 %1, h;}"
+        : "=f"(f0), "=f"(f1) : "r"(h));
+    return pack2(f0 * 256.f, f1 * 256.f);
+#endif
+}
+
+__device__ __forceinline__ void e4m3x4_to_h16(u32 x, u32& lo, u32& hi) {
+    lo = e4m3x2_to_h16x2(x & 0xffffu);
+    hi = e4m3x2_to_h16x2(x >> 16);
+}
+
 // The 8-bit kernels' dynamic shared memory with TBN-key tiles (mirrors kv8_smem in
 // attention.rs): the 16-bit K and V tiles the tensor cores read, the staging of the next
 // 8-bit tile (K then V, TBN rows of HEAD_DIM bytes each) and the tile's per-key scales
@@ -159,8 +202,9 @@ __device__ __forceinline__ void stage_i8(u32 st, const AttnItem& item, int kvh, 
     }
     cp_commit();
     const long long sbase = (long long)kvh * (item.head_stride / item.row_stride) + j0;
-    const h16* ksc = (const h16*)((const char*)item.k + item.scale_off) + sbase;
-    const h16* vsc = (const h16*)((const char*)item.v + item.scale_off) + sbase;
+    const long long soff = item.scale_off & ~1LL;  // the low bit marks fp8 values
+    const h16* ksc = (const h16*)((const char*)item.k + soff) + sbase;
+    const h16* vsc = (const h16*)((const char*)item.v + soff) + sbase;
 #pragma unroll
     for (int i = 0; i < SC; i++) {
         const int r = threadIdx.x + i * NT;
@@ -170,21 +214,29 @@ __device__ __forceinline__ void stage_i8(u32 st, const AttnItem& item, int kvh, 
     }
 }
 
-// The staged 8-bit tile (landed) into the 16-bit tiles sK and sV as its integer values
-// (exact), and its scales into sKs and sVs: the scales are applied to the scores (K) and
-// to P (V), so the dequantisation adds no rounding.
+// The staged 8-bit tile (landed) into the 16-bit tiles sK and sV as its int8 or e4m3
+// (`fp8`) values (exact either way), and its scales into sKs and sVs: the scales are
+// applied to the scores (K) and to P (V), so the dequantisation adds no rounding.
 template <int NT, int TBN, int SC>
 __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* st, float* sKs,
-                                           float* sVs, const h16 (&ks)[SC], const h16 (&vs)[SC]) {
+                                           float* sVs, const h16 (&ks)[SC], const h16 (&vs)[SC],
+                                           bool fp8) {
     constexpr int CPR = HEAD_DIM / 16;
     for (int c = threadIdx.x; c < 2 * TBN * CPR; c += NT) {
         const int kv = c / (TBN * CPR), r = (c / CPR) % TBN, col = (c % CPR) * 16;
         const u32x4 x = *(const u32x4*)(st + kv * TBN * HEAD_DIM + r * HEAD_DIM + col);
         u32x4 a, b;
-        i8x4_to_h16(x.x, a.x, a.y);
-        i8x4_to_h16(x.y, a.z, a.w);
-        i8x4_to_h16(x.z, b.x, b.y);
-        i8x4_to_h16(x.w, b.z, b.w);
+        if (fp8) {
+            e4m3x4_to_h16(x.x, a.x, a.y);
+            e4m3x4_to_h16(x.y, a.z, a.w);
+            e4m3x4_to_h16(x.z, b.x, b.y);
+            e4m3x4_to_h16(x.w, b.z, b.w);
+        } else {
+            i8x4_to_h16(x.x, a.x, a.y);
+            i8x4_to_h16(x.y, a.z, a.w);
+            i8x4_to_h16(x.z, b.x, b.y);
+            i8x4_to_h16(x.w, b.z, b.w);
+        }
         u32x4* d = (u32x4*)((kv ? sV : sK) + r * SROW + col);
         d[0] = a;
         d[1] = b;
@@ -202,7 +254,8 @@ __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* 
 // Unpipelined: K and V of a tile load together, then Q.K^T, softmax and P.V. Runs 17 to
 // 64 rows (4 warps x 16) and decoding (1 warp, below); at one warp, many small CTAs per
 // SM keep more tile loads in flight than the pipelined one-warp variants (PERF_NOTES.md).
-// KV8: items may be 8-bit (scale_off != 0, see AttnItem): each 8-bit tile is staged
+// KV8: items may be 8-bit (scale_off != 0, see AttnItem; int8, or fp8 e4m3 when its low
+// bit is set): each 8-bit tile is staged
 // into shared memory (cp.async, no registers held) while the tile before it is
 // computed, widened in shared memory (stage_i8, unstage_i8), and its scales applied to
 // the scores and to P; 16-bit items take the usual path. Dynamic shared memory.
@@ -293,7 +346,7 @@ __device__ __forceinline__ void attn_simple_body(
                 // The staged tile landed for every thread, and every warp is done with
                 // the previous tile's sK and sV (the barrier closing each tile).
                 __syncthreads();
-                unstage_i8<NT, TBN, SC>(sK, sV, st8, sKs, sVs, pks, pvs);
+                unstage_i8<NT, TBN, SC>(sK, sV, st8, sKs, sVs, pks, pvs, (item.scale_off & 1) != 0);
                 __syncthreads();
                 // Stage the next tile (this item's, or the next item's first when that
                 // is 8-bit too) while this one is computed.

@@ -17,9 +17,10 @@ struct AttnItem {
     int key_end;
     int causal_offset;  // -1: no mask
     // 0: 16-bit K/V. Otherwise an 8-bit segment (only the *_kv8 kernels read it): int8
-    // element (h, j, i) at byte k + h * head_stride + j * row_stride + i (row_stride ==
-    // HEAD_DIM), and its row's IEEE f16 scale at byte k + scale_off + 2 * (h * len + j),
-    // len = head_stride / row_stride (the same for v).
+    // (or, when scale_off is odd, fp8 e4m3) element (h, j, i) at byte k + h * head_stride
+    // + j * row_stride + i (row_stride == HEAD_DIM), and its row's IEEE f16 scale at byte
+    // k + (scale_off & ~1) + 2 * (h * len + j), len = head_stride / row_stride (the same
+    // for v).
     long long scale_off;
 };
 
