@@ -30,8 +30,8 @@ use starkv_compute::cuda::star::{
     ContextBlocks, GpuBlock, GpuQuery, StreamedBlocks, encode_context,
 };
 use starkv_compute::cuda::{
-    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, HalfType, Kernels, PinnedBuf,
-    Segment, TableBuf, probe, upload_plans, upload_plans_with_maps,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, DecodeKernel, Gpu, HalfType, Kernels,
+    PinnedBuf, Segment, SplitTuning, TableBuf, probe, upload_plans, upload_plans_with_maps,
 };
 use starkv_compute::kv8::Kv8Format;
 use starkv_compute::model::LlamaConfig;
@@ -85,6 +85,49 @@ fn parse_opts() -> Opts {
         o.contexts = vec![8192, 16384];
     }
     o
+}
+
+/// The split plans, merges and one-warp decode kernels compared in the same run (see
+/// `SplitTuning`): the earlier choices first (`W1QSmem` is the one-warp kernel with Q
+/// staged through shared memory, as before).
+fn split_tuning_variants() -> [(&'static str, SplitTuning, DecodeKernel); 6] {
+    let t = |balanced, wide_merge, merge_pdl| SplitTuning {
+        balanced,
+        wide_merge,
+        merge_pdl,
+    };
+    [
+        (
+            "per-segment splits, one merge CTA per head, Q via shared memory (before)",
+            t(false, false, false),
+            DecodeKernel::W1QSmem,
+        ),
+        (
+            "balanced splits, one merge CTA per head, Q via shared memory",
+            t(true, false, false),
+            DecodeKernel::W1QSmem,
+        ),
+        (
+            "balanced splits, column-chunk merge, Q via shared memory",
+            t(true, true, false),
+            DecodeKernel::W1QSmem,
+        ),
+        (
+            "balanced splits, column-chunk merge, Q in registers (W1)",
+            t(true, true, false),
+            DecodeKernel::W1,
+        ),
+        (
+            "balanced splits, column-chunk merge as a dependent launch, W1",
+            t(true, true, true),
+            DecodeKernel::W1,
+        ),
+        (
+            "balanced splits, column-chunk merge, 32-key tiles (W1N32)",
+            t(true, true, false),
+            DecodeKernel::W1N32,
+        ),
+    ]
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -334,7 +377,9 @@ fn run(opts: &Opts) -> Result<()> {
             let mut q = GpuQuery::new(
                 &model,
                 ContextBlocks::Resident(blocks.clone()),
-                30 + 3 * n_steps + 3 + 3 * 9,
+                // The question, three step series and the split-tuning A/B series (each
+                // n_steps + 1 steps), the --decode-splits rows (9 steps each).
+                30 + (3 + 2 * split_tuning_variants().len()) * (n_steps + 1) + 6 * 9,
             )?;
             let positions: Vec<usize> = (l..l + 30).collect();
             let t = Instant::now();
@@ -378,11 +423,40 @@ fn run(opts: &Opts) -> Result<()> {
             }
             cublas_steps.remove(0);
             gpu.set_fused_decode(fused_were);
+            // The split plan and the merge (SplitTuning) as graphs, same run, alternating
+            // twice, n_steps steps each after a capture step.
+            let tuning0 = gpu.split_tuning();
+            let kernels0 = gpu.attention_kernels();
+            let mut tuned: Vec<(String, Vec<f64>)> = split_tuning_variants()
+                .iter()
+                .map(|(n, _, _)| (n.to_string(), Vec::new()))
+                .collect();
+            for _round in 0..2 {
+                for (i, (_, t, decode)) in split_tuning_variants().iter().enumerate() {
+                    gpu.set_split_tuning(*t);
+                    gpu.set_attention_kernels(AttnKernels {
+                        decode: *decode,
+                        ..kernels0
+                    });
+                    let mut t_steps = Vec::new();
+                    for _ in 0..n_steps + 1 {
+                        let t = Instant::now();
+                        next = model.decode_greedy(next, pos, &mut q)?.0;
+                        t_steps.push(t.elapsed().as_secs_f64());
+                        pos += 1;
+                    }
+                    t_steps.remove(0);
+                    tuned[i].1.push(median(t_steps) * 1e3);
+                }
+            }
+            gpu.set_split_tuning(tuning0);
+            gpu.set_attention_kernels(kernels0);
             // With --decode-splits: graph decode at other split counts (the default is
             // Gpu::choose_splits's), 8 steps each after a capture step.
             let mut split_rows = Vec::new();
             if opts.decode_splits {
-                for splits in [16, 64, 128] {
+                let auto = gpu.choose_splits(1, shape, l + 30);
+                for splits in [16, 32, 64, 128, auto * 5 / 6, auto * 2 / 3] {
                     q.splits = Some(splits);
                     let mut t_steps = Vec::new();
                     for _ in 0..9 {
@@ -437,6 +511,25 @@ fn run(opts: &Opts) -> Result<()> {
                     cublas_ms / graph_ms
                 ),
             );
+            for (what, ms) in tuned {
+                add(
+                    format!(
+                        "{lab}: decode as a CUDA graph, {}K context, {what}",
+                        l / 1024
+                    ),
+                    format!(
+                        "{:.2} ms/token",
+                        ms.iter().cloned().fold(f64::INFINITY, f64::min)
+                    ),
+                    format!(
+                        "(medians of {n_steps} greedy steps in two alternating runs: {} ms)",
+                        ms.iter()
+                            .map(|m| format!("{m:.3}"))
+                            .collect::<Vec<_>>()
+                            .join(" / ")
+                    ),
+                );
+            }
             for (splits, ms) in split_rows {
                 add(
                     format!(
@@ -715,6 +808,86 @@ fn attention_rows(
                 ),
             );
         }
+        // The split plan and the merge (SplitTuning), same run, alternating twice: the
+        // default kernel over the default split count; then the merge alone.
+        gpu.set_attention_kernels(default);
+        let tuning0 = gpu.split_tuning();
+        let mut tuned: Vec<(String, Vec<f64>, usize)> = split_tuning_variants()
+            .iter()
+            .map(|(n, _, _)| (n.to_string(), Vec::new(), 0))
+            .collect();
+        for _round in 0..2 {
+            for (i, (_, t, decode)) in split_tuning_variants().iter().enumerate() {
+                gpu.set_split_tuning(*t);
+                gpu.set_attention_kernels(AttnKernels {
+                    decode: *decode,
+                    ..default
+                });
+                let splits = gpu.choose_splits(1, shape, l);
+                let plan = AttnPlan::for_gpu(gpu, &segs, splits);
+                let n_splits = plan.n_splits();
+                let p = upload_plans(gpu, &mut tb, &[plan])?[0];
+                let secs = time_gpu_batch(gpu, 15, 20, || {
+                    gpu.attention(
+                        kern,
+                        q.ptr(),
+                        1,
+                        nh,
+                        nkv,
+                        p.0,
+                        p.1,
+                        p.2,
+                        AttnOut::Half(o.ptr()),
+                        &mut scratch,
+                    )?;
+                    Ok(())
+                })?;
+                tuned[i].1.push(secs);
+                tuned[i].2 = n_splits;
+            }
+        }
+        let bytes = (l * nkv * d * 2 * 2) as f64;
+        for (what, secs, n_splits) in &tuned {
+            let best = secs.iter().cloned().fold(f64::INFINITY, f64::min);
+            add(
+                format!(
+                    "{lab}: decode attention over {}K cached tokens, {what}",
+                    l / 1024
+                ),
+                format!("{:.0} GB/s", bytes / best / 1e9),
+                format!(
+                    "({} ms in two alternating runs, {n_splits} splits, split + merge; {:.0}% of copy bandwidth)",
+                    secs.iter()
+                        .map(|s| format!("{:.4}", s * 1e3))
+                        .collect::<Vec<_>>()
+                        .join(" / "),
+                    100.0 * bytes / best / 1e9 / copy_gbs
+                ),
+            );
+        }
+        gpu.set_attention_kernels(default);
+        for (what, t) in [("one CTA per head", false), ("column chunks", true)] {
+            gpu.set_split_tuning(SplitTuning {
+                wide_merge: t,
+                merge_pdl: false,
+                ..tuning0
+            });
+            let n = auto;
+            let (po, pl) = (
+                scratch.o.as_ref().unwrap().ptr(),
+                scratch.lse.as_ref().unwrap().ptr(),
+            );
+            let secs = time_gpu_batch(gpu, 15, 20, || {
+                gpu.merge_partials(kern, (po, pl), n, 1, nh, AttnOut::Half(o.ptr()))?;
+                Ok(())
+            })?;
+            add(
+                format!("{lab}: split merge alone, {n} splits, {what}"),
+                format!("{:.1} us", secs * 1e6),
+                "(back-to-back launches of the merge over the last partials)".into(),
+            );
+        }
+        gpu.set_split_tuning(tuning0);
         if let (Some(b16), Some(first)) = (bf16_secs, blocks.first()) {
             gpu.set_attention_kernels(default);
             kv8_decode_rows(gpu, kern, lab, shape, l, first.len, b16, copy_gbs, add)?;

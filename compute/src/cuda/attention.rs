@@ -17,6 +17,8 @@ use crate::partial::HeadShape;
 pub(super) const WAIT_FOR_PREDECESSOR: &[&str] = &[
     "attn_fwd_simple",
     "attn_fwd_w1",
+    "attn_fwd_w1n32",
+    "attn_fwd_w1_qsmem",
     "attn_fwd_simple_kv8",
     "attn_fwd_w1_kv8",
     "attn_fwd_simple_kv8_n64",
@@ -127,6 +129,12 @@ pub(super) fn sm90_smem(keys: usize) -> usize {
 pub enum DecodeKernel {
     /// One warp, K and V loaded together per tile.
     W1,
+    /// [`DecodeKernel::W1`] with 32-key tiles: half the shared memory, twice the resident
+    /// CTAs per SM.
+    W1N32,
+    /// [`DecodeKernel::W1`] with Q staged through shared memory (the earlier version; it
+    /// loads Q into registers straight from global memory).
+    W1QSmem,
     /// One warp, Q in registers, two-stage 32-key K/V buffers.
     P1N32,
 }
@@ -135,7 +143,7 @@ pub enum DecodeKernel {
 /// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
 /// the measurements in PERF_NOTES.md and the README; env
 /// `STARKV_ATTN_LONG=simple|m32|m32n32|hopper-v2|hopper-pp|hopper-pp176` (`hopper`: the
-/// Hopper default) and `STARKV_ATTN_DECODE=w1|p1n32` override them (A/B runs). On a
+/// Hopper default) and `STARKV_ATTN_DECODE=w1|p1n32|w1n32|w1-qsmem` override them (A/B runs). On a
 /// Hopper GPU (compute capability 9.0) the long kernel defaults to [`HOPPER_DEFAULT`]
 /// (at head_dim 128; [`LongKernel::M32`] at other head dims); env `STARKV_ATTN_SM90=0`
 /// keeps it off (and uncompiled).
@@ -175,7 +183,12 @@ impl AttnKernels {
         LongKernel::HopperPingPong,
         LongKernel::HopperPingPong176,
     ];
-    pub const ALL_DECODE: [DecodeKernel; 2] = [DecodeKernel::W1, DecodeKernel::P1N32];
+    pub const ALL_DECODE: [DecodeKernel; 4] = [
+        DecodeKernel::W1,
+        DecodeKernel::P1N32,
+        DecodeKernel::W1N32,
+        DecodeKernel::W1QSmem,
+    ];
     pub const ALL_KV8: [Kv8Tile; 2] = [Kv8Tile::N32, Kv8Tile::N64];
 
     /// A number that tells the kernel choices apart (part of a decode graph's key).
@@ -191,6 +204,8 @@ impl AttnKernels {
         let decode = match self.decode {
             DecodeKernel::W1 => 0,
             DecodeKernel::P1N32 => 1,
+            DecodeKernel::W1N32 => 2,
+            DecodeKernel::W1QSmem => 3,
         };
         let kv8 = match self.kv8 {
             Kv8Tile::N32 => 0,
@@ -234,6 +249,8 @@ impl AttnKernels {
         match std::env::var("STARKV_ATTN_DECODE").as_deref() {
             Ok("w1") => k.decode = DecodeKernel::W1,
             Ok("p1n32") => k.decode = DecodeKernel::P1N32,
+            Ok("w1n32") => k.decode = DecodeKernel::W1N32,
+            Ok("w1-qsmem") => k.decode = DecodeKernel::W1QSmem,
             _ => {}
         }
         match std::env::var("STARKV_ATTN_KV8").as_deref() {
@@ -268,6 +285,8 @@ impl AttnKernels {
         if rows <= 16 {
             return match self.decode {
                 DecodeKernel::W1 => ("attn_fwd_w1", 16, 32, 0),
+                DecodeKernel::W1N32 => ("attn_fwd_w1n32", 16, 32, 0),
+                DecodeKernel::W1QSmem => ("attn_fwd_w1_qsmem", 16, 32, 0),
                 DecodeKernel::P1N32 => ("attn_fwd_p1n32", 16, 32, pipe_smem(4 * 32, head_dim)),
             };
         }
@@ -365,36 +384,73 @@ impl AttnPlan {
     }
 
     /// One split over every segment (one running softmax, direct output), or, when
-    /// `target_splits > 1`, segments cut into chunks of about `total / target_splits`
-    /// keys with one split per chunk (merged afterwards by log-sum-exp).
+    /// `target_splits > 1`, the keys of all segments in order cut into
+    /// `min(target_splits, total / 16)` splits of nearly equal key counts (cut points
+    /// rounded down to multiples of 16 keys of the concatenation: counts differ by less
+    /// than 32), merged afterwards by log-sum-exp. A
+    /// split may span segments (an item per piece): every split CTA streams the same
+    /// bytes, so that a decode step's splits fill one wave and end together (the
+    /// per-segment plan left a short remainder split per segment and, at 128K keys, more
+    /// CTAs than one wave holds).
     pub fn new(segments: &[Segment], target_splits: usize) -> Self {
-        let item = |s: &Segment, a: usize, b: usize| AttnItem {
-            k: s.k,
-            v: s.v,
-            head_stride: s.head_stride,
-            row_stride: s.row_stride,
-            key_begin: a as i32,
-            key_end: b as i32,
-            causal_offset: s.causal_offset.map_or(-1, |o| o as i32),
-            scale_off: s.scale_off,
-        };
+        const CUT: usize = 16;
         let segments: Vec<&Segment> = segments.iter().filter(|s| s.len > 0).collect();
+        let total: usize = segments.iter().map(|s| s.len).sum();
+        let n = target_splits.min(total / CUT).max(1);
+        if n <= 1 {
+            return Self::one_split(&segments);
+        }
         let mut plan = AttnPlan {
             items: Vec::new(),
             split_begin: vec![0],
         };
-        if target_splits <= 1 {
-            plan.items = segments.iter().map(|s| item(s, 0, s.len)).collect();
+        // Split i covers keys cut(i) .. cut(i + 1) of the concatenation.
+        let cut = |i: usize| {
+            if i >= n {
+                total
+            } else {
+                (total * i / n) / CUT * CUT
+            }
+        };
+        let (mut seg, mut seg_start) = (0usize, 0usize);
+        for i in 0..n {
+            let (a, b) = (cut(i), cut(i + 1));
+            let mut pos = a;
+            while pos < b {
+                while seg_start + segments[seg].len <= pos {
+                    seg_start += segments[seg].len;
+                    seg += 1;
+                }
+                let end = b.min(seg_start + segments[seg].len);
+                plan.items
+                    .push(Self::item(segments[seg], pos - seg_start, end - seg_start));
+                pos = end;
+            }
             plan.split_begin.push(plan.items.len() as i32);
-            return plan;
         }
+        plan
+    }
+
+    /// The earlier plan (env `STARKV_SPLIT_PLAN=segment`, A/B runs): one split over
+    /// every segment when `target_splits <= 1`, else each segment cut on its own into
+    /// chunks of about `total / target_splits` keys (multiples of 64, at least 512), one
+    /// split per chunk.
+    pub fn per_segment(segments: &[Segment], target_splits: usize) -> Self {
+        let segments: Vec<&Segment> = segments.iter().filter(|s| s.len > 0).collect();
+        if target_splits <= 1 {
+            return Self::one_split(&segments);
+        }
+        let mut plan = AttnPlan {
+            items: Vec::new(),
+            split_begin: vec![0],
+        };
         let total: usize = segments.iter().map(|s| s.len).sum();
         let chunk = total.div_ceil(target_splits).div_ceil(64).max(8) * 64;
         for s in segments {
             let mut a = 0;
             while a < s.len {
                 let b = (a + chunk).min(s.len);
-                plan.items.push(item(s, a, b));
+                plan.items.push(Self::item(s, a, b));
                 plan.split_begin.push(plan.items.len() as i32);
                 a = b;
             }
@@ -403,6 +459,39 @@ impl AttnPlan {
             plan.split_begin.push(0);
         }
         plan
+    }
+
+    /// [`AttnPlan::new`] or [`AttnPlan::per_segment`], as the GPU's
+    /// [`SplitTuning`](super::SplitTuning) says.
+    pub fn for_gpu(gpu: &Gpu, segments: &[Segment], target_splits: usize) -> Self {
+        if gpu.split_tuning().balanced {
+            Self::new(segments, target_splits)
+        } else {
+            Self::per_segment(segments, target_splits)
+        }
+    }
+
+    /// One split walking every (non-empty) segment.
+    fn one_split(segments: &[&Segment]) -> Self {
+        let items: Vec<AttnItem> = segments.iter().map(|s| Self::item(s, 0, s.len)).collect();
+        AttnPlan {
+            split_begin: vec![0, items.len() as i32],
+            items,
+        }
+    }
+
+    /// Keys `a..b` of segment `s`.
+    fn item(s: &Segment, a: usize, b: usize) -> AttnItem {
+        AttnItem {
+            k: s.k,
+            v: s.v,
+            head_stride: s.head_stride,
+            row_stride: s.row_stride,
+            key_begin: a as i32,
+            key_end: b as i32,
+            causal_offset: s.causal_offset.map_or(-1, |o| o as i32),
+            scale_off: s.scale_off,
+        }
     }
 }
 
@@ -427,14 +516,20 @@ impl Gpu {
     }
 
     /// Splits that keep the GPU busy: about four waves of the 4-warp CTAs (two resident
-    /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs), about six CTAs per
-    /// SM; chunks of >= 256 keys.
+    /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs), one wave of the
+    /// resident CTAs (six per SM, twelve with 32-key tiles); chunks of >= 256 keys.
     pub fn choose_splits(&self, m: usize, shape: HeadShape, total_keys: usize) -> usize {
         let (group, n_kv) = (shape.group(), shape.n_kv_heads);
         let rows = m * group;
         let (_, per_cta, _, _) = self.attention_kernels().launch(rows, shape.head_dim, false);
         let (ctas, target) = if rows <= 16 {
-            (n_kv, 6 * self.sm_count())
+            // The one-warp kernels' resident CTAs per SM (shared memory: 34.8 KB each at
+            // head_dim 128, 17.4 KB with 32-key tiles).
+            let per_sm = match self.attention_kernels().decode {
+                DecodeKernel::W1N32 => 12,
+                _ => 6,
+            };
+            (n_kv, per_sm * self.sm_count())
         } else {
             (rows.div_ceil(per_cta) * n_kv, 8 * self.sm_count())
         };
@@ -645,7 +740,19 @@ impl Gpu {
             AttnOut::Half(o) => (o, null, null),
             AttnOut::F32 { out, lse } => (null, out, lse),
         };
-        let (s_i, m_i, nh_i, d_i) = (n as i32, m as i32, nh as i32, d as i32);
+        let tuning = self.split_tuning();
+        // Column chunks of dc columns (a multiple of 32, dividing d) so that the merge's
+        // CTAs about fill the SMs; one chunk per (token, head) without the wide merge.
+        let mut chunks = 1;
+        if tuning.wide_merge {
+            let halves =
+                |c: usize| d % (2 * c) == 0 && d / (2 * c) >= 32 && (d / (2 * c)) % 16 == 0;
+            while m * nh * chunks < self.sm_count() && halves(chunks) {
+                chunks *= 2;
+            }
+        }
+        let dc = d / chunks;
+        let (s_i, m_i, nh_i, d_i, dc_i) = (n as i32, m as i32, nh as i32, d as i32, dc as i32);
         let mut params = [
             arg(&oh),
             arg(&of),
@@ -656,25 +763,24 @@ impl Gpu {
             arg(&m_i),
             arg(&nh_i),
             arg(&d_i),
+            arg(&dc_i),
         ];
-        // d x G threads, G an even number of split groups (d is a multiple of 16, so the
+        // dc x G threads, G an even number of split groups (dc is a multiple of 16, so the
         // block is whole warps), about 512 threads.
-        let groups = ((512 / d) & !1).max(2);
+        let groups = ((512 / dc) & !1).max(2);
         let cfg = LaunchConfig {
-            grid_dim: (m as u32, nh as u32, 1),
-            block_dim: ((d * groups) as u32, 1, 1),
+            grid_dim: (m as u32, nh as u32, chunks as u32),
+            block_dim: ((dc * groups) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: `attn_merge`'s arguments in order, over partials sized for (n, m, nh,
-        // d); it waits with `pdl_wait()` before reading them.
-        unsafe {
-            self.launch_dependent(
-                k.get("attn_merge"),
-                cfg,
-                &mut params,
-                Some(Dependent::Attention),
-            )?
+        let family = if tuning.merge_pdl {
+            Dependent::Merge
+        } else {
+            Dependent::Attention
         };
+        // SAFETY: `attn_merge`'s arguments in order, over partials sized for (n, m, nh,
+        // d), with dc dividing d; it waits with `pdl_wait()` before reading them.
+        unsafe { self.launch_dependent(k.get("attn_merge"), cfg, &mut params, Some(family))? };
         Ok(())
     }
 }
@@ -848,14 +954,14 @@ impl SegmentAttention {
         mut segments: impl FnMut(usize) -> Vec<Segment>,
     ) -> Result<()> {
         let plans: Vec<AttnPlan> = (0..n_layers)
-            .map(|l| AttnPlan::new(&segments(l), splits))
+            .map(|l| AttnPlan::for_gpu(gpu, &segments(l), splits))
             .collect();
         self.upload(gpu, shape, &plans)
     }
 
     /// [`SegmentAttention::plan`] for a captured decode graph: every layer's plan padded
     /// with empty splits to `*pad_to` splits (one grid size from step to step); when a
-    /// plan needs more, `*pad_to` grows (with headroom) and the graph's key changes.
+    /// plan needs more (or far fewer), `*pad_to` changes and so does the graph's key.
     pub fn plan_padded(
         &mut self,
         gpu: &Gpu,
@@ -866,10 +972,12 @@ impl SegmentAttention {
         mut segments: impl FnMut(usize) -> Vec<Segment>,
     ) -> Result<()> {
         let mut plans: Vec<AttnPlan> = (0..n_layers)
-            .map(|l| AttnPlan::new(&segments(l), splits))
+            .map(|l| AttnPlan::for_gpu(gpu, &segments(l), splits))
             .collect();
         let most = plans.iter().map(AttnPlan::n_splits).max().unwrap_or(1);
-        if most > *pad_to {
+        // Grown with headroom when a plan needs more; shrunk when plans need far fewer
+        // (another split count or plan): empty splits still launch CTAs.
+        if most > *pad_to || most + 16 < *pad_to {
             *pad_to = (most + 8).max(2);
         }
         for p in &mut plans {

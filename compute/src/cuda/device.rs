@@ -185,6 +185,48 @@ impl Drop for PinnedBuf {
     }
 }
 
+/// How an attention plan cuts its keys into splits and how the splits are merged
+/// (issue 13 item 3; README, "Decode as a CUDA graph"). Each field has an env switch for
+/// A/B runs; the benchmark also switches them within one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitTuning {
+    /// Splits of (nearly) equal key counts across segment boundaries ([`AttnPlan::new`]);
+    /// off: every segment cut on its own into fixed-size chunks, its remainder a short
+    /// split ([`AttnPlan::per_segment`], the earlier plan). Env `STARKV_SPLIT_PLAN=segment`
+    /// turns it off.
+    ///
+    /// [`AttnPlan::new`]: super::AttnPlan::new
+    /// [`AttnPlan::per_segment`]: super::AttnPlan::per_segment
+    pub balanced: bool,
+    /// The split merge spreads each (token, head) over column chunks, so that about one
+    /// CTA per SM shares the reads; off: one CTA per (token, head) (the earlier merge).
+    /// Env `STARKV_MERGE_WIDE=0` turns it off.
+    pub wide_merge: bool,
+    /// The split merge is launched as a programmatic dependent of the attention kernel
+    /// (it waits on the device), hiding its launch. Env `STARKV_MERGE_PDL=1` turns it on.
+    pub merge_pdl: bool,
+}
+
+impl SplitTuning {
+    fn from_env() -> Self {
+        let is = |var: &str, values: &[&str]| {
+            std::env::var(var)
+                .ok()
+                .is_some_and(|v| values.contains(&v.as_str()))
+        };
+        Self {
+            balanced: !is("STARKV_SPLIT_PLAN", &["segment", "0", "off"]),
+            wide_merge: !is("STARKV_MERGE_WIDE", &["0", "off", "false"]),
+            merge_pdl: is("STARKV_MERGE_PDL", &["1", "on", "true"]),
+        }
+    }
+
+    /// A number that tells the choices apart (part of a decode graph's key).
+    pub fn code(&self) -> u64 {
+        self.balanced as u64 | (self.wide_merge as u64) << 1 | (self.merge_pdl as u64) << 2
+    }
+}
+
 /// One GPU with its streams, cuBLAS handle and kernels.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -214,6 +256,9 @@ pub struct Gpu {
     /// `gemv.rs` (norm, RoPE, SwiGLU and residual adds folded in) instead of cuBLAS and
     /// separate element-wise kernels; env `STARKV_FUSED_DECODE=0` turns it off.
     fused_decode: AtomicBool,
+    /// How attention plans cut their keys into splits and merge them (see
+    /// [`SplitTuning`]; the benchmark switches them for same-run A/B rows).
+    split_tuning: Mutex<SplitTuning>,
     /// The capture stream of decode graphs: private, so that nothing another thread
     /// queues meanwhile (a block freed by a tier eviction frees on `stream`) can land in
     /// a graph. Graphs are launched on `stream`.
@@ -286,6 +331,7 @@ impl Gpu {
                 std::env::var("STARKV_FUSED_DECODE").as_deref(),
                 Ok("0" | "off" | "false")
             )),
+            split_tuning: Mutex::new(SplitTuning::from_env()),
             graph_stream,
             capturing: Mutex::new(None),
         }))
@@ -309,6 +355,16 @@ impl Gpu {
 
     pub fn fused_decode(&self) -> bool {
         self.fused_decode.load(Ordering::Relaxed)
+    }
+
+    /// Sets how attention plans split their keys and merge the splits (benchmarks and the
+    /// selftest compare the choices).
+    pub fn set_split_tuning(&self, tuning: SplitTuning) {
+        *self.split_tuning.lock().unwrap() = tuning;
+    }
+
+    pub fn split_tuning(&self) -> SplitTuning {
+        *self.split_tuning.lock().unwrap()
     }
 
     /// Whether the calling thread is capturing a graph (see [`Gpu::capture`]).

@@ -52,6 +52,8 @@ pub(crate) const ELEMENTWISE_KERNELS: &[&str] = &[
 pub(crate) const ATTENTION_KERNELS: &[&str] = &[
     "attn_fwd_simple",
     "attn_fwd_w1",
+    "attn_fwd_w1n32",
+    "attn_fwd_w1_qsmem",
     "attn_fwd_m32",
     "attn_fwd_m32n32",
     "attn_fwd_p1n32",

@@ -21,13 +21,15 @@ pub(super) fn arg<T>(v: &T) -> *mut c_void {
 /// for measurements: the decode products (on; `STARKV_GEMV_PDL=0` turns it off) and the
 /// attention kernels with the split merge (off; `STARKV_ATTN_PDL=1` turns it on: it made
 /// SmolLM2's graph decode at 8K slower on the H200, 1.17 against 0.98-1.00 ms/token,
-/// 2026-12-02). Every kernel of a family waits for its predecessor on the device
+/// 2026-12-02); `Merge`, the split merge alone, is always allowed (the caller decides by
+/// [`super::SplitTuning::merge_pdl`]). Every kernel of a family waits for its predecessor on the device
 /// (`pdl_wait` in `common.cuh`) before it reads anything that one writes; launched
 /// without the attribute, the wait is a no-op.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Dependent {
     Products,
     Attention,
+    Merge,
 }
 
 impl Dependent {
@@ -44,6 +46,7 @@ impl Dependent {
         match self {
             Self::Products => *PRODUCTS.get_or_init(|| read("STARKV_GEMV_PDL", true)),
             Self::Attention => *ATTENTION.get_or_init(|| read("STARKV_ATTN_PDL", false)),
+            Self::Merge => true,
         }
     }
 }

@@ -49,7 +49,7 @@ pub use attention::{
     AttnItem, AttnKernels, AttnOut, AttnPlan, AttnScratch, DecodeKernel, Kv8Tile, KvDest,
     LongKernel, PlanPtrs, Segment, SegmentAttention, upload_plans, upload_plans_with_maps,
 };
-pub use device::{DevBuf, Gpu, HalfType, PinnedBuf, TableBuf};
+pub use device::{DevBuf, Gpu, HalfType, PinnedBuf, SplitTuning, TableBuf};
 pub use gemv::gemv_fits;
 pub use kernels::{ATTENTION_SOURCE, COMMON_SOURCE, ELEMENTWISE_SOURCE, GEMV_SOURCE, Kernels};
 pub use model::{CudaLlama, GpuAttention, GpuKvCache};

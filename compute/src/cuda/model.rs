@@ -651,6 +651,7 @@ impl CudaLlama {
             key.extend([b.hn.ptr(), b.logits.ptr(), b.pick.ptr()]);
         }
         key.push(self.gpu.attention_kernels().code());
+        key.push(self.gpu.split_tuning().code());
         key.push(self.fused(1) as u64);
         key.push(u64::MAX); // separator
         key.extend(attention.graph_key());

@@ -89,23 +89,81 @@ fn one_split_plan_covers_every_segment_once() {
 #[test]
 fn split_plan_chunks_cover_keys_exactly() {
     let segs = [seg(5000, None), seg(3000, None), seg(17, Some(9))];
-    let p = AttnPlan::new(&segs, 8);
-    assert!(p.n_splits() >= 8);
-    assert_eq!(p.split_begin.len(), p.n_splits() + 1);
-    let mut covered = [0usize; 3];
-    for it in &p.items {
-        let s = segs.iter().position(|s| s.k == it.k).unwrap();
-        assert_eq!(
-            segs[s].causal_offset.map_or(-1, |o| o as i32),
-            it.causal_offset
-        );
-        covered[s] += (it.key_end - it.key_begin) as usize;
-        assert_eq!(it.key_begin % 64, 0);
+    for (p, aligned) in [
+        (AttnPlan::per_segment(&segs, 8), true),
+        (AttnPlan::new(&segs, 8), false),
+    ] {
+        assert!(p.n_splits() >= 8);
+        assert_eq!(p.split_begin.len(), p.n_splits() + 1);
+        let mut covered = [0usize; 3];
+        for it in &p.items {
+            let s = segs.iter().position(|s| s.k == it.k).unwrap();
+            assert_eq!(
+                segs[s].causal_offset.map_or(-1, |o| o as i32),
+                it.causal_offset
+            );
+            covered[s] += (it.key_end - it.key_begin) as usize;
+            assert!(!aligned || it.key_begin % 64 == 0);
+        }
+        assert_eq!(covered, [5000, 3000, 17]);
     }
-    assert_eq!(covered, [5000, 3000, 17]);
-    let empty = AttnPlan::new(&[seg(0, None)], 4);
-    assert_eq!(empty.n_splits(), 1);
-    assert!(empty.items.is_empty());
+    for empty in [
+        AttnPlan::new(&[seg(0, None)], 4),
+        AttnPlan::per_segment(&[seg(0, None)], 4),
+    ] {
+        assert_eq!(empty.n_splits(), 1);
+        assert!(empty.items.is_empty());
+    }
+}
+
+/// The balanced plan: `min(target, total / 16)` splits whose key counts differ by less
+/// than 32 (cut points rounded down to multiples of 16 keys), items in key order, each within its segment,
+/// every key covered once, empty segments skipped.
+#[test]
+fn balanced_plan_cuts_equal_splits_across_segments() {
+    let lens = [8192usize, 0, 8192, 8192, 130, 1, 45];
+    let segs: Vec<Segment> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| Segment {
+            k: 0x10_0000 * (i as u64 + 1),
+            ..seg(len, (i == 6).then_some(44))
+        })
+        .collect();
+    let total: usize = lens.iter().sum();
+    for target in [1usize, 2, 3, 7, 16, 99, 112, 512, 5000] {
+        let p = AttnPlan::new(&segs, target);
+        let want = target.min(total / 16).max(1);
+        assert_eq!(p.n_splits(), want, "target {target}");
+        let sizes: Vec<usize> = p
+            .split_begin
+            .windows(2)
+            .map(|w| {
+                p.items[w[0] as usize..w[1] as usize]
+                    .iter()
+                    .map(|it| (it.key_end - it.key_begin) as usize)
+                    .sum()
+            })
+            .collect();
+        let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+        assert!(hi - lo < 32, "target {target}: {lo}..{hi}");
+        assert_eq!(sizes.iter().sum::<usize>(), total);
+        // Items walk the segments in order, contiguously, never empty.
+        let mut at = (0usize, 0i32);
+        for it in &p.items {
+            let s = segs.iter().position(|s| s.k == it.k).unwrap();
+            assert!(it.key_begin < it.key_end && it.key_end as usize <= lens[s]);
+            if s == at.0 {
+                assert_eq!(it.key_begin, at.1);
+            } else {
+                assert!(s > at.0 && it.key_begin == 0);
+                assert_eq!(at.1 as usize, lens[at.0]);
+                assert!(lens[at.0 + 1..s].iter().all(|&l| l == 0));
+            }
+            at = (s, it.key_end);
+        }
+        assert_eq!(at, (6, 45));
+    }
 }
 
 struct Fake(usize);

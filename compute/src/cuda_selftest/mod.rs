@@ -29,6 +29,7 @@ use crate::star::{AttentionShard, CpuShard, Phase1, QueryAttention, StarConfig};
 mod backend;
 mod kv8;
 mod reencode;
+mod splits;
 
 type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
@@ -74,6 +75,8 @@ pub fn run(gpu: &Arc<Gpu>, opts: SelftestOptions<'_>) -> Vec<Row> {
     section!("kernels", kernel_checks(gpu, &mut rng, &mut report, u));
     println!("attention kernel vs CPU attention + merge_into:");
     section!("attention", attention_checks(gpu, &mut rng, &mut report, u));
+    println!("split plans and the split merge vs CPU attention + merge_into:");
+    section!("splits", splits::checks(gpu, &mut rng, &mut report, u));
     println!("star on the GPU (random tiny model):");
     section!("star", star_checks(gpu, &mut rng, &mut report, u));
     println!("8-bit KV: int8 and fp8 blocks in the GPU tier, 8-bit attention kernels:");

@@ -94,6 +94,27 @@ __device__ __forceinline__ void q_fragments(u32 (&qf)[NKT][4], u32 src, int warp
 }
 
 
+// The A fragments of q_fragments loaded from global memory: this thread's rows `ra` and
+// ra + 8 (zero past `rows`), columns 2 tig (+1) and 2 tig + 8 (+1) of each 16-deep step.
+__device__ __forceinline__ void q_fragments_global(u32 (&qf)[NKT][4], const h16* q, int ra,
+                                                   int rows, int group, int kvh, int nh,
+                                                   int tig) {
+    const h16* p[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int R = ra + 8 * h;
+        p[h] = R < rows ? q + ((u64)(R / group) * nh + kvh * group + R % group) * HEAD_DIM + tig * 2
+                        : nullptr;
+    }
+#pragma unroll
+    for (int kk = 0; kk < NKT; kk++) {
+        qf[kk][0] = p[0] ? *(const u32*)(p[0] + kk * 16) : 0u;
+        qf[kk][1] = p[1] ? *(const u32*)(p[1] + kk * 16) : 0u;
+        qf[kk][2] = p[0] ? *(const u32*)(p[0] + kk * 16 + 8) : 0u;
+        qf[kk][3] = p[1] ? *(const u32*)(p[1] + kk * 16 + 8) : 0u;
+    }
+}
+
 // 16 bytes, for vector loads and stores (no CUDA headers here).
 struct __align__(16) u32x4 {
     u32 x, y, z, w;
@@ -259,7 +280,7 @@ __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* 
 // into shared memory (cp.async, no registers held) while the tile before it is
 // computed, widened in shared memory (stage_i8, unstage_i8), and its scales applied to
 // the scores and to P; 16-bit items take the usual path. Dynamic shared memory.
-template <int NW, bool KV8 = false, int TBN = BN>
+template <int NW, bool KV8 = false, int TBN = BN, bool QREG = false>
 __device__ __forceinline__ void attn_simple_body(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
@@ -293,6 +314,20 @@ __device__ __forceinline__ void attn_simple_body(
     const int kvh = blockIdx.y, split = blockIdx.z;
     const int rows = m * group;
     const int row0 = blockIdx.x * ROWS;
+    // An empty split (a decode graph's padding): its zero partial without loading Q.
+    if (split_begin[split] == split_begin[split + 1]) {
+        float z[NDT][4];
+#pragma unroll
+        for (int i = 0; i < NDT; i++) z[i][0] = z[i][1] = z[i][2] = z[i][3] = 0.f;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int R = row0 + warp * 16 + g + half * 8;
+            if (R < rows)
+                store_row(z, half, 0.f, NEG_INF, R, m, group, nh, kvh, split, tig, out_h, out_f,
+                          lse_out);
+        }
+        return;
+    }
     // Shared-space addresses; this lane's ldmatrix row and column within a K fragment
     // (x4: keys +0..7 | +8..15, dims +0 | +8) and a transposed V fragment.
     const u32 sK_a = smem_addr(sK), sV_a = smem_addr(sV);
@@ -300,13 +335,18 @@ __device__ __forceinline__ void attn_simple_body(
     const u32 k_lane = sK_a + (u32)(((lm >> 1) * 8 + (lane & 7)) * SROW + (lm & 1) * 8) * 2;
     const u32 v_lane = sV_a + (u32)(((lm & 1) * 8 + (lane & 7)) * SROW + (lm >> 1) * 8) * 2;
 
-    // Q tile -> smem (in sK) -> A fragments.
-    load_q_rows<NT, ROWS>(sK_a, q, row0, rows, group, kvh, nh);
-    cp_wait<0>();
-    __syncthreads();
+    // Q as A fragments: straight from global memory into registers (QREG: the first K/V
+    // tile is requested without waiting for Q), or staged through shared memory (in sK).
     u32 qf[NKT][4];
-    q_fragments(qf, sK_a, warp, lane);
-    __syncthreads();
+    if constexpr (QREG) {
+        q_fragments_global(qf, q, row0 + warp * 16 + g, rows, group, kvh, nh, tig);
+    } else {
+        load_q_rows<NT, ROWS>(sK_a, q, row0, rows, group, kvh, nh);
+        cp_wait<0>();
+        __syncthreads();
+        q_fragments(qf, sK_a, warp, lane);
+        __syncthreads();
+    }
 
     // This thread's two rows and their tokens.
     const int ra = row0 + warp * 16 + g, rb = ra + 8;
@@ -492,12 +532,32 @@ extern "C" __global__ void __launch_bounds__(128) attn_fwd_simple(
 }
 
 // One warp per CTA (16 rows): for decoding, where a KV head's rows are the GQA group of
-// one or a few tokens; many small CTAs per SM keep more tile loads in flight.
+// one or a few tokens; many small CTAs per SM keep more tile loads in flight. Q goes
+// straight into registers (QREG).
 extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
     float* __restrict__ out_f, float* __restrict__ lse_out) {
+    attn_simple_body<1, false, BN, true>(q, m, group, nh, items, split_begin, scale_log2, out_h,
+                                         out_f, lse_out);
+}
+
+// attn_fwd_w1 with Q staged through shared memory (the earlier version; A/B runs).
+extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1_qsmem(
+    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
+    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
+    float* __restrict__ out_f, float* __restrict__ lse_out) {
     attn_simple_body<1>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f, lse_out);
+}
+
+// The one-warp kernel with 32-key tiles: 17 KB of shared memory, so twice the resident
+// CTAs per SM of attn_fwd_w1 (12 on an H200), each with half the bytes per tile.
+extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1n32(
+    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
+    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
+    float* __restrict__ out_f, float* __restrict__ lse_out) {
+    attn_simple_body<1, false, 32, true>(q, m, group, nh, items, split_begin, scale_log2, out_h,
+                                         out_f, lse_out);
 }
 
 // The same two kernels for plans with 8-bit items (issue 13: a block kept in 8 bits in
@@ -521,12 +581,15 @@ ATTN_KV8_KERNEL(attn_fwd_w1_kv8_n64, 1, 64)
 // Merges n_splits partials (O f32 [split][m][nh d], lse [split][nh][m]) exactly:
 // M = max lse_s, lse = M + ln sum exp(lse_s - M), O = sum exp(lse_s - lse) O_s.
 // Writes a 16-bit output (out_h) or an f32 output with its lse (out_f, lse_f).
-// One CTA per (token, head) of blockDim = d * G threads: G groups each sum every G-th
-// split with eight loads in flight, then the groups are added in shared memory (a
-// decode step merges ~100 splits of one token: a single thread per column walking all of
-// them was latency-bound at ~10 us, 6% of an 8B decode step over 128K keys).
+// One CTA per (token, head, dc-column chunk: blockIdx.z) of blockDim = dc * G threads: G
+// groups each sum every G-th split with eight loads in flight, then the groups are added
+// in shared memory (a decode step merges ~100 splits of one token: a single thread per
+// column walking all of them was latency-bound at ~10 us, 6% of an 8B decode step over
+// 128K keys). Column chunks (dc < d) spread one token's merge over more SMs, so that each
+// thread has fewer splits to read (every chunk recomputes the splits' weights).
 extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, const float* part_o,
-                                      const float* part_lse, int n_splits, int m, int nh, int d) {
+                                      const float* part_lse, int n_splits, int m, int nh, int d,
+                                      int dc) {
     // Weights of the splits in shared memory (n_splits <= 1024), computed in parallel.
     __shared__ float w[1024];
     __shared__ float red[32];
@@ -561,29 +624,31 @@ extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, co
     total = warp_sum(total);
     float inv = total > 0.f ? 1.f / total : 0.f;
     float lse = total > 0.f ? mx + logf(total) : NEG_INF;
-    const int qw = nh * d, G = blockDim.x / d;
-    const int i = threadIdx.x % d, grp = threadIdx.x / d;
+    const int qw = nh * d, G = blockDim.x / dc;
+    const int c = threadIdx.x % dc, i = blockIdx.z * dc + c, grp = threadIdx.x / dc;
     const float* p = part_o + (u64)t * qw + head * d + i;
     const u64 stride = (u64)m * qw;
     float acc[8];
 #pragma unroll
     for (int k = 0; k < 8; k++) acc[k] = 0.f;
-    int s = grp;
-    for (; s + 7 * G < n_splits; s += 8 * G) {
+    // Eight predicated loads in flight per pass, also for the last, partial pass.
+    for (int s = grp; s < n_splits; s += 8 * G) {
 #pragma unroll
-        for (int k = 0; k < 8; k++) acc[k] += w[s + k * G] * p[(s + k * G) * stride];
+        for (int k = 0; k < 8; k++) {
+            const int sk = s + k * G;
+            if (sk < n_splits) acc[k] += w[sk] * p[sk * stride];
+        }
     }
-    for (; s < n_splits; s += G) acc[0] += w[s] * p[s * stride];
     part[threadIdx.x] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     __syncthreads();
     if (grp == 0) {
         float sum = 0.f;
-        for (int g2 = 0; g2 < G; g2++) sum += part[g2 * d + i];
+        for (int g2 = 0; g2 < G; g2++) sum += part[g2 * dc + c];
         sum *= inv;
         if (out_h) out_h[(u64)t * qw + head * d + i] = f2h(sum);
         else out_f[(u64)t * qw + head * d + i] = sum;
     }
-    if (lse_f && threadIdx.x == 0) lse_f[(u64)head * m + t] = lse;
+    if (lse_f && threadIdx.x == 0 && blockIdx.z == 0) lse_f[(u64)head * m + t] = lse;
 }
 
 // ---------------------------------------------------------------------------------------
