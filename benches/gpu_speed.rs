@@ -87,45 +87,112 @@ fn parse_opts() -> Opts {
     o
 }
 
-/// The split plans, merges and one-warp decode kernels compared in the same run (see
-/// `SplitTuning`): the earlier choices first (`W1QSmem` is the one-warp kernel with Q
-/// staged through shared memory, as before).
-fn split_tuning_variants() -> [(&'static str, SplitTuning, DecodeKernel); 6] {
-    let t = |balanced, wide_merge, merge_pdl| SplitTuning {
-        balanced,
-        wide_merge,
-        merge_pdl,
+/// One configuration of the decode step compared in the same run (issue 13 item 3).
+struct Variant {
+    name: &'static str,
+    tuning: SplitTuning,
+    decode: DecodeKernel,
+    /// The many-CTA greedy pick (`Gpu::set_wide_argmax`).
+    wide_argmax: bool,
+    /// Whether the attention-only rows time it too (not for the pick alone).
+    attention_row: bool,
+}
+
+/// The decode-step configurations compared in the same run: the earlier one first (plans
+/// cut per segment, the merge one CTA per head, Q staged through shared memory, six CTAs
+/// per SM, the one-CTA pick), then the default and each of its choices undone alone.
+fn decode_variants() -> Vec<Variant> {
+    let after = SplitTuning {
+        balanced: true,
+        wide_merge: true,
+        merge_pdl: false,
+        decode_per_sm: 0,
     };
-    [
-        (
-            "per-segment splits, one merge CTA per head, Q via shared memory (before)",
-            t(false, false, false),
+    let v = |name, tuning, decode, wide_argmax, attention_row| Variant {
+        name,
+        tuning,
+        decode,
+        wide_argmax,
+        attention_row,
+    };
+    let with = |decode_per_sm| SplitTuning {
+        decode_per_sm,
+        ..after
+    };
+    vec![
+        v(
+            "before: per-segment splits, one-CTA merge, Q via shared memory, 6 CTAs/SM, one-CTA pick",
+            SplitTuning {
+                balanced: false,
+                wide_merge: false,
+                decode_per_sm: 6,
+                ..after
+            },
             DecodeKernel::W1QSmem,
+            false,
+            true,
         ),
-        (
-            "balanced splits, one merge CTA per head, Q via shared memory",
-            t(true, false, false),
-            DecodeKernel::W1QSmem,
-        ),
-        (
-            "balanced splits, column-chunk merge, Q via shared memory",
-            t(true, true, false),
-            DecodeKernel::W1QSmem,
-        ),
-        (
-            "balanced splits, column-chunk merge, Q in registers (W1)",
-            t(true, true, false),
+        v(
+            "default: balanced splits, column-chunk merge, Q in registers, 4 CTAs/SM, many-CTA pick",
+            after,
             DecodeKernel::W1,
+            true,
+            true,
         ),
-        (
-            "balanced splits, column-chunk merge as a dependent launch, W1",
-            t(true, true, true),
+        v(
+            "default with the one-CTA pick (argmax_rows)",
+            after,
             DecodeKernel::W1,
+            false,
+            false,
         ),
-        (
-            "balanced splits, column-chunk merge, 32-key tiles (W1N32)",
-            t(true, true, false),
-            DecodeKernel::W1N32,
+        v(
+            "default with 6 CTAs/SM",
+            with(6),
+            DecodeKernel::W1,
+            true,
+            true,
+        ),
+        v(
+            "default with 5 CTAs/SM",
+            with(5),
+            DecodeKernel::W1,
+            true,
+            true,
+        ),
+        v(
+            "default with 3 CTAs/SM",
+            with(3),
+            DecodeKernel::W1,
+            true,
+            true,
+        ),
+        v(
+            "default with per-segment splits",
+            SplitTuning {
+                balanced: false,
+                ..after
+            },
+            DecodeKernel::W1,
+            true,
+            true,
+        ),
+        v(
+            "default with the merge as a dependent launch",
+            SplitTuning {
+                merge_pdl: true,
+                ..after
+            },
+            DecodeKernel::W1,
+            true,
+            true,
+        ),
+        v(
+            "default with Q via shared memory",
+            after,
+            DecodeKernel::W1QSmem,
+            true,
+            true,
         ),
     ]
 }
@@ -379,7 +446,7 @@ fn run(opts: &Opts) -> Result<()> {
                 ContextBlocks::Resident(blocks.clone()),
                 // The question, three step series and the split-tuning A/B series (each
                 // n_steps + 1 steps), the --decode-splits rows (9 steps each).
-                30 + (3 + 2 * split_tuning_variants().len()) * (n_steps + 1) + 6 * 9,
+                30 + (3 + 2 * decode_variants().len()) * (n_steps + 1) + 6 * 9,
             )?;
             let positions: Vec<usize> = (l..l + 30).collect();
             let t = Instant::now();
@@ -423,19 +490,21 @@ fn run(opts: &Opts) -> Result<()> {
             }
             cublas_steps.remove(0);
             gpu.set_fused_decode(fused_were);
-            // The split plan and the merge (SplitTuning) as graphs, same run, alternating
-            // twice, n_steps steps each after a capture step.
-            let tuning0 = gpu.split_tuning();
-            let kernels0 = gpu.attention_kernels();
-            let mut tuned: Vec<(String, Vec<f64>)> = split_tuning_variants()
-                .iter()
-                .map(|(n, _, _)| (n.to_string(), Vec::new()))
-                .collect();
+            // The decode-step configurations as graphs, same run, alternating twice,
+            // n_steps steps each after a capture step.
+            let (tuning0, kernels0, argmax0) = (
+                gpu.split_tuning(),
+                gpu.attention_kernels(),
+                gpu.wide_argmax(),
+            );
+            let variants = decode_variants();
+            let mut tuned: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
             for _round in 0..2 {
-                for (i, (_, t, decode)) in split_tuning_variants().iter().enumerate() {
-                    gpu.set_split_tuning(*t);
+                for (i, v) in variants.iter().enumerate() {
+                    gpu.set_split_tuning(v.tuning);
+                    gpu.set_wide_argmax(v.wide_argmax);
                     gpu.set_attention_kernels(AttnKernels {
-                        decode: *decode,
+                        decode: v.decode,
                         ..kernels0
                     });
                     let mut t_steps = Vec::new();
@@ -446,11 +515,12 @@ fn run(opts: &Opts) -> Result<()> {
                         pos += 1;
                     }
                     t_steps.remove(0);
-                    tuned[i].1.push(median(t_steps) * 1e3);
+                    tuned[i].push(median(t_steps) * 1e3);
                 }
             }
             gpu.set_split_tuning(tuning0);
             gpu.set_attention_kernels(kernels0);
+            gpu.set_wide_argmax(argmax0);
             // With --decode-splits: graph decode at other split counts (the default is
             // Gpu::choose_splits's), 8 steps each after a capture step.
             let mut split_rows = Vec::new();
@@ -511,11 +581,12 @@ fn run(opts: &Opts) -> Result<()> {
                     cublas_ms / graph_ms
                 ),
             );
-            for (what, ms) in tuned {
+            for (v, ms) in variants.iter().zip(tuned) {
                 add(
                     format!(
-                        "{lab}: decode as a CUDA graph, {}K context, {what}",
-                        l / 1024
+                        "{lab}: decode as a CUDA graph, {}K context, {}",
+                        l / 1024,
+                        v.name
                     ),
                     format!(
                         "{:.2} ms/token",
@@ -808,19 +879,23 @@ fn attention_rows(
                 ),
             );
         }
-        // The split plan and the merge (SplitTuning), same run, alternating twice: the
-        // default kernel over the default split count; then the merge alone.
+        // The decode-step configurations that change attention, same run, alternating
+        // twice, each at its own split count; then the merge alone.
         gpu.set_attention_kernels(default);
         let tuning0 = gpu.split_tuning();
-        let mut tuned: Vec<(String, Vec<f64>, usize)> = split_tuning_variants()
+        let variants: Vec<Variant> = decode_variants()
+            .into_iter()
+            .filter(|v| v.attention_row)
+            .collect();
+        let mut tuned: Vec<(String, Vec<f64>, usize)> = variants
             .iter()
-            .map(|(n, _, _)| (n.to_string(), Vec::new(), 0))
+            .map(|v| (v.name.to_string(), Vec::new(), 0))
             .collect();
         for _round in 0..2 {
-            for (i, (_, t, decode)) in split_tuning_variants().iter().enumerate() {
-                gpu.set_split_tuning(*t);
+            for (i, v) in variants.iter().enumerate() {
+                gpu.set_split_tuning(v.tuning);
                 gpu.set_attention_kernels(AttnKernels {
-                    decode: *decode,
+                    decode: v.decode,
                     ..default
                 });
                 let splits = gpu.choose_splits(1, shape, l);

@@ -17,7 +17,6 @@ use crate::partial::HeadShape;
 pub(super) const WAIT_FOR_PREDECESSOR: &[&str] = &[
     "attn_fwd_simple",
     "attn_fwd_w1",
-    "attn_fwd_w1n32",
     "attn_fwd_w1_qsmem",
     "attn_fwd_simple_kv8",
     "attn_fwd_w1_kv8",
@@ -129,9 +128,6 @@ pub(super) fn sm90_smem(keys: usize) -> usize {
 pub enum DecodeKernel {
     /// One warp, K and V loaded together per tile.
     W1,
-    /// [`DecodeKernel::W1`] with 32-key tiles: half the shared memory, twice the resident
-    /// CTAs per SM.
-    W1N32,
     /// [`DecodeKernel::W1`] with Q staged through shared memory (the earlier version; it
     /// loads Q into registers straight from global memory).
     W1QSmem,
@@ -143,7 +139,7 @@ pub enum DecodeKernel {
 /// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
 /// the measurements in PERF_NOTES.md and the README; env
 /// `STARKV_ATTN_LONG=simple|m32|m32n32|hopper-v2|hopper-pp|hopper-pp176` (`hopper`: the
-/// Hopper default) and `STARKV_ATTN_DECODE=w1|p1n32|w1n32|w1-qsmem` override them (A/B runs). On a
+/// Hopper default) and `STARKV_ATTN_DECODE=w1|p1n32|w1-qsmem` override them (A/B runs). On a
 /// Hopper GPU (compute capability 9.0) the long kernel defaults to [`HOPPER_DEFAULT`]
 /// (at head_dim 128; [`LongKernel::M32`] at other head dims); env `STARKV_ATTN_SM90=0`
 /// keeps it off (and uncompiled).
@@ -183,12 +179,8 @@ impl AttnKernels {
         LongKernel::HopperPingPong,
         LongKernel::HopperPingPong176,
     ];
-    pub const ALL_DECODE: [DecodeKernel; 4] = [
-        DecodeKernel::W1,
-        DecodeKernel::P1N32,
-        DecodeKernel::W1N32,
-        DecodeKernel::W1QSmem,
-    ];
+    pub const ALL_DECODE: [DecodeKernel; 3] =
+        [DecodeKernel::W1, DecodeKernel::P1N32, DecodeKernel::W1QSmem];
     pub const ALL_KV8: [Kv8Tile; 2] = [Kv8Tile::N32, Kv8Tile::N64];
 
     /// A number that tells the kernel choices apart (part of a decode graph's key).
@@ -204,8 +196,7 @@ impl AttnKernels {
         let decode = match self.decode {
             DecodeKernel::W1 => 0,
             DecodeKernel::P1N32 => 1,
-            DecodeKernel::W1N32 => 2,
-            DecodeKernel::W1QSmem => 3,
+            DecodeKernel::W1QSmem => 2,
         };
         let kv8 = match self.kv8 {
             Kv8Tile::N32 => 0,
@@ -249,7 +240,6 @@ impl AttnKernels {
         match std::env::var("STARKV_ATTN_DECODE").as_deref() {
             Ok("w1") => k.decode = DecodeKernel::W1,
             Ok("p1n32") => k.decode = DecodeKernel::P1N32,
-            Ok("w1n32") => k.decode = DecodeKernel::W1N32,
             Ok("w1-qsmem") => k.decode = DecodeKernel::W1QSmem,
             _ => {}
         }
@@ -285,7 +275,6 @@ impl AttnKernels {
         if rows <= 16 {
             return match self.decode {
                 DecodeKernel::W1 => ("attn_fwd_w1", 16, 32, 0),
-                DecodeKernel::W1N32 => ("attn_fwd_w1n32", 16, 32, 0),
                 DecodeKernel::W1QSmem => ("attn_fwd_w1_qsmem", 16, 32, 0),
                 DecodeKernel::P1N32 => ("attn_fwd_p1n32", 16, 32, pipe_smem(4 * 32, head_dim)),
             };
@@ -516,20 +505,15 @@ impl Gpu {
     }
 
     /// Splits that keep the GPU busy: about four waves of the 4-warp CTAs (two resident
-    /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs), one wave of the
-    /// resident CTAs (six per SM, twelve with 32-key tiles); chunks of >= 256 keys.
+    /// per SM), or, for decoding (`m * group <= 16`, one-warp CTAs),
+    /// [`SplitTuning::decode_per_sm`](super::SplitTuning::decode_per_sm) CTAs per SM (four;
+    /// six fit); chunks of >= 256 keys.
     pub fn choose_splits(&self, m: usize, shape: HeadShape, total_keys: usize) -> usize {
         let (group, n_kv) = (shape.group(), shape.n_kv_heads);
         let rows = m * group;
         let (_, per_cta, _, _) = self.attention_kernels().launch(rows, shape.head_dim, false);
         let (ctas, target) = if rows <= 16 {
-            // The one-warp kernels' resident CTAs per SM (shared memory: 34.8 KB each at
-            // head_dim 128, 17.4 KB with 32-key tiles).
-            let per_sm = match self.attention_kernels().decode {
-                DecodeKernel::W1N32 => 12,
-                _ => 6,
-            };
-            (n_kv, per_sm * self.sm_count())
+            (n_kv, self.split_tuning().decode_per_sm() * self.sm_count())
         } else {
             (rows.div_ceil(per_cta) * n_kv, 8 * self.sm_count())
         };

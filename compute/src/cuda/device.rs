@@ -205,6 +205,9 @@ pub struct SplitTuning {
     /// The split merge is launched as a programmatic dependent of the attention kernel
     /// (it waits on the device), hiding its launch. Env `STARKV_MERGE_PDL=1` turns it on.
     pub merge_pdl: bool,
+    /// One-warp decode CTAs per SM that [`Gpu::choose_splits`] plans for (0: the default,
+    /// [`SplitTuning::DECODE_PER_SM`]); env `STARKV_DECODE_PER_SM=N`.
+    pub decode_per_sm: usize,
 }
 
 impl SplitTuning {
@@ -218,12 +221,31 @@ impl SplitTuning {
             balanced: !is("STARKV_SPLIT_PLAN", &["segment", "0", "off"]),
             wide_merge: !is("STARKV_MERGE_WIDE", &["0", "off", "false"]),
             merge_pdl: is("STARKV_MERGE_PDL", &["1", "on", "true"]),
+            decode_per_sm: std::env::var("STARKV_DECODE_PER_SM")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }
+    }
+
+    /// The default of [`SplitTuning::decode_per_sm`]: four of the six one-warp CTAs that
+    /// fit an H200 SM (34.8 KB of shared memory each at head_dim 128).
+    pub const DECODE_PER_SM: usize = 4;
+
+    /// One-warp decode CTAs per SM to plan for.
+    pub fn decode_per_sm(&self) -> usize {
+        match self.decode_per_sm {
+            0 => Self::DECODE_PER_SM,
+            n => n,
         }
     }
 
     /// A number that tells the choices apart (part of a decode graph's key).
     pub fn code(&self) -> u64 {
-        self.balanced as u64 | (self.wide_merge as u64) << 1 | (self.merge_pdl as u64) << 2
+        self.balanced as u64
+            | (self.wide_merge as u64) << 1
+            | (self.merge_pdl as u64) << 2
+            | (self.decode_per_sm as u64) << 3
     }
 }
 
@@ -256,6 +278,9 @@ pub struct Gpu {
     /// `gemv.rs` (norm, RoPE, SwiGLU and residual adds folded in) instead of cuBLAS and
     /// separate element-wise kernels; env `STARKV_FUSED_DECODE=0` turns it off.
     fused_decode: AtomicBool,
+    /// Whether a decode step's greedy pick runs over many CTAs (`argmax_wide`) instead
+    /// of one (`argmax_rows`); env `STARKV_WIDE_ARGMAX=0` turns it off.
+    wide_argmax: AtomicBool,
     /// How attention plans cut their keys into splits and merge them (see
     /// [`SplitTuning`]; the benchmark switches them for same-run A/B rows).
     split_tuning: Mutex<SplitTuning>,
@@ -331,6 +356,10 @@ impl Gpu {
                 std::env::var("STARKV_FUSED_DECODE").as_deref(),
                 Ok("0" | "off" | "false")
             )),
+            wide_argmax: AtomicBool::new(!matches!(
+                std::env::var("STARKV_WIDE_ARGMAX").as_deref(),
+                Ok("0" | "off" | "false")
+            )),
             split_tuning: Mutex::new(SplitTuning::from_env()),
             graph_stream,
             capturing: Mutex::new(None),
@@ -355,6 +384,15 @@ impl Gpu {
 
     pub fn fused_decode(&self) -> bool {
         self.fused_decode.load(Ordering::Relaxed)
+    }
+
+    /// Turns the many-CTA greedy pick of decode steps on or off (benchmarks compare both).
+    pub fn set_wide_argmax(&self, on: bool) {
+        self.wide_argmax.store(on, Ordering::Relaxed);
+    }
+
+    pub fn wide_argmax(&self) -> bool {
+        self.wide_argmax.load(Ordering::Relaxed)
     }
 
     /// Sets how attention plans split their keys and merge the splits (benchmarks and the

@@ -45,6 +45,7 @@ pub(crate) const ELEMENTWISE_KERNELS: &[&str] = &[
     "fill_uniform_h",
     "fill_uniform_f",
     "argmax_rows",
+    "argmax_wide",
     "rows_to_heads",
 ];
 
@@ -52,7 +53,6 @@ pub(crate) const ELEMENTWISE_KERNELS: &[&str] = &[
 pub(crate) const ATTENTION_KERNELS: &[&str] = &[
     "attn_fwd_simple",
     "attn_fwd_w1",
-    "attn_fwd_w1n32",
     "attn_fwd_w1_qsmem",
     "attn_fwd_m32",
     "attn_fwd_m32n32",

@@ -51,6 +51,22 @@ impl Dependent {
     }
 }
 
+/// Where `argmax_wide`'s partials start in its scratch (after the counter).
+const ARGMAX_PART_OFFSET: usize = 16;
+
+/// `argmax_wide`'s CTAs and logits per CTA for `n` logits: 1024 a CTA (4 per thread),
+/// more when that would take over 1024 CTAs.
+fn argmax_split(n: usize) -> (usize, usize) {
+    let per = n.div_ceil(1024).next_multiple_of(256).max(1024);
+    (n.div_ceil(per).max(1), per)
+}
+
+/// Bytes of [`Gpu::argmax_one`]'s scratch for `n` logits: the counter, then one
+/// (max, index, sum) partial of 12 bytes per CTA.
+pub fn argmax_scratch_bytes(n: usize) -> usize {
+    ARGMAX_PART_OFFSET + 12 * argmax_split(n).0
+}
+
 /// CTAs of `per` threads covering `n` elements (at least one).
 fn blocks_for(n: usize, per: usize) -> u32 {
     n.div_ceil(per).max(1) as u32
@@ -316,6 +332,34 @@ impl Gpu {
         let n_i = n as i32;
         self.launch_elementwise(k, "argmax_rows", rows as u32, 512, |b| {
             b.arg(&idx).arg(&lse).arg(&logits).arg(&n_i);
+        })
+    }
+
+    /// [`Gpu::argmax`] of ONE row of `n` f32 logits over many CTAs (`argmax_wide`), for
+    /// a decode step's pick: `scratch` is a buffer of [`argmax_scratch_bytes`]`(n)` bytes
+    /// whose first word (the CTAs' finish counter) is zero before the first call; every
+    /// call leaves it zero again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn argmax_one(
+        &self,
+        k: &Kernels,
+        idx: u64,
+        lse: u64,
+        logits: u64,
+        n: usize,
+        scratch: u64,
+    ) -> Result<()> {
+        let (ctas, per) = argmax_split(n);
+        let (n_i, per_i) = (n as i32, per as i32);
+        let (part, counter) = (scratch + ARGMAX_PART_OFFSET as u64, scratch);
+        self.launch_elementwise(k, "argmax_wide", ctas as u32, 256, |b| {
+            b.arg(&idx)
+                .arg(&lse)
+                .arg(&logits)
+                .arg(&n_i)
+                .arg(&per_i)
+                .arg(&part)
+                .arg(&counter);
         })
     }
 

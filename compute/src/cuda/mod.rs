@@ -52,6 +52,7 @@ pub use attention::{
 pub use device::{DevBuf, Gpu, HalfType, PinnedBuf, SplitTuning, TableBuf};
 pub use gemv::gemv_fits;
 pub use kernels::{ATTENTION_SOURCE, COMMON_SOURCE, ELEMENTWISE_SOURCE, GEMV_SOURCE, Kernels};
+pub use launch::argmax_scratch_bytes;
 pub use model::{CudaLlama, GpuAttention, GpuKvCache};
 
 use std::fmt;

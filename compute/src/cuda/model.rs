@@ -17,6 +17,7 @@ use super::attention::{AttnOut, KvDest, Segment, SegmentAttention};
 use super::device::{DevBuf, Gpu};
 use super::gemv::gemv_fits;
 use super::kernels::Kernels;
+use super::launch::argmax_scratch_bytes;
 use super::{CudaError, Result};
 use crate::cpu::matmul::Matrix;
 use crate::model::{Llama, LlamaConfig};
@@ -80,6 +81,8 @@ struct DecodeBufs {
     logits: DevBuf,
     /// The greedy pick: token id (u32) then the logits' log-sum-exp (f32).
     pick: DevBuf,
+    /// The many-CTA pick's counter (zero between launches) and partials.
+    argmax: DevBuf,
 }
 
 struct GpuLayer {
@@ -627,6 +630,17 @@ impl CudaLlama {
             )?;
         }
         let pick = bufs.pick.ptr();
+        if self.gpu.wide_argmax() {
+            let scratch = bufs.argmax.ptr();
+            return self.gpu.argmax_one(
+                &self.kernels,
+                pick,
+                pick + 4,
+                bufs.logits.ptr(),
+                c.vocab,
+                scratch,
+            );
+        }
         self.gpu
             .argmax(&self.kernels, pick, pick + 4, bufs.logits.ptr(), 1, c.vocab)
     }
@@ -634,10 +648,14 @@ impl CudaLlama {
     fn ensure_decode_bufs(&mut self) -> Result<()> {
         if self.decode.is_none() {
             let c = &self.config;
+            let argmax = self
+                .gpu
+                .upload_new(&vec![0u8; argmax_scratch_bytes(c.vocab)])?;
             self.decode = Some(DecodeBufs {
                 hn: self.gpu.alloc(c.hidden * 2)?,
                 logits: self.gpu.alloc(c.vocab * 4)?,
                 pick: self.gpu.alloc(8)?,
+                argmax,
             });
         }
         Ok(())
@@ -648,8 +666,9 @@ impl CudaLlama {
     fn graph_key(&self, attention: &dyn GpuAttention) -> Vec<u64> {
         let mut key: Vec<u64> = self.scratch.bufs.iter().map(DevBuf::ptr).collect();
         if let Some(b) = &self.decode {
-            key.extend([b.hn.ptr(), b.logits.ptr(), b.pick.ptr()]);
+            key.extend([b.hn.ptr(), b.logits.ptr(), b.pick.ptr(), b.argmax.ptr()]);
         }
+        key.push(self.gpu.wide_argmax() as u64);
         key.push(self.gpu.attention_kernels().code());
         key.push(self.gpu.split_tuning().code());
         key.push(self.fused(1) as u64);

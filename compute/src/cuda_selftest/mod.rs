@@ -486,7 +486,63 @@ fn kernel_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> 
             1e-4,
             ms(t),
         );
+        wide_argmax_checks(gpu, &k, rng, report)?;
     }
+    Ok(())
+}
+
+/// The many-CTA greedy pick of decode steps (`argmax_wide`: one row over many CTAs, the
+/// last to finish merging their partials) against the CPU's argmax and an f64
+/// log-sum-exp, on random rows of several lengths (one CTA, several, a partial last
+/// chunk) whose largest value appears twice (the first index must win), each row picked
+/// three times back to back from one scratch (the finish counter must come back to zero).
+fn wide_argmax_checks(
+    gpu: &Arc<Gpu>,
+    k: &Kernels,
+    rng: &mut Rng,
+    report: &mut Report,
+) -> Result<()> {
+    let t = Instant::now();
+    let (mut wrong, mut lse_err) = (0usize, 0f64);
+    let lens = [1usize, 1000, 1024, 5000, 49_152, 128_256];
+    let most = *lens.iter().max().unwrap();
+    let scratch = gpu.upload_new(&vec![0u8; crate::cuda::argmax_scratch_bytes(most)])?;
+    let out = gpu.alloc(8)?;
+    for n in lens {
+        let mut row = rng.vec(n, -20.0, 20.0);
+        if n > 1 {
+            let (a, b) = (rng.below(n), rng.below(n));
+            let top = 25.0 + rng.uniform(0.0, 1.0);
+            row[a] = top;
+            row[b] = top;
+        }
+        let want_i = argmax(&row);
+        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let want_l = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+        let l_d = gpu.upload_new(&row)?;
+        for _ in 0..3 {
+            gpu.upload(out.ptr(), &[u32::MAX, u32::MAX])?;
+            gpu.argmax_one(k, out.ptr(), out.ptr() + 4, l_d.ptr(), n, scratch.ptr())?;
+            let mut got = [0u32; 2];
+            gpu.download(&mut got, out.ptr())?;
+            wrong += (got[0] != want_i) as usize;
+            let err = (f32::from_bits(got[1]) as f64 - want_l).abs();
+            lse_err = if err.is_nan() || lse_err.is_nan() {
+                f64::NAN
+            } else {
+                lse_err.max(err)
+            };
+        }
+    }
+    let name = "argmax_wide (one row, many CTAs; n = 1..128256, tied maxima, 3 runs each)";
+    report.check(
+        &format!("{name}: index"),
+        "mismatch",
+        wrong as f64,
+        0.0,
+        ms(t),
+    );
+    report.check(&format!("{name}: lse"), "max abs", lse_err, 1e-4, ms(t));
     Ok(())
 }
 

@@ -80,6 +80,7 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
         balanced,
         wide_merge,
         merge_pdl,
+        decode_per_sm: 0,
     };
     let tunings = [
         ("per-segment, one-CTA merge", t(false, false, false)),

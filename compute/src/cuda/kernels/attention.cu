@@ -550,16 +550,6 @@ extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1_qsmem(
     attn_simple_body<1>(q, m, group, nh, items, split_begin, scale_log2, out_h, out_f, lse_out);
 }
 
-// The one-warp kernel with 32-key tiles: 17 KB of shared memory, so twice the resident
-// CTAs per SM of attn_fwd_w1 (12 on an H200), each with half the bytes per tile.
-extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1n32(
-    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
-    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
-    float* __restrict__ out_f, float* __restrict__ lse_out) {
-    attn_simple_body<1, false, 32, true>(q, m, group, nh, items, split_begin, scale_log2, out_h,
-                                         out_f, lse_out);
-}
-
 // The same two kernels for plans with 8-bit items (issue 13: a block kept in 8 bits in
 // the GPU tier is read in 8 bits, half the bytes of a decode step's context).
 #define ATTN_KV8_KERNEL(NAME, NW, TBN)                                                              \
@@ -599,6 +589,18 @@ extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, co
     pdl_wait();
     int t = blockIdx.x, head = blockIdx.y;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int qw = nh * d, G = blockDim.x / dc;
+    const int c = threadIdx.x % dc, i = blockIdx.z * dc + c, grp = threadIdx.x / dc;
+    const float* p = part_o + (u64)t * qw + head * d + i;
+    const u64 stride = (u64)m * qw;
+    // This thread's first eight partials, read before the weights exist (they do not
+    // depend on them), so that the reads of O overlap those of the lse.
+    float first[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        const int sk = grp + k * G;
+        first[k] = sk < n_splits ? p[sk * stride] : 0.f;
+    }
     float mx = NEG_INF;
     for (int s = threadIdx.x; s < n_splits; s += blockDim.x) {
         float l = part_lse[((u64)s * nh + head) * m + t];
@@ -624,15 +626,14 @@ extern "C" __global__ void attn_merge(h16* out_h, float* out_f, float* lse_f, co
     total = warp_sum(total);
     float inv = total > 0.f ? 1.f / total : 0.f;
     float lse = total > 0.f ? mx + logf(total) : NEG_INF;
-    const int qw = nh * d, G = blockDim.x / dc;
-    const int c = threadIdx.x % dc, i = blockIdx.z * dc + c, grp = threadIdx.x / dc;
-    const float* p = part_o + (u64)t * qw + head * d + i;
-    const u64 stride = (u64)m * qw;
     float acc[8];
 #pragma unroll
-    for (int k = 0; k < 8; k++) acc[k] = 0.f;
+    for (int k = 0; k < 8; k++) {
+        const int sk = grp + k * G;
+        acc[k] = sk < n_splits ? w[sk] * first[k] : 0.f;
+    }
     // Eight predicated loads in flight per pass, also for the last, partial pass.
-    for (int s = grp; s < n_splits; s += 8 * G) {
+    for (int s = grp + 8 * G; s < n_splits; s += 8 * G) {
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             const int sk = s + k * G;

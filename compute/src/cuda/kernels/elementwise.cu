@@ -159,6 +159,95 @@ extern "C" __global__ void argmax_rows(u32* idx, float* lse, const float* logits
     }
 }
 
+// A running (max, first index of the max, sum of exp(v - max)) merged with another.
+struct MaxSum {
+    float m;
+    int i;
+    float s;
+};
+
+__device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
+    if (b.m > a.m || (b.m == a.m && b.i < a.i)) {
+        MaxSum t = a;
+        a = b;
+        b = t;
+    }
+    // a has the larger max (or the same max and the smaller index).
+    if (b.m != NEG_INF) a.s += b.s * expf(b.m - a.m);
+    return a;
+}
+
+__device__ __forceinline__ MaxSum maxsum_warp(MaxSum v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        MaxSum w;
+        w.m = __shfl_xor_sync(0xffffffffu, v.m, o);
+        w.i = __shfl_xor_sync(0xffffffffu, v.i, o);
+        w.s = __shfl_xor_sync(0xffffffffu, v.s, o);
+        v = maxsum_merge(v, w);
+    }
+    return v;
+}
+
+// The block's merged MaxSum, valid in every thread (blockDim.x a multiple of 32).
+__device__ MaxSum maxsum_block(MaxSum v) {
+    __shared__ MaxSum red[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = maxsum_warp(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    MaxSum e = {NEG_INF, 0x7fffffff, 0.f};
+    v = lane < nw ? red[lane] : e;
+    return maxsum_warp(v);
+}
+
+// Argmax (the first index of the largest logit) and log-sum-exp of ONE row of n logits,
+// over gridDim.x CTAs of `per` logits each: every CTA reduces its chunk in one pass (a
+// running max with its rescaled sum of exponentials) to a MaxSum in part[blockIdx.x];
+// the last CTA to finish (a device counter; it sets the counter back to zero for the
+// next launch or graph replay) merges the partials. A decode step's pick: argmax_rows
+// runs one CTA per row, which reads a 128K-entry vocabulary twice from one SM.
+extern "C" __global__ void argmax_wide(u32* idx, float* lse, const float* logits, int n, int per,
+                                       MaxSum* part, u32* counter) {
+    __shared__ bool last;
+    const int c0 = blockIdx.x * per, c1 = min(n, c0 + per);
+    MaxSum v = {NEG_INF, 0x7fffffff, 0.f};
+    for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
+        const float x = logits[i];
+        if (x > v.m) {
+            v.s = (v.m == NEG_INF ? 0.f : v.s * __expf(v.m - x)) + 1.f;
+            v.m = x;
+            v.i = i;
+        } else {
+            v.s += __expf(x - v.m);
+        }
+    }
+    v = maxsum_block(v);
+    if (threadIdx.x == 0) {
+        part[blockIdx.x] = v;
+        __threadfence();
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    MaxSum w = {NEG_INF, 0x7fffffff, 0.f};
+    for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+        MaxSum p;
+        p.m = __ldcg(&part[b].m);
+        p.i = __ldcg(&part[b].i);
+        p.s = __ldcg(&part[b].s);
+        w = maxsum_merge(w, p);
+    }
+    w = maxsum_block(w);
+    if (threadIdx.x == 0) {
+        idx[0] = (u32)w.i;
+        lse[0] = w.s > 0.f ? w.m + logf(w.s) : NEG_INF;
+        *counter = 0u;
+    }
+}
+
 // Token-major 16-bit rows [len][nkv * d] -> head-major [nkv][len][d].
 extern "C" __global__ void rows_to_heads(h16* dst, const h16* src, int len, int nkv, int d) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
