@@ -104,6 +104,7 @@ struct Variant {
 fn decode_variants() -> Vec<Variant> {
     let after = SplitTuning {
         balanced: true,
+        tile_cuts: false,
         wide_merge: true,
         merge_pdl: false,
         decode_per_sm: 0,
@@ -171,6 +172,16 @@ fn decode_variants() -> Vec<Variant> {
             "default with per-segment splits",
             SplitTuning {
                 balanced: false,
+                ..after
+            },
+            DecodeKernel::W1,
+            true,
+            true,
+        ),
+        v(
+            "default with whole-tile cuts (STARKV_SPLIT_PLAN=tiles)",
+            SplitTuning {
+                tile_cuts: true,
                 ..after
             },
             DecodeKernel::W1,

@@ -450,13 +450,57 @@ impl AttnPlan {
         plan
     }
 
-    /// [`AttnPlan::new`] or [`AttnPlan::per_segment`], as the GPU's
+    /// The balanced plan on whole tiles (env `STARKV_SPLIT_PLAN=tiles`; not yet measured
+    /// on a GPU, see the README): every segment in 64-key tiles (its last one partial),
+    /// `min(target_splits, tiles)` splits of equal tile counts (differing by at most one),
+    /// cut on tile boundaries of their segments. [`AttnPlan::new`]'s cuts on multiples of
+    /// 16 keys leave a partial tile per split (two where a split spans segments), so its
+    /// longest split can take a tile more than the keys need.
+    pub fn tiles(segments: &[Segment], target_splits: usize) -> Self {
+        const TILE: usize = 64;
+        let segments: Vec<&Segment> = segments.iter().filter(|s| s.len > 0).collect();
+        let counts: Vec<usize> = segments.iter().map(|s| s.len.div_ceil(TILE)).collect();
+        let total: usize = counts.iter().sum();
+        let n = target_splits.min(total).max(1);
+        if n <= 1 {
+            return Self::one_split(&segments);
+        }
+        let mut plan = AttnPlan {
+            items: Vec::new(),
+            split_begin: vec![0],
+        };
+        // Split i covers tiles total * i / n .. total * (i + 1) / n of the concatenation.
+        let (mut seg, mut seg_tile0) = (0usize, 0usize);
+        for i in 0..n {
+            let (a, b) = (total * i / n, total * (i + 1) / n);
+            let mut t = a;
+            while t < b {
+                while seg_tile0 + counts[seg] <= t {
+                    seg_tile0 += counts[seg];
+                    seg += 1;
+                }
+                let end = b.min(seg_tile0 + counts[seg]);
+                let s = segments[seg];
+                let keys = (
+                    (t - seg_tile0) * TILE,
+                    ((end - seg_tile0) * TILE).min(s.len),
+                );
+                plan.items.push(Self::item(s, keys.0, keys.1));
+                t = end;
+            }
+            plan.split_begin.push(plan.items.len() as i32);
+        }
+        plan
+    }
+
+    /// [`AttnPlan::new`], [`AttnPlan::tiles`] or [`AttnPlan::per_segment`], as the GPU's
     /// [`SplitTuning`](super::SplitTuning) says.
     pub fn for_gpu(gpu: &Gpu, segments: &[Segment], target_splits: usize) -> Self {
-        if gpu.split_tuning().balanced {
-            Self::new(segments, target_splits)
-        } else {
-            Self::per_segment(segments, target_splits)
+        let tuning = gpu.split_tuning();
+        match (tuning.balanced, tuning.tile_cuts) {
+            (true, false) => Self::new(segments, target_splits),
+            (true, true) => Self::tiles(segments, target_splits),
+            (false, _) => Self::per_segment(segments, target_splits),
         }
     }
 

@@ -198,6 +198,12 @@ pub struct SplitTuning {
     /// [`AttnPlan::new`]: super::AttnPlan::new
     /// [`AttnPlan::per_segment`]: super::AttnPlan::per_segment
     pub balanced: bool,
+    /// With `balanced`: cut points on whole 64-key tiles of each segment, splits of equal
+    /// tile counts ([`AttnPlan::tiles`]; not yet measured on a GPU, so off). Env
+    /// `STARKV_SPLIT_PLAN=tiles` turns it on.
+    ///
+    /// [`AttnPlan::tiles`]: super::AttnPlan::tiles
+    pub tile_cuts: bool,
     /// The split merge spreads each (token, head) over column chunks, so that about one
     /// CTA per SM shares the reads; off: one CTA per (token, head) (the earlier merge).
     /// Env `STARKV_MERGE_WIDE=0` turns it off.
@@ -219,6 +225,7 @@ impl SplitTuning {
         };
         Self {
             balanced: !is("STARKV_SPLIT_PLAN", &["segment", "0", "off"]),
+            tile_cuts: is("STARKV_SPLIT_PLAN", &["tiles"]),
             wide_merge: !is("STARKV_MERGE_WIDE", &["0", "off", "false"]),
             merge_pdl: is("STARKV_MERGE_PDL", &["1", "on", "true"]),
             decode_per_sm: std::env::var("STARKV_DECODE_PER_SM")
@@ -245,7 +252,8 @@ impl SplitTuning {
         self.balanced as u64
             | (self.wide_merge as u64) << 1
             | (self.merge_pdl as u64) << 2
-            | (self.decode_per_sm as u64) << 3
+            | (self.tile_cuts as u64) << 3
+            | (self.decode_per_sm as u64) << 4
     }
 }
 

@@ -166,6 +166,57 @@ fn balanced_plan_cuts_equal_splits_across_segments() {
     }
 }
 
+/// The whole-tile plan: `min(target, tiles)` splits whose tile counts differ by at most
+/// one, every item starting on a 64-key tile of its segment, every key covered once in
+/// order.
+#[test]
+fn tile_plan_cuts_whole_tiles() {
+    let lens = [8192usize, 0, 8192, 130, 1, 45];
+    let segs: Vec<Segment> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| Segment {
+            k: 0x10_0000 * (i as u64 + 1),
+            ..seg(len, (i == 5).then_some(44))
+        })
+        .collect();
+    let tiles: usize = lens.iter().map(|l| l.div_ceil(64)).sum();
+    let total: usize = lens.iter().sum();
+    for target in [1usize, 2, 3, 7, 66, 176, 261, 262, 1000] {
+        let p = AttnPlan::tiles(&segs, target);
+        assert_eq!(p.n_splits(), target.min(tiles), "target {target}");
+        let counts: Vec<usize> = p
+            .split_begin
+            .windows(2)
+            .map(|w| {
+                p.items[w[0] as usize..w[1] as usize]
+                    .iter()
+                    .map(|it| ((it.key_end - it.key_begin) as usize).div_ceil(64))
+                    .sum()
+            })
+            .collect();
+        let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(hi - lo <= 1 && *lo >= 1, "target {target}: {lo}..{hi}");
+        assert_eq!(counts.iter().sum::<usize>(), tiles);
+        let mut at = (0usize, 0i32);
+        let mut keys = 0;
+        for it in &p.items {
+            let s = segs.iter().position(|s| s.k == it.k).unwrap();
+            assert_eq!(it.key_begin % 64, 0);
+            assert!(it.key_begin < it.key_end && it.key_end as usize <= lens[s]);
+            if s == at.0 {
+                assert_eq!(it.key_begin, at.1);
+            } else {
+                assert!(s > at.0 && it.key_begin == 0);
+                assert_eq!(at.1 as usize, lens[at.0]);
+            }
+            at = (s, it.key_end);
+            keys += (it.key_end - it.key_begin) as usize;
+        }
+        assert_eq!((at, keys), ((5, 45), total));
+    }
+}
+
 struct Fake(usize);
 impl TierValue for Fake {
     fn tier_bytes(&self) -> usize {

@@ -1,7 +1,7 @@
 //! Split plans and the split merge (issue 13 item 3): decode-shaped attention (at most 16
 //! rows per KV head, the one-warp kernel) over ragged segments with key tails, cut into
-//! 1 to 64 splits by each plan ([`AttnPlan::new`]'s balanced cuts and
-//! [`AttnPlan::per_segment`]) and merged by each merge (one CTA per head, column chunks,
+//! 1 to 64 splits by each plan ([`AttnPlan::new`]'s balanced cuts, [`AttnPlan::tiles`]
+//! and [`AttnPlan::per_segment`]) and merged by each merge (one CTA per head, column chunks,
 //! as a dependent launch or not), every plan also padded with empty splits as a decode
 //! graph pads it, against the CPU's attention per segment + `merge_into` on fresh random
 //! inputs. Outputs are poisoned (NaN) before each launch, so an element left unwritten
@@ -78,6 +78,7 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
     ];
     let t = |balanced, wide_merge, merge_pdl| SplitTuning {
         balanced,
+        tile_cuts: false,
         wide_merge,
         merge_pdl,
         decode_per_sm: 0,
@@ -87,6 +88,13 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
         ("balanced, one-CTA merge", t(true, false, false)),
         ("balanced, column-chunk merge", t(true, true, false)),
         ("balanced, column-chunk merge, PDL", t(true, true, true)),
+        (
+            "whole-tile cuts, column-chunk merge",
+            SplitTuning {
+                tile_cuts: true,
+                ..t(true, true, false)
+            },
+        ),
     ];
     for (name, shape, m, segments) in cases {
         let inputs = Inputs::random(gpu, rng, shape, m, segments)?;
@@ -103,7 +111,7 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
                     plan.pad_splits(plan.n_splits() + pad);
                     let got = inputs.attend(gpu, &plan)?;
                     worst.add(&got, &inputs.want);
-                    if tuning.balanced && !tuning.merge_pdl && pad == 0 {
+                    if tuning.balanced && !tuning.tile_cuts && !tuning.merge_pdl && pad == 0 {
                         by_merge[tuning.wide_merge as usize].push(got.0.out.clone());
                     }
                 }
