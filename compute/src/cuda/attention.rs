@@ -781,8 +781,9 @@ impl Gpu {
         // CTAs about fill the SMs; one chunk per (token, head) without the wide merge.
         let mut chunks = 1;
         if tuning.wide_merge {
-            let halves =
-                |c: usize| d % (2 * c) == 0 && d / (2 * c) >= 32 && (d / (2 * c)) % 16 == 0;
+            let halves = |c: usize| {
+                d.is_multiple_of(2 * c) && d / (2 * c) >= 32 && (d / (2 * c)).is_multiple_of(16)
+            };
             while m * nh * chunks < self.sm_count() && halves(chunks) {
                 chunks *= 2;
             }
