@@ -83,7 +83,8 @@ impl PoolHandoff {
                         Slot::Polling | Slot::Idle => return,
                     }
                 }
-                std::hint::spin_loop();
+                // Polite polling: a thread that is ready to run on this core goes first.
+                std::thread::yield_now();
             };
         }
     }

@@ -87,7 +87,8 @@ impl SpinBudget {
             if Instant::now() >= until {
                 return;
             }
-            std::hint::spin_loop();
+            // Polite polling: a thread that is ready to run on this core goes first.
+            std::thread::yield_now();
         }
     }
 }
