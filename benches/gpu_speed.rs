@@ -1045,11 +1045,14 @@ fn kv8_decode_format(
     let o = gpu.alloc(nh * d * 2)?;
     gpu.fill_uniform_half(kern, q.ptr(), nh * d, 5, 1.0)?;
     let (mut scratch, mut tb) = (AttnScratch::default(), TableBuf::default());
-    let auto = gpu.choose_splits(1, shape, l);
+    // The 8-bit default (`choose_splits_for(.., true)`, twice the 16-bit count when
+    // decoding) and the 16-bit kernel's count, side by side.
+    let auto = gpu.choose_splits_for(1, shape, l, true);
+    let auto16 = gpu.choose_splits(1, shape, l);
     let default = gpu.attention_kernels();
     let mut runs = Vec::new();
     for kv8 in AttnKernels::ALL_KV8 {
-        for (splits, x) in [(auto, ""), (auto * 2, ", x2 splits")] {
+        for (splits, x) in [(auto, ""), (auto16, ", the 16-bit split count")] {
             runs.push((kv8, splits, format!(" ({}-key tiles{x})", kv8.keys())));
         }
     }

@@ -553,6 +553,32 @@ impl Gpu {
     /// [`SplitTuning::decode_per_sm`](super::SplitTuning::decode_per_sm) CTAs per SM (four;
     /// six fit); chunks of >= 256 keys.
     pub fn choose_splits(&self, m: usize, shape: HeadShape, total_keys: usize) -> usize {
+        self.choose_splits_for(m, shape, total_keys, false)
+    }
+
+    /// [`Gpu::choose_splits`] for a plan whose keys are (some of them) 8-bit blocks
+    /// (`eight_bit`): a decode then uses twice the splits. The 8-bit kernels' one-warp
+    /// CTAs wait on their shared-memory widening, so they need more of them in flight:
+    /// at 128K cached tokens on the H200 (2026-12-02 12:17 UTC, `gpu_speed`), the 8B
+    /// shape's fp8 / int8 decode attention took 0.212 / 0.223 ms at the 16-bit count (66
+    /// splits) and 0.139 / 0.143 ms at twice it, against 0.144 ms for bf16; SmolLM2's
+    /// shape 0.057 vs 0.039-0.040 ms (bf16 0.036).
+    pub fn choose_splits_for(
+        &self,
+        m: usize,
+        shape: HeadShape,
+        total_keys: usize,
+        eight_bit: bool,
+    ) -> usize {
+        let splits = self.choose_splits_16(m, shape, total_keys);
+        if eight_bit && m * shape.group() <= 16 {
+            (2 * splits).min(total_keys / 256).clamp(splits, 512)
+        } else {
+            splits
+        }
+    }
+
+    fn choose_splits_16(&self, m: usize, shape: HeadShape, total_keys: usize) -> usize {
         let (group, n_kv) = (shape.group(), shape.n_kv_heads);
         let rows = m * group;
         let (_, per_cta, _, _) = self.attention_kernels().launch(rows, shape.head_dim, false);

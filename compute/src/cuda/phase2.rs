@@ -215,6 +215,12 @@ pub struct GpuQuery {
 }
 
 impl GpuQuery {
+    /// Whether some context block is held in 8 bits (the plan then splits finer:
+    /// [`Gpu::choose_splits_for`]).
+    fn eight_bit(&self) -> bool {
+        self.context.blocks().any(|b| b.is_8bit())
+    }
+
     /// `capacity`: query plus generated tokens to hold.
     pub fn new(model: &CudaLlama, context: ContextBlocks, capacity: usize) -> Result<Self> {
         let context_len = context.blocks().map(|b| b.len).sum();
@@ -400,7 +406,7 @@ impl GpuAttention for GpuQuery {
         let total = self.context_len + offset + m;
         let splits = self
             .splits
-            .unwrap_or_else(|| gpu.choose_splits(m, self.shape, total));
+            .unwrap_or_else(|| gpu.choose_splits_for(m, self.shape, total, self.eight_bit()));
         let (context, local, merge) = (&self.context, &self.local, self.merge);
         self.tempered = None;
         if !self.tempered_shards.is_empty() && merge.is_exact() {
@@ -469,7 +475,7 @@ impl GpuAttention for GpuQuery {
         let total = self.context_len + offset + m;
         let splits = self
             .splits
-            .unwrap_or_else(|| gpu.choose_splits(m, self.shape, total));
+            .unwrap_or_else(|| gpu.choose_splits_for(m, self.shape, total, self.eight_bit()));
         let (context, local) = (&self.context, &self.local);
         let mut pad = self.graph_splits;
         self.attn

@@ -140,7 +140,9 @@ impl GpuShard {
     /// Split count of an attention of `m` rows over this shard's keys. At least two: the
     /// f32 `(O, lse)` output is written by the merge kernel.
     fn splits(&self, gpu: &Gpu, m: usize) -> usize {
-        gpu.choose_splits(m, self.0.shape, self.n_tokens()).max(2)
+        let eight_bit = self.0.blocks.iter().any(|b| b.is_8bit());
+        gpu.choose_splits_for(m, self.0.shape, self.n_tokens(), eight_bit)
+            .max(2)
     }
 
     /// The host path: `q` (f32 `[m][n_heads d]`) of `layer` in, `(O, lse)` out, through
