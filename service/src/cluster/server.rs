@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,29 @@ use super::worker::WorkerNode;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_MAX_BYTES: usize = 64 << 10;
 
+/// Connections served at once (each holds a thread); past it a new connection is closed
+/// unanswered. A coordinator opens one per worker, so only a flood reaches it.
+const MAX_CONNECTIONS: usize = 256;
+
+/// One connection's place under [`MAX_CONNECTIONS`], given back when dropped.
+struct Admitted(Arc<AtomicUsize>);
+
+impl Admitted {
+    fn try_new(open: &Arc<AtomicUsize>) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_CONNECTIONS).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(open.clone()))
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Serves `node` on `listener` until the task is dropped. Each connection runs on a
 /// thread of its own (blocking reads, polled for `spin` first: see [`super::spin`]);
 /// the listener only accepts.
@@ -39,6 +63,7 @@ pub async fn serve_worker(
     spin: SpinBudget,
 ) {
     let runtime = tokio::runtime::Handle::current();
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -58,10 +83,15 @@ pub async fn serve_worker(
                 continue;
             }
         };
+        let Some(admitted) = Admitted::try_new(&open) else {
+            tracing::warn!(%peer, "worker: {MAX_CONNECTIONS} connections open; refused");
+            continue;
+        };
         let (node, secret, runtime) = (node.clone(), secret.clone(), runtime.clone());
         let spawned = std::thread::Builder::new()
             .name("starkv-worker-conn".into())
             .spawn(move || {
+                let _admitted = admitted;
                 if let Err(e) = connection(stream, &node, &secret, spin, &runtime) {
                     tracing::info!(%peer, error = %e, "worker: connection ended");
                 }
@@ -240,4 +270,21 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
             .zip(expected)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_past_the_limit_are_not_admitted_and_places_come_back() {
+        let open = Arc::new(AtomicUsize::new(0));
+        let admitted: Vec<Admitted> = (0..MAX_CONNECTIONS)
+            .map(|_| Admitted::try_new(&open).expect("a place"))
+            .collect();
+        assert!(Admitted::try_new(&open).is_none());
+        drop(admitted);
+        assert_eq!(open.load(Ordering::Acquire), 0);
+        assert!(Admitted::try_new(&open).is_some());
+    }
 }
