@@ -110,6 +110,12 @@ fn connection(
     runtime: &tokio::runtime::Handle,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    // A coordinator whose host vanished without closing (no FIN) is noticed within about
+    // two and a half minutes, and its sessions and this thread are released.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
     // Handshake: the first frame, small and within a time limit, checked before anything
     // else is read.
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
