@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    Report, Result, Rng, from_half, graph_vs_plain, max_abs, ms, rel, round_vec, tiny_config,
-    to_half,
+    BIG_SHAPE, Report, Result, Rng, SMOL_SHAPE, from_half, graph_vs_plain, max_abs, ms, rel,
+    round_vec, tiny_config, to_half,
 };
 use crate::cpu::attention::{KvView, Mask, attention, attention_source_into};
 use crate::cuda::star::{ContextBlocks, GpuBlock, GpuQuery, GpuShard};
@@ -70,16 +70,7 @@ fn random_blocks(
 
 /// Every 8-bit check.
 pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Result<()> {
-    let smol = HeadShape {
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-    };
-    let big = HeadShape {
-        n_heads: 32,
-        n_kv_heads: 8,
-        head_dim: 128,
-    };
+    let (smol, big) = (SMOL_SHAPE, BIG_SHAPE);
     // (name, shape, query rows m, 8-bit block lengths, local causal length, splits)
     type Case = (
         &'static str,

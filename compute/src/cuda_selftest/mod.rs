@@ -31,6 +31,22 @@ mod kv8;
 mod reencode;
 mod splits;
 
+/// SmolLM2-135M's attention heads (9 query heads over 3 KV heads of 64): the small shape
+/// of the kernel checks.
+const SMOL_SHAPE: HeadShape = HeadShape {
+    n_heads: 9,
+    n_kv_heads: 3,
+    head_dim: 64,
+};
+
+/// Llama-3.1-8B's attention heads (32 over 8 of 128): the large shape of the kernel
+/// checks, and the one the Hopper kernels serve.
+const BIG_SHAPE: HeadShape = HeadShape {
+    n_heads: 32,
+    n_kv_heads: 8,
+    head_dim: 128,
+};
+
 type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
 /// The prompt of the whole-model check.
@@ -899,11 +915,7 @@ fn attend_f32(
 /// both are checked against the CPU above; here they must agree with each other to the
 /// 16-bit rounding of P (O rel <= 2u) and lse to 2e-4.
 fn hopper_vs_m32(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Result<()> {
-    let shape = HeadShape {
-        n_heads: 32,
-        n_kv_heads: 8,
-        head_dim: 128,
-    };
+    let shape = BIG_SHAPE;
     let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
     let dt = gpu.dtype;
     let k = gpu.kernels(d)?;
@@ -991,16 +1003,7 @@ fn hopper_vs_m32(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> 
 }
 
 fn attention_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Result<()> {
-    let smol = HeadShape {
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-    };
-    let big = HeadShape {
-        n_heads: 32,
-        n_kv_heads: 8,
-        head_dim: 128,
-    };
+    let (smol, big) = (SMOL_SHAPE, BIG_SHAPE);
     // (name, shape, query tokens m, key segments (len, causal offset), splits, rising keys)
     type Case = (
         &'static str,

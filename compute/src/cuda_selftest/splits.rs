@@ -14,7 +14,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Report, Result, Rng, from_half, max_abs, ms, rel, round_vec, to_half};
+use super::{
+    BIG_SHAPE, Report, Result, Rng, SMOL_SHAPE, from_half, max_abs, ms, rel, round_vec, to_half,
+};
 use crate::cpu::attention::{KvView, Mask, attention};
 use crate::cuda::{
     AttnOut, AttnPlan, AttnScratch, Gpu, Segment, SplitTuning, TableBuf, upload_plans,
@@ -33,16 +35,7 @@ pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64)
 }
 
 fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Result<()> {
-    let smol = HeadShape {
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-    };
-    let big = HeadShape {
-        n_heads: 32,
-        n_kv_heads: 8,
-        head_dim: 128,
-    };
+    let (smol, big) = (SMOL_SHAPE, BIG_SHAPE);
     // (name, shape, query tokens, segments (len, causal offset))
     type Case = (
         &'static str,
