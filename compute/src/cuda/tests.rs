@@ -116,53 +116,71 @@ fn split_plan_chunks_cover_keys_exactly() {
     }
 }
 
+/// Segments of `lens` keys at distinct addresses; the one at `causal` has a causal
+/// offset of 44.
+fn distinct_segments(lens: &[usize], causal: usize) -> Vec<Segment> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &len)| Segment {
+            k: 0x10_0000 * (i as u64 + 1),
+            ..seg(len, (i == causal).then_some(44))
+        })
+        .collect()
+}
+
+/// Per split of `p`, the sum of `size` over its items.
+fn split_sizes(p: &AttnPlan, size: impl Fn(usize) -> usize) -> Vec<usize> {
+    p.split_begin
+        .windows(2)
+        .map(|w| {
+            p.items[w[0] as usize..w[1] as usize]
+                .iter()
+                .map(|it| size((it.key_end - it.key_begin) as usize))
+                .sum()
+        })
+        .collect()
+}
+
+/// Checks that `p`'s items walk the segments in order, contiguously, never empty, each
+/// within its segment (starting on a multiple of `align` keys), skipping only empty
+/// segments; returns where the walk ended (segment, key) and the keys it covered.
+fn walk_items(p: &AttnPlan, segs: &[Segment], lens: &[usize], align: i32) -> ((usize, i32), usize) {
+    let mut at = (0usize, 0i32);
+    let mut keys = 0;
+    for it in &p.items {
+        let s = segs.iter().position(|s| s.k == it.k).unwrap();
+        assert_eq!(it.key_begin % align, 0);
+        assert!(it.key_begin < it.key_end && it.key_end as usize <= lens[s]);
+        if s == at.0 {
+            assert_eq!(it.key_begin, at.1);
+        } else {
+            assert!(s > at.0 && it.key_begin == 0);
+            assert_eq!(at.1 as usize, lens[at.0]);
+            assert!(lens[at.0 + 1..s].iter().all(|&l| l == 0));
+        }
+        at = (s, it.key_end);
+        keys += (it.key_end - it.key_begin) as usize;
+    }
+    (at, keys)
+}
+
 /// The balanced plan: `min(target, total / 16)` splits whose key counts differ by less
 /// than 32 (cut points rounded down to multiples of 16 keys), items in key order, each within its segment,
 /// every key covered once, empty segments skipped.
 #[test]
 fn balanced_plan_cuts_equal_splits_across_segments() {
     let lens = [8192usize, 0, 8192, 8192, 130, 1, 45];
-    let segs: Vec<Segment> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &len)| Segment {
-            k: 0x10_0000 * (i as u64 + 1),
-            ..seg(len, (i == 6).then_some(44))
-        })
-        .collect();
+    let segs = distinct_segments(&lens, 6);
     let total: usize = lens.iter().sum();
     for target in [1usize, 2, 3, 7, 16, 99, 112, 512, 5000] {
         let p = AttnPlan::new(&segs, target);
         let want = target.min(total / 16).max(1);
         assert_eq!(p.n_splits(), want, "target {target}");
-        let sizes: Vec<usize> = p
-            .split_begin
-            .windows(2)
-            .map(|w| {
-                p.items[w[0] as usize..w[1] as usize]
-                    .iter()
-                    .map(|it| (it.key_end - it.key_begin) as usize)
-                    .sum()
-            })
-            .collect();
+        let sizes = split_sizes(&p, |keys| keys);
         let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
         assert!(hi - lo < 32, "target {target}: {lo}..{hi}");
         assert_eq!(sizes.iter().sum::<usize>(), total);
-        // Items walk the segments in order, contiguously, never empty.
-        let mut at = (0usize, 0i32);
-        for it in &p.items {
-            let s = segs.iter().position(|s| s.k == it.k).unwrap();
-            assert!(it.key_begin < it.key_end && it.key_end as usize <= lens[s]);
-            if s == at.0 {
-                assert_eq!(it.key_begin, at.1);
-            } else {
-                assert!(s > at.0 && it.key_begin == 0);
-                assert_eq!(at.1 as usize, lens[at.0]);
-                assert!(lens[at.0 + 1..s].iter().all(|&l| l == 0));
-            }
-            at = (s, it.key_end);
-        }
-        assert_eq!(at, (6, 45));
+        assert_eq!(walk_items(&p, &segs, &lens, 1), ((6, 45), total));
     }
 }
 
@@ -172,48 +190,17 @@ fn balanced_plan_cuts_equal_splits_across_segments() {
 #[test]
 fn tile_plan_cuts_whole_tiles() {
     let lens = [8192usize, 0, 8192, 130, 1, 45];
-    let segs: Vec<Segment> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &len)| Segment {
-            k: 0x10_0000 * (i as u64 + 1),
-            ..seg(len, (i == 5).then_some(44))
-        })
-        .collect();
+    let segs = distinct_segments(&lens, 5);
     let tiles: usize = lens.iter().map(|l| l.div_ceil(64)).sum();
     let total: usize = lens.iter().sum();
     for target in [1usize, 2, 3, 7, 66, 176, 261, 262, 1000] {
         let p = AttnPlan::tiles(&segs, target);
         assert_eq!(p.n_splits(), target.min(tiles), "target {target}");
-        let counts: Vec<usize> = p
-            .split_begin
-            .windows(2)
-            .map(|w| {
-                p.items[w[0] as usize..w[1] as usize]
-                    .iter()
-                    .map(|it| ((it.key_end - it.key_begin) as usize).div_ceil(64))
-                    .sum()
-            })
-            .collect();
+        let counts = split_sizes(&p, |keys| keys.div_ceil(64));
         let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         assert!(hi - lo <= 1 && *lo >= 1, "target {target}: {lo}..{hi}");
         assert_eq!(counts.iter().sum::<usize>(), tiles);
-        let mut at = (0usize, 0i32);
-        let mut keys = 0;
-        for it in &p.items {
-            let s = segs.iter().position(|s| s.k == it.k).unwrap();
-            assert_eq!(it.key_begin % 64, 0);
-            assert!(it.key_begin < it.key_end && it.key_end as usize <= lens[s]);
-            if s == at.0 {
-                assert_eq!(it.key_begin, at.1);
-            } else {
-                assert!(s > at.0 && it.key_begin == 0);
-                assert_eq!(at.1 as usize, lens[at.0]);
-            }
-            at = (s, it.key_end);
-            keys += (it.key_end - it.key_begin) as usize;
-        }
-        assert_eq!((at, keys), ((5, 45), total));
+        assert_eq!(walk_items(&p, &segs, &lens, 64), ((5, 45), total));
     }
 }
 
