@@ -236,39 +236,30 @@ impl Inputs {
         let mut scratch = AttnScratch::default();
         let out_d = gpu.upload_new(&vec![f32::NAN; m * nh * d])?;
         let lse_d = gpu.upload_new(&vec![f32::NAN; m * nh])?;
-        let out = AttnOut::F32 {
+        let mut run = |out: AttnOut| {
+            gpu.attention(
+                &k,
+                self.q.ptr(),
+                m,
+                nh,
+                nkv,
+                p.0,
+                p.1,
+                p.2,
+                out,
+                &mut scratch,
+            )
+        };
+        run(AttnOut::F32 {
             out: out_d.ptr(),
             lse: lse_d.ptr(),
-        };
-        gpu.attention(
-            &k,
-            self.q.ptr(),
-            m,
-            nh,
-            nkv,
-            p.0,
-            p.1,
-            p.2,
-            out,
-            &mut scratch,
-        )?;
+        })?;
         let mut got = Attended::empty(m, shape);
         gpu.download(&mut got.out, out_d.ptr())?;
         gpu.download(&mut got.lse, lse_d.ptr())?;
         // 16-bit output, poisoned with all-ones words (NaN in both 16-bit types).
         let oh_d = gpu.upload_new(&vec![0xFFFFu16; m * nh * d])?;
-        gpu.attention(
-            &k,
-            self.q.ptr(),
-            m,
-            nh,
-            nkv,
-            p.0,
-            p.1,
-            p.2,
-            AttnOut::Half(oh_d.ptr()),
-            &mut scratch,
-        )?;
+        run(AttnOut::Half(oh_d.ptr()))?;
         let mut oh = vec![0u16; m * nh * d];
         gpu.download(&mut oh, oh_d.ptr())?;
         Ok((got, from_half(gpu.dtype, &oh)))

@@ -63,7 +63,7 @@ impl PoolHandoff {
         let mut job = first;
         loop {
             job();
-            if self.budget.micros() == 0 {
+            if self.budget.duration().is_zero() {
                 return;
             }
             {
