@@ -849,12 +849,8 @@ fn attention_rows(
             }
             runs.push((default, format!(" ({}x2 splits)", auto), auto * 2));
         }
-        let mut bf16_secs = None;
-        for (kernels, vname, splits) in &runs {
-            let (kernels, splits) = (*kernels, (*splits).max(1));
-            gpu.set_attention_kernels(kernels);
-            report_kernel(nh / nkv);
-            let plan = AttnPlan::new(&segs, splits);
+        // One decode attention over `plan`, timed: (seconds, splits).
+        let mut time_plan = |plan: AttnPlan| -> Result<(f64, usize)> {
             let n_splits = plan.n_splits();
             let p = upload_plans(gpu, &mut tb, &[plan])?[0];
             let secs = time_gpu_batch(gpu, 15, 20, || {
@@ -872,6 +868,14 @@ fn attention_rows(
                 )?;
                 Ok(())
             })?;
+            Ok((secs, n_splits))
+        };
+        let mut bf16_secs = None;
+        for (kernels, vname, splits) in &runs {
+            let (kernels, splits) = (*kernels, (*splits).max(1));
+            gpu.set_attention_kernels(kernels);
+            report_kernel(nh / nkv);
+            let (secs, n_splits) = time_plan(AttnPlan::new(&segs, splits))?;
             bf16_secs.get_or_insert(secs);
             let bytes = (l * nkv * d * 2 * 2) as f64;
             let gbs = bytes / secs / 1e9;
@@ -910,24 +914,7 @@ fn attention_rows(
                     ..default
                 });
                 let splits = gpu.choose_splits(1, shape, l);
-                let plan = AttnPlan::for_gpu(gpu, &segs, splits);
-                let n_splits = plan.n_splits();
-                let p = upload_plans(gpu, &mut tb, &[plan])?[0];
-                let secs = time_gpu_batch(gpu, 15, 20, || {
-                    gpu.attention(
-                        kern,
-                        q.ptr(),
-                        1,
-                        nh,
-                        nkv,
-                        p.0,
-                        p.1,
-                        p.2,
-                        AttnOut::Half(o.ptr()),
-                        &mut scratch,
-                    )?;
-                    Ok(())
-                })?;
+                let (secs, n_splits) = time_plan(AttnPlan::for_gpu(gpu, &segs, splits))?;
                 tuned[i].1.push(secs);
                 tuned[i].2 = n_splits;
             }
