@@ -505,18 +505,22 @@ impl Tensor {
 mod tests {
     use super::*;
 
+    /// Uniform values in [-1, 1) from a xorshift64 seeded with `state`.
+    fn uniform(mut state: u64) -> impl FnMut() -> f32 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+        }
+    }
+
     /// Symmetric round-to-nearest int8: every element is within half a step (`scale / 2`,
     /// `scale = f16(max|row| / 127)`) of its input, or of the clamp at 127 when the f16
     /// rounding made the scale short, plus f32 rounding.
     #[test]
     fn i8_round_trip_error_is_within_half_a_step() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
-        };
+        let mut next = uniform(0x2545_f491_4f6c_dd1du64);
         for (rows, row_len, amp) in [
             (1usize, 1usize, 1.0f32),
             (7, 64, 3.0),
@@ -641,13 +645,7 @@ mod tests {
     /// the smallest subnormal step never read as zero.
     #[test]
     fn f8_round_trip_error_is_within_half_a_step() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
-        };
+        let mut next = uniform(0x2545_f491_4f6c_dd1du64);
         for (rows, row_len, amp) in [
             (1usize, 1usize, 1.0f32),
             (7, 64, 3.0),

@@ -191,15 +191,19 @@ fn dequantize_rows_portable(kv: &Kv8, head_dim: usize, first: usize, n: usize, o
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_error_is_within_half_a_step_per_group() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
+    /// Uniform values in [-1, 1) from a xorshift64 seeded with `state`.
+    fn uniform(mut state: u64) -> impl FnMut() -> f32 {
+        move || {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
-        };
+        }
+    }
+
+    #[test]
+    fn round_trip_error_is_within_half_a_step_per_group() {
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15u64);
         let (heads, len, d) = (3, 24, 16);
         for rows_per_scale in [1, 8, len] {
             let mut x: Vec<f32> = (0..heads * len * d).map(|_| next() * 4.0).collect();
@@ -225,13 +229,7 @@ mod tests {
     /// quantiser would give (checked in service's kv tests).
     #[test]
     fn fp8_round_trip_error_is_within_half_a_step_per_group() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
-        };
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15u64);
         let (heads, len, d) = (3, 24, 16);
         for rows_per_scale in [1, 8, len] {
             let mut x: Vec<f32> = (0..heads * len * d)
