@@ -187,6 +187,7 @@ impl Config {
             text: text.into(),
             block_size,
             anchor_size: block_size,
+            block_overlap: 0,
             merge: Default::default(),
             reencode_ratio: 0.0,
             pinned: false,

@@ -475,6 +475,7 @@ fn gpu_rows(
     let star = StarConfig {
         block_size: BLOCK,
         anchor_size: BLOCK,
+        overlap: 0,
     };
     let staging = StagingPool::default();
     let reader = LeaseReader {
@@ -680,6 +681,7 @@ fn check_cold_blocks(gpu: &Arc<Gpu>, add: &mut dyn FnMut(String, String, String)
                 config: StarConfig {
                     block_size: b,
                     anchor_size: a,
+                    overlap: 0,
                 },
                 reader: &held,
                 mode,

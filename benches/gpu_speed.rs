@@ -35,6 +35,7 @@ use starkv_compute::cuda::{
 };
 use starkv_compute::kv8::Kv8Format;
 use starkv_compute::model::LlamaConfig;
+use starkv_compute::star::StarConfig;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -418,13 +419,13 @@ fn run(opts: &Opts) -> Result<()> {
         }
         // Warm-up: kernels compiled, cuBLAS heuristics cached.
         let warm = toks.take(1024, config.vocab);
-        encode_context(&mut model, &warm, 512, 512)?;
+        encode_context(&mut model, &warm, StarConfig::new(512))?;
         gpu.synchronize()?;
         let mut largest = None;
         for &l in &opts.contexts {
             let context = toks.take(l, config.vocab);
             let t = Instant::now();
-            let blocks = encode_context(&mut model, &context, b, b)?;
+            let blocks = encode_context(&mut model, &context, StarConfig::new(b))?;
             gpu.synchronize()?;
             let secs = t.elapsed().as_secs_f64();
             let tps = l as f64 / secs;

@@ -178,6 +178,7 @@ fn measure(setup: &Setup<'_>, target: usize) -> Result<Row> {
         text: text.clone(),
         block_size: setup.block_size,
         anchor_size: setup.block_size,
+        block_overlap: 0,
         merge: Default::default(),
         reencode_ratio: 0.0,
         pinned: false,

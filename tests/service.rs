@@ -462,6 +462,13 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
         ),
         (
             "POST",
+            "/v1/documents",
+            Some(b"{\"text\": \"x\", \"block_overlap\": 70000}".to_vec()),
+            &ct,
+            400,
+        ),
+        (
+            "POST",
             "/v1/documents/x/query",
             Some(b"{\"question\": \"q\", \"merge_temperature\": 5}".to_vec()),
             &ct,
@@ -691,6 +698,77 @@ fn the_servers_reencode_ratio_is_the_default_of_ingests_that_set_none() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("reencode_ratio"), "{stderr}");
+    server.kill();
+}
+
+#[test]
+fn the_servers_block_overlap_is_the_default_and_part_of_the_block_keys() {
+    // `block_overlap = 4096` in the config: an ingest without the field encodes every
+    // block after all the tokens before it, which is full attention's KV (the one-block
+    // answer). Blocks with a lead are keyed by it: an ingest of the same text with
+    // `block_overlap: 0` reuses only the blocks that have no lead (the anchor's and the
+    // first after it), a second defaulted ingest reuses them all.
+    let dir = temp_dir("overlap-default");
+    let config = dir.join("starkv.toml");
+    std::fs::write(&config, "block_overlap = 4096\n").unwrap();
+    let server = Server::start(&dir, &["--config", config.to_str().unwrap()]);
+    let text = "The harbour master keeps the blue lantern. The baker keeps the copper kettle. \
+                The night nurse keeps the violin case. Who keeps the copper kettle?";
+    let mut answers = Vec::new();
+    let mut ingested = Vec::new();
+    for (id, extra) in [
+        ("one-block", json!({"block_size": 4096})),
+        ("defaulted", json!({"block_size": 8, "anchor_size": 8})),
+        (
+            "plain",
+            json!({"block_size": 8, "anchor_size": 8, "block_overlap": 0}),
+        ),
+        (
+            "defaulted-again",
+            json!({"block_size": 8, "anchor_size": 8}),
+        ),
+    ] {
+        let mut body = json!({"id": id, "text": text});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
+        assert_eq!(
+            (status, doc["state"].as_str()),
+            (200, Some("ready")),
+            "{doc}"
+        );
+        ingested.push((doc["blocks"].as_u64(), doc["reused_blocks"].as_u64()));
+        let (status, answer) = server.json(
+            "POST",
+            &format!("/v1/documents/{id}/query"),
+            Some(json!({"question": "Who keeps the copper kettle?", "max_tokens": 8})),
+        );
+        assert_eq!(status, 200, "{answer}");
+        answers.push(answer["answer"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        answers[1], answers[0],
+        "defaulted vs one block: {answers:?}"
+    );
+    let blocks = ingested[1].0.expect("blocks");
+    assert!(blocks >= 4, "{ingested:?}");
+    assert_eq!(
+        ingested[2].1,
+        Some(2),
+        "the plain ingest reuses blocks 0 and 1 (no lead) only: {ingested:?}"
+    );
+    assert_eq!(ingested[3].1, Some(blocks), "{ingested:?}");
+    // An overlap beyond the limit in the config is refused at startup.
+    std::fs::write(&config, "block_overlap = 70000\n").unwrap();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_starkv"))
+        .args(["--data-dir", dir.to_str().unwrap(), "serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("block_overlap"), "{stderr}");
     server.kill();
 }
 

@@ -61,6 +61,11 @@ pub struct ServerConfig {
     pub block_size: usize,
     /// Default anchor size (`None`: the block size).
     pub anchor_size: Option<usize>,
+    /// Default `block_overlap` for ingests that do not set one (`None`:
+    /// [`starkv_compute::star::DEFAULT_OVERLAP`]): tokens before each block that its
+    /// phase 1 encodes in front of it and drops, so a block boundary does not cut a
+    /// sentence off from its beginning (issue 14).
+    pub block_overlap: Option<usize>,
     /// Default `reencode_ratio` for ingests that do not set one (`None`: 0, off).
     /// Selective re-encoding (issue 14) costs ingest time, and its block keys cover the
     /// whole document (no reuse across documents or on re-ingest of an edited one); at
@@ -141,6 +146,7 @@ impl Default for ServerConfig {
             shards: 4,
             block_size: 2048,
             anchor_size: None,
+            block_overlap: None,
             reencode_ratio: None,
             max_body_bytes: 16 << 20,
             max_document_tokens: None,
@@ -279,6 +285,15 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "block_size must be >= 1 and anchor_size in 1..=block_size".into(),
             ));
+        }
+        if self
+            .block_overlap
+            .is_some_and(|o| o > starkv_compute::star::MAX_OVERLAP)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "block_overlap must be in 0..={}",
+                starkv_compute::star::MAX_OVERLAP
+            )));
         }
         if self
             .reencode_ratio

@@ -130,6 +130,10 @@ pub struct Manifest {
     /// Fraction of the tokens after the anchor re-encoded with global attention at
     /// ingest, in millionths (issue 14; 0: plain Star Attention; a trailing field too).
     pub reencode_ppm: u32,
+    /// Tokens before each block (after the anchor) that its phase 1 encoded in front of
+    /// it and dropped (issue 14; 0: the paper's phase 1; a trailing field too). Needed to
+    /// re-encode a block exactly as it was stored.
+    pub block_overlap: u32,
 }
 
 impl Manifest {
@@ -280,6 +284,7 @@ impl Manifest {
         w.u32(self.merge.temperature);
         w.u32(self.merge.scale);
         w.u32(self.reencode_ppm);
+        w.u32(self.block_overlap);
         w.finish()
     }
 
@@ -323,6 +328,7 @@ impl Manifest {
             }
         };
         let reencode_ppm = if r.at_end() { 0 } else { r.u32()? };
+        let block_overlap = if r.at_end() { 0 } else { r.u32()? };
         r.end()?;
         Ok(Manifest {
             doc: DocRef { doc, version },
@@ -338,6 +344,7 @@ impl Manifest {
             blocks,
             merge,
             reencode_ppm,
+            block_overlap,
         })
     }
 }
@@ -446,6 +453,7 @@ mod tests {
                 .collect(),
             merge: MergeOptions::new(0.7, 0.9),
             reencode_ppm: 100_000,
+            block_overlap: 32,
         }
     }
 
@@ -455,15 +463,31 @@ mod tests {
         let mut m = manifest();
         m.merge = MergeOptions::default();
         m.reencode_ppm = 0;
+        m.block_overlap = 0;
         let row = m.encode();
-        // Drop the three trailing u32 and re-seal the checksum.
-        let body = &row[..row.len() - CHECKSUM_LEN - 12];
+        // Drop the four trailing u32 and re-seal the checksum.
+        let body = &row[..row.len() - CHECKSUM_LEN - 16];
         let mut old = body.to_vec();
         old.extend_from_slice(&blake3::hash(body).as_bytes()[..CHECKSUM_LEN]);
         assert_eq!(Manifest::decode(&old).unwrap(), m);
         let tempered = manifest();
         assert_eq!(Manifest::decode(&tempered.encode()).unwrap(), tempered);
         assert!(!tempered.merge.is_exact() && m.merge.is_exact());
+        // A row written before the block overlap existed keeps its other trailing fields
+        // and decodes with no overlap.
+        let row = tempered.encode();
+        let body = &row[..row.len() - CHECKSUM_LEN - 4];
+        let mut old = body.to_vec();
+        old.extend_from_slice(&blake3::hash(body).as_bytes()[..CHECKSUM_LEN]);
+        let decoded = Manifest::decode(&old).unwrap();
+        assert_eq!(decoded.block_overlap, 0);
+        assert_eq!(
+            Manifest {
+                block_overlap: tempered.block_overlap,
+                ..decoded
+            },
+            tempered
+        );
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct DocSpec {
     /// Re-encoded fraction in millionths (recorded in the manifest; the caller folds it
     /// into the block keys, since the KV depends on it).
     pub reencode_ppm: u32,
+    /// Tokens of lead before each block (recorded in the manifest; the caller folds the
+    /// lead's tokens into the block keys, since the KV depends on them).
+    pub block_overlap: u32,
     /// The document's token ids (kept so blocks can be re-encoded for repair).
     pub source_tokens: Vec<u32>,
     /// Exempt from automatic eviction.
@@ -116,6 +119,7 @@ impl DocSpec {
             anchor_size: 2048,
             merge: Default::default(),
             reencode_ppm: 0,
+            block_overlap: 0,
             source_tokens: Vec::new(),
             pinned: false,
             ttl_ms: None,
@@ -1916,6 +1920,7 @@ impl Ingest {
             blocks: std::mem::take(&mut self.blocks),
             merge: self.spec.merge,
             reencode_ppm: self.spec.reencode_ppm,
+            block_overlap: self.spec.block_overlap,
         };
         let state = DocState {
             last_used_ms: now,

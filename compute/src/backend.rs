@@ -486,6 +486,12 @@ impl BlockEncoder<'_> {
         self.phase1.block_range(i)
     }
 
+    /// The tokens encoded in front of block `i` and dropped (see [`StarConfig`]'s
+    /// overlap; empty without one).
+    pub fn lead_range(&self, i: usize) -> Range<usize> {
+        self.phase1.lead_range(i)
+    }
+
     pub fn anchor_tokens(&self) -> &[u32] {
         self.phase1.anchor_tokens()
     }
@@ -529,7 +535,9 @@ impl BlockEncoder<'_> {
         }
         let on_device = std::env::var("STARKV_REENCODE_DEVICE").is_err();
         if let (EncoderDevice::Cuda(enc), true) = (&mut self.device, on_device) {
-            let ranges: Vec<Range<usize>> = (0..n).map(|i| self.phase1.block_range(i)).collect();
+            let ranges: Vec<(Range<usize>, Range<usize>)> = (0..n)
+                .map(|i| (self.phase1.lead_range(i), self.phase1.block_range(i)))
+                .collect();
             let anchor_len = self.phase1.anchor_tokens().len();
             let (tokens, anchor_tokens) = (self.tokens, &self.tokens[..anchor_len]);
             return guarded(|| {
@@ -579,9 +587,9 @@ impl BlockEncoder<'_> {
                 self.phase1.encode_block(i, anchor)
             }
             EncoderDevice::Cuda(enc) => {
-                let range = self.phase1.block_range(i);
+                let ranges = (self.phase1.lead_range(i), self.phase1.block_range(i));
                 let anchor_tokens = &self.tokens[..anchor_len];
-                guarded(|| enc.encode_block(self.tokens, range, anchor_tokens, keep))
+                guarded(|| enc.encode_block(self.tokens, ranges, anchor_tokens, keep))
             }
         }
     }

@@ -20,6 +20,9 @@ pub struct IngestRequest {
     pub text: String,
     pub block_size: usize,
     pub anchor_size: usize,
+    /// Tokens before each block that its phase 1 encodes in front of it and drops
+    /// (issue 14; see [`StarConfig`]'s `overlap`).
+    pub block_overlap: usize,
     /// How the blocks merge at query time (APE's tempered merge unless exact).
     pub merge: MergeOptions,
     /// Fraction (`0..=1`) of the tokens after the anchor re-encoded with global
@@ -150,10 +153,8 @@ impl Service {
         progress: &dyn Fn(usize, usize),
     ) -> ServiceResult<IngestOutcome> {
         let started = Instant::now();
-        let config = StarConfig {
-            block_size: req.block_size,
-            anchor_size: req.anchor_size,
-        };
+        let config = StarConfig::with_anchor(req.block_size, req.anchor_size)
+            .with_overlap(req.block_overlap);
         let mut encoder = self.backend.phase1(&self.model().model, &tokens, config)?;
         let spec = self.doc_spec(req, &tokens, dtype);
         let spec_dtype = spec.dtype;
@@ -182,8 +183,8 @@ impl Service {
         progress(0, blocks.len());
         for (done, &(i, expected)) in blocks.iter().enumerate() {
             let range = encoder.block_range(i);
-            let content =
-                ingest.block_key(&anchor_tokens, &tokens[range.clone()], range.start as u64);
+            let context = plain_key_context(&anchor_tokens, &tokens[encoder.lead_range(i)]);
+            let content = ingest.block_key(&context, &tokens[range.clone()], range.start as u64);
             let key = self.dedup.store_key(&req.tenant, content);
             if expected.is_some_and(|k| k != key.0) {
                 return Err(ServiceError::Conflict(format!(
@@ -230,6 +231,7 @@ impl Service {
         spec.dtype = dtype;
         spec.block_size = req.block_size as u32;
         spec.anchor_size = req.anchor_size as u32;
+        spec.block_overlap = req.block_overlap as u32;
         spec.merge = req.merge;
         spec.reencode_ppm = reencode_ppm(req.reencode_ratio);
         spec.source_tokens = tokens.to_vec();
@@ -238,25 +240,28 @@ impl Service {
         spec
     }
 
-    /// The key of block `range` of `tokens` of `tenant`, stored as `dtype`, as this
-    /// service's store computes it (model fingerprint, KV layout, dtype, anchor, block
-    /// tokens and start, scoped to the tenant by [`DedupScope`]; for a document
-    /// re-encoded at `reencode_ratio` > 0, the whole document in place of the anchor).
+    /// The key of block `range` of `tokens` of `tenant` (a document of `config`'s anchor
+    /// and overlap), stored as `dtype`, as this service's store computes it (model
+    /// fingerprint, KV layout, dtype, anchor, the block's lead, block tokens and start,
+    /// scoped to the tenant by [`DedupScope`]; for a document re-encoded at
+    /// `reencode_ratio` > 0, the whole document in place of the anchor and the lead).
     pub(crate) fn block_key(
         &self,
         tenant: &str,
         tokens: &[u32],
-        anchor_size: usize,
+        config: StarConfig,
         reencode_ratio: f32,
         range: std::ops::Range<usize>,
         dtype: DType,
     ) -> BlockId {
+        let anchor_size = config.anchor_size;
         let req = IngestRequest {
             id: String::new(),
             tenant: String::new(),
             text: String::new(),
             block_size: range.len().max(1),
             anchor_size,
+            block_overlap: config.overlap,
             merge: MergeOptions::default(),
             reencode_ratio: 0.0,
             pinned: false,
@@ -266,9 +271,10 @@ impl Service {
         let mut spec = self.doc_spec(&req, &[], dtype);
         spec.anchor_size = anchor_size as u32;
         let context = if reencode_ratio > 0.0 {
-            reencode_key_context(tokens, reencode_ratio)
+            reencode_key_context(tokens, reencode_ratio, config.overlap)
         } else {
-            tokens[..anchor_size.min(tokens.len())].to_vec()
+            let anchor = &tokens[..anchor_size.min(tokens.len())];
+            plain_key_context(anchor, &tokens[config.lead(range.clone(), anchor.len())])
         };
         let content =
             BlockStore::block_key(&spec, &context, &tokens[range.clone()], range.start as u64);
@@ -289,12 +295,31 @@ pub(crate) fn reencode_ppm(ratio: f32) -> u32 {
 }
 
 /// What a re-encoded block's key is computed over in place of the anchor tokens: the
-/// whole document and the ratio, since every block's KV now depends on all the tokens
-/// before it. The ratio's marker is no token id (ids are below 2^31), so no plain key
-/// can collide with it.
-fn reencode_key_context(tokens: &[u32], ratio: f32) -> Vec<u32> {
+/// whole document, the ratio and the overlap (when there is one), since every block's
+/// KV now depends on all the tokens before it and on how phase 1 encoded them. The
+/// markers are no token ids (ids are below 2^31), so no plain key can collide with it.
+fn reencode_key_context(tokens: &[u32], ratio: f32, overlap: usize) -> Vec<u32> {
     let mut context = tokens.to_vec();
     context.extend([u32::MAX, reencode_ppm(ratio)]);
+    if overlap > 0 {
+        context.extend([LEAD_MARKER, overlap as u32]);
+    }
+    context
+}
+
+/// Marks the lead's part of a key context (no token id: ids are below 2^31).
+const LEAD_MARKER: u32 = u32::MAX - 1;
+
+/// What a plain block's key is computed over in place of the anchor tokens: the anchor
+/// and, when the block has a lead (see [`StarConfig`]'s overlap), a marker, the lead's
+/// length and its tokens, since the block's KV depends on them. Without a lead it is the
+/// anchor alone, so the keys of blocks stored before the overlap existed are unchanged.
+pub(crate) fn plain_key_context(anchor: &[u32], lead: &[u32]) -> Vec<u32> {
+    let mut context = anchor.to_vec();
+    if !lead.is_empty() {
+        context.extend([LEAD_MARKER, lead.len() as u32]);
+        context.extend_from_slice(lead);
+    }
     context
 }
 
@@ -318,7 +343,7 @@ impl Service {
     ) -> ServiceResult<IngestOutcome> {
         let n_blocks = encoder.n_blocks();
         let whole = part.len() == n_blocks;
-        let key_context = reencode_key_context(tokens, req.reencode_ratio);
+        let key_context = reencode_key_context(tokens, req.reencode_ratio, req.block_overlap);
         let mut keys = Vec::with_capacity(n_blocks);
         // Blocks kept here: computed and stored unless already stored.
         let mut kept = vec![false; n_blocks];

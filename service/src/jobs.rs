@@ -62,6 +62,9 @@ struct Spooled {
     text: String,
     block_size: usize,
     anchor_size: usize,
+    /// Absent in a job spooled before the overlap existed: none.
+    #[serde(default)]
+    block_overlap: usize,
     /// APE's merge (absent in entries spooled before it existed: exact).
     #[serde(default)]
     merge: Option<(f32, f32)>,
@@ -141,6 +144,7 @@ impl Jobs {
             text: req.text,
             block_size: req.block_size,
             anchor_size: req.anchor_size,
+            block_overlap: req.block_overlap,
             merge: Some((req.merge.temperature(), req.merge.scale())),
             reencode_ratio: req.reencode_ratio,
             pinned: req.pinned,
@@ -237,6 +241,7 @@ impl Jobs {
                 text: job.text,
                 block_size: job.block_size,
                 anchor_size: job.anchor_size,
+                block_overlap: job.block_overlap,
                 merge: job
                     .merge
                     .map_or_else(Default::default, |(t, s)| MergeOptions::new(t, s)),

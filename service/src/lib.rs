@@ -164,11 +164,9 @@ impl Service {
         tokens: &'a [u32],
         manifest: &starkv_cache::Manifest,
     ) -> ServiceResult<BlockEncoder<'a>> {
-        let config = StarConfig {
-            block_size: manifest.block_size as usize,
-            anchor_size: manifest.anchor_size as usize,
-        };
-        Ok(self.backend.phase1(&self.model().model, tokens, config)?)
+        Ok(self
+            .backend
+            .phase1(&self.model().model, tokens, star_config(manifest))?)
     }
 
     /// Drops compute-ready copies (e.g. after eviction), host and GPU-resident; the
@@ -182,4 +180,11 @@ impl Service {
 /// Paths the server keeps under its data directory.
 pub fn store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("store")
+}
+
+/// The phase-1 configuration a stored document was encoded with: re-encoding one of its
+/// blocks (repair, the cold path) must reproduce the stored KV exactly.
+pub(crate) fn star_config(manifest: &starkv_cache::Manifest) -> StarConfig {
+    StarConfig::with_anchor(manifest.block_size as usize, manifest.anchor_size as usize)
+        .with_overlap(manifest.block_overlap as usize)
 }

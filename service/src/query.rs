@@ -11,7 +11,6 @@ use starkv_compute::generate::{GenerateParams, StopReason};
 use starkv_compute::partial::ContextMerge;
 use starkv_compute::prompt;
 use starkv_compute::sampling::{SamplingParams, TokenLogprob};
-use starkv_compute::star::StarConfig;
 
 use crate::stored::StoredBlocks;
 use crate::{Service, ServiceError, ServiceResult};
@@ -97,10 +96,7 @@ impl Service {
             && manifest.reencode_ppm == 0
         {
             // A GPU: missing blocks are read straight into staging and re-encoded at once.
-            let config = StarConfig {
-                block_size: manifest.block_size as usize,
-                anchor_size: manifest.anchor_size as usize,
-            };
+            let config = crate::star_config(&manifest);
             let reader = crate::cold::StoreReader::new(&lease);
             let stored = StoredContext {
                 tokens: &tokens,

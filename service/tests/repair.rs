@@ -30,6 +30,8 @@ fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {
         text: text.into(),
         block_size: 24,
         anchor_size: 24,
+        // With a lead, so the repair must re-encode each block after it, as stored.
+        block_overlap: 8,
         merge: Default::default(),
         reencode_ratio: 0.0,
         pinned: false,
@@ -53,6 +55,7 @@ fn a_corrupt_block_is_repaired_during_the_query_and_the_answer_is_unchanged() {
 
     // Flip one byte of layer 7 of block 1, then drop every in-memory copy.
     let lease = service.store().open_doc("t/cape").unwrap();
+    assert_eq!(lease.manifest().block_overlap, 8, "the overlap is recorded");
     let block = lease.manifest().blocks[1].clone();
     drop(lease);
     let shard = block.key.shard(service.store().engine().shards());

@@ -167,6 +167,7 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
                 Some(anchor_size) => StarConfig {
                     block_size: args.block_size,
                     anchor_size,
+                    overlap: 0,
                 },
                 None => StarConfig::with_default_anchor(args.block_size, context_ids.len()),
             };

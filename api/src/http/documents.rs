@@ -15,7 +15,7 @@ use super::extract::{ApiPath, ApiQuery};
 use super::{ApiJson, AppState, blocking};
 use crate::config::Role;
 use starkv_cache::MergeOptions;
-use starkv_compute::star::StarConfig;
+use starkv_compute::star::{DEFAULT_OVERLAP, MAX_OVERLAP, StarConfig};
 use starkv_service::jobs::{Job, JobState, SubmitError};
 use starkv_service::limits::seconds_to_ms;
 use starkv_service::{IngestRequest, KvDtype};
@@ -27,6 +27,8 @@ pub struct CreateDocument {
     id: Option<String>,
     block_size: Option<usize>,
     anchor_size: Option<usize>,
+    /// Tokens before each block encoded in front of it and dropped (issue 14).
+    block_overlap: Option<usize>,
     #[serde(default)]
     pin: bool,
     ttl_seconds: Option<u64>,
@@ -130,6 +132,15 @@ pub async fn create(
             "`anchor_size` must be in 1..=block_size, or a multiple of block_size up to 65536",
         ));
     }
+    let block_overlap = body
+        .block_overlap
+        .or(state.config.block_overlap)
+        .unwrap_or(DEFAULT_OVERLAP);
+    if block_overlap > MAX_OVERLAP {
+        return Err(ApiError::bad_request(format!(
+            "`block_overlap` must be in 0..={MAX_OVERLAP}"
+        )));
+    }
     let merge = validate_merge(body.merge_temperature, body.merge_scale)?.unwrap_or_default();
     let kv_dtype = match body.kv_dtype.as_deref() {
         None => KvDtype::F16,
@@ -187,6 +198,7 @@ pub async fn create(
         text,
         block_size,
         anchor_size,
+        block_overlap,
         merge,
         reencode_ratio,
         pinned: body.pin,

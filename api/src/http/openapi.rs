@@ -160,6 +160,10 @@ fn schemas(config: &ServerConfig) -> Value {
                     "type": "integer", "minimum": 1, "maximum": MAX_BLOCK_SIZE,
                     "description": "at most block_size, or a multiple of block_size; default: the server's anchor_size, else whole blocks covering a quarter of the document (one block for documents of up to 4 blocks)"
                 },
+                "block_overlap": {
+                    "type": "integer", "minimum": 0, "maximum": starkv_compute::star::MAX_OVERLAP,
+                    "description": format!("tokens before each block (after the anchor) encoded in front of it and dropped, so that a block boundary does not cut a sentence off from its beginning; 0: the paper's phase 1; default: the server's block_overlap, else {}", starkv_compute::star::DEFAULT_OVERLAP)
+                },
                 "pin": { "type": "boolean" },
                 "ttl_seconds": seconds,
                 "metadata": { "type": "object", "nullable": true },

@@ -19,7 +19,8 @@ use std::time::Instant;
 use super::{Answer, BlockId, DocumentAnswer, StoredContext, TierStats};
 use crate::cuda::cold::{ColdLoad, ColdMode, ColdRates, StagingPool};
 use crate::cuda::star::{
-    BlockTier, ContextBlocks, GpuBlock, GpuQuery, GpuShard, encode_block, encode_context,
+    BlockTier, ContextBlocks, GpuBlock, GpuQuery, GpuShard, encode_block, encode_block_after,
+    encode_context,
 };
 use crate::cuda::{CudaError, CudaLlama, Gpu, GpuAttention, GpuKvCache, HalfType};
 use crate::error::{Error, Result};
@@ -355,7 +356,7 @@ impl CudaBackend {
     ) -> Result<DocumentAnswer> {
         let mut model = self.lock_model()?;
         let started = Instant::now();
-        let blocks = encode_context(&mut model, context, config.block_size, config.anchor_size)?;
+        let blocks = encode_context(&mut model, context, config)?;
         self.gpu.synchronize()?;
         let (phase1, n_blocks) = (started.elapsed(), blocks.len());
         let capacity = query.len() + params.max_tokens;
@@ -416,19 +417,26 @@ pub(super) struct GpuEncoder<'a> {
 }
 
 impl GpuEncoder<'_> {
-    /// Block `range` of `tokens` (block 0 when it starts at 0); with `keep`, the block
-    /// also stays resident in the tier under that key.
+    /// Block `range` of `tokens` (block 0 when it starts at 0) after its `lead` (see
+    /// [`StarConfig::lead`]); with `keep`, the block also stays resident in the tier
+    /// under that key.
     pub(super) fn encode_block(
         &mut self,
         tokens: &[u32],
-        range: Range<usize>,
+        (lead, range): (Range<usize>, Range<usize>),
         anchor_tokens: &[u32],
         keep: Option<BlockId>,
     ) -> Result<BlockKv> {
         let cuda = self.cuda;
         let gpu = &cuda.gpu;
         let mut model = cuda.lock_model()?;
-        let block = device_block(&mut model, &mut self.anchor, tokens, range, anchor_tokens)?;
+        let block = device_block(
+            &mut model,
+            &mut self.anchor,
+            tokens,
+            (lead, range),
+            anchor_tokens,
+        )?;
         let host = block.download(gpu)?;
         drop(model);
         if let Some(key) = keep {
@@ -437,7 +445,7 @@ impl GpuEncoder<'_> {
         Ok(host)
     }
 
-    /// Phase 1 of every block (`ranges`, in order, covering `tokens`) written into one
+    /// Phase 1 of every block (`ranges`: lead and block, in order, covering `tokens`) written into one
     /// device copy of the document's KV, the selective re-encoding over it on the device
     /// ([`crate::cuda::reencode::reencode_document`]), then each block cut from it,
     /// downloaded and handed to `sink` in order, one at a time (the GPU is free between
@@ -447,7 +455,7 @@ impl GpuEncoder<'_> {
     pub(super) fn encode_reencoded(
         &mut self,
         tokens: &[u32],
-        ranges: &[Range<usize>],
+        ranges: &[(Range<usize>, Range<usize>)],
         anchor_tokens: &[u32],
         exact_until: usize,
         ratio: f32,
@@ -479,7 +487,7 @@ impl GpuEncoder<'_> {
             )?;
             (doc, done)
         };
-        for (i, range) in ranges.iter().enumerate() {
+        for (i, (_, range)) in ranges.iter().enumerate() {
             let (block, host) = {
                 let _model = cuda.lock_model()?;
                 let block = doc.rows(gpu, range.clone())?;
@@ -500,13 +508,13 @@ impl GpuEncoder<'_> {
     }
 }
 
-/// Phase 1 of block `range` on the device (block 0 when it starts at 0), the anchor
-/// encoded once into `anchor` and reused.
+/// Phase 1 of block `range` on the device (block 0 when it starts at 0) after its
+/// `lead`, the anchor encoded once into `anchor` and reused.
 fn device_block(
     model: &mut CudaLlama,
     anchor: &mut Option<GpuBlock>,
     tokens: &[u32],
-    range: Range<usize>,
+    (lead, range): (Range<usize>, Range<usize>),
     anchor_tokens: &[u32],
 ) -> Result<GpuBlock, CudaError> {
     let gpu = model.gpu().clone();
@@ -529,7 +537,7 @@ fn device_block(
         *anchor = Some(encode_block(model, anchor_tokens, 0, None)?);
     }
     let start = range.start;
-    encode_block(model, &tokens[range], start, anchor.as_ref())
+    encode_block_after(model, &tokens[lead], &tokens[range], start, anchor.as_ref())
 }
 
 impl Drop for GpuEncoder<'_> {

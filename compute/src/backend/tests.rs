@@ -121,6 +121,7 @@ fn cpu_backend_answers_equal_the_direct_path() {
     let config = StarConfig {
         block_size: 16,
         anchor_size: 8,
+        overlap: 0,
     };
     let params = greedy(6);
     let (want_blocks, want_ids) = direct_answer(&loaded, &context, config, &query, &params);
@@ -461,6 +462,7 @@ fn encode_reencoded_is_phase1_then_the_reencoding_pass() {
     let config = StarConfig {
         block_size: 12,
         anchor_size: 24,
+        overlap: 0,
     };
     let mut enc = backend.phase1(model, &t, config).unwrap();
     let mut expected = (0..enc.n_blocks())

@@ -248,7 +248,7 @@ impl ColdLoad<'_> {
 
     /// Phase 1 of block `i` into `block`, as [`crate::star::Phase1`] defines it: block 0
     /// alone (its prefix kept as the anchor), a block inside a multi-block anchor as rows
-    /// of the anchor, any other block over the anchor.
+    /// of the anchor, any other block over the anchor after its lead.
     fn encode_one(
         &self,
         model: &mut CudaLlama,
@@ -269,15 +269,16 @@ impl ColdLoad<'_> {
             }
             return Ok(());
         }
+        let lead = &self.tokens[self.config.lead(range.clone(), self.anchor_len())];
         let tokens = &self.tokens[range];
         if i == 0 {
-            encode_block_into(model, tokens, None, block)?;
+            encode_block_into(model, &[], tokens, None, block)?;
             if anchor.is_none() {
                 *anchor = Some(block.prefix(self.gpu, self.anchor_len())?);
             }
             return Ok(());
         }
-        encode_block_into(model, tokens, anchor.as_ref(), block)
+        encode_block_into(model, lead, tokens, anchor.as_ref(), block)
     }
 
     fn encode_worker(

@@ -82,18 +82,55 @@ pub fn encode_block(
         model.head_shape(),
         model.config().n_layers,
     )?;
-    encode_block_into(model, tokens, anchor, &block)?;
+    encode_block_into(model, &[], tokens, anchor, &block)?;
     Ok(block)
 }
 
-/// [`encode_block`] into a block allocated beforehand (its `start` and `len` say where
-/// the tokens sit; the cold loader allocates every block of a query up front).
+/// [`encode_block`] with `lead`, the tokens just before the block, encoded in front of
+/// it and dropped: `[anchor | lead | block]`, as [`crate::star::StarConfig`]'s overlap
+/// asks. Without a lead it is [`encode_block`].
+pub fn encode_block_after(
+    model: &mut CudaLlama,
+    lead: &[u32],
+    tokens: &[u32],
+    start: usize,
+    anchor: Option<&GpuBlock>,
+) -> Result<GpuBlock> {
+    if lead.is_empty() {
+        return encode_block(model, tokens, start, anchor);
+    }
+    let Some(lead_start) = start.checked_sub(lead.len()) else {
+        return Err(CudaError::Invalid(format!(
+            "a lead of {} tokens before position {start}",
+            lead.len()
+        )));
+    };
+    let gpu = model.gpu().clone();
+    let sequence: Vec<u32> = lead.iter().chain(tokens).copied().collect();
+    let encoded = encode_block(model, &sequence, lead_start, anchor)?;
+    encoded.rows(&gpu, lead.len()..sequence.len())
+}
+
+/// [`encode_block_after`] into a block allocated beforehand (its `start` and `len` say
+/// where the tokens sit; the cold loader allocates every block of a query up front).
 pub fn encode_block_into(
     model: &mut CudaLlama,
+    lead: &[u32],
     tokens: &[u32],
     anchor: Option<&GpuBlock>,
     block: &GpuBlock,
 ) -> Result<()> {
+    if !lead.is_empty() {
+        let gpu = model.gpu().clone();
+        let rows = encode_block_after(model, lead, tokens, block.start, anchor)?;
+        if rows.len != block.len {
+            return Err(CudaError::Invalid(format!(
+                "{} tokens for a block of {}",
+                rows.len, block.len
+            )));
+        }
+        return rows.copy_into(&gpu, block);
+    }
     if tokens.is_empty() || tokens.len() != block.len {
         return Err(CudaError::Invalid(format!(
             "{} tokens for a block of {}",
@@ -110,31 +147,43 @@ pub fn encode_block_into(
     model.forward(tokens, &positions, &mut attention)
 }
 
-/// Phase 1 for a whole context: blocks of `block_size`, anchor of `anchor_size` tokens
-/// (the first `a` rows of block 0).
+/// Phase 1 for a whole context, as [`crate::star::Phase1::encode_all`] defines it:
+/// block 0 alone (its prefix the anchor) or, with an anchor of several blocks, the anchor
+/// alone and the blocks inside it as its rows; every later block over the anchor, after
+/// its lead.
 pub fn encode_context(
     model: &mut CudaLlama,
     tokens: &[u32],
-    block_size: usize,
-    anchor_size: usize,
+    config: crate::star::StarConfig,
 ) -> Result<Vec<Arc<GpuBlock>>> {
-    let config = crate::star::StarConfig {
-        block_size,
-        anchor_size,
-    };
     config.validate()?;
     if tokens.is_empty() {
         return Err(CudaError::Invalid("the context is empty".into()));
     }
-    let b = block_size;
-    let first = encode_block(model, &tokens[..b.min(tokens.len())], 0, None)?;
-    let anchor = first.prefix(model.gpu(), anchor_size.min(tokens.len()))?;
+    let gpu = model.gpu().clone();
+    let b = config.block_size;
+    let first_len = b.min(tokens.len());
+    let anchor_len = config.anchor_size.min(tokens.len());
+    let (first, anchor) = if anchor_len <= first_len {
+        let first = encode_block(model, &tokens[..first_len], 0, None)?;
+        let anchor = first.prefix(&gpu, anchor_len)?;
+        (first, anchor)
+    } else {
+        let anchor = encode_block(model, &tokens[..anchor_len], 0, None)?;
+        (anchor.rows(&gpu, 0..first_len)?, anchor)
+    };
     let mut out = vec![Arc::new(first)];
     for start in (b..tokens.len()).step_by(b) {
-        let end = (start + b).min(tokens.len());
-        out.push(Arc::new(encode_block(
+        let range = start..(start + b).min(tokens.len());
+        if range.end <= anchor_len {
+            out.push(Arc::new(anchor.rows(&gpu, range)?));
+            continue;
+        }
+        let lead = config.lead(range.clone(), anchor_len);
+        out.push(Arc::new(encode_block_after(
             model,
-            &tokens[start..end],
+            &tokens[lead],
+            &tokens[range.clone()],
             start,
             Some(&anchor),
         )?));

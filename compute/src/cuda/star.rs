@@ -4,7 +4,7 @@
 //! [`crate::star::AttentionShard`] (`shard.rs`) and the resident block tier (`tier.rs`).
 
 pub use super::block::GpuBlock;
-pub use super::phase1::{encode_block, encode_block_into, encode_context};
+pub use super::phase1::{encode_block, encode_block_after, encode_block_into, encode_context};
 pub use super::phase2::{ContextBlocks, GpuQuery, StreamedBlocks};
 pub use super::shard::GpuShard;
 pub use super::tier::{BlockTier, TierValue};

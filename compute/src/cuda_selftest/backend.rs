@@ -106,6 +106,7 @@ pub(super) fn checks(
     let long_anchor = StarConfig {
         block_size: 128,
         anchor_size: 256,
+        overlap: 0,
     };
     let (err, _) = kv_diff(
         &encode_with(&on_gpu, long_anchor)?,

@@ -1282,7 +1282,7 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
 
     // Star with b >= L is full attention.
     let t = Instant::now();
-    let blocks = encode_context(&mut model, &context, l, l)?;
+    let blocks = encode_context(&mut model, &context, StarConfig::new(l))?;
     let mut q = GpuQuery::new(&model, ContextBlocks::Resident(blocks), mq + 4)?;
     let positions: Vec<usize> = (l..l + mq).collect();
     model.forward(&query, &positions, &mut q)?;
@@ -1308,7 +1308,7 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
     let cpu_shard = CpuShard::new(cpu_blocks.clone(), cpu.head_shape());
     let mut qa = QueryAttention::new(vec![&cpu_shard], config.n_layers, cpu.head_shape(), mq);
     let cpu_star = cpu.logits(&cpu.forward(&query, &positions, &mut qa)?);
-    let gblocks = encode_context(&mut model, &context, b, b)?;
+    let gblocks = encode_context(&mut model, &context, StarConfig::new(b))?;
     // Phase-1 KV itself, block by block.
     let mut kv_err = 0f64;
     for (g, c) in gblocks.iter().zip(&cpu_blocks) {
@@ -1332,6 +1332,44 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
         "rel",
         rel(&gpu_star, &cpu_star),
         8.0 * u,
+        ms(t),
+    );
+
+    // The same with an anchor of two blocks and an overlap (issue 14): blocks inside the
+    // anchor are its rows, every later block is encoded after its lead of 24 tokens.
+    let t = Instant::now();
+    let led = StarConfig::with_anchor(b, 2 * b).with_overlap(24);
+    let cpu_led = Phase1::new(&cpu, &context, led)?.encode_all()?;
+    let gpu_led = encode_context(&mut model, &context, led)?;
+    let mut kv_err = 0f64;
+    for (g, c) in gpu_led.iter().zip(&cpu_led) {
+        let g = g.download(gpu)?;
+        if (g.start, g.len) != (c.start, c.len) {
+            kv_err = f64::INFINITY;
+            continue;
+        }
+        for (gl, cl) in g.layers.iter().zip(&c.layers) {
+            kv_err = kv_err.max(rel(&gl.0, &cl.0)).max(rel(&gl.1, &cl.1));
+        }
+    }
+    report.check(
+        &format!(
+            "phase-1 block KV GPU vs CPU (b={b}, a={}, overlap 24)",
+            2 * b
+        ),
+        "rel",
+        kv_err,
+        8.0 * u,
+        ms(t),
+    );
+    // And the overlap must change the KV of the blocks after the anchor, or it did nothing.
+    let plain = Phase1::new(&cpu, &context, StarConfig::with_anchor(b, 2 * b))?.encode_all()?;
+    let moved = rel(&plain[3].layers[1].0, &cpu_led[3].layers[1].0);
+    report.check(
+        "overlap changes phase-1 KV (CPU, block 3, layer 1; must exceed)",
+        "rel",
+        8.0 * u / moved.max(1e-12),
+        1.0,
         ms(t),
     );
 

@@ -155,6 +155,7 @@ fn ingest_path(
     let config = StarConfig {
         block_size: b,
         anchor_size: 2 * b,
+        overlap: 0,
     };
     let exact_until = 2 * b;
     let t = Instant::now();
@@ -244,6 +245,7 @@ pub(super) fn timings(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report) -> Res
     let star = StarConfig {
         block_size: b,
         anchor_size: 4 * b,
+        overlap: 0,
     };
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);

@@ -17,7 +17,7 @@ pub mod phase2;
 pub mod reencode;
 
 pub use block::BlockKv;
-pub use phase1::{Phase1, StarConfig};
+pub use phase1::{DEFAULT_OVERLAP, MAX_OVERLAP, Phase1, StarConfig};
 pub use phase2::{
     AttentionShard, CpuShard, PendingPartial, QueryAttention, merge_pending, start_all,
 };

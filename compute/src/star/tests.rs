@@ -167,6 +167,7 @@ fn shard_order_does_not_change_the_result() {
         StarConfig {
             block_size: 40,
             anchor_size: 16,
+            overlap: 0,
         },
     )
     .unwrap();
@@ -297,6 +298,7 @@ fn a_block_encoded_alone_equals_the_block_in_a_whole_run() {
         StarConfig {
             block_size: 64,
             anchor_size: 32,
+            overlap: 0,
         },
     )
     .unwrap();
@@ -334,6 +336,7 @@ fn block_positions_follow_the_design_including_the_gap() {
         StarConfig {
             block_size: b,
             anchor_size: a,
+            overlap: 0,
         },
     )
     .unwrap();
@@ -392,7 +395,8 @@ fn bad_configurations_are_errors() {
             &context,
             StarConfig {
                 block_size: 0,
-                anchor_size: 0
+                anchor_size: 0,
+                overlap: 0,
             }
         )
         .is_err()
@@ -403,7 +407,8 @@ fn bad_configurations_are_errors() {
             &context,
             StarConfig {
                 block_size: 4,
-                anchor_size: 5
+                anchor_size: 5,
+                overlap: 0,
             }
         )
         .is_err()
@@ -415,7 +420,8 @@ fn bad_configurations_are_errors() {
             &context,
             StarConfig {
                 block_size: 4,
-                anchor_size: 10
+                anchor_size: 10,
+                overlap: 0,
             }
         )
         .is_err()
@@ -433,6 +439,7 @@ fn an_anchor_of_whole_blocks_is_a_causal_prefix_seen_by_every_later_block() {
     let config = StarConfig {
         block_size: 40,
         anchor_size: 80,
+        overlap: 0,
     };
     let phase1 = Phase1::new(&model, &context, config).unwrap();
     let blocks = phase1.encode_all().unwrap();
@@ -478,6 +485,7 @@ fn an_anchor_of_whole_blocks_is_a_causal_prefix_seen_by_every_later_block() {
     let whole = StarConfig {
         block_size: 40,
         anchor_size: 200,
+        overlap: 0,
     };
     let blocks: Vec<Arc<BlockKv>> = Phase1::new(&model, &context, whole)
         .unwrap()
@@ -585,4 +593,125 @@ fn every_shard_starts_before_any_is_awaited_and_a_failure_is_an_error() {
         matches!(&err, crate::Error::Shard { shard, .. } if shard == "b"),
         "{err}"
     );
+}
+
+/// The lead: up to `overlap` tokens before a block, never inside the anchor, none for
+/// block 0 or the blocks the anchor holds.
+#[test]
+fn the_lead_is_the_overlap_before_a_block_after_the_anchor() {
+    let c = StarConfig::with_anchor(12, 5).with_overlap(4);
+    assert_eq!(c.lead(0..12, 5), 0..0, "block 0 has no lead");
+    assert_eq!(c.lead(12..24, 5), 8..12);
+    assert_eq!(c.lead(36..40, 5), 32..36);
+    // Clamped at the anchor's end: those tokens are the anchor's, seen anyway.
+    assert_eq!(
+        StarConfig::with_anchor(12, 10)
+            .with_overlap(4)
+            .lead(12..24, 10),
+        10..12
+    );
+    // The first block after an anchor of whole blocks, and the blocks inside it.
+    let long = StarConfig::with_anchor(10, 30).with_overlap(8);
+    assert_eq!(long.lead(10..20, 30), 10..10);
+    assert_eq!(long.lead(30..40, 30), 30..30);
+    assert_eq!(long.lead(40..50, 30), 32..40);
+    assert_eq!(
+        StarConfig::new(12).lead(24..36, 12),
+        24..24,
+        "no overlap, no lead"
+    );
+}
+
+/// A block with a lead is the tail of one causal pass over `[anchor | lead | block]` at
+/// the tokens' global positions.
+#[test]
+fn a_block_with_a_lead_is_the_tail_of_anchor_lead_and_block() {
+    let model = tiny_model();
+    let context = tokens(40, 11);
+    let (b, a, o) = (12, 5, 4);
+    let phase1 = Phase1::new(
+        &model,
+        &context,
+        StarConfig::with_anchor(b, a).with_overlap(o),
+    )
+    .unwrap();
+    assert_eq!(
+        phase1.sequence_positions(1),
+        [
+            0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23
+        ]
+    );
+    let plain = Phase1::new(&model, &context, StarConfig::with_anchor(b, a))
+        .unwrap()
+        .encode_all()
+        .unwrap();
+    let blocks = phase1.encode_all().unwrap();
+    assert_eq!(blocks[0], plain[0], "block 0 has no lead");
+    let (shape, d) = (model.head_shape(), model.head_shape().head_dim);
+    for (i, block) in blocks.iter().enumerate().skip(1) {
+        let (range, lead) = (phase1.block_range(i), phase1.lead_range(i));
+        assert_eq!((block.start, block.len), (range.start, range.len()));
+        let seq: Vec<u32> = context[..a]
+            .iter()
+            .chain(&context[lead.start..range.end])
+            .copied()
+            .collect();
+        let mut cache = KvCache::with_precision(3, shape, seq.len(), KvPrecision::F32);
+        model
+            .forward(&seq, &phase1.sequence_positions(i), &mut cache)
+            .unwrap();
+        let skip = a + lead.len();
+        for l in 0..3 {
+            for h in 0..shape.n_kv_heads {
+                let want_k = &cache.layer(l).head_k(h)[skip * d..];
+                let want_v = &cache.layer(l).head_v(h)[skip * d..];
+                let span = h * block.len * d..(h + 1) * block.len * d;
+                let (got_k, got_v) = (&block.layers[l].0[span.clone()], &block.layers[l].1[span]);
+                assert!(
+                    max_diff(got_k, want_k) < 1e-5,
+                    "block {i} layer {l} head {h} K"
+                );
+                assert!(
+                    max_diff(got_v, want_v) < 1e-5,
+                    "block {i} layer {l} head {h} V"
+                );
+            }
+        }
+        let moved = max_diff(&block.layers[1].0, &plain[i].layers[1].0);
+        assert!(
+            moved > 1e-3,
+            "block {i}: the lead changed nothing ({moved})"
+        );
+    }
+}
+
+/// An overlap that reaches back to the anchor gives every block all the tokens before
+/// it: phase 1 is then full attention, block by block, and so are the answers.
+#[test]
+fn an_overlap_reaching_the_anchor_is_full_attention() {
+    let model = tiny_model();
+    let (context, query) = (tokens(90, 12), tokens(7, 13));
+    let want_blocks = full_attention_blocks(&model, &context, &[20, 40, 60, 80]);
+    let config = StarConfig::with_anchor(20, 20).with_overlap(1000);
+    let blocks: Vec<Arc<BlockKv>> = Phase1::new(&model, &context, config)
+        .unwrap()
+        .encode_all()
+        .unwrap()
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    for (got, want) in blocks.iter().zip(&want_blocks) {
+        assert_eq!((got.start, got.len), (want.start, want.len));
+        for l in 0..3 {
+            let diff = max_diff(&got.layers[l].0, &want.layers[l].0)
+                .max(max_diff(&got.layers[l].1, &want.layers[l].1));
+            assert!(diff < 1e-4, "block at {} layer {l}: {diff}", got.start);
+        }
+    }
+    let shard = CpuShard::new(blocks, model.head_shape());
+    let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16)
+        .with_precision(KvPrecision::F32);
+    let got = query_logits(&model, context.len(), &query, &mut attn);
+    let diff = max_diff(&got, &full_attention_logits(&model, &context, &query));
+    assert!(diff < 1e-4, "max |logit diff| {diff}");
 }

@@ -43,6 +43,11 @@ pub struct DocEntry {
     /// default of entries written before it existed). A recovery re-encodes likewise.
     #[serde(default)]
     pub reencode_ppm: u32,
+    /// Tokens before each block that its phase 1 encoded in front of it and dropped (0:
+    /// none, the default of entries written before it existed). A recovery re-encodes
+    /// likewise.
+    #[serde(default)]
+    pub block_overlap: usize,
     pub tokens: Vec<u32>,
     pub blocks: Vec<BlockEntry>,
 }
@@ -207,6 +212,7 @@ mod tests {
                 scale: 0.5,
             }),
             reencode_ppm: 0,
+            block_overlap: 0,
             tokens: vec![1, 2, 3, 4, 5],
             blocks: vec![BlockEntry {
                 key: hex(&[0xab; 32]),

@@ -457,11 +457,8 @@ impl Cluster {
     ) -> ServiceResult<IngestOutcome> {
         let started = Instant::now();
         let (b, a) = (req.block_size, req.anchor_size);
-        StarConfig {
-            block_size: b,
-            anchor_size: a,
-        }
-        .validate()?;
+        let config = StarConfig::with_anchor(b, a).with_overlap(req.block_overlap);
+        config.validate()?;
         if tokens.is_empty() {
             return Err(ServiceError::Invalid("the document has no tokens".into()));
         }
@@ -475,7 +472,7 @@ impl Cluster {
             .iter()
             .map(|r| {
                 let ratio = req.reencode_ratio;
-                service.block_key(&req.tenant, &tokens, a, ratio, r.clone(), dtype)
+                service.block_key(&req.tenant, &tokens, config, ratio, r.clone(), dtype)
             })
             .collect();
         let _guard = self.lock_placement();
@@ -528,6 +525,7 @@ impl Cluster {
                         dtype: dtype.code(),
                         blocks: part.iter().map(|&i| (i as u32, keys[i])).collect(),
                         reencode_ppm,
+                        block_overlap: req.block_overlap as u32,
                     });
                     (w, part, Instant::now(), self.send(w, req))
                 })
@@ -566,6 +564,7 @@ impl Cluster {
             dtype: Some(dtype.code()),
             merge: (!req.merge.is_exact()).then(|| req.merge.into()),
             reencode_ppm,
+            block_overlap: req.block_overlap,
             blocks: (0..n)
                 .map(|i| BlockEntry {
                     key: hex(&keys[i]),
@@ -1015,6 +1014,7 @@ impl WorkerShard {
                         .map(|&i| (i as u32, entry.blocks[i].key_bytes()))
                         .collect(),
                     reencode_ppm: entry.reencode_ppm,
+                    block_overlap: entry.block_overlap as u32,
                 });
                 (w, Instant::now(), cluster.send(w, req))
             })

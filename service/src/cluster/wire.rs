@@ -13,7 +13,7 @@
 use std::io::{Read, Write};
 
 /// Bumped on any change of a frame's layout; both ends must agree.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame accepted (an encode request carries a document's tokens: 4 bytes each).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -82,6 +82,9 @@ pub struct EncodeRequest {
     /// A re-encoded block depends on every block before it, so the worker computes the
     /// whole document and keeps its part.
     pub reencode_ppm: u32,
+    /// Tokens before each block that its phase 1 encodes in front of it and drops
+    /// (protocol 7; see `StarConfig`'s overlap).
+    pub block_overlap: u32,
 }
 
 /// A worker's own time on one request, in microseconds (saturating at `u32::MAX`):
@@ -245,6 +248,7 @@ impl Request {
                 w.u32(e.anchor_size);
                 w.u8(e.dtype);
                 w.u32(e.reencode_ppm);
+                w.u32(e.block_overlap);
                 w.u32s(&e.tokens);
                 w.u32(e.blocks.len() as u32);
                 for (i, key) in &e.blocks {
@@ -319,6 +323,7 @@ impl Request {
                     let anchor_size = r.u32()?;
                     let dtype = r.u8()?;
                     let reencode_ppm = r.u32()?;
+                    let block_overlap = r.u32()?;
                     let tokens = r.u32s()?;
                     let n = r.count(4 + 32)?;
                     let mut blocks = Vec::with_capacity(n);
@@ -334,6 +339,7 @@ impl Request {
                         dtype,
                         blocks,
                         reencode_ppm,
+                        block_overlap,
                     })
                 }
                 OPEN => {
@@ -762,6 +768,7 @@ mod tests {
                 dtype: 1,
                 blocks: vec![(0, [7; 32]), (1, [9; 32])],
                 reencode_ppm: 50_000,
+                block_overlap: 16,
             }),
             Request::Open {
                 doc: "t/doc".into(),
@@ -852,6 +859,7 @@ mod tests {
             dtype: 4,
             blocks: vec![(1, [0; 32])],
             reencode_ppm: 0,
+            block_overlap: 0,
         })
         .frame(5);
         let good = body(&good).to_vec();

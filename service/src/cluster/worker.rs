@@ -171,6 +171,7 @@ impl WorkerNode {
             text: String::new(),
             block_size: e.block_size as usize,
             anchor_size: e.anchor_size as usize,
+            block_overlap: e.block_overlap as usize,
             merge: Default::default(),
             reencode_ratio: crate::ingest::reencode_ratio_of(e.reencode_ppm),
             pinned: false,
