@@ -63,6 +63,10 @@ pub struct GenerateArgs {
     /// the document, one block for documents of up to 4 blocks).
     #[arg(long)]
     anchor_size: Option<usize>,
+    /// Tokens before each block (after the anchor) encoded in front of it and dropped,
+    /// as the service's `block_overlap` (0: the paper's phase 1).
+    #[arg(long, default_value_t = starkv_compute::star::DEFAULT_OVERLAP)]
+    block_overlap: usize,
     /// System message for --chat (default: the template's own).
     #[arg(long)]
     system: Option<String>,
@@ -164,13 +168,10 @@ pub fn generate(global: &GlobalArgs, args: GenerateArgs) -> Result<ExitCode> {
         }
         AttentionMode::Star => {
             let config = match args.anchor_size {
-                Some(anchor_size) => StarConfig {
-                    block_size: args.block_size,
-                    anchor_size,
-                    overlap: 0,
-                },
+                Some(anchor_size) => StarConfig::with_anchor(args.block_size, anchor_size),
                 None => StarConfig::with_default_anchor(args.block_size, context_ids.len()),
-            };
+            }
+            .with_overlap(args.block_overlap);
             let answer = backend.answer_document(
                 &loaded,
                 &context_ids,
