@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench --bench gpu_speed -- [--quick] [--no-torch] [--models smol,8b] [--contexts 8192,32768,131072]
-//!                                   [--variants] [--attention-only] [--decode-splits]
+//!                                   [--variants] [--attention-only] [--decode-splits] [--merge-ab]
 //! ```
 //!
 //! Measures, in one run: the roofline (device copy bandwidth, bf16 GEMM rate); phase-1
@@ -46,6 +46,9 @@ struct Opts {
     variants: bool,
     /// Graph decode at other split counts too.
     decode_splits: bool,
+    /// The decode-step A/B rows compare only the split merges (fused into the attention
+    /// kernel, by group size, against the separate `attn_merge` launch), three rounds.
+    merge_ab: bool,
     torch: bool,
     models: Vec<String>,
     contexts: Vec<usize>,
@@ -57,6 +60,7 @@ fn parse_opts() -> Opts {
         attention_only: false,
         variants: false,
         decode_splits: false,
+        merge_ab: false,
         torch: true,
         models: vec!["smol".into(), "8b".into()],
         contexts: vec![8192, 32768, 131_072],
@@ -69,6 +73,7 @@ fn parse_opts() -> Opts {
             "--no-torch" => o.torch = false,
             "--variants" => o.variants = true,
             "--decode-splits" => o.decode_splits = true,
+            "--merge-ab" => o.merge_ab = true,
             "--attention-only" => o.attention_only = true,
             "--models" => {
                 i += 1;
@@ -102,13 +107,17 @@ struct Variant {
 /// The decode-step configurations compared in the same run: the earlier one first (plans
 /// cut per segment, the merge one CTA per head, Q staged through shared memory, six CTAs
 /// per SM, the one-CTA pick), then the default and each of its choices undone alone.
-fn decode_variants() -> Vec<Variant> {
+/// With `merge_ab`: the default (the split merge fused into the attention kernel), the
+/// separate merge launch, and the fused merge at other group sizes.
+fn decode_variants(merge_ab: bool) -> Vec<Variant> {
     let after = SplitTuning {
         balanced: true,
         tile_cuts: false,
         wide_merge: true,
         merge_pdl: false,
         decode_per_sm: 0,
+        fused_merge: true,
+        merge_group: 0,
     };
     let v = |name, tuning, decode, wide_argmax, attention_row| Variant {
         name,
@@ -121,6 +130,41 @@ fn decode_variants() -> Vec<Variant> {
         decode_per_sm,
         ..after
     };
+    let group = |merge_group| SplitTuning {
+        merge_group,
+        ..after
+    };
+    let default = "default: balanced splits, fused merge (groups of ~sqrt(splits)), Q in registers, 4 CTAs/SM, many-CTA pick";
+    let separate = "default with the separate merge launch (column chunks; STARKV_FUSED_MERGE=0)";
+    if merge_ab {
+        return vec![
+            v(default, after, DecodeKernel::W1, true, true),
+            v(
+                separate,
+                SplitTuning {
+                    fused_merge: false,
+                    ..after
+                },
+                DecodeKernel::W1,
+                true,
+                true,
+            ),
+            v(
+                "default with the fused merge in groups of up to 32 splits",
+                group(32),
+                DecodeKernel::W1,
+                true,
+                true,
+            ),
+            v(
+                "default with the fused merge in groups of 4 splits",
+                group(4),
+                DecodeKernel::W1,
+                true,
+                true,
+            ),
+        ];
+    }
     vec![
         v(
             "before: per-segment splits, one-CTA merge, Q via shared memory, 6 CTAs/SM, one-CTA pick",
@@ -128,15 +172,20 @@ fn decode_variants() -> Vec<Variant> {
                 balanced: false,
                 wide_merge: false,
                 decode_per_sm: 6,
+                fused_merge: false,
                 ..after
             },
             DecodeKernel::W1QSmem,
             false,
             true,
         ),
+        v(default, after, DecodeKernel::W1, true, true),
         v(
-            "default: balanced splits, column-chunk merge, Q in registers, 4 CTAs/SM, many-CTA pick",
-            after,
+            separate,
+            SplitTuning {
+                fused_merge: false,
+                ..after
+            },
             DecodeKernel::W1,
             true,
             true,
@@ -190,9 +239,10 @@ fn decode_variants() -> Vec<Variant> {
             true,
         ),
         v(
-            "default with the merge as a dependent launch",
+            "default with the separate merge as a dependent launch",
             SplitTuning {
                 merge_pdl: true,
+                fused_merge: false,
                 ..after
             },
             DecodeKernel::W1,
@@ -458,7 +508,7 @@ fn run(opts: &Opts) -> Result<()> {
                 ContextBlocks::Resident(blocks.clone()),
                 // The question, three step series and the split-tuning A/B series (each
                 // n_steps + 1 steps), the --decode-splits rows (9 steps each).
-                30 + (3 + 2 * decode_variants().len()) * (n_steps + 1) + 6 * 9,
+                30 + (3 + 3 * decode_variants(opts.merge_ab).len()) * (n_steps + 1) + 6 * 9,
             )?;
             let positions: Vec<usize> = (l..l + 30).collect();
             let t = Instant::now();
@@ -509,9 +559,10 @@ fn run(opts: &Opts) -> Result<()> {
                 gpu.attention_kernels(),
                 gpu.wide_argmax(),
             );
-            let variants = decode_variants();
+            let variants = decode_variants(opts.merge_ab);
+            let rounds = if opts.merge_ab { 3 } else { 2 };
             let mut tuned: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-            for _round in 0..2 {
+            for _round in 0..rounds {
                 for (i, v) in variants.iter().enumerate() {
                     gpu.set_split_tuning(v.tuning);
                     gpu.set_wide_argmax(v.wide_argmax);
@@ -605,7 +656,8 @@ fn run(opts: &Opts) -> Result<()> {
                         ms.iter().cloned().fold(f64::INFINITY, f64::min)
                     ),
                     format!(
-                        "(medians of {n_steps} greedy steps in two alternating runs: {} ms)",
+                        "(medians of {n_steps} greedy steps in {} alternating runs: {} ms)",
+                        ms.len(),
                         ms.iter()
                             .map(|m| format!("{m:.3}"))
                             .collect::<Vec<_>>()
@@ -899,7 +951,7 @@ fn attention_rows(
         // twice, each at its own split count; then the merge alone.
         gpu.set_attention_kernels(default);
         let tuning0 = gpu.split_tuning();
-        let variants: Vec<Variant> = decode_variants()
+        let variants: Vec<Variant> = decode_variants(opts.merge_ab)
             .into_iter()
             .filter(|v| v.attention_row)
             .collect();

@@ -25,7 +25,24 @@ pub(super) const WAIT_FOR_PREDECESSOR: &[&str] = &[
     "attn_fwd_m32",
     "attn_fwd_m32n32",
     "attn_fwd_p1n32",
+    "attn_fwd_w1_fm",
+    "attn_fwd_w1_kv8_fm",
+    "attn_fwd_w1_kv8_n64_fm",
 ];
+
+/// The decode kernels with the fused split merge
+/// ([`SplitTuning::fused_merge`](super::SplitTuning::fused_merge)): `(kernel, its fused
+/// twin)`. The others (`attn_fwd_w1_qsmem`, `attn_fwd_p1n32`, the 4-warp kernels) keep
+/// the separate `attn_merge` launch.
+const FUSED_MERGE: &[(&str, &str)] = &[
+    ("attn_fwd_w1", "attn_fwd_w1_fm"),
+    ("attn_fwd_w1_kv8", "attn_fwd_w1_kv8_fm"),
+    ("attn_fwd_w1_kv8_n64", "attn_fwd_w1_kv8_n64_fm"),
+];
+
+/// u32 counters of the fused merge per (row block, KV head) (`FM_COUNTERS` in
+/// attention.cu).
+const FM_COUNTERS: usize = 64;
 
 /// Head-dim-dependent dynamic shared memory of the pipelined kernels (see attention.cu):
 /// `tiles` rows of `head_dim + 8` 16-bit values.
@@ -732,6 +749,10 @@ impl Gpu {
             shared_mem_bytes: smem as u32,
         };
         let direct = n_splits == 1 && matches!(out, AttnOut::Half(_));
+        // The split merge inside the attention kernel (decode kernels only).
+        let fused = (!direct && self.split_tuning().fused_merge)
+            .then(|| FUSED_MERGE.iter().find(|(n, _)| *n == name).map(|&(_, f)| f))
+            .flatten();
         let null = 0u64;
         // One kernel writing the 16-bit output, or splits writing f32 partials that
         // `attn_merge` reduces.
@@ -749,6 +770,47 @@ impl Gpu {
             );
             (null, po, pl)
         };
+        if let Some(fm) = fused {
+            let splits = n_splits.max(1);
+            let (oh, of, lf) = match out {
+                AttnOut::Half(o) => (o, null, null),
+                AttnOut::F32 { out, lse } => (null, out, lse),
+            };
+            let counters = launch.grid_dim.0 as usize * nkv * FM_COUNTERS * 4;
+            scratch.ensure_counters(self, counters)?;
+            let cnt = scratch.counters.as_ref().unwrap().ptr();
+            let group = self.split_tuning().fused_merge_group(splits) as i32;
+            let mut params = [
+                arg(&q),
+                arg(&m_i),
+                arg(&g_i),
+                arg(&nh_i),
+                arg(&plan_items),
+                arg(&plan_splits),
+                arg(&scale_log2),
+                arg(&oh),
+                arg(&of),
+                arg(&lf),
+                arg(&po),
+                arg(&pl),
+                arg(&cnt),
+                arg(&group),
+            ];
+            // SAFETY: the `_fm` kernels' arguments in order (attn_fwd_w1_fm and
+            // ATTN_KV8_FM_KERNEL): the outputs, the partials sized for `splits` splits
+            // above, zeroed counters for every (row block, KV head) of the grid, and a
+            // group size with at most 32 groups of at most 32 splits; they wait with
+            // `pdl_wait()` first.
+            unsafe {
+                self.launch_dependent(
+                    k.get(fm),
+                    launch,
+                    &mut params,
+                    Some(Dependent::Attention),
+                )?
+            };
+            return Ok(());
+        }
         let mut params = vec![
             arg(&q),
             arg(&m_i),
@@ -856,14 +918,24 @@ pub enum AttnOut {
     F32 { out: u64, lse: u64 },
 }
 
-/// Partial-result buffers of split attention, grown on demand.
+/// Partial-result buffers of split attention, grown on demand, and the fused merge's
+/// counters (zeroed when allocated; every launch leaves them at zero).
 #[derive(Default)]
 pub struct AttnScratch {
     pub o: Option<DevBuf>,
     pub lse: Option<DevBuf>,
+    pub counters: Option<DevBuf>,
 }
 
 impl AttnScratch {
+    /// At least `bytes` of zeroed counters for the fused merge.
+    pub fn ensure_counters(&mut self, gpu: &Gpu, bytes: usize) -> Result<()> {
+        if self.counters.as_ref().is_none_or(|b| b.bytes() < bytes) {
+            self.counters = Some(gpu.alloc_zeros(bytes)?);
+        }
+        Ok(())
+    }
+
     pub fn ensure(&mut self, gpu: &Gpu, o_bytes: usize, lse_bytes: usize) -> Result<()> {
         if self.o.as_ref().is_none_or(|b| b.bytes() < o_bytes) {
             self.o = Some(gpu.alloc(o_bytes)?);
@@ -1061,6 +1133,7 @@ impl SegmentAttention {
         key.extend(self.maps.iter().copied());
         key.push(self.scratch.o.as_ref().map_or(0, DevBuf::ptr));
         key.push(self.scratch.lse.as_ref().map_or(0, DevBuf::ptr));
+        key.push(self.scratch.counters.as_ref().map_or(0, DevBuf::ptr));
         key
     }
 

@@ -214,6 +214,15 @@ pub struct SplitTuning {
     /// One-warp decode CTAs per SM that [`Gpu::choose_splits`] plans for (0: the default,
     /// [`SplitTuning::DECODE_PER_SM`]); env `STARKV_DECODE_PER_SM=N`.
     pub decode_per_sm: usize,
+    /// Decode attention (at most 16 rows per KV head, the one-warp `attn_fwd_w1` and its
+    /// 8-bit twins) merges its splits itself: the last split CTA of each group of splits
+    /// to finish merges the group, the last group merger the groups (`fm_tail` in
+    /// attention.cu), instead of a separate `attn_merge` launch. Env
+    /// `STARKV_FUSED_MERGE=0` turns it off.
+    pub fused_merge: bool,
+    /// Splits per group of the fused merge (0: about the square root of the split count;
+    /// kept to at most 32 splits a group and 32 groups); env `STARKV_FUSED_MERGE_GROUP=N`.
+    pub merge_group: usize,
 }
 
 impl SplitTuning {
@@ -232,7 +241,24 @@ impl SplitTuning {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            fused_merge: !is("STARKV_FUSED_MERGE", &["0", "off", "false"]),
+            merge_group: std::env::var("STARKV_FUSED_MERGE_GROUP")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         }
+    }
+
+    /// Splits per group of the fused merge of `n` splits (see
+    /// [`SplitTuning::merge_group`]): a group count and a group size of at most 32 each
+    /// (n <= 1024).
+    pub fn fused_merge_group(&self, n: usize) -> usize {
+        let n = n.max(1);
+        let want = match self.merge_group {
+            0 => n.isqrt() + usize::from(n.isqrt() * n.isqrt() < n),
+            g => g,
+        };
+        want.min(n).clamp(n.div_ceil(32).min(32), 32)
     }
 
     /// The default of [`SplitTuning::decode_per_sm`]: four of the six one-warp CTAs that
@@ -254,6 +280,8 @@ impl SplitTuning {
             | (self.merge_pdl as u64) << 2
             | (self.tile_cuts as u64) << 3
             | (self.decode_per_sm as u64) << 4
+            | (self.fused_merge as u64) << 20
+            | (self.merge_group as u64) << 21
     }
 }
 

@@ -61,6 +61,9 @@ pub(crate) const ATTENTION_KERNELS: &[&str] = &[
     "attn_fwd_w1_kv8",
     "attn_fwd_simple_kv8_n64",
     "attn_fwd_w1_kv8_n64",
+    "attn_fwd_w1_fm",
+    "attn_fwd_w1_kv8_fm",
+    "attn_fwd_w1_kv8_n64_fm",
     "attn_merge",
 ];
 
@@ -143,6 +146,8 @@ impl Gpu {
             ("attn_fwd_w1_kv8", 32),
             ("attn_fwd_simple_kv8_n64", 64),
             ("attn_fwd_w1_kv8_n64", 64),
+            ("attn_fwd_w1_kv8_fm", 32),
+            ("attn_fwd_w1_kv8_n64_fm", 64),
         ] {
             funcs[name].set_attribute(
                 drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

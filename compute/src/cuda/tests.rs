@@ -240,8 +240,8 @@ fn tier_evicts_least_recently_used_within_budget() {
 }
 
 /// Every kernel the launcher loads by name is defined in the source it is loaded from (as
-/// a plain `extern "C"` kernel or through the `ATTN_PIPE_KERNEL`, `ATTN_KV8_KERNEL` or
-/// `ATTN_SM90_KERNELS` macro, the last defining NAME and NAME_tma): a missing one
+/// a plain `extern "C"` kernel or through the `ATTN_PIPE_KERNEL`, `ATTN_KV8_KERNEL`,
+/// `ATTN_KV8_FM_KERNEL` or `ATTN_SM90_KERNELS` macro, the last defining NAME and NAME_tma): a missing one
 /// would only show at run time on a GPU. The shared header defines no kernel.
 #[test]
 fn kernel_sources_declare_every_kernel() {
@@ -267,7 +267,8 @@ fn kernel_sources_declare_every_kernel() {
                         source.contains(&format!("ATTN_SM90_KERNELS({base},"))
                     })
                     || source.contains(&format!("ATTN_PIPE_KERNEL({name},"))
-                    || source.contains(&format!("ATTN_KV8_KERNEL({name},")),
+                    || source.contains(&format!("ATTN_KV8_KERNEL({name},"))
+                    || source.contains(&format!("ATTN_KV8_FM_KERNEL({name},")),
                 "{name} is not defined in {file}"
             );
         }
@@ -321,7 +322,8 @@ fn dependent_kernels_wait_for_their_predecessor() {
         let defined_on = |body: &str| {
             ATTENTION_SOURCE.contains(&format!("ATTN_PIPE_KERNEL({name},"))
                 && body == "attn_pipe_body"
-                || ATTENTION_SOURCE.contains(&format!("ATTN_KV8_KERNEL({name},"))
+                || (ATTENTION_SOURCE.contains(&format!("ATTN_KV8_KERNEL({name},"))
+                    || ATTENTION_SOURCE.contains(&format!("ATTN_KV8_FM_KERNEL({name},")))
                     && body == "attn_simple_body"
                 || ATTENTION_SOURCE.contains(&format!(" {name}("))
                     && function_body(ATTENTION_SOURCE, name).contains(&format!("{body}<"))
@@ -341,6 +343,7 @@ fn dependent_kernels_wait_for_their_predecessor() {
     // The macros' bodies call the waiting bodies.
     assert!(ATTENTION_SOURCE.contains("attn_pipe_body<NW, MT, TBN>("));
     assert!(ATTENTION_SOURCE.contains("attn_simple_body<NW, true, TBN>("));
+    assert!(ATTENTION_SOURCE.contains("attn_simple_body<1, true, TBN, false, true>("));
 }
 
 /// Padding a plan for a captured decode graph adds empty splits only: the items and the

@@ -22,7 +22,8 @@ use super::{
 use crate::cpu::attention::{KvView, Mask, attention, attention_source_into};
 use crate::cuda::star::{ContextBlocks, GpuBlock, GpuQuery, GpuShard};
 use crate::cuda::{
-    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, Segment, TableBuf, upload_plans,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, Segment, SplitTuning, TableBuf,
+    upload_plans,
 };
 use crate::kv8::{Kv8, Kv8Format};
 use crate::model::Llama;
@@ -101,22 +102,41 @@ pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64)
         ),
         ("query m=30, 1 split, d=64", smol, 30, &[1000, 100], 30, 1),
     ];
-    // Both key tiles of the 8-bit kernels run every case, for both formats.
+    // Both key tiles of the 8-bit kernels run every case, for both formats; the decode
+    // cases with split plans both with the split merge fused into the one-warp kernels
+    // and with the separate `attn_merge` launch (SplitTuning::fused_merge).
     let default = gpu.attention_kernels();
+    let tuning = gpu.split_tuning();
     for format in [Kv8Format::Int8, Kv8Format::Fp8] {
         for kv8 in AttnKernels::ALL_KV8 {
             gpu.set_attention_kernels(AttnKernels { kv8, ..default });
             for (name, shape, m, lens, local, splits) in cases {
-                let r = mixed_case(
-                    gpu, rng, report, u, format, name, shape, m, lens, local, splits,
-                );
-                if r.is_err() {
-                    gpu.set_attention_kernels(default);
+                for fused in [true, false] {
+                    if !fused && (m > 1 || splits == 1) {
+                        continue;
+                    }
+                    gpu.set_split_tuning(SplitTuning {
+                        fused_merge: fused,
+                        ..tuning
+                    });
+                    let name = match (m, fused) {
+                        (1, true) => format!("{name}, fused merge"),
+                        (1, false) => format!("{name}, attn_merge"),
+                        _ => name.to_string(),
+                    };
+                    let r = mixed_case(
+                        gpu, rng, report, u, format, &name, shape, m, lens, local, splits,
+                    );
+                    if r.is_err() {
+                        gpu.set_attention_kernels(default);
+                        gpu.set_split_tuning(tuning);
+                    }
+                    r?;
                 }
-                r?;
             }
         }
         gpu.set_attention_kernels(default);
+        gpu.set_split_tuning(tuning);
         shard_and_round_trip(gpu, rng, report, u, big, format)?;
         query_checks(gpu, rng, report, u, format)?;
     }

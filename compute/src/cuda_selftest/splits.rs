@@ -5,11 +5,16 @@
 //! as a dependent launch or not), every plan also padded with empty splits as a decode
 //! graph pads it, against the CPU's attention per segment + `merge_into` on fresh random
 //! inputs. Outputs are poisoned (NaN) before each launch, so an element left unwritten
-//! fails.
+//! fails. The fused merge (the split CTAs merge their own partials, counting in through
+//! per-group counters that the last arrivals put back to zero) runs with its default
+//! groups (about sqrt(splits) splits a group), one group of up to 32 splits, and groups
+//! of 2 (up to 32 groups); each of its plans runs plainly twice (f32, then 16-bit output,
+//! same counters) and then as two captured graphs replayed twice each, outputs poisoned
+//! before every replay: a counter left non-zero would leave the output unwritten.
 //!
 //! Tolerances: those of the other attention rows (O within 2u in f32 and 2.5u in 16 bits,
-//! lse within 2e-4): the kernels round P to 16 bits, the merge adds in f32. The two
-//! merges on the same partials differ only in the order of their f32 sums: within 1e-5.
+//! lse within 2e-4): the kernels round P to 16 bits, the merge adds in f32. The merges on
+//! the same partials differ only in the order of their f32 sums: within 1e-5.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -75,6 +80,13 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
         wide_merge,
         merge_pdl,
         decode_per_sm: 0,
+        fused_merge: false,
+        merge_group: 0,
+    };
+    let fused = |merge_group| SplitTuning {
+        fused_merge: true,
+        merge_group,
+        ..t(true, true, false)
     };
     let tunings = [
         ("per-segment, one-CTA merge", t(false, false, false)),
@@ -88,12 +100,16 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
                 ..t(true, true, false)
             },
         ),
+        ("balanced, fused merge, graph replays", fused(0)),
+        ("balanced, fused merge in one group (<= 32)", fused(32)),
+        ("balanced, fused merge in groups of 2 (<= 32 groups)", fused(2)),
     ];
     for (name, shape, m, segments) in cases {
         let inputs = Inputs::random(gpu, rng, shape, m, segments)?;
         // f32 outputs of the balanced plans by merge (one-CTA, column chunks), for the
         // merge-vs-merge row.
-        let mut by_merge: [Vec<Vec<f32>>; 2] = [Vec::new(), Vec::new()];
+        // (index 2: the fused merge, default groups).
+        let mut by_merge: [Vec<Vec<f32>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
         for (tname, tuning) in tunings {
             let t0 = Instant::now();
             gpu.set_split_tuning(tuning);
@@ -102,10 +118,17 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
                 for pad in [0, 7] {
                     let mut plan = AttnPlan::for_gpu(gpu, &inputs.segs, splits);
                     plan.pad_splits(plan.n_splits() + pad);
-                    let got = inputs.attend(gpu, &plan)?;
-                    worst.add(&got, &inputs.want);
+                    let runs = inputs.attend(gpu, &plan, tuning.fused_merge)?;
+                    for got in &runs {
+                        worst.add(got, &inputs.want);
+                    }
+                    let got = &runs[0];
                     if tuning.balanced && !tuning.tile_cuts && !tuning.merge_pdl && pad == 0 {
-                        by_merge[tuning.wide_merge as usize].push(got.0.out.clone());
+                        match (tuning.fused_merge, tuning.merge_group) {
+                            (false, _) => by_merge[tuning.wide_merge as usize].push(got.0.out.clone()),
+                            (true, 0) => by_merge[2].push(got.0.out.clone()),
+                            _ => {}
+                        }
                     }
                 }
             }
@@ -130,6 +153,22 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
             &format!("splits {name}: column-chunk vs one-CTA merge (same plans)"),
             "rel",
             diff,
+            1e-5,
+            0.0,
+        );
+        let diff = by_merge[1]
+            .iter()
+            .zip(&by_merge[2])
+            .map(|(a, b)| rel(b, a))
+            .fold(0.0f64, |w, r| if r.is_nan() { f64::NAN } else { w.max(r) });
+        report.check(
+            &format!("splits {name}: fused vs column-chunk merge (same plans)"),
+            "rel",
+            if by_merge[2].len() == by_merge[1].len() {
+                diff
+            } else {
+                f64::NAN
+            },
             1e-5,
             0.0,
         );
@@ -226,8 +265,14 @@ impl Inputs {
     }
 
     /// The plan's f32 output and lse, and its 16-bit output as f32, each written into
-    /// NaN-poisoned buffers.
-    fn attend(&self, gpu: &Arc<Gpu>, plan: &AttnPlan) -> Result<(Attended, Vec<f32>)> {
+    /// NaN-poisoned buffers; with `graphs`, also those of the two launches captured as
+    /// graphs and replayed twice each (outputs poisoned again before every replay).
+    fn attend(
+        &self,
+        gpu: &Arc<Gpu>,
+        plan: &AttnPlan,
+        graphs: bool,
+    ) -> Result<Vec<(Attended, Vec<f32>)>> {
         let (m, shape) = (self.m, self.shape);
         let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
         let k = gpu.kernels(d)?;
@@ -236,6 +281,12 @@ impl Inputs {
         let mut scratch = AttnScratch::default();
         let out_d = gpu.upload_new(&vec![f32::NAN; m * nh * d])?;
         let lse_d = gpu.upload_new(&vec![f32::NAN; m * nh])?;
+        // 16-bit output, poisoned with all-ones words (NaN in both 16-bit types).
+        let oh_d = gpu.upload_new(&vec![0xFFFFu16; m * nh * d])?;
+        let f32_out = AttnOut::F32 {
+            out: out_d.ptr(),
+            lse: lse_d.ptr(),
+        };
         let mut run = |out: AttnOut| {
             gpu.attention(
                 &k,
@@ -250,18 +301,36 @@ impl Inputs {
                 &mut scratch,
             )
         };
-        run(AttnOut::F32 {
-            out: out_d.ptr(),
-            lse: lse_d.ptr(),
-        })?;
-        let mut got = Attended::empty(m, shape);
-        gpu.download(&mut got.out, out_d.ptr())?;
-        gpu.download(&mut got.lse, lse_d.ptr())?;
-        // 16-bit output, poisoned with all-ones words (NaN in both 16-bit types).
-        let oh_d = gpu.upload_new(&vec![0xFFFFu16; m * nh * d])?;
+        let poison = || -> Result<()> {
+            gpu.upload(out_d.ptr(), &vec![f32::NAN; m * nh * d])?;
+            gpu.upload(lse_d.ptr(), &vec![f32::NAN; m * nh])?;
+            gpu.upload(oh_d.ptr(), &vec![0xFFFFu16; m * nh * d])?;
+            Ok(())
+        };
+        let read = || -> Result<(Attended, Vec<f32>)> {
+            let mut got = Attended::empty(m, shape);
+            gpu.download(&mut got.out, out_d.ptr())?;
+            gpu.download(&mut got.lse, lse_d.ptr())?;
+            let mut oh = vec![0u16; m * nh * d];
+            gpu.download(&mut oh, oh_d.ptr())?;
+            Ok((got, from_half(gpu.dtype, &oh)))
+        };
+        run(f32_out)?;
         run(AttnOut::Half(oh_d.ptr()))?;
-        let mut oh = vec![0u16; m * nh * d];
-        gpu.download(&mut oh, oh_d.ptr())?;
-        Ok((got, from_half(gpu.dtype, &oh)))
+        let mut runs = vec![read()?];
+        if graphs {
+            let g32 = gpu.capture(|| Ok(run(f32_out)?))?;
+            let g16 = gpu.capture(|| Ok(run(AttnOut::Half(oh_d.ptr()))?))?;
+            let (Some(g32), Some(g16)) = (g32, g16) else {
+                return Err("the driver captured no graph".into());
+            };
+            for _ in 0..2 {
+                poison()?;
+                gpu.launch_graph(&g32)?;
+                gpu.launch_graph(&g16)?;
+                runs.push(read()?);
+            }
+        }
+        Ok(runs)
     }
 }

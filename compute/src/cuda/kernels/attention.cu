@@ -272,6 +272,163 @@ __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* 
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Fused split merge (decode: the one-warp kernels' `_fm` variants, Gpu::attention with
+// SplitTuning::fused_merge). Each split CTA writes its partial (O, lse) as for
+// attn_merge, then counts itself in: the CTAs of a (row block, KV head) are cut into
+// groups of `G` consecutive splits, and the last CTA of a group to arrive (a counter per
+// group) merges the group's partials into the slot of its first split; the last group
+// merger to arrive (one more counter) merges the groups' results into the output. With
+// one group the group's merger writes the output. Each last arriver puts its counter
+// back to zero, so the next launch (a graph replay) starts from zeros: the counters are
+// zeroed once, when allocated. The host keeps G and the group count at most 32 (one
+// split per lane when the weights are computed). This takes one launch (and its kernel
+// boundary) per attention off a decode step.
+
+// Counters per (row block, KV head): one per group (at most 32), the groups' at FM_TOP.
+#define FM_COUNTERS 64
+#define FM_TOP (FM_COUNTERS - 1)
+
+// Merges k <= 32 partials of this CTA's rows, those of splits s0, s0 + sstride, ...,
+// with the weights exp(lse_s - lse) (`wsh`: 32 floats per row of shared memory), into
+// the partial slot `dst` (f32 O and lse), or, when dst < 0, into the output: 16-bit
+// (out_h) or f32 with its lse (out_f, lse_f; the layout of attn_merge's outputs).
+template <int ROWS>
+__device__ __forceinline__ void fm_merge(float* wsh, int k, int s0, int sstride, int dst, int m,
+                                         int group, int nh, int rows, int row0, int kvh,
+                                         float* part_o, float* part_lse, h16* out_h, float* out_f,
+                                         float* lse_f) {
+    constexpr int CU = 4;  // output quads per lane per pass
+    constexpr int IU = 8;  // partials per pass
+    const int lane = threadIdx.x & 31;
+    const int nrows = min(ROWS, rows - row0);
+    const u64 qw = (u64)nh * HEAD_DIM;
+    // Every row's lse of split s0 + lane * sstride, loaded before any is used.
+    float l[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        const int R = row0 + r, t = R / group, head = kvh * group + R % group;
+        l[r] = r < nrows && lane < k
+                   ? __ldcg(part_lse + ((u64)(s0 + lane * sstride) * nh + head) * m + t)
+                   : NEG_INF;
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        if (r >= nrows) break;
+        const int R = row0 + r, t = R / group, head = kvh * group + R % group;
+        const float mx = warp_max(l[r]);
+        const float e = l[r] == NEG_INF ? 0.f : expf(l[r] - mx);
+        const float tot = warp_sum(e);
+        wsh[r * 32 + lane] = tot > 0.f ? e / tot : 0.f;
+        if (lane == 0) {
+            const float lse = tot > 0.f ? mx + logf(tot) : NEG_INF;
+            if (dst >= 0) part_lse[((u64)dst * nh + head) * m + t] = lse;
+            else if (lse_f) lse_f[(u64)head * m + t] = lse;
+        }
+    }
+    __syncwarp();
+    constexpr int C4 = HEAD_DIM / 4;  // quads per row
+    const int nch = nrows * C4;
+    const u64 sstep = (u64)sstride * m * qw;  // floats from one source partial to the next
+    for (int c0 = 0; c0 < nch; c0 += 32 * CU) {
+        float4 acc[CU];
+        const float* src[CU];
+        u64 off[CU];
+        int wr[CU];
+        bool ok[CU];
+#pragma unroll
+        for (int u = 0; u < CU; u++) {
+            const int c = c0 + lane + 32 * u;
+            ok[u] = c < nch;
+            const int r = ok[u] ? c / C4 : 0, col = (c % C4) * 4;
+            const int R = row0 + r, t = R / group, head = kvh * group + R % group;
+            off[u] = ((u64)t * nh + head) * HEAD_DIM + col;
+            src[u] = part_o + (u64)s0 * m * qw + off[u];
+            wr[u] = r * 32;
+            acc[u].x = acc[u].y = acc[u].z = acc[u].w = 0.f;
+        }
+        for (int i = 0; i < k; i += IU) {
+            float4 v[CU][IU];
+#pragma unroll
+            for (int u = 0; u < CU; u++)
+#pragma unroll
+                for (int j = 0; j < IU; j++) {
+                    if (ok[u] && i + j < k) {
+                        v[u][j] = __ldcg((const float4*)(src[u] + (u64)(i + j) * sstep));
+                    } else {
+                        v[u][j].x = v[u][j].y = v[u][j].z = v[u][j].w = 0.f;
+                    }
+                }
+#pragma unroll
+            for (int u = 0; u < CU; u++)
+#pragma unroll
+                for (int j = 0; j < IU; j++) {
+                    const float w = wsh[wr[u] + i + j];
+                    acc[u].x += w * v[u][j].x;
+                    acc[u].y += w * v[u][j].y;
+                    acc[u].z += w * v[u][j].z;
+                    acc[u].w += w * v[u][j].w;
+                }
+        }
+#pragma unroll
+        for (int u = 0; u < CU; u++) {
+            if (!ok[u]) continue;
+            if (dst >= 0) {
+                *(float4*)(part_o + (u64)dst * m * qw + off[u]) = acc[u];
+            } else if (out_h) {
+                uint2 h;
+                h.x = pack2(acc[u].x, acc[u].y);
+                h.y = pack2(acc[u].z, acc[u].w);
+                *(uint2*)(out_h + off[u]) = h;
+            } else {
+                *(float4*)(out_f + off[u]) = acc[u];
+            }
+        }
+    }
+}
+
+// The fused merge after this CTA (split `split` of `n_splits`, groups of G) has written
+// its partial: count in, and merge when last (see above). One warp.
+template <int ROWS>
+__device__ __forceinline__ void fm_tail(float* wsh, int split, int n_splits, int G, int m,
+                                        int group, int nh, int rows, int row0, int kvh,
+                                        float* part_o, float* part_lse, u32* counters,
+                                        h16* out_h, float* out_f, float* lse_f) {
+    const int lane = threadIdx.x & 31;
+    const int ngroups = (n_splits + G - 1) / G;
+    u32* cnt = counters + ((u64)blockIdx.y * gridDim.x + blockIdx.x) * FM_COUNTERS;
+    const int g = split / G, g0 = g * G, gsize = min(G, n_splits - g0);
+    // This lane's partial is visible device-wide before the CTA counts in.
+    __threadfence();
+    __syncwarp();
+    u32 last = 0;
+    if (lane == 0) {
+        last = atomicAdd(cnt + g, 1u) == (u32)(gsize - 1);
+        if (last) atomicExch(cnt + g, 0u);
+    }
+    if (!__shfl_sync(0xffffffffu, last, 0)) return;
+    __threadfence();
+    if (ngroups == 1) {
+        fm_merge<ROWS>(wsh, n_splits, 0, 1, -1, m, group, nh, rows, row0, kvh, part_o, part_lse,
+                       out_h, out_f, lse_f);
+        return;
+    }
+    if (gsize > 1)
+        fm_merge<ROWS>(wsh, gsize, g0, 1, g0, m, group, nh, rows, row0, kvh, part_o, part_lse,
+                       nullptr, nullptr, nullptr);
+    __threadfence();
+    __syncwarp();
+    last = 0;
+    if (lane == 0) {
+        last = atomicAdd(cnt + FM_TOP, 1u) == (u32)(ngroups - 1);
+        if (last) atomicExch(cnt + FM_TOP, 0u);
+    }
+    if (!__shfl_sync(0xffffffffu, last, 0)) return;
+    __threadfence();
+    fm_merge<ROWS>(wsh, ngroups, 0, G, -1, m, group, nh, rows, row0, kvh, part_o, part_lse, out_h,
+                   out_f, lse_f);
+}
+
 // Unpipelined: K and V of a tile load together, then Q.K^T, softmax and P.V. Runs 17 to
 // 64 rows (4 warps x 16) and decoding (1 warp, below); at one warp, many small CTAs per
 // SM keep more tile loads in flight than the pipelined one-warp variants (PERF_NOTES.md).
@@ -280,11 +437,16 @@ __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* 
 // into shared memory (cp.async, no registers held) while the tile before it is
 // computed, widened in shared memory (stage_i8, unstage_i8), and its scales applied to
 // the scores and to P; 16-bit items take the usual path. Dynamic shared memory.
-template <int NW, bool KV8 = false, int TBN = BN, bool QREG = false>
+// FM (one warp): the fused split merge (fm_tail): the splits' partials go to part_o and
+// part_lse, the merged result to out_h, or out_f and lse_out.
+template <int NW, bool KV8 = false, int TBN = BN, bool QREG = false, bool FM = false>
 __device__ __forceinline__ void attn_simple_body(
     const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
     const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
-    float* __restrict__ out_f, float* __restrict__ lse_out, h16* dyn_smem = nullptr) {
+    float* __restrict__ out_f, float* __restrict__ lse_out, h16* dyn_smem = nullptr,
+    float* part_o = nullptr, float* part_lse = nullptr, u32* counters = nullptr,
+    int merge_group = 0) {
+    static_assert(!FM || NW == 1, "the fused merge runs in one-warp CTAs");
     // Launched as a dependent (decode): Q, the plan and the KV row come from earlier kernels.
     pdl_trigger();
     pdl_wait();
@@ -323,9 +485,12 @@ __device__ __forceinline__ void attn_simple_body(
         for (int half = 0; half < 2; half++) {
             const int R = row0 + warp * 16 + g + half * 8;
             if (R < rows)
-                store_row(z, half, 0.f, NEG_INF, R, m, group, nh, kvh, split, tig, out_h, out_f,
-                          lse_out);
+                store_row(z, half, 0.f, NEG_INF, R, m, group, nh, kvh, split, tig,
+                          FM ? nullptr : out_h, FM ? part_o : out_f, FM ? part_lse : lse_out);
         }
+        if constexpr (FM)
+            fm_tail<ROWS>((float*)sK, split, gridDim.z, merge_group, m, group, nh, rows, row0, kvh,
+                          part_o, part_lse, counters, out_h, out_f, lse_out);
         return;
     }
     // Shared-space addresses; this lane's ldmatrix row and column within a K fragment
@@ -520,7 +685,13 @@ __device__ __forceinline__ void attn_simple_body(
         int R = half ? rb : ra;
         if (R >= rows) continue;
         store_row(o, half, half ? l_b : l_a, half ? m_b : m_a, R, m, group, nh, kvh, split, tig,
-                  out_h, out_f, lse_out);
+                  FM ? nullptr : out_h, FM ? part_o : out_f, FM ? part_lse : lse_out);
+    }
+    if constexpr (FM) {
+        // Every tile ended with a barrier: sK is free for the merge weights.
+        __syncthreads();
+        fm_tail<ROWS>((float*)sK, split, gridDim.z, merge_group, m, group, nh, rows, row0, kvh,
+                      part_o, part_lse, counters, out_h, out_f, lse_out);
     }
 }
 
@@ -540,6 +711,18 @@ extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1(
     float* __restrict__ out_f, float* __restrict__ lse_out) {
     attn_simple_body<1, false, BN, true>(q, m, group, nh, items, split_begin, scale_log2, out_h,
                                          out_f, lse_out);
+}
+
+// attn_fwd_w1 with the fused split merge (fm_tail): partials to part_o and part_lse,
+// the merged result to out_h, or out_f and lse_out.
+extern "C" __global__ void __launch_bounds__(32) attn_fwd_w1_fm(
+    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
+    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
+    float* __restrict__ out_f, float* __restrict__ lse_out, float* part_o, float* part_lse,
+    u32* counters, int merge_group) {
+    attn_simple_body<1, false, BN, true, true>(q, m, group, nh, items, split_begin, scale_log2,
+                                               out_h, out_f, lse_out, nullptr, part_o, part_lse,
+                                               counters, merge_group);
 }
 
 // attn_fwd_w1 with Q staged through shared memory (the earlier version; A/B runs).
@@ -567,6 +750,22 @@ ATTN_KV8_KERNEL(attn_fwd_simple_kv8, 4, 32)
 ATTN_KV8_KERNEL(attn_fwd_w1_kv8, 1, 32)
 ATTN_KV8_KERNEL(attn_fwd_simple_kv8_n64, 4, 64)
 ATTN_KV8_KERNEL(attn_fwd_w1_kv8_n64, 1, 64)
+
+// The one-warp 8-bit kernels with the fused split merge (see attn_fwd_w1_fm).
+#define ATTN_KV8_FM_KERNEL(NAME, TBN)                                                               \
+    extern "C" __global__ void __launch_bounds__(32) NAME(                                          \
+        const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,    \
+        const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,             \
+        float* __restrict__ out_f, float* __restrict__ lse_out, float* part_o, float* part_lse,     \
+        u32* counters, int merge_group) {                                                           \
+        extern __shared__ __align__(16) h16 dyn_smem[];                                             \
+        attn_simple_body<1, true, TBN, false, true>(q, m, group, nh, items, split_begin,            \
+                                                    scale_log2, out_h, out_f, lse_out, dyn_smem,    \
+                                                    part_o, part_lse, counters, merge_group);       \
+    }
+
+ATTN_KV8_FM_KERNEL(attn_fwd_w1_kv8_fm, 32)
+ATTN_KV8_FM_KERNEL(attn_fwd_w1_kv8_n64_fm, 64)
 
 // Merges n_splits partials (O f32 [split][m][nh d], lse [split][nh][m]) exactly:
 // M = max lse_s, lse = M + ln sum exp(lse_s - M), O = sum exp(lse_s - lse) O_s.
