@@ -118,6 +118,7 @@ fn decode_variants(merge_ab: bool) -> Vec<Variant> {
         decode_per_sm: 0,
         fused_merge: true,
         merge_group: 0,
+        merge_trigger_early: false,
     };
     let v = |name, tuning, decode, wide_argmax, attention_row| Variant {
         name,
@@ -150,8 +151,11 @@ fn decode_variants(merge_ab: bool) -> Vec<Variant> {
                 true,
             ),
             v(
-                "default with the fused merge in groups of up to 32 splits",
-                group(32),
+                "default with the fused merge letting the next product start early (STARKV_FUSED_MERGE_TRIGGER=early)",
+                SplitTuning {
+                    merge_trigger_early: true,
+                    ..after
+                },
                 DecodeKernel::W1,
                 true,
                 true,

@@ -779,7 +779,10 @@ impl Gpu {
             let counters = launch.grid_dim.0 as usize * nkv * FM_COUNTERS * 4;
             scratch.ensure_counters(self, counters)?;
             let cnt = scratch.counters.as_ref().unwrap().ptr();
-            let group = self.split_tuning().fused_merge_group(splits) as i32;
+            let tuning = self.split_tuning();
+            // The group size, with FM_EARLY_TRIGGER (attention.cu) when asked for.
+            let group = tuning.fused_merge_group(splits) as i32
+                | if tuning.merge_trigger_early { 256 } else { 0 };
             let mut params = [
                 arg(&q),
                 arg(&m_i),

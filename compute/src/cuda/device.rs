@@ -223,6 +223,10 @@ pub struct SplitTuning {
     /// Splits per group of the fused merge (0: about the square root of the split count;
     /// kept to at most 32 splits a group and 32 groups); env `STARKV_FUSED_MERGE_GROUP=N`.
     pub merge_group: usize,
+    /// With the fused merge: the kernel lets its dependent (the next decode product)
+    /// launch at its start, as the unfused kernels do, instead of once each split CTA's
+    /// own work is done. Env `STARKV_FUSED_MERGE_TRIGGER=early` (A/B runs).
+    pub merge_trigger_early: bool,
 }
 
 impl SplitTuning {
@@ -246,6 +250,7 @@ impl SplitTuning {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            merge_trigger_early: is("STARKV_FUSED_MERGE_TRIGGER", &["early"]),
         }
     }
 
@@ -282,6 +287,7 @@ impl SplitTuning {
             | (self.decode_per_sm as u64) << 4
             | (self.fused_merge as u64) << 20
             | (self.merge_group as u64) << 21
+            | (self.merge_trigger_early as u64) << 40
     }
 }
 

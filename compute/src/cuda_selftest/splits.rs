@@ -82,6 +82,7 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
         decode_per_sm: 0,
         fused_merge: false,
         merge_group: 0,
+        merge_trigger_early: false,
     };
     let fused = |merge_group| SplitTuning {
         fused_merge: true,
@@ -100,9 +101,16 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
                 ..t(true, true, false)
             },
         ),
-        ("balanced, fused merge, graph replays", fused(0)),
+        ("balanced, fused merge", fused(0)),
         ("balanced, fused merge in one group (<= 32)", fused(32)),
         ("balanced, fused merge in groups of 2 (<= 32 groups)", fused(2)),
+        (
+            "balanced, fused merge, early trigger",
+            SplitTuning {
+                merge_trigger_early: true,
+                ..fused(0)
+            },
+        ),
     ];
     for (name, shape, m, segments) in cases {
         let inputs = Inputs::random(gpu, rng, shape, m, segments)?;
@@ -126,7 +134,9 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
                     if tuning.balanced && !tuning.tile_cuts && !tuning.merge_pdl && pad == 0 {
                         match (tuning.fused_merge, tuning.merge_group) {
                             (false, _) => by_merge[tuning.wide_merge as usize].push(got.0.out.clone()),
-                            (true, 0) => by_merge[2].push(got.0.out.clone()),
+                            (true, 0) if !tuning.merge_trigger_early => {
+                                by_merge[2].push(got.0.out.clone())
+                            }
                             _ => {}
                         }
                     }

@@ -288,6 +288,18 @@ __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* 
 // Counters per (row block, KV head): one per group (at most 32), the groups' at FM_TOP.
 #define FM_COUNTERS 64
 #define FM_TOP (FM_COUNTERS - 1)
+// In the kernels' merge_group argument: trigger the dependent launch at the start (as
+// the unfused kernels do) rather than after the split's own work (A/B runs).
+#define FM_EARLY_TRIGGER 256
+
+// Adds 1 to a counter with acquire-release semantics at GPU scope (lane 0 of a warp, after
+// __syncwarp: the warp's earlier writes are released with it; what the other CTAs
+// released before their increments is acquired); returns the old value.
+__device__ __forceinline__ u32 fm_arrive(u32* c) {
+    u32 old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
+    return old;
+}
 
 // Merges k <= 32 partials of this CTA's rows, those of splits s0, s0 + sstride, ...,
 // with the weights exp(lse_s - lse) (`wsh`: 32 floats per row of shared memory), into
@@ -398,16 +410,17 @@ __device__ __forceinline__ void fm_tail(float* wsh, int split, int n_splits, int
     const int ngroups = (n_splits + G - 1) / G;
     u32* cnt = counters + ((u64)blockIdx.y * gridDim.x + blockIdx.x) * FM_COUNTERS;
     const int g = split / G, g0 = g * G, gsize = min(G, n_splits - g0);
-    // This lane's partial is visible device-wide before the CTA counts in.
-    __threadfence();
+    // Every lane's partial is written before lane 0 counts the CTA in (the barrier orders
+    // them before its release); the last arrival acquires every other CTA's partial and
+    // its lanes read after the barrier.
     __syncwarp();
     u32 last = 0;
     if (lane == 0) {
-        last = atomicAdd(cnt + g, 1u) == (u32)(gsize - 1);
+        last = fm_arrive(cnt + g) == (u32)(gsize - 1);
         if (last) atomicExch(cnt + g, 0u);
     }
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
-    __threadfence();
+    __syncwarp();
     if (ngroups == 1) {
         fm_merge<ROWS>(wsh, n_splits, 0, 1, -1, m, group, nh, rows, row0, kvh, part_o, part_lse,
                        out_h, out_f, lse_f);
@@ -416,15 +429,14 @@ __device__ __forceinline__ void fm_tail(float* wsh, int split, int n_splits, int
     if (gsize > 1)
         fm_merge<ROWS>(wsh, gsize, g0, 1, g0, m, group, nh, rows, row0, kvh, part_o, part_lse,
                        nullptr, nullptr, nullptr);
-    __threadfence();
     __syncwarp();
     last = 0;
     if (lane == 0) {
-        last = atomicAdd(cnt + FM_TOP, 1u) == (u32)(ngroups - 1);
+        last = fm_arrive(cnt + FM_TOP) == (u32)(ngroups - 1);
         if (last) atomicExch(cnt + FM_TOP, 0u);
     }
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
-    __threadfence();
+    __syncwarp();
     fm_merge<ROWS>(wsh, ngroups, 0, G, -1, m, group, nh, rows, row0, kvh, part_o, part_lse, out_h,
                    out_f, lse_f);
 }
@@ -448,8 +460,14 @@ __device__ __forceinline__ void attn_simple_body(
     int merge_group = 0) {
     static_assert(!FM || NW == 1, "the fused merge runs in one-warp CTAs");
     // Launched as a dependent (decode): Q, the plan and the KV row come from earlier kernels.
-    pdl_trigger();
+    // With the fused merge the kernel after this one (the output projection, a dependent
+    // launch) is let start only once this CTA's split is done (before its merge), unless
+    // FM_EARLY_TRIGGER is set in merge_group (A/B runs; PERF_NOTES.md): started early,
+    // the projection's CTAs stay resident through the whole attention.
+    const bool early = !FM || (merge_group & FM_EARLY_TRIGGER);
+    if (early) pdl_trigger();
     pdl_wait();
+    merge_group &= FM_EARLY_TRIGGER - 1;
     constexpr int NT = 32 * NW;
     constexpr int ROWS = 16 * NW;
     h16 *sK, *sV;
@@ -488,9 +506,11 @@ __device__ __forceinline__ void attn_simple_body(
                 store_row(z, half, 0.f, NEG_INF, R, m, group, nh, kvh, split, tig,
                           FM ? nullptr : out_h, FM ? part_o : out_f, FM ? part_lse : lse_out);
         }
-        if constexpr (FM)
+        if constexpr (FM) {
+            if (!early) pdl_trigger();
             fm_tail<ROWS>((float*)sK, split, gridDim.z, merge_group, m, group, nh, rows, row0, kvh,
                           part_o, part_lse, counters, out_h, out_f, lse_out);
+        }
         return;
     }
     // Shared-space addresses; this lane's ldmatrix row and column within a K fragment
@@ -690,6 +710,7 @@ __device__ __forceinline__ void attn_simple_body(
     if constexpr (FM) {
         // Every tile ended with a barrier: sK is free for the merge weights.
         __syncthreads();
+        if (!early) pdl_trigger();
         fm_tail<ROWS>((float*)sK, split, gridDim.z, merge_group, m, group, nh, rows, row0, kvh,
                       part_o, part_lse, counters, out_h, out_f, lse_out);
     }
