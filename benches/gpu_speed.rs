@@ -46,8 +46,9 @@ struct Opts {
     variants: bool,
     /// Graph decode at other split counts too.
     decode_splits: bool,
-    /// The decode-step A/B rows compare only the split merges (fused into the attention
-    /// kernel, by group size, against the separate `attn_merge` launch), three rounds.
+    /// The decode-step A/B rows compare only the split merges (the separate `attn_merge`
+    /// launch against the merge fused into the attention kernel, by group size), three
+    /// rounds.
     merge_ab: bool,
     torch: bool,
     models: Vec<String>,
@@ -107,8 +108,8 @@ struct Variant {
 /// The decode-step configurations compared in the same run: the earlier one first (plans
 /// cut per segment, the merge one CTA per head, Q staged through shared memory, six CTAs
 /// per SM, the one-CTA pick), then the default and each of its choices undone alone.
-/// With `merge_ab`: the default (the split merge fused into the attention kernel), the
-/// separate merge launch, and the fused merge at other group sizes.
+/// With `merge_ab`: the default (the separate merge launch), the split merge fused into
+/// the attention kernel (STARKV_FUSED_MERGE=1), and the fused merge at other group sizes.
 fn decode_variants(merge_ab: bool) -> Vec<Variant> {
     let after = SplitTuning {
         balanced: true,
@@ -116,9 +117,8 @@ fn decode_variants(merge_ab: bool) -> Vec<Variant> {
         wide_merge: true,
         merge_pdl: false,
         decode_per_sm: 0,
-        fused_merge: true,
+        fused_merge: false,
         merge_group: 0,
-        merge_trigger_early: false,
     };
     let v = |name, tuning, decode, wide_argmax, attention_row| Variant {
         name,
@@ -131,38 +131,21 @@ fn decode_variants(merge_ab: bool) -> Vec<Variant> {
         decode_per_sm,
         ..after
     };
-    let group = |merge_group| SplitTuning {
+    let fused = |merge_group| SplitTuning {
+        fused_merge: true,
         merge_group,
         ..after
     };
-    let default = "default: balanced splits, fused merge (groups of ~sqrt(splits)), Q in registers, 4 CTAs/SM, many-CTA pick";
-    let separate = "default with the separate merge launch (column chunks; STARKV_FUSED_MERGE=0)";
+    let default =
+        "default: balanced splits, column-chunk merge, Q in registers, 4 CTAs/SM, many-CTA pick";
+    let fused_name = "default with the merge fused into the attention kernel (groups of ~sqrt(splits); STARKV_FUSED_MERGE=1)";
     if merge_ab {
         return vec![
             v(default, after, DecodeKernel::W1, true, true),
-            v(
-                separate,
-                SplitTuning {
-                    fused_merge: false,
-                    ..after
-                },
-                DecodeKernel::W1,
-                true,
-                true,
-            ),
-            v(
-                "default with the fused merge letting the next product start early (STARKV_FUSED_MERGE_TRIGGER=early)",
-                SplitTuning {
-                    merge_trigger_early: true,
-                    ..after
-                },
-                DecodeKernel::W1,
-                true,
-                true,
-            ),
+            v(fused_name, fused(0), DecodeKernel::W1, true, true),
             v(
                 "default with the fused merge in groups of 4 splits",
-                group(4),
+                fused(4),
                 DecodeKernel::W1,
                 true,
                 true,
@@ -176,7 +159,6 @@ fn decode_variants(merge_ab: bool) -> Vec<Variant> {
                 balanced: false,
                 wide_merge: false,
                 decode_per_sm: 6,
-                fused_merge: false,
                 ..after
             },
             DecodeKernel::W1QSmem,
@@ -184,16 +166,7 @@ fn decode_variants(merge_ab: bool) -> Vec<Variant> {
             true,
         ),
         v(default, after, DecodeKernel::W1, true, true),
-        v(
-            separate,
-            SplitTuning {
-                fused_merge: false,
-                ..after
-            },
-            DecodeKernel::W1,
-            true,
-            true,
-        ),
+        v(fused_name, fused(0), DecodeKernel::W1, true, true),
         v(
             "default with the one-CTA pick (argmax_rows)",
             after,
@@ -243,10 +216,9 @@ fn decode_variants(merge_ab: bool) -> Vec<Variant> {
             true,
         ),
         v(
-            "default with the separate merge as a dependent launch",
+            "default with the merge as a dependent launch",
             SplitTuning {
                 merge_pdl: true,
-                fused_merge: false,
                 ..after
             },
             DecodeKernel::W1,

@@ -751,7 +751,12 @@ impl Gpu {
         let direct = n_splits == 1 && matches!(out, AttnOut::Half(_));
         // The split merge inside the attention kernel (decode kernels only).
         let fused = (!direct && self.split_tuning().fused_merge)
-            .then(|| FUSED_MERGE.iter().find(|(n, _)| *n == name).map(|&(_, f)| f))
+            .then(|| {
+                FUSED_MERGE
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|&(_, f)| f)
+            })
             .flatten();
         let null = 0u64;
         // One kernel writing the 16-bit output, or splits writing f32 partials that
@@ -779,10 +784,7 @@ impl Gpu {
             let counters = launch.grid_dim.0 as usize * nkv * FM_COUNTERS * 4;
             scratch.ensure_counters(self, counters)?;
             let cnt = scratch.counters.as_ref().unwrap().ptr();
-            let tuning = self.split_tuning();
-            // The group size, with FM_EARLY_TRIGGER (attention.cu) when asked for.
-            let group = tuning.fused_merge_group(splits) as i32
-                | if tuning.merge_trigger_early { 256 } else { 0 };
+            let group = self.split_tuning().fused_merge_group(splits) as i32;
             let mut params = [
                 arg(&q),
                 arg(&m_i),
@@ -805,12 +807,7 @@ impl Gpu {
             // group size with at most 32 groups of at most 32 splits; they wait with
             // `pdl_wait()` first.
             unsafe {
-                self.launch_dependent(
-                    k.get(fm),
-                    launch,
-                    &mut params,
-                    Some(Dependent::Attention),
-                )?
+                self.launch_dependent(k.get(fm), launch, &mut params, Some(Dependent::Attention))?
             };
             return Ok(());
         }

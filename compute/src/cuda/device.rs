@@ -217,16 +217,14 @@ pub struct SplitTuning {
     /// Decode attention (at most 16 rows per KV head, the one-warp `attn_fwd_w1` and its
     /// 8-bit twins) merges its splits itself: the last split CTA of each group of splits
     /// to finish merges the group, the last group merger the groups (`fm_tail` in
-    /// attention.cu), instead of a separate `attn_merge` launch. Env
-    /// `STARKV_FUSED_MERGE=0` turns it off.
+    /// attention.cu), instead of a separate `attn_merge` launch. Off: it made the decode
+    /// step slower, not faster (8B shape at 128K 9.89-9.99 against 9.08-9.17 ms/token,
+    /// SmolLM2 at 8K 1.19-1.25 against 0.89-0.95; H200, 2026-12-02, PERF_NOTES.md). Env
+    /// `STARKV_FUSED_MERGE=1` turns it on.
     pub fused_merge: bool,
     /// Splits per group of the fused merge (0: about the square root of the split count;
     /// kept to at most 32 splits a group and 32 groups); env `STARKV_FUSED_MERGE_GROUP=N`.
     pub merge_group: usize,
-    /// With the fused merge: the kernel lets its dependent (the next decode product)
-    /// launch at its start, as the unfused kernels do, instead of once each split CTA's
-    /// own work is done. Env `STARKV_FUSED_MERGE_TRIGGER=early` (A/B runs).
-    pub merge_trigger_early: bool,
 }
 
 impl SplitTuning {
@@ -245,12 +243,11 @@ impl SplitTuning {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
-            fused_merge: !is("STARKV_FUSED_MERGE", &["0", "off", "false"]),
+            fused_merge: is("STARKV_FUSED_MERGE", &["1", "on", "true"]),
             merge_group: std::env::var("STARKV_FUSED_MERGE_GROUP")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
-            merge_trigger_early: is("STARKV_FUSED_MERGE_TRIGGER", &["early"]),
         }
     }
 
@@ -287,7 +284,6 @@ impl SplitTuning {
             | (self.decode_per_sm as u64) << 4
             | (self.fused_merge as u64) << 20
             | (self.merge_group as u64) << 21
-            | (self.merge_trigger_early as u64) << 40
     }
 }
 

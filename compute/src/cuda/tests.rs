@@ -446,3 +446,32 @@ fn hopper_kernel_falls_back_off_hopper() {
     };
     assert_ne!(on.code(), m32.code());
 }
+
+/// The fused merge's group size keeps both levels within one warp's 32 lanes (at most 32
+/// splits a group, at most 32 groups) for every split count the launcher allows, whatever
+/// size is asked for; by default about the square root of the split count.
+#[test]
+fn fused_merge_groups_fit_one_warp_per_level() {
+    for asked in [0, 1, 2, 4, 9, 32, 33, 1000] {
+        let tuning = super::SplitTuning {
+            balanced: true,
+            tile_cuts: false,
+            wide_merge: true,
+            merge_pdl: false,
+            decode_per_sm: 0,
+            fused_merge: true,
+            merge_group: asked,
+        };
+        for n in 1..=1024usize {
+            let g = tuning.fused_merge_group(n);
+            assert!(
+                (1..=32).contains(&g),
+                "{n} splits, asked {asked}: group {g}"
+            );
+            assert!(n.div_ceil(g) <= 32, "{n} splits, asked {asked}: group {g}");
+            if asked == 0 {
+                assert!(g * g >= n && (g - 1) * (g - 1) < n, "{n} splits: group {g}");
+            }
+        }
+    }
+}

@@ -82,7 +82,6 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
         decode_per_sm: 0,
         fused_merge: false,
         merge_group: 0,
-        merge_trigger_early: false,
     };
     let fused = |merge_group| SplitTuning {
         fused_merge: true,
@@ -103,13 +102,9 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
         ),
         ("balanced, fused merge", fused(0)),
         ("balanced, fused merge in one group (<= 32)", fused(32)),
-        ("balanced, fused merge in groups of 2 (<= 32 groups)", fused(2)),
         (
-            "balanced, fused merge, early trigger",
-            SplitTuning {
-                merge_trigger_early: true,
-                ..fused(0)
-            },
+            "balanced, fused merge in groups of 2 (<= 32 groups)",
+            fused(2),
         ),
     ];
     for (name, shape, m, segments) in cases {
@@ -133,10 +128,10 @@ fn run_cases(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Resu
                     let got = &runs[0];
                     if tuning.balanced && !tuning.tile_cuts && !tuning.merge_pdl && pad == 0 {
                         match (tuning.fused_merge, tuning.merge_group) {
-                            (false, _) => by_merge[tuning.wide_merge as usize].push(got.0.out.clone()),
-                            (true, 0) if !tuning.merge_trigger_early => {
-                                by_merge[2].push(got.0.out.clone())
+                            (false, _) => {
+                                by_merge[tuning.wide_merge as usize].push(got.0.out.clone())
                             }
+                            (true, 0) => by_merge[2].push(got.0.out.clone()),
                             _ => {}
                         }
                     }
@@ -329,8 +324,8 @@ impl Inputs {
         run(AttnOut::Half(oh_d.ptr()))?;
         let mut runs = vec![read()?];
         if graphs {
-            let g32 = gpu.capture(|| Ok(run(f32_out)?))?;
-            let g16 = gpu.capture(|| Ok(run(AttnOut::Half(oh_d.ptr()))?))?;
+            let g32 = gpu.capture(|| run(f32_out))?;
+            let g16 = gpu.capture(|| run(AttnOut::Half(oh_d.ptr())))?;
             let (Some(g32), Some(g16)) = (g32, g16) else {
                 return Err("the driver captured no graph".into());
             };

@@ -283,14 +283,13 @@ __device__ __forceinline__ void unstage_i8(h16* sK, h16* sV, const signed char* 
 // back to zero, so the next launch (a graph replay) starts from zeros: the counters are
 // zeroed once, when allocated. The host keeps G and the group count at most 32 (one
 // split per lane when the weights are computed). This takes one launch (and its kernel
-// boundary) per attention off a decode step.
+// boundary) per attention off a decode step, but measured slower than the separate merge
+// (the tail is a chain of dependent global round trips in one warp; PERF_NOTES.md), so
+// it is off unless STARKV_FUSED_MERGE=1.
 
 // Counters per (row block, KV head): one per group (at most 32), the groups' at FM_TOP.
 #define FM_COUNTERS 64
 #define FM_TOP (FM_COUNTERS - 1)
-// In the kernels' merge_group argument: trigger the dependent launch at the start (as
-// the unfused kernels do) rather than after the split's own work (A/B runs).
-#define FM_EARLY_TRIGGER 256
 
 // Adds 1 to a counter with acquire-release semantics at GPU scope (lane 0 of a warp, after
 // __syncwarp: the warp's earlier writes are released with it; what the other CTAs
@@ -460,14 +459,8 @@ __device__ __forceinline__ void attn_simple_body(
     int merge_group = 0) {
     static_assert(!FM || NW == 1, "the fused merge runs in one-warp CTAs");
     // Launched as a dependent (decode): Q, the plan and the KV row come from earlier kernels.
-    // With the fused merge the kernel after this one (the output projection, a dependent
-    // launch) is let start only once this CTA's split is done (before its merge), unless
-    // FM_EARLY_TRIGGER is set in merge_group (A/B runs; PERF_NOTES.md): started early,
-    // the projection's CTAs stay resident through the whole attention.
-    const bool early = !FM || (merge_group & FM_EARLY_TRIGGER);
-    if (early) pdl_trigger();
+    pdl_trigger();
     pdl_wait();
-    merge_group &= FM_EARLY_TRIGGER - 1;
     constexpr int NT = 32 * NW;
     constexpr int ROWS = 16 * NW;
     h16 *sK, *sV;
@@ -506,11 +499,9 @@ __device__ __forceinline__ void attn_simple_body(
                 store_row(z, half, 0.f, NEG_INF, R, m, group, nh, kvh, split, tig,
                           FM ? nullptr : out_h, FM ? part_o : out_f, FM ? part_lse : lse_out);
         }
-        if constexpr (FM) {
-            if (!early) pdl_trigger();
+        if constexpr (FM)
             fm_tail<ROWS>((float*)sK, split, gridDim.z, merge_group, m, group, nh, rows, row0, kvh,
                           part_o, part_lse, counters, out_h, out_f, lse_out);
-        }
         return;
     }
     // Shared-space addresses; this lane's ldmatrix row and column within a K fragment
@@ -710,7 +701,6 @@ __device__ __forceinline__ void attn_simple_body(
     if constexpr (FM) {
         // Every tile ended with a barrier: sK is free for the merge weights.
         __syncthreads();
-        if (!early) pdl_trigger();
         fm_tail<ROWS>((float*)sK, split, gridDim.z, merge_group, m, group, nh, rows, row0, kvh,
                       part_o, part_lse, counters, out_h, out_f, lse_out);
     }
