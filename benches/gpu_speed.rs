@@ -43,6 +43,10 @@ struct Opts {
     quick: bool,
     /// Only the attention kernel rows, on random K/V (no model, no ingest).
     attention_only: bool,
+    /// Only the ingest rows, with the phase-1 configurations compared in the same run:
+    /// the paper's (a = b), with the block overlap, the service's defaults (a quarter of
+    /// the document as anchor, overlap 32) and full attention (one block).
+    ingest_only: bool,
     variants: bool,
     /// Graph decode at other split counts too.
     decode_splits: bool,
@@ -59,6 +63,7 @@ fn parse_opts() -> Opts {
     let mut o = Opts {
         quick: false,
         attention_only: false,
+        ingest_only: false,
         variants: false,
         decode_splits: false,
         merge_ab: false,
@@ -76,6 +81,7 @@ fn parse_opts() -> Opts {
             "--decode-splits" => o.decode_splits = true,
             "--merge-ab" => o.merge_ab = true,
             "--attention-only" => o.attention_only = true,
+            "--ingest-only" => o.ingest_only = true,
             "--models" => {
                 i += 1;
                 o.models = args[i].split(',').map(str::to_string).collect();
@@ -476,6 +482,11 @@ fn run(opts: &Opts) -> Result<()> {
                     None => format!("({secs:.2} s)"),
                 },
             );
+            if opts.ingest_only {
+                drop(blocks);
+                ingest_configs(&mut model, &context, b, secs, &mut add)?;
+                continue;
+            }
             // Phase 2: 30-token question, then greedy decoding.
             let question = toks.take(30, config.vocab);
             let n_steps = if opts.quick { 8 } else { 24 };
@@ -1269,4 +1280,54 @@ fn run_torch(opts: &Opts) -> BTreeMap<String, f64> {
         Err(e) => println!("  python3 not available: {e}"),
     }
     out
+}
+
+/// Phase-1 ingest of `context` in the configurations issue 14 chose between, each against
+/// the paper's (a = b, no overlap: `paper_secs`, measured just before in the same run),
+/// and full attention (the context as one block) against the service's defaults.
+fn ingest_configs(
+    model: &mut CudaLlama,
+    context: &[u32],
+    b: usize,
+    paper_secs: f64,
+    add: &mut dyn FnMut(String, String, String),
+) -> Result<()> {
+    let l = context.len();
+    let gpu = model.gpu().clone();
+    let overlap = starkv_compute::star::DEFAULT_OVERLAP;
+    let defaults = StarConfig::with_default_anchor(b, l).with_overlap(overlap);
+    let mut timed = |config: StarConfig| -> Result<f64> {
+        let t = Instant::now();
+        let blocks = encode_context(model, context, config)?;
+        gpu.synchronize()?;
+        let secs = t.elapsed().as_secs_f64();
+        drop(blocks);
+        Ok(secs)
+    };
+    let with_overlap = timed(StarConfig::new(b).with_overlap(overlap))?;
+    let service = timed(defaults)?;
+    let full = timed(StarConfig::new(l))?;
+    let k = l / 1024;
+    for (what, secs) in [
+        (format!("a = b, overlap {overlap}"), with_overlap),
+        (
+            format!(
+                "service defaults (a = {}b, overlap {overlap})",
+                defaults.anchor_size / b
+            ),
+            service,
+        ),
+        ("full attention (one block)".to_string(), full),
+    ] {
+        add(
+            format!("phase-1 ingest, {k}K context, 8K blocks: {what}"),
+            format!("{:.0} tok/s", l as f64 / secs),
+            format!(
+                "({secs:.2} s; x{:.3} the time of a = b without overlap, {paper_secs:.2} s; service defaults x{:.2} of full attention's time)",
+                secs / paper_secs,
+                service / full
+            ),
+        );
+    }
+    Ok(())
 }
