@@ -591,8 +591,7 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
     }
     // Selective re-encoding of every token after the anchor is full attention's KV: the
     // same answer as the document ingested as one block.
-    let text = "The harbour master keeps the blue lantern. The baker keeps the copper kettle. \
-                The night nurse keeps the violin case. Who keeps the copper kettle?";
+    let text = KETTLE_TEXT;
     let mut answers = Vec::new();
     for (id, extra) in [
         ("one-block", json!({"block_size": 4096})),
@@ -602,23 +601,8 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
         ),
         ("plain-star", json!({"block_size": 8})),
     ] {
-        let mut body = json!({"id": id, "text": text});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
-        assert_eq!(
-            (status, doc["state"].as_str()),
-            (200, Some("ready")),
-            "{doc}"
-        );
-        let (status, answer) = server.json(
-            "POST",
-            &format!("/v1/documents/{id}/query"),
-            Some(json!({"question": "Who keeps the copper kettle?", "max_tokens": 8})),
-        );
-        assert_eq!(status, 200, "{answer}");
-        answers.push(answer["answer"].as_str().unwrap_or_default().to_string());
+        let (_, answer) = ingest_and_ask_kettle(&server, id, text, extra);
+        answers.push(answer);
     }
     assert_eq!(
         answers[1], answers[0],
@@ -634,6 +618,44 @@ fn bad_input_gets_a_json_4xx_and_the_server_stays_healthy() {
     assert!(stats["gpu_tier"].is_null(), "{stats}");
 }
 
+/// A short document for the kettle question of [`ingest_and_ask_kettle`].
+const KETTLE_TEXT: &str = "The harbour master keeps the blue lantern. The baker keeps the copper kettle. \
+                           The night nurse keeps the violin case. Who keeps the copper kettle?";
+
+/// Ingests `text` as `id` with the `extra` ingest fields (waiting until it is ready),
+/// then asks "Who keeps the copper kettle?": the ingest's JSON and the answer.
+fn ingest_and_ask_kettle(server: &Server, id: &str, text: &str, extra: Value) -> (Value, String) {
+    let mut body = json!({"id": id, "text": text});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
+    assert_eq!(
+        (status, doc["state"].as_str()),
+        (200, Some("ready")),
+        "{doc}"
+    );
+    let (status, answer) = server.json(
+        "POST",
+        &format!("/v1/documents/{id}/query"),
+        Some(json!({"question": "Who keeps the copper kettle?", "max_tokens": 8})),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let answer = answer["answer"].as_str().unwrap_or_default().to_string();
+    (doc, answer)
+}
+
+/// `starkv serve --config CONFIG` on `dir` must refuse to start: its stderr.
+fn refused_at_startup(dir: &Path, config: &Path) -> String {
+    let refused = Command::new(env!("CARGO_BIN_EXE_starkv"))
+        .args(["--data-dir", dir.to_str().unwrap(), "serve", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    String::from_utf8_lossy(&refused.stderr).into_owned()
+}
+
 #[test]
 fn the_servers_reencode_ratio_is_the_default_of_ingests_that_set_none() {
     // `reencode_ratio = 1` in the config: an ingest without the field is re-encoded (full
@@ -645,8 +667,7 @@ fn the_servers_reencode_ratio_is_the_default_of_ingests_that_set_none() {
     let config = dir.join("starkv.toml");
     std::fs::write(&config, "reencode_ratio = 1.0\n").unwrap();
     let server = Server::start(&dir, &["--config", config.to_str().unwrap()]);
-    let text = "The harbour master keeps the blue lantern. The baker keeps the copper kettle. \
-                The night nurse keeps the violin case. Who keeps the copper kettle?";
+    let text = KETTLE_TEXT;
     let mut answers = Vec::new();
     let mut reused = Vec::new();
     for (id, extra) in [
@@ -655,24 +676,9 @@ fn the_servers_reencode_ratio_is_the_default_of_ingests_that_set_none() {
         ("plain", json!({"block_size": 8, "reencode_ratio": 0.0})),
         ("defaulted-again", json!({"block_size": 8})),
     ] {
-        let mut body = json!({"id": id, "text": text});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
-        assert_eq!(
-            (status, doc["state"].as_str()),
-            (200, Some("ready")),
-            "{doc}"
-        );
+        let (doc, answer) = ingest_and_ask_kettle(&server, id, text, extra);
         reused.push(doc["reused_blocks"].as_u64());
-        let (status, answer) = server.json(
-            "POST",
-            &format!("/v1/documents/{id}/query"),
-            Some(json!({"question": "Who keeps the copper kettle?", "max_tokens": 8})),
-        );
-        assert_eq!(status, 200, "{answer}");
-        answers.push(answer["answer"].as_str().unwrap_or_default().to_string());
+        answers.push(answer);
     }
     assert_eq!(
         answers[1], answers[0],
@@ -690,13 +696,7 @@ fn the_servers_reencode_ratio_is_the_default_of_ingests_that_set_none() {
     );
     // A ratio outside 0..=1 in the config is refused at startup.
     std::fs::write(&config, "reencode_ratio = 2.0\n").unwrap();
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_starkv"))
-        .args(["--data-dir", dir.to_str().unwrap(), "serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = refused_at_startup(&dir, &config);
     assert!(stderr.contains("reencode_ratio"), "{stderr}");
     server.kill();
 }
@@ -712,8 +712,7 @@ fn the_servers_block_overlap_is_the_default_and_part_of_the_block_keys() {
     let config = dir.join("starkv.toml");
     std::fs::write(&config, "block_overlap = 4096\n").unwrap();
     let server = Server::start(&dir, &["--config", config.to_str().unwrap()]);
-    let text = "The harbour master keeps the blue lantern. The baker keeps the copper kettle. \
-                The night nurse keeps the violin case. Who keeps the copper kettle?";
+    let text = KETTLE_TEXT;
     let mut answers = Vec::new();
     let mut ingested = Vec::new();
     for (id, extra) in [
@@ -728,24 +727,9 @@ fn the_servers_block_overlap_is_the_default_and_part_of_the_block_keys() {
             json!({"block_size": 8, "anchor_size": 8}),
         ),
     ] {
-        let mut body = json!({"id": id, "text": text});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        let (status, doc) = server.json("POST", "/v1/documents?wait=true", Some(body));
-        assert_eq!(
-            (status, doc["state"].as_str()),
-            (200, Some("ready")),
-            "{doc}"
-        );
+        let (doc, answer) = ingest_and_ask_kettle(&server, id, text, extra);
         ingested.push((doc["blocks"].as_u64(), doc["reused_blocks"].as_u64()));
-        let (status, answer) = server.json(
-            "POST",
-            &format!("/v1/documents/{id}/query"),
-            Some(json!({"question": "Who keeps the copper kettle?", "max_tokens": 8})),
-        );
-        assert_eq!(status, 200, "{answer}");
-        answers.push(answer["answer"].as_str().unwrap_or_default().to_string());
+        answers.push(answer);
     }
     assert_eq!(
         answers[1], answers[0],
@@ -761,13 +745,7 @@ fn the_servers_block_overlap_is_the_default_and_part_of_the_block_keys() {
     assert_eq!(ingested[3].1, Some(blocks), "{ingested:?}");
     // An overlap beyond the limit in the config is refused at startup.
     std::fs::write(&config, "block_overlap = 70000\n").unwrap();
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_starkv"))
-        .args(["--data-dir", dir.to_str().unwrap(), "serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = refused_at_startup(&dir, &config);
     assert!(stderr.contains("block_overlap"), "{stderr}");
     server.kill();
 }

@@ -57,6 +57,31 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Phase 1 of `context` under `config`, every block shared.
+fn encoded_blocks(model: &Llama, context: &[u32], config: StarConfig) -> Vec<Arc<BlockKv>> {
+    Phase1::new(model, context, config)
+        .unwrap()
+        .encode_all()
+        .unwrap()
+        .into_iter()
+        .map(Arc::new)
+        .collect()
+}
+
+/// Logits of `query` after a context of `context_len` tokens held as `blocks` in one
+/// shard, attended in f32.
+fn one_shard_logits(
+    model: &Llama,
+    blocks: Vec<Arc<BlockKv>>,
+    context_len: usize,
+    query: &[u32],
+) -> Vec<f32> {
+    let shard = CpuShard::new(blocks, model.head_shape());
+    let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16)
+        .with_precision(KvPrecision::F32);
+    query_logits(model, context_len, query, &mut attn)
+}
+
 /// The context's KV from a full-attention prefill, cut into blocks at `cuts`.
 fn full_attention_blocks(model: &Llama, context: &[u32], cuts: &[usize]) -> Vec<Arc<BlockKv>> {
     let c = model.config();
@@ -101,18 +126,9 @@ fn star_with_a_single_block_is_full_attention() {
     let (context, query) = (tokens(150, 1), tokens(9, 2));
     let want = full_attention_logits(&model, &context, &query);
     for block_size in [150, 151, 4096] {
-        let phase1 = Phase1::new(&model, &context, StarConfig::new(block_size)).unwrap();
-        let blocks: Vec<Arc<BlockKv>> = phase1
-            .encode_all()
-            .unwrap()
-            .into_iter()
-            .map(Arc::new)
-            .collect();
+        let blocks = encoded_blocks(&model, &context, StarConfig::new(block_size));
         assert_eq!(blocks.len(), 1);
-        let shard = CpuShard::new(blocks, model.head_shape());
-        let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16)
-            .with_precision(KvPrecision::F32);
-        let got = query_logits(&model, context.len(), &query, &mut attn);
+        let got = one_shard_logits(&model, blocks, context.len(), &query);
         let diff = max_diff(&got, &want);
         assert!(diff < 1e-4, "b = {block_size}: max |logit diff| {diff}");
     }
@@ -161,16 +177,7 @@ fn phase2_over_exact_kv_equals_full_attention_for_any_sharding() {
 fn shard_order_does_not_change_the_result() {
     let model = tiny_model();
     let (context, query) = (tokens(180, 5), tokens(7, 6));
-    let phase1 = Phase1::new(
-        &model,
-        &context,
-        StarConfig {
-            block_size: 40,
-            anchor_size: 16,
-            overlap: 0,
-        },
-    )
-    .unwrap();
+    let phase1 = Phase1::new(&model, &context, StarConfig::with_anchor(40, 16)).unwrap();
     let blocks: Vec<Arc<BlockKv>> = phase1
         .encode_all()
         .unwrap()
@@ -292,16 +299,7 @@ fn duplicated_query_kv_across_shards_is_caught() {
 fn a_block_encoded_alone_equals_the_block_in_a_whole_run() {
     let model = tiny_model();
     let context = tokens(230, 9);
-    let phase1 = Phase1::new(
-        &model,
-        &context,
-        StarConfig {
-            block_size: 64,
-            anchor_size: 32,
-            overlap: 0,
-        },
-    )
-    .unwrap();
+    let phase1 = Phase1::new(&model, &context, StarConfig::with_anchor(64, 32)).unwrap();
     let all = phase1.encode_all().unwrap();
     assert_eq!(all.len(), 4);
     assert_eq!(
@@ -330,16 +328,7 @@ fn block_positions_follow_the_design_including_the_gap() {
     let model = tiny_model();
     let context = tokens(40, 10);
     let (b, a) = (12, 5);
-    let phase1 = Phase1::new(
-        &model,
-        &context,
-        StarConfig {
-            block_size: b,
-            anchor_size: a,
-            overlap: 0,
-        },
-    )
-    .unwrap();
+    let phase1 = Phase1::new(&model, &context, StarConfig::with_anchor(b, a)).unwrap();
     assert_eq!(phase1.sequence_positions(0), (0..12).collect::<Vec<_>>());
     assert_eq!(
         phase1.sequence_positions(1),
@@ -389,43 +378,10 @@ fn block_positions_follow_the_design_including_the_gap() {
 fn bad_configurations_are_errors() {
     let model = tiny_model();
     let context = tokens(10, 0);
-    assert!(
-        Phase1::new(
-            &model,
-            &context,
-            StarConfig {
-                block_size: 0,
-                anchor_size: 0,
-                overlap: 0,
-            }
-        )
-        .is_err()
-    );
-    assert!(
-        Phase1::new(
-            &model,
-            &context,
-            StarConfig {
-                block_size: 4,
-                anchor_size: 5,
-                overlap: 0,
-            }
-        )
-        .is_err()
-    );
+    assert!(Phase1::new(&model, &context, StarConfig::with_anchor(0, 0)).is_err());
+    assert!(Phase1::new(&model, &context, StarConfig::with_anchor(4, 5)).is_err());
     // A longer anchor must be whole blocks.
-    assert!(
-        Phase1::new(
-            &model,
-            &context,
-            StarConfig {
-                block_size: 4,
-                anchor_size: 10,
-                overlap: 0,
-            }
-        )
-        .is_err()
-    );
+    assert!(Phase1::new(&model, &context, StarConfig::with_anchor(4, 10)).is_err());
     assert!(Phase1::new(&model, &[], StarConfig::new(4)).is_err());
 }
 
@@ -436,11 +392,7 @@ fn bad_configurations_are_errors() {
 fn an_anchor_of_whole_blocks_is_a_causal_prefix_seen_by_every_later_block() {
     let model = tiny_model();
     let context = tokens(170, 4);
-    let config = StarConfig {
-        block_size: 40,
-        anchor_size: 80,
-        overlap: 0,
-    };
+    let config = StarConfig::with_anchor(40, 80);
     let phase1 = Phase1::new(&model, &context, config).unwrap();
     let blocks = phase1.encode_all().unwrap();
     assert_eq!(blocks.len(), 5);
@@ -482,22 +434,9 @@ fn an_anchor_of_whole_blocks_is_a_causal_prefix_seen_by_every_later_block() {
     }
     // An anchor as long as the context: phase 2 over the blocks is full attention.
     let query = tokens(7, 5);
-    let whole = StarConfig {
-        block_size: 40,
-        anchor_size: 200,
-        overlap: 0,
-    };
-    let blocks: Vec<Arc<BlockKv>> = Phase1::new(&model, &context, whole)
-        .unwrap()
-        .encode_all()
-        .unwrap()
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    let shard = CpuShard::new(blocks, model.head_shape());
-    let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16)
-        .with_precision(KvPrecision::F32);
-    let got = query_logits(&model, context.len(), &query, &mut attn);
+    let whole = StarConfig::with_anchor(40, 200);
+    let blocks = encoded_blocks(&model, &context, whole);
+    let got = one_shard_logits(&model, blocks, context.len(), &query);
     let diff = max_diff(&got, &full_attention_logits(&model, &context, &query));
     assert!(diff < 1e-4, "max |logit diff| {diff}");
 }
@@ -693,13 +632,7 @@ fn an_overlap_reaching_the_anchor_is_full_attention() {
     let (context, query) = (tokens(90, 12), tokens(7, 13));
     let want_blocks = full_attention_blocks(&model, &context, &[20, 40, 60, 80]);
     let config = StarConfig::with_anchor(20, 20).with_overlap(1000);
-    let blocks: Vec<Arc<BlockKv>> = Phase1::new(&model, &context, config)
-        .unwrap()
-        .encode_all()
-        .unwrap()
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    let blocks = encoded_blocks(&model, &context, config);
     for (got, want) in blocks.iter().zip(&want_blocks) {
         assert_eq!((got.start, got.len), (want.start, want.len));
         for l in 0..3 {
@@ -708,10 +641,7 @@ fn an_overlap_reaching_the_anchor_is_full_attention() {
             assert!(diff < 1e-4, "block at {} layer {l}: {diff}", got.start);
         }
     }
-    let shard = CpuShard::new(blocks, model.head_shape());
-    let mut attn = QueryAttention::new(vec![&shard], 3, model.head_shape(), 16)
-        .with_precision(KvPrecision::F32);
-    let got = query_logits(&model, context.len(), &query, &mut attn);
+    let got = one_shard_logits(&model, blocks, context.len(), &query);
     let diff = max_diff(&got, &full_attention_logits(&model, &context, &query));
     assert!(diff < 1e-4, "max |logit diff| {diff}");
 }
