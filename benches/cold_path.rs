@@ -472,11 +472,7 @@ fn gpu_rows(
     };
     let tokens = take(opts.tokens);
     let question = take(30);
-    let star = StarConfig {
-        block_size: BLOCK,
-        anchor_size: BLOCK,
-        overlap: 0,
-    };
+    let star = StarConfig::with_anchor(BLOCK, BLOCK);
     let staging = StagingPool::default();
     let reader = LeaseReader {
         lease,
@@ -678,11 +674,7 @@ fn check_cold_blocks(gpu: &Arc<Gpu>, add: &mut dyn FnMut(String, String, String)
                 model: &model,
                 staging: &staging,
                 tokens,
-                config: StarConfig {
-                    block_size: b,
-                    anchor_size: a,
-                    overlap: 0,
-                },
+                config: StarConfig::with_anchor(b, a),
                 reader: &held,
                 mode,
                 rates: ColdRates::default(),

@@ -1003,40 +1003,22 @@ fn attention_rows(
         gpu.set_split_tuning(tuning0);
         if let (Some(b16), Some(first)) = (bf16_secs, blocks.first()) {
             gpu.set_attention_kernels(default);
-            kv8_decode_rows(gpu, kern, lab, shape, l, first.len, b16, copy_gbs, add)?;
+            for format in [Kv8Format::Int8, Kv8Format::Fp8] {
+                let len = first.len;
+                kv8_decode_rows(gpu, kern, lab, shape, l, len, b16, copy_gbs, add, format)?;
+            }
         }
     }
     gpu.set_attention_kernels(default);
     Ok(())
 }
 
-/// Decode attention over `l` tokens kept in 8 bits (`kv_dtype = int8` and `fp8`: int8 or
-/// e4m3 K/V and one f16 scale per token and KV head, the 8-bit kernel), at the automatic
-/// split count and twice it, against the 16-bit kernel's time `bf16_secs` from the same
-/// run. Bytes are what the kernel reads: 8-bit values plus scales.
+/// Decode attention over `l` tokens kept in 8 bits in `format` (`kv_dtype = int8` or
+/// `fp8`: int8 or e4m3 K/V and one f16 scale per token and KV head, the 8-bit kernel), at
+/// the automatic split count and twice it, against the 16-bit kernel's time `bf16_secs`
+/// from the same run. Bytes are what the kernel reads: 8-bit values plus scales.
 #[allow(clippy::too_many_arguments)]
 fn kv8_decode_rows(
-    gpu: &Arc<Gpu>,
-    kern: &Kernels,
-    lab: &str,
-    shape: HeadShape,
-    l: usize,
-    block_len: usize,
-    bf16_secs: f64,
-    copy_gbs: f64,
-    add: &mut Add<'_>,
-) -> Result<()> {
-    for format in [Kv8Format::Int8, Kv8Format::Fp8] {
-        kv8_decode_format(
-            gpu, kern, lab, shape, l, block_len, bf16_secs, copy_gbs, add, format,
-        )?;
-    }
-    Ok(())
-}
-
-/// [`kv8_decode_rows`] for one 8-bit format.
-#[allow(clippy::too_many_arguments)]
-fn kv8_decode_format(
     gpu: &Arc<Gpu>,
     kern: &Kernels,
     lab: &str,
@@ -1290,7 +1272,7 @@ fn ingest_configs(
     context: &[u32],
     b: usize,
     paper_secs: f64,
-    add: &mut dyn FnMut(String, String, String),
+    add: &mut Add<'_>,
 ) -> Result<()> {
     let l = context.len();
     let gpu = model.gpu().clone();

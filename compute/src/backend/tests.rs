@@ -118,11 +118,7 @@ fn cpu_backend_answers_equal_the_direct_path() {
     let backend = Backend::cpu();
     let context = tokens(70, 1);
     let query = tokens(5, 2);
-    let config = StarConfig {
-        block_size: 16,
-        anchor_size: 8,
-        overlap: 0,
-    };
+    let config = StarConfig::with_anchor(16, 8);
     let params = greedy(6);
     let (want_blocks, want_ids) = direct_answer(&loaded, &context, config, &query, &params);
 
@@ -459,11 +455,7 @@ fn encode_reencoded_is_phase1_then_the_reencoding_pass() {
     let model = &loaded.model;
     let backend = Backend::cpu();
     let t = tokens(70, 3);
-    let config = StarConfig {
-        block_size: 12,
-        anchor_size: 24,
-        overlap: 0,
-    };
+    let config = StarConfig::with_anchor(12, 24);
     let mut enc = backend.phase1(model, &t, config).unwrap();
     let mut expected = (0..enc.n_blocks())
         .map(|i| enc.encode_block(i).unwrap())

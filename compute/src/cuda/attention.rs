@@ -777,10 +777,7 @@ impl Gpu {
         };
         if let Some(fm) = fused {
             let splits = n_splits.max(1);
-            let (oh, of, lf) = match out {
-                AttnOut::Half(o) => (o, null, null),
-                AttnOut::F32 { out, lse } => (null, out, lse),
-            };
+            let (oh, of, lf) = out.pointers();
             let counters = launch.grid_dim.0 as usize * nkv * FM_COUNTERS * 4;
             scratch.ensure_counters(self, counters)?;
             let cnt = scratch.counters.as_ref().unwrap().ptr();
@@ -859,11 +856,7 @@ impl Gpu {
         }
         let (po, pl) = parts;
         let d = k.head_dim;
-        let null = 0u64;
-        let (oh, of, lf) = match out {
-            AttnOut::Half(o) => (o, null, null),
-            AttnOut::F32 { out, lse } => (null, out, lse),
-        };
+        let (oh, of, lf) = out.pointers();
         let tuning = self.split_tuning();
         // Column chunks of dc columns (a multiple of 32, dividing d) so that the merge's
         // CTAs about fill the SMs; one chunk per (token, head) without the wide merge.
@@ -916,6 +909,17 @@ impl Gpu {
 pub enum AttnOut {
     Half(u64),
     F32 { out: u64, lse: u64 },
+}
+
+impl AttnOut {
+    /// The kernels' three output arguments: the 16-bit output, the f32 output and the
+    /// f32 lse, 0 where absent.
+    fn pointers(self) -> (u64, u64, u64) {
+        match self {
+            AttnOut::Half(o) => (o, 0, 0),
+            AttnOut::F32 { out, lse } => (0, out, lse),
+        }
+    }
 }
 
 /// Partial-result buffers of split attention, grown on demand, and the fused merge's

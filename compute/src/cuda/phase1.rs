@@ -120,23 +120,17 @@ pub fn encode_block_into(
     anchor: Option<&GpuBlock>,
     block: &GpuBlock,
 ) -> Result<()> {
-    if !lead.is_empty() {
-        let gpu = model.gpu().clone();
-        let rows = encode_block_after(model, lead, tokens, block.start, anchor)?;
-        if rows.len != block.len {
-            return Err(CudaError::Invalid(format!(
-                "{} tokens for a block of {}",
-                rows.len, block.len
-            )));
-        }
-        return rows.copy_into(&gpu, block);
-    }
     if tokens.is_empty() || tokens.len() != block.len {
         return Err(CudaError::Invalid(format!(
             "{} tokens for a block of {}",
             tokens.len(),
             block.len
         )));
+    }
+    if !lead.is_empty() {
+        let gpu = model.gpu().clone();
+        let rows = encode_block_after(model, lead, tokens, block.start, anchor)?;
+        return rows.copy_into(&gpu, block);
     }
     let positions: Vec<usize> = (block.start..block.start + block.len).collect();
     let mut attention = AnchoredBlock {

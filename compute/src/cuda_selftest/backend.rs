@@ -103,11 +103,7 @@ pub(super) fn checks(
 
     // An anchor of two blocks (issue 14): the blocks inside it are rows of the anchor.
     let t = Instant::now();
-    let long_anchor = StarConfig {
-        block_size: 128,
-        anchor_size: 256,
-        overlap: 0,
-    };
+    let long_anchor = StarConfig::with_anchor(128, 256);
     let (err, _) = kv_diff(
         &encode_with(&on_gpu, long_anchor)?,
         &encode_with(&cpu, long_anchor)?,

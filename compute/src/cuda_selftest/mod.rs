@@ -17,8 +17,8 @@ use crate::cpu::attention::{KvView, Mask, attention};
 use crate::cpu::ops::{Rope, rms_norm, swiglu};
 use crate::cuda::star::{ContextBlocks, GpuQuery, GpuShard, StreamedBlocks, encode_context};
 use crate::cuda::{
-    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, GpuKvCache, HalfType, Kernels,
-    KvDest, LongKernel, Segment, TableBuf, upload_plans_with_maps,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, DevBuf, Gpu, GpuKvCache, HalfType,
+    Kernels, KvDest, LongKernel, Segment, TableBuf, upload_plans_with_maps,
 };
 use crate::model::{KvCache, KvPrecision, Llama, LlamaConfig};
 use crate::partial::{Attended, HeadShape, merge_into};
@@ -248,6 +248,30 @@ fn max_abs(a: &[f32], b: &[f32]) -> f64 {
         worst = worst.max((x as f64 - y as f64).abs());
     }
     worst
+}
+
+/// Head-major 16-bit K/V `kk`, `vv` (`len` rows of `d` per KV head, already rounded to
+/// the device type) uploaded as one attention segment: the segment and its buffers.
+fn upload_segment(
+    gpu: &Gpu,
+    kk: &[f32],
+    vv: &[f32],
+    len: usize,
+    d: usize,
+    causal_offset: Option<usize>,
+) -> Result<(Segment, (DevBuf, DevBuf))> {
+    let kd = gpu.upload_new(&to_half(gpu.dtype, kk))?;
+    let vd = gpu.upload_new(&to_half(gpu.dtype, vv))?;
+    let segment = Segment {
+        k: kd.ptr(),
+        v: vd.ptr(),
+        head_stride: (len * d) as i64,
+        row_stride: d as i32,
+        len,
+        causal_offset,
+        scale_off: 0,
+    };
+    Ok((segment, (kd, vd)))
 }
 
 fn round_vec(dt: HalfType, v: &[f32]) -> Vec<f32> {
@@ -804,18 +828,9 @@ fn attention_case(
         }
         let kk = round_vec(dt, &kk);
         let vv = round_vec(dt, &rng.vec(nkv * len * d, -2.0, 2.0));
-        let kd = gpu.upload_new(&to_half(dt, &kk))?;
-        let vd = gpu.upload_new(&to_half(dt, &vv))?;
-        segs.push(Segment {
-            k: kd.ptr(),
-            v: vd.ptr(),
-            head_stride: (len * d) as i64,
-            row_stride: d as i32,
-            len,
-            causal_offset: causal,
-            scale_off: 0,
-        });
-        dev.push((kd, vd));
+        let (seg, bufs) = upload_segment(gpu, &kk, &vv, len, d, causal)?;
+        segs.push(seg);
+        dev.push(bufs);
         host.push((kk, vv, len, causal));
     }
     let scale = 1.0 / (d as f32).sqrt();

@@ -152,11 +152,7 @@ fn ingest_path(
     u: f64,
 ) -> Result<()> {
     let backend = Backend::on_gpu(gpu.clone(), cpu, Some(64 << 20))?;
-    let config = StarConfig {
-        block_size: b,
-        anchor_size: 2 * b,
-        overlap: 0,
-    };
+    let config = StarConfig::with_anchor(b, 2 * b);
     let exact_until = 2 * b;
     let t = Instant::now();
     let mut enc = backend.phase1(cpu, tokens, config)?;
@@ -242,11 +238,7 @@ pub(super) fn timings(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report) -> Res
     let backend = Backend::on_gpu(gpu.clone(), &cpu, Some(256 << 20))?;
     let (l, b) = (8192usize, 512usize);
     let tokens: Vec<u32> = (0..l).map(|_| rng.below(config.vocab) as u32).collect();
-    let star = StarConfig {
-        block_size: b,
-        anchor_size: 4 * b,
-        overlap: 0,
-    };
+    let star = StarConfig::with_anchor(b, 4 * b);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

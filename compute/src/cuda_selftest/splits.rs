@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use super::{
     BIG_SHAPE, Report, Result, Rng, SMOL_SHAPE, from_half, max_abs, ms, rel, round_vec, to_half,
+    upload_segment,
 };
 use crate::cpu::attention::{KvView, Mask, attention};
 use crate::cuda::{
@@ -232,18 +233,9 @@ impl Inputs {
         for &(len, causal) in segments {
             let kk = round_vec(dt, &rng.vec(nkv * len * d, -2.0, 2.0));
             let vv = round_vec(dt, &rng.vec(nkv * len * d, -2.0, 2.0));
-            let kd = gpu.upload_new(&to_half(dt, &kk))?;
-            let vd = gpu.upload_new(&to_half(dt, &vv))?;
-            segs.push(Segment {
-                k: kd.ptr(),
-                v: vd.ptr(),
-                head_stride: (len * d) as i64,
-                row_stride: d as i32,
-                len,
-                causal_offset: causal,
-                scale_off: 0,
-            });
-            kv.push((kd, vd));
+            let (seg, bufs) = upload_segment(gpu, &kk, &vv, len, d, causal)?;
+            segs.push(seg);
+            kv.push(bufs);
             let view = KvView {
                 k: &kk,
                 v: &vv,

@@ -34,11 +34,7 @@ pub struct StarConfig {
 impl StarConfig {
     /// `a = b`, no overlap: the paper's setting.
     pub fn new(block_size: usize) -> Self {
-        Self {
-            block_size,
-            anchor_size: block_size,
-            overlap: 0,
-        }
+        Self::with_anchor(block_size, block_size)
     }
 
     /// Block size `b` and anchor size `a`, no overlap.
@@ -60,7 +56,7 @@ impl StarConfig {
     /// `overlap` before it that lie after the anchor. Empty for block 0 and for the blocks
     /// inside the anchor (they see everything before them already).
     pub fn lead(&self, block: Range<usize>, anchor_len: usize) -> Range<usize> {
-        if block.start == 0 || block.start < anchor_len {
+        if block.start < anchor_len {
             return block.start..block.start;
         }
         block.start.saturating_sub(self.overlap).max(anchor_len)..block.start
@@ -76,11 +72,7 @@ impl StarConfig {
         let b = block_size.max(1);
         let quarter = len.div_ceil(b).div_ceil(4).max(1);
         let most = (MAX_DEFAULT_ANCHOR / b).max(1);
-        Self {
-            block_size,
-            anchor_size: block_size * quarter.min(most),
-            overlap: 0,
-        }
+        Self::with_anchor(block_size, block_size * quarter.min(most))
     }
 
     pub fn validate(&self) -> Result<()> {
