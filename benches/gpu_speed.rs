@@ -526,6 +526,13 @@ fn run(opts: &Opts) -> Result<()> {
             }
             let replays = model.graph_replays() - replays0;
             graph_steps.remove(0);
+            // The captured step replayed back to back (no host work between replays):
+            // the device's time per step; the difference to a real step is the host's.
+            gpu.synchronize()?;
+            let t = Instant::now();
+            let replayed = model.replay_decode_graph(n_steps)?;
+            gpu.synchronize()?;
+            let device_step_ms = replayed.then(|| t.elapsed().as_secs_f64() * 1e3 / n_steps as f64);
             // The same as a graph through the cuBLAS products and separate element-wise
             // kernels (STARKV_FUSED_DECODE=0), for the fused one-row kernels' gain.
             let fused_were = gpu.fused_decode();
@@ -619,6 +626,20 @@ fn run(opts: &Opts) -> Result<()> {
                     limit_ms / graph_ms * 100.0
                 ),
             );
+            if let Some(dev_ms) = device_step_ms {
+                add(
+                    format!(
+                        "{lab}: decode graph replayed back to back, {}K context",
+                        l / 1024
+                    ),
+                    format!("{dev_ms:.3} ms/token"),
+                    format!(
+                        "(device time of a step: {n_steps} replays, one synchronisation; a real step {graph_ms:.3} ms, so {:.3} ms of host work and round trip per step; bytes limit {:.0}% of it)",
+                        graph_ms - dev_ms,
+                        limit_ms / dev_ms * 100.0
+                    ),
+                );
+            }
             let cublas_ms = median(cublas_steps) * 1e3;
             add(
                 format!(

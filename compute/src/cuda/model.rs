@@ -722,6 +722,21 @@ impl CudaLlama {
         Ok((pick[0], f32::from_bits(pick[1])))
     }
 
+    /// Launches the last captured decode graph `n` times back to back, with no host work
+    /// between them (same token, same position: each replay rewrites the same KV row).
+    /// For benchmarks: the device-side time of a decode step, against which a real
+    /// step's time shows the host's share (uploads, the pick's round trip, the launch).
+    /// Returns false, having launched nothing, when no graph has been captured.
+    pub fn replay_decode_graph(&mut self, n: usize) -> Result<bool> {
+        let Some(g) = &self.graph else {
+            return Ok(false);
+        };
+        for _ in 0..n {
+            self.gpu.launch_graph(&g.graph)?;
+        }
+        Ok(true)
+    }
+
     /// Decode steps replayed from a captured graph so far (benchmarks and the selftest
     /// check that graphs ran).
     pub fn graph_replays(&self) -> u64 {
