@@ -35,6 +35,7 @@ use starkv_compute::cuda::{
 };
 use starkv_compute::kv8::Kv8Format;
 use starkv_compute::model::LlamaConfig;
+use starkv_compute::partial::ContextMerge;
 use starkv_compute::star::StarConfig;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -493,9 +494,9 @@ fn run(opts: &Opts) -> Result<()> {
             let mut q = GpuQuery::new(
                 &model,
                 ContextBlocks::Resident(blocks.clone()),
-                // The question, three step series and the split-tuning A/B series (each
+                // The question, five step series and the split-tuning A/B series (each
                 // n_steps + 1 steps), the --decode-splits rows (9 steps each).
-                30 + (3 + 3 * decode_variants(opts.merge_ab).len()) * (n_steps + 1) + 6 * 9,
+                30 + (5 + 3 * decode_variants(opts.merge_ab).len()) * (n_steps + 1) + 6 * 9,
             )?;
             let positions: Vec<usize> = (l..l + 30).collect();
             let t = Instant::now();
@@ -533,6 +534,30 @@ fn run(opts: &Opts) -> Result<()> {
             let replayed = model.replay_decode_graph(n_steps)?;
             gpu.synchronize()?;
             let device_step_ms = replayed.then(|| t.elapsed().as_secs_f64() * 1e3 / n_steps as f64);
+            // APE's merge at T = 1, S = 0.5 (the service's default for documents of
+            // approximate blocks; every block after the first two tempered): its group
+            // in the one plan as weighted keys (graphs), and in its own launch with a
+            // host merge per layer (no graphs), same query and steps.
+            let mut tempered_ms = Vec::new();
+            for in_plan in [true, false] {
+                q.set_merge(ContextMerge {
+                    temperature: 1.0,
+                    scale: 0.5,
+                    tempered_from: 2 * b,
+                });
+                q.weights_in_plan = in_plan;
+                let mut t_steps = Vec::new();
+                for _ in 0..n_steps + 1 {
+                    let t = Instant::now();
+                    next = model.decode_greedy(next, pos, &mut q)?.0;
+                    t_steps.push(t.elapsed().as_secs_f64());
+                    pos += 1;
+                }
+                t_steps.remove(0);
+                tempered_ms.push(median(t_steps) * 1e3);
+            }
+            q.set_merge(ContextMerge::EXACT);
+            q.weights_in_plan = true;
             // The same as a graph through the cuBLAS products and separate element-wise
             // kernels (STARKV_FUSED_DECODE=0), for the fused one-row kernels' gain.
             let fused_were = gpu.fused_decode();
@@ -640,6 +665,18 @@ fn run(opts: &Opts) -> Result<()> {
                     ),
                 );
             }
+            add(
+                format!(
+                    "{lab}: decode as a CUDA graph, {}K context, merge S = 0.5",
+                    l / 1024
+                ),
+                format!("{:.2} ms/token", tempered_ms[0]),
+                format!(
+                    "(APE at T = 1, the tempered group in the one plan as weighted keys; x{:.2} the exact merge's step, same run; its own launch and host merge per layer: {:.2} ms)",
+                    tempered_ms[0] / graph_ms,
+                    tempered_ms[1]
+                ),
+            );
             let cublas_ms = median(cublas_steps) * 1e3;
             add(
                 format!(

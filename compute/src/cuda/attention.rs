@@ -268,6 +268,17 @@ impl AttnKernels {
         k
     }
 
+    /// Whether the kernel [`AttnKernels::launch`] picks for `rows` rows reads the items'
+    /// `log2_weight` (the `attn_simple_body` kernels: every decode kernel but the
+    /// pipelined A/B alternative, and the simple kernel up to 64 rows).
+    pub(super) fn reads_weights(&self, rows: usize, head_dim: usize, kv8: bool) -> bool {
+        let (name, ..) = self.launch(rows, head_dim, kv8);
+        matches!(
+            name,
+            "attn_fwd_w1" | "attn_fwd_w1_qsmem" | "attn_fwd_simple"
+        ) || name.contains("_kv8")
+    }
+
     /// `(kernel, rows per CTA, threads, dynamic shared memory bytes)` for `rows` rows
     /// per KV head. The 32-row-per-warp kernels hold 128 f32 accumulators per thread at
     /// head_dim 128; above that they would spill, so larger heads use the simple kernel.
@@ -338,9 +349,13 @@ pub struct AttnItem {
     /// scales of an 8-bit segment, plus 1 when its values are fp8 e4m3 rather than int8
     /// (see [`Segment::scale_off`]).
     pub scale_off: i64,
+    /// Added to the scores of the item's keys in log2 units (see
+    /// [`Segment::log2_weight`]).
+    pub log2_weight: f32,
+    pub pad: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<AttnItem>() == 48);
+const _: () = assert!(std::mem::size_of::<AttnItem>() == 56);
 
 /// A run of keys for attention: element `(kv head h, key j, i)` at
 /// `k + 2 * (h * head_stride + j * row_stride + i)` bytes (16-bit values), or, for an
@@ -360,6 +375,22 @@ pub struct Segment {
     /// 0: 16-bit values; else 8-bit ones with per-row scales this many bytes after them
     /// (an even count), plus 1 for fp8 e4m3 values (int8 otherwise).
     pub scale_off: i64,
+    /// Added to every score of these keys, in log2 units (0: none): `log2 S` puts the
+    /// blocks of APE's tempered group at `T = 1` in the same plan as the other keys
+    /// (their group's weight `S` is a bias of `ln S` on each of their scores), so a
+    /// tempered decode step is one launch and can be a graph. Only the kernels of
+    /// [`AttnKernels::reads_weights`] read it.
+    pub log2_weight: f32,
+}
+
+impl Segment {
+    /// These keys with every score biased by `log2_weight` (log2 units).
+    pub fn weighted(self, log2_weight: f32) -> Self {
+        Self {
+            log2_weight,
+            ..self
+        }
+    }
 }
 
 /// How an attention call's keys are split over grid z: items and per-split item ranges.
@@ -541,6 +572,8 @@ impl AttnPlan {
             key_end: b as i32,
             causal_offset: s.causal_offset.map_or(-1, |o| o as i32),
             scale_off: s.scale_off,
+            log2_weight: s.log2_weight,
+            pad: 0,
         }
     }
 }

@@ -255,6 +255,7 @@ impl GpuBlock {
                 Some(Kv8Format::Int8) => self.scale_off(),
                 Some(Kv8Format::Fp8) => self.scale_off() | 1,
             },
+            log2_weight: 0.0,
         }
     }
 

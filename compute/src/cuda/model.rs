@@ -884,6 +884,7 @@ impl GpuKvCache {
             len,
             causal_offset,
             scale_off: 0,
+            log2_weight: 0.0,
         }
     }
 

@@ -212,6 +212,29 @@ pub struct GpuQuery {
     graph_splits: usize,
     /// Overrides the automatic split count (tests and benchmarks).
     pub splits: Option<usize>,
+    /// Whether a tempered group at `T = 1` may ride in the one plan as weighted keys
+    /// ([`GpuQuery::weighted_in_plan`]); false keeps its own launch and host merge (the
+    /// selftest compares the two).
+    pub weights_in_plan: bool,
+}
+
+/// Layer `l`'s segments of the context blocks this GPU attends in its main plan: every
+/// block but the tempered group's, or, with `weighted` (`log2 S`, see
+/// [`GpuQuery::weighted_in_plan`]), every block with the group's keys biased by it.
+fn context_segments(
+    context: &ContextBlocks,
+    merge: ContextMerge,
+    weighted: Option<f32>,
+    l: usize,
+) -> Vec<Segment> {
+    context
+        .blocks()
+        .filter_map(|b| match (merge.is_tempered(b.start), weighted) {
+            (false, _) => Some(b.segment(l, None)),
+            (true, Some(w)) => Some(b.segment(l, None).weighted(w)),
+            (true, None) => None,
+        })
+        .collect()
 }
 
 impl GpuQuery {
@@ -219,6 +242,28 @@ impl GpuQuery {
     /// [`Gpu::choose_splits_for`]).
     fn eight_bit(&self) -> bool {
         self.context.blocks().any(|b| b.is_8bit())
+    }
+
+    /// How a step of `m` rows attends a tempered group in its one plan: `Some(log2 S)`,
+    /// the bias on each of the group's key scores, when the merge is tempered at `T = 1`
+    /// (the group's weight `S` is then the same as that bias: `lse = L + ln S`), no
+    /// shard answers for the group (those merge on the host) and the kernel for `m` rows
+    /// reads item weights; `None` otherwise (the exact merge, or the group's own launch
+    /// and host merge of [`TemperedGroup`]). Why: one launch per layer instead of two and
+    /// a host round trip, and a decode step that can be a graph.
+    fn weighted_in_plan(&self, gpu: &Gpu, m: usize) -> Option<f32> {
+        let merge = self.merge;
+        let rows = m * self.shape.group();
+        let reads = |kv8| {
+            gpu.attention_kernels()
+                .reads_weights(rows, self.shape.head_dim, kv8)
+        };
+        (!merge.is_exact()
+            && merge.temperature == 1.0
+            && self.tempered_shards.is_empty()
+            && self.weights_in_plan
+            && reads(self.eight_bit()))
+        .then(|| merge.scale.log2())
     }
 
     /// `capacity`: query plus generated tokens to hold.
@@ -244,6 +289,7 @@ impl GpuQuery {
             tempered: None,
             graph_splits: 0,
             splits: None,
+            weights_in_plan: true,
         })
     }
 
@@ -253,6 +299,11 @@ impl GpuQuery {
     pub fn with_merge(mut self, merge: ContextMerge) -> Self {
         self.merge = merge;
         self
+    }
+
+    /// Changes the merge between steps (benchmarks compare merges on one query).
+    pub fn set_merge(&mut self, merge: ContextMerge) {
+        self.merge = merge;
     }
 
     /// Adds context held by other shards (their blocks follow this GPU's in the
@@ -407,6 +458,7 @@ impl GpuAttention for GpuQuery {
         let splits = self
             .splits
             .unwrap_or_else(|| gpu.choose_splits_for(m, self.shape, total, self.eight_bit()));
+        let weighted = self.weighted_in_plan(gpu, m);
         let (context, local, merge) = (&self.context, &self.local, self.merge);
         self.tempered = None;
         if !self.tempered_shards.is_empty() && merge.is_exact() {
@@ -414,7 +466,7 @@ impl GpuAttention for GpuQuery {
                 "tempered shards need a tempered merge".into(),
             ));
         }
-        if context.blocks().any(|b| merge.is_tempered(b.start)) {
+        if weighted.is_none() && context.blocks().any(|b| merge.is_tempered(b.start)) {
             let group = TemperedGroup::new(gpu, merge, self.shape, self.n_layers, splits, |l| {
                 let tempered = context.blocks().filter(|b| merge.is_tempered(b.start));
                 tempered.map(|b| b.segment(l, None)).collect()
@@ -422,10 +474,7 @@ impl GpuAttention for GpuQuery {
             self.tempered = Some(group);
         }
         self.attn.plan(gpu, self.shape, self.n_layers, splits, |l| {
-            let mut segs: Vec<Segment> = (context.blocks())
-                .filter(|b| !merge.is_tempered(b.start))
-                .map(|b| b.segment(l, None))
-                .collect();
+            let mut segs = context_segments(context, merge, weighted, l);
             segs.push(local.segment(l, offset + m, Some(offset)));
             segs
         })
@@ -463,9 +512,10 @@ impl GpuAttention for GpuQuery {
     /// group merges on the host).
     fn begin_graph(&mut self, gpu: &Gpu, m: usize) -> Result<bool> {
         let merge = self.merge;
+        let weighted = self.weighted_in_plan(gpu, m);
         if self.has_shards()
             || !matches!(self.context, ContextBlocks::Resident(_))
-            || self.context.blocks().any(|b| merge.is_tempered(b.start))
+            || (weighted.is_none() && self.context.blocks().any(|b| merge.is_tempered(b.start)))
         {
             return Ok(false);
         }
@@ -480,7 +530,7 @@ impl GpuAttention for GpuQuery {
         let mut pad = self.graph_splits;
         self.attn
             .plan_padded(gpu, self.shape, self.n_layers, splits, &mut pad, |l| {
-                let mut segs: Vec<Segment> = context.blocks().map(|b| b.segment(l, None)).collect();
+                let mut segs = context_segments(context, merge, weighted, l);
                 segs.push(local.segment(l, offset + m, Some(offset)));
                 segs
             })?;

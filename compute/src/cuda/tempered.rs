@@ -7,6 +7,12 @@
 //! and it is weighed; [`super::phase2::GpuQuery`] then merges it with the untempered
 //! parts on the device. The keys are read once, as in the exact merge; the extra cost is
 //! one launch and a small round trip per layer.
+//!
+//! At `T = 1` (the service's default merge, `S = 0.5`) the group's weight `S` equals a
+//! bias of `ln S` on each of its keys' scores, so [`super::phase2::GpuQuery`] puts the
+//! group in its one plan as weighted keys instead (one launch, no round trip, decode
+//! steps as graphs) whenever no shard answers for the group and the kernel for the
+//! step's rows reads item weights; this launch remains for `T != 1` and those cases.
 
 use super::Result;
 use super::attention::{AttnOut, Segment, SegmentAttention};

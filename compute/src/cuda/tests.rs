@@ -60,6 +60,7 @@ fn seg(len: usize, causal: Option<usize>) -> Segment {
         len,
         causal_offset: causal,
         scale_off: 0,
+        log2_weight: 0.0,
     }
 }
 
@@ -358,6 +359,7 @@ fn padded_plans_keep_their_splits_and_add_empty_ones() {
         len,
         causal_offset,
         scale_off: 0,
+        log2_weight: 0.0,
     };
     let plan = AttnPlan::new(&[seg(1000, None), seg(7, Some(6))], 4);
     let mut padded = plan.clone();
@@ -474,4 +476,57 @@ fn fused_merge_groups_fit_one_warp_per_level() {
             }
         }
     }
+}
+
+/// A weighted segment (APE's tempered group at T = 1 in the main plan) hands its weight
+/// to every item cut from it, across split boundaries; unweighted segments stay at 0.
+#[test]
+fn plans_carry_segment_weights_to_every_item() {
+    let w = 0.5f32.log2();
+    let segs = [
+        seg(300, None),
+        seg(1000, None).weighted(w),
+        seg(40, Some(3)),
+    ];
+    let plan = AttnPlan::new(&segs, 7);
+    assert!(plan.n_splits() > 3);
+    let weighted: usize = plan
+        .items
+        .iter()
+        .filter(|i| i.k == segs[1].k)
+        .map(|i| {
+            assert_eq!(i.log2_weight, w);
+            (i.key_end - i.key_begin) as usize
+        })
+        .sum();
+    assert_eq!(weighted, 1000);
+    assert!(
+        plan.items
+            .iter()
+            .filter(|i| i.k != segs[1].k)
+            .all(|i| i.log2_weight == 0.0)
+    );
+}
+
+/// Only the kernels that read item weights get a weighted plan: the one-warp decode
+/// kernels and the simple kernel (up to 64 rows), 16- or 8-bit; not the pipelined decode
+/// alternative, nor the long kernels.
+#[test]
+fn weighted_plans_only_for_kernels_that_read_weights() {
+    let k = AttnKernels {
+        long: LongKernel::HopperV2,
+        hopper: true,
+        ..AttnKernels::default()
+    };
+    assert!(k.reads_weights(4, 128, false));
+    assert!(k.reads_weights(64, 64, false));
+    assert!(k.reads_weights(4, 128, true));
+    assert!(k.reads_weights(4096, 128, true));
+    assert!(!k.reads_weights(65, 128, false));
+    assert!(!k.reads_weights(4096, 128, false));
+    let pipelined = AttnKernels {
+        decode: DecodeKernel::P1N32,
+        ..k
+    };
+    assert!(!pipelined.reads_weights(4, 128, false));
 }

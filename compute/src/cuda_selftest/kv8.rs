@@ -197,6 +197,7 @@ fn mixed_case(
         len: local,
         causal_offset: Some(offset),
         scale_off: 0,
+        log2_weight: 0.0,
     });
     let mut want = Attended::empty(m, shape);
     for b in &blocks {

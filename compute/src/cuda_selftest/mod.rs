@@ -270,6 +270,7 @@ fn upload_segment(
         len,
         causal_offset,
         scale_off: 0,
+        log2_weight: 0.0,
     };
     Ok((segment, (kd, vd)))
 }
@@ -955,6 +956,7 @@ fn hopper_vs_m32(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> 
                 len,
                 causal_offset: causal,
                 scale_off: 0,
+                log2_weight: 0.0,
             });
             keep.push((kd, vd));
         }
@@ -1423,6 +1425,63 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
         "unchanged",
         (rel(&cpu_tempered, &cpu_star) < 1e-3) as u8 as f64,
         0.0,
+        ms(t),
+    );
+
+    // APE at T = 1 (the service's default merge, S = 0.5): the tempered group rides in
+    // the one plan as keys biased by log2 S (one launch a layer, decode steps as graphs)
+    // against its own launch and host merge; prefill, then decode steps fed the same
+    // tokens. And it must differ from the exact merge.
+    let t = Instant::now();
+    let merge1 = crate::partial::ContextMerge {
+        temperature: 1.0,
+        scale: 0.5,
+        tempered_from: b,
+    };
+    let steps = 6;
+    let resident = || ContextBlocks::Resident(gblocks.clone());
+    let mut in_plan = GpuQuery::new(&model, resident(), mq + steps)?.with_merge(merge1);
+    let mut two_launches = GpuQuery::new(&model, resident(), mq + steps)?.with_merge(merge1);
+    two_launches.weights_in_plan = false;
+    model.forward(&query, &positions, &mut two_launches)?;
+    let prefill_ref = model.logits(mq)?;
+    let mut tok = model.argmax(1)?[0].0;
+    model.forward(&query, &positions, &mut in_plan)?;
+    let mut worst = rel(&model.logits(mq)?, &prefill_ref);
+    let (graphs_were, replays0) = (gpu.decode_graphs(), model.graph_replays());
+    gpu.set_decode_graphs(true);
+    let decoded = (|| -> Result<()> {
+        for s in 0..steps {
+            let pos = positions[mq - 1] + 1 + s;
+            let reference = model.decode_logits(tok, pos, &mut two_launches)?;
+            let weighted = model.decode_logits(tok, pos, &mut in_plan)?;
+            worst = worst.max(rel(&weighted, &reference));
+            tok = argmax(&reference);
+        }
+        Ok(())
+    })();
+    gpu.set_decode_graphs(graphs_were);
+    decoded?;
+    let replays = model.graph_replays() - replays0;
+    report.check(
+        &format!("star b={b} merge T=1 S=0.5: group in the plan == own launch, prefill + {steps} decode steps"),
+        "rel",
+        worst,
+        8.0 * u,
+        ms(t),
+    );
+    report.check(
+        &format!("star b={b} merge T=1 S=0.5: decode steps replayed from a graph"),
+        "missing",
+        (steps as u64 - 1).saturating_sub(replays) as f64,
+        0.0,
+        ms(t),
+    );
+    report.check(
+        "merge T=1 S=0.5 changes the prefill logits (GPU; must exceed)",
+        "rel",
+        8.0 * u / rel(&prefill_ref, &gpu_star).max(1e-12),
+        1.0,
         ms(t),
     );
 

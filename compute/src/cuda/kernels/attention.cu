@@ -611,6 +611,7 @@ __device__ __forceinline__ void attn_simple_body(
                 for (int e = 0; e < 4; e++) {
                     float x = s[nt][e] * scale_log2;
                     if (KV8) x *= sKs[nt * 8 + tig * 2 + (e & 1)];
+                    x += item.log2_weight;
                     if (need_mask) {
                         int jl = nt * 8 + tig * 2 + (e & 1);
                         int t = e < 2 ? ta : tb;

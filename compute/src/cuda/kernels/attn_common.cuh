@@ -22,6 +22,12 @@ struct AttnItem {
     // k + (scale_off & ~1) + 2 * (h * len + j), len = head_stride / row_stride (the same
     // for v).
     long long scale_off;
+    // Added to every score of the item's keys, in log2 units: log2 S for the keys of
+    // APE's tempered group at T = 1, whose weight S is the same as a bias of ln S on each
+    // of its keys (0 elsewhere). Only attn_simple_body reads it; the planner gives
+    // weighted items to its kernels only (AttnKernels::reads_weights).
+    float log2_weight;
+    int pad_;
 };
 
 #ifndef HEAD_DIM
