@@ -14,7 +14,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaGraph;
 
 use super::attention::{AttnOut, KvDest, Segment, SegmentAttention};
-use super::device::{DevBuf, Gpu};
+use super::device::{DevBuf, Gpu, PinnedBuf};
 use super::gemv::gemv_fits;
 use super::kernels::Kernels;
 use super::launch::argmax_scratch_bytes;
@@ -72,6 +72,14 @@ struct DecodeGraph {
 // time); CUDA graph execs may be used from any thread when access is serialised.
 unsafe impl Send for DecodeGraph {}
 unsafe impl Sync for DecodeGraph {}
+
+/// Where a decode step's input token comes from.
+enum StepToken {
+    /// Uploaded from the host.
+    Host(u32),
+    /// The previous step's greedy pick, still on the device.
+    Picked,
+}
 
 /// Device buffers of a decode step's head, at fixed addresses for graph replay.
 struct DecodeBufs {
@@ -564,14 +572,40 @@ impl CudaLlama {
         position: usize,
         attention: &mut dyn GpuAttention,
     ) -> Result<()> {
-        if token as usize >= self.config.vocab {
-            return Err(CudaError::Invalid(format!(
-                "token id {token} is outside the vocabulary ({})",
-                self.config.vocab
-            )));
-        }
-        self.prepare(&[token], &[position])?;
+        self.decode_enqueue(StepToken::Host(token), position, attention)?;
+        attention.finish(1);
+        Ok(())
+    }
+
+    /// The launches of [`CudaLlama::decode_launch`] without `attention.finish`: the
+    /// step's KV row is written but not yet kept (the pipelined loop keeps it once the
+    /// step before has not stopped the generation).
+    fn decode_enqueue(
+        &mut self,
+        token: StepToken,
+        position: usize,
+        attention: &mut dyn GpuAttention,
+    ) -> Result<()> {
         self.ensure_decode_bufs()?;
+        match token {
+            StepToken::Host(token) => {
+                if token as usize >= self.config.vocab {
+                    return Err(CudaError::Invalid(format!(
+                        "token id {token} is outside the vocabulary ({})",
+                        self.config.vocab
+                    )));
+                }
+                self.prepare(&[token], &[position])?;
+            }
+            StepToken::Picked => {
+                // The previous step's greedy pick (its first word, the token id),
+                // copied on the device: no host round trip between the steps.
+                self.ensure_scratch(1)?;
+                self.gpu.upload(self.buf(POS), &[position as i32])?;
+                let pick = self.decode.as_ref().expect("sized above").pick.ptr();
+                self.gpu.copy_d2d(self.buf(TOK), pick, 4)?;
+            }
+        }
         let gpu = self.gpu.clone();
         let graphed = gpu.decode_graphs() && attention.begin_graph(&gpu, 1)?;
         if !graphed {
@@ -592,7 +626,6 @@ impl CudaLlama {
                 }
             }
         }
-        attention.finish(1);
         self.last_m = 1;
         Ok(())
     }
@@ -720,6 +753,55 @@ impl CudaLlama {
         let mut pick = [0u32; 2];
         self.gpu.download(&mut pick, bufs.pick.ptr())?;
         Ok((pick[0], f32::from_bits(pick[1])))
+    }
+
+    /// Greedy decoding of up to `max_steps` tokens, the first step fed `first` at
+    /// `position`: what [`CudaLlama::decode_greedy`] in a loop gives, token for token,
+    /// but pipelined. Step `i + 1` is planned, uploaded and launched while step `i` runs
+    /// (its input token is step `i`'s pick, copied on the device), and only then does the
+    /// host wait for step `i`'s pick, so the device never waits for the host between
+    /// steps (the host's share of a sequential step: its uploads, the pick's round trip
+    /// and the graph launch, 0.06-0.15 ms on the H200). `on_token(token, lse)` sees each
+    /// token in order and returns false to stop; the step already launched after a stop
+    /// is dropped (its KV row is not kept). Returns the number of tokens decoded.
+    pub fn decode_greedy_pipelined(
+        &mut self,
+        first: u32,
+        position: usize,
+        max_steps: usize,
+        attention: &mut dyn GpuAttention,
+        mut on_token: impl FnMut(u32, f32) -> bool,
+    ) -> Result<usize> {
+        if max_steps == 0 {
+            return Ok(0);
+        }
+        self.decode_enqueue(StepToken::Host(first), position, attention)?;
+        attention.finish(1);
+        let gpu = self.gpu.clone();
+        let mut host = PinnedBuf::new(&gpu, 8)?;
+        let ready = gpu.ctx.new_event(None)?;
+        for done in 1.. {
+            let pick = self
+                .decode
+                .as_ref()
+                .expect("sized by the first step")
+                .pick
+                .ptr();
+            gpu.download_pinned(&mut host, 0, pick, 8)?;
+            ready.record(&gpu.stream)?;
+            let more = done < max_steps;
+            if more {
+                self.decode_enqueue(StepToken::Picked, position + done, attention)?;
+            }
+            ready.synchronize()?;
+            let word = host.as_f32_mut();
+            let (token, lse) = (word[0].to_bits(), word[1]);
+            if !on_token(token, lse) || !more {
+                return Ok(done);
+            }
+            attention.finish(1);
+        }
+        unreachable!("the loop returns")
     }
 
     /// Launches the last captured decode graph `n` times back to back, with no host work

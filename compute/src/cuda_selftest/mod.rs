@@ -1603,6 +1603,44 @@ fn star_checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Re
     let mut graph_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), cap)?;
     let g = graph_vs_plain(gpu, &mut model, &mut plain_q, &mut graph_q, &query, l, 12)?;
     g.report(report, "star decode", ms(t), u);
+    // Pipelined greedy decoding (each step launched before the previous pick is read,
+    // its token copied on the device) gives the sequential steps' tokens and lse; a stop
+    // drops the step in flight, and decoding goes on from there as if it had never run.
+    let t = Instant::now();
+    let (steps, stop_at) = (10, 4);
+    let mut seq_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), mq + steps)?;
+    let mut pipe_q = GpuQuery::new(&model, ContextBlocks::Resident(gblocks.clone()), mq + steps)?;
+    model.forward(&query, &positions, &mut seq_q)?;
+    let first = model.argmax(1)?[0].0;
+    let (mut sequential, mut tok) = (Vec::new(), first);
+    for s in 0..steps {
+        let (next, lse) = model.decode_greedy(tok, l + mq + s, &mut seq_q)?;
+        sequential.push((next, lse));
+        tok = next;
+    }
+    model.forward(&query, &positions, &mut pipe_q)?;
+    let mut pipelined = Vec::new();
+    let n = model.decode_greedy_pipelined(first, l + mq, steps, &mut pipe_q, |t, lse| {
+        pipelined.push((t, lse));
+        pipelined.len() < stop_at
+    })?;
+    let mut tok = pipelined.last().map_or(first, |p| p.0);
+    for s in n..steps {
+        let (next, lse) = model.decode_greedy(tok, l + mq + s, &mut pipe_q)?;
+        pipelined.push((next, lse));
+        tok = next;
+    }
+    let differ = (sequential.iter().zip(&pipelined))
+        .filter(|(a, b)| a.0 != b.0 || (a.1 - b.1).abs() > 1e-6 * a.1.abs().max(1.0))
+        .count();
+    report.check(
+        &format!("pipelined greedy decode == sequential, {steps} steps, stopped after {stop_at} and resumed"),
+        "mismatch",
+        (differ + (n != stop_at) as usize + (pipelined.len() != steps) as usize
+            + (pipe_q.local_len() != seq_q.local_len()) as usize) as f64,
+        0.0,
+        ms(t),
+    );
     let t = Instant::now();
     let (n_layers, shape) = (config.n_layers, model.head_shape());
     let mut plain_c = GpuKvCache::new(gpu, n_layers, shape, all.len() + 16)?;
