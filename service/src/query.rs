@@ -8,7 +8,7 @@ use starkv_cache::{Manifest, MergeOptions};
 use starkv_compute::backend::{BlockId, StoredContext};
 use starkv_compute::cancel::Cancel;
 use starkv_compute::generate::{GenerateParams, StopReason};
-use starkv_compute::partial::ContextMerge;
+use starkv_compute::partial::{ContextMerge, DEFAULT_MERGE_SCALE};
 use starkv_compute::prompt;
 use starkv_compute::sampling::{SamplingParams, TokenLogprob};
 
@@ -188,6 +188,26 @@ pub(crate) fn document_merge(
     }
 }
 
+/// The merge an ingest records: the request's own options when it gives any, else the
+/// default for its KV. Every token re-encoded with global attention
+/// (`reencode_ratio >= 1`) is full attention's KV, which the exact merge reproduces;
+/// any other document's blocks after the anchor are approximate and get APE's scaling
+/// factor, the server's `server_scale` or else [`DEFAULT_MERGE_SCALE`] (at `T = 1`). One
+/// rule for every ingest path.
+pub fn ingest_merge(
+    requested: Option<MergeOptions>,
+    server_scale: Option<f32>,
+    reencode_ratio: f32,
+) -> MergeOptions {
+    requested.unwrap_or_else(|| {
+        if reencode_ratio >= 1.0 {
+            MergeOptions::default()
+        } else {
+            MergeOptions::new(1.0, server_scale.unwrap_or(DEFAULT_MERGE_SCALE))
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +228,28 @@ mod tests {
         // The exact merge tempers nothing, wherever the group would start.
         let exact = document_merge(MergeOptions::default(), 64, 64);
         assert!(exact.is_exact() && !exact.is_tempered(128));
+    }
+
+    #[test]
+    fn an_ingest_without_merge_options_gets_the_default_for_its_kv() {
+        let half = MergeOptions::new(1.0, DEFAULT_MERGE_SCALE);
+        assert_eq!(DEFAULT_MERGE_SCALE, 0.5);
+        // Approximate blocks: S from the server, else the default.
+        assert_eq!(ingest_merge(None, None, 0.0), half);
+        assert_eq!(ingest_merge(None, None, 0.5), half);
+        assert_eq!(
+            ingest_merge(None, Some(0.7), 0.0),
+            MergeOptions::new(1.0, 0.7)
+        );
+        assert!(ingest_merge(None, Some(1.0), 0.0).is_exact());
+        // Every token re-encoded: full attention's KV, the exact merge whatever the server.
+        assert!(ingest_merge(None, None, 1.0).is_exact());
+        assert!(ingest_merge(None, Some(0.25), 1.0).is_exact());
+        // The request's own options win over every default.
+        let asked = MergeOptions::new(0.7, 2.0);
+        assert_eq!(ingest_merge(Some(asked), Some(0.25), 0.0), asked);
+        assert_eq!(ingest_merge(Some(asked), None, 1.0), asked);
+        let exact = MergeOptions::default();
+        assert_eq!(ingest_merge(Some(exact), None, 0.0), exact);
     }
 }
