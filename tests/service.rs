@@ -705,12 +705,14 @@ fn the_servers_reencode_ratio_is_the_default_of_ingests_that_set_none() {
 fn the_servers_block_overlap_is_the_default_and_part_of_the_block_keys() {
     // `block_overlap = 4096` in the config: an ingest without the field encodes every
     // block after all the tokens before it, which is full attention's KV (the one-block
-    // answer). Blocks with a lead are keyed by it: an ingest of the same text with
-    // `block_overlap: 0` reuses only the blocks that have no lead (the anchor's and the
-    // first after it), a second defaulted ingest reuses them all.
+    // answer, under the exact merge: `merge_scale = 1`, as the default scale of
+    // approximate blocks would only bias exact ones). Blocks with a lead are keyed by it:
+    // an ingest of the same text with `block_overlap: 0` reuses only the blocks that have
+    // no lead (the anchor's and the first after it), a second defaulted ingest reuses
+    // them all.
     let dir = temp_dir("overlap-default");
     let config = dir.join("starkv.toml");
-    std::fs::write(&config, "block_overlap = 4096\n").unwrap();
+    std::fs::write(&config, "block_overlap = 4096\nmerge_scale = 1.0\n").unwrap();
     let server = Server::start(&dir, &["--config", config.to_str().unwrap()]);
     let text = KETTLE_TEXT;
     let mut answers = Vec::new();
@@ -747,6 +749,99 @@ fn the_servers_block_overlap_is_the_default_and_part_of_the_block_keys() {
     std::fs::write(&config, "block_overlap = 70000\n").unwrap();
     let stderr = refused_at_startup(&dir, &config);
     assert!(stderr.contains("block_overlap"), "{stderr}");
+    server.kill();
+}
+
+/// The first generated token's most likely alternatives, `(id, logprob)`, when `id` is
+/// asked the kettle question with the `merge` fields added to the query.
+fn first_token_logprobs(server: &Server, id: &str, merge: Value) -> Vec<(u64, f64)> {
+    let mut body =
+        json!({"question": "Who keeps the copper kettle?", "max_tokens": 1, "logprobs": 5});
+    body.as_object_mut()
+        .unwrap()
+        .extend(merge.as_object().unwrap().clone());
+    let (status, answer) = server.json("POST", &format!("/v1/documents/{id}/query"), Some(body));
+    assert_eq!(status, 200, "{answer}");
+    answer["logprobs"][0]["top"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+        .collect()
+}
+
+/// The merge scale document `id` was ingested with (at temperature 1), told from the
+/// first generated token's log-probabilities: a query without merge fields runs the
+/// document's own merge, so it reproduces those of the override with the document's
+/// scale, and of that one only among `candidates` (which must give distinct ones).
+fn stored_merge_scale(server: &Server, id: &str, candidates: &[f64]) -> f64 {
+    let own = first_token_logprobs(server, id, json!({}));
+    let same = |other: &[(u64, f64)]| {
+        own.len() == other.len()
+            && own
+                .iter()
+                .zip(other)
+                .all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() <= 1e-6)
+    };
+    let matching: Vec<f64> = candidates
+        .iter()
+        .copied()
+        .filter(|&scale| {
+            let merge = json!({"merge_temperature": 1.0, "merge_scale": scale});
+            same(&first_token_logprobs(server, id, merge))
+        })
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "{id}: {own:?} is the merge of {matching:?}"
+    );
+    matching[0]
+}
+
+#[test]
+fn approximate_blocks_merge_at_the_default_scale_and_exact_kv_exactly() {
+    // APE's S = 0.5 (the server's `merge_scale`, else 0.5) is the default merge of a
+    // document whose blocks after the anchor are approximate; a document re-encoded in
+    // full is full attention's KV and keeps the exact merge; merge fields of the ingest
+    // win. A one-block anchor leaves most blocks in the tempered group, so the scale
+    // changes the log-probabilities.
+    let text = KETTLE_TEXT;
+    let layout = json!({"block_size": 8, "anchor_size": 8});
+    let with = |extra: Value| {
+        let mut body = layout.clone();
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let dir = temp_dir("merge-default");
+    let server = server_with_config(&dir, "");
+    for (id, extra, scale) in [
+        ("approximate", json!({}), 0.5),
+        ("re-encoded", json!({"reencode_ratio": 1.0}), 1.0),
+        ("asked-exact", json!({"merge_scale": 1.0}), 1.0),
+        (
+            "asked-half",
+            json!({"reencode_ratio": 1.0, "merge_scale": 0.5}),
+            0.5,
+        ),
+    ] {
+        ingest_and_ask_kettle(&server, id, text, with(extra));
+        assert_eq!(stored_merge_scale(&server, id, &[0.5, 1.0]), scale, "{id}");
+    }
+    server.kill();
+
+    // The server's `merge_scale` is the default of approximate blocks.
+    let dir = temp_dir("merge-default-configured");
+    let server = server_with_config(&dir, "merge_scale = 1.0\n");
+    ingest_and_ask_kettle(&server, "approximate", text, layout.clone());
+    assert_eq!(stored_merge_scale(&server, "approximate", &[0.5, 1.0]), 1.0);
+    // One outside the ingest's range is refused at startup.
+    let config = dir.join("starkv.toml");
+    std::fs::write(&config, "merge_scale = 100\n").unwrap();
+    let stderr = refused_at_startup(&dir, &config);
+    assert!(stderr.contains("merge_scale"), "{stderr}");
     server.kill();
 }
 

@@ -66,6 +66,13 @@ pub struct ServerConfig {
     /// phase 1 encodes in front of it and drops, so a block boundary does not cut a
     /// sentence off from its beginning (issue 14).
     pub block_overlap: Option<usize>,
+    /// Default `merge_scale` (APE's scaling factor `S`, at `merge_temperature` 1) for
+    /// ingests that set neither merge option and whose context blocks are approximate
+    /// (`None`: [`starkv_compute::partial::DEFAULT_MERGE_SCALE`], 0.5, measured better
+    /// than the exact merge on needle retrieval at small blocks, issue 14; 1: the exact
+    /// merge). An ingest re-encoded in full (`reencode_ratio` 1) keeps the exact merge,
+    /// whatever this says.
+    pub merge_scale: Option<f32>,
     /// Default `reencode_ratio` for ingests that do not set one (`None`: 0, off).
     /// Selective re-encoding (issue 14) costs ingest time, and its block keys cover the
     /// whole document (no reuse across documents or on re-ingest of an edited one); at
@@ -147,6 +154,7 @@ impl Default for ServerConfig {
             block_size: 2048,
             anchor_size: None,
             block_overlap: None,
+            merge_scale: None,
             reencode_ratio: None,
             max_body_bytes: 16 << 20,
             max_document_tokens: None,
@@ -295,6 +303,14 @@ impl ServerConfig {
                 starkv_compute::star::MAX_OVERLAP
             )));
         }
+        let scales = crate::http::documents::MERGE_SCALE;
+        if self.merge_scale.is_some_and(|s| !scales.contains(&s)) {
+            return Err(ConfigError::Invalid(format!(
+                "merge_scale must be in {}..={}",
+                scales.start(),
+                scales.end()
+            )));
+        }
         if self
             .reencode_ratio
             .is_some_and(|r| !(0.0..=1.0).contains(&r))
@@ -432,6 +448,11 @@ mod tests {
             "reencode_ratio = 1.5",
             "reencode_ratio = -0.1",
             "reencode_ratio = nan",
+            "merge_scale = 0",
+            "merge_scale = 0.01",
+            "merge_scale = 65",
+            "merge_scale = -0.5",
+            "merge_scale = nan",
         ] {
             let config: ServerConfig = toml::from_str(toml).unwrap();
             assert!(config.validate().is_err(), "{toml}");
@@ -442,6 +463,13 @@ mod tests {
         let reencoded: ServerConfig = toml::from_str("reencode_ratio = 0.05").unwrap();
         reencoded.validate().unwrap();
         assert_eq!(reencoded.reencode_ratio, Some(0.05));
+        for scale in ["0.015625", "0.5", "1.0", "64"] {
+            let toml = format!("merge_scale = {scale}");
+            let config: ServerConfig = toml::from_str(&toml).unwrap();
+            config.validate().unwrap();
+            assert_eq!(config.merge_scale, Some(scale.parse().unwrap()), "{toml}");
+        }
+        assert_eq!(ServerConfig::default().merge_scale, None);
         // Workers scope block keys to the tenant; a global coordinator would disagree.
         let cluster = "workers = [\"a:1\", \"b:2\"]\ncluster_secret = \"s\"\n";
         let tenant: ServerConfig = toml::from_str(cluster).unwrap();

@@ -18,6 +18,7 @@ use starkv_cache::MergeOptions;
 use starkv_compute::star::{DEFAULT_OVERLAP, MAX_OVERLAP, StarConfig};
 use starkv_service::jobs::{Job, JobState, SubmitError};
 use starkv_service::limits::seconds_to_ms;
+use starkv_service::query::ingest_merge;
 use starkv_service::{IngestRequest, KvDtype};
 
 #[derive(Deserialize)]
@@ -53,8 +54,8 @@ pub const MERGE_TEMPERATURE: std::ops::RangeInclusive<f32> = 0.0625..=4.0;
 pub const MERGE_SCALE: std::ops::RangeInclusive<f32> = 0.015625..=64.0;
 
 /// `merge_temperature` and `merge_scale` of an ingest or a query: `None` when neither is
-/// given (the default applies), else both checked against their ranges (a missing one
-/// is 1).
+/// given (the default applies: [`ingest_merge`]'s for an ingest, the document's for a
+/// query), else both checked against their ranges (a missing one is 1).
 pub fn validate_merge(
     temperature: Option<f32>,
     scale: Option<f32>,
@@ -141,7 +142,7 @@ pub async fn create(
             "`block_overlap` must be in 0..={MAX_OVERLAP}"
         )));
     }
-    let merge = validate_merge(body.merge_temperature, body.merge_scale)?.unwrap_or_default();
+    let requested_merge = validate_merge(body.merge_temperature, body.merge_scale)?;
     let kv_dtype = match body.kv_dtype.as_deref() {
         None => KvDtype::F16,
         Some(name) => KvDtype::parse(name).ok_or_else(|| {
@@ -158,6 +159,7 @@ pub async fn create(
     if !(0.0..=1.0).contains(&reencode_ratio) {
         return Err(ApiError::bad_request("`reencode_ratio` must be in 0..=1"));
     }
+    let merge = ingest_merge(requested_merge, state.config.merge_scale, reencode_ratio);
     let ttl_ms = body
         .ttl_seconds
         .map(|s| seconds_to_ms("ttl_seconds", s))

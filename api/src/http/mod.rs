@@ -3,7 +3,7 @@
 
 mod auth;
 mod cluster;
-mod documents;
+pub(crate) mod documents;
 mod error;
 mod extract;
 mod openai;

@@ -9,6 +9,7 @@
 use serde_json::{Value, json};
 
 use crate::config::ServerConfig;
+use starkv_compute::partial::DEFAULT_MERGE_SCALE;
 use starkv_compute::sampling::MAX_TOP_LOGPROBS;
 use starkv_service::limits::MAX_SECONDS;
 
@@ -90,14 +91,29 @@ fn schemas(config: &ServerConfig) -> Value {
     let nullable_seconds =
         json!({ "type": "integer", "minimum": 0, "maximum": MAX_SECONDS, "nullable": true });
     let text = json!({ "type": "string", "minLength": 1, "pattern": "\\S" });
-    let merge_temperature = json!({
-        "type": "number", "minimum": MERGE_TEMPERATURE.start(), "maximum": MERGE_TEMPERATURE.end(),
-        "description": "APE's tempered merge (issue 14): the context blocks after the anchor are merged at softmax scale 1/(sqrt(d) T); 1 (with merge_scale 1) is the exact merge"
-    });
-    let merge_scale = json!({
-        "type": "number", "minimum": MERGE_SCALE.start(), "maximum": MERGE_SCALE.end(),
-        "description": "APE's scaling factor S: the tempered group enters the merge with lse T*L + ln S"
-    });
+    // The merge options of an ingest (with their defaults) and of a query (an override).
+    let merge_groups = "the context blocks whose KV is approximate form APE's tempered group (issue 14): every block after the anchor, except the block right after an anchor of whole blocks (anchor_size >= block_size), which is encoded after the whole anchor and so is exact";
+    let merge_temperature_of = |default: &str| {
+        json!({
+            "type": "number", "minimum": MERGE_TEMPERATURE.start(), "maximum": MERGE_TEMPERATURE.end(),
+            "description": format!("APE's temperature T: {merge_groups}; the group is attended at softmax scale 1/(sqrt(d) T); 1 (with merge_scale 1) is Star Attention's exact merge; {default}")
+        })
+    };
+    let merge_scale_of = |default: &str| {
+        json!({
+            "type": "number", "minimum": MERGE_SCALE.start(), "maximum": MERGE_SCALE.end(),
+            "description": format!("APE's scaling factor S: the tempered group enters the merge with lse T*L + ln S; {default}")
+        })
+    };
+    let merge_temperature = merge_temperature_of(
+        "default: 1 (a missing one of the two merge fields is 1 when the other is given)",
+    );
+    let merge_scale = merge_scale_of(&format!(
+        "default when neither merge field is given: 1 (the exact merge) when reencode_ratio is 1 (the KV is full attention's), else the server's merge_scale, else {DEFAULT_MERGE_SCALE} (measured better than the exact merge on needle retrieval at small blocks); 1 when only merge_temperature is given"
+    ));
+    let query_merge = "default: the document's merge when neither merge field is given (a missing one of the two is 1 when the other is)";
+    let query_merge_temperature = merge_temperature_of(query_merge);
+    let query_merge_scale = merge_scale_of(query_merge);
     let cluster_totals = json!({
         "type": "object",
         "description": "cluster mode only: the workers' stores summed, from the last health checks (documents counts each worker's part of a document)",
@@ -171,8 +187,8 @@ fn schemas(config: &ServerConfig) -> Value {
                     "type": "boolean",
                     "description": "ingest a document longer than the model's context_length"
                 },
-                "merge_temperature": merge_temperature.clone(),
-                "merge_scale": merge_scale.clone(),
+                "merge_temperature": merge_temperature,
+                "merge_scale": merge_scale,
                 "kv_dtype": {
                     "type": "string", "enum": starkv_service::KvDtype::NAMES,
                     "description": "KV precision: f16 (default; bf16 on a GPU host), int8 (symmetric, one scale per token and KV head: about half the bytes) or fp8 (OCP FP8 E4M3, one scale per token and KV head: about half the bytes)"
@@ -258,8 +274,8 @@ fn schemas(config: &ServerConfig) -> Value {
                     "items": { "type": "string", "minLength": 1, "description": "at most 256 bytes" }
                 },
                 "stream": { "type": "boolean" },
-                "merge_temperature": merge_temperature,
-                "merge_scale": merge_scale,
+                "merge_temperature": query_merge_temperature,
+                "merge_scale": query_merge_scale,
                 "logprobs": {
                     "type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
                     "description": "report each generated token's log-probability and this many most likely alternatives (under the model's distribution, before temperature, top-k and top-p)"
@@ -594,6 +610,15 @@ mod tests {
             MAX_BLOCK_SIZE
         );
         assert_eq!(schemas["Query"]["properties"]["seed"]["maximum"], u64::MAX);
+        // The ingest's merge_scale states its default; the query's defers to the document.
+        let merge_scale = |s: &str| schemas[s]["properties"]["merge_scale"]["description"].clone();
+        let ingest = merge_scale("CreateDocument");
+        assert!(ingest.as_str().unwrap().contains("else 0.5"), "{ingest}");
+        let query = merge_scale("Query");
+        assert!(
+            query.as_str().unwrap().contains("the document's merge"),
+            "{query}"
+        );
         assert_eq!(
             schemas["CreateDocument"]["properties"]["ttl_seconds"]["maximum"],
             MAX_SECONDS
