@@ -705,14 +705,14 @@ fn the_servers_reencode_ratio_is_the_default_of_ingests_that_set_none() {
 fn the_servers_block_overlap_is_the_default_and_part_of_the_block_keys() {
     // `block_overlap = 4096` in the config: an ingest without the field encodes every
     // block after all the tokens before it, which is full attention's KV (the one-block
-    // answer, under the exact merge: `merge_scale = 1`, as the default scale of
-    // approximate blocks would only bias exact ones). Blocks with a lead are keyed by it:
+    // answer: the default merge scale leaves blocks whose lead reaches the anchor
+    // untempered, so here none is tempered). Blocks with a lead are keyed by it:
     // an ingest of the same text with `block_overlap: 0` reuses only the blocks that have
     // no lead (the anchor's and the first after it), a second defaulted ingest reuses
     // them all.
     let dir = temp_dir("overlap-default");
     let config = dir.join("starkv.toml");
-    std::fs::write(&config, "block_overlap = 4096\nmerge_scale = 1.0\n").unwrap();
+    std::fs::write(&config, "block_overlap = 4096\n").unwrap();
     let server = Server::start(&dir, &["--config", config.to_str().unwrap()]);
     let text = KETTLE_TEXT;
     let mut answers = Vec::new();

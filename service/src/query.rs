@@ -156,6 +156,7 @@ fn context_merge(manifest: &Manifest, query: Option<MergeOptions>) -> ContextMer
         options,
         manifest.anchor_size as usize,
         manifest.block_size as usize,
+        manifest.block_overlap as usize,
     )
 }
 
@@ -163,28 +164,26 @@ fn context_merge(manifest: &Manifest, query: Option<MergeOptions>) -> ContextMer
 /// untempered, the approximate ones after them form APE's tempered group. One rule for a
 /// single node's manifest and a cluster's catalog entry.
 ///
-/// An anchor of whole blocks (`anchor >= block size`) is encoded causally on its own, so
-/// its blocks are exact, and so is the block right after it: it is encoded as
-/// `[anchor | block]`, the whole of its causal prefix (any lead lies after the anchor,
-/// so it is empty there). Tempering that block would only bias it (measured: +1.4
-/// points of multi-key retrieval at b = L/16 on the H200 when it is left out of the
-/// group), so the group starts one block after the anchor. An anchor shorter than a
-/// block is a prefix of block 0: block 0 is exact, block 1 already misses the tokens of
-/// block 0 between the anchor and its lead, so the group starts at block 1.
+/// Block 0 and the anchor's blocks are encoded causally on their own, so they are exact.
+/// A later block starting at `s` is encoded as `[anchor | lead | block]`, its lead the
+/// `overlap` tokens before it but never the anchor's own (`StarConfig::lead`): when the
+/// lead reaches back to the anchor's end (`s - overlap <= anchor`) that is the block's
+/// whole causal prefix and its KV is exact too (with a whole-block anchor and any
+/// overlap, at least the block right after the anchor). Tempering an exact block would
+/// only bias it (measured: +1.4 points of multi-key retrieval at b = L/16 on the H200
+/// when the block after the anchor is left out of the group), so the group starts at the
+/// first block with `s > anchor + overlap`; blocks start at multiples of the block size.
 pub(crate) fn document_merge(
     options: MergeOptions,
     anchor_size: usize,
     block_size: usize,
+    block_overlap: usize,
 ) -> ContextMerge {
-    let tempered_from = if anchor_size >= block_size {
-        anchor_size + block_size
-    } else {
-        block_size
-    };
+    let b = block_size.max(1);
     ContextMerge {
         temperature: options.temperature(),
         scale: options.scale(),
-        tempered_from,
+        tempered_from: ((anchor_size + block_overlap) / b + 1) * b,
     }
 }
 
@@ -213,20 +212,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_block_after_a_whole_block_anchor_is_untempered() {
+    fn only_blocks_with_approximate_kv_are_tempered() {
         let tempered = MergeOptions::new(0.8, 0.5);
-        let from = |a, b| document_merge(tempered, a, b).tempered_from;
+        let from = |a, b, o| document_merge(tempered, a, b, o).tempered_from;
         // Whole-block anchors: the anchor's blocks and the exact one after them.
-        assert_eq!(from(64, 64), 128);
-        assert_eq!(from(256, 64), 320);
-        // An anchor inside block 0: block 1 is already approximate.
-        assert_eq!(from(16, 64), 64);
-        assert_eq!(from(1, 64), 64);
-        let merge = document_merge(tempered, 64, 64);
+        assert_eq!(from(64, 64, 0), 128);
+        assert_eq!(from(256, 64, 0), 320);
+        assert_eq!(from(256, 64, 32), 320);
+        // An anchor inside block 0: block 1 is already approximate, unless its lead
+        // reaches back to the anchor's end.
+        assert_eq!(from(16, 64, 0), 64);
+        assert_eq!(from(1, 64, 32), 64);
+        assert_eq!(from(16, 64, 48), 128);
+        // A lead of two blocks makes the two blocks after a one-block anchor exact; one
+        // as long as the document makes every block exact.
+        assert_eq!(from(64, 64, 128), 256);
+        assert_eq!(from(64, 64, 10_000), 10_112);
+        // Every block the rule calls exact has a lead reaching the anchor, and the first
+        // tempered one does not (StarConfig::lead), over a grid of sizes.
+        for (a, b) in [
+            (1, 64),
+            (16, 64),
+            (64, 64),
+            (128, 64),
+            (256, 64),
+            (512, 128),
+        ] {
+            for o in [0, 1, 32, 63, 64, 65, 200] {
+                let config = starkv_compute::star::StarConfig::with_anchor(b, a).with_overlap(o);
+                let t = from(a, b, o);
+                assert_eq!(t % b, 0, "a {a} b {b} o {o}");
+                for s in (b..t + 4 * b).step_by(b) {
+                    let lead = config.lead(s..s + b, a);
+                    let exact = s <= a || lead.start == a;
+                    assert_eq!(exact, s < t, "a {a} b {b} o {o} block at {s}");
+                }
+            }
+        }
+        let merge = document_merge(tempered, 64, 64, 32);
         assert_eq!((merge.temperature, merge.scale), (0.8, 0.5));
         assert!(!merge.is_tempered(64) && merge.is_tempered(128));
         // The exact merge tempers nothing, wherever the group would start.
-        let exact = document_merge(MergeOptions::default(), 64, 64);
+        let exact = document_merge(MergeOptions::default(), 64, 64, 0);
         assert!(exact.is_exact() && !exact.is_tempered(128));
     }
 

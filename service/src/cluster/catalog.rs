@@ -84,7 +84,12 @@ impl DocEntry {
         let own = self.merge.map_or_else(MergeOptions::default, |m| {
             MergeOptions::new(m.temperature, m.scale)
         });
-        crate::query::document_merge(query.unwrap_or(own), self.anchor_size, self.block_size)
+        crate::query::document_merge(
+            query.unwrap_or(own),
+            self.anchor_size,
+            self.block_size,
+            self.block_overlap,
+        )
     }
 
     /// The document's stored KV type; `default` for an entry that does not record it.
