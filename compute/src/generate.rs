@@ -140,35 +140,15 @@ pub fn generate_with(
     let mut logits = step(prompt, &positions)?;
     let prefill = started.elapsed();
     let decode_started = Instant::now();
-    let mut stream = TextStream::new(&params.stop);
-    let mut ids = Vec::new();
-    let mut logprobs = Vec::new();
+    let mut emitter = Emitter::new(tokenizer, params, on_text);
     let mut pos = start_pos + prompt.len();
     let stop_reason = loop {
-        if ids.len() >= params.max_tokens {
+        if emitter.ids.len() >= params.max_tokens {
             break StopReason::MaxTokens;
         }
         let next = sampler.sample(&logits);
-        ids.push(next);
-        if let Some(top) = params.logprobs {
-            logprobs.push(token_logprob(&logits, next, top));
-        }
-        if tokenizer.is_end_of_generation(next) {
-            break StopReason::EndOfGeneration;
-        }
-        let (piece, stopped) = stream.push(tokenizer.token_bytes(next));
-        if !piece.is_empty() && !on_text(&piece) {
-            break StopReason::Cancelled;
-        }
-        if stopped {
-            break StopReason::StopString;
-        }
-        if ids.len() >= params.max_tokens {
-            break StopReason::MaxTokens;
-        }
-        // Cancelled after tokens were generated: the answer so far, marked as cancelled.
-        if params.cancel.is_cancelled() {
-            break StopReason::Cancelled;
+        if let Some(reason) = emitter.push(next, Some(&logits)) {
+            break reason;
         }
         logits = match step(&[next], &[pos]) {
             Err(Error::Cancelled) => break StopReason::Cancelled,
@@ -176,18 +156,144 @@ pub fn generate_with(
         };
         pos += 1;
     };
-    let tail = stream.finish(stop_reason == StopReason::StopString);
-    if !tail.is_empty() {
-        on_text(&tail);
+    Ok(emitter.finish(stop_reason, prefill, decode_started.elapsed()))
+}
+
+/// The prompt through the model, returning the first greedy token ([`generate_picked`]).
+pub type PickedPrefill<'a> = dyn FnMut(&[u32], &[usize]) -> Result<u32> + 'a;
+
+/// Up to `max_steps` greedy steps from `(first, position)`, each next token handed to the
+/// callback, which returns false to stop ([`generate_picked`]).
+pub type PickedDecode<'a> =
+    dyn FnMut(u32, usize, usize, &mut dyn FnMut(u32) -> bool) -> Result<()> + 'a;
+
+/// Greedy decoding whose tokens are picked where the forward pass runs (the GPU's
+/// pipelined steps: [`crate::cuda::CudaLlama::decode_greedy_pipelined`]), so no logits
+/// cross to the host: `prefill(prompt, positions)` returns the first token,
+/// `decode(first, position, max_steps, on_token)` feeds it back and hands each next token
+/// to `on_token`, which returns false to stop. The same tokens, text, stops and timings
+/// as [`generate_with`] with greedy sampling, without log-probabilities (callers with
+/// `params.logprobs` or a temperature above 0 use [`generate_with`]).
+pub fn generate_picked(
+    prefill: &mut PickedPrefill<'_>,
+    decode: &mut PickedDecode<'_>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    start_pos: usize,
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidInput("the prompt is empty".into()));
     }
-    Ok(Generation {
-        ids,
-        text: stream.text,
-        stop_reason,
-        prefill,
-        decode: decode_started.elapsed(),
-        logprobs,
-    })
+    if params.sampling.temperature != 0.0 || params.logprobs.is_some() {
+        return Err(Error::InvalidInput(
+            "tokens picked on the device are greedy and carry no log-probabilities".into(),
+        ));
+    }
+    let started = Instant::now();
+    let positions: Vec<usize> = (start_pos..start_pos + prompt.len()).collect();
+    params.cancel.check()?;
+    let first = prefill(prompt, &positions)?;
+    let prefill_time = started.elapsed();
+    let decode_started = Instant::now();
+    let mut emitter = Emitter::new(tokenizer, params, on_text);
+    let stop_reason = if params.max_tokens == 0 {
+        StopReason::MaxTokens
+    } else if let Some(reason) = emitter.push(first, None) {
+        reason
+    } else {
+        let mut reason = None;
+        let pos = start_pos + prompt.len();
+        let steps = params.max_tokens - 1;
+        let decoded = decode(first, pos, steps, &mut |next| {
+            reason = emitter.push(next, None);
+            reason.is_none()
+        });
+        match decoded {
+            Err(Error::Cancelled) => StopReason::Cancelled,
+            Err(e) => return Err(e),
+            // Every step ran without a stop: the token budget is spent.
+            Ok(()) => reason.unwrap_or(StopReason::MaxTokens),
+        }
+    };
+    Ok(emitter.finish(stop_reason, prefill_time, decode_started.elapsed()))
+}
+
+/// The per-token half of the generation loop, shared by [`generate_with`] (tokens
+/// sampled from logits on the host) and [`generate_picked`] (tokens picked on the
+/// device): records each token, streams its final text and says when to stop.
+struct Emitter<'a> {
+    tokenizer: &'a Tokenizer,
+    params: &'a GenerateParams,
+    on_text: &'a mut dyn FnMut(&str) -> bool,
+    stream: TextStream<'a>,
+    ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+}
+
+impl<'a> Emitter<'a> {
+    fn new(
+        tokenizer: &'a Tokenizer,
+        params: &'a GenerateParams,
+        on_text: &'a mut dyn FnMut(&str) -> bool,
+    ) -> Self {
+        Self {
+            tokenizer,
+            params,
+            on_text,
+            stream: TextStream::new(&params.stop),
+            ids: Vec::new(),
+            logprobs: Vec::new(),
+        }
+    }
+
+    /// Takes the next token (with its step's logits when log-probabilities are asked
+    /// for); `Some(reason)` when the generation ends with it.
+    fn push(&mut self, next: u32, logits: Option<&[f32]>) -> Option<StopReason> {
+        self.ids.push(next);
+        if let (Some(top), Some(logits)) = (self.params.logprobs, logits) {
+            self.logprobs.push(token_logprob(logits, next, top));
+        }
+        if self.tokenizer.is_end_of_generation(next) {
+            return Some(StopReason::EndOfGeneration);
+        }
+        let (piece, stopped) = self.stream.push(self.tokenizer.token_bytes(next));
+        if !piece.is_empty() && !(self.on_text)(&piece) {
+            return Some(StopReason::Cancelled);
+        }
+        if stopped {
+            return Some(StopReason::StopString);
+        }
+        if self.ids.len() >= self.params.max_tokens {
+            return Some(StopReason::MaxTokens);
+        }
+        // Cancelled after tokens were generated: the answer so far, marked as cancelled.
+        if self.params.cancel.is_cancelled() {
+            return Some(StopReason::Cancelled);
+        }
+        None
+    }
+
+    fn finish(
+        mut self,
+        stop_reason: StopReason,
+        prefill: Duration,
+        decode: Duration,
+    ) -> Generation {
+        let tail = self.stream.finish(stop_reason == StopReason::StopString);
+        if !tail.is_empty() {
+            (self.on_text)(&tail);
+        }
+        Generation {
+            ids: self.ids,
+            text: self.stream.text,
+            stop_reason,
+            prefill,
+            decode,
+            logprobs: self.logprobs,
+        }
+    }
 }
 
 /// Turns token bytes into final text: holds back incomplete UTF-8 characters and any
@@ -289,6 +395,81 @@ mod tests {
             out.push(tail);
         }
         (stream.text, out, stopped)
+    }
+
+    /// `generate_picked` (tokens picked where the forward pass runs) gives what
+    /// `generate_with` gives with greedy sampling of the same tokens: ids, text, streamed
+    /// pieces and stop reason, for token budgets, stop strings and a client hanging up.
+    #[test]
+    fn picked_tokens_generate_what_sampled_ones_do() {
+        let names: Vec<String> = (0..40).map(|i| format!("t{i}.")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let tokenizer =
+            Tokenizer::new(&names, &[], &vec![1i64; 40], "default", None, None, None).unwrap();
+        let script: Vec<u32> = (0..30).map(|i| (i * 7 + 3) % 40).collect();
+        let one_hot = |t: u32| {
+            let mut l = vec![0f32; 40];
+            l[t as usize] = 1.0;
+            l
+        };
+        for (max_tokens, stop, hang_up_after) in [
+            (0, None, usize::MAX),
+            (1, None, usize::MAX),
+            (6, None, usize::MAX),
+            (30, Some("t24."), usize::MAX),
+            (30, Some("t2"), usize::MAX),
+            (30, None, 4),
+        ] {
+            let params = GenerateParams {
+                max_tokens,
+                sampling: SamplingParams::greedy(),
+                stop: stop.map(String::from).into_iter().collect(),
+                cancel: Default::default(),
+                merge: Default::default(),
+                logprobs: None,
+            };
+            let run = |picked: bool| {
+                let mut pieces = Vec::new();
+                let mut on_text = |p: &str| {
+                    pieces.push(p.to_string());
+                    pieces.len() < hang_up_after
+                };
+                let g = if picked {
+                    let mut prefill = |_: &[u32], _: &[usize]| Ok(script[0]);
+                    let mut decode =
+                        |first: u32, pos: usize, steps: usize, on: &mut dyn FnMut(u32) -> bool| {
+                            assert_eq!((first, pos), (script[0], 12));
+                            for &t in &script[1..=steps] {
+                                if !on(t) {
+                                    break;
+                                }
+                            }
+                            Ok(())
+                        };
+                    generate_picked(
+                        &mut prefill,
+                        &mut decode,
+                        &tokenizer,
+                        &[1, 2],
+                        10,
+                        &params,
+                        &mut on_text,
+                    )
+                } else {
+                    let mut calls = 0;
+                    let mut step = |_: &[u32], _: &[usize]| {
+                        calls += 1;
+                        Ok(one_hot(script[calls - 1]))
+                    };
+                    generate_with(&mut step, &tokenizer, &[1, 2], 10, &params, &mut on_text)
+                }
+                .unwrap();
+                (g.ids, g.text, g.stop_reason, pieces)
+            };
+            let (sampled, picked) = (run(false), run(true));
+            assert_eq!(sampled, picked, "max_tokens {max_tokens}, stop {stop:?}");
+            assert!(sampled.0.len() <= max_tokens);
+        }
     }
 
     #[test]

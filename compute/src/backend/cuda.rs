@@ -12,6 +12,7 @@
 //! come from arbitrary worker threads and cudarc's raw `result::` calls use the current
 //! context.
 
+use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -24,7 +25,7 @@ use crate::cuda::star::{
 };
 use crate::cuda::{CudaError, CudaLlama, Gpu, GpuAttention, GpuKvCache, HalfType};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateParams, Generation, generate_with};
+use crate::generate::{GenerateParams, Generation, generate_picked, generate_with};
 use crate::model::Llama;
 use crate::star::reencode::Reencoded;
 use crate::star::{AttentionShard, BlockKv, StarConfig};
@@ -397,6 +398,42 @@ fn decode(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
+    // Greedy without log-probabilities: tokens picked on the device, steps pipelined (the
+    // next one launched before this one's pick is read), no logits to the host (while
+    // [`Gpu::device_greedy`] is on).
+    if params.sampling.temperature == 0.0
+        && params.logprobs.is_none()
+        && model.gpu().device_greedy()
+    {
+        let model = RefCell::new(model);
+        let attention = RefCell::new(attention);
+        let mut prefill = |tokens: &[u32], positions: &[usize]| -> Result<u32> {
+            let (mut model, mut attention) = (model.borrow_mut(), attention.borrow_mut());
+            model.forward(tokens, positions, &mut **attention)?;
+            Ok(model.argmax(1)?[0].0)
+        };
+        let mut decode = |first: u32,
+                          position: usize,
+                          steps: usize,
+                          on_token: &mut dyn FnMut(u32) -> bool|
+         -> Result<()> {
+            let (mut model, mut attention) = (model.borrow_mut(), attention.borrow_mut());
+            let cancel = &params.cancel;
+            model.decode_greedy_pipelined(first, position, steps, &mut **attention, |t, _| {
+                on_token(t) && !cancel.is_cancelled()
+            })?;
+            Ok(())
+        };
+        return generate_picked(
+            &mut prefill,
+            &mut decode,
+            tokenizer,
+            prompt,
+            start_pos,
+            params,
+            on_text,
+        );
+    }
     let mut step = |tokens: &[u32], positions: &[usize]| -> Result<Vec<f32>> {
         // One token: a decode step (a CUDA graph replay when graphs are on).
         if let (&[token], &[position]) = (tokens, positions) {

@@ -319,6 +319,12 @@ pub struct Gpu {
     /// Whether a decode step's greedy pick runs over many CTAs (`argmax_wide`) instead
     /// of one (`argmax_rows`); env `STARKV_WIDE_ARGMAX=0` turns it off.
     wide_argmax: AtomicBool,
+    /// Whether the generation loop's greedy answers pick their tokens on the device with
+    /// pipelined steps ([`super::CudaLlama::decode_greedy_pipelined`]) instead of taking
+    /// each step's logits to the host. Off until the selftest has run it on a GPU (its
+    /// "tokens picked on the GPU (pipelined) == logits path" row turns it on for itself);
+    /// env `STARKV_DEVICE_GREEDY=1` turns it on.
+    device_greedy: AtomicBool,
     /// How attention plans cut their keys into splits and merge them (see
     /// [`SplitTuning`]; the benchmark switches them for same-run A/B rows).
     split_tuning: Mutex<SplitTuning>,
@@ -398,6 +404,10 @@ impl Gpu {
                 std::env::var("STARKV_WIDE_ARGMAX").as_deref(),
                 Ok("0" | "off" | "false")
             )),
+            device_greedy: AtomicBool::new(matches!(
+                std::env::var("STARKV_DEVICE_GREEDY").as_deref(),
+                Ok("1" | "on" | "true")
+            )),
             split_tuning: Mutex::new(SplitTuning::from_env()),
             graph_stream,
             capturing: Mutex::new(None),
@@ -431,6 +441,15 @@ impl Gpu {
 
     pub fn wide_argmax(&self) -> bool {
         self.wide_argmax.load(Ordering::Relaxed)
+    }
+
+    /// Turns device-picked, pipelined greedy generation on or off (see the field).
+    pub fn set_device_greedy(&self, on: bool) {
+        self.device_greedy.store(on, Ordering::Relaxed);
+    }
+
+    pub fn device_greedy(&self) -> bool {
+        self.device_greedy.load(Ordering::Relaxed)
     }
 
     /// Sets how attention plans split their keys and merge the splits (benchmarks and the

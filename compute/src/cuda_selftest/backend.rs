@@ -252,6 +252,38 @@ pub(super) fn checks(
         0.0,
         ms(t),
     );
+    // Greedy answers pick their tokens on the device with pipelined steps; asking for
+    // log-probabilities takes the logits path (host argmax): the same tokens and text.
+    let t = Instant::now();
+    let device_greedy_was = gpu.device_greedy();
+    gpu.set_device_greedy(true);
+    let doc_picked =
+        on_gpu.answer_document(loaded, &context, config, &query, &params, &mut |_| true);
+    gpu.set_device_greedy(device_greedy_was);
+    let doc_picked = doc_picked?;
+    let with_logprobs = GenerateParams {
+        logprobs: Some(1),
+        ..params.clone()
+    };
+    let doc_logits = on_gpu.answer_document(
+        loaded,
+        &context,
+        config,
+        &query,
+        &with_logprobs,
+        &mut |_| true,
+    )?;
+    let (picked, sampled) = (&doc_picked.generation, &doc_logits.generation);
+    report.check(
+        "backend: answer_document, tokens picked on the GPU (pipelined) == logits path",
+        "mismatch",
+        ((picked.ids != sampled.ids) as usize
+            + (picked.text != sampled.text) as usize
+            + (picked.stop_reason != sampled.stop_reason) as usize
+            + (sampled.logprobs.len() != sampled.ids.len()) as usize) as f64,
+        0.0,
+        ms(t),
+    );
     let t = Instant::now();
     let prompt = loaded.tokenizer.encode(PROMPT, false)?;
     let plain_cpu = cpu.generate_plain(loaded, &prompt, &params, &mut |_| true)?;
