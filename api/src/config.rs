@@ -77,8 +77,9 @@ pub struct ServerConfig {
     /// Selective re-encoding (issue 14) costs ingest time, and its block keys cover the
     /// whole document (no reuse across documents or on re-ingest of an edited one); at
     /// 0.05 it bought no measurable accuracy on the H200 at 8 and 16 blocks per document
-    /// (README, 616 paired needle questions), hence off by default. A cluster's
-    /// coordinator ignores it: shard workers do not re-encode.
+    /// (README, 616 paired needle questions), hence off by default. On a cluster's
+    /// coordinator it applies too: each worker holding a part of a re-encoded document
+    /// computes the whole of it and keeps its part (such an ingest is not spread).
     pub reencode_ratio: Option<f32>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,

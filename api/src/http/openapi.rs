@@ -195,7 +195,7 @@ fn schemas(config: &ServerConfig) -> Value {
                 },
                 "reencode_ratio": {
                     "type": "number", "minimum": 0, "maximum": 1,
-                    "description": "fraction of the tokens after the anchor whose KV is recomputed with global attention at ingest (selective re-encoding, issue 14); 0 is plain Star Attention; default: the server's reencode_ratio setting (0 unless configured; 0 on a cluster's coordinator)"
+                    "description": "fraction of the tokens after the anchor whose KV is recomputed with global attention at ingest (selective re-encoding, issue 14); 0 is plain Star Attention; default: the server's reencode_ratio setting (0 unless configured)"
                 }
             }
         },
