@@ -203,30 +203,9 @@ impl Gpu {
         })
     }
 
-    /// NVRTC options for kernels of `head_dim`: the 16-bit type and the measurement-only
-    /// switches from the environment.
+    /// NVRTC options for this GPU's kernels of `head_dim` ([`compile_options`]).
     fn compile_options(&self, head_dim: usize) -> Vec<String> {
-        let mut options = vec![format!("-DHEAD_DIM={head_dim}"), "--std=c++17".into()];
-        if self.dtype == HalfType::BF16 {
-            options.push("-DDT_BF16".into());
-        }
-        // Measurements only: the Hopper kernels without their loads or their products.
-        if let Some(n) = std::env::var("STARKV_SM90_DIAG")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|n| (1..=2).contains(n))
-        {
-            options.push(format!("-DS9_DIAG={n}"));
-        }
-        // Measurements only: 16-byte chunks per row in flight in the one-row products.
-        if let Some(n) = std::env::var("STARKV_GEMV_UNROLL")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|n| (1..=16).contains(n))
-        {
-            options.push(format!("-DGEMV_UNROLL={n}"));
-        }
-        options
+        compile_options(self.dtype, head_dim)
     }
 
     /// Compiles `source` (after `common.cuh` and `shared`) for `arch` and loads `names`
@@ -242,22 +221,60 @@ impl Gpu {
         arch: &'static str,
         options: &[String],
     ) -> Result<()> {
-        // `#line` makes NVRTC's messages name the source file and its own lines.
-        let text = format!("{COMMON_SOURCE}\n{shared}\n#line 1 \"{file}\"\n{source}");
-        let ptx = compile_ptx_with_opts(
-            text,
-            CompileOptions {
-                arch: Some(arch),
-                options: options.to_vec(),
-                name: Some(format!("starkv_{file}")),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| CudaError::Nvrtc(format!("{file}: {e}")))?;
+        let ptx = compile_source(file, shared, source, arch, options)?;
         let module = self.ctx.load_module(ptx)?;
         for &name in names {
             funcs.insert(name, module.load_function(name)?);
         }
         Ok(())
     }
+}
+
+/// NVRTC options for kernels of `head_dim` in `dtype`: the 16-bit type and the
+/// measurement-only switches from the environment.
+pub(crate) fn compile_options(dtype: HalfType, head_dim: usize) -> Vec<String> {
+    let mut options = vec![format!("-DHEAD_DIM={head_dim}"), "--std=c++17".into()];
+    if dtype == HalfType::BF16 {
+        options.push("-DDT_BF16".into());
+    }
+    // Measurements only: the Hopper kernels without their loads or their products.
+    if let Some(n) = std::env::var("STARKV_SM90_DIAG")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (1..=2).contains(n))
+    {
+        options.push(format!("-DS9_DIAG={n}"));
+    }
+    // Measurements only: 16-byte chunks per row in flight in the one-row products.
+    if let Some(n) = std::env::var("STARKV_GEMV_UNROLL")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (1..=16).contains(n))
+    {
+        options.push(format!("-DGEMV_UNROLL={n}"));
+    }
+    options
+}
+
+/// `source` (after `common.cuh` and `shared`) compiled by NVRTC for `arch`: no device
+/// needed, so the tests compile every kernel source wherever NVRTC is installed.
+pub(crate) fn compile_source(
+    file: &str,
+    shared: &str,
+    source: &str,
+    arch: &'static str,
+    options: &[String],
+) -> Result<cudarc::nvrtc::Ptx> {
+    // `#line` makes NVRTC's messages name the source file and its own lines.
+    let text = format!("{COMMON_SOURCE}\n{shared}\n#line 1 \"{file}\"\n{source}");
+    compile_ptx_with_opts(
+        text,
+        CompileOptions {
+            arch: Some(arch),
+            options: options.to_vec(),
+            name: Some(format!("starkv_{file}")),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CudaError::Nvrtc(format!("{file}: {e}")))
 }

@@ -530,3 +530,67 @@ fn weighted_plans_only_for_kernels_that_read_weights() {
     };
     assert!(!pipelined.reads_weights(4, 128, false));
 }
+
+/// Every CUDA source compiles with NVRTC, with the options the runtime passes, for both
+/// 16-bit types at the head dimensions of the supported models (64: SmolLM2, 128:
+/// Llama-3.1-8B), and every configuration of the Hopper kernel for compute_90a; the PTX
+/// holds every kernel the runtime loads by name. No GPU needed: a broken kernel source
+/// fails here, in CI, not on the lent GPU. `scripts/test` installs NVRTC (PyPI's
+/// nvidia-cuda-nvrtc) and sets STARKV_REQUIRE_NVRTC=1, so the suite cannot pass without
+/// compiling them; elsewhere the test compiles them when NVRTC is found.
+#[test]
+fn every_kernel_source_compiles_with_nvrtc() {
+    use super::kernels::{
+        ATTENTION_SM90_SOURCE, ATTN_COMMON_SOURCE, SM90_CONFIGS, SOURCES, compile_options,
+        compile_source,
+    };
+    // SAFETY: only probes whether the library can be loaded (as `probe` does).
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        assert!(
+            std::env::var_os("STARKV_REQUIRE_NVRTC").is_none(),
+            "STARKV_REQUIRE_NVRTC is set, but libnvrtc was not found (LD_LIBRARY_PATH?)"
+        );
+        eprintln!(
+            "NVRTC not found: the kernel sources were not compiled (scripts/test installs it)"
+        );
+        return;
+    }
+    let entries = |ptx: &cudarc::nvrtc::Ptx| {
+        let src = ptx.to_src();
+        move |name: &str| src.contains(&format!(".entry {name}("))
+    };
+    for dtype in [HalfType::BF16, HalfType::F16] {
+        for head_dim in [64, 128] {
+            let options = compile_options(dtype, head_dim);
+            for (file, shared, source, names) in SOURCES {
+                let ptx = compile_source(file, shared, source, "compute_90", &options)
+                    .unwrap_or_else(|e| panic!("{file}, {dtype:?}, head_dim {head_dim}: {e}"));
+                let has = entries(&ptx);
+                for name in names {
+                    assert!(
+                        has(name),
+                        "{name} missing from {file} ({dtype:?}, {head_dim})"
+                    );
+                }
+            }
+        }
+    }
+    for (only, plain, tma, _) in SM90_CONFIGS {
+        let mut options = compile_options(HalfType::BF16, 128);
+        options.push(format!("-DS9_ONLY={only}"));
+        let file = "attention_sm90.cu";
+        let ptx = compile_source(
+            file,
+            ATTN_COMMON_SOURCE,
+            ATTENTION_SM90_SOURCE,
+            "compute_90a",
+            &options,
+        )
+        .unwrap_or_else(|e| panic!("{file}, S9_ONLY={only}: {e}"));
+        let has = entries(&ptx);
+        assert!(
+            has(plain) && has(tma),
+            "{plain} / {tma} missing from {file}"
+        );
+    }
+}
