@@ -247,6 +247,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `steps + 1` greedy decode steps of `q` from `(next, pos)` (both advanced), timed one by
+/// one; the first (which may capture a graph) is dropped. Seconds per step.
+fn greedy_step_times(
+    model: &mut CudaLlama,
+    q: &mut GpuQuery,
+    next: &mut u32,
+    pos: &mut usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(steps + 1);
+    for _ in 0..steps + 1 {
+        let t = Instant::now();
+        *next = model.decode_greedy(*next, *pos, q)?.0;
+        times.push(t.elapsed().as_secs_f64());
+        *pos += 1;
+    }
+    times.remove(0);
+    Ok(times)
+}
+
 /// Median seconds per call of `f` over `reps` samples of `batch` back-to-back calls (one
 /// synchronisation a sample, so host round trips stay out of short kernels' times).
 fn time_gpu_batch(
@@ -518,15 +538,8 @@ fn run(opts: &Opts) -> Result<()> {
             let graphs_were = gpu.decode_graphs();
             gpu.set_decode_graphs(true);
             let replays0 = model.graph_replays();
-            let mut graph_steps = Vec::new();
-            for _ in 0..n_steps + 1 {
-                let t = Instant::now();
-                next = model.decode_greedy(next, pos, &mut q)?.0;
-                graph_steps.push(t.elapsed().as_secs_f64());
-                pos += 1;
-            }
+            let graph_steps = greedy_step_times(&mut model, &mut q, &mut next, &mut pos, n_steps)?;
             let replays = model.graph_replays() - replays0;
-            graph_steps.remove(0);
             // The captured step replayed back to back (no host work between replays):
             // the device's time per step; the difference to a real step is the host's.
             gpu.synchronize()?;
@@ -555,14 +568,7 @@ fn run(opts: &Opts) -> Result<()> {
                     tempered_from: 2 * b,
                 });
                 q.weights_in_plan = in_plan;
-                let mut t_steps = Vec::new();
-                for _ in 0..n_steps + 1 {
-                    let t = Instant::now();
-                    next = model.decode_greedy(next, pos, &mut q)?.0;
-                    t_steps.push(t.elapsed().as_secs_f64());
-                    pos += 1;
-                }
-                t_steps.remove(0);
+                let t_steps = greedy_step_times(&mut model, &mut q, &mut next, &mut pos, n_steps)?;
                 tempered_ms.push(median(t_steps) * 1e3);
             }
             q.set_merge(ContextMerge::EXACT);
@@ -571,14 +577,7 @@ fn run(opts: &Opts) -> Result<()> {
             // kernels (STARKV_FUSED_DECODE=0), for the fused one-row kernels' gain.
             let fused_were = gpu.fused_decode();
             gpu.set_fused_decode(false);
-            let mut cublas_steps = Vec::new();
-            for _ in 0..n_steps + 1 {
-                let t = Instant::now();
-                next = model.decode_greedy(next, pos, &mut q)?.0;
-                cublas_steps.push(t.elapsed().as_secs_f64());
-                pos += 1;
-            }
-            cublas_steps.remove(0);
+            let cublas_steps = greedy_step_times(&mut model, &mut q, &mut next, &mut pos, n_steps)?;
             gpu.set_fused_decode(fused_were);
             // The decode-step configurations as graphs, same run, alternating twice,
             // n_steps steps each after a capture step.
@@ -598,14 +597,8 @@ fn run(opts: &Opts) -> Result<()> {
                         decode: v.decode,
                         ..kernels0
                     });
-                    let mut t_steps = Vec::new();
-                    for _ in 0..n_steps + 1 {
-                        let t = Instant::now();
-                        next = model.decode_greedy(next, pos, &mut q)?.0;
-                        t_steps.push(t.elapsed().as_secs_f64());
-                        pos += 1;
-                    }
-                    t_steps.remove(0);
+                    let t_steps =
+                        greedy_step_times(&mut model, &mut q, &mut next, &mut pos, n_steps)?;
                     tuned[i].push(median(t_steps) * 1e3);
                 }
             }
@@ -619,14 +612,7 @@ fn run(opts: &Opts) -> Result<()> {
                 let auto = gpu.choose_splits(1, shape, l + 30);
                 for splits in [16, 32, 64, 128, auto * 5 / 6, auto * 2 / 3] {
                     q.splits = Some(splits);
-                    let mut t_steps = Vec::new();
-                    for _ in 0..9 {
-                        let t = Instant::now();
-                        next = model.decode_greedy(next, pos, &mut q)?.0;
-                        t_steps.push(t.elapsed().as_secs_f64());
-                        pos += 1;
-                    }
-                    t_steps.remove(0);
+                    let t_steps = greedy_step_times(&mut model, &mut q, &mut next, &mut pos, 8)?;
                     split_rows.push((splits, median(t_steps) * 1e3));
                 }
                 q.splits = None;
