@@ -134,9 +134,8 @@ pub fn generate_with(
         return Err(Error::InvalidInput("the prompt is empty".into()));
     }
     let mut sampler = Sampler::new(params.sampling.clone())?;
+    let positions = prompt_positions(prompt, start_pos, params)?;
     let started = Instant::now();
-    let positions: Vec<usize> = (start_pos..start_pos + prompt.len()).collect();
-    params.cancel.check()?;
     let mut logits = step(prompt, &positions)?;
     let prefill = started.elapsed();
     let decode_started = Instant::now();
@@ -183,17 +182,13 @@ pub fn generate_picked(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(Error::InvalidInput("the prompt is empty".into()));
-    }
     if params.sampling.temperature != 0.0 || params.logprobs.is_some() {
         return Err(Error::InvalidInput(
             "tokens picked on the device are greedy and carry no log-probabilities".into(),
         ));
     }
+    let positions = prompt_positions(prompt, start_pos, params)?;
     let started = Instant::now();
-    let positions: Vec<usize> = (start_pos..start_pos + prompt.len()).collect();
-    params.cancel.check()?;
     let first = prefill(prompt, &positions)?;
     let prefill_time = started.elapsed();
     let decode_started = Instant::now();
@@ -218,6 +213,20 @@ pub fn generate_picked(
         }
     };
     Ok(emitter.finish(stop_reason, prefill_time, decode_started.elapsed()))
+}
+
+/// The prompt's positions `start_pos..`, once it is known not to be empty and the
+/// generation not cancelled: what both loops check before their prefill.
+fn prompt_positions(
+    prompt: &[u32],
+    start_pos: usize,
+    params: &GenerateParams,
+) -> Result<Vec<usize>> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidInput("the prompt is empty".into()));
+    }
+    params.cancel.check()?;
+    Ok((start_pos..start_pos + prompt.len()).collect())
 }
 
 /// The per-token half of the generation loop, shared by [`generate_with`] (tokens
