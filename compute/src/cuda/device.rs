@@ -321,9 +321,9 @@ pub struct Gpu {
     wide_argmax: AtomicBool,
     /// Whether the generation loop's greedy answers pick their tokens on the device with
     /// pipelined steps ([`super::CudaLlama::decode_greedy_pipelined`]) instead of taking
-    /// each step's logits to the host. Off until the selftest has run it on a GPU (its
-    /// "tokens picked on the GPU (pipelined) == logits path" row turns it on for itself);
-    /// env `STARKV_DEVICE_GREEDY=1` turns it on.
+    /// each step's logits to the host (the selftest's "tokens picked on the GPU
+    /// (pipelined) == logits path" row checks both give the same answer); env
+    /// `STARKV_DEVICE_GREEDY=0` turns it off.
     device_greedy: AtomicBool,
     /// How attention plans cut their keys into splits and merge them (see
     /// [`SplitTuning`]; the benchmark switches them for same-run A/B rows).
@@ -404,9 +404,9 @@ impl Gpu {
                 std::env::var("STARKV_WIDE_ARGMAX").as_deref(),
                 Ok("0" | "off" | "false")
             )),
-            device_greedy: AtomicBool::new(matches!(
+            device_greedy: AtomicBool::new(!matches!(
                 std::env::var("STARKV_DEVICE_GREEDY").as_deref(),
-                Ok("1" | "on" | "true")
+                Ok("0" | "off" | "false")
             )),
             split_tuning: Mutex::new(SplitTuning::from_env()),
             graph_stream,

@@ -253,14 +253,6 @@ pub(crate) fn compile_options(dtype: HalfType, head_dim: usize) -> Vec<String> {
     {
         options.push(format!("-DGEMV_UNROLL={n}"));
     }
-    // A/B switch, off until measured: the one-row products load their first weights
-    // before the PDL wait and the RMS-norm prologue (GEMV_PRELOAD in gemv.cu).
-    if matches!(
-        std::env::var("STARKV_GEMV_PRELOAD").as_deref(),
-        Ok("1" | "on" | "true")
-    ) {
-        options.push("-DGEMV_PRELOAD=1".into());
-    }
     options
 }
 

@@ -38,14 +38,6 @@
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 4  // chunks of each row in flight per lane (env STARKV_GEMV_UNROLL)
 #endif
-// 1: each warp loads the first round of its first unit's weights into registers before
-// the PDL wait and the staging of x (weights never depend on an earlier kernel), so the
-// loads overlap the previous kernel's tail and this kernel's RMS-norm prologue. A/B
-// switch, off by default until measured (env STARKV_GEMV_PRELOAD=1; README "Pipelined
-// steps and the host's share": the small products run at 49-65% of the copy rate).
-#ifndef GEMV_PRELOAD
-#define GEMV_PRELOAD 0
-#endif
 
 struct alignas(16) v4 {
     u32 x, y, z, w;
@@ -104,40 +96,19 @@ __device__ __forceinline__ void gemv_stage(const h16* xh, const float* xf, const
 // the warp: every lane returns both sums. Each round issues GEMV_UNROLL chunks of both
 // rows before it multiplies any (chunks past the row's end are skipped), so a short row
 // (SmolLM2's 576 values: at most 3 chunks a lane) is one round trip, not one a chunk.
-// The first round of gemv_pair's loads (chunks part * 32 + lane + 32 wpu u, u <
-// GEMV_UNROLL) into ra and rb: what gemv_pair issues first, for GEMV_PRELOAD.
-__device__ __forceinline__ void gemv_first_round(const h16* wa, const h16* wb, int k8, int part,
-                                                 int wpu, v4 (&ra)[GEMV_UNROLL],
-                                                 v4 (&rb)[GEMV_UNROLL]) {
-    const v4* A = (const v4*)wa;
-    const v4* B = (const v4*)wb;
-    const int c = part * 32 + (threadIdx.x & 31), step = 32 * wpu;
-#pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; u++) {
-        if (c + step * u < k8) {
-            ra[u] = ld_weights(A + c + step * u);
-            rb[u] = ld_weights(B + c + step * u);
-        }
-    }
-}
-
 __device__ __forceinline__ void gemv_pair(const h16* wa, const h16* wb, int k8, int part, int wpu,
-                                          float& ya, float& yb, bool preloaded,
-                                          const v4 (&pre_a)[GEMV_UNROLL],
-                                          const v4 (&pre_b)[GEMV_UNROLL]) {
+                                          float& ya, float& yb) {
     const v4* A = (const v4*)wa;
     const v4* B = (const v4*)wb;
     const int lane = threadIdx.x & 31, step = 32 * wpu;
     float a = 0.f, b = 0.f;
     for (int c = part * 32 + lane; c < k8; c += step * GEMV_UNROLL) {
         v4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
-        // The first round preloaded by the caller (gemv_first_round), or loaded here.
-        const bool pre = preloaded && c == part * 32 + lane;
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
             if (c + step * u < k8) {
-                ra[u] = pre ? pre_a[u] : ld_weights(A + c + step * u);
-                rb[u] = pre ? pre_b[u] : ld_weights(B + c + step * u);
+                ra[u] = ld_weights(A + c + step * u);
+                rb[u] = ld_weights(B + c + step * u);
             }
         }
 #pragma unroll
@@ -167,20 +138,7 @@ __device__ __forceinline__ void gemv_run(const h16* __restrict__ w, int n, int k
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int upb = GEMV_WARPS / wpu, group = warp / wpu, part = warp % wpu;
     pdl_trigger();
-    // GEMV_PRELOAD: this warp's first unit's first round of weights, in registers before
-    // the wait (consumed by the first gemv_pair call below).
-    v4 pre_a[GEMV_UNROLL], pre_b[GEMV_UNROLL];
-    bool preloaded = false;
-    if (GEMV_PRELOAD) {
-        const int u0 = blockIdx.x * upb + group;
-        if (u0 < units) {
-            int ra, rb;
-            rows(u0, ra, rb);
-            gemv_first_round(w + (u64)ra * k, w + (u64)rb * k, k / 8, part, wpu, pre_a, pre_b);
-            preloaded = true;
-        }
-    }
-    if (!GEMV_PRELOAD) {
+    {
         const int u0 = blockIdx.x * upb + group;
         if (u0 < units && (u64)n * k * 2 <= GEMV_PREFETCH_MAX) {
             int ra, rb;
@@ -199,9 +157,7 @@ __device__ __forceinline__ void gemv_run(const h16* __restrict__ w, int n, int k
         if (u < units) {
             int ra, rb;
             rows(u, ra, rb);
-            gemv_pair(w + (u64)ra * k, w + (u64)rb * k, k / 8, part, wpu, a, b, preloaded, pre_a,
-                      pre_b);
-            preloaded = false;
+            gemv_pair(w + (u64)ra * k, w + (u64)rb * k, k / 8, part, wpu, a, b);
         }
         if (wpu > 1) {
             if (lane == 0) {
