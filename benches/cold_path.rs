@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench --bench cold_path -- [--dir PATH] [--tokens 65536] [--shape 8b|smol]
-//!                                   [--threads N] [--no-gpu]
+//!                                   [--threads N] [--no-gpu] [--glibc-defaults]
 //! ```
 //!
 //! Writes one document of `--tokens` tokens (8K-token blocks, the model shape's KV in
@@ -53,6 +53,7 @@ struct Opts {
     shape: String,
     threads: usize,
     gpu: bool,
+    glibc_defaults: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -62,6 +63,7 @@ fn parse_opts() -> Opts {
         shape: "8b".into(),
         threads: std::thread::available_parallelism().map_or(4, |n| n.get().min(16)),
         gpu: true,
+        glibc_defaults: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -74,6 +76,11 @@ fn parse_opts() -> Opts {
             "--threads" => o.threads = value.parse().expect("--threads N"),
             "--no-gpu" => {
                 o.gpu = false;
+                i += 1;
+                continue;
+            }
+            "--glibc-defaults" => {
+                o.glibc_defaults = true;
                 i += 1;
                 continue;
             }
@@ -90,6 +97,14 @@ fn parse_opts() -> Opts {
 
 fn main() {
     let opts = parse_opts();
+    // As `starkv` does at start (stored layers' read buffers reused, not faulted in);
+    // `--glibc-defaults` measures without it.
+    if !opts.glibc_defaults {
+        let taken = starkv_service::allocator::keep_large_buffers();
+        eprintln!("allocator: large read buffers kept between reads: {taken}");
+    } else {
+        eprintln!("allocator: glibc defaults (--glibc-defaults)");
+    }
     if let Err(e) = run(&opts) {
         eprintln!("cold_path failed: {e}");
         std::process::exit(1);
@@ -245,10 +260,15 @@ fn run(opts: &Opts) -> Result<()> {
         .unwrap_or_default();
     println!();
     println!(
-        "Cold path, {} shape, {} tokens ({n_blocks} x 8K blocks), RocksDB store under {} ({date})",
+        "Cold path, {} shape, {} tokens ({n_blocks} x 8K blocks), RocksDB store under {} ({date}; {})",
         opts.shape,
         opts.tokens,
-        opts.dir.display()
+        opts.dir.display(),
+        if opts.glibc_defaults {
+            "glibc allocator defaults"
+        } else {
+            "allocator as `starkv` sets it: large buffers kept"
+        }
     );
     println!();
     println!("| measurement | value | notes |");

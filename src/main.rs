@@ -10,6 +10,8 @@ use clap::Parser;
 use commands::Cli;
 
 fn main() -> ExitCode {
+    // Before any thread allocates: stored layers' read buffers are reused, not faulted in.
+    starkv_service::allocator::keep_large_buffers();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

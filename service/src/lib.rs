@@ -14,6 +14,7 @@
 //! document ids), [`jobs`] (the ingest queue), [`admin`] (eviction, verify), `error`.
 
 pub mod admin;
+pub mod allocator;
 pub mod cluster;
 mod cold;
 mod error;

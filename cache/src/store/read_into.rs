@@ -9,7 +9,7 @@
 //! counted and marked for repair. On an error the destination holds partial data and
 //! must not be used.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use super::{DocLease, Inner, bump};
 use crate::codec;
@@ -53,9 +53,9 @@ impl DocLease {
         }
         let queue = Mutex::new(work.into_iter());
         let failed: Mutex<Option<Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
+        readers().scope(|s| {
             for _ in 0..threads {
-                s.spawn(|| {
+                s.spawn(|_| {
                     loop {
                         if failed.lock().map_or(true, |f| f.is_some()) {
                             return;
@@ -79,6 +79,22 @@ impl DocLease {
             Err(_) => Err(Error::InvalidArgument("a read worker panicked".into())),
         }
     }
+}
+
+/// The threads of bulk reads: long-lived, so each keeps its decode scratch (the codec's
+/// thread-local buffer, a decoded layer's size) from block to block instead of faulting
+/// in a new one for every block, as threads spawned per call did. As many as the host
+/// has hardware threads; a call asking for more runs the extra workers' share on them.
+fn readers() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(4, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("starkv-read-{i}"))
+            .build()
+            .expect("spawning the store's reader threads")
+    })
 }
 
 /// Why a value could not be decoded into the caller's buffer.
