@@ -11,7 +11,8 @@
 //! Modules, one job each: [`ingest`] (phase 1 into the store), [`query`] (phase 2 over a
 //! stored document), [`repair`] (re-encoding blocks that failed verification), `kv` (the
 //! glue between compute's blocks and the store's tensors), [`naming`] (tenants and
-//! document ids), [`jobs`] (the ingest queue), [`admin`] (eviction, verify), `error`.
+//! document ids), [`jobs`] (the ingest queue), [`admin`] (eviction, verify), [`allocator`]
+//! (glibc tuned for values of tens of MB), `error`.
 
 pub mod admin;
 pub mod allocator;

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaGraph;
+use cudarc::driver::{CudaEvent, CudaGraph};
 
 use super::attention::{AttnOut, KvDest, Segment, SegmentAttention};
 use super::device::{DevBuf, Gpu, PinnedBuf};
@@ -91,6 +91,10 @@ struct DecodeBufs {
     pick: DevBuf,
     /// The many-CTA pick's counter (zero between launches) and partials.
     argmax: DevBuf,
+    /// Page-locked landing place of `pick` for pipelined steps, and the event recorded
+    /// after its copy (allocated once: a pinned allocation costs more than a step).
+    pick_host: PinnedBuf,
+    pick_landed: CudaEvent,
 }
 
 struct GpuLayer {
@@ -689,6 +693,8 @@ impl CudaLlama {
                 logits: self.gpu.alloc(c.vocab * 4)?,
                 pick: self.gpu.alloc(8)?,
                 argmax,
+                pick_host: PinnedBuf::new(&self.gpu, 8)?,
+                pick_landed: self.gpu.ctx.new_event(None)?,
             });
         }
         Ok(())
@@ -778,23 +784,19 @@ impl CudaLlama {
         self.decode_enqueue(StepToken::Host(first), position, attention)?;
         attention.finish(1);
         let gpu = self.gpu.clone();
-        let mut host = PinnedBuf::new(&gpu, 8)?;
-        let ready = gpu.ctx.new_event(None)?;
         for done in 1.. {
-            let pick = self
-                .decode
-                .as_ref()
-                .expect("sized by the first step")
-                .pick
-                .ptr();
-            gpu.download_pinned(&mut host, 0, pick, 8)?;
-            ready.record(&gpu.stream)?;
+            {
+                let bufs = self.decode.as_mut().expect("sized by the first step");
+                gpu.download_pinned(&mut bufs.pick_host, 0, bufs.pick.ptr(), 8)?;
+                bufs.pick_landed.record(&gpu.stream)?;
+            }
             let more = done < max_steps;
             if more {
                 self.decode_enqueue(StepToken::Picked, position + done, attention)?;
             }
-            ready.synchronize()?;
-            let word = host.as_f32_mut();
+            let bufs = self.decode.as_mut().expect("sized by the first step");
+            bufs.pick_landed.synchronize()?;
+            let word = bufs.pick_host.as_f32_mut();
             let (token, lse) = (word[0].to_bits(), word[1]);
             if !on_token(token, lse) || !more {
                 return Ok(done);
