@@ -239,6 +239,13 @@ fn decode_variants(merge_ab: bool) -> Vec<Variant> {
             true,
             true,
         ),
+        v(
+            "default with the swapped-operand attention kernel (STARKV_ATTN_DECODE=swap)",
+            after,
+            DecodeKernel::Swap,
+            true,
+            true,
+        ),
     ]
 }
 
@@ -846,6 +853,17 @@ fn attention_rows(
     // phase-1 shape and every other decode kernel on the decode shape.
     let mut p1_variants = vec![(default, String::new())];
     let mut dec_variants = vec![(default, String::new())];
+    // The swapped-operand decode kernel always, beside the default (its A/B).
+    let swap = DecodeKernel::Swap;
+    if default.decode != swap {
+        dec_variants.push((
+            AttnKernels {
+                decode: swap,
+                ..default
+            },
+            " (Swap)".into(),
+        ));
+    }
     if opts.variants {
         for long in AttnKernels::ALL_LONG {
             if long != default.long && (!long.is_hopper() || default.hopper) {
@@ -864,7 +882,7 @@ fn attention_rows(
             }
         }
         for decode in AttnKernels::ALL_DECODE {
-            if decode != default.decode {
+            if decode != default.decode && decode != swap {
                 dec_variants.push((AttnKernels { decode, ..default }, format!(" ({decode:?})")));
             }
         }
@@ -1125,13 +1143,27 @@ fn kv8_decode_rows(
     let auto16 = gpu.choose_splits(1, shape, l);
     let default = gpu.attention_kernels();
     let mut runs = Vec::new();
+    // The 8-bit kernels at each key tile and the swapped-operand kernel
+    // (STARKV_ATTN_SWAP8=1), each at the 8-bit and at the 16-bit split count.
     for kv8 in AttnKernels::ALL_KV8 {
         for (splits, x) in [(auto, ""), (auto16, ", the 16-bit split count")] {
-            runs.push((kv8, splits, format!(" ({}-key tiles{x})", kv8.keys())));
+            let k = AttnKernels {
+                kv8,
+                swap_kv8: false,
+                ..default
+            };
+            runs.push((k, splits, format!(" ({}-key tiles{x})", kv8.keys())));
         }
     }
-    for (kv8, splits, what) in runs {
-        gpu.set_attention_kernels(AttnKernels { kv8, ..default });
+    for (splits, x) in [(auto, ""), (auto16, ", the 16-bit split count")] {
+        let k = AttnKernels {
+            swap_kv8: true,
+            ..default
+        };
+        runs.push((k, splits, format!(" (swapped-operand kernel{x})")));
+    }
+    for (kernels, splits, what) in runs {
+        gpu.set_attention_kernels(kernels);
         let name = gpu.attention_kernel_name_kv8(nh / nkv, d);
         let f = kern.get(name);
         println!(

@@ -22,6 +22,7 @@ pub(super) const WAIT_FOR_PREDECESSOR: &[&str] = &[
     "attn_fwd_w1_kv8",
     "attn_fwd_simple_kv8_n64",
     "attn_fwd_w1_kv8_n64",
+    "attn_fwd_swap",
     "attn_fwd_m32",
     "attn_fwd_m32n32",
     "attn_fwd_p1n32",
@@ -150,13 +151,41 @@ pub enum DecodeKernel {
     W1QSmem,
     /// One warp, Q in registers, two-stage 32-key K/V buffers.
     P1N32,
+    /// Up to 8 rows (a decode's GQA group; more fall back to [`DecodeKernel::W1`]), 16-
+    /// or 8-bit items: the operands swapped (`S^T = K Q^T`, `O^T = V^T P^T`: half the
+    /// products), fragments read straight from a ring of staged tiles, 8-bit values
+    /// widened in registers (`attn_fwd_swap`).
+    Swap,
+}
+
+/// Dynamic shared memory of `attn_fwd_swap` (`SWAP_STAGES` slots of `SW_SLOT` bytes in
+/// attention.cu: a 32-key 8-bit tile or a 16-key 16-bit tile, rows padded against bank
+/// conflicts).
+pub(super) fn swap_smem(head_dim: usize) -> usize {
+    let k8 = if head_dim.is_multiple_of(128) {
+        head_dim + 64
+    } else {
+        head_dim
+    };
+    let slot8 = 32 * (k8 + head_dim + 16);
+    let slot16 = 16 * 2 * (2 * head_dim + 16);
+    swap_stages() * slot8.max(slot16)
+}
+
+/// Tiles `attn_fwd_swap` stages ahead: 2, or env `STARKV_SWAP_STAGES` (2-6; A/B runs).
+pub(super) fn swap_stages() -> usize {
+    std::env::var("STARKV_SWAP_STAGES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (2..=6).contains(n))
+        .unwrap_or(2)
 }
 
 /// Which kernels [`Gpu::attention`] launches, by rows per KV head (`m * group`): at most
 /// 16 rows `decode`, 17 to 64 rows the 64-row simple kernel, more `long`. Defaults from
 /// the measurements in PERF_NOTES.md and the README; env
 /// `STARKV_ATTN_LONG=simple|m32|m32n32|hopper-v2|hopper-pp|hopper-pp176` (`hopper`: the
-/// Hopper default) and `STARKV_ATTN_DECODE=w1|p1n32|w1-qsmem` override them (A/B runs). On a
+/// Hopper default) and `STARKV_ATTN_DECODE=w1|p1n32|w1-qsmem|swap` override them (A/B runs). On a
 /// Hopper GPU (compute capability 9.0) the long kernel defaults to [`HOPPER_DEFAULT`]
 /// (at head_dim 128; [`LongKernel::M32`] at other head dims); env `STARKV_ATTN_SM90=0`
 /// keeps it off (and uncompiled).
@@ -166,6 +195,12 @@ pub struct AttnKernels {
     pub decode: DecodeKernel,
     /// The 8-bit kernels' key tile (plans with 8-bit items).
     pub kv8: Kv8Tile,
+    /// Whether decodes over 8-bit items (up to 8 rows per KV head) run the swapped-operand
+    /// kernel whatever `decode` says: 1.35x the 8-bit kernels' speed on the 8B shape at
+    /// 128K (H200, 2026-12-02 22:27 UTC; the kernel passed the selftest's 8-bit cases).
+    /// Off until the default path (decode graphs, the service's 8-bit tier) has run with
+    /// it on a GPU; env `STARKV_ATTN_SWAP8=1` turns it on.
+    pub swap_kv8: bool,
     /// Whether the device runs the Hopper kernels (compute capability 9.0 and not
     /// switched off): without it that choice falls back to [`LongKernel::M32`].
     pub hopper: bool,
@@ -180,6 +215,7 @@ impl Default for AttnKernels {
             long: LongKernel::M32,
             decode: DecodeKernel::W1,
             kv8: Kv8Tile::N32,
+            swap_kv8: false,
             hopper: false,
             tma: true,
         }
@@ -196,8 +232,12 @@ impl AttnKernels {
         LongKernel::HopperPingPong,
         LongKernel::HopperPingPong176,
     ];
-    pub const ALL_DECODE: [DecodeKernel; 3] =
-        [DecodeKernel::W1, DecodeKernel::P1N32, DecodeKernel::W1QSmem];
+    pub const ALL_DECODE: [DecodeKernel; 4] = [
+        DecodeKernel::W1,
+        DecodeKernel::P1N32,
+        DecodeKernel::W1QSmem,
+        DecodeKernel::Swap,
+    ];
     pub const ALL_KV8: [Kv8Tile; 2] = [Kv8Tile::N32, Kv8Tile::N64];
 
     /// A number that tells the kernel choices apart (part of a decode graph's key).
@@ -214,12 +254,13 @@ impl AttnKernels {
             DecodeKernel::W1 => 0,
             DecodeKernel::P1N32 => 1,
             DecodeKernel::W1QSmem => 2,
+            DecodeKernel::Swap => 3,
         };
         let kv8 = match self.kv8 {
             Kv8Tile::N32 => 0,
             Kv8Tile::N64 => 1,
         };
-        (self.tma as u64) * 128 + kv8 * 64 + long * 4 + decode
+        (self.swap_kv8 as u64) * 256 + (self.tma as u64) * 128 + kv8 * 64 + long * 4 + decode
     }
 
     /// The choice for a device of compute capability `cc`, with the env overrides.
@@ -258,7 +299,14 @@ impl AttnKernels {
             Ok("w1") => k.decode = DecodeKernel::W1,
             Ok("p1n32") => k.decode = DecodeKernel::P1N32,
             Ok("w1-qsmem") => k.decode = DecodeKernel::W1QSmem,
+            Ok("swap") => k.decode = DecodeKernel::Swap,
             _ => {}
+        }
+        if matches!(
+            std::env::var("STARKV_ATTN_SWAP8").as_deref(),
+            Ok("1" | "on" | "true")
+        ) {
+            k.swap_kv8 = true;
         }
         match std::env::var("STARKV_ATTN_KV8").as_deref() {
             Ok("n32") => k.kv8 = Kv8Tile::N32,
@@ -275,7 +323,7 @@ impl AttnKernels {
         let (name, ..) = self.launch(rows, head_dim, kv8);
         matches!(
             name,
-            "attn_fwd_w1" | "attn_fwd_w1_qsmem" | "attn_fwd_simple"
+            "attn_fwd_w1" | "attn_fwd_w1_qsmem" | "attn_fwd_simple" | "attn_fwd_swap"
         ) || name.contains("_kv8")
     }
 
@@ -291,6 +339,10 @@ impl AttnKernels {
         head_dim: usize,
         kv8: bool,
     ) -> (&'static str, usize, u32, usize) {
+        let swap = self.decode == DecodeKernel::Swap || (kv8 && self.swap_kv8);
+        if swap && rows <= 8 && head_dim.is_multiple_of(64) {
+            return ("attn_fwd_swap", 8, 32, swap_smem(head_dim));
+        }
         if kv8 {
             let smem = kv8_smem(self.kv8.keys(), head_dim);
             return match (rows <= 16, self.kv8) {
@@ -302,7 +354,7 @@ impl AttnKernels {
         }
         if rows <= 16 {
             return match self.decode {
-                DecodeKernel::W1 => ("attn_fwd_w1", 16, 32, 0),
+                DecodeKernel::W1 | DecodeKernel::Swap => ("attn_fwd_w1", 16, 32, 0),
                 DecodeKernel::W1QSmem => ("attn_fwd_w1_qsmem", 16, 32, 0),
                 DecodeKernel::P1N32 => ("attn_fwd_p1n32", 16, 32, pipe_smem(4 * 32, head_dim)),
             };

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, sys as drv_sys};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
-use super::attention::{kv8_smem, pipe_smem, sm90_smem};
+use super::attention::{kv8_smem, pipe_smem, sm90_smem, swap_smem};
 use super::device::{Gpu, HalfType};
 use super::gemv::GEMV_SMEM_MAX;
 use super::{CudaError, Result};
@@ -61,6 +61,7 @@ pub(crate) const ATTENTION_KERNELS: &[&str] = &[
     "attn_fwd_w1_kv8",
     "attn_fwd_simple_kv8_n64",
     "attn_fwd_w1_kv8_n64",
+    "attn_fwd_swap",
     "attn_fwd_w1_fm",
     "attn_fwd_w1_kv8_fm",
     "attn_fwd_w1_kv8_n64_fm",
@@ -154,6 +155,10 @@ impl Gpu {
                 kv8_smem(tile, head_dim) as i32,
             )?;
         }
+        funcs["attn_fwd_swap"].set_attribute(
+            drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            swap_smem(head_dim) as i32,
+        )?;
         let k = Arc::new(Kernels { head_dim, funcs });
         cache.insert(head_dim, k.clone());
         Ok(k)
@@ -253,6 +258,8 @@ pub(crate) fn compile_options(dtype: HalfType, head_dim: usize) -> Vec<String> {
     {
         options.push(format!("-DGEMV_UNROLL={n}"));
     }
+    // Measurements only: tiles staged ahead by the swapped-operand decode kernel.
+    options.push(format!("-DSWAP_STAGES={}", super::attention::swap_stages()));
     options
 }
 

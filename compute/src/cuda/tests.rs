@@ -302,8 +302,8 @@ fn function_body<'a>(source: &'a str, name: &str) -> &'a str {
 
 /// A kernel launched as a programmatic dependent must wait for the kernel before it
 /// before it reads anything (a missing wait is a race that only shows, sometimes, on a
-/// Hopper GPU): every kernel on the attention allow-list is built on a body that waits
-/// first, as the split merge and every one-row product are.
+/// Hopper GPU): every kernel on the attention allow-list waits first or is built on a
+/// body that does, as the split merge and every one-row product are.
 #[test]
 fn dependent_kernels_wait_for_their_predecessor() {
     let waits_first = |body: &str| {
@@ -320,6 +320,14 @@ fn dependent_kernels_wait_for_their_predecessor() {
         waits_first(function_body(ATTENTION_SOURCE, body));
     }
     for name in super::attention::WAIT_FOR_PREDECESSOR {
+        // A kernel that waits in its own body (attn_fwd_swap) is checked like the bodies.
+        if ATTENTION_SOURCE.contains(&format!(" {name}(")) {
+            let own = function_body(ATTENTION_SOURCE, name);
+            if own.contains("pdl_wait();") {
+                waits_first(own);
+                continue;
+            }
+        }
         let defined_on = |body: &str| {
             ATTENTION_SOURCE.contains(&format!("ATTN_PIPE_KERNEL({name},"))
                 && body == "attn_pipe_body"
@@ -531,7 +539,8 @@ fn weighted_plans_only_for_kernels_that_read_weights() {
     assert!(!pipelined.reads_weights(4, 128, false));
 }
 
-/// Every CUDA source compiles with NVRTC, with the options the runtime passes, for both
+/// Every CUDA source compiles with NVRTC, with the options the runtime passes, for
+/// compute_80 (the oldest target) and compute_90, for both
 /// 16-bit types at the head dimensions of the supported models (64: SmolLM2, 128:
 /// Llama-3.1-8B), and every configuration of the Hopper kernel for compute_90a; the PTX
 /// holds every kernel the runtime loads by name. No GPU needed: a broken kernel source
@@ -559,18 +568,24 @@ fn every_kernel_source_compiles_with_nvrtc() {
         let src = ptx.to_src();
         move |name: &str| src.contains(&format!(".entry {name}("))
     };
-    for dtype in [HalfType::BF16, HalfType::F16] {
-        for head_dim in [64, 128] {
-            let options = compile_options(dtype, head_dim);
-            for (file, shared, source, names) in SOURCES {
-                let ptx = compile_source(file, shared, source, "compute_90", &options)
-                    .unwrap_or_else(|e| panic!("{file}, {dtype:?}, head_dim {head_dim}: {e}"));
-                let has = entries(&ptx);
-                for name in names {
-                    assert!(
-                        has(name),
-                        "{name} missing from {file} ({dtype:?}, {head_dim})"
-                    );
+    // The oldest architecture the runtime compiles for (compute_80: the fallbacks of
+    // the sm_89+ conversions) and Hopper's.
+    for arch in ["compute_80", "compute_90"] {
+        for dtype in [HalfType::BF16, HalfType::F16] {
+            for head_dim in [64, 128] {
+                let options = compile_options(dtype, head_dim);
+                for (file, shared, source, names) in SOURCES {
+                    let ptx =
+                        compile_source(file, shared, source, arch, &options).unwrap_or_else(|e| {
+                            panic!("{file}, {arch}, {dtype:?}, head_dim {head_dim}: {e}")
+                        });
+                    let has = entries(&ptx);
+                    for name in names {
+                        assert!(
+                            has(name),
+                            "{name} missing from {file} ({arch}, {dtype:?}, {head_dim})"
+                        );
+                    }
                 }
             }
         }

@@ -22,8 +22,8 @@ use super::{
 use crate::cpu::attention::{KvView, Mask, attention, attention_source_into};
 use crate::cuda::star::{ContextBlocks, GpuBlock, GpuQuery, GpuShard};
 use crate::cuda::{
-    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, Gpu, Segment, SplitTuning, TableBuf,
-    upload_plans,
+    AttnKernels, AttnOut, AttnPlan, AttnScratch, CudaLlama, DecodeKernel, Gpu, Segment,
+    SplitTuning, TableBuf, upload_plans,
 };
 use crate::kv8::{Kv8, Kv8Format};
 use crate::model::Llama;
@@ -107,9 +107,31 @@ pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64)
     // and with the separate `attn_merge` launch (SplitTuning::fused_merge).
     let default = gpu.attention_kernels();
     let tuning = gpu.split_tuning();
+    // Every key tile of the 8-bit kernels (the swapped-operand kernel off), then the
+    // swapped-operand decode kernel (up to 8 rows; the m = 5 case falls back to the 8-bit
+    // kernels), for 8-bit plans (`swap_kv8`) and as the decode kernel of every plan.
+    let kernel_sets: Vec<AttnKernels> = AttnKernels::ALL_KV8
+        .into_iter()
+        .map(|kv8| AttnKernels {
+            kv8,
+            swap_kv8: false,
+            ..default
+        })
+        .chain([
+            AttnKernels {
+                swap_kv8: true,
+                ..default
+            },
+            AttnKernels {
+                decode: DecodeKernel::Swap,
+                swap_kv8: false,
+                ..default
+            },
+        ])
+        .collect();
     for format in [Kv8Format::Int8, Kv8Format::Fp8] {
-        for kv8 in AttnKernels::ALL_KV8 {
-            gpu.set_attention_kernels(AttnKernels { kv8, ..default });
+        for &kernels in &kernel_sets {
+            gpu.set_attention_kernels(kernels);
             for (name, shape, m, lens, local, splits) in cases {
                 for fused in [true, false] {
                     if !fused && (m > 1 || splits == 1) {

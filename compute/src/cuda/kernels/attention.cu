@@ -779,6 +779,432 @@ ATTN_KV8_KERNEL(attn_fwd_w1_kv8_n64, 1, 64)
 ATTN_KV8_FM_KERNEL(attn_fwd_w1_kv8_fm, 32)
 ATTN_KV8_FM_KERNEL(attn_fwd_w1_kv8_n64_fm, 64)
 
+// ---------------------------------------------------------------------------------------
+// Decode attention with the operands swapped (attn_fwd_swap; AttnKernels::swap): up to 8
+// rows per KV head (a decode's GQA group), one warp per CTA. The tensor cores compute
+// S^T = K Q^T and O^T = V^T P^T, so the 16-row side of m16n8k16 is 16 keys or 16 output
+// dims and the 8-column side the rows: half the products of the row-major kernels, which
+// fill 16 rows with 4 (the 8B shape's group). K and V fragments come straight from the
+// staged tile (8-bit values widened in registers: no 16-bit copy in shared memory, no
+// barrier pair per tile): Q's and K's head dims are permuted alike so that a lane's four
+// dims of a k-step are contiguous (one 16-byte load feeds four k-steps), and the output
+// dims so that a lane's four dims of V are contiguous (one 4-byte load per key feeds two
+// 16-dim products; pairs of keys gathered by byte permutes). P^T is the transpose of the
+// S^T fragments (movmatrix). SWAP_STAGES tiles are staged ahead (cp.async): 32 keys of an
+// 8-bit item or 16 of a 16-bit one per tile.
+#ifndef SWAP_STAGES
+#define SWAP_STAGES 2
+#endif
+// Staged row strides in bytes, chosen against bank conflicts (see PERF_NOTES.md): 8-bit K
+// rows = 64 mod 128 (16-byte loads by lanes g, g + 1), V rows and 16-bit rows = 16 mod 64
+// (loads by lanes 2 tig apart).
+#define SW_K8 (HEAD_DIM % 128 == 0 ? HEAD_DIM + 64 : HEAD_DIM)
+#define SW_V8 (HEAD_DIM + 16)
+#define SW_16 (2 * HEAD_DIM + 16)
+#define SW_SLOT8 (32 * (SW_K8 + SW_V8))
+#define SW_SLOT16 (16 * 2 * SW_16)
+#define SW_SLOT (SW_SLOT8 > SW_SLOT16 ? SW_SLOT8 : SW_SLOT16)
+
+__device__ __forceinline__ u32 movm_trans(u32 x) {
+    u32 r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+
+__device__ __forceinline__ void lds128(u32 addr, u32& a, u32& b, u32& c, u32& d) {
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "r"(addr));
+}
+__device__ __forceinline__ u32 lds32(u32 addr) {
+    u32 r;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(addr));
+    return r;
+}
+__device__ __forceinline__ void lds64(u32 addr, u32& a, u32& b) {
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(a), "=r"(b) : "r"(addr));
+}
+
+// The 8-bit tiles multiply in f16 whatever the model's 16-bit type: int8 and e4m3 values
+// are exact in f16 and widen with two byte permutes and one f16x2 subtraction per four
+// values (bf16 needs a trip through f32: ~11 instructions per four), and Q, cast to f16
+// once per CTA, loses nothing a bf16 value holds above f16's normal range floor.
+__device__ __forceinline__ void mma16816_f16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 pack2_f16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// Four int8 values as two f16 pairs (exact): byte + 128 in the mantissa of 1024, minus 1152.
+__device__ __forceinline__ void i8x4_to_f16(u32 x, u32& lo, u32& hi) {
+    const u32 u = x ^ 0x80808080u, bias = 0x64806480u;
+    const u32 a = __byte_perm(u, 0x64646464u, 0x4140), b = __byte_perm(u, 0x64646464u, 0x4342);
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(a), "r"(bias));
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(b), "r"(bias));
+}
+// Four e4m3 values as two f16 pairs (exact).
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 pair) {
+#if __CUDA_ARCH__ >= 890
+    u32 h;
+    asm("{.reg .b16 lo;\n"
+        " cvt.u16.u32 lo, %1;\n"
+        " cvt.rn.f16x2.e4m3x2 %0, lo;}"
+        : "=r"(h) : "r"(pair));
+    return h;
+#else
+    const u32 t = __byte_perm(pair, 0u, 0x1404);
+    const u32 h = (t & 0x80008000u) | ((t >> 1) & 0x3f803f80u);
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(0x5c005c00u));  // x 256
+    return r;
+#endif
+}
+__device__ __forceinline__ void w8_to_f16(u32 x, bool fp8, u32& lo, u32& hi) {
+    if (fp8) {
+        lo = e4m3x2_to_f16x2(x & 0xffffu);
+        hi = e4m3x2_to_f16x2(x >> 16);
+    } else {
+        i8x4_to_f16(x, lo, hi);
+    }
+}
+// A pair of the model's 16-bit values as f16.
+__device__ __forceinline__ u32 h16x2_to_f16x2(u32 x) {
+#ifdef DT_BF16
+    return pack2_f16(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+#else
+    return x;
+#endif
+}
+
+// One staged tile: its item's fields and where it starts.
+struct SwapTile {
+    int it, j0, n;  // item, first key, valid keys (it < 0: none)
+};
+
+// Starts loading tile `t` into the slot at shared address `slot` (one commit group, also
+// when there is nothing to load) and this lane's key scales (8-bit: key j0 + lane).
+__device__ __forceinline__ void swap_stage(u32 slot, const AttnItem* items, SwapTile t, int kvh,
+                                           h16& ks, h16& vs) {
+    const int lane = threadIdx.x & 31;
+    if (t.it >= 0) {
+        const AttnItem& item = items[t.it];
+        const long long hs = kvh * item.head_stride;
+        if (item.scale_off != 0) {
+            constexpr int CPR = HEAD_DIM / 16;
+            const char* k8 = (const char*)item.k + hs;
+            const char* v8 = (const char*)item.v + hs;
+#pragma unroll
+            for (int i = 0; i < 32 * CPR / 32; i++) {
+                const int c = lane + 32 * i, r = c / CPR, col = (c % CPR) * 16;
+                const bool valid = r < t.n;
+                const long long off = valid ? (long long)(t.j0 + r) * HEAD_DIM + col : 0;
+                cp_async16(slot + (u32)(r * SW_K8 + col), k8 + off, valid);
+                cp_async16(slot + (u32)(32 * SW_K8 + r * SW_V8 + col), v8 + off, valid);
+            }
+            const long long sbase = (long long)kvh * (item.head_stride / item.row_stride) + t.j0;
+            const long long soff = item.scale_off & ~1LL;
+            const bool valid = lane < t.n;
+            ks = valid ? ldg_h16((const h16*)((const char*)item.k + soff) + sbase + lane) : (h16)0;
+            vs = valid ? ldg_h16((const h16*)((const char*)item.v + soff) + sbase + lane) : (h16)0;
+        } else {
+            constexpr int CPR = HEAD_DIM / 8;
+            const h16* kb = (const h16*)item.k + hs;
+            const h16* vb = (const h16*)item.v + hs;
+#pragma unroll
+            for (int i = 0; i < 16 * CPR / 32; i++) {
+                const int c = lane + 32 * i, r = c / CPR, col = (c % CPR) * 8;
+                const bool valid = r < t.n;
+                const long long off = valid ? (long long)(t.j0 + r) * item.row_stride + col : 0;
+                cp_async16(slot + (u32)(r * SW_16 + col * 2), kb + off, valid);
+                cp_async16(slot + (u32)(16 * SW_16 + r * SW_16 + col * 2), vb + off, valid);
+            }
+        }
+    }
+    cp_commit();
+}
+
+// The next tile after cursor `c` (advanced past it): 32 keys of an 8-bit item, 16 of a
+// 16-bit one.
+__device__ __forceinline__ SwapTile swap_next(Cursor& c, const AttnItem* items, int it_end,
+                                              int t_last) {
+    settle(c, items, it_end, t_last);
+    if (c.it >= it_end) return SwapTile{-1, 0, 0};
+    const int keys = items[c.it].scale_off != 0 ? 32 : 16;
+    SwapTile t{c.it, c.j0, min(keys, c.kend - c.j0)};
+    c.j0 += keys;
+    return t;
+}
+
+// Attends tile `t` (staged in `slot`): KC chunks of 16 keys (2: 8-bit, 1: 16-bit).
+template <int KC, bool E8>
+__device__ __forceinline__ void swap_tile(u32 slot, const AttnItem& item, SwapTile t, h16 ks_l,
+                                          h16 vs_l, const u32 (&qb)[NKT][2],
+                                          const u32 (&qh)[NKT][2], float scale_log2,
+                                          int rows, int group, float (&m)[2], float (&l)[2],
+                                          float (&oc)[NKT][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+    const bool fp8 = (item.scale_off & 1) != 0;
+    // S^T: keys 16 kc + g (+ 8) x rows 2 tig (+ 1).
+    float sc[KC][4];
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++) {
+        sc[kc][0] = sc[kc][1] = sc[kc][2] = sc[kc][3] = 0.f;
+#pragma unroll
+        for (int h = 0; h < HEAD_DIM / 64; h++) {
+            u32 ka[8], kb[8];
+            if constexpr (E8) {
+                u32 x[4], y[4];
+                lds128(slot + (u32)((16 * kc + g) * SW_K8 + 64 * h + 16 * tig), x[0], x[1], x[2], x[3]);
+                lds128(slot + (u32)((16 * kc + g + 8) * SW_K8 + 64 * h + 16 * tig), y[0], y[1], y[2],
+                       y[3]);
+#pragma unroll
+                for (int w = 0; w < 4; w++) {
+                    w8_to_f16(x[w], fp8, ka[2 * w], ka[2 * w + 1]);
+                    w8_to_f16(y[w], fp8, kb[2 * w], kb[2 * w + 1]);
+                }
+            } else {
+                const u32 ra = slot + (u32)((16 * kc + g) * SW_16 + 2 * (64 * h + 16 * tig));
+                const u32 rb = ra + 8 * SW_16;
+                lds128(ra, ka[0], ka[1], ka[2], ka[3]);
+                lds128(ra + 16, ka[4], ka[5], ka[6], ka[7]);
+                lds128(rb, kb[0], kb[1], kb[2], kb[3]);
+                lds128(rb + 16, kb[4], kb[5], kb[6], kb[7]);
+            }
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                const u32 a[4] = {ka[2 * w], kb[2 * w], ka[2 * w + 1], kb[2 * w + 1]};
+                if constexpr (E8)
+                    mma16816_f16(sc[kc], a, qh[4 * h + w][0], qh[4 * h + w][1]);
+                else
+                    mma16816(sc[kc], a, qb[4 * h + w][0], qb[4 * h + w][1]);
+            }
+        }
+    }
+    // Scores in log2 units, masked; this tile's maxima per row (2 tig + e).
+    const int t0 = (2 * tig) / group, t1 = (2 * tig + 1) / group;
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++) {
+        float kscale[2] = {1.f, 1.f};
+        if constexpr (E8) {
+            kscale[0] = f16_to_f32((h16)__shfl_sync(0xffffffffu, (u32)ks_l, 16 * kc + g));
+            kscale[1] = f16_to_f32((h16)__shfl_sync(0xffffffffu, (u32)ks_l, 16 * kc + g + 8));
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = 16 * kc + g + 8 * (e >> 1);
+            const int tok = (e & 1) ? t1 : t0;
+            float x = sc[kc][e] * scale_log2 * kscale[e >> 1] + item.log2_weight;
+            const bool ok =
+                key < t.n && (item.causal_offset < 0 || t.j0 + key <= tok + item.causal_offset);
+            x = ok ? x : NEG_INF;
+            sc[kc][e] = x;
+            mx[e & 1] = fmaxf(mx[e & 1], x);
+        }
+    }
+    float corr[2], base[2];
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], 4));
+        mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], 8));
+        mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], 16));
+        const float mn = fmaxf(m[e], mx[e]);
+        base[e] = mn == NEG_INF ? 0.f : mn;
+        corr[e] = fast_exp2(m[e] - base[e]);
+        m[e] = mn;
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            sc[kc][e] = fast_exp2(sc[kc][e] - base[e & 1]);
+            sum[e & 1] += sc[kc][e];
+        }
+    l[0] = l[0] * corr[0] + sum[0];
+    l[1] = l[1] * corr[1] + sum[1];
+#pragma unroll
+    for (int i = 0; i < NKT; i++) {
+        oc[i][0] *= corr[0];
+        oc[i][1] *= corr[1];
+        oc[i][2] *= corr[0];
+        oc[i][3] *= corr[1];
+    }
+    // O^T += V^T P^T per chunk of 16 keys: P^T as B fragments (the transposes of the
+    // S^T fragments, scaled by V's key scales), V^T as A fragments.
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++) {
+        float vscale[2] = {1.f, 1.f};
+        if constexpr (E8) {
+            vscale[0] = f16_to_f32((h16)__shfl_sync(0xffffffffu, (u32)vs_l, 16 * kc + g));
+            vscale[1] = f16_to_f32((h16)__shfl_sync(0xffffffffu, (u32)vs_l, 16 * kc + g + 8));
+        }
+        const u32 p0 = E8 ? pack2_f16(sc[kc][0] * vscale[0], sc[kc][1] * vscale[0])
+                          : pack2(sc[kc][0], sc[kc][1]);
+        const u32 p1 = E8 ? pack2_f16(sc[kc][2] * vscale[1], sc[kc][3] * vscale[1])
+                          : pack2(sc[kc][2], sc[kc][3]);
+        const u32 b0 = movm_trans(p0), b1 = movm_trans(p1);
+        const int k0 = 16 * kc + 2 * tig;  // keys k0, k0 + 1, k0 + 8, k0 + 9
+#pragma unroll
+        for (int c = 0; c < HEAD_DIM / 32; c++) {
+            u32 a0[4], a1[4];  // dims 32 c + 4 g + (0, 1) | (2, 3)
+            if constexpr (E8) {
+                const u32 vb = slot + 32 * SW_K8 + (u32)(32 * c + 4 * g);
+                const u32 w0 = lds32(vb + k0 * SW_V8), w1 = lds32(vb + (k0 + 1) * SW_V8);
+                const u32 w8 = lds32(vb + (k0 + 8) * SW_V8), w9 = lds32(vb + (k0 + 9) * SW_V8);
+                w8_to_f16(__byte_perm(w0, w1, 0x5140), fp8, a0[0], a0[1]);
+                w8_to_f16(__byte_perm(w8, w9, 0x5140), fp8, a0[2], a0[3]);
+                w8_to_f16(__byte_perm(w0, w1, 0x7362), fp8, a1[0], a1[1]);
+                w8_to_f16(__byte_perm(w8, w9, 0x7362), fp8, a1[2], a1[3]);
+            } else {
+                const u32 vb = slot + 16 * SW_16 + (u32)(2 * (32 * c + 4 * g));
+                u32 x0, x1, y0, y1, z0, z1, u0, u1;
+                lds64(vb + k0 * SW_16, x0, x1);
+                lds64(vb + (k0 + 1) * SW_16, y0, y1);
+                lds64(vb + (k0 + 8) * SW_16, z0, z1);
+                lds64(vb + (k0 + 9) * SW_16, u0, u1);
+                a0[0] = __byte_perm(x0, y0, 0x5410);
+                a0[1] = __byte_perm(x0, y0, 0x7632);
+                a0[2] = __byte_perm(z0, u0, 0x5410);
+                a0[3] = __byte_perm(z0, u0, 0x7632);
+                a1[0] = __byte_perm(x1, y1, 0x5410);
+                a1[1] = __byte_perm(x1, y1, 0x7632);
+                a1[2] = __byte_perm(z1, u1, 0x5410);
+                a1[3] = __byte_perm(z1, u1, 0x7632);
+            }
+            if constexpr (E8) {
+                mma16816_f16(oc[2 * c], a0, b0, b1);
+                mma16816_f16(oc[2 * c + 1], a1, b0, b1);
+            } else {
+                mma16816(oc[2 * c], a0, b0, b1);
+                mma16816(oc[2 * c + 1], a1, b0, b1);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32) attn_fwd_swap(
+    const h16* __restrict__ q, int m, int group, int nh, const AttnItem* __restrict__ items,
+    const int* __restrict__ split_begin, float scale_log2, h16* __restrict__ out_h,
+    float* __restrict__ out_f, float* __restrict__ lse_out) {
+    extern __shared__ __align__(16) h16 dyn_smem[];
+    pdl_trigger();
+    pdl_wait();
+    const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+    const int kvh = blockIdx.y, split = blockIdx.z;
+    const int rows = m * group;
+    const u32 smem = smem_addr(dyn_smem);
+    // Q^T as B fragments: row g, dims 64 h + 16 tig + 4 w + (0, 1) | (2, 3) for k-step
+    // 4 h + w (the permutation K's fragments use too).
+    u32 qb[NKT][2];
+    {
+        const h16* qr = g < rows
+                            ? q + ((u64)(g / group) * nh + kvh * group + g % group) * HEAD_DIM
+                            : nullptr;
+#pragma unroll
+        for (int h = 0; h < HEAD_DIM / 64; h++) {
+            u32x4 a = {0u, 0u, 0u, 0u}, b = {0u, 0u, 0u, 0u};
+            if (qr) {
+                a = *(const u32x4*)(qr + 64 * h + 16 * tig);
+                b = *(const u32x4*)(qr + 64 * h + 16 * tig + 8);
+            }
+            qb[4 * h + 0][0] = a.x; qb[4 * h + 0][1] = a.y;
+            qb[4 * h + 1][0] = a.z; qb[4 * h + 1][1] = a.w;
+            qb[4 * h + 2][0] = b.x; qb[4 * h + 2][1] = b.y;
+            qb[4 * h + 3][0] = b.z; qb[4 * h + 3][1] = b.w;
+        }
+    }
+    u32 qh[NKT][2];  // the same in f16, for 8-bit tiles
+#pragma unroll
+    for (int i = 0; i < NKT; i++) {
+        qh[i][0] = h16x2_to_f16x2(qb[i][0]);
+        qh[i][1] = h16x2_to_f16x2(qb[i][1]);
+    }
+    float oc[NKT][4];
+#pragma unroll
+    for (int i = 0; i < NKT; i++) oc[i][0] = oc[i][1] = oc[i][2] = oc[i][3] = 0.f;
+    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.f, 0.f};
+    const int it_begin = split_begin[split], it_end = split_begin[split + 1];
+    const int t_last = (rows - 1) / group;
+    Cursor cur{it_begin, it_begin < it_end ? items[it_begin].key_begin : 0, 0};
+    SwapTile tl[SWAP_STAGES];
+    h16 ks[SWAP_STAGES], vs[SWAP_STAGES];
+#pragma unroll
+    for (int s = 0; s < SWAP_STAGES; s++) {
+        tl[s] = swap_next(cur, items, it_end, t_last);
+        swap_stage(smem + s * SW_SLOT, items, tl[s], kvh, ks[s], vs[s]);
+    }
+    bool more = tl[0].it >= 0;
+    while (more) {
+#pragma unroll
+        for (int s = 0; s < SWAP_STAGES; s++) {
+            if (tl[s].it < 0) {
+                more = false;
+                break;
+            }
+            cp_wait<SWAP_STAGES - 1>();
+            __syncwarp();
+            const u32 slot = smem + s * SW_SLOT;
+            const AttnItem& item = items[tl[s].it];
+            if (item.scale_off != 0)
+                swap_tile<2, true>(slot, item, tl[s], ks[s], vs[s], qb, qh, scale_log2, rows,
+                                   group, mrow, lrow, oc);
+            else
+                swap_tile<1, false>(slot, item, tl[s], ks[s], vs[s], qb, qh, scale_log2, rows,
+                                    group, mrow, lrow, oc);
+            __syncwarp();
+            tl[s] = swap_next(cur, items, it_end, t_last);
+            swap_stage(slot, items, tl[s], kvh, ks[s], vs[s]);
+        }
+    }
+    cp_wait<0>();
+    // Row sums over the 8 lanes of a tig, then each row's dims 32 c + 4 g + (0..3).
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        lrow[e] += __shfl_xor_sync(0xffffffffu, lrow[e], 4);
+        lrow[e] += __shfl_xor_sync(0xffffffffu, lrow[e], 8);
+        lrow[e] += __shfl_xor_sync(0xffffffffu, lrow[e], 16);
+    }
+    const float LN2 = 0.6931471805599453f;
+    const int qw = nh * HEAD_DIM;
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        const int R = 2 * tig + e;
+        if (R >= rows) continue;
+        const float lv = lrow[e];
+        const float inv = lv > 0.f ? 1.f / lv : 0.f;
+        const int t = R / group, head = kvh * group + R % group;
+#pragma unroll
+        for (int c = 0; c < HEAD_DIM / 32; c++) {
+            const int col = 32 * c + 4 * g;
+            const float v0 = oc[2 * c][e] * inv, v1 = oc[2 * c][2 + e] * inv;
+            const float v2 = oc[2 * c + 1][e] * inv, v3 = oc[2 * c + 1][2 + e] * inv;
+            if (out_h) {
+                h16* dst = out_h + (u64)t * qw + head * HEAD_DIM + col;
+                uint2 h;
+                h.x = pack2(v0, v1);
+                h.y = pack2(v2, v3);
+                *(uint2*)dst = h;
+            } else {
+                float* dst = out_f + ((u64)split * m + t) * qw + head * HEAD_DIM + col;
+                float4 f;
+                f.x = v0;
+                f.y = v1;
+                f.z = v2;
+                f.w = v3;
+                *(float4*)dst = f;
+            }
+        }
+        if (lse_out && g == 0)
+            lse_out[((u64)split * nh + head) * m + t] =
+                lv > 0.f ? (mrow[e] + __log2f(lv)) * LN2 : NEG_INF;
+    }
+}
+
 // Merges n_splits partials (O f32 [split][m][nh d], lse [split][nh][m]) exactly:
 // M = max lse_s, lse = M + ln sum exp(lse_s - M), O = sum exp(lse_s - lse) O_s.
 // Writes a 16-bit output (out_h) or an f32 output with its lse (out_f, lse_f).
