@@ -612,6 +612,9 @@ fn run(opts: &Opts) -> Result<()> {
             gpu.set_split_tuning(tuning0);
             gpu.set_attention_kernels(kernels0);
             gpu.set_wide_argmax(argmax0);
+            // The same context length held in int8 (random blocks; a `kv_dtype = int8`
+            // document in the GPU tier): whole steps with each 8-bit decode kernel.
+            let int8_ms = int8_step_times(&mut model, &kern, shape, (l, b), n_steps, &question)?;
             // With --decode-splits: graph decode at other split counts (the default is
             // Gpu::choose_splits's), 8 steps each after a capture step.
             let mut split_rows = Vec::new();
@@ -689,6 +692,23 @@ fn run(opts: &Opts) -> Result<()> {
                     "(APE at T = 1, the tempered group in the one plan as weighted keys; x{:.2} the exact merge's step, same run; its own launch and host merge per layer: {:.2} ms)",
                     tempered_ms[0] / graph_ms,
                     tempered_ms[1]
+                ),
+            );
+            let int8_kv_bytes = kv_bytes * (config.head_dim + 2) / (2 * config.head_dim);
+            let int8_limit_ms =
+                (model.weight_bytes() + int8_kv_bytes) as f64 / (copy_gbs * 1e9) * 1e3;
+            add(
+                format!(
+                    "{lab}: decode as a CUDA graph, {}K context, int8 blocks",
+                    l / 1024
+                ),
+                format!("{:.2} ms/token", int8_ms[0]),
+                format!(
+                    "(random int8 blocks, swapped-operand kernel (the default); 8-bit one-warp kernels {:.2} ms, x{:.2}; bf16 blocks {graph_ms:.2} ms, x{:.2}; faster of 2 alternating runs; bytes limit {int8_limit_ms:.2} ms: {:.0}% of it)",
+                    int8_ms[1],
+                    int8_ms[1] / int8_ms[0],
+                    graph_ms / int8_ms[0],
+                    int8_limit_ms / int8_ms[0] * 100.0
                 ),
             );
             let cublas_ms = median(cublas_steps) * 1e3;
@@ -825,6 +845,74 @@ fn random_blocks(
             Ok(Arc::new(block))
         })
         .collect()
+}
+
+/// Random int8 blocks of `b` tokens over `l` tokens and every one of `n_layers` layers
+/// (the layout of a `kv_dtype = int8` document in the GPU tier): random bytes for the
+/// values and small finite f16 scales (random bf16 values in +-1 read as f16), for the
+/// speed of whole decode steps over 8-bit blocks.
+fn random_int8_blocks(
+    gpu: &Arc<Gpu>,
+    kern: &Kernels,
+    shape: HeadShape,
+    n_layers: usize,
+    l: usize,
+    b: usize,
+) -> Result<Vec<Arc<GpuBlock>>> {
+    let nkv = shape.n_kv_heads;
+    (0..l.div_ceil(b))
+        .map(|i| {
+            let len = b.min(l - i * b);
+            let block = GpuBlock::alloc_kv8(gpu, i * b, len, shape, n_layers, Kv8Format::Int8)?;
+            let half_words = (nkv * len * shape.head_dim + 2 * nkv * len) / 2;
+            for layer in 0..n_layers {
+                let seg = block.segment(layer, None);
+                let seed = 1000 + 2 * (i * n_layers + layer) as u64;
+                gpu.fill_uniform_half(kern, seg.k, half_words, seed, 1.0)?;
+                gpu.fill_uniform_half(kern, seg.v, half_words, seed + 1, 1.0)?;
+            }
+            Ok(Arc::new(block))
+        })
+        .collect()
+}
+
+/// Whole greedy decode steps (graphs) over int8 blocks of the same context length: the
+/// swapped-operand kernel (`swap_kv8`, the default) against the 8-bit one-warp kernels,
+/// alternating twice; medians of `n_steps` steps, the faster round of each.
+fn int8_step_times(
+    model: &mut CudaLlama,
+    kern: &Kernels,
+    shape: HeadShape,
+    (l, b): (usize, usize),
+    n_steps: usize,
+    question: &[u32],
+) -> Result<[f64; 2]> {
+    let gpu = model.gpu().clone();
+    let n_layers = model.config().n_layers;
+    let blocks = random_int8_blocks(&gpu, kern, shape, n_layers, l, b)?;
+    let mut q = GpuQuery::new(
+        model,
+        ContextBlocks::Resident(blocks),
+        question.len() + 4 * (n_steps + 1),
+    )?;
+    let positions: Vec<usize> = (l..l + question.len()).collect();
+    model.forward(question, &positions, &mut q)?;
+    let mut next = model.argmax(1)?[0].0;
+    let mut pos = l + question.len();
+    let kernels0 = gpu.attention_kernels();
+    let mut best = [f64::INFINITY; 2];
+    for _round in 0..2 {
+        for (i, swap_kv8) in [true, false].into_iter().enumerate() {
+            gpu.set_attention_kernels(AttnKernels {
+                swap_kv8,
+                ..kernels0
+            });
+            let t_steps = greedy_step_times(model, &mut q, &mut next, &mut pos, n_steps)?;
+            best[i] = best[i].min(median(t_steps) * 1e3);
+        }
+    }
+    gpu.set_attention_kernels(kernels0);
+    Ok(best)
 }
 
 /// The attention kernel rows: phase-1 shape TFLOP/s (8K queries over an 8K anchor plus

@@ -147,6 +147,8 @@ impl CudaBackend {
             let mut tier = self.lock_tier();
             keys.iter().map(|k| tier.get(k)).collect()
         };
+        // Counted before the loads: 8-bit blocks loaded below join `resident` too.
+        let resident_blocks = found.iter().flatten().count();
         let (mut resident, mut host, mut host_keys) = (Vec::new(), Vec::new(), Vec::new());
         for (i, block) in found.into_iter().enumerate() {
             match block {
@@ -171,7 +173,6 @@ impl CudaBackend {
             }
         }
         let load_time = started.elapsed();
-        let resident_blocks = resident.len();
         let generation = self.query(
             tokenizer, resident, host, &host_keys, shards, query, params, on_text,
         )?;

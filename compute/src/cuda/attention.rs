@@ -198,8 +198,7 @@ pub struct AttnKernels {
     /// Whether decodes over 8-bit items (up to 8 rows per KV head) run the swapped-operand
     /// kernel whatever `decode` says: 1.35x the 8-bit kernels' speed on the 8B shape at
     /// 128K (H200, 2026-12-02 22:27 UTC; the kernel passed the selftest's 8-bit cases).
-    /// Off until the default path (decode graphs, the service's 8-bit tier) has run with
-    /// it on a GPU; env `STARKV_ATTN_SWAP8=1` turns it on.
+    /// On by default; env `STARKV_ATTN_SWAP8=0` keeps the 8-bit one-warp kernels.
     pub swap_kv8: bool,
     /// Whether the device runs the Hopper kernels (compute capability 9.0 and not
     /// switched off): without it that choice falls back to [`LongKernel::M32`].
@@ -215,7 +214,7 @@ impl Default for AttnKernels {
             long: LongKernel::M32,
             decode: DecodeKernel::W1,
             kv8: Kv8Tile::N32,
-            swap_kv8: false,
+            swap_kv8: true,
             hopper: false,
             tma: true,
         }
@@ -304,9 +303,9 @@ impl AttnKernels {
         }
         if matches!(
             std::env::var("STARKV_ATTN_SWAP8").as_deref(),
-            Ok("1" | "on" | "true")
+            Ok("0" | "off" | "false")
         ) {
-            k.swap_kv8 = true;
+            k.swap_kv8 = false;
         }
         match std::env::var("STARKV_ATTN_KV8").as_deref() {
             Ok("n32") => k.kv8 = Kv8Tile::N32,

@@ -8,6 +8,7 @@ use super::{PROMPT, Report, Result, ms, rel};
 use crate::backend::{Backend, BlockId, BlockReader, StoredContext};
 use crate::cuda::{Gpu, HalfType};
 use crate::generate::GenerateParams;
+use crate::kv8::Kv8;
 use crate::sampling::SamplingParams;
 use crate::star::{BlockKv, StarConfig};
 
@@ -189,6 +190,53 @@ pub(super) fn checks(
         "backend: mixed resident+streamed == streamed answer",
         "mismatch",
         ((mixed != streamed) as usize + (resident_mixed != 1) as usize) as f64,
+        0.0,
+        ms(t),
+    );
+
+    // An int8 document (`kv_dtype = int8`): its blocks are uploaded whole in 8 bits on the
+    // first answer (counted as loaded, not resident) and resident from then on; the GPU's
+    // 8-bit attention gives the CPU's 8-bit answer's first token.
+    let t = Instant::now();
+    let int8_blocks: Vec<Arc<BlockKv>> = cpu_blocks
+        .iter()
+        .map(|b| {
+            let d = b.shape.head_dim;
+            let layers = b
+                .layers
+                .iter()
+                .map(|(k, v)| (Kv8::quantize(k, d, 1), Kv8::quantize(v, d, 1)))
+                .collect();
+            Arc::new(BlockKv::quantized(b.start, b.len, b.shape, layers))
+        })
+        .collect();
+    let int8_keys: Vec<BlockId> = (0..int8_blocks.len())
+        .map(|i| [i as u8 + 101; 32])
+        .collect();
+    let (want8, _, _) = answer(&cpu, &int8_keys, &int8_blocks)?;
+    let (first8, resident8, loads8) = answer(&on_gpu, &int8_keys, &int8_blocks)?;
+    let (again8, resident8_again, loads8_again) = answer(&on_gpu, &int8_keys, &int8_blocks)?;
+    println!(
+        "    (int8 blocks: first 8 ids CPU {:?}, GPU {:?}; resident {resident8} then {resident8_again} of {})",
+        &want8[..want8.len().min(8)],
+        &first8[..first8.len().min(8)],
+        int8_keys.len()
+    );
+    report.check(
+        "backend: int8 blocks loaded, then resident (counts)",
+        "wrong",
+        ((resident8 != 0) as usize
+            + (loads8 != int8_keys.len()) as usize
+            + (resident8_again != int8_keys.len()) as usize
+            + (loads8_again != 0) as usize) as f64,
+        0.0,
+        ms(t),
+    );
+    report.check(
+        "backend: int8 answer GPU vs CPU first token, tier answer == loaded answer",
+        "mismatch",
+        ((want8.first() != first8.first() || first8.is_empty()) as usize
+            + (again8 != first8) as usize) as f64,
         0.0,
         ms(t),
     );
