@@ -1225,14 +1225,25 @@ fn kv8_decode_rows(
     let o = gpu.alloc(nh * d * 2)?;
     gpu.fill_uniform_half(kern, q.ptr(), nh * d, 5, 1.0)?;
     let (mut scratch, mut tb) = (AttnScratch::default(), TableBuf::default());
-    // The 8-bit default (`choose_splits_for(.., true)`, twice the 16-bit count when
-    // decoding) and the 16-bit kernel's count, side by side.
-    let auto = gpu.choose_splits_for(1, shape, l, true);
-    let auto16 = gpu.choose_splits(1, shape, l);
+    // Each kernel's default count (`choose_splits_for(.., true)`: twice the 16-bit count
+    // for the one-warp 8-bit kernels, one wave for the swapped-operand kernel) and the
+    // 16-bit kernel's count, side by side.
     let default = gpu.attention_kernels();
+    gpu.set_attention_kernels(AttnKernels {
+        swap_kv8: false,
+        ..default
+    });
+    let auto = gpu.choose_splits_for(1, shape, l, true);
+    gpu.set_attention_kernels(AttnKernels {
+        swap_kv8: true,
+        ..default
+    });
+    let auto_swap = gpu.choose_splits_for(1, shape, l, true);
+    gpu.set_attention_kernels(default);
+    let auto16 = gpu.choose_splits(1, shape, l);
     let mut runs = Vec::new();
-    // The 8-bit kernels at each key tile and the swapped-operand kernel
-    // (STARKV_ATTN_SWAP8=1), each at the 8-bit and at the 16-bit split count.
+    // The one-warp 8-bit kernels (STARKV_ATTN_SWAP8=0) at each key tile, at their
+    // split count and at the 16-bit one.
     for kv8 in AttnKernels::ALL_KV8 {
         for (splits, x) in [(auto, ""), (auto16, ", the 16-bit split count")] {
             let k = AttnKernels {
@@ -1243,7 +1254,19 @@ fn kv8_decode_rows(
             runs.push((k, splits, format!(" ({}-key tiles{x})", kv8.keys())));
         }
     }
-    for (splits, x) in [(auto, ""), (auto16, ", the 16-bit split count")] {
+    // The swapped-operand kernel at its own count (one wave of as many CTAs per SM as
+    // fit), the 16-bit count, twice it (the one-warp 8-bit kernels' count) and four times.
+    let more = |n: usize| (n * auto16).min(l / 256).clamp(1, 512);
+    println!(
+        "  attn_fwd_swap: {} CTAs per SM fit (occupancy calculator)",
+        kern.swap_ctas_per_sm
+    );
+    for (splits, x) in [
+        (auto_swap, String::new()),
+        (auto16, ", the 16-bit split count".to_string()),
+        (more(2), ", twice the 16-bit split count".to_string()),
+        (more(4), format!(", {} splits", more(4))),
+    ] {
         let k = AttnKernels {
             swap_kv8: true,
             ..default

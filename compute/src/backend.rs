@@ -178,6 +178,17 @@ impl Backend {
         }
     }
 
+    /// Keeps `block`, as stored, resident under `key` on a GPU (an 8-bit document's block
+    /// right after its ingest wrote it: phase 1's own output is 16-bit, and the tier
+    /// must hold what the store holds), so the first question finds it there. Nothing on
+    /// the CPU, whose loads go through the service's decoded-block cache.
+    pub fn keep_resident(&self, key: BlockId, block: &BlockKv) -> Result<()> {
+        match &self.device {
+            Device::Cpu => Ok(()),
+            Device::Cuda(c) => guarded(|| c.keep_resident(key, block)),
+        }
+    }
+
     /// Drops every resident block (e.g. to measure loads from the store, or after a
     /// block was repaired); running queries keep the blocks they hold.
     pub fn forget_resident(&self) {

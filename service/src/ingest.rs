@@ -2,6 +2,7 @@
 //! content key is already stored are reused, not re-encoded), published blocks first,
 //! manifest last.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use starkv_cache::{BlockStore, DType, DocRef, DocSpec, MergeOptions};
@@ -9,7 +10,7 @@ use starkv_compute::backend::BlockId;
 use starkv_compute::prompt;
 use starkv_compute::star::{BlockKv, StarConfig};
 
-use crate::kv::{KV_LAYOUT_VERSION, to_tensors};
+use crate::kv::{KV_LAYOUT_VERSION, from_tensors, to_tensors};
 use crate::{Service, ServiceError, ServiceResult};
 
 /// An ingest request, validated by the HTTP layer.
@@ -194,19 +195,19 @@ impl Service {
             if ingest.reuse_block(key, range.start as u64, range.len() as u32) {
                 reused += 1;
             } else {
-                // An 8-bit document's blocks are not kept resident as encoded (16 bits
-                // on a GPU): every query then attends to the stored 8-bit values.
-                let block = if spec_dtype.is_quantized() {
+                // An 8-bit document's blocks are kept resident as stored (8 bits), not as
+                // encoded (16 bits on a GPU): every query attends to the same values.
+                let quantized = spec_dtype.is_quantized();
+                let block = if quantized {
                     encoder.encode_block(i)?
                 } else {
                     encoder.encode_block_resident(i, key.0)?
                 };
-                ingest.put_block(
-                    key,
-                    range.start as u64,
-                    range.len() as u32,
-                    &to_tensors(&block, spec_dtype)?,
-                )?;
+                let tensors = to_tensors(&block, spec_dtype)?;
+                ingest.put_block(key, range.start as u64, range.len() as u32, &tensors)?;
+                if quantized {
+                    self.keep_stored_resident(key.0, range.start, tensors)?;
+                }
             }
             progress(done + 1, blocks.len());
         }
@@ -218,6 +219,23 @@ impl Service {
             reused_blocks: reused,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// An 8-bit block as written to the store (`tensors`), kept resident on a GPU under
+    /// `key` so the first question after the ingest finds it there (phase 1's own output
+    /// is 16-bit and not what later queries read). Nothing on the CPU.
+    fn keep_stored_resident(
+        &self,
+        key: BlockId,
+        start: usize,
+        tensors: Vec<starkv_cache::Tensor>,
+    ) -> ServiceResult<()> {
+        if self.backend.stored_half_type().is_none() {
+            return Ok(());
+        }
+        let layers: Vec<Arc<_>> = tensors.into_iter().map(Arc::new).collect();
+        let stored = from_tensors(&layers, start, self.shape(), false)?;
+        Ok(self.backend.keep_resident(key, &stored)?)
     }
 
     /// The store's description of a document: the fingerprints and layout every block
@@ -370,10 +388,12 @@ impl Service {
         if (0..n_blocks).any(|i| kept[i] && !reused[i]) {
             let exact_until = req.anchor_size.max(req.block_size);
             let dtype = ingest.spec().dtype;
-            // 8-bit documents are not kept resident as encoded (as in `ingest_part`), nor
-            // is a worker's part (the other blocks are not its own).
+            // 8-bit documents are kept resident as stored, not as encoded (as in
+            // `ingest_part`); a worker's part is not kept (the other blocks are not its
+            // own).
             let ids: Vec<BlockId> = keys.iter().map(|k| k.0).collect();
             let keep = (!dtype.is_quantized() && whole).then_some(&ids[..]);
+            let keep_stored = dtype.is_quantized() && whole;
             let ranges: Vec<_> = (0..n_blocks).map(|i| encoder.block_range(i)).collect();
             // Blocks arrive one at a time after the pass; a store error stops the rest.
             let mut failed: Option<ServiceError> = None;
@@ -386,8 +406,11 @@ impl Service {
                         let range = &ranges[i];
                         ingest
                             .put_block(keys[i], range.start as u64, range.len() as u32, &t)
-                            .map(drop)
-                            .map_err(ServiceError::from)
+                            .map_err(ServiceError::from)?;
+                        if keep_stored {
+                            self.keep_stored_resident(keys[i].0, range.start, t)?;
+                        }
+                        Ok(())
                     })
                 };
                 stored.map_err(|e| {

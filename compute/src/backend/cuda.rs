@@ -97,6 +97,15 @@ impl CudaBackend {
         })
     }
 
+    pub(super) fn keep_resident(&self, key: BlockId, block: &BlockKv) -> Result<()> {
+        let up = {
+            let _model = self.lock_model()?;
+            Arc::new(GpuBlock::upload(&self.gpu, block)?)
+        };
+        self.lock_tier().insert(key, up);
+        Ok(())
+    }
+
     pub(super) fn forget_resident(&self) {
         // Freed blocks go back to the device's pool: bind first (best effort).
         let _ = self.gpu.ctx.bind_to_thread();

@@ -664,6 +664,14 @@ impl Gpu {
     /// shape's fp8 / int8 decode attention took 0.212 / 0.223 ms at the 16-bit count (66
     /// splits) and 0.139 / 0.143 ms at twice it, against 0.144 ms for bf16; SmolLM2's
     /// shape 0.057 vs 0.039-0.040 ms (bf16 0.036).
+    ///
+    /// A decode the swapped-operand kernel runs (`attn_fwd_swap`: the 8-bit default)
+    /// fills one wave of its CTAs instead: as many per SM as the occupancy calculator
+    /// says fit ([`Kernels::swap_ctas_per_sm`]: 10 at head_dim 128, 16 at 64 on the
+    /// H200). Its speed grows with the CTAs in flight up to that and falls past it, where
+    /// a second, partial wave follows (H200, 2026-12-03, 128K tokens, int8: 8B shape
+    /// 0.176 / 0.105 / 0.104 ms at 4 / 8 / 10 CTAs per SM, 0.138 at 12, 0.121 at 16;
+    /// SmolLM2's shape 0.035 ms at 8 per SM, 0.031 at 11.6, the 512-split cap).
     pub fn choose_splits_for(
         &self,
         m: usize,
@@ -672,6 +680,19 @@ impl Gpu {
         eight_bit: bool,
     ) -> usize {
         let splits = self.choose_splits_16(m, shape, total_keys);
+        let (kernel, ..) =
+            self.attention_kernels()
+                .launch(m * shape.group(), shape.head_dim, eight_bit);
+        let per_sm = if kernel == "attn_fwd_swap" {
+            self.kernels(shape.head_dim)
+                .map_or(0, |k| k.swap_ctas_per_sm)
+        } else {
+            0
+        };
+        if per_sm > 0 {
+            let wave = per_sm * self.sm_count() / shape.n_kv_heads.max(1);
+            return wave.min(total_keys / 256).clamp(splits, 512);
+        }
         if eight_bit && m * shape.group() <= 16 {
             (2 * splits).min(total_keys / 256).clamp(splits, 512)
         } else {

@@ -102,6 +102,10 @@ pub(crate) const SM90_CONFIGS: [(u32, &str, &str, usize); 3] = [
 pub struct Kernels {
     pub head_dim: usize,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// How many `attn_fwd_swap` CTAs (one warp, its shared-memory ring) an SM holds at
+    /// once (the driver's occupancy calculator; 0 when it gave no answer): the split
+    /// count of its decodes fills one wave of them ([`Gpu::choose_splits_for`]).
+    pub swap_ctas_per_sm: usize,
 }
 
 impl Kernels {
@@ -159,7 +163,14 @@ impl Gpu {
             drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             swap_smem(head_dim) as i32,
         )?;
-        let k = Arc::new(Kernels { head_dim, funcs });
+        let swap_ctas_per_sm = funcs["attn_fwd_swap"]
+            .occupancy_max_active_blocks_per_multiprocessor(32, swap_smem(head_dim), None)
+            .map_or(0, |n| n as usize);
+        let k = Arc::new(Kernels {
+            head_dim,
+            funcs,
+            swap_ctas_per_sm,
+        });
         cache.insert(head_dim, k.clone());
         Ok(k)
     }
