@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench --bench cold_path -- [--dir PATH] [--tokens 65536] [--shape 8b|smol]
-//!                                   [--threads N] [--no-gpu] [--glibc-defaults]
+//!                                   [--threads N] [--no-gpu] [--glibc-defaults] [--no-int8]
 //! ```
 //!
 //! Writes one document of `--tokens` tokens (8K-token blocks, the model shape's KV in
@@ -23,6 +23,9 @@
 //!   blocks missing from the GPU, 30-token question) with every block loaded (from the
 //!   disk, and from the page cache), every block re-encoded, and both at once.
 //!
+//! - on a GPU, unless `--no-int8`: the same document stored as int8 (`kv_dtype = int8`,
+//!   one scale per row), every block loaded in 8 bits (from the disk and from the page
+//!   cache): the 8-bit cold path's rate and time to first token;
 //! - on a GPU, first a correctness row: a small model's cold query logits with every
 //!   block loaded (must equal the phase-1 blocks' logits exactly), re-encoded, or both,
 //!   for an anchor of one block and of two blocks.
@@ -40,6 +43,7 @@ use starkv_cache::{BlockStore, DType, DocSpec, RocksConfig, StoreConfig, Tensor,
 use starkv_compute::cuda::cold::{BlockReader, ColdLoad, ColdMode, ColdRates, StagingPool};
 use starkv_compute::cuda::star::{ContextBlocks, GpuBlock, GpuQuery, encode_block};
 use starkv_compute::cuda::{CudaLlama, Gpu, HalfType, PinnedBuf, probe};
+use starkv_compute::kv8::Kv8Format;
 use starkv_compute::model::LlamaConfig;
 use starkv_compute::star::StarConfig;
 
@@ -54,6 +58,7 @@ struct Opts {
     threads: usize,
     gpu: bool,
     glibc_defaults: bool,
+    int8: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -64,6 +69,7 @@ fn parse_opts() -> Opts {
         threads: std::thread::available_parallelism().map_or(4, |n| n.get().min(16)),
         gpu: true,
         glibc_defaults: false,
+        int8: true,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -81,6 +87,11 @@ fn parse_opts() -> Opts {
             }
             "--glibc-defaults" => {
                 o.glibc_defaults = true;
+                i += 1;
+                continue;
+            }
+            "--no-int8" => {
+                o.int8 = false;
                 i += 1;
                 continue;
             }
@@ -167,6 +178,39 @@ fn run(opts: &Opts) -> Result<()> {
         ingest.put_block(key, (i * BLOCK) as u64, n as u32, &tensors)?;
     }
     ingest.commit()?;
+    // The same document stored as int8 (for the 8-bit cold path's rows, on a GPU).
+    let int8 = opts.int8 && opts.gpu;
+    if int8 {
+        let mut spec = DocSpec::new("cold8", "bench");
+        spec.dtype = DType::I8;
+        spec.block_size = BLOCK as u32;
+        spec.anchor_size = BLOCK as u32;
+        spec.source_tokens = (0..opts.tokens as u32).map(|i| i % 1000).collect();
+        let mut ingest = store.begin_ingest(spec)?;
+        for i in 0..n_blocks {
+            let n = tokens_per_block(i);
+            let block_tokens: Vec<u32> = (0..n as u32).map(|t| t ^ (i as u32) << 16).collect();
+            let key = ingest.block_key(&anchor, &block_tokens, (i * BLOCK) as u64);
+            let tensors: Vec<Tensor> = {
+                use rayon::prelude::*;
+                (0..layers)
+                    .into_par_iter()
+                    .map(|l| {
+                        let wide = random_layer(kv_heads, n, d, (i * 1000 + l) as u64)?;
+                        let TensorData::BF16(v) = wide.data() else {
+                            return Err("random_layer gives bf16".to_string());
+                        };
+                        let x: Vec<f32> = v.iter().map(|h| h.to_f32()).collect();
+                        let (k, v) = x.split_at(x.len() / 2);
+                        Tensor::kv_layer(DType::I8, kv_heads as u32, n as u32, d as u32, k, v)
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect::<std::result::Result<_, String>>()?
+            };
+            ingest.put_block(key, (i * BLOCK) as u64, n as u32, &tensors)?;
+        }
+        ingest.commit()?;
+    }
     store.flush()?;
     let files = store_files(&store_dir)?;
     let on_disk: u64 = files.iter().map(|(_, n)| n).sum();
@@ -246,7 +290,19 @@ fn run(opts: &Opts) -> Result<()> {
         match probe() {
             Ok(devs) => {
                 println!("GPU: {}", devs[0]);
-                gpu_rows(opts, &config, &lease, &files, total, &mut add)?;
+                let lease8 = if int8 {
+                    Some(store.open_doc("cold8")?)
+                } else {
+                    None
+                };
+                gpu_rows(
+                    opts,
+                    &config,
+                    (&lease, lease8.as_ref()),
+                    &files,
+                    total,
+                    &mut add,
+                )?;
             }
             Err(e) => println!("no GPU here ({e}): host rows only"),
         }
@@ -436,12 +492,29 @@ impl BlockReader for LeaseReader<'_> {
             .read_block_into(block, want, layer_bytes, bytes, self.threads)
             .map_err(|e| e.to_string())
     }
+
+    fn read_block_8bit(
+        &self,
+        block: usize,
+        format: Kv8Format,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        let want = match format {
+            Kv8Format::Int8 => DType::I8,
+            Kv8Format::Fp8 => DType::F8,
+        };
+        let layers = self.lease.manifest().blocks[block].layers as usize;
+        let layer_bytes = dst.len() / layers;
+        self.lease
+            .read_block_into(block, want, layer_bytes, dst, self.threads)
+            .map_err(|e| e.to_string())
+    }
 }
 
 fn gpu_rows(
     opts: &Opts,
     config: &LlamaConfig,
-    lease: &starkv_cache::DocLease,
+    (lease, lease8): (&starkv_cache::DocLease, Option<&starkv_cache::DocLease>),
     files: &[(PathBuf, u64)],
     total: usize,
     add: &mut dyn FnMut(String, String, String),
@@ -511,6 +584,7 @@ fn gpu_rows(
             reader: &reader,
             mode: ColdMode::Both,
             rates: ColdRates::default(),
+            kv8: None,
         };
         cold.run(&wanted[..1.min(n_blocks)])?;
         let enc = ColdLoad {
@@ -553,6 +627,7 @@ fn gpu_rows(
             reader: &reader,
             mode,
             rates: start_rates,
+            kv8: None,
         }
         .run(&wanted)?;
         let loaded_at = t.elapsed().as_secs_f64();
@@ -592,6 +667,56 @@ fn gpu_rows(
                 total as f64 / 1e9
             ),
         );
+    }
+    // The int8 document: every block loaded in 8 bits (the 8-bit cold path never splits).
+    if let Some(lease8) = lease8 {
+        let reader8 = LeaseReader {
+            lease: lease8,
+            threads: opts.threads,
+        };
+        for from_disk in [true, false] {
+            if from_disk {
+                drop_from_page_cache(files)?;
+            } else {
+                read_files(files, opts.threads, false)?;
+            }
+            let t = Instant::now();
+            let (blocks, stats) = ColdLoad {
+                gpu: &gpu,
+                model: &model,
+                staging: &staging,
+                tokens: &tokens,
+                config: star,
+                reader: &reader8,
+                mode: ColdMode::Load,
+                rates: ColdRates::default(),
+                kv8: Some(Kv8Format::Int8),
+            }
+            .run(&wanted)?;
+            let loaded_at = t.elapsed().as_secs_f64();
+            let mut m = model.lock().unwrap();
+            let mut q = GpuQuery::new(&m, ContextBlocks::Resident(blocks), 30 + 1)?;
+            let positions: Vec<usize> = (opts.tokens..opts.tokens + 30).collect();
+            m.forward(&question, &positions, &mut q)?;
+            m.argmax(1)?;
+            let ttft = t.elapsed().as_secs_f64();
+            drop(q);
+            drop(m);
+            gpu.synchronize()?;
+            add(
+                format!(
+                    "cold query TTFT, int8 document, all loaded, from {}",
+                    if from_disk { "disk" } else { "the page cache" }
+                ),
+                format!("{ttft:.2} s"),
+                format!(
+                    "({} of {n_blocks} blocks loaded in 8 bits, on the GPU after {loaded_at:.2} s, loading {:.2} GB/s of {:.2} GB int8 values and scales)",
+                    stats.loaded_blocks,
+                    stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64().max(1e-9) / 1e9,
+                    stats.bytes_loaded as f64 / 1e9
+                ),
+            );
+        }
     }
     Ok(())
 }
@@ -698,6 +823,7 @@ fn check_cold_blocks(gpu: &Arc<Gpu>, add: &mut dyn FnMut(String, String, String)
                 reader: &held,
                 mode,
                 rates: ColdRates::default(),
+                kv8: None,
             }
             .run(&wanted)?;
             let got = query_logits(&model, blocks, question)?;

@@ -76,6 +76,9 @@ pub struct StoredContext<'a> {
     pub tokens: &'a [u32],
     pub config: StarConfig,
     pub reader: &'a dyn BlockReader,
+    /// The blocks' 8-bit format for a document stored in 8 bits (`kv_dtype` int8 or
+    /// fp8): loaded in 8 bits (only an unreadable block is re-encoded); `None`: 16-bit.
+    pub kv8: Option<crate::kv8::Kv8Format>,
 }
 
 /// The result of [`Backend::answer_document`].
@@ -329,8 +332,9 @@ impl Backend {
     /// Phase 2 over a stored document on a GPU: the blocks that are not resident are
     /// read from the store (through `stored.reader`, straight into page-locked staging)
     /// and re-encoded from the source tokens at the same time, split by the measured
-    /// rates; a block that cannot be read is re-encoded. On the CPU this is an error:
-    /// use [`Backend::answer`] (see [`Backend::stored_half_type`]).
+    /// rates; a block that cannot be read is re-encoded. A document stored in 8 bits
+    /// (`stored.kv8`) is only loaded, in 8 bits. On the CPU this is an error: use
+    /// [`Backend::answer`] (see [`Backend::stored_half_type`]).
     pub fn answer_stored(
         &self,
         loaded: &LoadedModel,

@@ -1,7 +1,8 @@
 //! The store side of a cold query on a GPU host: a [`BlockReader`] over a document
 //! lease that reads a whole block, several layers at once, verified, straight into the
-//! backend's page-locked staging in the GPU's 16-bit type ([`DocLease::read_block_into`]).
-//! No f32 block and no decoded host copy is kept: repeats hit the GPU tier.
+//! backend's page-locked staging in the GPU's 16-bit type, or as stored for an 8-bit
+//! document ([`DocLease::read_block_into`]). No f32 block and no decoded host copy is
+//! kept: repeats hit the GPU tier.
 //!
 //! The split between loading and re-encoding happens in the backend
 //! ([`starkv_compute::cold_split`]), which sees both workers' rates.
@@ -9,6 +10,7 @@
 use starkv_cache::{DType, DocLease};
 use starkv_compute::backend::BlockReader;
 use starkv_compute::cuda::HalfType;
+use starkv_compute::kv8::Kv8Format;
 
 /// Stored type of KV written on a host whose backend reads blocks as `half` (`None`: the
 /// CPU, f16): blocks are stored in the type the device computes in, so a cold load is a
@@ -34,8 +36,9 @@ impl<'a> StoreReader<'a> {
     }
 }
 
-impl BlockReader for StoreReader<'_> {
-    fn read_block(&self, block: usize, dtype: HalfType, dst: &mut [u16]) -> Result<(), String> {
+impl StoreReader<'_> {
+    /// Every layer of `block` as `want` into `dst` (whole layers, one after another).
+    fn read(&self, block: usize, want: DType, dst: &mut [u8]) -> Result<(), String> {
         let layers = self
             .lease
             .manifest()
@@ -43,16 +46,28 @@ impl BlockReader for StoreReader<'_> {
             .get(block)
             .map(|b| b.layers as usize)
             .ok_or_else(|| format!("block {block} is not in the document"))?;
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
-        let layer_bytes = bytes.len() / layers.max(1);
+        let layer_bytes = dst.len() / layers.max(1);
         self.lease
-            .read_block_into(
-                block,
-                kv_dtype(Some(dtype)),
-                layer_bytes,
-                bytes,
-                self.threads,
-            )
+            .read_block_into(block, want, layer_bytes, dst, self.threads)
             .map_err(|e| e.to_string())
+    }
+}
+
+impl BlockReader for StoreReader<'_> {
+    fn read_block(&self, block: usize, dtype: HalfType, dst: &mut [u16]) -> Result<(), String> {
+        self.read(block, kv_dtype(Some(dtype)), bytemuck::cast_slice_mut(dst))
+    }
+
+    fn read_block_8bit(
+        &self,
+        block: usize,
+        format: Kv8Format,
+        dst: &mut [u8],
+    ) -> Result<(), String> {
+        let want = match format {
+            Kv8Format::Int8 => DType::I8,
+            Kv8Format::Fp8 => DType::F8,
+        };
+        self.read(block, want, dst)
     }
 }

@@ -95,6 +95,15 @@ pub(crate) fn from_tensors(
     Ok(block)
 }
 
+/// The 8-bit format of blocks stored as `dtype` (`None`: 16 or 32 bits).
+pub(crate) fn kv8_format(dtype: DType) -> Option<Kv8Format> {
+    match dtype {
+        DType::I8 => Some(Kv8Format::Int8),
+        DType::F8 => Some(Kv8Format::Fp8),
+        _ => None,
+    }
+}
+
 /// An 8-bit block (int8 or fp8): the stored elements and per-row scales, kept in 8 bits.
 fn from_8bit_tensors(
     layers: &[Arc<Tensor>],
@@ -104,11 +113,7 @@ fn from_8bit_tensors(
 ) -> ServiceResult<BlockKv> {
     let half = shape.n_kv_heads * len;
     let dtype = layers[0].dtype();
-    let format = if dtype == DType::F8 {
-        Kv8Format::Fp8
-    } else {
-        Kv8Format::Int8
-    };
+    let format = kv8_format(dtype).unwrap_or(Kv8Format::Int8);
     let kv8 = layers
         .iter()
         .map(|t| {

@@ -86,15 +86,11 @@ impl Service {
         };
         let before_answer = started.elapsed();
         let mut repaired = 0;
-        // An 8-bit document on a GPU goes through `answer` below: its blocks are loaded
-        // and kept in 8 bits in the GPU tier (attended by the 8-bit kernels), and never
-        // re-encoded in 16 bits by the cold split, which would mix precisions. The cold
-        // path's phase-1 re-encoding would also undo a document's selective re-encoding:
-        // such documents load every block too.
-        let answer = if self.backend.stored_half_type().is_some()
-            && !manifest.dtype.is_quantized()
-            && manifest.reencode_ppm == 0
-        {
+        // On a GPU the cold path loads the missing blocks (an 8-bit document's in 8 bits,
+        // kept so in the GPU tier and attended by the 8-bit kernels; never split with
+        // re-encoding, which would give 16-bit blocks). Its phase-1 re-encoding would undo
+        // a document's selective re-encoding: such documents go through `answer` below.
+        let answer = if self.backend.stored_half_type().is_some() && manifest.reencode_ppm == 0 {
             // A GPU: missing blocks are read straight into staging and re-encoded at once.
             let config = crate::star_config(&manifest);
             let reader = crate::cold::StoreReader::new(&lease);
@@ -102,6 +98,7 @@ impl Service {
                 tokens: &tokens,
                 config,
                 reader: &reader,
+                kv8: crate::kv::kv8_format(manifest.dtype),
             };
             let answer = self.backend.answer_stored(
                 self.model(),

@@ -241,9 +241,12 @@ impl CudaBackend {
                 reader: stored.reader,
                 mode: ColdMode::Both,
                 rates,
+                kv8: stored.kv8,
             }
             .run(&wanted)?;
-            {
+            // The split's rates are those of 16-bit blocks (an 8-bit load moves half the
+            // bytes per token and is never split).
+            if stored.kv8.is_none() {
                 let mut r = self
                     .cold_rates
                     .lock()

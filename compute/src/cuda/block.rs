@@ -273,13 +273,10 @@ impl GpuBlock {
         self.layers.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
     }
 
-    /// Layer `layer`'s K and V buffers (16-bit blocks: phase 1 and the cold path write
-    /// them in place).
+    /// Layer `layer`'s K and V buffers (phase 1 and the cold path write them in place;
+    /// an 8-bit block's hold the values, then their rows' scales: see
+    /// [`GpuBlock::segment`]).
     pub(super) fn layer_ptrs(&self, layer: usize) -> (u64, u64) {
-        debug_assert!(
-            self.kv8.is_none(),
-            "8-bit blocks are written only by GpuBlock::upload"
-        );
         (self.layers[layer].0.ptr(), self.layers[layer].1.ptr())
     }
 }

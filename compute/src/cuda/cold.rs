@@ -15,6 +15,10 @@
 //!   the compute stream, the encoder never the copy stream.
 //! - A block that fails to read (corrupt, missing) is re-encoded instead: the answer is
 //!   unaffected; the store has marked it for repair.
+//! - An 8-bit document (`kv8`) is only loaded: its stored layers (per-row f16 scales,
+//!   then the 8-bit values) come into staging as they are and go to the device in the
+//!   8-bit tier's layout; re-encoding would give 16-bit blocks, so only a block that
+//!   fails to read is re-encoded, then quantised on the host like an ingest's block.
 //!
 //! Phase 2 then attends over all blocks at once. Compared with streaming the layers into
 //! a running forward pass (what [`super::star::StreamedBlocks`] does for host blocks),
@@ -31,7 +35,8 @@ use cudarc::driver::CudaEvent;
 use super::star::{GpuBlock, encode_block, encode_block_into};
 use super::{CudaError, CudaLlama, Gpu, HalfType, PinnedBuf, Result};
 use crate::cold_split::{Side, SplitQueue};
-use crate::star::StarConfig;
+use crate::kv8::{Kv8, Kv8Format};
+use crate::star::{BlockKv, StarConfig};
 
 /// Host-side source of stored blocks (the store, through the service).
 pub trait BlockReader: Sync {
@@ -44,6 +49,20 @@ pub trait BlockReader: Sync {
         dtype: HalfType,
         dst: &mut [u16],
     ) -> std::result::Result<(), String>;
+
+    /// Fills `dst` with block `block` of a document stored in 8 bits as `format`: for
+    /// each layer in order, the stored layer's bytes (the f16 scales of K's rows then of
+    /// V's, one per row of `head_dim` values, then K's and V's values, each
+    /// `[n_kv][len][d]`). Readers without 8-bit blocks keep this default.
+    fn read_block_8bit(
+        &self,
+        block: usize,
+        format: Kv8Format,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        let _ = (block, dst);
+        Err(format!("this reader holds no {format:?} blocks"))
+    }
 }
 
 /// Which workers a cold load may use (the service uses [`ColdMode::Both`]; the others
@@ -132,6 +151,9 @@ pub struct ColdLoad<'a> {
     pub reader: &'a dyn BlockReader,
     pub mode: ColdMode,
     pub rates: ColdRates,
+    /// The document's blocks are stored in 8 bits (`kv_dtype` int8 or fp8): loaded into
+    /// 8-bit device blocks, never re-encoded unless unreadable (`mode` is then ignored).
+    pub kv8: Option<Kv8Format>,
 }
 
 fn lock<'m>(gpu: &Gpu, model: &'m Mutex<CudaLlama>) -> Result<MutexGuard<'m, CudaLlama>> {
@@ -160,18 +182,25 @@ impl ColdLoad<'_> {
             if r.is_empty() {
                 return Err(CudaError::Invalid(format!("block {i} is past the context")));
             }
-            blocks.push(GpuBlock::alloc(gpu, r.start, r.len(), shape, n_layers)?);
+            blocks.push(match self.kv8 {
+                None => GpuBlock::alloc(gpu, r.start, r.len(), shape, n_layers)?,
+                Some(f) => GpuBlock::alloc_kv8(gpu, r.start, r.len(), shape, n_layers, f)?,
+            });
         }
         let allocated = gpu.ctx.new_event(None)?;
         allocated.record(&gpu.stream)?;
         gpu.copy_stream.wait(&allocated)?;
 
         let per_block = |rate: Option<f64>| rate.map(|r| r * self.config.block_size as f64);
+        let sides = match self.kv8 {
+            Some(_) => (true, false),
+            None => (self.mode != ColdMode::Encode, self.mode != ColdMode::Load),
+        };
         let queue = SplitQueue::new(
             (0..wanted.len()).collect(),
             per_block(self.rates.load_s_per_token),
             per_block(self.rates.encode_s_per_token),
-            (self.mode != ColdMode::Encode, self.mode != ColdMode::Load),
+            sides,
         );
         let mut stats = ColdStats::default();
         let (load_result, encode_result) = std::thread::scope(|s| {
@@ -192,7 +221,18 @@ impl ColdLoad<'_> {
         if !leftover.is_empty() {
             let mut model = lock(gpu, self.model)?;
             for j in leftover {
-                self.encode_one(&mut model, &mut encode.anchor, wanted[j], &blocks[j])?;
+                match self.kv8 {
+                    None => {
+                        self.encode_one(&mut model, &mut encode.anchor, wanted[j], &blocks[j])?
+                    }
+                    Some(format) => {
+                        let b = &blocks[j];
+                        let wide = GpuBlock::alloc(gpu, b.start, b.len, shape, n_layers)?;
+                        self.encode_one(&mut model, &mut encode.anchor, wanted[j], &wide)?;
+                        let host = quantize_block(&wide.download(gpu)?, format);
+                        blocks[j] = GpuBlock::upload(gpu, &host)?;
+                    }
+                }
                 encode.blocks += 1;
             }
         }
@@ -331,9 +371,18 @@ impl ColdLoad<'_> {
                     e.synchronize()?;
                 }
                 let block = &blocks[j];
-                let n = block.n_bytes() / 2;
-                let dst = &mut staging[slot].as_u16_mut()[..n];
-                match self.reader.read_block(wanted[j], gpu.dtype, dst) {
+                let n_bytes = block.n_bytes();
+                let read = match self.kv8 {
+                    None => {
+                        let dst = &mut staging[slot].as_u16_mut()[..n_bytes / 2];
+                        self.reader.read_block(wanted[j], gpu.dtype, dst)
+                    }
+                    Some(format) => {
+                        let dst = &mut staging[slot].as_u8_mut()[..n_bytes];
+                        self.reader.read_block_8bit(wanted[j], format, dst)
+                    }
+                };
+                match read {
                     Err(why) => {
                         tracing::warn!(block = wanted[j], %why, "stored block unusable: re-encoding it");
                         done.failed.push((wanted[j], why));
@@ -341,30 +390,15 @@ impl ColdLoad<'_> {
                     }
                     Ok(()) => {
                         gpu.ctx.bind_to_thread()?;
-                        let half = n / block.n_layers() / 2;
-                        let base = staging[slot].as_ptr() as *const u16;
-                        for l in 0..block.n_layers() {
-                            let (k, v) = block.layer_ptrs(l);
-                            for (dev, off) in [(k, 2 * l * half), (v, (2 * l + 1) * half)] {
-                                // SAFETY: the staging buffer holds n values and is neither
-                                // written nor freed until this slot's event completes; the
-                                // device buffer holds `half` values.
-                                unsafe {
-                                    let src = std::slice::from_raw_parts(base.add(off), half);
-                                    cudarc::driver::result::memcpy_htod_async(
-                                        dev,
-                                        src,
-                                        gpu.copy_stream.cu_stream(),
-                                    )?;
-                                }
-                            }
-                        }
+                        // SAFETY: the staging buffer holds the block's bytes and is
+                        // neither written nor freed until this slot's event completes.
+                        unsafe { copy_block_async(gpu, &staging[slot], block)? };
                         let event = gpu.ctx.new_event(None)?;
                         event.record(&gpu.copy_stream)?;
                         in_flight[slot] = Some(event);
                         slot ^= 1;
                         done.blocks += 1;
-                        done.bytes += n * 2;
+                        done.bytes += n_bytes;
                         let took = t.elapsed();
                         done.busy += took;
                         queue.done(Side::Load, took);
@@ -388,6 +422,70 @@ impl ColdLoad<'_> {
         landed?;
         Ok(done)
     }
+}
+
+/// Queues on the copy stream the copies of a block read into `staging` into `block`: per
+/// layer K then V for a 16-bit block; for an 8-bit one the stored layer (the scales of
+/// K's rows, then of V's, then K's and V's values) into K's and V's buffers (values,
+/// then their rows' scales: [`GpuBlock::segment`]'s layout).
+///
+/// # Safety
+/// `staging` must hold the block's bytes and stay unwritten and alive until the copy
+/// stream has passed these copies.
+unsafe fn copy_block_async(gpu: &Gpu, staging: &PinnedBuf, block: &GpuBlock) -> Result<()> {
+    let layer = block.n_bytes() / block.n_layers();
+    let rows = block.shape.n_kv_heads * block.len;
+    let values = rows * block.shape.head_dim;
+    // (device offset in the K or V buffer, offset in the layer, bytes) for K, then V.
+    let parts: [[(usize, usize, usize); 2]; 2] = match block.kv8_format() {
+        None => [
+            [(0, 0, layer / 2), (0, 0, 0)],
+            [(0, layer / 2, layer / 2), (0, 0, 0)],
+        ],
+        Some(_) => [
+            [(0, 4 * rows, values), (values, 0, 2 * rows)],
+            [(0, 4 * rows + values, values), (values, 2 * rows, 2 * rows)],
+        ],
+    };
+    let base = staging.as_ptr();
+    for l in 0..block.n_layers() {
+        let (k, v) = block.layer_ptrs(l);
+        for (dev, parts) in [(k, parts[0]), (v, parts[1])] {
+            for (dev_off, off, bytes) in parts {
+                if bytes == 0 {
+                    continue;
+                }
+                // SAFETY: (the caller's) the staging holds `layer` bytes per layer; the
+                // device buffer holds `dev_off + bytes`.
+                unsafe {
+                    let src = std::slice::from_raw_parts(base.add(l * layer + off), bytes);
+                    cudarc::driver::result::memcpy_htod_async(
+                        dev + dev_off as u64,
+                        src,
+                        gpu.copy_stream.cu_stream(),
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `block` (f32, re-encoded) in 8 bits as `format`, one scale per row: what the store
+/// keeps for an 8-bit document's block.
+fn quantize_block(block: &BlockKv, format: Kv8Format) -> BlockKv {
+    let d = block.shape.head_dim;
+    let layers = block
+        .layers
+        .iter()
+        .map(|(k, v)| {
+            (
+                Kv8::quantize_as(format, k, d, 1),
+                Kv8::quantize_as(format, v, d, 1),
+            )
+        })
+        .collect();
+    BlockKv::quantized(block.start, block.len, block.shape, layers)
 }
 
 #[derive(Default)]

@@ -160,6 +160,11 @@ impl PinnedBuf {
         self.bytes
     }
 
+    pub fn as_u8_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation holds `bytes` bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+
     pub fn as_u16_mut(&mut self) -> &mut [u16] {
         // SAFETY: the allocation holds `bytes` bytes and is 16-byte aligned.
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u16, self.bytes / 2) }

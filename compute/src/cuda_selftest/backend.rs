@@ -8,7 +8,7 @@ use super::{PROMPT, Report, Result, ms, rel};
 use crate::backend::{Backend, BlockId, BlockReader, StoredContext};
 use crate::cuda::{Gpu, HalfType};
 use crate::generate::GenerateParams;
-use crate::kv8::Kv8;
+use crate::kv8::{Kv8, Kv8Format};
 use crate::sampling::SamplingParams;
 use crate::star::{BlockKv, StarConfig};
 
@@ -194,11 +194,12 @@ pub(super) fn checks(
         ms(t),
     );
 
-    // An int8 document (`kv_dtype = int8`): its blocks are uploaded whole in 8 bits on the
+    // An int8 document (`kv_dtype = int8`; the GPU's phase-1 blocks quantised, as an
+    // ingest on this GPU stores them): its blocks are uploaded whole in 8 bits on the
     // first answer (counted as loaded, not resident) and resident from then on; the GPU's
     // 8-bit attention gives the CPU's 8-bit answer's first token.
     let t = Instant::now();
-    let int8_blocks: Vec<Arc<BlockKv>> = cpu_blocks
+    let int8_blocks: Vec<Arc<BlockKv>> = gpu_blocks
         .iter()
         .map(|b| {
             let d = b.shape.head_dim;
@@ -249,12 +250,15 @@ pub(super) fn checks(
         blocks: &gpu_blocks,
         fail: None,
     };
-    let stored = |reader: &HalfBlocks<'_>| -> Result<(Vec<u32>, usize, usize, usize)> {
+    let stored_as = |reader: &HalfBlocks<'_>,
+                     kv8: Option<Kv8Format>|
+     -> Result<(Vec<u32>, usize, usize, usize)> {
         on_gpu.forget_resident();
         let stored = StoredContext {
             tokens: &context,
             config,
             reader,
+            kv8,
         };
         let a = on_gpu.answer_stored(loaded, &keys, &stored, &query, &params, &mut |_| true)?;
         let cold = a.cold.unwrap_or_default();
@@ -265,6 +269,7 @@ pub(super) fn checks(
             cold.failed_reads.len(),
         ))
     };
+    let stored = |reader: &HalfBlocks<'_>| stored_as(reader, None);
     let (cold, n_loaded, n_encoded, _) = stored(&reader)?;
     println!("    (cold answer: {n_loaded} blocks loaded, {n_encoded} re-encoded)");
     report.check(
@@ -284,6 +289,35 @@ pub(super) fn checks(
         "backend: cold answer with an unreadable block == streamed answer",
         "mismatch",
         ((cold_failed != streamed) as usize + (failed > 1) as usize) as f64,
+        0.0,
+        ms(t),
+    );
+    // The int8 document's cold path: its stored 8-bit layers loaded as they are (never
+    // split with re-encoding); an unreadable block re-encoded, then quantised like the
+    // ingest's, so the answer is unchanged.
+    let t = Instant::now();
+    let int8_reader = HalfBlocks {
+        blocks: &int8_blocks,
+        fail: None,
+    };
+    let (cold8, loaded8, encoded8, _) = stored_as(&int8_reader, Some(Kv8Format::Int8))?;
+    report.check(
+        "backend: int8 cold answer (8-bit loads) == loaded int8 answer",
+        "mismatch",
+        ((cold8 != first8) as usize + (loaded8 != keys.len() || encoded8 != 0) as usize) as f64,
+        0.0,
+        ms(t),
+    );
+    let t = Instant::now();
+    let int8_failing = HalfBlocks {
+        blocks: &int8_blocks,
+        fail: Some(keys.len() - 1),
+    };
+    let (cold8_failed, _, encoded8, failed8) = stored_as(&int8_failing, Some(Kv8Format::Int8))?;
+    report.check(
+        "backend: int8 cold answer with an unreadable block (re-encoded, quantised) == loaded",
+        "mismatch",
+        ((cold8_failed != first8) as usize + (failed8 != 1 || encoded8 != 1) as usize) as f64,
         0.0,
         ms(t),
     );
@@ -376,6 +410,39 @@ impl BlockReader for HalfBlocks<'_> {
         if off != dst.len() {
             return Err(format!("{off} values for a buffer of {}", dst.len()));
         }
+        Ok(())
+    }
+
+    /// The store's layout of an 8-bit layer: K's rows' f16 scales, V's, then K's and V's
+    /// values.
+    fn read_block_8bit(
+        &self,
+        block: usize,
+        format: Kv8Format,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        if self.fail == Some(block) {
+            return Err("checksum mismatch (test)".into());
+        }
+        let b = self.blocks.get(block).ok_or("no such block")?;
+        let kv8 = b.kv8.as_ref().ok_or("not an 8-bit block")?;
+        let mut out = Vec::with_capacity(dst.len());
+        for (k, v) in kv8 {
+            if k.format != format || k.rows_per_scale != 1 {
+                return Err(format!(
+                    "{:?} values, {} rows a scale",
+                    k.format, k.rows_per_scale
+                ));
+            }
+            for s in k.scales.iter().chain(&v.scales) {
+                out.extend_from_slice(&half::f16::from_f32(*s).to_bits().to_le_bytes());
+            }
+            out.extend(k.q.iter().chain(&v.q).map(|&x| x as u8));
+        }
+        if out.len() != dst.len() {
+            return Err(format!("{} bytes for a buffer of {}", out.len(), dst.len()));
+        }
+        dst.copy_from_slice(&out);
         Ok(())
     }
 }
