@@ -24,8 +24,8 @@
 //!   disk, and from the page cache), every block re-encoded, and both at once.
 //!
 //! - on a GPU, unless `--no-int8`: the same document stored as int8 (`kv_dtype = int8`,
-//!   one scale per row), every block loaded in 8 bits (from the disk and from the page
-//!   cache): the 8-bit cold path's rate and time to first token;
+//!   one scale per row), the same five cold queries (blocks loaded in 8 bits, re-encoded
+//!   ones quantised on the device);
 //! - on a GPU, first a correctness row: a small model's cold query logits with every
 //!   block loaded (must equal the phase-1 blocks' logits exactly), re-encoded, or both,
 //!   for an anchor of one block and of two blocks.
@@ -668,18 +668,25 @@ fn gpu_rows(
             ),
         );
     }
-    // The int8 document: every block loaded in 8 bits (the 8-bit cold path never splits).
+    // The int8 document: blocks loaded in 8 bits, re-encoded ones quantised on the device;
+    // the same five runs.
     if let Some(lease8) = lease8 {
         let reader8 = LeaseReader {
             lease: lease8,
             threads: opts.threads,
         };
-        for from_disk in [true, false] {
+        let mut rates = ColdRates::default();
+        for (what, mode, from_disk) in runs {
             if from_disk {
                 drop_from_page_cache(files)?;
-            } else {
+            } else if mode != ColdMode::Encode {
                 read_files(files, opts.threads, false)?;
             }
+            let start_rates = if mode == ColdMode::Both {
+                rates
+            } else {
+                ColdRates::default()
+            };
             let t = Instant::now();
             let (blocks, stats) = ColdLoad {
                 gpu: &gpu,
@@ -688,8 +695,8 @@ fn gpu_rows(
                 tokens: &tokens,
                 config: star,
                 reader: &reader8,
-                mode: ColdMode::Load,
-                rates: ColdRates::default(),
+                mode,
+                rates: start_rates,
                 kv8: Some(Kv8Format::Int8),
             }
             .run(&wanted)?;
@@ -703,17 +710,26 @@ fn gpu_rows(
             drop(q);
             drop(m);
             gpu.synchronize()?;
-            add(
+            if mode == ColdMode::Load {
+                rates.load_s_per_token = stats.rates.load_s_per_token;
+            }
+            if mode == ColdMode::Encode {
+                rates.encode_s_per_token = stats.rates.encode_s_per_token;
+            }
+            let load_rate = if stats.loaded_blocks > 0 {
                 format!(
-                    "cold query TTFT, int8 document, all loaded, from {}",
-                    if from_disk { "disk" } else { "the page cache" }
-                ),
+                    ", loading {:.2} GB/s of int8 values and scales",
+                    stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64().max(1e-9) / 1e9
+                )
+            } else {
+                String::new()
+            };
+            add(
+                format!("cold query TTFT, int8 document, {what}"),
                 format!("{ttft:.2} s"),
                 format!(
-                    "({} of {n_blocks} blocks loaded in 8 bits, on the GPU after {loaded_at:.2} s, loading {:.2} GB/s of {:.2} GB int8 values and scales)",
-                    stats.loaded_blocks,
-                    stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64().max(1e-9) / 1e9,
-                    stats.bytes_loaded as f64 / 1e9
+                    "({} loaded in 8 bits + {} re-encoded and quantised of {n_blocks}; on the GPU after {loaded_at:.2} s{load_rate})",
+                    stats.loaded_blocks, stats.encoded_blocks,
                 ),
             );
         }

@@ -40,6 +40,8 @@ pub(super) struct CudaBackend {
     /// Seconds per token of the last cold load's loading and re-encoding (the next one's
     /// starting estimates for the split).
     cold_rates: Mutex<ColdRates>,
+    /// The same for documents stored in 8 bits.
+    cold_rates8: Mutex<ColdRates>,
 }
 
 impl CudaBackend {
@@ -67,6 +69,7 @@ impl CudaBackend {
             tier: Mutex::new(BlockTier::new(budget)),
             staging: StagingPool::default(),
             cold_rates: Mutex::new(ColdRates::default()),
+            cold_rates8: Mutex::new(ColdRates::default()),
         })
     }
 
@@ -228,10 +231,13 @@ impl CudaBackend {
             // A cold load is not interrupted once it runs (it is one unit of work here);
             // the generation after it checks the flag again before its prefill.
             params.cancel.check()?;
-            let rates = *self
-                .cold_rates
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            // 8-bit documents load half the bytes per token: their own rates.
+            let rates_of = if stored.kv8.is_some() {
+                &self.cold_rates8
+            } else {
+                &self.cold_rates
+            };
+            let rates = *rates_of.lock().unwrap_or_else(PoisonError::into_inner);
             let (blocks, stats) = ColdLoad {
                 gpu: &self.gpu,
                 model: &self.model,
@@ -244,13 +250,8 @@ impl CudaBackend {
                 kv8: stored.kv8,
             }
             .run(&wanted)?;
-            // The split's rates are those of 16-bit blocks (an 8-bit load moves half the
-            // bytes per token and is never split).
-            if stored.kv8.is_none() {
-                let mut r = self
-                    .cold_rates
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
+            {
+                let mut r = rates_of.lock().unwrap_or_else(PoisonError::into_inner);
                 r.load_s_per_token = stats.rates.load_s_per_token.or(r.load_s_per_token);
                 r.encode_s_per_token = stats.rates.encode_s_per_token.or(r.encode_s_per_token);
             }

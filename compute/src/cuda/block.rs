@@ -6,6 +6,7 @@
 use super::Result;
 use super::attention::Segment;
 use super::device::{DevBuf, Gpu};
+use super::kernels::Kernels;
 use crate::kv8::Kv8Format;
 use crate::partial::HeadShape;
 use crate::star::BlockKv;
@@ -124,6 +125,43 @@ impl GpuBlock {
             }
         }
         Ok(out)
+    }
+
+    /// This 16-bit block's values quantised into the 8-bit block `dst` (same rows and
+    /// layers; its format), on the device, bit for bit as the store quantises an ingest's
+    /// block: what a re-encoded block of an 8-bit document becomes.
+    pub fn quantize_into(&self, gpu: &Gpu, kern: &Kernels, dst: &GpuBlock) -> Result<()> {
+        let Some(format) = dst.kv8 else {
+            return Err(super::CudaError::Invalid(
+                "quantize_into needs an 8-bit block".into(),
+            ));
+        };
+        if self.kv8.is_some()
+            || self.len != dst.len
+            || self.shape != dst.shape
+            || self.layers.len() != dst.layers.len()
+        {
+            return Err(super::CudaError::Invalid(format!(
+                "quantize_into: a 16-bit block of {} tokens and {} layers into an 8-bit one of {} and {}",
+                self.len,
+                self.layers.len(),
+                dst.len,
+                dst.layers.len()
+            )));
+        }
+        let rows = self.shape.n_kv_heads * self.len;
+        for ((k, v), (qk, qv)) in self.layers.iter().zip(&dst.layers) {
+            for (src, q) in [(k, qk), (v, qv)] {
+                gpu.quantize_rows(
+                    kern,
+                    q.ptr(),
+                    src.ptr(),
+                    (rows, self.shape.head_dim),
+                    format,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// The block as a CPU [`BlockKv`] (f32, or 8-bit with one scale per row for an

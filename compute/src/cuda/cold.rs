@@ -15,10 +15,11 @@
 //!   the compute stream, the encoder never the copy stream.
 //! - A block that fails to read (corrupt, missing) is re-encoded instead: the answer is
 //!   unaffected; the store has marked it for repair.
-//! - An 8-bit document (`kv8`) is only loaded: its stored layers (per-row f16 scales,
-//!   then the 8-bit values) come into staging as they are and go to the device in the
-//!   8-bit tier's layout; re-encoding would give 16-bit blocks, so only a block that
-//!   fails to read is re-encoded, then quantised on the host like an ingest's block.
+//! - An 8-bit document (`kv8`): its stored layers (per-row f16 scales, then the 8-bit
+//!   values) come into staging as they are and go to the device in the 8-bit tier's
+//!   layout; a re-encoded block is encoded in 16 bits, then quantised on the device bit
+//!   for bit as the store quantises an ingest's block ([`GpuBlock::quantize_into`]), so
+//!   the split works for it too.
 //!
 //! Phase 2 then attends over all blocks at once. Compared with streaming the layers into
 //! a running forward pass (what [`super::star::StreamedBlocks`] does for host blocks),
@@ -35,8 +36,8 @@ use cudarc::driver::CudaEvent;
 use super::star::{GpuBlock, encode_block, encode_block_into};
 use super::{CudaError, CudaLlama, Gpu, HalfType, PinnedBuf, Result};
 use crate::cold_split::{Side, SplitQueue};
-use crate::kv8::{Kv8, Kv8Format};
-use crate::star::{BlockKv, StarConfig};
+use crate::kv8::Kv8Format;
+use crate::star::StarConfig;
 
 /// Host-side source of stored blocks (the store, through the service).
 pub trait BlockReader: Sync {
@@ -152,7 +153,7 @@ pub struct ColdLoad<'a> {
     pub mode: ColdMode,
     pub rates: ColdRates,
     /// The document's blocks are stored in 8 bits (`kv_dtype` int8 or fp8): loaded into
-    /// 8-bit device blocks, never re-encoded unless unreadable (`mode` is then ignored).
+    /// 8-bit device blocks, re-encoded ones quantised on the device.
     pub kv8: Option<Kv8Format>,
 }
 
@@ -192,15 +193,11 @@ impl ColdLoad<'_> {
         gpu.copy_stream.wait(&allocated)?;
 
         let per_block = |rate: Option<f64>| rate.map(|r| r * self.config.block_size as f64);
-        let sides = match self.kv8 {
-            Some(_) => (true, false),
-            None => (self.mode != ColdMode::Encode, self.mode != ColdMode::Load),
-        };
         let queue = SplitQueue::new(
             (0..wanted.len()).collect(),
             per_block(self.rates.load_s_per_token),
             per_block(self.rates.encode_s_per_token),
-            sides,
+            (self.mode != ColdMode::Encode, self.mode != ColdMode::Load),
         );
         let mut stats = ColdStats::default();
         let (load_result, encode_result) = std::thread::scope(|s| {
@@ -221,18 +218,7 @@ impl ColdLoad<'_> {
         if !leftover.is_empty() {
             let mut model = lock(gpu, self.model)?;
             for j in leftover {
-                match self.kv8 {
-                    None => {
-                        self.encode_one(&mut model, &mut encode.anchor, wanted[j], &blocks[j])?
-                    }
-                    Some(format) => {
-                        let b = &blocks[j];
-                        let wide = GpuBlock::alloc(gpu, b.start, b.len, shape, n_layers)?;
-                        self.encode_one(&mut model, &mut encode.anchor, wanted[j], &wide)?;
-                        let host = quantize_block(&wide.download(gpu)?, format);
-                        blocks[j] = GpuBlock::upload(gpu, &host)?;
-                    }
-                }
+                self.encode_to(&mut model, &mut encode.anchor, wanted[j], &blocks[j])?;
                 encode.blocks += 1;
             }
         }
@@ -321,6 +307,29 @@ impl ColdLoad<'_> {
         encode_block_into(model, lead, tokens, anchor.as_ref(), block)
     }
 
+    /// Phase 1 of block `i` into `block`: in place for a 16-bit block; for an 8-bit one
+    /// into a 16-bit block first, then quantised on the device as the store quantises.
+    fn encode_to(
+        &self,
+        model: &mut CudaLlama,
+        anchor: &mut Option<GpuBlock>,
+        i: usize,
+        block: &GpuBlock,
+    ) -> Result<()> {
+        if block.kv8_format().is_none() {
+            return self.encode_one(model, anchor, i, block);
+        }
+        let wide = GpuBlock::alloc(
+            self.gpu,
+            block.start,
+            block.len,
+            block.shape,
+            block.n_layers(),
+        )?;
+        self.encode_one(model, anchor, i, &wide)?;
+        wide.quantize_into(self.gpu, model.kernels(), block)
+    }
+
     fn encode_worker(
         &self,
         queue: &SplitQueue,
@@ -336,7 +345,7 @@ impl ColdLoad<'_> {
                 done.anchor_time += t.elapsed();
             }
             let t = Instant::now();
-            self.encode_one(&mut model, &mut done.anchor, wanted[j], &blocks[j])?;
+            self.encode_to(&mut model, &mut done.anchor, wanted[j], &blocks[j])?;
             // Timed to completion: the split needs the real time per block.
             self.gpu.synchronize()?;
             drop(model);
@@ -469,23 +478,6 @@ unsafe fn copy_block_async(gpu: &Gpu, staging: &PinnedBuf, block: &GpuBlock) -> 
         }
     }
     Ok(())
-}
-
-/// `block` (f32, re-encoded) in 8 bits as `format`, one scale per row: what the store
-/// keeps for an 8-bit document's block.
-fn quantize_block(block: &BlockKv, format: Kv8Format) -> BlockKv {
-    let d = block.shape.head_dim;
-    let layers = block
-        .layers
-        .iter()
-        .map(|(k, v)| {
-            (
-                Kv8::quantize_as(format, k, d, 1),
-                Kv8::quantize_as(format, v, d, 1),
-            )
-        })
-        .collect();
-    BlockKv::quantized(block.start, block.len, block.shape, layers)
 }
 
 #[derive(Default)]

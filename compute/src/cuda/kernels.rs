@@ -47,6 +47,7 @@ pub(crate) const ELEMENTWISE_KERNELS: &[&str] = &[
     "argmax_rows",
     "argmax_wide",
     "rows_to_heads",
+    "quantize_rows",
 ];
 
 /// Kernels defined in `attention.cu`.

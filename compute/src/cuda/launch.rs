@@ -10,6 +10,7 @@ use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg, sys}
 use super::device::Gpu;
 use super::kernels::Kernels;
 use super::{KvDest, Result};
+use crate::kv8::Kv8Format;
 
 /// The address of one kernel argument, as `cuLaunchKernelEx` takes it.
 pub(super) fn arg<T>(v: &T) -> *mut c_void {
@@ -272,6 +273,27 @@ impl Gpu {
         let n64 = n as u64;
         self.launch_elementwise(k, "to_h16", blocks_for(n, 256), 256, |b| {
             b.arg(&out).arg(&x).arg(&n64);
+        })
+    }
+
+    /// `rows` rows of `d` 16-bit values at `src` quantised into the 8-bit device buffer
+    /// `dst` (`[rows][d]` values, then one f16 scale per row: an 8-bit block's K or V),
+    /// bit for bit as the store quantises (`kv8::quantize_group`, `quantize_group_fp8`).
+    pub fn quantize_rows(
+        &self,
+        k: &Kernels,
+        dst: u64,
+        src: u64,
+        (rows, d): (usize, usize),
+        format: Kv8Format,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, d_i) = (rows as i32, d as i32);
+        let fp8 = i32::from(format == Kv8Format::Fp8);
+        self.launch_elementwise(k, "quantize_rows", blocks_for(rows * 32, 256), 256, |b| {
+            b.arg(&dst).arg(&src).arg(&rows_i).arg(&d_i).arg(&fp8);
         })
     }
 

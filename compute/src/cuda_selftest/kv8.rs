@@ -71,6 +71,7 @@ fn random_blocks(
 
 /// Every 8-bit check.
 pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64) -> Result<()> {
+    quantize_check(gpu, rng, report)?;
     let (smol, big) = (SMOL_SHAPE, BIG_SHAPE);
     // (name, shape, query rows m, 8-bit block lengths, local causal length, splits)
     type Case = (
@@ -166,6 +167,62 @@ pub(super) fn checks(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report, u: f64)
 }
 
 /// How the checks name a format.
+/// The device quantiser (`quantize_rows`: what a re-encoded block of an 8-bit document
+/// becomes on the cold path) against the host's (`Kv8::quantize_as`, bit for bit the
+/// store's): every value byte and scale equal, both formats, head_dim 64 and 128, on rows
+/// whose magnitudes span 1e-6 to 3e4 (e4m3 subnormals, subnormal f16 scales), an all-zero
+/// row and rows with one outlier 30x the others (which then round to few levels).
+fn quantize_check(gpu: &Arc<Gpu>, rng: &mut Rng, report: &mut Report) -> Result<()> {
+    let dt = gpu.dtype;
+    for d in [64usize, 128] {
+        let kern = gpu.kernels(d)?;
+        let rows = 300;
+        let mut x = Vec::with_capacity(rows * d);
+        for r in 0..rows {
+            let factor = 10f32.powf(rng.uniform(-6.0, 3.0));
+            for j in 0..d {
+                let v = match r {
+                    0 => 0.0,
+                    1 | 2 if j == 5 => factor * 30.0,
+                    _ => rng.uniform(-1.0, 1.0) * factor,
+                };
+                x.push(v);
+            }
+        }
+        let x = round_vec(dt, &x);
+        let src = gpu.alloc(rows * d * 2)?;
+        gpu.upload(src.ptr(), &to_half(dt, &x))?;
+        let dst = gpu.alloc(rows * d + 2 * rows)?;
+        for format in [Kv8Format::Int8, Kv8Format::Fp8] {
+            let t = Instant::now();
+            gpu.quantize_rows(&kern, dst.ptr(), src.ptr(), (rows, d), format)?;
+            let mut got = vec![0u8; rows * d + 2 * rows];
+            gpu.download(&mut got, dst.ptr())?;
+            let want = Kv8::quantize_as(format, &x, d, 1);
+            let mut wrong = 0usize;
+            for r in 0..rows {
+                let scale = half::f16::from_f32(want.scales[r]).to_bits().to_le_bytes();
+                let at = rows * d + 2 * r;
+                wrong += usize::from(got[at..at + 2] != scale);
+                for j in 0..d {
+                    wrong += usize::from(got[r * d + j] != want.q[r * d + j] as u8);
+                }
+            }
+            report.check(
+                &format!(
+                    "quantize_rows ({}, d={d}) == the store's quantiser",
+                    format_name(format)
+                ),
+                "bytes differ",
+                wrong as f64,
+                0.0,
+                ms(t),
+            );
+        }
+    }
+    Ok(())
+}
+
 fn format_name(format: Kv8Format) -> &'static str {
     match format {
         Kv8Format::Int8 => "int8",

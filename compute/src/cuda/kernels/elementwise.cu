@@ -257,3 +257,58 @@ extern "C" __global__ void rows_to_heads(h16* dst, const h16* src, int len, int 
     u64 h = r / d, j = r % d;
     dst[(h * len + t) * d + j] = src[i];
 }
+
+// An f32 as OCP e4m3 (round to nearest even, saturated to +-448: what the `float8`
+// crate's `F8E4M3::from_f32` writes; no NaN input). In software on every device so the
+// one path the selftest checks is the one that runs.
+__device__ __forceinline__ unsigned char f32_to_e4m3(float y) {
+    const u32 sign = (__float_as_uint(y) >> 24) & 0x80u;
+    const float a = fabsf(y);
+    if (a >= 448.f) return (unsigned char)(sign | 0x7eu);
+    if (a < 0.015625f) {  // below 2^-6: subnormal steps of 2^-9 (8 steps: the first normal)
+        return (unsigned char)(sign | (u32)rintf(a * 512.f));
+    }
+    const u32 bits = __float_as_uint(a);
+    int e = (int)(bits >> 23) - 127;
+    u32 m = (bits >> 20) & 7u;
+    const u32 rest = bits & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (m & 1u))) m++;
+    if (m == 8u) {
+        m = 0;
+        e++;
+    }
+    return (unsigned char)(sign | ((u32)(e + 7) << 3) | m);
+}
+
+// 16-bit rows [rows][d] into an 8-bit device buffer: [rows][d] values, then one IEEE f16
+// scale per row. The store's quantiser bit for bit (cache `quantize_row_i8` / `_f8`):
+// scale = f16(amax / 127) (e4m3: / 448), q = round(x / scale) half away from zero,
+// clamped to +-127 (e4m3: nearest even, saturated); an all-zero row gets scale 0.
+// One warp per row.
+extern "C" __global__ void quantize_rows(unsigned char* dst, const h16* src, int rows, int d,
+                                         int fp8) {
+    const int row = (int)(((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const h16* x = src + (u64)row * d;
+    float amax = 0.f;
+    for (int j = lane; j < d; j += 32) amax = fmaxf(amax, fabsf(h2f(x[j])));
+    for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float scaled = fminf(__fdiv_rn(amax, fp8 ? 448.f : 127.f), 65504.f);
+    unsigned short sh;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(sh) : "f"(scaled));
+    float s;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(s) : "h"(sh));
+    unsigned char* q = dst + (u64)row * d;
+    const bool zero = !(s > 0.f);
+    for (int j = lane; j < d; j += 32) {
+        unsigned char out = 0;
+        if (!zero) {
+            const float y = __fdiv_rn(h2f(x[j]), s);
+            out = fp8 ? f32_to_e4m3(y)
+                      : (unsigned char)(signed char)(int)fminf(fmaxf(roundf(y), -127.f), 127.f);
+        }
+        q[j] = out;
+    }
+    if (lane == 0) ((unsigned short*)(dst + (u64)rows * d))[row] = zero ? (unsigned short)0 : sh;
+}
