@@ -25,7 +25,7 @@
 //!
 //! - on a GPU, unless `--no-int8`: the same document stored as int8 (`kv_dtype = int8`,
 //!   one scale per row), the same five cold queries (blocks loaded in 8 bits, re-encoded
-//!   ones quantised on the device);
+//!   ones quantised on the device: the 8-bit split, `STARKV_COLD_SPLIT8=1`, turned on);
 //! - on a GPU, first a correctness row: a small model's cold query logits with every
 //!   block loaded (must equal the phase-1 blocks' logits exactly), re-encoded, or both,
 //!   for an anchor of one block and of two blocks.
@@ -668,9 +668,11 @@ fn gpu_rows(
             ),
         );
     }
-    // The int8 document: blocks loaded in 8 bits, re-encoded ones quantised on the device;
-    // the same five runs.
+    // The int8 document: blocks loaded in 8 bits, re-encoded ones quantised on the device
+    // (the split of 8-bit documents, `STARKV_COLD_SPLIT8=1`, on for these rows); the same
+    // five runs.
     if let Some(lease8) = lease8 {
+        gpu.set_cold_split8(true);
         let reader8 = LeaseReader {
             lease: lease8,
             threads: opts.threads,

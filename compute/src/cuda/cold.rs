@@ -17,9 +17,10 @@
 //!   unaffected; the store has marked it for repair.
 //! - An 8-bit document (`kv8`): its stored layers (per-row f16 scales, then the 8-bit
 //!   values) come into staging as they are and go to the device in the 8-bit tier's
-//!   layout; a re-encoded block is encoded in 16 bits, then quantised on the device bit
-//!   for bit as the store quantises an ingest's block ([`GpuBlock::quantize_into`]), so
-//!   the split works for it too.
+//!   layout. A block that fails to read is re-encoded in 16 bits and quantised on the
+//!   host like an ingest's block. With [`Gpu::cold_split8`] (off by default: not yet run
+//!   on a GPU) the split works for 8-bit documents too, the re-encoded blocks quantised
+//!   on the device bit for bit as the store quantises ([`GpuBlock::quantize_into`]).
 //!
 //! Phase 2 then attends over all blocks at once. Compared with streaming the layers into
 //! a running forward pass (what [`super::star::StreamedBlocks`] does for host blocks),
@@ -36,8 +37,8 @@ use cudarc::driver::CudaEvent;
 use super::star::{GpuBlock, encode_block, encode_block_into};
 use super::{CudaError, CudaLlama, Gpu, HalfType, PinnedBuf, Result};
 use crate::cold_split::{Side, SplitQueue};
-use crate::kv8::Kv8Format;
-use crate::star::StarConfig;
+use crate::kv8::{Kv8, Kv8Format};
+use crate::star::{BlockKv, StarConfig};
 
 /// Host-side source of stored blocks (the store, through the service).
 pub trait BlockReader: Sync {
@@ -153,7 +154,8 @@ pub struct ColdLoad<'a> {
     pub mode: ColdMode,
     pub rates: ColdRates,
     /// The document's blocks are stored in 8 bits (`kv_dtype` int8 or fp8): loaded into
-    /// 8-bit device blocks, re-encoded ones quantised on the device.
+    /// 8-bit device blocks; only loaded (whatever `mode` says) unless
+    /// [`Gpu::cold_split8`] is on.
     pub kv8: Option<Kv8Format>,
 }
 
@@ -193,11 +195,16 @@ impl ColdLoad<'_> {
         gpu.copy_stream.wait(&allocated)?;
 
         let per_block = |rate: Option<f64>| rate.map(|r| r * self.config.block_size as f64);
+        let sides = if self.kv8.is_some() && !gpu.cold_split8() {
+            (true, false)
+        } else {
+            (self.mode != ColdMode::Encode, self.mode != ColdMode::Load)
+        };
         let queue = SplitQueue::new(
             (0..wanted.len()).collect(),
             per_block(self.rates.load_s_per_token),
             per_block(self.rates.encode_s_per_token),
-            (self.mode != ColdMode::Encode, self.mode != ColdMode::Load),
+            sides,
         );
         let mut stats = ColdStats::default();
         let (load_result, encode_result) = std::thread::scope(|s| {
@@ -218,7 +225,18 @@ impl ColdLoad<'_> {
         if !leftover.is_empty() {
             let mut model = lock(gpu, self.model)?;
             for j in leftover {
-                self.encode_to(&mut model, &mut encode.anchor, wanted[j], &blocks[j])?;
+                match self.kv8 {
+                    // The host quantiser (the path that ran on a GPU) unless the split,
+                    // with the device quantiser, is on.
+                    Some(format) if !gpu.cold_split8() => {
+                        let b = &blocks[j];
+                        let wide = GpuBlock::alloc(gpu, b.start, b.len, shape, n_layers)?;
+                        self.encode_one(&mut model, &mut encode.anchor, wanted[j], &wide)?;
+                        let host = quantize_block(&wide.download(gpu)?, format);
+                        blocks[j] = GpuBlock::upload(gpu, &host)?;
+                    }
+                    _ => self.encode_to(&mut model, &mut encode.anchor, wanted[j], &blocks[j])?,
+                }
                 encode.blocks += 1;
             }
         }
@@ -478,6 +496,23 @@ unsafe fn copy_block_async(gpu: &Gpu, staging: &PinnedBuf, block: &GpuBlock) -> 
         }
     }
     Ok(())
+}
+
+/// `block` (f32, re-encoded) in 8 bits as `format`, one scale per row: what the store
+/// keeps for an 8-bit document's block.
+fn quantize_block(block: &BlockKv, format: Kv8Format) -> BlockKv {
+    let d = block.shape.head_dim;
+    let layers = block
+        .layers
+        .iter()
+        .map(|(k, v)| {
+            (
+                Kv8::quantize_as(format, k, d, 1),
+                Kv8::quantize_as(format, v, d, 1),
+            )
+        })
+        .collect();
+    BlockKv::quantized(block.start, block.len, block.shape, layers)
 }
 
 #[derive(Default)]

@@ -330,6 +330,12 @@ pub struct Gpu {
     /// (pipelined) == logits path" row checks both give the same answer); env
     /// `STARKV_DEVICE_GREEDY=0` turns it off.
     device_greedy: AtomicBool,
+    /// Whether a cold load of an 8-bit document splits its blocks between loading and
+    /// re-encoding (re-encoded blocks quantised on the device, `quantize_rows`) instead of
+    /// loading them all. Off until run on a GPU (written after the session's device time
+    /// ran out; the selftest's rows turn it on for themselves); env
+    /// `STARKV_COLD_SPLIT8=1` turns it on.
+    cold_split8: AtomicBool,
     /// How attention plans cut their keys into splits and merge them (see
     /// [`SplitTuning`]; the benchmark switches them for same-run A/B rows).
     split_tuning: Mutex<SplitTuning>,
@@ -413,6 +419,10 @@ impl Gpu {
                 std::env::var("STARKV_DEVICE_GREEDY").as_deref(),
                 Ok("0" | "off" | "false")
             )),
+            cold_split8: AtomicBool::new(matches!(
+                std::env::var("STARKV_COLD_SPLIT8").as_deref(),
+                Ok("1" | "on" | "true")
+            )),
             split_tuning: Mutex::new(SplitTuning::from_env()),
             graph_stream,
             capturing: Mutex::new(None),
@@ -455,6 +465,15 @@ impl Gpu {
 
     pub fn device_greedy(&self) -> bool {
         self.device_greedy.load(Ordering::Relaxed)
+    }
+
+    /// Turns the split of 8-bit documents' cold loads on or off (see the field).
+    pub fn set_cold_split8(&self, on: bool) {
+        self.cold_split8.store(on, Ordering::Relaxed);
+    }
+
+    pub fn cold_split8(&self) -> bool {
+        self.cold_split8.load(Ordering::Relaxed)
     }
 
     /// Sets how attention plans split their keys and merge the splits (benchmarks and the

@@ -292,37 +292,59 @@ pub(super) fn checks(
         0.0,
         ms(t),
     );
-    // The int8 document's cold path: its stored 8-bit layers loaded as they are, the
-    // other blocks re-encoded and quantised on the device (bit for bit the store's
-    // quantiser on the GPU's phase-1 values: the answer is unchanged); then with an
-    // unreadable block.
-    let t = Instant::now();
+    // The int8 document's cold path: its stored 8-bit layers loaded as they are (an
+    // unreadable block re-encoded and quantised on the host); then with the split on
+    // (`Gpu::cold_split8`): the other blocks re-encoded and quantised on the device, bit
+    // for bit the store's quantiser on the GPU's phase-1 values, so every answer is the
+    // loaded one.
     let int8_reader = HalfBlocks {
         blocks: &int8_blocks,
         fail: None,
     };
-    let (cold8, loaded8, encoded8, _) = stored_as(&int8_reader, Some(Kv8Format::Int8))?;
-    println!("    (int8 cold answer: {loaded8} blocks loaded, {encoded8} re-encoded)");
-    report.check(
-        "backend: int8 cold answer (8-bit loads + re-encoded, quantised) == loaded int8 answer",
-        "mismatch",
-        ((cold8 != first8) as usize + (loaded8 + encoded8 != keys.len()) as usize) as f64,
-        0.0,
-        ms(t),
-    );
-    let t = Instant::now();
     let int8_failing = HalfBlocks {
         blocks: &int8_blocks,
         fail: Some(keys.len() - 1),
     };
-    let (cold8_failed, _, _, failed8) = stored_as(&int8_failing, Some(Kv8Format::Int8))?;
-    report.check(
-        "backend: int8 cold answer with an unreadable block == loaded int8 answer",
-        "mismatch",
-        ((cold8_failed != first8) as usize + (failed8 > 1) as usize) as f64,
-        0.0,
-        ms(t),
-    );
+    let split8_was = gpu.cold_split8();
+    for split8 in [false, true] {
+        gpu.set_cold_split8(split8);
+        let how = if split8 {
+            "split, re-encoded blocks quantised on the device"
+        } else {
+            "8-bit loads"
+        };
+        let t = Instant::now();
+        let cold8 = stored_as(&int8_reader, Some(Kv8Format::Int8));
+        let failed8 = cold8.and_then(|c| Ok((c, stored_as(&int8_failing, Some(Kv8Format::Int8))?)));
+        let ((cold8, loaded8, encoded8, _), (cold8_failed, _, _, failed8)) = match failed8 {
+            Ok(r) => r,
+            Err(e) => {
+                gpu.set_cold_split8(split8_was);
+                return Err(e);
+            }
+        };
+        println!("    (int8 cold answer, {how}: {loaded8} blocks loaded, {encoded8} re-encoded)");
+        let counts_wrong = if split8 {
+            loaded8 + encoded8 != keys.len()
+        } else {
+            loaded8 != keys.len() || encoded8 != 0
+        };
+        report.check(
+            &format!("backend: int8 cold answer ({how}) == loaded int8 answer"),
+            "mismatch",
+            ((cold8 != first8) as usize + counts_wrong as usize) as f64,
+            0.0,
+            ms(t),
+        );
+        report.check(
+            &format!("backend: int8 cold answer ({how}), an unreadable block == loaded"),
+            "mismatch",
+            ((cold8_failed != first8) as usize + (failed8 > 1) as usize) as f64,
+            0.0,
+            ms(t),
+        );
+    }
+    gpu.set_cold_split8(split8_was);
 
     // The one-shot document answer (generate --document) and plain generation.
     let t = Instant::now();
