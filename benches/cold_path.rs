@@ -178,8 +178,8 @@ fn run(opts: &Opts) -> Result<()> {
         ingest.put_block(key, (i * BLOCK) as u64, n as u32, &tensors)?;
     }
     ingest.commit()?;
-    // The same document stored as int8 (for the 8-bit cold path's rows, on a GPU).
-    let int8 = opts.int8 && opts.gpu;
+    // The same document stored as int8 (for the 8-bit cold path's rows: only with a GPU).
+    let int8 = opts.int8 && opts.gpu && probe().is_ok();
     if int8 {
         let mut spec = DocSpec::new("cold8", "bench");
         spec.dtype = DType::I8;

@@ -223,7 +223,8 @@ impl Service {
 
     /// An 8-bit block as written to the store (`tensors`), kept resident on a GPU under
     /// `key` so the first question after the ingest finds it there (phase 1's own output
-    /// is 16-bit and not what later queries read). Nothing on the CPU.
+    /// is 16-bit and not what later queries read). Nothing on the CPU. Best effort: the
+    /// block is stored, so a device that cannot take it (out of memory) only logs it.
     fn keep_stored_resident(
         &self,
         key: BlockId,
@@ -235,7 +236,10 @@ impl Service {
         }
         let layers: Vec<Arc<_>> = tensors.into_iter().map(Arc::new).collect();
         let stored = from_tensors(&layers, start, self.shape(), false)?;
-        Ok(self.backend.keep_resident(key, &stored)?)
+        if let Err(e) = self.backend.keep_resident(key, &stored) {
+            tracing::warn!(error = %e, start, "an 8-bit block was stored but not kept on the GPU");
+        }
+        Ok(())
     }
 
     /// The store's description of a document: the fingerprints and layout every block
