@@ -593,7 +593,6 @@ fn gpu_rows(
         };
         enc.run(&wanted[n_blocks.saturating_sub(1)..])?;
     }
-    let mut rates = ColdRates::default();
     let runs: [(&str, ColdMode, bool); 5] = [
         ("all re-encoded", ColdMode::Encode, false),
         ("all loaded, from disk", ColdMode::Load, true),
@@ -605,78 +604,19 @@ fn gpu_rows(
             false,
         ),
     ];
-    for (what, mode, from_disk) in runs {
-        if from_disk {
-            drop_from_page_cache(files)?;
-        } else if mode != ColdMode::Encode {
-            read_files(files, opts.threads, false)?;
-        }
-        // The split starts from the rates of the matching all-load / all-encode runs.
-        let start_rates = if mode == ColdMode::Both {
-            rates
-        } else {
-            ColdRates::default()
-        };
-        let t = Instant::now();
-        let (blocks, stats) = ColdLoad {
-            gpu: &gpu,
-            model: &model,
-            staging: &staging,
-            tokens: &tokens,
-            config: star,
-            reader: &reader,
-            mode,
-            rates: start_rates,
-            kv8: None,
-        }
-        .run(&wanted)?;
-        let loaded_at = t.elapsed().as_secs_f64();
-        let mut m = model.lock().unwrap();
-        let mut q = GpuQuery::new(&m, ContextBlocks::Resident(blocks), 30 + 1)?;
-        let positions: Vec<usize> = (opts.tokens..opts.tokens + 30).collect();
-        m.forward(&question, &positions, &mut q)?;
-        m.argmax(1)?;
-        let ttft = t.elapsed().as_secs_f64();
-        drop(q);
-        drop(m);
-        gpu.synchronize()?;
-        if mode == ColdMode::Load {
-            // The split runs right after the matching all-load run (disk, page cache).
-            rates.load_s_per_token = stats.rates.load_s_per_token;
-        }
-        if mode == ColdMode::Encode {
-            rates.encode_s_per_token = stats.rates.encode_s_per_token;
-        }
-        let load_rate = if stats.loaded_blocks > 0 {
-            format!(
-                ", loading {:.2} GB/s",
-                stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64() / 1e9
-            )
-        } else {
-            String::new()
-        };
-        add(
-            format!("cold query TTFT, {what}"),
-            format!("{:.2} s", ttft),
-            format!(
-                "({} loaded + {} re-encoded of {n_blocks}; blocks on the GPU after {:.2} s{load_rate}; anchor {:.2} s; {:.2} GB of KV)",
-                stats.loaded_blocks,
-                stats.encoded_blocks,
-                loaded_at,
-                stats.anchor.as_secs_f64(),
-                total as f64 / 1e9
-            ),
-        );
-    }
-    // The int8 document: blocks loaded in 8 bits, re-encoded ones quantised on the device
-    // (the split of 8-bit documents, `STARKV_COLD_SPLIT8=1`, on for these rows); the same
-    // five runs.
-    if let Some(lease8) = lease8 {
+    // The bf16 document, then the int8 one: its blocks loaded in 8 bits, re-encoded ones
+    // quantised on the device (the split of 8-bit documents, `STARKV_COLD_SPLIT8=1`, on
+    // for these rows).
+    let reader8 = lease8.map(|lease| LeaseReader {
+        lease,
+        threads: opts.threads,
+    });
+    let mut docs: Vec<(&str, &LeaseReader<'_>, Option<Kv8Format>)> = vec![("", &reader, None)];
+    if let Some(r) = &reader8 {
+        docs.push(("int8 document, ", r, Some(Kv8Format::Int8)));
         gpu.set_cold_split8(true);
-        let reader8 = LeaseReader {
-            lease: lease8,
-            threads: opts.threads,
-        };
+    }
+    for (doc, reader, kv8) in docs {
         let mut rates = ColdRates::default();
         for (what, mode, from_disk) in runs {
             if from_disk {
@@ -684,6 +624,7 @@ fn gpu_rows(
             } else if mode != ColdMode::Encode {
                 read_files(files, opts.threads, false)?;
             }
+            // The split starts from the rates of the matching all-load / all-encode runs.
             let start_rates = if mode == ColdMode::Both {
                 rates
             } else {
@@ -696,10 +637,10 @@ fn gpu_rows(
                 staging: &staging,
                 tokens: &tokens,
                 config: star,
-                reader: &reader8,
+                reader,
                 mode,
                 rates: start_rates,
-                kv8: Some(Kv8Format::Int8),
+                kv8,
             }
             .run(&wanted)?;
             let loaded_at = t.elapsed().as_secs_f64();
@@ -713,6 +654,7 @@ fn gpu_rows(
             drop(m);
             gpu.synchronize()?;
             if mode == ColdMode::Load {
+                // The split runs right after the matching all-load run (disk, page cache).
                 rates.load_s_per_token = stats.rates.load_s_per_token;
             }
             if mode == ColdMode::Encode {
@@ -720,18 +662,23 @@ fn gpu_rows(
             }
             let load_rate = if stats.loaded_blocks > 0 {
                 format!(
-                    ", loading {:.2} GB/s of int8 values and scales",
-                    stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64().max(1e-9) / 1e9
+                    ", loading {:.2} GB/s of {:.2} GB stored values and scales",
+                    stats.bytes_loaded as f64 / stats.load_busy.as_secs_f64().max(1e-9) / 1e9,
+                    stats.bytes_loaded as f64 / 1e9
                 )
             } else {
                 String::new()
             };
             add(
-                format!("cold query TTFT, int8 document, {what}"),
+                format!("cold query TTFT, {doc}{what}"),
                 format!("{ttft:.2} s"),
                 format!(
-                    "({} loaded in 8 bits + {} re-encoded and quantised of {n_blocks}; on the GPU after {loaded_at:.2} s{load_rate})",
-                    stats.loaded_blocks, stats.encoded_blocks,
+                    "({} loaded + {} re-encoded of {n_blocks}; blocks on the GPU after {:.2} s{load_rate}; anchor {:.2} s; {:.2} GB of bf16 KV)",
+                    stats.loaded_blocks,
+                    stats.encoded_blocks,
+                    loaded_at,
+                    stats.anchor.as_secs_f64(),
+                    total as f64 / 1e9
                 ),
             );
         }
