@@ -474,6 +474,17 @@ struct LeaseReader<'a> {
     threads: usize,
 }
 
+impl LeaseReader<'_> {
+    /// Every layer of `block` as `want` into `dst` (whole layers, one after another).
+    fn read(&self, block: usize, want: DType, dst: &mut [u8]) -> std::result::Result<(), String> {
+        let layers = self.lease.manifest().blocks[block].layers as usize;
+        let layer_bytes = dst.len() / layers;
+        self.lease
+            .read_block_into(block, want, layer_bytes, dst, self.threads)
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl BlockReader for LeaseReader<'_> {
     fn read_block(
         &self,
@@ -485,12 +496,7 @@ impl BlockReader for LeaseReader<'_> {
             HalfType::BF16 => DType::BF16,
             HalfType::F16 => DType::F16,
         };
-        let layers = self.lease.manifest().blocks[block].layers as usize;
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
-        let layer_bytes = bytes.len() / layers;
-        self.lease
-            .read_block_into(block, want, layer_bytes, bytes, self.threads)
-            .map_err(|e| e.to_string())
+        self.read(block, want, bytemuck::cast_slice_mut(dst))
     }
 
     fn read_block_8bit(
@@ -503,11 +509,7 @@ impl BlockReader for LeaseReader<'_> {
             Kv8Format::Int8 => DType::I8,
             Kv8Format::Fp8 => DType::F8,
         };
-        let layers = self.lease.manifest().blocks[block].layers as usize;
-        let layer_bytes = dst.len() / layers;
-        self.lease
-            .read_block_into(block, want, layer_bytes, dst, self.threads)
-            .map_err(|e| e.to_string())
+        self.read(block, want, dst)
     }
 }
 
