@@ -46,6 +46,7 @@ use starkv_compute::cuda::{CudaLlama, Gpu, HalfType, PinnedBuf, probe};
 use starkv_compute::kv8::Kv8Format;
 use starkv_compute::model::LlamaConfig;
 use starkv_compute::star::StarConfig;
+use starkv_service::StoreReader;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -157,59 +158,12 @@ fn run(opts: &Opts) -> Result<()> {
         },
     )?;
     let t = Instant::now();
-    let mut spec = DocSpec::new("cold", "bench");
-    spec.dtype = DType::BF16;
-    spec.block_size = BLOCK as u32;
-    spec.anchor_size = BLOCK as u32;
-    spec.source_tokens = (0..opts.tokens as u32).map(|i| i % 1000).collect();
-    let mut ingest = store.begin_ingest(spec)?;
-    let anchor: Vec<u32> = (0..BLOCK as u32).collect();
-    for i in 0..n_blocks {
-        let n = tokens_per_block(i);
-        let block_tokens: Vec<u32> = (0..n as u32).map(|t| t ^ (i as u32) << 16).collect();
-        let key = ingest.block_key(&anchor, &block_tokens, (i * BLOCK) as u64);
-        let tensors: Vec<Tensor> = {
-            use rayon::prelude::*;
-            (0..layers)
-                .into_par_iter()
-                .map(|l| random_layer(kv_heads, n, d, (i * 1000 + l) as u64))
-                .collect::<std::result::Result<_, String>>()?
-        };
-        ingest.put_block(key, (i * BLOCK) as u64, n as u32, &tensors)?;
-    }
-    ingest.commit()?;
+    let shape = (layers, kv_heads, d);
+    write_document(&store, "cold", DType::BF16, shape, opts.tokens)?;
     // The same document stored as int8 (for the 8-bit cold path's rows: only with a GPU).
     let int8 = opts.int8 && opts.gpu && probe().is_ok();
     if int8 {
-        let mut spec = DocSpec::new("cold8", "bench");
-        spec.dtype = DType::I8;
-        spec.block_size = BLOCK as u32;
-        spec.anchor_size = BLOCK as u32;
-        spec.source_tokens = (0..opts.tokens as u32).map(|i| i % 1000).collect();
-        let mut ingest = store.begin_ingest(spec)?;
-        for i in 0..n_blocks {
-            let n = tokens_per_block(i);
-            let block_tokens: Vec<u32> = (0..n as u32).map(|t| t ^ (i as u32) << 16).collect();
-            let key = ingest.block_key(&anchor, &block_tokens, (i * BLOCK) as u64);
-            let tensors: Vec<Tensor> = {
-                use rayon::prelude::*;
-                (0..layers)
-                    .into_par_iter()
-                    .map(|l| {
-                        let wide = random_layer(kv_heads, n, d, (i * 1000 + l) as u64)?;
-                        let TensorData::BF16(v) = wide.data() else {
-                            return Err("random_layer gives bf16".to_string());
-                        };
-                        let x: Vec<f32> = v.iter().map(|h| h.to_f32()).collect();
-                        let (k, v) = x.split_at(x.len() / 2);
-                        Tensor::kv_layer(DType::I8, kv_heads as u32, n as u32, d as u32, k, v)
-                            .map_err(|e| e.to_string())
-                    })
-                    .collect::<std::result::Result<_, String>>()?
-            };
-            ingest.put_block(key, (i * BLOCK) as u64, n as u32, &tensors)?;
-        }
-        ingest.commit()?;
+        write_document(&store, "cold8", DType::I8, shape, opts.tokens)?;
     }
     store.flush()?;
     let files = store_files(&store_dir)?;
@@ -332,6 +286,44 @@ fn run(opts: &Opts) -> Result<()> {
     for (w, v, n) in &table {
         println!("| {w} | {v} | {n} |");
     }
+    Ok(())
+}
+
+/// Writes document `id` of `tokens` tokens in 8K-token blocks (anchor = one block) of
+/// random KV-like values ([`random_layer`], the same for every `dtype`) stored as `dtype`.
+fn write_document(
+    store: &BlockStore,
+    id: &str,
+    dtype: DType,
+    (layers, kv_heads, d): (usize, usize, usize),
+    tokens: usize,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let mut spec = DocSpec::new(id, "bench");
+    spec.dtype = dtype;
+    spec.block_size = BLOCK as u32;
+    spec.anchor_size = BLOCK as u32;
+    spec.source_tokens = (0..tokens as u32).map(|i| i % 1000).collect();
+    let mut ingest = store.begin_ingest(spec)?;
+    let anchor: Vec<u32> = (0..BLOCK as u32).collect();
+    for i in 0..tokens.div_ceil(BLOCK) {
+        let n = BLOCK.min(tokens - i * BLOCK);
+        let block_tokens: Vec<u32> = (0..n as u32).map(|t| t ^ (i as u32) << 16).collect();
+        let key = ingest.block_key(&anchor, &block_tokens, (i * BLOCK) as u64);
+        let tensors: Vec<Tensor> = (0..layers)
+            .into_par_iter()
+            .map(|l| {
+                let wide = random_layer(kv_heads, n, d, (i * 1000 + l) as u64)?;
+                if dtype == DType::BF16 {
+                    return Ok(wide);
+                }
+                Tensor::from_f32(dtype, wide.shape().to_vec(), &wide.to_f32())
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<std::result::Result<_, String>>()?;
+        ingest.put_block(key, (i * BLOCK) as u64, n as u32, &tensors)?;
+    }
+    ingest.commit()?;
     Ok(())
 }
 
@@ -468,51 +460,6 @@ fn read_files(files: &[(PathBuf, u64)], streams: usize, direct: bool) -> Result<
     Ok((bytes.into_inner(), t.elapsed().as_secs_f64()))
 }
 
-/// Reads blocks of the leased document for the GPU's cold loader.
-struct LeaseReader<'a> {
-    lease: &'a starkv_cache::DocLease,
-    threads: usize,
-}
-
-impl LeaseReader<'_> {
-    /// Every layer of `block` as `want` into `dst` (whole layers, one after another).
-    fn read(&self, block: usize, want: DType, dst: &mut [u8]) -> std::result::Result<(), String> {
-        let layers = self.lease.manifest().blocks[block].layers as usize;
-        let layer_bytes = dst.len() / layers;
-        self.lease
-            .read_block_into(block, want, layer_bytes, dst, self.threads)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl BlockReader for LeaseReader<'_> {
-    fn read_block(
-        &self,
-        block: usize,
-        dtype: HalfType,
-        dst: &mut [u16],
-    ) -> std::result::Result<(), String> {
-        let want = match dtype {
-            HalfType::BF16 => DType::BF16,
-            HalfType::F16 => DType::F16,
-        };
-        self.read(block, want, bytemuck::cast_slice_mut(dst))
-    }
-
-    fn read_block_8bit(
-        &self,
-        block: usize,
-        format: Kv8Format,
-        dst: &mut [u8],
-    ) -> std::result::Result<(), String> {
-        let want = match format {
-            Kv8Format::Int8 => DType::I8,
-            Kv8Format::Fp8 => DType::F8,
-        };
-        self.read(block, want, dst)
-    }
-}
-
 fn gpu_rows(
     opts: &Opts,
     config: &LlamaConfig,
@@ -569,10 +516,7 @@ fn gpu_rows(
     let question = take(30);
     let star = StarConfig::with_anchor(BLOCK, BLOCK);
     let staging = StagingPool::default();
-    let reader = LeaseReader {
-        lease,
-        threads: opts.threads,
-    };
+    let reader = StoreReader::with_threads(lease, opts.threads);
     let n_blocks = opts.tokens.div_ceil(BLOCK);
     let wanted: Vec<usize> = (0..n_blocks).collect();
     // Warm-up: kernels compiled, cuBLAS heuristics, staging allocated.
@@ -609,11 +553,8 @@ fn gpu_rows(
     // The bf16 document, then the int8 one: its blocks loaded in 8 bits, re-encoded ones
     // quantised on the device (the split of 8-bit documents, `STARKV_COLD_SPLIT8=1`, on
     // for these rows).
-    let reader8 = lease8.map(|lease| LeaseReader {
-        lease,
-        threads: opts.threads,
-    });
-    let mut docs: Vec<(&str, &LeaseReader<'_>, Option<Kv8Format>)> = vec![("", &reader, None)];
+    let reader8 = lease8.map(|lease| StoreReader::with_threads(lease, opts.threads));
+    let mut docs: Vec<(&str, &StoreReader<'_>, Option<Kv8Format>)> = vec![("", &reader, None)];
     if let Some(r) = &reader8 {
         docs.push(("int8 document, ", r, Some(Kv8Format::Int8)));
         gpu.set_cold_split8(true);

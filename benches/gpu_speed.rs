@@ -847,27 +847,28 @@ fn random_blocks(
         .collect()
 }
 
-/// Random int8 blocks of `b` tokens over `l` tokens and every one of `n_layers` layers
-/// (the layout of a `kv_dtype = int8` document in the GPU tier): random bytes for the
-/// values and small finite f16 scales (random bf16 values in +-1 read as f16), for the
-/// speed of whole decode steps over 8-bit blocks.
-fn random_int8_blocks(
+/// Random 8-bit blocks of `format`, `b` tokens each over `l` tokens, `n_layers` layers
+/// (the layout of a `kv_dtype = int8` or `fp8` document in the GPU tier): random bytes
+/// for the values (fp8: NaN codes too, which the quantiser never writes; the
+/// arithmetic's speed does not depend on them) and small finite f16 scales (random bf16
+/// values in +-1 read as f16 stay within +-2). Seeds from `seed`, two per block layer.
+fn random_8bit_blocks(
     gpu: &Arc<Gpu>,
     kern: &Kernels,
-    shape: HeadShape,
-    n_layers: usize,
-    l: usize,
-    b: usize,
+    (shape, n_layers): (HeadShape, usize),
+    (l, b): (usize, usize),
+    format: Kv8Format,
+    seed: u64,
 ) -> Result<Vec<Arc<GpuBlock>>> {
     let nkv = shape.n_kv_heads;
     (0..l.div_ceil(b))
         .map(|i| {
             let len = b.min(l - i * b);
-            let block = GpuBlock::alloc_kv8(gpu, i * b, len, shape, n_layers, Kv8Format::Int8)?;
+            let block = GpuBlock::alloc_kv8(gpu, i * b, len, shape, n_layers, format)?;
             let half_words = (nkv * len * shape.head_dim + 2 * nkv * len) / 2;
             for layer in 0..n_layers {
                 let seg = block.segment(layer, None);
-                let seed = 1000 + 2 * (i * n_layers + layer) as u64;
+                let seed = seed + 2 * (i * n_layers + layer) as u64;
                 gpu.fill_uniform_half(kern, seg.k, half_words, seed, 1.0)?;
                 gpu.fill_uniform_half(kern, seg.v, half_words, seed + 1, 1.0)?;
             }
@@ -889,7 +890,7 @@ fn int8_step_times(
 ) -> Result<[f64; 2]> {
     let gpu = model.gpu().clone();
     let n_layers = model.config().n_layers;
-    let blocks = random_int8_blocks(&gpu, kern, shape, n_layers, l, b)?;
+    let blocks = random_8bit_blocks(&gpu, kern, (shape, n_layers), (l, b), Kv8Format::Int8, 1000)?;
     let mut q = GpuQuery::new(
         model,
         ContextBlocks::Resident(blocks),
@@ -1206,20 +1207,7 @@ fn kv8_decode_rows(
         Kv8Format::Fp8 => "fp8",
     };
     let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    let blocks = (0..l.div_ceil(block_len))
-        .map(|i| {
-            let len = block_len.min(l - i * block_len);
-            let block = GpuBlock::alloc_kv8(gpu, i * block_len, len, shape, 1, format)?;
-            let seg = block.segment(0, None);
-            // Random bytes for the 8-bit values (fp8: NaN codes too, which the quantiser
-            // never writes; the arithmetic's speed does not depend on them) and small
-            // finite f16 scales: random bf16 values in +-1 read as f16 stay within +-2.
-            let half_words = (nkv * len * d + 2 * nkv * len) / 2;
-            gpu.fill_uniform_half(kern, seg.k, half_words, 31 + 2 * i as u64, 1.0)?;
-            gpu.fill_uniform_half(kern, seg.v, half_words, 32 + 2 * i as u64, 1.0)?;
-            Ok(block)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let blocks = random_8bit_blocks(gpu, kern, (shape, 1), (l, block_len), format, 31)?;
     let segs: Vec<Segment> = blocks.iter().map(|b| b.segment(0, None)).collect();
     let q = gpu.alloc(nh * d * 2)?;
     let o = gpu.alloc(nh * d * 2)?;

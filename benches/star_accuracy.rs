@@ -42,10 +42,10 @@ use anyhow::Result;
 use clap::Parser;
 use serde_json::json;
 use starkv_compute::generate::{GenerateParams, generate};
-use starkv_compute::kv8::Kv8;
+use starkv_compute::kv8::Kv8Format;
 use starkv_compute::model::{KvCache, Llama};
 use starkv_compute::sampling::SamplingParams;
-use starkv_compute::star::{BlockKv, CpuShard, Phase1, QueryAttention, StarConfig};
+use starkv_compute::star::{CpuShard, Phase1, QueryAttention, StarConfig};
 use starkv_compute::tokenizer::Tokenizer;
 
 use niah::Task;
@@ -252,17 +252,9 @@ fn answer_star(
     if int8 {
         // What an int8 document holds: one scale per token and KV head (the store's
         // quantiser does the same arithmetic, bit for bit).
-        let d = shape.head_dim;
         blocks = blocks
             .into_iter()
-            .map(|b| {
-                let layers = b
-                    .layers
-                    .iter()
-                    .map(|(k, v)| (Kv8::quantize(k, d, 1), Kv8::quantize(v, d, 1)))
-                    .collect();
-                BlockKv::quantized(b.start, b.len, b.shape, layers)
-            })
+            .map(|b| b.to_8bit(Kv8Format::Int8))
             .collect();
     }
     let shard = CpuShard::new(blocks.into_iter().map(Arc::new).collect(), shape);

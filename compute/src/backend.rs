@@ -77,7 +77,8 @@ pub struct StoredContext<'a> {
     pub config: StarConfig,
     pub reader: &'a dyn BlockReader,
     /// The blocks' 8-bit format for a document stored in 8 bits (`kv_dtype` int8 or
-    /// fp8): loaded in 8 bits, re-encoded blocks quantised on the device; `None`: 16-bit.
+    /// fp8): loaded in 8 bits (with `Gpu::cold_split8`, split with re-encoded blocks
+    /// quantised on the device); `None`: 16-bit.
     pub kv8: Option<crate::kv8::Kv8Format>,
 }
 
@@ -188,7 +189,7 @@ impl Backend {
     pub fn keep_resident(&self, key: BlockId, block: &BlockKv) -> Result<()> {
         match &self.device {
             Device::Cpu => Ok(()),
-            Device::Cuda(c) => guarded(|| c.keep_resident(key, block)),
+            Device::Cuda(c) => guarded(|| c.keep_resident(key, block).map(drop)),
         }
     }
 
@@ -333,8 +334,8 @@ impl Backend {
     /// read from the store (through `stored.reader`, straight into page-locked staging)
     /// and re-encoded from the source tokens at the same time, split by the measured
     /// rates; a block that cannot be read is re-encoded. A document stored in 8 bits
-    /// (`stored.kv8`) is loaded in 8 bits and its re-encoded blocks quantised on the
-    /// device as the store quantises. On the CPU this is an error: use
+    /// (`stored.kv8`) is loaded in 8 bits, its re-encoded blocks quantised as the store
+    /// quantises (split only with `Gpu::cold_split8`). On the CPU this is an error: use
     /// [`Backend::answer`] (see [`Backend::stored_half_type`]).
     pub fn answer_stored(
         &self,

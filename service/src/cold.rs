@@ -22,16 +22,23 @@ pub(crate) fn kv_dtype(half: Option<HalfType>) -> DType {
     }
 }
 
-/// Reads the blocks of one leased document version.
-pub(crate) struct StoreReader<'a> {
+/// Reads the blocks of one leased document version (the cold path's reader; public for
+/// the `cold_path` benchmark, which measures this reader).
+pub struct StoreReader<'a> {
     lease: &'a DocLease,
     /// Layers read at once per block.
     threads: usize,
 }
 
 impl<'a> StoreReader<'a> {
-    pub(crate) fn new(lease: &'a DocLease) -> Self {
+    /// Up to 16 layers at once (one per core).
+    pub fn new(lease: &'a DocLease) -> Self {
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get().min(16));
+        Self::with_threads(lease, threads)
+    }
+
+    /// `threads` layers at once.
+    pub fn with_threads(lease: &'a DocLease, threads: usize) -> Self {
         Self { lease, threads }
     }
 }
@@ -64,10 +71,6 @@ impl BlockReader for StoreReader<'_> {
         format: Kv8Format,
         dst: &mut [u8],
     ) -> Result<(), String> {
-        let want = match format {
-            Kv8Format::Int8 => DType::I8,
-            Kv8Format::Fp8 => DType::F8,
-        };
-        self.read(block, want, dst)
+        self.read(block, crate::kv::kv8_dtype(format), dst)
     }
 }

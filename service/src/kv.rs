@@ -95,6 +95,14 @@ pub(crate) fn from_tensors(
     Ok(block)
 }
 
+/// The stored type of 8-bit blocks of `format`.
+pub(crate) fn kv8_dtype(format: Kv8Format) -> DType {
+    match format {
+        Kv8Format::Int8 => DType::I8,
+        Kv8Format::Fp8 => DType::F8,
+    }
+}
+
 /// The 8-bit format of blocks stored as `dtype` (`None`: 16 or 32 bits).
 pub(crate) fn kv8_format(dtype: DType) -> Option<Kv8Format> {
     match dtype {

@@ -30,6 +30,7 @@ pub mod repair;
 pub mod scope;
 mod stored;
 
+pub use cold::StoreReader;
 pub use error::{ServiceError, ServiceResult};
 pub use ingest::{IngestOutcome, IngestRequest, KvDtype};
 pub use kv::KV_LAYOUT_VERSION;

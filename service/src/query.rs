@@ -87,10 +87,10 @@ impl Service {
         let before_answer = started.elapsed();
         let mut repaired = 0;
         // On a GPU the cold path loads the missing blocks and re-encodes others at once (an
-        // 8-bit document's in 8 bits, re-encoded ones quantised on the device as the store
-        // quantises; kept so in the GPU tier and attended by the 8-bit kernels). Its
-        // phase-1 re-encoding would undo a document's selective re-encoding: such
-        // documents go through `answer` below.
+        // 8-bit document's loaded in 8 bits, kept so in the GPU tier and attended by the
+        // 8-bit kernels; split only with `STARKV_COLD_SPLIT8=1`). Its phase-1 re-encoding
+        // would undo a document's selective re-encoding: such documents go through
+        // `answer` below.
         let answer = if self.backend.stored_half_type().is_some() && manifest.reencode_ppm == 0 {
             // A GPU: missing blocks are read straight into staging and re-encoded at once.
             let config = crate::star_config(&manifest);

@@ -100,13 +100,14 @@ impl CudaBackend {
         })
     }
 
-    pub(super) fn keep_resident(&self, key: BlockId, block: &BlockKv) -> Result<()> {
+    /// `block` uploaded as it is (8 bits stay 8 bits) and kept in the tier under `key`.
+    pub(super) fn keep_resident(&self, key: BlockId, block: &BlockKv) -> Result<Arc<GpuBlock>> {
         let up = {
             let _model = self.lock_model()?;
             Arc::new(GpuBlock::upload(&self.gpu, block)?)
         };
-        self.lock_tier().insert(key, up);
-        Ok(())
+        self.lock_tier().insert(key, up.clone());
+        Ok(up)
     }
 
     pub(super) fn forget_resident(&self) {
@@ -171,12 +172,7 @@ impl CudaBackend {
                     if block.is_8bit() {
                         // Kept in 8 bits in the tier and attended in 8 bits: uploaded
                         // now (half the bytes of a 16-bit block), resident from here on.
-                        let up = {
-                            let _model = self.lock_model()?;
-                            Arc::new(GpuBlock::upload(&self.gpu, &block).map_err(Error::from)?)
-                        };
-                        self.lock_tier().insert(keys[i], up.clone());
-                        resident.push(up);
+                        resident.push(self.keep_resident(keys[i], &block)?);
                     } else {
                         host.push(block);
                         host_keys.push(keys[i]);

@@ -37,8 +37,8 @@ use cudarc::driver::CudaEvent;
 use super::star::{GpuBlock, encode_block, encode_block_into};
 use super::{CudaError, CudaLlama, Gpu, HalfType, PinnedBuf, Result};
 use crate::cold_split::{Side, SplitQueue};
-use crate::kv8::{Kv8, Kv8Format};
-use crate::star::{BlockKv, StarConfig};
+use crate::kv8::Kv8Format;
+use crate::star::StarConfig;
 
 /// Host-side source of stored blocks (the store, through the service).
 pub trait BlockReader: Sync {
@@ -229,11 +229,13 @@ impl ColdLoad<'_> {
                     // The host quantiser (the path that ran on a GPU) unless the split,
                     // with the device quantiser, is on.
                     Some(format) if !gpu.cold_split8() => {
-                        let b = &blocks[j];
-                        let wide = GpuBlock::alloc(gpu, b.start, b.len, shape, n_layers)?;
-                        self.encode_one(&mut model, &mut encode.anchor, wanted[j], &wide)?;
-                        let host = quantize_block(&wide.download(gpu)?, format);
-                        blocks[j] = GpuBlock::upload(gpu, &host)?;
+                        let wide = self.encode_wide(
+                            &mut model,
+                            &mut encode.anchor,
+                            wanted[j],
+                            &blocks[j],
+                        )?;
+                        blocks[j] = GpuBlock::upload(gpu, &wide.download(gpu)?.to_8bit(format))?;
                     }
                     _ => self.encode_to(&mut model, &mut encode.anchor, wanted[j], &blocks[j])?,
                 }
@@ -337,15 +339,21 @@ impl ColdLoad<'_> {
         if block.kv8_format().is_none() {
             return self.encode_one(model, anchor, i, block);
         }
-        let wide = GpuBlock::alloc(
-            self.gpu,
-            block.start,
-            block.len,
-            block.shape,
-            block.n_layers(),
-        )?;
-        self.encode_one(model, anchor, i, &wide)?;
+        let wide = self.encode_wide(model, anchor, i, block)?;
         wide.quantize_into(self.gpu, model.kernels(), block)
+    }
+
+    /// Phase 1 of block `i` into a new 16-bit block of `like`'s rows and layers.
+    fn encode_wide(
+        &self,
+        model: &mut CudaLlama,
+        anchor: &mut Option<GpuBlock>,
+        i: usize,
+        like: &GpuBlock,
+    ) -> Result<GpuBlock> {
+        let wide = GpuBlock::alloc(self.gpu, like.start, like.len, like.shape, like.n_layers())?;
+        self.encode_one(model, anchor, i, &wide)?;
+        Ok(wide)
     }
 
     fn encode_worker(
@@ -463,56 +471,31 @@ unsafe fn copy_block_async(gpu: &Gpu, staging: &PinnedBuf, block: &GpuBlock) -> 
     let layer = block.n_bytes() / block.n_layers();
     let rows = block.shape.n_kv_heads * block.len;
     let values = rows * block.shape.head_dim;
-    // (device offset in the K or V buffer, offset in the layer, bytes) for K, then V.
-    let parts: [[(usize, usize, usize); 2]; 2] = match block.kv8_format() {
-        None => [
-            [(0, 0, layer / 2), (0, 0, 0)],
-            [(0, layer / 2, layer / 2), (0, 0, 0)],
-        ],
-        Some(_) => [
-            [(0, 4 * rows, values), (values, 0, 2 * rows)],
-            [(0, 4 * rows + values, values), (values, 2 * rows, 2 * rows)],
-        ],
-    };
-    let base = staging.as_ptr();
     for l in 0..block.n_layers() {
         let (k, v) = block.layer_ptrs(l);
-        for (dev, parts) in [(k, parts[0]), (v, parts[1])] {
-            for (dev_off, off, bytes) in parts {
-                if bytes == 0 {
-                    continue;
-                }
-                // SAFETY: (the caller's) the staging holds `layer` bytes per layer; the
-                // device buffer holds `dev_off + bytes`.
-                unsafe {
-                    let src = std::slice::from_raw_parts(base.add(l * layer + off), bytes);
-                    cudarc::driver::result::memcpy_htod_async(
-                        dev + dev_off as u64,
-                        src,
-                        gpu.copy_stream.cu_stream(),
-                    )?;
-                }
+        let at = l * layer;
+        // `bytes` of the staged layer from byte `off` to device address `dev`.
+        let copy = |dev: u64, off: usize, bytes: usize| -> Result<()> {
+            // SAFETY: (the caller's) the staging holds `layer` bytes per layer and stays
+            // untouched until the copy stream passes; the device buffers hold the block.
+            unsafe {
+                let src = std::slice::from_raw_parts(staging.as_ptr().add(at + off), bytes);
+                cudarc::driver::result::memcpy_htod_async(dev, src, gpu.copy_stream.cu_stream())?;
             }
+            Ok(())
+        };
+        if block.kv8_format().is_none() {
+            copy(k, 0, layer / 2)?;
+            copy(v, layer / 2, layer / 2)?;
+        } else {
+            let (k_scales, v_scales) = (k + values as u64, v + values as u64);
+            copy(k, 4 * rows, values)?;
+            copy(v, 4 * rows + values, values)?;
+            copy(k_scales, 0, 2 * rows)?;
+            copy(v_scales, 2 * rows, 2 * rows)?;
         }
     }
     Ok(())
-}
-
-/// `block` (f32, re-encoded) in 8 bits as `format`, one scale per row: what the store
-/// keeps for an 8-bit document's block.
-fn quantize_block(block: &BlockKv, format: Kv8Format) -> BlockKv {
-    let d = block.shape.head_dim;
-    let layers = block
-        .layers
-        .iter()
-        .map(|(k, v)| {
-            (
-                Kv8::quantize_as(format, k, d, 1),
-                Kv8::quantize_as(format, v, d, 1),
-            )
-        })
-        .collect();
-    BlockKv::quantized(block.start, block.len, block.shape, layers)
 }
 
 #[derive(Default)]

@@ -8,7 +8,7 @@ use super::{PROMPT, Report, Result, ms, rel};
 use crate::backend::{Backend, BlockId, BlockReader, StoredContext};
 use crate::cuda::{Gpu, HalfType};
 use crate::generate::GenerateParams;
-use crate::kv8::{Kv8, Kv8Format};
+use crate::kv8::Kv8Format;
 use crate::sampling::SamplingParams;
 use crate::star::{BlockKv, StarConfig};
 
@@ -201,15 +201,7 @@ pub(super) fn checks(
     let t = Instant::now();
     let int8_blocks: Vec<Arc<BlockKv>> = gpu_blocks
         .iter()
-        .map(|b| {
-            let d = b.shape.head_dim;
-            let layers = b
-                .layers
-                .iter()
-                .map(|(k, v)| (Kv8::quantize(k, d, 1), Kv8::quantize(v, d, 1)))
-                .collect();
-            Arc::new(BlockKv::quantized(b.start, b.len, b.shape, layers))
-        })
+        .map(|b| Arc::new(b.to_8bit(Kv8Format::Int8)))
         .collect();
     let int8_keys: Vec<BlockId> = (0..int8_blocks.len())
         .map(|i| [i as u8 + 101; 32])
@@ -306,22 +298,22 @@ pub(super) fn checks(
         fail: Some(keys.len() - 1),
     };
     let split8_was = gpu.cold_split8();
-    for split8 in [false, true] {
-        gpu.set_cold_split8(split8);
+    let runs: Result<Vec<_>> = [false, true]
+        .into_iter()
+        .map(|split8| {
+            gpu.set_cold_split8(split8);
+            let t = Instant::now();
+            let cold = stored_as(&int8_reader, Some(Kv8Format::Int8))?;
+            let failing = stored_as(&int8_failing, Some(Kv8Format::Int8))?;
+            Ok((split8, ms(t), cold, failing))
+        })
+        .collect();
+    gpu.set_cold_split8(split8_was);
+    for (split8, took_ms, (cold8, loaded8, encoded8, _), (cold8_failed, _, _, failed8)) in runs? {
         let how = if split8 {
             "split, re-encoded blocks quantised on the device"
         } else {
             "8-bit loads"
-        };
-        let t = Instant::now();
-        let cold8 = stored_as(&int8_reader, Some(Kv8Format::Int8));
-        let failed8 = cold8.and_then(|c| Ok((c, stored_as(&int8_failing, Some(Kv8Format::Int8))?)));
-        let ((cold8, loaded8, encoded8, _), (cold8_failed, _, _, failed8)) = match failed8 {
-            Ok(r) => r,
-            Err(e) => {
-                gpu.set_cold_split8(split8_was);
-                return Err(e);
-            }
         };
         println!("    (int8 cold answer, {how}: {loaded8} blocks loaded, {encoded8} re-encoded)");
         let counts_wrong = if split8 {
@@ -334,17 +326,16 @@ pub(super) fn checks(
             "mismatch",
             ((cold8 != first8) as usize + counts_wrong as usize) as f64,
             0.0,
-            ms(t),
+            took_ms,
         );
         report.check(
             &format!("backend: int8 cold answer ({how}), an unreadable block == loaded"),
             "mismatch",
             ((cold8_failed != first8) as usize + (failed8 > 1) as usize) as f64,
             0.0,
-            ms(t),
+            took_ms,
         );
     }
-    gpu.set_cold_split8(split8_was);
 
     // The one-shot document answer (generate --document) and plain generation.
     let t = Instant::now();

@@ -482,23 +482,10 @@ fn query_checks(
     let context: Vec<u32> = (0..l).map(|_| rng.below(vocab) as u32).collect();
     let query: Vec<u32> = (0..mq).map(|_| rng.below(vocab) as u32).collect();
     let shape = cpu.head_shape();
-    let d = shape.head_dim;
     let blocks: Vec<Arc<BlockKv>> = Phase1::new(&cpu, &context, StarConfig::new(b))?
         .encode_all()?
         .into_iter()
-        .map(|blk| {
-            let layers = blk
-                .layers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        Kv8::quantize_as(format, k, d, 1),
-                        Kv8::quantize_as(format, v, d, 1),
-                    )
-                })
-                .collect();
-            Arc::new(BlockKv::quantized(blk.start, blk.len, shape, layers))
-        })
+        .map(|blk| Arc::new(blk.to_8bit(format)))
         .collect();
     let cpu_shard = CpuShard::new(blocks.clone(), shape);
     let mut qa = QueryAttention::new(vec![&cpu_shard], config.n_layers, shape, mq + 8);

@@ -51,6 +51,23 @@ impl BlockKv {
         }
     }
 
+    /// This f32 block in 8 bits as `format`, one scale per row (token and KV head): what
+    /// the store keeps for a document of `kv_dtype` int8 or fp8.
+    pub fn to_8bit(&self, format: crate::kv8::Kv8Format) -> Self {
+        let d = self.shape.head_dim;
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    Kv8::quantize_as(format, k, d, 1),
+                    Kv8::quantize_as(format, v, d, 1),
+                )
+            })
+            .collect();
+        Self::quantized(self.start, self.len, self.shape, layers)
+    }
+
     /// A block held in f16: `(k, v)` per layer, head-major like the f32 layers.
     pub fn half(
         start: usize,
